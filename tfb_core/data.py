@@ -1,0 +1,124 @@
+"""Multiple-choice items: the JSONL file format and the prompt templates.
+
+A calibration or evaluation file is JSONL, one item a line::
+
+    {"question": "Which gas do plants absorb?", "choices": ["Oxygen", "Carbon dioxide"], "answer": 1}
+
+- ``question`` (str) or ``prompt`` (str, a pre-formatted prompt used as it is); one is required.
+- ``choices``: two or more distinct non-empty strings.
+- ``answer`` (optional): the index of the correct choice, its label (``"B"``) or its text.
+Blank lines are skipped. A bad line is an error naming the file, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TFBError
+
+LABELS = string.ascii_uppercase
+LETTER_INSTRUCTION = "Return the label of the correct answer for the question below."
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice question."""
+
+    choices: list[str]
+    question: str | None = None
+    prompt: str | None = None  # pre-formatted; wins over question
+    answer: int | None = None
+
+    def __post_init__(self):
+        check_item(self.question, self.prompt, self.choices, self.answer)
+
+
+def check_item(question, prompt, choices, answer) -> None:
+    if prompt is None and question is None:
+        raise TFBError("an item needs 'question' or 'prompt'")
+    text = prompt if prompt is not None else question
+    if not isinstance(text, str) or not text.strip():
+        raise TFBError("'question'/'prompt' must be a non-empty string")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise TFBError("'choices' must be a list of at least 2 strings")
+    if not all(isinstance(c, str) and c.strip() for c in choices):
+        raise TFBError("every choice must be a non-empty string")
+    if len(set(choices)) != len(choices):
+        raise TFBError("'choices' must be distinct")
+    if answer is not None and not (isinstance(answer, int) and 0 <= answer < len(choices)):
+        raise TFBError(f"'answer' must be a choice index in [0, {len(choices) - 1}]")
+
+
+def parse_answer(answer, choices: list[str]) -> int | None:
+    """An index, a label ("B") or the text of a choice -> the index."""
+    if answer is None:
+        return None
+    if isinstance(answer, bool):
+        raise TFBError(f"'answer' {answer!r} is not an index, a label or a choice")
+    if isinstance(answer, int):
+        if not 0 <= answer < len(choices):
+            raise TFBError(f"'answer' {answer} is out of range: allowed 0..{len(choices) - 1}")
+        return answer
+    if isinstance(answer, str):
+        if answer in choices:
+            return choices.index(answer)
+        label = answer.strip().upper()
+        if len(label) == 1 and label in LABELS[: len(choices)]:
+            return LABELS.index(label)
+    raise TFBError(f"'answer' {answer!r} is not an index, a label (A..{LABELS[len(choices) - 1]}) "
+                   f"or the text of a choice")
+
+
+def item_from_dict(data) -> MCItem:
+    if not isinstance(data, dict):
+        raise TFBError("expected a JSON object")
+    unknown = set(data) - {"question", "prompt", "choices", "answer", "id"}
+    if unknown:
+        raise TFBError(f"unknown field(s) {sorted(unknown)}; allowed: question, prompt, choices, answer, id")
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        raise TFBError("'choices' must be a list of at least 2 strings")
+    return MCItem(choices=choices, question=data.get("question"), prompt=data.get("prompt"),
+                  answer=parse_answer(data.get("answer"), choices))
+
+
+def read_jsonl(path: str | Path) -> list[MCItem]:
+    """Read a calibration/evaluation file; errors name the file and the line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TFBError(f"{path}: no such file")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(item_from_dict(json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise TFBError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
+            except TFBError as e:
+                raise TFBError(f"{path}, line {lineno}: {e}") from None
+    if not items:
+        raise TFBError(f"{path}: no items")
+    return items
+
+
+def write_jsonl(items: list[MCItem], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            row = {"choices": item.choices, "answer": item.answer}
+            row["prompt" if item.prompt is not None else "question"] = item.prompt or item.question
+            f.write(json.dumps(row) + "\n")
+
+
+def letter_prompt(question: str, choices: list[str]) -> str:
+    """The paper's prompt (TFB_SPEC §3)."""
+    lines = [f"{LABELS[i]}) {c}" for i, c in enumerate(choices)]
+    return f"{LETTER_INSTRUCTION}\n\nQuestion: {question}\nChoices:\n" + "\n".join(lines) + "\nAnswer:"
+
+
+def sequence_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"

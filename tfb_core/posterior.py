@@ -1,0 +1,289 @@
+"""The TFB transform, the posterior object, and the Bayesianized adapter directory.
+
+Per LoRA module (TFB_SPEC §1): thin SVD ``B = U diag(d) V^T``, then ``B' = U diag(d)``,
+``A' = V^T A`` (so ``B'A' = BA``), and ``q(A'_ij) = N(A'_ij, (sigma / d_i)^2)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, load_adapter
+from .errors import TFBError
+from .models import BaseModel
+from .sampling import DrawCache, TFBLoRALayer, row_std, weight_samples
+
+FORMAT_VERSION = 1
+POSTERIOR_NAME = "tfb_posterior.safetensors"
+TFB_CONFIG_NAME = "tfb_config.json"
+
+
+def bayesianize_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A', B', d)`` with ``B'A' = BA``: the SVD rotation of TFB_SPEC §1.
+
+    A : (r, n), B : (m, r). Returns A' (r, n), B' (m, r), d (r,), all float32.
+    """
+    small = B.numel() <= 4_000_000
+    dtype = torch.float64 if small else torch.float32
+    U, d, Vh = torch.linalg.svd(B.to(dtype), full_matrices=False)  # U (m, r), d (r,), Vh (r, r)
+    B_new = U * d[None, :]
+    A_new = Vh @ A.to(dtype)
+    return A_new.float(), B_new.float(), d.float()
+
+
+@dataclass
+class TFBConfig:
+    """What ``tfb_config.json`` records about a posterior."""
+
+    sigma: float = 0.0
+    criterion: str | None = None
+    eps: float | None = None
+    num_samples: int = 10
+    seed: int = 0
+    mode: str | None = None
+    search_trace: list[dict] = field(default_factory=list)
+    calibration_sha256: str | None = None
+    base_model: dict = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    noise: str = "weight noise s * B' E with E_ij ~ N(0, (sigma / d_i)^2); s from the adapter config"
+    files_sha256: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TFBConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Posterior:
+    """A base model with a Bayesianized LoRA adapter installed: the TFB posterior.
+
+    Build it with :meth:`from_adapter` (a plain peft LoRA directory) or :meth:`load` (a
+    Bayesianized directory). ``sigma`` is the one global scale of the posterior; 0 is the
+    deterministic adapter.
+
+    >>> post = Posterior.from_adapter(load_base_model("smollm2-135m"), "my-lora/")
+    >>> result = post.search(calibration_items, criterion="nll", eps=0.003)
+    >>> with post.samples(num_samples=10, seed=0):
+    ...     logits = post.model(input_ids.repeat_interleave(10, 0)).logits
+    """
+
+    def __init__(self, base: BaseModel, adapter: LoRAAdapter, d: Sequence[torch.Tensor],
+                 config: TFBConfig | None = None):
+        self.base = base
+        self.adapter_config = adapter.config
+        self.adapter_path = adapter.path
+        self.config = config or TFBConfig()
+        self.config.modules = [m.name for m in adapter.modules]
+        self.config.base_model = base_model_identity(base)
+        self.layers: list[TFBLoRALayer] = []
+        for index, (module, dm) in enumerate(zip(adapter.modules, d)):
+            parent_name, _, child = module.name.rpartition(".")
+            parent = base.model.get_submodule(parent_name) if parent_name else base.model
+            layer = TFBLoRALayer(getattr(parent, child), module.A, module.B, dm,
+                                 module.scaling, index, module.name)
+            setattr(parent, child, layer)
+            self.layers.append(layer)
+        self.draws = DrawCache(self.layers)
+
+    # construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_adapter(cls, base: BaseModel, adapter_dir: str | Path, **config) -> "Posterior":
+        """Bayesianize a plain peft LoRA adapter (SVD per module) and install it."""
+        adapter = load_adapter(adapter_dir, base.model)
+        ds = []
+        for module in adapter.modules:
+            module.A, module.B, d = bayesianize_factors(module.A, module.B)
+            ds.append(d)
+        return cls(base, adapter, ds, TFBConfig(**config))
+
+    @classmethod
+    def load(cls, base: BaseModel, directory: str | Path) -> "Posterior":
+        """Load a Bayesianized adapter directory; checksums are verified first."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory).expanduser()
+        config = read_tfb_config(directory)
+        verify_checksums(directory, config)
+        _check_base_identity(config.base_model, base_model_identity(base), directory)
+        adapter = load_adapter(directory, base.model)
+        stored = load_file(directory / POSTERIOR_NAME)
+        missing = [m.name for m in adapter.modules if f"{m.name}.d" not in stored]
+        if missing:
+            raise TFBError(f"{directory / POSTERIOR_NAME} lacks the singular values of {missing[0]}")
+        return cls(base, adapter, [stored[f"{m.name}.d"] for m in adapter.modules], config)
+
+    # the posterior --------------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        return self.base.model
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @property
+    def sigma(self) -> float:
+        return self.config.sigma
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        if not value >= 0:
+            raise TFBError(f"sigma must be >= 0, got {value}")
+        self.config.sigma = float(value)
+
+    def row_stds(self, sigma: float | None = None) -> dict[str, torch.Tensor]:
+        """``Omega_i = sigma / d_i`` per module (rank-deficient rows at 0)."""
+        sigma = self.sigma if sigma is None else sigma
+        return {layer.name: row_std(layer.d, sigma) for layer in self.layers}
+
+    @contextmanager
+    def samples(self, num_samples: int, seed: int | None = None, sigma: float | None = None
+                ) -> Iterator[None]:
+        """Forwards inside the block run ``num_samples`` weight samples over rows laid out
+        ``b * K + k`` (``input_ids.repeat_interleave(K, 0)``)."""
+        seed = self.config.seed if seed is None else seed
+        sigma = self.sigma if sigma is None else sigma
+        with weight_samples(self.layers, self.draws, sigma, [(seed, k) for k in range(num_samples)]):
+            yield
+
+    @contextmanager
+    def mixed_samples(self, samples: Sequence[tuple[int, int]], slots: torch.Tensor,
+                      sigma: float | None = None) -> Iterator[None]:
+        """Like :meth:`samples`, for any row -> (seed, k) map (requests with their own seeds)."""
+        sigma = self.sigma if sigma is None else sigma
+        with weight_samples(self.layers, self.draws, sigma, samples, slots):
+            yield
+
+    def search(self, items, **kwargs):
+        """Run the variance search (TFB_SPEC §4) and set ``sigma``; see :func:`tfb_core.search.search_sigma`."""
+        from .search import search_sigma
+
+        result = search_sigma(self, items, **kwargs)
+        self.sigma = result.sigma
+        self.config.criterion = result.criterion
+        self.config.eps = result.eps
+        self.config.num_samples = result.num_samples
+        self.config.seed = result.seed
+        self.config.mode = result.mode
+        self.config.search_trace = [asdict(p) for p in result.trace]
+        return result
+
+    # the artifact -------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, calibration_file: str | Path | None = None) -> Path:
+        """Write the Bayesianized adapter directory atomically (temp dir, then rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory).expanduser()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            weights, stds = {}, {}
+            for layer in self.layers:
+                weights[f"base_model.model.{layer.name}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
+                weights[f"base_model.model.{layer.name}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
+                stds[f"{layer.name}.d"] = layer.d.detach().float().cpu().contiguous()
+            save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            save_file(stds, tmp / POSTERIOR_NAME, metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.adapter_config, indent=2))
+            if calibration_file is not None:
+                self.config.calibration_sha256 = sha256_file(calibration_file)
+            self.config.files_sha256 = {name: sha256_file(tmp / name)
+                                        for name in (CONFIG_NAME, WEIGHTS_NAME, POSTERIOR_NAME)}
+            (tmp / TFB_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+
+def load_posterior(base: BaseModel, adapter_dir: str | Path) -> Posterior:
+    """A Bayesianized directory is loaded; a plain LoRA directory is Bayesianized (sigma = 0)."""
+    if (Path(adapter_dir) / TFB_CONFIG_NAME).is_file():
+        return Posterior.load(base, adapter_dir)
+    return Posterior.from_adapter(base, adapter_dir)
+
+
+def is_bayesianized(adapter_dir: str | Path) -> bool:
+    return (Path(adapter_dir).expanduser() / TFB_CONFIG_NAME).is_file()
+
+
+def base_model_identity(base: BaseModel) -> dict:
+    cfg = base.model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return {
+        "name": base.name,
+        "model_type": getattr(cfg, "model_type", None),
+        "hidden_size": getattr(text_cfg, "hidden_size", None),
+        "num_hidden_layers": getattr(text_cfg, "num_hidden_layers", None),
+        "vocab_size": getattr(text_cfg, "vocab_size", None),
+    }
+
+
+def _check_base_identity(recorded: dict, actual: dict, directory: Path) -> None:
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if recorded.get(key) is not None and recorded.get(key) != actual.get(key):
+            raise TFBError(
+                f"{directory} was Bayesianized for another base model: {key} is "
+                f"{recorded.get(key)!r} there and {actual.get(key)!r} in {actual.get('name')!r}")
+
+
+def read_tfb_config(directory: Path) -> TFBConfig:
+    path = directory / TFB_CONFIG_NAME
+    if not path.is_file():
+        raise TFBError(f"{directory} is not a Bayesianized adapter directory: {TFB_CONFIG_NAME} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TFBError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if data.get("format_version") != FORMAT_VERSION:
+        raise TFBError(f"{path}: format_version {data.get('format_version')!r} is not supported "
+                       f"(this tfb reads version {FORMAT_VERSION})")
+    return TFBConfig.from_dict(data)
+
+
+def verify_checksums(directory: Path, config: TFBConfig) -> None:
+    for name in (CONFIG_NAME, WEIGHTS_NAME, POSTERIOR_NAME):
+        path = directory / name
+        if not path.is_file():
+            raise TFBError(f"{directory}: {name} is missing")
+        expected = config.files_sha256.get(name)
+        if expected is None:
+            raise TFBError(f"{directory / TFB_CONFIG_NAME} records no checksum for {name}")
+        if sha256_file(path) != expected:
+            raise TFBError(f"{path}: checksum mismatch (sha256 differs from {TFB_CONFIG_NAME}); "
+                           f"the directory was modified or is corrupt: Bayesianize again")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Rename ``tmp`` to ``directory``; an existing directory is moved aside, then removed."""
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+        os.replace(directory, old / "d")
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)

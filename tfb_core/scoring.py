@@ -1,0 +1,211 @@
+"""Multiple-choice scoring over prompts x K weight samples (TFB_SPEC §3).
+
+Two modes, both giving a distribution over the C choices per weight sample:
+
+- ``letter``: the choices are listed with labels A, B, ... in the prompt; the next-token
+  logits at the last prompt position, restricted to the label tokens, renormalised.
+- ``sequence``: ``log p(choice | prompt)`` summed over the choice's tokens (optionally
+  divided by its token count), softmax over the choices.
+
+Sequences are left-padded so the last real token of every row sits at the last position;
+position ids follow the attention mask, so padding does not change any real token's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import LABELS, MCItem, letter_prompt, sequence_prompt
+from .errors import TFBError
+from .uncertainty import Uncertainty, decompose
+
+
+class Mode(str, Enum):
+    """How a multiple-choice answer is scored."""
+
+    LETTER = "letter"  #: the label token after a prompt that lists the choices (the paper's)
+    SEQUENCE = "sequence"  #: the likelihood of each choice's text after the question
+
+
+def parse_mode(mode: "Mode | str") -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise TFBError(f"unknown mode {mode!r}; allowed: letter, sequence") from None
+
+
+@dataclass
+class Encoded:
+    """One item as token ids: a prompt (letter) or a prompt per choice (sequence)."""
+
+    sequences: list[list[int]]  # letter: [prompt]; sequence: [prompt + choice_c for each c]
+    targets: list[list[int]]  # letter: [label token ids]; sequence: per choice, its token ids
+    mode: Mode
+    length_normalize: bool = False
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.targets[0]) if self.mode is Mode.LETTER else len(self.targets)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+def render_prompt(tokenizer, item: MCItem, mode: Mode, chat: bool = False) -> str:
+    """The text the model sees before the answer."""
+    if item.prompt is not None:
+        text = item.prompt
+    elif mode is Mode.LETTER:
+        text = letter_prompt(item.question, item.choices)
+    else:
+        text = sequence_prompt(item.question)
+    if chat:
+        return apply_chat(tokenizer, [{"role": "user", "content": text}])
+    return text
+
+
+def apply_chat(tokenizer, messages: list[dict]) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise TFBError("this model's tokenizer has no chat template; send a plain prompt")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_item(tokenizer, item: MCItem, mode: Mode | str = Mode.LETTER, chat: bool = False,
+                length_normalize: bool = False, max_length: int | None = None,
+                prompt_text: str | None = None) -> Encoded:
+    """Tokenize one item; ``prompt_text`` overrides the rendered prompt (e.g. chat messages)."""
+    mode = parse_mode(mode)
+    text = prompt_text if prompt_text is not None else render_prompt(tokenizer, item, mode, chat)
+    special = not (chat or prompt_text is not None)  # a chat template carries its own specials
+    prompt_ids = tokenizer(text, add_special_tokens=special).input_ids
+    sep = "" if text[-1:].isspace() else " "
+    if mode is Mode.LETTER:
+        if len(item.choices) > len(LABELS):
+            raise TFBError(f"letter mode supports at most {len(LABELS)} choices, got {len(item.choices)}")
+        labels = [_label_token(tokenizer, text, prompt_ids, LABELS[i], sep, special)
+                  for i in range(len(item.choices))]
+        enc = Encoded([prompt_ids], [labels], mode)
+    else:
+        conts = [tokenizer(sep + choice, add_special_tokens=False).input_ids for choice in item.choices]
+        enc = Encoded([prompt_ids + c for c in conts], conts, mode, length_normalize)
+    longest = max(len(s) for s in enc.sequences)
+    if max_length is not None and longest > max_length:
+        raise TFBError(f"the prompt is {longest} tokens long; the model's context is {max_length} tokens")
+    return enc
+
+
+def _label_token(tokenizer, text: str, prompt_ids: list[int], label: str, sep: str, special: bool) -> int:
+    """The single token the model emits for ``label`` after the prompt (space or not, tested)."""
+    for s in dict.fromkeys((sep, " " if sep == "" else "")):
+        ids = tokenizer(text + s + label, add_special_tokens=special).input_ids
+        if len(ids) == len(prompt_ids) + 1 and ids[:-1] == prompt_ids:
+            return ids[-1]
+    raise TFBError(f"the label {label!r} is not a single token after this prompt for this tokenizer; "
+                   f"use mode 'sequence'")
+
+
+def max_context(model) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+@torch.no_grad()
+def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
+                 sigma: float | None = None) -> list[torch.Tensor]:
+    """Per-sample choice probabilities for several encoded items in ONE forward.
+
+    Parameters
+    ----------
+    post : Posterior
+    encoded : sequence of Encoded
+    samples : sequence of (seed, K), one per item
+        Item i runs weight samples (seed_i, 0..K_i-1). Items may differ in seed and K.
+
+    Returns a list of float32 tensors of shape (K_i, C_i).
+    """
+    rows, slot_ids, owners = [], [], []  # one entry per (item, sequence, sample) row
+    keys: dict[tuple[int, int], int] = {}
+    for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
+        for j, seq in enumerate(enc.sequences):
+            for k in range(K):
+                rows.append(seq)
+                slot_ids.append(keys.setdefault((seed, k), len(keys)))
+                owners.append((i, j, k))
+    keep = max(len(t) for enc in encoded for t in _kept(enc)) + 1
+    regular = len({s for s in samples}) == 1  # one (seed, K) for all: row b*K + k -> sample k
+    if regular:
+        with post.samples(num_samples=samples[0][1], seed=samples[0][0], sigma=sigma):
+            logprobs = _forward(post.model, rows, keep)
+    else:
+        slots = torch.tensor(slot_ids, dtype=torch.long)
+        with post.mixed_samples(list(keys), slots, sigma=sigma):
+            logprobs = _forward(post.model, rows, keep)
+    # logprobs: (rows, keep, V) log-softmax of the last `keep` positions
+    out = [torch.empty(K, enc.num_choices) for enc, (_, K) in zip(encoded, samples)]
+    scores = [torch.empty(K, enc.num_choices, dtype=torch.float64) for enc, (_, K) in zip(encoded, samples)]
+    for row, (i, j, k) in enumerate(owners):
+        enc = encoded[i]
+        if enc.mode is Mode.LETTER:
+            scores[i][k] = logprobs[row, -1, enc.targets[0]].double()
+        else:
+            cont = enc.targets[j]
+            pos = torch.arange(keep - 1 - len(cont), keep - 1)  # logits that predict the choice
+            lp = logprobs[row, pos, cont].double().sum()
+            scores[i][k, j] = lp / len(cont) if enc.length_normalize else lp
+    for i in range(len(encoded)):
+        out[i] = torch.softmax(scores[i], -1).float()
+    return out
+
+
+def _kept(enc: Encoded) -> list[list[int]]:
+    return [[]] if enc.mode is Mode.LETTER else enc.targets
+
+
+def _forward(model, rows: list[list[int]], keep: int) -> torch.Tensor:
+    """Left-padded forward; log-softmax of the last ``keep`` positions: (rows, keep, V)."""
+    device = next(model.parameters()).device
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r)
+        mask[b, T - len(r):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                   position_ids=position_ids.to(device), logits_to_keep=keep, use_cache=False).logits
+    return torch.log_softmax(logits.float(), -1)
+
+
+def score_items(post, items: Sequence[MCItem], mode: Mode | str = Mode.LETTER,
+                num_samples: int | None = None, seed: int | None = None, sigma: float | None = None,
+                batch_size: int = 8, chat: bool = False, length_normalize: bool = False,
+                progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+    """Per-sample choice probabilities for a list of items: (N, K, C) (C equal for all items).
+
+    ``batch_size`` items (x K samples x choices in sequence mode) go through one forward.
+    """
+    K = num_samples or post.config.num_samples
+    seed = post.config.seed if seed is None else seed
+    mode = parse_mode(mode)
+    limit = max_context(post.model)
+    encoded = [encode_item(post.tokenizer, it, mode, chat, length_normalize, limit) for it in items]
+    if len({e.num_choices for e in encoded}) != 1:
+        raise TFBError("score_items needs the same number of choices for every item; "
+                       "use choice_probs for mixed sets")
+    out = []
+    for start in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=not progress,
+                      unit="batch", leave=False):
+        chunk = encoded[start:start + batch_size]
+        out.extend(choice_probs(post, chunk, [(seed, K)] * len(chunk), sigma))
+    return torch.stack(out)
+
+
+def predict(post, items: Sequence[MCItem], **kwargs) -> Uncertainty:
+    """The Bayesian model average over K weight samples and its uncertainty, per item."""
+    return decompose(score_items(post, items, **kwargs))
