@@ -1,0 +1,363 @@
+"""Text generation from the Bayesian model average of K weight samples, with per-token uncertainty.
+
+Each sequence runs K weight samples, each with its own KV cache: a batch of sequences is
+``sum_i K_i`` rows. At every step the K next-token distributions of a sequence are averaged
+(``p = mean_k softmax(z_k)``, TFB_SPEC §2), one token is chosen from ``p`` and appended to all
+K rows, and the token's predictive entropy, expected entropy and mutual information are kept.
+
+A :class:`DecodeBatch` is the unit of continuous batching: ``prefill`` new sequences,
+``concatenate`` them into the running batch between steps, ``step`` once, ``filter`` out what
+finished or was cancelled. Rows are left-padded; positions follow the attention mask.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+import torch
+
+from .errors import TFBError
+from .scoring import max_context
+from .uncertainty import entropy
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens from the model average, and when to stop."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None  # token sampling; None = nondeterministic
+    num_samples: int = 10  # K weight samples
+    weight_seed: int = 0  # which weight samples: (weight_seed, 0..K-1)
+    top_logprobs: int = 0  # alternatives to report per token
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise TFBError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 100:
+            raise TFBError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise TFBError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise TFBError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass
+class TokenInfo:
+    """One generated token and the uncertainty of the distribution it was drawn from."""
+
+    token_id: int
+    logprob: float  # log p(token) under the model average
+    predictive_entropy: float
+    expected_entropy: float
+    mutual_information: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
+
+
+@dataclass
+class GenSequence:
+    """One sequence being generated (a request's choice)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: object = None
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    text: str = ""  # the generated text, without a matched stop string
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.token_id for t in self.tokens]
+
+    def summary(self) -> dict:
+        """Mean and max of each uncertainty over the generated tokens, and the total logprob."""
+        out = {"num_tokens": len(self.tokens),
+               "total_logprob": float(sum(t.logprob for t in self.tokens))}
+        for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
+            values = [getattr(t, name) for t in self.tokens]
+            out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
+            out[f"max_{name}"] = float(max(values)) if values else 0.0
+        return out
+
+
+class DecodeBatch:
+    """Sequences decoding together: rows ``[seq 0: K_0 rows][seq 1: K_1 rows]...``."""
+
+    def __init__(self, post, seqs: list[GenSequence], cache, mask: torch.Tensor,
+                 positions: torch.Tensor, last: torch.Tensor):
+        self.post = post
+        self.seqs = seqs
+        self.cache = cache  # KV cache, one row per (sequence, weight sample)
+        self.mask = mask  # (rows, T) 1 for real tokens, 0 for left padding
+        self.positions = positions  # (rows,) position of the next token
+        self.last = last  # (rows,) the token to feed next
+
+    # --- construction -------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def prefill(cls, post, seqs: list[GenSequence]) -> "DecodeBatch":
+        """Run the prompts (x K each) in one forward and choose every sequence's first token."""
+        from transformers import DynamicCache
+
+        limit = max_context(post.model)
+        for s in seqs:
+            if not s.prompt_ids:
+                raise TFBError("the prompt is empty")
+            if limit is not None and len(s.prompt_ids) >= limit:
+                raise TFBError(f"the prompt is {len(s.prompt_ids)} tokens long; the model's context is {limit} tokens")
+        rows = [s.prompt_ids for s in seqs for _ in range(s.params.num_samples)]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), _pad_id(post.tokenizer), dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, T - len(r):] = torch.tensor(r)
+            mask[b, T - len(r):] = 1
+        positions = mask.sum(-1)
+        batch = cls(post, seqs, DynamicCache(), mask, positions, ids[:, -1])
+        logits = batch._forward(ids, (mask.cumsum(-1) - 1).clamp_min(0))
+        batch._choose(logits)
+        return batch
+
+    @classmethod
+    def concatenate(cls, batches: Seq["DecodeBatch"]) -> "DecodeBatch":
+        """One batch from several (a new request joining the running batch between steps)."""
+        from transformers import DynamicCache
+
+        batches = [b for b in batches if b.seqs]
+        if len(batches) == 1:
+            return batches[0]
+        T = max(b.mask.shape[1] for b in batches)
+        cache = DynamicCache()
+        keys, values = [], []
+        for i in range(len(batches[0].cache.layers)):
+            ks, vs = [], []
+            for b in batches:
+                layer = b.cache.layers[i]
+                pad = T - layer.keys.shape[-2]
+                ks.append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
+                vs.append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
+            keys.append(torch.cat(ks))
+            values.append(torch.cat(vs))
+        for i, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k, v, i)
+        mask = torch.cat([torch.nn.functional.pad(b.mask, (T - b.mask.shape[1], 0)) for b in batches])
+        return cls(batches[0].post, [s for b in batches for s in b.seqs], cache, mask,
+                   torch.cat([b.positions for b in batches]), torch.cat([b.last for b in batches]))
+
+    # --- one step ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """Feed every row's last token, choose the next token of every unfinished sequence.
+
+        Returns the forward's duration in seconds.
+        """
+        t0 = time.perf_counter()
+        self.mask = torch.cat([self.mask, torch.ones(len(self.mask), 1, dtype=torch.long)], 1)
+        logits = self._forward(self.last[:, None], self.positions[:, None])
+        self.positions = self.positions + 1
+        self._choose(logits)
+        return time.perf_counter() - t0
+
+    def filter(self) -> list[GenSequence]:
+        """Drop finished sequences (and their KV rows); returns the ones dropped."""
+        keep_rows, kept, done, row = [], [], [], 0
+        for s in self.seqs:
+            K = s.params.num_samples
+            if s.finished:
+                done.append(s)
+            else:
+                kept.append(s)
+                keep_rows.extend(range(row, row + K))
+            row += K
+        if done:
+            idx = torch.tensor(keep_rows, dtype=torch.long)
+            self.seqs = kept
+            self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]
+            if kept:
+                self.cache.batch_select_indices(idx.to(self._device))
+                self._trim()
+            else:
+                self.cache = None
+        return done
+
+    def cancel(self, seq_id) -> None:
+        for s in self.seqs:
+            if s.id == seq_id and not s.finished:
+                s.finish_reason = "cancelled"
+
+    # --- internals -----------------------------------------------------------------------
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.post.model.parameters()).device
+
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One forward over all rows under their weight samples: last-position logits (rows, V)."""
+        dev = self._device
+        samples, slots = self._sample_map()
+        kwargs = dict(input_ids=ids.to(dev), attention_mask=self.mask.to(dev),
+                      position_ids=position_ids.to(dev), use_cache=True, logits_to_keep=1)
+        kwargs[_cache_kwarg(self.post.model)] = self.cache
+        if slots is None:
+            with self.post.samples(num_samples=len(samples), seed=samples[0][0]):
+                out = self.post.model(**kwargs)
+        else:
+            with self.post.mixed_samples(samples, slots):
+                out = self.post.model(**kwargs)
+        return out.logits[:, -1].float()
+
+    def _sample_map(self):
+        """The weight samples of the rows: regular (one seed and K for all) or a slot map."""
+        keys: dict[tuple[int, int], int] = {}
+        slots = []
+        for s in self.seqs:
+            for k in range(s.params.num_samples):
+                slots.append(keys.setdefault((s.params.weight_seed, k), len(keys)))
+        if len({(s.params.weight_seed, s.params.num_samples) for s in self.seqs}) == 1:
+            return list(keys), None
+        return list(keys), torch.tensor(slots, dtype=torch.long)
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Average each sequence's K distributions, pick its token, record its uncertainty."""
+        probs = torch.softmax(logits, -1)  # (rows, V)
+        row = 0
+        new_last = self.last.clone()
+        for s in self.seqs:
+            K = s.params.num_samples
+            pk = probs[row:row + K]  # (K, V)
+            if not s.finished:
+                token = self._next(s, pk)
+                new_last[row:row + K] = token
+            row += K
+        self.last = new_last
+
+    def _next(self, s: GenSequence, pk: torch.Tensor) -> int:
+        p = pk.mean(0)  # (V,) the model average
+        pe = entropy(p).item()
+        ee = entropy(pk).mean().item()
+        token = pick_token(p, s.params, s.generator)
+        logp = math.log(max(p[token].item(), 1e-45))
+        top = []
+        if s.params.top_logprobs:
+            values, idx = p.topk(s.params.top_logprobs)
+            top = [(int(i), math.log(max(v, 1e-45))) for v, i in zip(values.tolist(), idx.tolist())]
+        s.tokens.append(TokenInfo(token, logp, pe, ee, max(pe - ee, 0.0), top))
+        self._update_finish(s)
+        return token
+
+    def _update_finish(self, s: GenSequence) -> None:
+        tok = self.post.tokenizer
+        s.text = tok.decode(s.token_ids, skip_special_tokens=True)
+        eos = _eos_ids(tok, self.post.model)
+        limit = max_context(self.post.model)
+        if not s.params.ignore_eos and s.tokens[-1].token_id in eos:
+            s.finish_reason = "stop"
+        for stop in s.params.stop:
+            at = s.text.find(stop)
+            if stop and at >= 0:
+                s.text = s.text[:at]
+                s.finish_reason = "stop"
+                return
+        if s.finish_reason is None and (len(s.tokens) >= s.params.max_tokens or
+                                        (limit is not None and len(s.prompt_ids) + len(s.tokens) >= limit)):
+            s.finish_reason = "length"
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every row."""
+        real = self.mask.any(0).nonzero()
+        start = int(real[0]) if len(real) else 0
+        if start > 0:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[..., start:, :]
+                layer.values = layer.values[..., start:, :]
+
+
+def pick_token(p: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; else sample from ``p^(1/T)`` after top-k / top-p."""
+    if params.temperature == 0:
+        return int(p.argmax())
+    q = p.double().clamp_min(0) ** (1.0 / params.temperature)
+    if params.top_k:
+        kth = q.topk(min(params.top_k, q.numel())).values[-1]
+        q = torch.where(q >= kth, q, torch.zeros_like(q))
+    q = q / q.sum()
+    if params.top_p < 1:
+        sorted_q, order = q.sort(descending=True)
+        cum = sorted_q.cumsum(0)
+        drop = cum - sorted_q >= params.top_p  # keep the smallest set reaching top_p
+        sorted_q[drop] = 0
+        q = torch.zeros_like(q).scatter(0, order, sorted_q)
+        q = q / q.sum()
+    return int(torch.multinomial(q.float().cpu(), 1, generator=generator))
+
+
+def safe_text(s: GenSequence) -> str:
+    """The text that can be shown now: held back while it might be the start of a stop string
+    or ends inside a multi-byte character."""
+    if s.finished:
+        return s.text
+    text = s.text
+    if text.endswith("\ufffd"):
+        text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in s.params.stop:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return text[:len(text) - hold]
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(e)
+    return ids
+
+
+def generate(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams]) -> list[GenSequence]:
+    """Generate for several prompts in one decode loop (a convenience over DecodeBatch)."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(prompts, params))]
+    batch = DecodeBatch.prefill(post, seqs)
+    batch.filter()
+    while batch.seqs:
+        batch.step()
+        batch.filter()
+    return seqs
