@@ -1,0 +1,154 @@
+"""Decoding from the model average of K weight samples (tfb_core.generation)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import tiny
+from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, generate, safe_text
+from tfb_core.models import load_base_model
+from tfb_core.posterior import Posterior
+from tfb_core.sampling import row_std, standard_normal
+from tfb_core.uncertainty import entropy
+
+SIGMA = 0.5
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    base = tiny.make_llama(root / "base")
+    return base, tiny.make_lora(base, root / "lora")
+
+
+@pytest.fixture()
+def post(dirs):
+    base, lora = dirs
+    return Posterior.from_adapter(load_base_model(base, dtype="float32"), lora)
+
+
+def prompts(tok):
+    return [tok("The capital of France is").input_ids,
+            tok("Once upon a time, in a land far away, there lived").input_ids,
+            tok("1 2 3").input_ids]
+
+
+def sample_model(base_dir, post, seed: int, k: int, sigma: float):
+    """An ordinary model whose weights ARE weight sample k: W0 + s * B'(A' + E_k), merged."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in post.layers:
+            z = standard_normal(seed, k, layer.index, layer.lora_A.shape).double()
+            a = layer.lora_A.double() + row_std(layer.d.double(), sigma)[:, None] * z
+            delta = layer.scaling * layer.lora_B.double() @ a  # (out, in)
+            target = model.get_submodule(layer.name)
+            target.weight += delta.to(target.weight.dtype)
+    return model
+
+
+def test_sigma0_k1_greedy_equals_peft_generate(dirs, post):
+    base, lora = dirs
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).eval()
+    ps = prompts(post.tokenizer)
+    out = generate(post, ps, SamplingParams(max_tokens=10, num_samples=1, ignore_eos=True))
+    for p, seq in zip(ps, out):
+        expected = ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert seq.token_ids == expected
+
+
+def test_k_sample_decoding_equals_k_separate_models(dirs, post):
+    """The batched engine against K plain models (merged weights), averaged by hand."""
+    base, _ = dirs
+    post.sigma = SIGMA
+    K, seed, steps = 3, 7, 6
+    p = prompts(post.tokenizer)[1]
+    got = generate(post, [p], SamplingParams(max_tokens=steps, num_samples=K, weight_seed=seed,
+                                             ignore_eos=True))[0]
+    models = [sample_model(base, post, seed, k, SIGMA) for k in range(K)]
+    ids = list(p)
+    for t in range(steps):
+        with torch.no_grad():
+            pk = torch.stack([torch.softmax(m(torch.tensor([ids])).logits[0, -1].double(), -1)
+                              for m in models])  # (K, V), a full forward each: no cache
+        avg = pk.mean(0)
+        token = int(avg.argmax())
+        info = got.tokens[t]
+        assert info.token_id == token
+        assert info.logprob == pytest.approx(math.log(avg[token]), abs=1e-4)
+        pe, ee = entropy(avg).item(), entropy(pk).mean().item()
+        assert info.predictive_entropy == pytest.approx(pe, abs=1e-4)
+        assert info.expected_entropy == pytest.approx(ee, abs=1e-4)
+        assert info.mutual_information == pytest.approx(pe - ee, abs=1e-4)
+        ids.append(token)
+    assert any(t.mutual_information > 1e-3 for t in got.tokens)  # the samples do differ
+
+
+def test_joining_between_steps_gives_each_sequence_its_own_tokens(post):
+    """Continuous batching: a sequence that joins a running batch decodes as it would alone."""
+    post.sigma = SIGMA
+    tok = post.tokenizer
+    ps = prompts(tok)
+    params = [SamplingParams(max_tokens=8, num_samples=2, ignore_eos=True),
+              SamplingParams(max_tokens=3, num_samples=4, weight_seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=6, num_samples=1, ignore_eos=True)]
+    alone = [generate(post, [p], sp)[0].token_ids for p, sp in zip(ps, params)]
+
+    seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(ps, params))]
+    batch = DecodeBatch.prefill(post, seqs[:1])
+    batch.step()
+    batch = DecodeBatch.concatenate([batch, DecodeBatch.prefill(post, seqs[1:])])
+    while batch.seqs:
+        batch.step()
+        batch.filter()
+    assert [s.token_ids for s in seqs] == alone
+    assert [len(s.tokens) for s in seqs] == [8, 3, 6]
+    assert all(s.finish_reason == "length" for s in seqs)
+
+
+def test_stop_strings_end_the_text_and_are_not_emitted(post):
+    tok = post.tokenizer
+    p = prompts(tok)[0]
+    free = generate(post, [p], SamplingParams(max_tokens=8, num_samples=1, ignore_eos=True))[0]
+    assert len(free.text) > 3
+    stop = free.text[2:4]
+    seq = generate(post, [p], SamplingParams(max_tokens=8, num_samples=1, stop=[stop], ignore_eos=True))[0]
+    assert seq.finish_reason == "stop"
+    assert seq.text == free.text[: free.text.find(stop)]
+    assert stop not in seq.text
+
+
+def test_safe_text_holds_back_a_possible_stop_prefix():
+    s = GenSequence([1], SamplingParams(stop=["END"]))
+    s.text = "hello EN"
+    assert safe_text(s) == "hello "
+    s.text = "hello E!"
+    assert safe_text(s) == "hello E!"
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(post):
+    p = prompts(post.tokenizer)[0]
+    sp = SamplingParams(max_tokens=6, num_samples=2, temperature=1.0, top_k=5, seed=123, ignore_eos=True,
+                        top_logprobs=5)
+    a = generate(post, [p], sp)[0]
+    b = generate(post, [p], copy.deepcopy(sp))[0]
+    assert a.token_ids == b.token_ids
+    for info in a.tokens:  # the chosen token is among the top 5 of the model average
+        assert info.token_id in [t for t, _ in info.top]
+
+
+def test_bad_sampling_params_are_rejected():
+    from tfb_core.errors import TFBError
+
+    with pytest.raises(TFBError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(TFBError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(TFBError, match="num_samples"):
+        SamplingParams(num_samples=0)
