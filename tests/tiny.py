@@ -60,3 +60,23 @@ def make_lora(base_dir: Path, path: Path, seed: int = 1, r: int = 4, alpha: int 
                 p.normal_(0, scale / p.shape[-1] ** 0.5)
     model.save_pretrained(path)
     return path
+
+
+def save_peft_adapter(base_dir: Path, path: Path, peft_config, seed: int = 1, scale: float = 0.5,
+                      safe_serialization: bool = True) -> Path:
+    """Any peft adapter (LoRA, IA3, ...) with random weights, saved with save_pretrained.
+
+    ``safe_serialization=False`` writes ``adapter_model.bin`` (a pickle) as older peft did.
+    """
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, peft_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, scale / p.shape[-1] ** 0.5)
+    model.save_pretrained(path, safe_serialization=safe_serialization)
+    return path
