@@ -7,6 +7,7 @@ into a plain copy of the base model (no TFB layer, no batching).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # the CPU is shared; tiny models gain nothing from threads
 
-from tests import tiny  # noqa: E402
+import tiny  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 
 LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj", "lm_head")
 
@@ -66,6 +67,7 @@ def fresh_base(model_dir):
     return load_base_model(model_dir, device="cpu", dtype="float32")
 
 
+@functools.lru_cache(maxsize=16)
 def read_lora(adapter_dir) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(config, {module name: (A, B)}) read straight from the adapter's files, float64."""
     from safetensors.torch import load_file
@@ -111,12 +113,13 @@ def module_order(model, names) -> list[str]:
     return sorted(names, key=order.__getitem__)
 
 
-def explicit_model(model_dir, post, seed: int, k: int, sigma: float):
+def explicit_model(model_dir, post, seed: int, k: int, sigma: float, adapter_dir=None):
     """A plain base model whose weights are ``W0 + s * B'(A' + E_k)`` for every module.
 
-    ``E_k = (sigma / d) * Z_k`` with ``d`` recomputed from the layer's ``B'`` (its column norms)
-    and ``Z_k`` drawn with ``standard_normal(seed, k, module index)``; module index = position
-    in the base model's module order. No TFB layer runs in this model.
+    ``E_k = (sigma / d) * Z_k`` with ``d`` the singular values of the ORIGINAL ``B`` (numpy,
+    float64) when ``adapter_dir`` is given, else the column norms of the layer's ``B'``;
+    ``Z_k = standard_normal(seed, k, module index)``, module index = position in the base
+    model's module order. No TFB layer runs in this model.
     """
     from transformers import AutoModelForCausalLM
 
@@ -131,6 +134,8 @@ def explicit_model(model_dir, post, seed: int, k: int, sigma: float):
             layer = layers[name]
             A1, B1 = layer.lora_A.double(), layer.lora_B.double()
             d = B1.norm(dim=0)  # B' = U diag(d): its column norms are d
+            if adapter_dir is not None:
+                d = svd64(read_lora(adapter_dir)[1][name][1])[1]
             omega = torch.where(d > 1e-6 * d.max(), sigma / d.clamp_min(1e-30), torch.zeros_like(d))
             Z = standard_normal(seed, k, index, A1.shape).double()
             delta = layer.scaling * B1 @ (A1 + omega[:, None] * Z)  # (out, in)
