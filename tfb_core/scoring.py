@@ -81,13 +81,13 @@ def encode_item(tokenizer, item: MCItem, mode: Mode | str = Mode.LETTER, chat: b
                 prompt_text: str | None = None) -> Encoded:
     """Tokenize one item; ``prompt_text`` overrides the rendered prompt (e.g. chat messages)."""
     mode = parse_mode(mode)
+    if mode is Mode.LETTER and len(item.choices) > len(LABELS):  # before the prompt lists them
+        raise TFBError(f"letter mode supports at most {len(LABELS)} choices, got {len(item.choices)}")
     text = prompt_text if prompt_text is not None else render_prompt(tokenizer, item, mode, chat)
     special = not (chat or prompt_text is not None)  # a chat template carries its own specials
     prompt_ids = tokenizer(text, add_special_tokens=special).input_ids
     sep = "" if text[-1:].isspace() else " "
     if mode is Mode.LETTER:
-        if len(item.choices) > len(LABELS):
-            raise TFBError(f"letter mode supports at most {len(LABELS)} choices, got {len(item.choices)}")
         labels = [_label_token(tokenizer, text, prompt_ids, LABELS[i], sep, special)
                   for i in range(len(item.choices))]
         enc = Encoded([prompt_ids], [labels], mode)
