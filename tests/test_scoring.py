@@ -1,0 +1,227 @@
+"""tfb_core.scoring: letter and sequence modes against plain, unpadded, one-at-a-time forwards.
+
+References: an explicit-weight model per weight sample (conftest.explicit_model) or peft on the
+original adapter (sigma = 0), one prompt at a time with no padding; log-probs summed here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import explicit_model, fresh_base, mc_items, peft_model
+
+from tfb_core.data import MCItem
+from tfb_core.errors import TFBError
+from tfb_core.posterior import Posterior
+from tfb_core.scoring import choice_probs, encode_item, predict, score_items
+from tfb_core.uncertainty import decompose
+
+SIGMA = 0.05
+SEED = 3
+K = 2
+PAPER_PROMPT = ("Return the label of the correct answer for the question below.\n\nQuestion: {q}\n"
+                "Choices:\n{choices}\nAnswer:")
+
+
+@pytest.fixture(scope="module")
+def post(llama_dir, lora_dir):
+    return Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
+
+
+@pytest.fixture(scope="module")
+def explicit(post, llama_dir, lora_dir):
+    """Plain models with the weights of samples k = 0..K-1 (seed SEED, sigma SIGMA)."""
+    return [explicit_model(llama_dir, post, SEED, k, SIGMA, adapter_dir=lora_dir) for k in range(K)]
+
+
+@pytest.fixture(scope="module")
+def items():
+    return mc_items(5, seed=1)
+
+
+def paper_prompt(item: MCItem) -> str:
+    return PAPER_PROMPT.format(q=item.question, choices="\n".join(
+        f"{'ABCDEFGH'[i]}) {c}" for i, c in enumerate(item.choices)))
+
+
+@torch.no_grad()
+def ref_letter(model, tok, item: MCItem) -> torch.Tensor:
+    """Softmax over the label tokens " A", " B", ... of the last-position logits, one prompt alone."""
+    text = paper_prompt(item)
+    ids = tok(text).input_ids
+    labels = []
+    for i in range(len(item.choices)):
+        full = tok(text + " " + "ABCDEFGH"[i]).input_ids
+        assert full[:-1] == ids  # " A" is one token after this prompt
+        labels.append(full[-1])
+    logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    return torch.softmax(logits[labels], -1)
+
+
+@torch.no_grad()
+def ref_sequence(model, tok, item: MCItem, normalize=False) -> torch.Tensor:
+    """softmax_c sum_t log p(choice_c token t | prompt, earlier tokens), one sequence at a time."""
+    prompt = tok(f"Question: {item.question}\nAnswer:").input_ids
+    scores = []
+    for choice in item.choices:
+        cont = tok(" " + choice, add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt + cont])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        total = sum(logp[len(prompt) - 1 + t, tok_id] for t, tok_id in enumerate(cont))
+        scores.append(total / len(cont) if normalize else total)
+    return torch.softmax(torch.stack(scores), -1)
+
+
+# --- letter mode ----------------------------------------------------------------------------------
+
+
+def test_letter_prompt_and_single_token_labels(tok, items):
+    for item in items:
+        enc = encode_item(tok, item, "letter")
+        text = paper_prompt(item)
+        assert enc.sequences == [tok(text).input_ids]
+        labels = enc.targets[0]
+        assert len(labels) == len(item.choices) == enc.num_choices
+        for i, label in enumerate(labels):
+            assert tok.decode([label]).strip() == "ABCD"[i]
+            assert tok(text + " " + "ABCD"[i]).input_ids == enc.sequences[0] + [label]
+
+
+def test_letter_labels_after_a_chat_prompt(tok, items):
+    enc = encode_item(tok, items[0], "letter", chat=True)
+    text = tok.apply_chat_template([{"role": "user", "content": paper_prompt(items[0])}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert enc.sequences == [tok(text, add_special_tokens=False).input_ids]
+    for i, label in enumerate(enc.targets[0]):
+        # the label as the model would emit it after this prompt: one token, space or not
+        assert tok.decode([label]).strip() == "ABCD"[i]
+        ids = tok(text + tok.decode([label]), add_special_tokens=False).input_ids
+        assert ids == enc.sequences[0] + [label]
+
+
+def test_letter_sigma_zero_equals_peft(post, llama_dir, lora_dir, items):
+    ref = peft_model(llama_dir, lora_dir)
+    got = score_items(post, items, "letter", num_samples=1, seed=0, sigma=0.0)
+    assert got.shape == (len(items), 1, 4)
+    for i, item in enumerate(items):
+        assert (got[i, 0].double() - ref_letter(ref, post.tokenizer, item)).abs().max().item() < 1e-5
+
+
+def test_letter_samples_equal_explicit_weights(post, explicit, items):
+    got = score_items(post, items, "letter", num_samples=K, seed=SEED, sigma=SIGMA, batch_size=3)
+    assert got.shape == (len(items), K, 4)
+    assert torch.allclose(got.sum(-1), torch.ones(len(items), K), atol=1e-5)
+    for i, item in enumerate(items):
+        for k in range(K):
+            ref = ref_letter(explicit[k], post.tokenizer, item)
+            assert (got[i, k].double() - ref).abs().max().item() < 1e-5, (i, k)
+    assert (got[:, 0] - got[:, 1]).abs().max().item() > 1e-4  # the samples differ
+
+
+def test_padding_does_not_change_results(post, tok):
+    short = MCItem(choices=["yes", "no"], question="Red?")
+    long = [MCItem(choices=["a long answer here", "b"], question="word " * 40 + "?"),
+            MCItem(choices=["x", "an even longer choice of words than that"], question="why " * 25 + "?")]
+    for mode in ("letter", "sequence"):
+        alone = choice_probs(post, [encode_item(tok, short, mode)], [(SEED, K)], SIGMA)[0]
+        encs = [encode_item(tok, it, mode) for it in (long[0], short, long[1])]
+        batched = choice_probs(post, encs, [(SEED, K)] * 3, SIGMA)[1]
+        assert (alone - batched).abs().max().item() < 1e-5, mode
+
+
+def test_batch_size_does_not_change_results(post, items):
+    one = score_items(post, items, "sequence", num_samples=K, seed=SEED, sigma=SIGMA, batch_size=1)
+    all_ = score_items(post, items, "sequence", num_samples=K, seed=SEED, sigma=SIGMA, batch_size=8)
+    assert (one - all_).abs().max().item() < 1e-5
+
+
+# --- sequence mode ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sequence_equals_summed_log_probs(post, explicit, items, normalize):
+    got = score_items(post, items, "sequence", num_samples=K, seed=SEED, sigma=SIGMA,
+                      length_normalize=normalize)
+    for i, item in enumerate(items):
+        for k in range(K):
+            ref = ref_sequence(explicit[k], post.tokenizer, item, normalize)
+            assert (got[i, k].double() - ref).abs().max().item() < 1e-5, (i, k)
+
+
+def test_sequence_sigma_zero_equals_peft(post, llama_dir, lora_dir, items):
+    ref = peft_model(llama_dir, lora_dir)
+    got = score_items(post, items[:3], "sequence", num_samples=1, sigma=0.0)
+    for i, item in enumerate(items[:3]):
+        assert (got[i, 0].double() - ref_sequence(ref, post.tokenizer, item)).abs().max().item() < 1e-5
+
+
+# --- mixed requests in one forward -----------------------------------------------------------------
+
+
+def test_mixed_seeds_and_k_equal_each_item_alone(post, tok, items):
+    encs = [encode_item(tok, items[0], "letter"), encode_item(tok, items[1], "sequence"),
+            encode_item(tok, items[2], "letter"), encode_item(tok, items[3], "sequence", length_normalize=True)]
+    samples = [(1, 2), (5, 3), (1, 4), (SEED, 1)]
+    together = choice_probs(post, encs, samples, SIGMA)
+    for enc, sample, got in zip(encs, samples, together):
+        alone = choice_probs(post, [enc], [sample], SIGMA)[0]
+        assert got.shape == alone.shape == (sample[1], enc.num_choices)
+        assert (got - alone).abs().max().item() < 1e-5
+
+
+def test_sample_k_is_the_same_whatever_k_total(post, tok, items):
+    enc = encode_item(tok, items[0], "letter")
+    three = choice_probs(post, [enc], [(7, 3)], SIGMA)[0]
+    five = choice_probs(post, [enc], [(7, 5)], SIGMA)[0]
+    assert (three - five[:3]).abs().max().item() < 1e-5
+    other_seed = choice_probs(post, [enc], [(8, 3)], SIGMA)[0]
+    assert (three - other_seed).abs().max().item() > 1e-5
+
+
+def test_predict_is_the_model_average(post, items):
+    sp = score_items(post, items, "letter", num_samples=3, seed=SEED, sigma=SIGMA)
+    u = predict(post, items, mode="letter", num_samples=3, seed=SEED, sigma=SIGMA)
+    ref = decompose(sp)
+    assert torch.allclose(u.probs, sp.mean(1), atol=1e-6)
+    assert torch.allclose(u.mutual_information, ref.mutual_information, atol=1e-6)
+    assert torch.all(u.mutual_information > 0)
+
+
+# --- GPT-2 (Conv1D) -----------------------------------------------------------------------------
+
+
+def test_gpt2_letter_and_sequence(gpt2_dir, gpt2_lora_dir, items):
+    post = Posterior.from_adapter(fresh_base(gpt2_dir), gpt2_lora_dir)
+    ref = peft_model(gpt2_dir, gpt2_lora_dir)
+    got = score_items(post, items[:3], "letter", num_samples=1, sigma=0.0)
+    for i, item in enumerate(items[:3]):
+        assert (got[i, 0].double() - ref_letter(ref, post.tokenizer, item)).abs().max().item() < 1e-5
+    model = explicit_model(gpt2_dir, post, SEED, 1, SIGMA, adapter_dir=gpt2_lora_dir)
+    got = score_items(post, items[:3], "sequence", num_samples=2, seed=SEED, sigma=SIGMA)
+    for i, item in enumerate(items[:3]):
+        assert (got[i, 1].double() - ref_sequence(model, post.tokenizer, item)).abs().max().item() < 1e-5
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_unknown_mode(post, tok, items):
+    with pytest.raises(TFBError, match="unknown mode 'words'.*letter, sequence"):
+        encode_item(tok, items[0], "words")
+    with pytest.raises(TFBError, match="allowed: letter, sequence"):
+        score_items(post, items, mode="bogus")
+
+
+def test_too_many_choices_for_letters_and_mixed_counts(post, tok, items):
+    many = MCItem(choices=[f"c{i}" for i in range(27)], question="?")
+    with pytest.raises(TFBError, match="at most 26 choices"):
+        encode_item(tok, many, "letter")
+    two = MCItem(choices=["a", "b"], question="q?")
+    with pytest.raises(TFBError, match="same number of choices"):
+        score_items(post, [items[0], two], "letter", num_samples=1)
+
+
+def test_prompt_longer_than_the_context(post, tok):
+    item = MCItem(choices=["a", "b"], question="word " * 600)
+    with pytest.raises(TFBError, match="context is 512 tokens"):
+        score_items(post, [item], "letter", num_samples=1)
