@@ -91,8 +91,12 @@ def read_jsonl(path: str | Path) -> list[MCItem]:
     if not path.is_file():
         raise TFBError(f"{path}: no such file")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:  # decoded per line, so that a bad byte is reported with its line
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise TFBError(f"{path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
