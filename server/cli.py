@@ -1,10 +1,127 @@
-"""The `tfb` console script: tfb_core's commands plus `serve` (registered by this package)."""
+"""The `tfb` console script: tfb_core's commands plus `serve` (registered here).
+
+Every ``serve`` flag is a field of :class:`server.settings.Settings`, so each is also an
+environment variable ``TFB_<NAME>``; a flag given on the command line wins.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import signal
 import sys
+import threading
+import time
+import typing
+from pathlib import Path
+
+import uvicorn
 
 from tfb_core.cli import main as core_main
+from tfb_core.cli import register_command
+from tfb_core.errors import TFBError
+
+log = logging.getLogger("server")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per settings field; defaults are left to Settings (env var, then default)."""
+    from .settings import Settings
+
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        dest = "serve_log_level" if name == "log_level" else name  # tfb's own --log-level is global
+        kind = _flag_kind(info.annotation)
+        help = f"{info.description or ''} [env TFB_{name.upper()}; default {info.get_default(call_default_factory=True)}]"
+        kw: dict = dict(dest=dest, default=argparse.SUPPRESS, help=help.strip())
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind is list:
+            p.add_argument(flag, nargs="*", metavar="ORIGIN", **kw)
+        elif isinstance(kind, tuple):
+            p.add_argument(flag, choices=kind, **kw)
+        else:
+            p.add_argument(flag, type=kind, **kw)
+
+
+def _flag_kind(annotation):
+    """bool, list, a tuple of choices, or the scalar type for argparse."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(typing.get_args(annotation))
+    if annotation is bool:
+        return bool
+    if typing.get_origin(annotation) is list:
+        return list
+    if args:  # X | None
+        return _flag_kind(args[0])
+    return {int: int, float: float, Path: str}.get(annotation, str)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Settings from the flags given, then ``TFB_*`` variables, then defaults; read once."""
+    from pydantic import ValidationError
+
+    from .settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and k != "log_level"}
+    if hasattr(args, "serve_log_level"):
+        given["log_level"] = args.serve_log_level
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        where = f"--{field.replace('_', '-')} / TFB_{field.upper()}: " if field else ""
+        raise TFBError(where + err["msg"].removeprefix("Value error, ")) from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from . import loader
+    from .app import build_app
+
+    settings = settings_from_args(args)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    loader.preflight(settings)  # bad paths: one line, exit 2, before the port is bound
+    app = build_app(settings)
+    state = app.state.tfb
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.log_level == "debug", lifespan="on")
+    server = DrainingServer(config, state)
+    state.on_fatal = lambda reason: setattr(server, "should_exit", True)
+    server.run()
+    if state.status == "failed":
+        print(f"tfb serve: error: {state.detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM drains: new requests get 503, in-flight ones finish, exit 0."""
+
+    def __init__(self, config: uvicorn.Config, state):
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        if sig != signal.SIGTERM:
+            return super().handle_exit(sig, frame)
+        # not recorded in uvicorn's captured signals: it would re-raise SIGTERM at exit
+        if self.state.status == "draining":  # a second SIGTERM: stop now
+            self.should_exit = True
+            return
+        log.info("SIGTERM: draining (new requests get 503; finishing those in flight)")
+        self.state.status = "draining"
+        threading.Thread(target=self._drain, name="tfb-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        while self.state.scheduler is not None and not self.state.scheduler.idle:
+            time.sleep(0.02)
+        self.should_exit = True  # uvicorn then waits for open responses to be sent
+
+
+register_command("serve", "serve the posterior over HTTP (/v1/choices, /metrics, ...)",
+                 add_serve_arguments, run_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

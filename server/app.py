@@ -1,0 +1,180 @@
+"""The app factory: ``build_app(settings)``.
+
+The model loads (or the start-up search runs) in a background thread, so ``/health`` answers
+503 meanwhile; then the scheduler starts and ``/health`` answers 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import loader
+from .errors import error_body, install_error_handlers
+from .metrics import Metrics
+from .routes import api, health
+from .scheduler import Scheduler
+from .serving import ChoicesServing, ModelRunner
+from .settings import Settings
+from .state import AppState
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: Settings | None = None,
+              load: Callable[[Settings, Callable[[str], None]], loader.Loaded] = loader.load) -> FastAPI:
+    """The FastAPI app serving ``settings`` (default: read from ``TFB_*`` now)."""
+    settings = settings or Settings()
+    model_id = loader.model_id(settings)
+    state = AppState(settings=settings, metrics=Metrics(model_id), model_id=model_id,
+                     base_name=settings.model or "smollm2-135m")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        start_loading(state, load)
+        yield
+        if state.scheduler is not None:
+            await state.scheduler.stop()
+
+    app = FastAPI(title="tfb", version="0.1.0", lifespan=lifespan,
+                  description="LLM answers with honest uncertainty: a LoRA adapter Bayesianized "
+                  "without training (TFB), averaged over K weight samples.")
+    app.state.tfb = state
+    install_error_handlers(app)
+    app.include_router(health)
+    app.include_router(api)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics,
+                       known_paths={r.path for r in [*health.routes, *api.routes]} | {"/openapi.json", "/docs"})
+    return app
+
+
+def start_loading(state: AppState, load) -> None:
+    """Load in a daemon thread; on success start the scheduler on this event loop."""
+    loop = asyncio.get_running_loop()
+
+    def set_status(status: str) -> None:
+        loop.call_soon_threadsafe(setattr, state, "status", status)
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        try:
+            loaded = load(state.settings, set_status)
+        except BaseException as e:  # any failure: one line, then the CLI exits non-zero
+            reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            reason = " ".join(reason.split())
+            log.debug("start-up failed", exc_info=True)
+            loop.call_soon_threadsafe(fail, state, reason)
+            return
+        log.info("loaded in %.1f s", time.perf_counter() - t0)
+        loop.call_soon_threadsafe(ready, state, loaded)
+
+    threading.Thread(target=work, name="tfb-load", daemon=True).start()
+
+
+def ready(state: AppState, loaded: loader.Loaded) -> None:
+    s = state.settings
+    runner = ModelRunner(loaded, state.metrics)
+    state.scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens,
+                                s.max_wait_ms, s.max_queue)
+    state.scheduler.start()
+    state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics)
+    state.loaded = loaded
+    post = loaded.post
+    device = next(post.model.parameters())
+    state.metrics.set_posterior(post.sigma, s.samples, {
+        "base_model": post.base.name, "adapter": loaded.adapter or "", "source": loaded.source,
+        "device": str(device.device), "dtype": str(device.dtype).removeprefix("torch."),
+    })
+    if state.status != "draining":
+        state.status = "ready"
+    log.info("ready: %s (sigma=%.6g, K=%d, %s) on http://%s:%d", loaded.model_id, post.sigma, s.samples,
+             loaded.source, s.host, s.port)
+
+
+def fail(state: AppState, reason: str) -> None:
+    state.status, state.detail = "failed", reason
+    log.error("start-up failed: %s", reason)
+    if state.on_fatal is not None:
+        state.on_fatal(reason)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by endpoint (the route's path) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: set[str]):
+        self.app, self.metrics, self.known_paths = app, metrics, known_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            # the route's path template; unknown paths share one label (bounded cardinality)
+            endpoint = getattr(scope.get("route"), "path", None) or scope["path"]
+            endpoint = endpoint if endpoint in self.known_paths else "other"
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - t0)
+
+
+class BodyLimitMiddleware:
+    """413 for a body over ``max_bytes`` (by Content-Length, or counted while reading)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:  # read it all (bounded), then replay it to the app
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse(error_body(413, f"the request body is larger than {self.max_bytes} bytes "
+                                           f"(the server's --max-body-bytes)", "invalid_request_error",
+                                           code="body_too_large"), status_code=413)
+        await response(scope, receive, send)

@@ -1,0 +1,131 @@
+"""Typed API errors and the one place that turns any failure into an OpenAI-shaped error.
+
+``{"error": {"message", "type", "param", "code"}}``. Routes and the serving layer raise
+:class:`APIError` subclasses; FastAPI's validation errors become 400s naming the field;
+tfb_core's ``TFBError`` (bad user input) becomes a 400; anything else a logged 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tfb_core.errors import TFBError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error answered to the client: HTTP status, OpenAI error type, the offending field."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(APIError):
+    status, type = 400, "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status, type = 401, "authentication_error"
+
+
+class NotFound(APIError):
+    status, type = 404, "not_found_error"
+
+
+class PayloadTooLarge(APIError):
+    status, type = 413, "invalid_request_error"
+
+
+class QueueFull(APIError):
+    status, type = 429, "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message, code="queue_full", headers={"Retry-After": str(retry_after)})
+
+
+class NotReady(APIError):
+    status, type = 503, "service_unavailable"
+
+
+class RequestTimeout(APIError):
+    status, type = 504, "timeout_error"
+
+
+def error_body(status: int, message: str, type: str, param: str | None = None,
+               code: str | None = None) -> dict:
+    """The OpenAI error object (every error response of the server is built here)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type: str, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, type, param, code), status_code=status,
+                        headers=headers)
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler: every failure leaves the server as an OpenAI error."""
+    if isinstance(exc, APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+    if isinstance(exc, RequestValidationError):
+        message, param = _validation_message(exc.errors())
+        return error_response(400, message, "invalid_request_error", param, code="invalid_value")
+    if isinstance(exc, TFBError):
+        return error_response(400, str(exc), "invalid_request_error", code="invalid_value")
+    if isinstance(exc, StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic errors: the first error's field path, all messages."""
+    parts, first_param = [], None
+    for err in errors[:5]:
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx", {}).get("error", "")
+            return f"the body is not valid JSON ({ctx}); send a JSON object", None
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "single", "batch")]
+        # model-level checks of an item carry no field name: point at the item
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        if err.get("type") == "missing":
+            msg = "this field is required"
+        elif err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        where = f"'{param}'" if param else "the body"
+        parts.append(f"{where}: {msg}" + _got(err))
+    return "; ".join(parts), first_param
+
+
+def _got(err: dict) -> str:
+    if err.get("type") in ("missing", "value_error", "extra_forbidden", "json_invalid"):
+        return ""
+    try:
+        got = json.dumps(err.get("input"))
+    except (TypeError, ValueError):
+        return ""
+    return f" (got {got[:80]})" if got is not None else ""
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for exc_type in (APIError, RequestValidationError, TFBError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, handle_error)

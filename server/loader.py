@@ -1,0 +1,214 @@
+"""Start-up: what ``tfb serve`` loads, and the cache of start-up variance searches.
+
+- no ``--adapter``: the built-in demo (``tfb_core.demo``); until its posterior is shipped, a
+  placeholder: a deterministic random LoRA on the built-in base model, Bayesianized with a
+  fixed sigma, generated once into the cache directory.
+- a Bayesianized directory: loaded (checksums verified by tfb_core).
+- a plain LoRA directory plus ``--calibration``: the variance search runs, its result is saved
+  to ``--posterior-out`` or ``<cache>/posteriors/<key>``, where the key hashes the base model,
+  the adapter, the calibration file and the search settings; a restart with the same inputs
+  loads it instead of searching again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tfb_core.errors import TFBError
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER_SEED = 1234
+PLACEHOLDER_SIGMA = 0.02
+PLACEHOLDER_VERSION = 1
+SERVE_KEY_NAME = "tfb_serve_key.json"
+
+
+@dataclass
+class Loaded:
+    """The posterior to serve and where it came from."""
+
+    post: object  # tfb_core.posterior.Posterior
+    model_id: str
+    adapter: str | None
+    source: str  # loaded | searched | cached search | demo | placeholder
+
+
+def model_id(settings: Settings) -> str:
+    """The id the API reports (``/v1/models``) and the metrics' ``model`` label."""
+    if settings.is_demo:
+        return "tfb-demo"
+    return Path(settings.adapter).expanduser().resolve().name or "tfb"
+
+
+def preflight(settings: Settings) -> None:
+    """Cheap checks before binding the port: bad paths fail at once with one clear line."""
+    from tfb_core.posterior import is_bayesianized
+
+    if settings.adapter is None:
+        return
+    adapter = Path(settings.adapter).expanduser()
+    if not adapter.is_dir():
+        raise TFBError(f"--adapter {adapter}: no such directory")
+    if is_bayesianized(adapter):
+        if settings.calibration is not None:
+            log.warning("%s is already Bayesianized: --calibration is ignored", adapter)
+        return
+    if settings.calibration is None:
+        raise TFBError(f"--adapter {adapter} is a plain LoRA adapter (no tfb_config.json): pass "
+                       f"--calibration FILE to run the variance search at start-up, or Bayesianize it "
+                       f"first with 'tfb bayesianize'")
+    if not Path(settings.calibration).expanduser().is_file():
+        raise TFBError(f"--calibration {settings.calibration}: no such file")
+
+
+def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None) -> Loaded:
+    """Load (or search, then save) the posterior that ``settings`` describe."""
+    from tfb_core.models import load_base_model
+
+    preflight(settings)
+    if settings.is_demo:
+        return _load_demo(settings)
+    from tfb_core.posterior import Posterior, is_bayesianized
+
+    adapter = Path(settings.adapter).expanduser()
+    base = load_base_model(settings.model or "smollm2-135m", device=settings.device, dtype=settings.dtype)
+    if is_bayesianized(adapter):
+        log.info("loading the Bayesianized adapter %s", adapter)
+        return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
+    return _search_or_cached(settings, base, adapter, set_status)
+
+
+def _search_or_cached(settings: Settings, base, adapter: Path, set_status) -> Loaded:
+    from tfb_core.data import read_jsonl
+    from tfb_core.models import cache_dir
+    from tfb_core.posterior import Posterior, is_bayesianized
+
+    calibration = Path(settings.calibration).expanduser()
+    key = search_key(base.path, adapter, calibration, settings)
+    out = Path(settings.posterior_out).expanduser() if settings.posterior_out else \
+        cache_dir() / "posteriors" / key[:32]
+    if is_bayesianized(out) and _stored_key(out) == key:
+        log.info("start-up search: found its result for these inputs in %s; not searching again", out)
+        return Loaded(Posterior.load(base, out), model_id(settings), str(adapter), "cached search")
+    items = read_jsonl(calibration)
+    set_status("searching")
+    log.info("start-up search: %d calibration items from %s, criterion %s <= %g, K=%d (key %s)",
+             len(items), calibration, settings.criterion, settings.eps, settings.samples, key[:12])
+    post = Posterior.from_adapter(base, adapter, num_samples=settings.samples, seed=settings.seed,
+                                  mode=settings.mode)
+    result = post.search(items, criterion=settings.criterion, eps=settings.eps,
+                         num_samples=settings.samples, seed=settings.seed, mode=settings.mode,
+                         gold_labels=settings.gold_labels, chat=settings.chat, progress=False)
+    log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
+    post.save(out, calibration_file=calibration)
+    (out / SERVE_KEY_NAME).write_text(json.dumps({"key": key}))
+    log.info("start-up search: saved to %s (a restart with the same inputs loads it)", out)
+    return Loaded(post, model_id(settings), str(adapter), "searched")
+
+
+def search_key(model_dir: Path, adapter: Path, calibration: Path, settings: Settings) -> str:
+    """sha256 over the base model, the adapter files, the calibration file and the search settings.
+
+    The base model is hashed by its config and, per weight file, its name, size and the sha256 of
+    its first and last MiB (a full hash of a multi-GB model would slow every start-up).
+    """
+    h = hashlib.sha256()
+    model_dir = Path(model_dir)
+    h.update(b"model\0" + _read(model_dir / "config.json"))
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode() + _ends(f))
+    for f in sorted(p for p in adapter.iterdir() if p.is_file() and p.name.startswith("adapter_")):
+        h.update(f"adapter\0{f.name}\0".encode() + _sha(f).encode())
+    h.update(b"calibration\0" + _sha(calibration).encode())
+    search = {k: getattr(settings, k) for k in ("criterion", "eps", "samples", "seed", "mode",
+                                                 "gold_labels", "chat")}
+    h.update(json.dumps(search, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _stored_key(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / SERVE_KEY_NAME).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes() if path.is_file() else b""
+
+
+def _sha(path: Path) -> str:
+    from tfb_core.posterior import sha256_file
+
+    return sha256_file(path)
+
+
+def _ends(path: Path, n: int = 1 << 20) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(n)
+        f.seek(max(0, path.stat().st_size - n))
+        tail = f.read(n)
+    return hashlib.sha256(head + tail).digest()
+
+
+# --- the built-in demo ------------------------------------------------------------------------
+
+
+def _load_demo(settings: Settings) -> Loaded:
+    from tfb_core.demo import DEMO_MODEL, DEMO_POSTERIOR
+    from tfb_core.models import load_base_model
+    from tfb_core.posterior import Posterior, is_bayesianized
+
+    base = load_base_model(DEMO_MODEL, device=settings.device, dtype=settings.dtype)
+    if is_bayesianized(DEMO_POSTERIOR):
+        log.info("serving the built-in demo: %s + %s", DEMO_MODEL, DEMO_POSTERIOR)
+        return Loaded(Posterior.load(base, DEMO_POSTERIOR), model_id(settings), str(DEMO_POSTERIOR), "demo")
+    directory = placeholder_posterior(base)
+    log.warning("PLACEHOLDER DEMO: the shipped demo posterior (%s) is not there yet; serving %s with a "
+                "random LoRA (seed %d, sigma %g) from %s. Its answers mean nothing.",
+                DEMO_POSTERIOR, DEMO_MODEL, PLACEHOLDER_SEED, PLACEHOLDER_SIGMA, directory)
+    return Loaded(Posterior.load(base, directory), model_id(settings), str(directory), "placeholder")
+
+
+def placeholder_posterior(base) -> Path:
+    """A deterministic random LoRA on ``base``, Bayesianized at a fixed sigma, cached."""
+    from tfb_core.models import cache_dir
+    from tfb_core.posterior import is_bayesianized
+
+    root = cache_dir() / "placeholder" / f"{base.name}-v{PLACEHOLDER_VERSION}"
+    posterior = root / "posterior"
+    if is_bayesianized(posterior):
+        return posterior
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tfb_core.posterior import Posterior
+    from tfb_core.models import BaseModel
+
+    log.info("building the placeholder demo adapter in %s (once)", root)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
+    gen = torch.Generator().manual_seed(PLACEHOLDER_SEED)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / p.shape[-1] ** 0.5))
+    adapter = root / "adapter"
+    peft_model.save_pretrained(adapter)
+    del peft_model, model
+    fresh = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True).eval()
+    post = Posterior.from_adapter(BaseModel(fresh, base.tokenizer, base.name, base.path), adapter,
+                                  seed=0, mode="letter")
+    post.sigma = PLACEHOLDER_SIGMA
+    post.save(posterior)
+    return posterior

@@ -1,0 +1,100 @@
+"""Prometheus metrics (prefix ``tfb_``, label ``model``), one registry per app.
+
+The uncertainty histograms (predictive entropy, expected entropy, mutual information per
+endpoint) let an operator watch epistemic uncertainty drift in production.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# nats: entropies of C choices are at most log C (log 26 = 3.26)
+ENTROPY_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.3)
+MI_BUCKETS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Every metric of one server; ``model`` is fixed per app (its served model id)."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        ns = "tfb"
+        self.requests = Counter("requests", "HTTP requests by endpoint and status", ["model", "endpoint", "status"],
+                                namespace=ns, registry=r)
+        self.request_duration = Histogram("request_duration_seconds", "HTTP request latency",
+                                          ["model", "endpoint", "status"], namespace=ns, registry=r,
+                                          buckets=LATENCY_BUCKETS)
+        self.queue_depth = Gauge("queue_depth", "items waiting for a batch", ["model"], namespace=ns, registry=r)
+        self.running = Gauge("requests_running", "items in the forward now", ["model"], namespace=ns, registry=r)
+        self.batch_size = Histogram("batch_size", "items per forward", ["model"], namespace=ns, registry=r,
+                                    buckets=BATCH_BUCKETS)
+        self.batch_rows = Histogram("batch_rows", "sequence rows per forward (items x choices x K)", ["model"],
+                                    namespace=ns, registry=r, buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+        self.forward_duration = Histogram("forward_duration_seconds", "one batched forward", ["model"],
+                                          namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.queue_wait = Histogram("queue_wait_seconds", "time from arrival to the forward", ["model"],
+                                    namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("prompt_tokens", "prompt tokens scored (once per item, not x K)",
+                                     ["model"], namespace=ns, registry=r)
+        self.dropped = Counter("dropped_items", "items dropped before their forward (timeout)", ["model"],
+                               namespace=ns, registry=r)
+        self.predictive_entropy = Histogram("predictive_entropy", "entropy of the model average (nats)",
+                                            ["model", "endpoint"], namespace=ns, registry=r,
+                                            buckets=ENTROPY_BUCKETS)
+        self.expected_entropy = Histogram("expected_entropy", "mean entropy of the samples (nats)",
+                                          ["model", "endpoint"], namespace=ns, registry=r,
+                                          buckets=ENTROPY_BUCKETS)
+        self.mutual_information = Histogram("mutual_information", "epistemic uncertainty PE - EE (nats)",
+                                            ["model", "endpoint"], namespace=ns, registry=r, buckets=MI_BUCKETS)
+        self.sigma = Gauge("posterior_sigma", "the posterior's sigma", ["model"], namespace=ns, registry=r)
+        self.weight_samples = Gauge("weight_samples", "the default K", ["model"], namespace=ns, registry=r)
+        self.info = Info("model", "the served model", ["model"], namespace=ns, registry=r)
+        self.ready = Gauge("ready", "1 when the model is loaded and serving", ["model"], namespace=ns, registry=r)
+        self.ready.labels(model).set(0)
+        self.queue_depth.labels(model).set(0)
+        self.running.labels(model).set(0)
+
+    # --- recording -------------------------------------------------------------------------------
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(self.model, endpoint, str(status)).inc()
+        self.request_duration.labels(self.model, endpoint, str(status)).observe(seconds)
+
+    def observe_uncertainty(self, endpoint: str, pe: float, ee: float, mi: float) -> None:
+        self.predictive_entropy.labels(self.model, endpoint).observe(pe)
+        self.expected_entropy.labels(self.model, endpoint).observe(ee)
+        self.mutual_information.labels(self.model, endpoint).observe(mi)
+
+    def observe_batch(self, size: int, rows: int, seconds: float, prompt_tokens: int) -> None:
+        self.batch_size.labels(self.model).observe(size)
+        self.batch_rows.labels(self.model).observe(rows)
+        self.forward_duration.labels(self.model).observe(seconds)
+        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
+
+    def set_posterior(self, sigma: float, num_samples: int, info: dict[str, str]) -> None:
+        self.sigma.labels(self.model).set(sigma)
+        self.weight_samples.labels(self.model).set(num_samples)
+        self.info.labels(self.model).info({k: str(v) for k, v in info.items()})
+        self.ready.labels(self.model).set(1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``"""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start

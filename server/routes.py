@@ -1,0 +1,86 @@
+"""Thin routers: each endpoint checks access, calls the serving layer, returns its model."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from .errors import NotReady, Unauthorized
+from .metrics import CONTENT_TYPE
+from .protocol import (ChoiceResult, ChoicesBatchResponse, ChoicesRequest, ErrorResponse, Health,
+                       ModelCard, ModelList, PosteriorInfo, SearchPointOut)
+from .state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.tfb
+
+
+def require_api_key(request: Request) -> None:
+    """With ``--api-key`` set: ``Authorization: Bearer KEY``, compared in constant time."""
+    key = get_state(request).settings.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise Unauthorized("missing API key: send the header 'Authorization: Bearer KEY'",
+                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise Unauthorized("invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_ready(request: Request) -> AppState:
+    state = get_state(request)
+    if state.status != "ready":
+        raise NotReady(f"the server is {state.status}" + (f": {state.detail}" if state.detail else "")
+                       + "; retry when GET /health answers 200", code=state.status,
+                       headers={"Retry-After": "1"})
+    return state
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503, 504)}
+
+health = APIRouter(tags=["health"])
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+@health.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def get_health(request: Request) -> JSONResponse:
+    """200 when ready; 503 while loading, searching, draining, or after a failed start-up."""
+    state = get_state(request)
+    body = Health(status=state.status, detail=state.detail).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+
+
+@api.post("/v1/choices", response_model=ChoiceResult | ChoicesBatchResponse, response_model_exclude_none=True,
+          tags=["choices"])
+async def create_choices(body: ChoicesRequest, state: AppState = Depends(require_ready)):
+    """Answer probabilities with their uncertainty, for one item or ``{"items": [...]}``."""
+    return await state.choices.create(body)
+
+
+@api.get("/v1/models", response_model=ModelList, tags=["models"])
+async def list_models(request: Request) -> ModelList:
+    state = get_state(request)
+    card = ModelCard(id=state.model_id, created=int(state.started), root=state.base_name,
+                     adapter=state.loaded.adapter if state.loaded else None)
+    return ModelList(data=[card])
+
+
+@api.get("/v1/posterior", response_model=PosteriorInfo, tags=["models"])
+async def get_posterior(state: AppState = Depends(require_ready)) -> PosteriorInfo:
+    post, cfg = state.loaded.post, state.loaded.post.config
+    return PosteriorInfo(
+        model=state.model_id, base_model=cfg.base_model, adapter=state.loaded.adapter, sigma=post.sigma,
+        num_samples=state.settings.samples, max_samples=state.settings.max_samples,
+        criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=cfg.mode,
+        search_trace=[SearchPointOut(**p) for p in cfg.search_trace],
+        calibration_sha256=cfg.calibration_sha256, source=state.loaded.source)
+
+
+@api.get("/metrics", response_class=Response, tags=["metrics"],
+         responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text exposition"}})
+async def metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.exposition(), media_type=CONTENT_TYPE)

@@ -1,0 +1,230 @@
+"""The batching scheduler: a bounded queue, a coalescing loop, and one worker thread.
+
+Requests become work items (one per question). Items wait in a bounded queue (full: 429);
+the loop takes what is waiting, up to ``max_batch_size`` items and ``max_batch_tokens``
+padded tokens (rows x length, i.e. prompt tokens x K), waiting at most ``max_wait_ms`` for
+more, drops items whose request has timed out, and hands the :class:`Batch` to ``step`` on
+the single worker thread that owns the model. While a forward runs, new items queue up and
+form the next batch.
+
+A batch holds items of one ``kind`` ("choice" today; text generation will be another kind
+with its own step), so the model step stays narrow: ``step(batch) -> one result per item``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .errors import NotReady, QueueFull, RequestTimeout
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class WorkItem(Protocol):
+    """What the scheduler batches; the serving layer defines the concrete kinds."""
+
+    kind: str  # items of one kind share a batch and a step
+    rows: int  # sequence rows in the forward (choices x K)
+    length: int  # the longest row, in tokens
+    arrived: float  # time.monotonic() at submit
+    deadline: float  # time.monotonic() after which the work is dropped
+    future: asyncio.Future  # resolved with the step's result for this item
+
+
+@dataclass
+class Batch:
+    """Items run in one forward; ``cost`` is its padded size: rows x longest row."""
+
+    kind: str
+    items: list[WorkItem] = field(default_factory=list)
+    rows: int = 0
+    length: int = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def cost(self) -> int:
+        return self.rows * self.length
+
+    def cost_with(self, item: WorkItem) -> int:
+        return (self.rows + item.rows) * max(self.length, item.length)
+
+    def fits(self, item: WorkItem, max_size: int, max_tokens: int) -> bool:
+        """Whether ``item`` may join; an empty batch takes any item (a big one runs alone)."""
+        if not self.items:
+            return True
+        return (item.kind == self.kind and len(self.items) < max_size
+                and self.cost_with(item) <= max_tokens)
+
+    def add(self, item: WorkItem) -> None:
+        self.items.append(item)
+        self.rows += item.rows
+        self.length = max(self.length, item.length)
+
+    def filter(self, now: float) -> list[WorkItem]:
+        """Drop items whose request gave up (cancelled) or whose deadline passed; return them."""
+        keep, dropped = [], []
+        for item in self.items:
+            (dropped if item.future.done() or now >= item.deadline else keep).append(item)
+        if dropped:
+            self.items, self.rows, self.length = [], 0, 0
+            for item in keep:
+                self.add(item)
+        return dropped
+
+
+Step = Callable[[Batch], list[Any]]
+
+
+class Scheduler:
+    """Coalesces queued work items into batches and runs ``step`` on one worker thread.
+
+    Parameters
+    ----------
+    step : callable
+        ``step(batch) -> list`` with one result per item (an Exception fails that item only).
+        Called only from the worker thread, so it may own the model.
+    """
+
+    def __init__(self, step: Step, metrics: Metrics, max_batch_size: int = 32,
+                 max_batch_tokens: int = 16384, max_wait_ms: float = 5.0, max_queue: int = 256):
+        self.step = step
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._waiting: deque[WorkItem] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfb-model")
+        self._accepting = False
+        self._outstanding: set[WorkItem] = set()  # submitted, not yet answered
+        self.running = 0  # items in the forward now
+
+    # --- the API of the serving layer ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._arrived = asyncio.Event()
+        self._accepting = True
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="tfb-scheduler")
+
+    def submit(self, items: list[WorkItem]) -> None:
+        """Queue a request's items, all or none; raises QueueFull (429) or NotReady (503)."""
+        if not self._accepting:
+            raise NotReady("the server is shutting down; retry on another replica", code="draining")
+        if len(self._waiting) + len(items) > self.max_queue:
+            raise QueueFull(f"the queue is full ({len(self._waiting)} of {self.max_queue} items "
+                            f"waiting, this request has {len(items)}); retry later")
+        self._waiting.extend(items)
+        for item in items:
+            self._outstanding.add(item)
+            item.future.add_done_callback(lambda _, item=item: self._outstanding.discard(item))
+        self.metrics.queue_depth.labels(self.metrics.model).set(len(self._waiting))
+        self._arrived.set()
+
+    async def wait(self, items: list[WorkItem], timeout: float) -> list[Any]:
+        """The items' results; on timeout their work is dropped and RequestTimeout raised."""
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(it.future for it in items)), timeout)
+        except asyncio.TimeoutError:
+            for it in items:
+                it.future.cancel()
+            raise RequestTimeout(f"the request took longer than the server's timeout "
+                                 f"({timeout:g} s); its work was dropped", code="timeout") from None
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._outstanding
+
+    async def drain(self, poll: float = 0.02) -> None:
+        """Stop accepting and wait until every queued and running item is answered."""
+        self._accepting = False
+        while not self.idle:
+            await asyncio.sleep(poll)
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=True)
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            dropped = batch.filter(time.monotonic())
+            self._fail_dropped(dropped)
+            if not batch.items:
+                continue
+            self.running = len(batch)
+            self.metrics.running.labels(self.metrics.model).set(len(batch))
+            now = time.monotonic()
+            for item in batch.items:
+                self.metrics.queue_wait.labels(self.metrics.model).observe(now - item.arrived)
+            try:
+                results = await loop.run_in_executor(self._pool, self.step, batch)
+            except Exception as e:  # the one place a failed forward is logged
+                log.exception("batch of %d %s items failed", len(batch), batch.kind)
+                results = [e] * len(batch)
+            finally:
+                self.running = 0
+                self.metrics.running.labels(self.metrics.model).set(0)
+            for item, result in zip(batch.items, results):
+                if item.future.done():  # timed out meanwhile
+                    continue
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+    async def _next_batch(self) -> Batch:
+        """Wait for an item, then coalesce up to the size / token budget or ``max_wait``."""
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        first = self._waiting.popleft()
+        batch = Batch(first.kind)
+        batch.add(first)
+        until = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            if self._waiting:
+                if not batch.fits(self._waiting[0], self.max_batch_size, self.max_batch_tokens):
+                    break  # it heads the next batch
+                batch.add(self._waiting.popleft())
+                continue
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        self.metrics.queue_depth.labels(self.metrics.model).set(len(self._waiting))
+        return batch
+
+    def _fail_dropped(self, dropped: list[WorkItem]) -> None:
+        for item in dropped:
+            self.metrics.dropped.labels(self.metrics.model).inc()
+            if not item.future.done():
+                item.future.set_exception(RequestTimeout(
+                    "the request waited past its deadline; its work was dropped", code="timeout"))

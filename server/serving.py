@@ -1,0 +1,161 @@
+"""The serving layer: a request becomes tfb_core calls, and their results an API response.
+
+Event-loop side (:class:`ChoicesServing`): validate against the model (context length,
+``num_samples`` limit), tokenize with ``tfb_core.scoring.encode_item`` (only this thread
+touches the tokenizer), queue one :class:`ChoiceWork` per item, await, answer.
+
+Worker side (:class:`ModelRunner`): the only code that touches the model. ``step(batch)``
+scores every item of the batch in ONE forward over items x choices x K rows
+(``choice_probs``), then reduces each item's (K, C) probabilities to the model average and
+its entropy split (``decompose``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tfb_core.data import LABELS, MCItem
+from tfb_core.errors import TFBError
+from tfb_core.scoring import Encoded, apply_chat, choice_probs, encode_item, max_context
+from tfb_core.uncertainty import decompose
+
+from .errors import BadRequest
+from .loader import Loaded
+from .metrics import Metrics, Timer
+from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
+                       UncertaintyOut, Usage)
+from .scheduler import Batch, Scheduler
+from .settings import Settings
+
+CHOICES_ENDPOINT = "/v1/choices"
+
+
+@dataclass(eq=False)
+class ChoiceWork:
+    """One multiple-choice item, tokenized, waiting for its forward."""
+
+    encoded: Encoded
+    seed: int
+    num_samples: int
+    deadline: float
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+    kind: str = "choice"
+
+    @property
+    def rows(self) -> int:
+        return len(self.encoded.sequences) * self.num_samples
+
+    @property
+    def length(self) -> int:
+        return max(len(s) for s in self.encoded.sequences)
+
+
+@dataclass
+class ChoiceOutput:
+    """An item's per-sample probabilities and their reduction."""
+
+    samples: torch.Tensor  # (K, C)
+    probs: torch.Tensor  # (C,)
+    predictive_entropy: float
+    expected_entropy: float
+    mutual_information: float
+
+
+class ModelRunner:
+    """Owns the posterior; ``step`` runs on the scheduler's worker thread only."""
+
+    def __init__(self, loaded: Loaded, metrics: Metrics):
+        self.post = loaded.post
+        self.metrics = metrics
+
+    def step(self, batch: Batch) -> list:
+        if batch.kind != "choice":
+            raise ValueError(f"no step for work of kind {batch.kind!r}")
+        return self.choices_step(batch.items)
+
+    def choices_step(self, items: list[ChoiceWork]) -> list[ChoiceOutput]:
+        with Timer() as t:
+            per_item = choice_probs(self.post, [w.encoded for w in items],
+                                    [(w.seed, w.num_samples) for w in items])  # [(K_i, C_i)]
+        self.metrics.observe_batch(len(items), sum(w.rows for w in items), t.seconds,
+                                   sum(w.encoded.prompt_tokens for w in items))
+        outputs = []
+        for sample_probs in per_item:
+            u = decompose(sample_probs[None].double())  # (1, K, C)
+            outputs.append(ChoiceOutput(sample_probs, u.probs[0], u.predictive_entropy.item(),
+                                        u.expected_entropy.item(), u.mutual_information.item()))
+        return outputs
+
+
+class ChoicesServing:
+    """``POST /v1/choices``: validate, tokenize, queue, await, answer."""
+
+    def __init__(self, loaded: Loaded, scheduler: Scheduler, settings: Settings, metrics: Metrics):
+        self.post = loaded.post
+        self.model_id = loaded.model_id
+        self.tokenizer = loaded.post.tokenizer
+        self.scheduler = scheduler
+        self.settings = settings
+        self.metrics = metrics
+        self.context = max_context(self.post.model)
+
+    async def create(self, request: ChoiceItem | ChoicesBatchRequest
+                     ) -> ChoiceResult | ChoicesBatchResponse:
+        batch = isinstance(request, ChoicesBatchRequest)
+        items = request.items if batch else [request]
+        if len(items) > self.settings.max_items:
+            raise BadRequest(f"'items' has {len(items)} entries; at most {self.settings.max_items} "
+                             f"are allowed in one request", param="items")
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.request_timeout
+        work = [self.prepare(item, f"items.{i}." if batch else "", loop, deadline)
+                for i, item in enumerate(items)]
+        self.scheduler.submit(work)
+        outputs = await self.scheduler.wait(work, self.settings.request_timeout)
+        results = [self.result(i, item, w, out) for i, (item, w, out) in enumerate(zip(items, work, outputs))]
+        if not batch:
+            return results[0]
+        usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in results),
+                      total_tokens=sum(r.usage.total_tokens for r in results))
+        return ChoicesBatchResponse(items=results, model=self.model_id, usage=usage)
+
+    def prepare(self, item: ChoiceItem, where: str, loop, deadline: float) -> ChoiceWork:
+        """Check the item against the model and the limits, and tokenize it."""
+        K = item.num_samples or self.settings.samples
+        if K > self.settings.max_samples:
+            raise BadRequest(f"'{where}num_samples' is {K}; allowed: 1 to {self.settings.max_samples}",
+                             param=f"{where}num_samples", code="invalid_value")
+        chat = self.settings.chat if item.chat is None else item.chat
+        mc = MCItem(choices=list(item.choices), question=item.question,
+                    prompt=item.prompt if item.prompt is not None else ("(messages)" if item.messages else None))
+        try:
+            prompt_text = apply_chat(self.tokenizer, [m.model_dump() for m in item.messages]) \
+                if item.messages else None
+            encoded = encode_item(self.tokenizer, mc, item.mode, chat=chat and prompt_text is None,
+                                  length_normalize=item.length_normalize, max_length=self.context,
+                                  prompt_text=prompt_text)
+        except TFBError as e:
+            field = next((f for f in ("prompt", "question", "messages") if getattr(item, f) is not None), "prompt")
+            raise BadRequest(f"'{where}{field}': {e}", param=f"{where}{field}", code="invalid_value") from None
+        seed = self.post.config.seed if item.seed is None else item.seed
+        return ChoiceWork(encoded, seed, K, deadline, loop.create_future())
+
+    def result(self, index: int, item: ChoiceItem, work: ChoiceWork, out: ChoiceOutput) -> ChoiceResult:
+        self.metrics.observe_uncertainty(CHOICES_ENDPOINT, out.predictive_entropy,
+                                         out.expected_entropy, out.mutual_information)
+        pred = int(out.probs.argmax())
+        tokens = work.encoded.prompt_tokens
+        return ChoiceResult(
+            index=index, prediction=pred, label=LABELS[pred] if pred < len(LABELS) else str(pred),
+            choice=item.choices[pred], probs=out.probs.tolist(),
+            uncertainty=UncertaintyOut(predictive_entropy=out.predictive_entropy,
+                                       expected_entropy=out.expected_entropy,
+                                       mutual_information=out.mutual_information),
+            samples=out.samples.tolist() if item.return_samples else None,
+            num_samples=work.num_samples, seed=work.seed, sigma=self.post.sigma, model=self.model_id,
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens * work.num_samples))

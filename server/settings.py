@@ -1,0 +1,81 @@
+"""Server settings: every ``tfb serve`` flag, also read from ``TFB_<NAME>`` environment variables.
+
+Read once at start-up (``Settings()`` in the CLI, or passed to :func:`server.app.build_app`);
+nothing reads the environment later. A command-line flag wins over its environment variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What the server loads and how it batches, limits and protects requests."""
+
+    model_config = SettingsConfigDict(env_prefix="TFB_", extra="ignore", frozen=True)
+
+    # what to serve ---------------------------------------------------------------------------
+    model: str | None = Field(None, description="base model: a Hugging Face directory or a built-in "
+                              "name; default: the built-in demo's (smollm2-135m)")
+    adapter: Path | None = Field(None, description="a Bayesianized adapter directory (loaded) or a plain "
+                                 "LoRA directory (needs --calibration); default: the built-in demo")
+    calibration: Path | None = Field(None, description="calibration JSONL: run the variance search at "
+                                     "start-up for a plain LoRA adapter")
+    posterior_out: Path | None = Field(None, description="where the start-up search saves its result "
+                                       "(default: a cache directory keyed by the inputs' hashes)")
+    samples: int = Field(10, ge=1, description="K weight samples per answer unless a request asks otherwise")
+    max_samples: int = Field(64, ge=1, description="the largest num_samples a request may ask for")
+    device: str | None = Field(None, description="cuda, cuda:1, cpu (default: cuda when present)")
+    dtype: str | None = Field(None, description="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    chat: bool = Field(False, description="wrap 'question'/'prompt' in the chat template (requests may override)")
+
+    # the start-up search (plain adapter + calibration) ----------------------------------------
+    criterion: Literal["nll", "accuracy"] = "nll"
+    eps: float = Field(0.003, gt=0)
+    seed: int = Field(0, ge=0)
+    mode: Literal["letter", "sequence"] = "letter"
+    gold_labels: bool = False
+
+    # HTTP ------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
+    max_items: int = Field(64, ge=1, description="the most items in one /v1/choices request")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    # batching --------------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, description="the most items in one forward")
+    max_batch_tokens: int = Field(16384, ge=1, description="the most padded token rows x length in one "
+                                  "forward (prompt tokens x K); a larger item runs alone")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the scheduler waits to fill a batch")
+    max_queue: int = Field(256, ge=1, description="the most items waiting; more get 429")
+    request_timeout: float = Field(60.0, gt=0, description="seconds before a request fails (504) "
+                                   "and its work is dropped")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v):
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("api_key", "model", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.samples > self.max_samples:
+            raise ValueError(f"samples ({self.samples}) must be <= max_samples ({self.max_samples})")
+        if self.model is not None and self.adapter is None:
+            raise ValueError("--model needs --adapter (a Bayesianized or LoRA adapter directory)")
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.adapter is None

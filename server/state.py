@@ -1,0 +1,30 @@
+"""What one app holds at run time: settings, metrics, status, and (once loaded) the model."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from .loader import Loaded
+from .metrics import Metrics
+from .scheduler import Scheduler
+from .settings import Settings
+
+Status = Literal["loading", "searching", "ready", "draining", "failed"]
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    model_id: str
+    base_name: str
+    status: Status = "loading"
+    detail: str | None = None  # why not ready (a failed start-up's reason)
+    loaded: Loaded | None = None
+    scheduler: Scheduler | None = None
+    choices: object | None = None  # serving.ChoicesServing
+    started: float = field(default_factory=time.time)
+    # called with the reason when start-up fails (the CLI stops the server and exits non-zero)
+    on_fatal: Callable[[str], None] | None = None

@@ -1,0 +1,98 @@
+"""Helpers for the server tests: a real uvicorn server on a free port, in a thread or a process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    """Poll /health until 200; fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+class ServerThread:
+    """``build_app(settings)`` under a real uvicorn.Server in a thread."""
+
+    def __init__(self, settings=None, load=None, **overrides):
+        import uvicorn
+
+        from server.app import build_app
+        from server.settings import Settings
+
+        self.port = free_port()
+        settings = settings or Settings(port=self.port, **overrides)
+        self.app = build_app(settings, load) if load else build_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def state(self):
+        return self.app.state.tfb
+
+    def start(self, wait: bool = True) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if wait:
+            wait_ready(self.url)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_cli(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``tfb serve ARGS --port P`` as a real subprocess; returns (process, base url)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def bayesianized(model_dir: Path, adapter_dir: Path, out: Path, sigma: float = 0.05) -> Path:
+    """A Bayesianized directory at a fixed sigma (no search)."""
+    from tfb_core.models import load_base_model
+    from tfb_core.posterior import Posterior
+
+    post = Posterior.from_adapter(load_base_model(model_dir, "cpu", "float32"), adapter_dir)
+    post.sigma = sigma
+    return post.save(out)
