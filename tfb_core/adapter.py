@@ -58,14 +58,26 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if (path / WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file
 
-        state = load_file(path / WEIGHTS_NAME)
-    elif (path / BIN_WEIGHTS_NAME).is_file():
+        weights = path / WEIGHTS_NAME
         try:
-            state = torch.load(path / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+            state = load_file(weights)
         except Exception as e:
-            raise TFBError(f"{path / BIN_WEIGHTS_NAME}: not a plain tensor file ({e})") from e
+            raise TFBError(f"{weights}: not a readable safetensors file ({e})") from e
+    elif (path / BIN_WEIGHTS_NAME).is_file():
+        weights = path / BIN_WEIGHTS_NAME
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TFBError(f"{weights}: not a plain tensor file ({e})") from e
     else:
         raise TFBError(f"{path} has neither {WEIGHTS_NAME} nor {BIN_WEIGHTS_NAME}")
+    # weights_only still lets plain Python values through: only tensors are weights
+    if not isinstance(state, dict):
+        raise TFBError(f"{weights}: expected a dict of tensors, got a {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TFBError(f"{weights}: {key!r} is not a tensor but a {type(value).__name__}; "
+                           f"an adapter file holds tensors only")
     return config, state
 
 
