@@ -1,0 +1,677 @@
+#!/usr/bin/env python3
+"""GPU benchmark: K weight samples in one forward (tfb) against K sequential peft passes.
+
+One script, one run per model shape; see bench/README.md for the command and the results.
+
+Variants (per row of the table):
+  a      tfb's engine: ``choice_probs`` (scoring) / ``DecodeBatch`` (decoding), K batched
+  fast   tfb_core.cuda_decode (static KV cache, the whole step in one CUDA graph), K batched
+  b      the reference: K sequential forwards through peft, noise ``A' + E_k`` copied into
+         lora_A before each pass; decoding keeps K KV caches and runs K passes per step
+  c      the deterministic adapter through peft, one pass (no uncertainty)
+  d      the floor: every weight matmul of one decode step in one CUDA graph
+
+Models are random-weight Llama shapes built with ``from_config`` on the device (speed does
+not depend on weight values). Ceilings (bf16 matmul rate, device copy bandwidth) are
+measured in the same run; MFU and bandwidth use are against them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, _cache_kwarg  # noqa: E402
+from tfb_core.models import BaseModel  # noqa: E402
+from tfb_core.posterior import Posterior, bayesianize_factors  # noqa: E402
+from tfb_core.sampling import row_std  # noqa: E402
+from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
+
+# Llama shapes (the rope scaling of the real models is left out: it does not change speed)
+SHAPES = {
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               tie_word_embeddings=False),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+               tie_word_embeddings=True),
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 tie_word_embeddings=False),
+}
+TARGETS = {"qv": ["q_proj", "v_proj"],
+           "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LABEL_IDS = [32, 33, 34, 35]  # four "label tokens" for letter scoring (any ids will do)
+
+
+class StubTokenizer:
+    """The engine needs a pad id and ``decode``; no tokenizer files exist on the device.
+    ``decode`` returns "" (a real tokenizer's decode of the growing text is host work the
+    fast path does once at the end and the eager engine does per token: not counted here)."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+# --- timing ------------------------------------------------------------------------------
+
+
+class Clock:
+    """Device events on CUDA (synchronised before start), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn) -> float:
+        """Seconds for ``fn()`` on the device."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def bench(self, fn, min_reps=3, max_reps=20, budget_s=1.0, heavy_s=1.5) -> dict:
+        """One warm-up call (its peak memory is recorded), then reps; the median is reported.
+        A call slower than ``heavy_s`` gets only 2 timed reps (the budget is short)."""
+        base = self.mem_reset()
+        warm = self.time(fn)
+        peak = self.mem_peak(base)
+        reps = 2 if warm > heavy_s else None
+        times = []
+        while True:
+            times.append(self.time(fn))
+            n = len(times)
+            if reps is not None and n >= reps:
+                break
+            if n >= max_reps or (n >= min_reps and sum(times) >= budget_s):
+                break
+        return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                "n": len(times), "warmup_s": warm, "peak_extra_bytes": peak}
+
+    def mem_reset(self) -> int:
+        if not self.cuda:
+            return 0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    def mem_peak(self, base: int) -> int | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+# --- ceilings ----------------------------------------------------------------------------
+
+
+def measure_ceilings(clock: Clock, device) -> dict:
+    """bf16 matmul rate (8192^3, random data) and device copy bandwidth (read + write)."""
+    if not clock.cuda:
+        return {"matmul_flops": None, "copy_bytes_per_s": None}
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    r = clock.bench(lambda: torch.matmul(a, b, out=c), min_reps=10, max_reps=20, budget_s=0.1)
+    flops = 2 * n ** 3 / r["median_s"]
+    x = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB
+    y = torch.empty_like(x)
+    r2 = clock.bench(lambda: y.copy_(x), min_reps=10, max_reps=20, budget_s=0.1)
+    bw = 2 * x.numel() * 2 / r2["median_s"]
+    del a, b, c, x, y
+    torch.cuda.empty_cache()
+    return {"matmul_flops": flops, "matmul_s": r["median_s"], "copy_bytes_per_s": bw,
+            "copy_s": r2["median_s"], "copy_bytes": 2 * (1 << 30) * 2}
+
+
+# --- model and adapters -------------------------------------------------------------------
+
+
+def build_model(shape: str, device, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def model_counts(model) -> dict:
+    cfg = model.config
+    L, d, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or d // H
+    I = cfg.intermediate_size
+    body = L * (d * H * hd + 2 * d * KVH * hd + H * hd * d + 3 * d * I)
+    return dict(layers=L, hidden=d, vocab=V, heads=H, kv_heads=KVH, head_dim=hd, inter=I,
+                body_params=body, lm_head_params=d * V,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def prefill_flops(c: dict, rows: int, T: int) -> float:
+    """Matmul FLOPs of a prefill with last-position logits: 2 * body params per token, the
+    causal attention (QK^T and PV over T(T+1)/2 pairs), lm_head on one position; LoRA left out."""
+    lin = 2 * c["body_params"] * rows * T + 2 * c["lm_head_params"] * rows
+    attn = c["layers"] * rows * 2 * 2 * c["heads"] * c["head_dim"] * T * (T + 1) / 2
+    return lin + attn
+
+
+def decode_bytes(c: dict, rows: int, ctx: int, elem=2) -> dict:
+    """The fewest bytes a decode step reads: every weight once, each row's KV cache once."""
+    weights = elem * (c["body_params"] + c["lm_head_params"])
+    kv = elem * rows * c["layers"] * 2 * c["kv_heads"] * c["head_dim"] * ctx
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+def make_adapter(model, targets, r, out_dir: Path, seed=1):
+    """A random LoRA (peft, bf16 adapter weights), saved; returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                          lora_dropout=0.0, init_lora_weights=False),
+                        autocast_adapter_dtype=False)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * 0.5)
+    pm.save_pretrained(out_dir)
+    return pm
+
+
+class Reference:
+    """The reference approach on a peft model: per pass, lora_A <- A' + E_k (fixed per k)."""
+
+    def __init__(self, pm, sigma: float, kmax: int, seed=0):
+        from peft.tuners.lora import LoraLayer
+
+        self.pm = pm
+        self.mods = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+        self.mean, self.samples = [], []
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for m in self.mods:
+                A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+                A2, B2, d = bayesianize_factors(A.float().cpu(), B.float().cpu())
+                omega = row_std(d, sigma)
+                B.copy_(B2.to(B))
+                A.copy_(A2.to(A))
+                self.mean.append(A2.to(A))
+                self.samples.append(torch.stack([
+                    (A2 + omega[:, None] * torch.randn(A2.shape, generator=g)).to(A)
+                    for _ in range(kmax)]))
+
+    def inject(self, k: int | None):
+        """k = None: the mean adapter (the deterministic one)."""
+        with torch.no_grad():
+            for m, mean, s in zip(self.mods, self.mean, self.samples):
+                m.lora_A["default"].weight.copy_(mean if k is None else s[k])
+
+
+def install_posterior(model, adapter_dir, sigma) -> Posterior:
+    base = BaseModel(model=model, tokenizer=StubTokenizer(), name="random", path=Path(adapter_dir))
+    post = Posterior.from_adapter(base, adapter_dir)
+    post.sigma = sigma
+    return post
+
+
+def uninstall_posterior(post: Posterior):
+    for layer in post.layers:
+        parent_name, _, child = layer.name.rpartition(".")
+        setattr(post.model.get_submodule(parent_name), child, layer.base_layer)
+
+
+# --- workloads -----------------------------------------------------------------------------
+
+
+def prompts_for(B, T, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed + 1000 * B + T)
+    return torch.randint(100, vocab, (B, T), generator=g)
+
+
+def score_tfb(post, prompts, K):
+    enc = [Encoded([p.tolist()], [LABEL_IDS], Mode.LETTER) for p in prompts]
+    return lambda: choice_probs(post, enc, [(0, K)] * len(enc))
+
+
+def score_peft(pm, ref: Reference | None, prompts, K, device):
+    """K passes (ref, noise per pass) or one deterministic pass (ref None): the model
+    average of the label probabilities, computed on the device."""
+    ids = prompts.to(device)
+    labels = torch.tensor(LABEL_IDS, device=device)
+
+    def run():
+        acc = 0
+        for k in range(K if ref is not None else 1):
+            if ref is not None:
+                ref.inject(k)
+            logits = pm(input_ids=ids, logits_to_keep=1, use_cache=False).logits[:, -1]
+            acc = acc + torch.softmax(logits.float()[:, labels], -1)
+        out = acc / K
+        if ref is not None:
+            ref.inject(None)
+        return out
+
+    return run
+
+
+def decode_tfb(clock, post, prompts, K, warm, steps):
+    seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
+                                                     ignore_eos=True)) for p in prompts]
+    base = clock.mem_reset()
+    holder = {}
+    t_prefill = clock.time(lambda: holder.update(b=DecodeBatch.prefill(post, seqs)))
+    batch = holder["b"]
+    kv_measured = (torch.cuda.memory_allocated() - base) if clock.cuda else None
+    for _ in range(warm):
+        batch.step()
+    times, walls = [], []
+    for _ in range(steps):
+        walls.append(0.0)
+        times.append(clock.time(lambda: walls.__setitem__(-1, batch.step())))
+    peak = clock.mem_peak(base)
+    ctx = len(prompts[0]) + warm + steps
+    del batch, holder
+    return {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
+            "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill,
+            "peak_extra_bytes": peak, "after_prefill_bytes": kv_measured, "ctx_end": ctx,
+            "tokens": [s.token_ids[:8] for s in seqs]}
+
+
+def decode_peft(clock, pm, ref: Reference | None, prompts, K, warm, steps, device):
+    """Deterministic (ref None, one cache) or reference (K caches, K passes per step,
+    noise injected per pass); greedy on the model average, on the device."""
+    from transformers import DynamicCache
+
+    hf = pm.get_base_model()
+    key = _cache_kwarg(hf)
+    ids = prompts.to(device)
+    nk = K if ref is not None else 1
+    base = clock.mem_reset()
+    caches = [DynamicCache() for _ in range(nk)]
+    state = {}
+
+    def forward(inp, first):
+        acc = 0
+        for k in range(nk):
+            if ref is not None:
+                ref.inject(k)
+            out = pm(input_ids=inp, use_cache=True, logits_to_keep=1, **{key: caches[k]})
+            acc = acc + torch.softmax(out.logits[:, -1].float(), -1)
+        if ref is not None:
+            ref.inject(None)
+        state["tok"] = (acc / nk).argmax(-1)[:, None]
+
+    t_prefill = clock.time(lambda: forward(ids, True))
+    for _ in range(warm):
+        forward(state["tok"], False)
+    times = [clock.time(lambda: forward(state["tok"], False)) for _ in range(steps)]
+    peak = clock.mem_peak(base)
+    del caches, state
+    return {"step_s": median(times), "step_min_s": min(times), "steps": steps,
+            "warmup_steps": warm, "prefill_s": t_prefill, "peak_extra_bytes": peak}
+
+
+def floor_graph(clock, model, rows_list, device) -> dict:
+    """Every weight matmul of one decode step (7 per layer + lm_head) in one CUDA graph."""
+    if not clock.cuda:
+        return {}
+    weights = []
+    for layer in model.model.layers:
+        for name in LINEARS:
+            mod = layer.get_submodule(name)
+            weights.append(getattr(mod, "base_layer", mod).weight)
+    weights.append(model.lm_head.weight)
+    out = {}
+    for rows in rows_list:
+        xs = {n: torch.randn(rows, n, device=device, dtype=weights[0].dtype)
+              for n in {w.shape[1] for w in weights}}
+
+        def run():
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        r = clock.bench(g.replay, min_reps=20, max_reps=50, budget_s=0.2)
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        out[rows] = {"step_s": r["median_s"], "n": r["n"], "weight_bytes": nbytes}
+        del g, xs
+    torch.cuda.empty_cache()
+    return out
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    clock = Clock(device)
+    import peft
+    import transformers
+
+    res = {"meta": {"command": " ".join([Path(sys.executable).name] + sys.argv),
+                    "device": torch.cuda.get_device_name() if clock.cuda else platform.processor(),
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "peft": peft.__version__, "dtype": str(dtype), "sigma": args.sigma,
+                    "rank": args.rank, "decode_warmup_steps": args.warm,
+                    "decode_steps": args.steps, "ref_decode_steps": args.ref_steps,
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S")},
+           "ceilings": measure_ceilings(clock, device), "models": {}, "scoring": [], "decode": [],
+           "floor": {}}
+    print("ceilings:", json.dumps(res["ceilings"]), flush=True)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out_path.write_text(json.dumps(res, indent=1, default=str))
+
+    for shape in args.models:
+        t0 = time.time()
+        model = build_model(shape, device, dtype)
+        counts = model_counts(model)
+        res["models"][shape] = counts
+        print(f"[{shape}] built in {time.time() - t0:.1f}s: {counts['params'] / 1e9:.2f}B params",
+              flush=True)
+        if "d" in args.variants:
+            res["floor"][shape] = floor_graph(clock, model, args.floor_rows, device)
+            print(f"[{shape}] floor:", {k: round(v["step_s"] * 1e3, 3)
+                                         for k, v in res["floor"][shape].items()}, flush=True)
+            save()
+        for adapter in args.adapters:
+            tmp = Path(tempfile.mkdtemp(prefix=f"tfb-bench-{shape}-{adapter}-"))
+            pm = make_adapter(model, TARGETS[adapter], args.rank, tmp)
+            ref = Reference(pm, args.sigma, max(args.ks), seed=0)
+            grid = scoring_grid(args, adapter)
+            # (b) and (c) through peft
+            for B, T, Ks in grid:
+                prompts = prompts_for(B, T, counts["vocab"])
+                if "c" in args.variants:
+                    r = clock.bench(score_peft(pm, None, prompts, 1, device))
+                    add_score(res, shape, adapter, "c", B, T, 1, r, counts)
+                for K in Ks:
+                    if "b" in args.variants and want_ref_score(args, adapter, B, K):
+                        r = clock.bench(score_peft(pm, ref, prompts, K, device), heavy_s=1.0)
+                        add_score(res, shape, adapter, "b", B, T, K, r, counts)
+                save()
+            for B, K in decode_grid(args, adapter):
+                prompts = prompts_for(B, args.ctx, counts["vocab"], seed=7)
+                if "c" in args.variants and K == args.ks[0]:
+                    r = decode_peft(clock, pm, None, prompts, 1, args.warm, args.steps, device)
+                    add_decode(res, shape, adapter, "c", B, 1, r, counts, args.ctx)
+                if "b" in args.variants and want_ref_decode(args, adapter, B, K):
+                    r = decode_peft(clock, pm, ref, prompts, K, 2, args.ref_steps, device)
+                    add_decode(res, shape, adapter, "b", B, K, r, counts, args.ctx)
+                save()
+            hf = pm.unload()
+            del pm, ref
+            gc.collect()
+            if clock.cuda:
+                torch.cuda.empty_cache()
+            # (a) and fast through tfb
+            post = install_posterior(hf, tmp, args.sigma)
+            if "a" in args.variants:
+                for B, T, Ks in grid:
+                    prompts = prompts_for(B, T, counts["vocab"])
+                    for K in Ks:
+                        r = clock.bench(score_tfb(post, prompts, K))
+                        add_score(res, shape, adapter, "a", B, T, K, r, counts)
+                    save()
+            for B, K in decode_grid(args, adapter):
+                prompts = prompts_for(B, args.ctx, counts["vocab"], seed=7)
+                if "a" in args.variants:
+                    r = decode_tfb(clock, post, prompts, K, args.warm, args.steps)
+                    add_decode(res, shape, adapter, "a", B, K, r, counts, args.ctx)
+                if "fast" in args.variants:
+                    r = decode_fast(clock, post, prompts, K, args.warm, args.steps)
+                    add_decode(res, shape, adapter, "fast", B, K, r, counts, args.ctx)
+                save()
+            uninstall_posterior(post)
+            model = hf
+            del post
+            gc.collect()
+            if clock.cuda:
+                torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        if clock.cuda:
+            torch.cuda.empty_cache()
+    summarise(res)
+    save()
+    return res
+
+
+def decode_fast(clock, post, prompts, K, warm, steps):
+    from tfb_core.cuda_decode import FastDecoder
+
+    seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
+                                                     ignore_eos=True)) for p in prompts]
+    base = clock.mem_reset()
+    holder = {}
+    t_prefill = clock.time(lambda: holder.update(d=FastDecoder(post, seqs)))
+    dec = holder["d"]
+    after = (torch.cuda.memory_allocated() - base) if clock.cuda else None
+    for _ in range(warm):
+        dec.step()
+    times = [clock.time(dec.step) for _ in range(steps)]
+    # many steps back to back with no host sync at all: the loop a server would run
+    t_loop = clock.time(lambda: [dec.step() for _ in range(8)]) / 8 if dec.room() >= 8 else None
+    peak = clock.mem_peak(base)
+    out = {"step_s": median(times), "step_min_s": min(times), "step_loop_s": t_loop,
+           "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill,
+           "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": dec.graphed,
+           "tokens": [t[:8] for t in dec.finish_tokens()]}
+    del dec, holder
+    return out
+
+
+def scoring_grid(args, adapter):
+    """(B, T, Ks): the full grid for the paper's q,v adapter; a subset for all-linear."""
+    if adapter == "qv" or args.full_all:
+        return [(B, T, args.ks) for T in args.lengths for B in args.batches]
+    ks = [k for k in args.ks if k in (1, 10)] or args.ks[:2]
+    return [(B, T, ks) for T in args.lengths for B in (args.batches[0], args.batches[-1])]
+
+
+def want_ref_score(args, adapter, B, K):
+    """(b) scoring: every K at the smaller batches; K = 10 alone at the largest (it costs K x)."""
+    if B == args.batches[-1] and len(args.batches) > 1:
+        return K == 10
+    return adapter == "qv" or K in (1, 10)
+
+
+def decode_grid(args, adapter):
+    if adapter == "qv" or args.full_all:
+        return [(B, K) for B in args.decode_batches for K in args.ks]
+    return [(args.decode_batches[0], K) for K in args.ks if K in (1, 10)]
+
+
+def want_ref_decode(args, adapter, B, K):
+    return B == args.decode_batches[0] or K == 10
+
+
+def add_score(res, shape, adapter, variant, B, T, K, r, counts):
+    rows = B * K
+    flops = prefill_flops(counts, rows, T)
+    rate = res["ceilings"].get("matmul_flops")
+    row = {"model": shape, "adapter": adapter, "variant": variant, "batch": B, "T": T, "K": K,
+           **r, "prompts_per_s": B / r["median_s"], "tokens_per_s": rows * T / r["median_s"],
+           "flops": flops, "mfu": flops / r["median_s"] / rate if rate else None}
+    res["scoring"].append(row)
+    print(f"  score {shape} {adapter:3s} {variant:4s} B={B:2d} T={T:3d} K={K:2d}: "
+          f"{r['median_s'] * 1e3:9.2f} ms (n={r['n']})"
+          + (f" MFU {row['mfu'] * 100:5.1f}%" if row["mfu"] else ""), flush=True)
+
+
+def add_decode(res, shape, adapter, variant, B, K, r, counts, ctx):
+    rows = B * K
+    nb = decode_bytes(counts, rows, ctx + r["warmup_steps"] + r["steps"] // 2)
+    bw = res["ceilings"].get("copy_bytes_per_s")
+    row = {"model": shape, "adapter": adapter, "variant": variant, "batch": B, "K": K, "ctx": ctx,
+           **r, "tokens_per_s": B / r["step_s"], "bytes": nb,
+           "bw_use": nb["total"] / r["step_s"] / bw if bw else None}
+    res["decode"].append(row)
+    print(f"  decode {shape} {adapter:3s} {variant:4s} B={B:2d} K={K:2d}: "
+          f"{r['step_s'] * 1e3:9.2f} ms/step (prefill {r['prefill_s'] * 1e3:.1f} ms)"
+          + (f" BW {row['bw_use'] * 100:5.1f}%" if row["bw_use"] else ""), flush=True)
+
+
+def summarise(res):
+    """Ratios the targets are stated in."""
+    s = {}
+
+    def get(kind, **kw):
+        for r in res[kind]:
+            if all(r.get(k) == v for k, v in kw.items()):
+                return r
+        return None
+
+    for shape in res["models"]:
+        for adapter in ("qv", "all"):
+            out = {}
+            for v in ("a", "fast"):
+                k1 = get("decode", model=shape, adapter=adapter, variant=v, batch=1, K=1)
+                k10 = get("decode", model=shape, adapter=adapter, variant=v, batch=1, K=10)
+                fl = res["floor"].get(shape, {}).get(1)
+                if k1 and k10:
+                    out[f"decode_{v}_K10_over_K1"] = k10["step_s"] / k1["step_s"]
+                if k10 and fl:
+                    out[f"decode_{v}_K10_over_floor"] = k10["step_s"] / fl["step_s"]
+            a = get("scoring", model=shape, adapter=adapter, variant="a", batch=1, T=128, K=10)
+            b = get("scoring", model=shape, adapter=adapter, variant="b", batch=1, T=128, K=10)
+            if a and b:
+                out["score_B1_T128_K10_b_over_a"] = b["median_s"] / a["median_s"]
+            for B in (1, 32):
+                a = get("scoring", model=shape, adapter=adapter, variant="a", batch=B, T=512, K=10)
+                if a and a["mfu"]:
+                    out[f"score_B{B}_T512_K10_mfu"] = a["mfu"]
+            if out:
+                s[f"{shape}/{adapter}"] = out
+    res["summary"] = s
+
+
+def table(res) -> str:
+    lines = []
+    cz = res["ceilings"]
+    if cz.get("matmul_flops"):
+        lines.append(f"ceilings: bf16 matmul {cz['matmul_flops'] / 1e12:.0f} TFLOP/s, "
+                     f"copy {cz['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write)")
+    for shape, fl in res["floor"].items():
+        lines.append(f"floor (d) {shape}: " + ", ".join(
+            f"{rows} rows {v['step_s'] * 1e3:.2f} ms" for rows, v in fl.items()))
+    lines.append("scoring: model adapter B T K | a ms (MFU) | b ms | c ms | b/a | peak extra GB (a)")
+    idx = {}
+    for r in res["scoring"]:
+        idx[(r["model"], r["adapter"], r["variant"], r["batch"], r["T"], r["K"])] = r
+    for r in res["scoring"]:
+        if r["variant"] != "a":
+            continue
+        key = (r["model"], r["adapter"])
+        b = idx.get(key + ("b", r["batch"], r["T"], r["K"]))
+        c = idx.get(key + ("c", r["batch"], r["T"], 1))
+        mfu = f"({r['mfu'] * 100:.0f}%)" if r["mfu"] else ""
+        pk = f"{r['peak_extra_bytes'] / 2**30:.2f}" if r["peak_extra_bytes"] is not None else "-"
+        lines.append(f"  {r['model']:4s} {r['adapter']:3s} {r['batch']:2d} {r['T']:3d} {r['K']:2d} | "
+                     f"{r['median_s'] * 1e3:8.1f} {mfu:6s} | "
+                     f"{(b['median_s'] * 1e3) if b else float('nan'):8.1f} | "
+                     f"{(c['median_s'] * 1e3) if c else float('nan'):7.1f} | "
+                     f"{(b['median_s'] / r['median_s']) if b else float('nan'):5.1f} | {pk}")
+    lines.append("decode ms/step: model adapter B K | a | fast | b | c | fast BW use | KV GB")
+    didx = {}
+    for r in res["decode"]:
+        didx[(r["model"], r["adapter"], r["variant"], r["batch"], r["K"])] = r
+    seen = set()
+    for r in res["decode"]:
+        key = (r["model"], r["adapter"], r["batch"], r["K"])
+        if key in seen or r["variant"] == "c":
+            continue
+        seen.add(key)
+        m, ad, B, K = key
+
+        def ms(v, KK=K):
+            x = didx.get((m, ad, v, B, KK))
+            return f"{x['step_s'] * 1e3:7.2f}" if x else "      -"
+
+        f = didx.get((m, ad, "fast", B, K))
+        bw = f"{f['bw_use'] * 100:4.0f}%" if f and f["bw_use"] else "   -"
+        kv = (f or didx.get((m, ad, "a", B, K)) or r)["bytes"]["kv"] / 2**30
+        lines.append(f"  {m:4s} {ad:3s} {B:2d} {K:2d} | {ms('a')} | {ms('fast')} | {ms('b')} | "
+                     f"{ms('c', 1)} | {bw} | {kv:.3f}")
+    for k, v in res.get("summary", {}).items():
+        lines.append(f"summary {k}: " + ", ".join(f"{a}={b:.3g}" for a, b in v.items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["8b"], choices=list(SHAPES))
+    p.add_argument("--adapters", nargs="+", default=["qv", "all"], choices=list(TARGETS))
+    p.add_argument("--variants", default="a,b,c,d", help="comma list of a,b,c,d,fast")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--lengths", nargs="+", type=int, default=[128, 512])
+    p.add_argument("--ks", nargs="+", type=int, default=[1, 4, 10, 16])
+    p.add_argument("--decode-batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--ctx", type=int, default=512, help="decode prompt length")
+    p.add_argument("--warm", type=int, default=4, help="decode warm-up steps")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--ref-steps", type=int, default=6, help="timed decode steps of (b)")
+    p.add_argument("--floor-rows", nargs="+", type=int, default=[1, 10, 80])
+    p.add_argument("--full-all", action="store_true", help="the full grid for the all-linear adapter too")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--sigma", type=float, default=0.01)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "gpu.json"))
+    args = p.parse_args(argv)
+    args.variants = set(args.variants.split(","))
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    res = run(args)
+    print(table(res))
