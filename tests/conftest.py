@@ -185,3 +185,42 @@ def mc_items(n: int, choices: int = 4, seed: int = 0, answers: bool = True):
                 opts.append(c)
         items.append(MCItem(choices=opts, question=q, answer=rng.randrange(choices) if answers else None))
     return items
+
+
+# --- multiple-choice references: one prompt at a time, no padding ---------------------------------
+
+PAPER_PROMPT = ("Return the label of the correct answer for the question below.\n\nQuestion: {q}\n"
+                "Choices:\n{choices}\nAnswer:")
+
+
+def paper_prompt(item: MCItem) -> str:
+    return PAPER_PROMPT.format(q=item.question, choices="\n".join(
+        f"{'ABCDEFGH'[i]}) {c}" for i, c in enumerate(item.choices)))
+
+
+@torch.no_grad()
+def ref_letter(model, tok, item: MCItem) -> torch.Tensor:
+    """Softmax over the label tokens " A", " B", ... of the last-position logits, one prompt alone."""
+    text = paper_prompt(item)
+    ids = tok(text).input_ids
+    labels = []
+    for i in range(len(item.choices)):
+        full = tok(text + " " + "ABCDEFGH"[i]).input_ids
+        assert full[:-1] == ids  # " A" is one token after this prompt
+        labels.append(full[-1])
+    logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    return torch.softmax(logits[labels], -1)
+
+
+@torch.no_grad()
+def ref_sequence(model, tok, item: MCItem, normalize=False) -> torch.Tensor:
+    """softmax_c sum_t log p(choice_c token t | prompt, earlier tokens), one sequence at a time."""
+    prompt = tok(f"Question: {item.question}\nAnswer:").input_ids
+    scores = []
+    for choice in item.choices:
+        cont = tok(" " + choice, add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt + cont])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        total = sum(logp[len(prompt) - 1 + t, tok_id] for t, tok_id in enumerate(cont))
+        scores.append(total / len(cont) if normalize else total)
+    return torch.softmax(torch.stack(scores), -1)
