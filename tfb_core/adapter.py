@@ -106,7 +106,8 @@ def load_adapter(path: str | Path, model: nn.Module) -> LoRAAdapter:
     path = Path(path).expanduser()
     config, state = read_adapter(path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    base_params = dict(model.named_parameters())
+    # remove_duplicate=False: a tied lm_head.weight is listed too (peft saves it as lm_head.base_layer.weight)
+    base_params = dict(model.named_parameters(remove_duplicate=False))
     for key, tensor in state.items():
         m = _KEY.match(key)
         if m is None and _is_unchanged_base_weight(key, tensor, base_params):
