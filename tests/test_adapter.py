@@ -203,3 +203,34 @@ def test_base_model_loads_float32_on_cpu(llama_dir):
     assert next(base.model.parameters()).dtype == torch.float32
     assert not base.model.training and base.tokenizer.pad_token_id is not None
     assert base.path == llama_dir
+
+
+def test_tied_embeddings_with_lora_on_lm_head(tmp_path, llama_dir):
+    """SmolLM2 ties lm_head to embed_tokens; peft then saves lm_head.base_layer.weight too."""
+    from safetensors.torch import load_file
+
+    base_dir = tiny.make_llama(tmp_path / "tied", tie_word_embeddings=True)
+    lora = tiny.make_lora(base_dir, tmp_path / "lora", targets=("q_proj", "lm_head"))
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(lora / "adapter_model.safetensors")
+    post = Posterior.from_adapter(fresh_base(base_dir), lora)
+    assert [layer.name for layer in post.layers][-1] == "lm_head"
+    ids = torch.tensor([post.tokenizer("Tied embeddings, as in SmolLM2").input_ids])
+    with torch.no_grad():
+        expected = peft_model(base_dir, lora)(input_ids=ids).logits
+        assert (post.model(input_ids=ids).logits - expected).abs().max().item() < 1e-5
+        post.sigma = 0.05
+        out = post.save(tmp_path / "bayes")
+        with post.samples(num_samples=2, seed=1):
+            sampled = post.model(input_ids=ids.repeat(2, 1)).logits
+        again = Posterior.load(fresh_base(base_dir), out)
+        with again.samples(num_samples=2, seed=1):
+            assert torch.equal(again.model(input_ids=ids.repeat(2, 1)).logits, sampled)
+        assert (peft_model(base_dir, out)(input_ids=ids).logits - expected).abs().max().item() < 1e-5
+    # a changed (not tied-and-equal) full weight is still refused
+    state = load_file(lora / "adapter_model.safetensors")
+    state["base_model.model.lm_head.base_layer.weight"] += 1.0
+    from safetensors.torch import save_file
+
+    save_file(state, lora / "adapter_model.safetensors")
+    with pytest.raises(TFBError, match="lm_head.base_layer.weight"):
+        load_adapter(lora, fresh_base(base_dir).model)

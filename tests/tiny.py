@@ -25,9 +25,10 @@ def make_llama(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64, **o
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=False, **overrides)
+    kwargs = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+    cfg = LlamaConfig(**{**kwargs, **overrides})  # overrides may change any default (tied embeddings)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer().save_pretrained(path)
     return path
