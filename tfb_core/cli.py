@@ -64,7 +64,7 @@ def _run_bayesianize(args) -> int:
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (TFB_SPEC §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
     post = Posterior.from_adapter(base, args.adapter, num_samples=args.samples, seed=args.seed,
-                                  mode=args.mode)
+                                  mode=args.mode, chat=args.chat)
     if args.sigma is not None:
         post.sigma = args.sigma
     else:
@@ -81,6 +81,103 @@ def _run_bayesianize(args) -> int:
 
 register_command("bayesianize", "turn a LoRA adapter into a TFB posterior (variance search)",
                  _add_bayesianize, _run_bayesianize)
+
+
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a local Hugging Face model directory or a built-in name (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="base weights' dtype; the LoRA is float32 (default: bfloat16, ~3x faster on CPU)")
+    p.add_argument("--data", required=True,
+                   help="training items: JSONL files or built-in names, comma-separated (e.g. arc_easy:test,arc_challenge:test)")
+    p.add_argument("--heldout", default=None, help="items scored after every epoch (file or built-in name)")
+    p.add_argument("--out", required=True, help="the adapter directory to write")
+    p.add_argument("--mode", default="letter", choices=["letter", "sequence"])
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=8.0)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names to adapt")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None, help="stop and save after this many seconds")
+    p.add_argument("--limit", type=int, default=None, help="use the first N training items")
+
+
+def _run_finetune(args) -> int:
+    from . import benchmarks
+    from .finetune import FinetuneConfig, finetune
+    from .models import load_base_model
+
+    items = [it for name in args.data.split(",") if name for it in benchmarks.load(name.strip())]
+    items = items[:args.limit] if args.limit else items
+    heldout = benchmarks.load(args.heldout) if args.heldout else None
+    cfg = FinetuneConfig(mode=args.mode, chat=args.chat, rank=args.rank, alpha=args.alpha,
+                         targets=[t for t in args.targets.split(",") if t], lr=args.lr, epochs=args.epochs,
+                         batch_size=args.batch_size, seed=args.seed, time_budget_s=args.time_budget)
+    base = load_base_model(args.model, device=args.device, dtype=args.dtype)
+    history = finetune(base, items, args.out, cfg, heldout=heldout)
+    print(json.dumps({"out": args.out, "epochs": [h.__dict__ for h in history]}))
+    return 0
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"base model (default: the built-in demo, {DEFAULT_MODEL})")
+    p.add_argument("--adapter", default=None,
+                   help="a Bayesianized directory or a plain LoRA (default: the built-in demo posterior)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="float32", help="default float32: bf16 rounding sets a noise floor")
+    p.add_argument("--data", required=True, help="JSONL file or built-in name (arc_easy, arc_challenge, "
+                   "openbookqa, piqa, hellaswag, winogrande, boolq, sst2; suffix :test for a test split)")
+    p.add_argument("--mode", default=None, choices=["letter", "sequence"], help="default: the posterior's")
+    p.add_argument("--chat", default=None, action=argparse.BooleanOptionalAction,
+                   help="chat template around prompts (default: the posterior's)")
+    p.add_argument("--samples", type=int, default=None, help="K weight samples (default: the posterior's)")
+    p.add_argument("--sigma", type=float, default=None, help="override the posterior's sigma")
+    p.add_argument("--temperature", type=float, default=None, help="override the posterior's temperature")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ood", default=None, help="out-of-distribution items (file or built-in name)")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--plot", default=None, help="write reliability diagrams and MI histograms (PNG) here")
+    p.add_argument("--limit", type=int, default=None, help="the first N items (and N OOD items)")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _run_eval(args) -> int:
+    from . import benchmarks
+    from .demo import DEMO_MODEL, DEMO_POSTERIOR
+    from .evaluate import evaluate, format_table, plot, write_json
+    from .models import load_base_model
+    from .posterior import load_posterior
+
+    if args.model is None and args.adapter is None:
+        args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
+    elif args.adapter is None:
+        raise TFBError("--adapter is required with --model")
+    args.model = args.model or DEFAULT_MODEL
+    items = benchmarks.load(args.data, args.limit)
+    ood = benchmarks.load(args.ood, args.limit) if args.ood else None
+    base = load_base_model(args.model, device=args.device, dtype=args.dtype)
+    post = load_posterior(base, args.adapter)
+    cfg = post.config
+    report = evaluate(post, items, mode=args.mode or cfg.mode or "letter",
+                      num_samples=args.samples or cfg.num_samples, seed=args.seed, sigma=args.sigma,
+                      chat=cfg.chat if args.chat is None else args.chat,
+                      temperature=cfg.temperature if args.temperature is None else args.temperature,
+                      ood_items=ood, batch_size=args.batch_size)
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+register_command("finetune", "train a LoRA adapter on multiple-choice data (MLE)", _add_finetune, _run_finetune)
+register_command("eval", "deterministic adapter vs TFB posterior on a benchmark", _add_eval, _run_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

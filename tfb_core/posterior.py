@@ -52,6 +52,8 @@ class TFBConfig:
     num_samples: int = 10
     seed: int = 0
     mode: str | None = None
+    chat: bool = False  # prompts are wrapped in the tokenizer's chat template
+    temperature: float = 1.0  # choice logits of every weight sample are divided by this
     search_trace: list[dict] = field(default_factory=list)
     calibration_sha256: str | None = None
     base_model: dict = field(default_factory=dict)
