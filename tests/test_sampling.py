@@ -143,3 +143,34 @@ def test_gpt2_conv1d_k_batched_equals_explicit(gpt2_dir, gpt2_lora_dir):
             for b, s in enumerate(seqs):
                 ref = model(input_ids=torch.tensor([s])).logits[0]
                 assert (logits[b * k_total + k, T - len(s):] - ref).abs().max().item() < 1e-5
+
+
+def test_one_forward_reads_each_base_layer_once(post):
+    """K samples are rows of one batch: every base layer runs once over prompts x K rows."""
+    calls = []
+    handles = [layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+               for layer in post.layers]
+    try:
+        ids = torch.tensor([post.tokenizer(TEXTS[2]).input_ids] * 2)
+        with torch.no_grad(), post.samples(num_samples=4, seed=SEED, sigma=SIGMA):
+            post.model(input_ids=ids.repeat_interleave(4, 0))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [8] * len(post.layers)
+
+
+def test_draws_survive_cache_eviction_and_errors(post):
+    """More samples than the draw cache holds: evicted draws come back identical."""
+    with post.samples(num_samples=3, seed=SEED, sigma=SIGMA):
+        first = [layer.noise.clone() for layer in post.layers]
+    with post.samples(num_samples=100, seed=SEED + 1, sigma=SIGMA):  # evicts (SEED, 0..2)
+        pass
+    assert (SEED, 0) not in post.draws._cache
+    with post.samples(num_samples=3, seed=SEED, sigma=SIGMA):
+        again = [layer.noise.clone() for layer in post.layers]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with pytest.raises(RuntimeError, match="boom"):
+        with post.samples(num_samples=3, seed=SEED, sigma=SIGMA):
+            raise RuntimeError("boom")
+    assert all(layer.noise is None and layer.slots is None for layer in post.layers)
