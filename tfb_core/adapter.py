@@ -138,8 +138,12 @@ def load_adapter(path: str | Path, model: nn.Module) -> LoRAAdapter:
 def _is_unchanged_base_weight(key: str, tensor: torch.Tensor, base_params: dict) -> bool:
     name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
     param = base_params.get(name)
-    return (param is not None and param.shape == tensor.shape
-            and torch.allclose(param.detach().float().cpu(), tensor.float(), rtol=1e-3, atol=1e-5))
+    if param is None or param.shape != tensor.shape:
+        return False
+    # compare in the coarser of the two dtypes: a bf16 base holds the saved fp32 copy rounded
+    coarse = max((param.dtype, tensor.dtype), key=lambda t: torch.finfo(t).eps if t.is_floating_point else 0)
+    a = param.detach().cpu().to(coarse).float()
+    return torch.allclose(a, tensor.to(coarse).float(), rtol=1e-3, atol=1e-5)
 
 
 def _check_module(model: nn.Module, name: str, A: torch.Tensor, B: torch.Tensor, path: Path) -> None:
