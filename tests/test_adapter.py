@@ -234,3 +234,18 @@ def test_tied_embeddings_with_lora_on_lm_head(tmp_path, llama_dir):
     save_file(state, lora / "adapter_model.safetensors")
     with pytest.raises(TFBError, match="lm_head.base_layer.weight"):
         load_adapter(lora, fresh_base(base_dir).model)
+
+
+def test_bfloat16_base_with_lora_on_lm_head(llama_dir, lora_dir):
+    """The CUDA default dtype: peft's fp32 copy of lm_head equals the bf16 base after rounding."""
+    base = load_base_model(llama_dir, device="cpu", dtype="bfloat16")
+    post = Posterior.from_adapter(base, lora_dir)
+    assert post.layers[-1].name == "lm_head" and post.layers[-1].lora_A.dtype == torch.bfloat16
+    ref = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
+    ids = torch.tensor([post.tokenizer("Half precision on a GPU").input_ids])
+    with torch.no_grad():
+        with post.samples(num_samples=2, seed=0, sigma=0.05):
+            low = post.model(input_ids=ids.repeat(2, 1)).logits.float()
+        with ref.samples(num_samples=2, seed=0, sigma=0.05):
+            high = ref.model(input_ids=ids.repeat(2, 1)).logits
+    assert (low - high).abs().max().item() < 0.05 * high.abs().max().item()  # bf16 rounding only
