@@ -28,8 +28,11 @@ def wait_ready(url: str, timeout: float = 120, proc: subprocess.Popen | None = N
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            r = httpx.get(f"{url}/health", timeout=2)
+            if r.status_code == 200:
                 return
+            if r.json().get("status") == "failed":
+                raise RuntimeError(f"start-up failed: {r.json().get('detail')}")
         except httpx.TransportError:
             pass
         time.sleep(0.1)

@@ -1,0 +1,112 @@
+"""``tfb serve``: the start-up search and its cache, the built-in demo end to end as a real
+subprocess (env settings, SIGTERM drain), and failed start-ups."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_helpers import ServerThread, bayesianized, start_cli, wait_ready
+
+OK = {"question": "Which gas do plants absorb from the air?", "choices": ["Oxygen", "Carbon dioxide", "Helium"]}
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cal") / "cal.jsonl"
+    rows = [{"question": f"Calibration question {i}?", "choices": ["red", "green", "blue"]}
+            for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_startup_search_is_cached_and_a_restart_skips_it(llama_dir, lora_dir, calibration, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.setenv("TFB_CACHE_DIR", str(tmp_path / "cache"))
+    settings = dict(model=str(llama_dir), adapter=lora_dir, calibration=calibration, device="cpu",
+                    samples=4, eps=0.05)
+    with ServerThread(**settings) as srv:
+        first = httpx.get(srv.url + "/v1/posterior").json()
+        answer = httpx.post(srv.url + "/v1/choices", json=OK).json()
+    assert first["source"] == "searched" and first["search_trace"] and first["sigma"] > 0
+    assert first["criterion"] == "nll" and first["eps"] == 0.05 and first["calibration_sha256"]
+    saved = list((tmp_path / "cache" / "posteriors").iterdir())
+    assert len(saved) == 1 and (saved[0] / "tfb_config.json").is_file()
+
+    import tfb_core.search as search
+
+    def no_search(*a, **k):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(search, "search_sigma", no_search)
+    with ServerThread(**settings) as srv:
+        again = httpx.get(srv.url + "/v1/posterior").json()
+        assert httpx.post(srv.url + "/v1/choices", json=OK).json()["probs"] == pytest.approx(answer["probs"], abs=1e-6)
+    assert again["source"] == "cached search" and again["sigma"] == first["sigma"]
+
+    # other search settings: another key, so it searches again (here: into --posterior-out)
+    monkeypatch.undo()
+    monkeypatch.setenv("TFB_CACHE_DIR", str(tmp_path / "cache"))
+    with ServerThread(**{**settings, "eps": 0.1, "posterior_out": tmp_path / "out"}) as srv:
+        assert httpx.get(srv.url + "/v1/posterior").json()["source"] == "searched"
+    assert (tmp_path / "out" / "tfb_config.json").is_file()
+
+
+def test_demo_end_to_end_env_settings_and_sigterm_drain():
+    """``tfb serve`` with no arguments (settings from TFB_* only), then SIGTERM mid-request."""
+    proc, url = start_cli(env={"TFB_SAMPLES": "3", "TFB_MAX_WAIT_MS": "1", "TFB_REQUEST_TIMEOUT": "300"})
+    try:
+        wait_ready(url, timeout=240, proc=proc)
+        r = httpx.post(url + "/v1/choices", json={**OK, "return_samples": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        a = r.json()
+        assert a["num_samples"] == 3 and len(a["samples"]) == 3 and a["model"] == "tfb-demo"
+        assert sum(a["probs"]) == pytest.approx(1, abs=1e-6) and a["uncertainty"]["mutual_information"] >= 0
+        assert httpx.get(url + "/v1/posterior").json()["source"] in ("demo", "placeholder")
+
+        # a long request in flight, then SIGTERM: it finishes; new requests get 503; exit 0
+        results = {}
+        big = {"items": [{**OK, "num_samples": 8, "question": f"{OK['question']} ({i})"} for i in range(8)]}
+        t = threading.Thread(target=lambda: results.setdefault(
+            "r", httpx.post(url + "/v1/choices", json=big, timeout=300)))
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        late = httpx.post(url + "/v1/choices", json=OK, timeout=30)
+        health = httpx.get(url + "/health", timeout=30)
+        t.join(300)
+        assert results["r"].status_code == 200 and len(results["r"].json()["items"]) == 8
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path):
+    proc, _ = start_cli("--adapter", str(tmp_path / "missing"))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == f"tfb serve: error: --adapter {tmp_path / 'missing'}: no such directory"
+
+    proc, _ = start_cli("--samples", "0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--samples / TFB_SAMPLES" in err.strip().splitlines()[-1]
+
+
+def test_failed_load_exits_1_with_the_reason(llama_dir, lora_dir, tmp_path):
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
+    (post / "tfb_posterior.safetensors").write_bytes(b"corrupt")
+    proc, _ = start_cli("--model", str(llama_dir), "--adapter", str(post), "--device", "cpu")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tfb serve: error: ") and "checksum mismatch" in last

@@ -1,0 +1,231 @@
+"""The scheduler with a fake model step (no model): coalescing, budgets, queue limit, timeouts,
+failures, draining; then 429 / 504 / 503-while-loading through a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from server.errors import QueueFull, RequestTimeout
+from server.metrics import Metrics
+from server.scheduler import Batch, Scheduler
+from server_helpers import ServerThread, bayesianized
+
+
+@dataclass(eq=False)
+class Work:
+    value: int
+    future: asyncio.Future
+    rows: int = 1
+    length: int = 10
+    deadline: float = float("inf")
+    arrived: float = field(default_factory=time.monotonic)
+    kind: str = "choice"
+
+
+class FakeStep:
+    """Records each batch's values; doubles them; optionally sleeps or fails."""
+
+    def __init__(self, sleep: float = 0.0, fail_on: int | None = None):
+        self.batches: list[list[int]] = []
+        self.sleep, self.fail_on = sleep, fail_on
+
+    def __call__(self, batch: Batch) -> list:
+        values = [w.value for w in batch.items]
+        self.batches.append(values)
+        time.sleep(self.sleep)
+        if self.fail_on in values:
+            raise RuntimeError("boom")
+        return [2 * v for v in values]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def submit_all(sched, values, **kw):
+    loop = asyncio.get_running_loop()
+    works = [Work(v, loop.create_future(), **kw) for v in values]
+    sched.submit(works)
+    return works
+
+
+def test_coalesces_up_to_batch_size():
+    async def main():
+        step = FakeStep(sleep=0.05)
+        sched = Scheduler(step, Metrics("m"), max_batch_size=4, max_wait_ms=20)
+        sched.start()
+        works = await submit_all(sched, range(10))
+        out = await sched.wait(works, 10)
+        await sched.stop()
+        return step.batches, out
+
+    batches, out = run(main())
+    assert out == [2 * v for v in range(10)]
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sum(batches, []) == list(range(10))  # FIFO
+
+
+def test_token_budget_and_a_big_item_alone():
+    async def main():
+        step = FakeStep()
+        sched = Scheduler(step, Metrics("m"), max_batch_size=32, max_batch_tokens=100, max_wait_ms=20)
+        sched.start()
+        loop = asyncio.get_running_loop()
+        works = [Work(0, loop.create_future(), rows=4, length=10),  # 40
+                 Work(1, loop.create_future(), rows=4, length=12),  # (8 x 12) = 96 fits
+                 Work(2, loop.create_future(), rows=1, length=10),  # 9 x 12 = 108: next batch
+                 Work(3, loop.create_future(), rows=50, length=50)]  # 2500 alone
+        sched.submit(works)
+        await sched.wait(works, 10)
+        await sched.stop()
+        return step.batches
+
+    assert run(main()) == [[0, 1], [2], [3]]
+
+
+def test_queue_full_raises_and_keeps_the_queue():
+    async def main():
+        sched = Scheduler(FakeStep(), Metrics("m"), max_queue=3)  # not started: nothing drains
+        sched._arrived = asyncio.Event()
+        sched._accepting = True
+        await submit_all(sched, range(2))
+        with pytest.raises(QueueFull) as e:
+            await submit_all(sched, range(2))  # all or none
+        assert e.value.status == 429 and e.value.headers["Retry-After"]
+        await submit_all(sched, [9])
+        return sched.depth
+
+    assert run(main()) == 3
+
+
+def test_timed_out_work_is_dropped_before_the_forward():
+    async def main():
+        step = FakeStep(sleep=0.3)
+        sched = Scheduler(step, Metrics("m"), max_batch_size=1, max_wait_ms=0)
+        sched.start()
+        first = await submit_all(sched, [1])
+        await asyncio.sleep(0.05)  # 1 is in the forward
+        late = await submit_all(sched, [2])
+        with pytest.raises(RequestTimeout):
+            await sched.wait(late, 0.1)
+        assert await sched.wait(first, 5) == [2]
+        after = await submit_all(sched, [3])
+        assert await sched.wait(after, 5) == [6]
+        await sched.stop()
+        return step.batches
+
+    assert run(main()) == [[1], [3]]  # 2 never ran
+
+
+def test_a_failed_step_fails_its_batch_only():
+    async def main():
+        sched = Scheduler(FakeStep(fail_on=1), Metrics("m"), max_batch_size=1, max_wait_ms=0)
+        sched.start()
+        bad = await submit_all(sched, [1])
+        with pytest.raises(RuntimeError):
+            await sched.wait(bad, 5)
+        good = await submit_all(sched, [2])
+        out = await sched.wait(good, 5)
+        await sched.stop()
+        return out
+
+    assert run(main()) == [4]
+
+
+def test_drain_finishes_outstanding_then_refuses():
+    async def main():
+        sched = Scheduler(FakeStep(sleep=0.05), Metrics("m"), max_batch_size=2, max_wait_ms=0)
+        sched.start()
+        works = await submit_all(sched, range(5))
+        await sched.drain()
+        assert all(w.future.done() for w in works)
+        with pytest.raises(Exception) as e:
+            await submit_all(sched, [7])
+        assert e.value.status == 503
+        await sched.stop()
+
+    run(main())
+
+
+# --- through a real server ------------------------------------------------------------------------
+
+OK = {"question": "q?", "choices": ["a", "b"]}
+
+
+@pytest.fixture(scope="module")
+def post_dir(tmp_path_factory, llama_dir, lora_dir):
+    return bayesianized(llama_dir, lora_dir, tmp_path_factory.mktemp("sched") / "post")
+
+
+def slow_down(srv: ServerThread, seconds: float):
+    """Make every forward ``seconds`` slower; returns the original step."""
+    step = srv.state.scheduler.step
+
+    def slow(batch):
+        time.sleep(seconds)
+        return step(batch)
+
+    srv.state.scheduler.step = slow
+    return step
+
+
+def test_queue_full_is_429_with_retry_after(llama_dir, post_dir):
+    with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", max_queue=2,
+                      max_batch_size=1, max_wait_ms=0) as srv:
+        slow_down(srv, 0.3)
+        with ThreadPoolExecutor(8) as pool:
+            rs = list(pool.map(lambda _: httpx.post(srv.url + "/v1/choices", json=OK, timeout=30), range(8)))
+        codes = sorted(r.status_code for r in rs)
+        assert 429 in codes and 200 in codes, codes
+        r429 = next(r for r in rs if r.status_code == 429)
+        assert r429.headers["Retry-After"] and r429.json()["error"]["type"] == "rate_limit_error"
+        assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=30).status_code == 200
+
+
+def test_request_past_timeout_is_504_and_server_keeps_serving(llama_dir, post_dir):
+    with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", request_timeout=0.3,
+                      max_batch_size=1, max_wait_ms=0) as srv:
+        fast = slow_down(srv, 0.5)
+        with ThreadPoolExecutor(3) as pool:
+            rs = list(pool.map(lambda _: httpx.post(srv.url + "/v1/choices", json=OK, timeout=30), range(3)))
+        assert all(r.status_code == 504 for r in rs), [r.text for r in rs]
+        assert rs[0].json()["error"]["type"] == "timeout_error"
+        srv.state.scheduler.step = fast
+        time.sleep(0.6)
+        assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=30).status_code == 200
+        metrics = httpx.get(srv.url + "/metrics").text
+        dropped = [line for line in metrics.splitlines() if line.startswith("tfb_dropped_items_total")]
+        assert dropped and float(dropped[0].split()[-1]) >= 1  # queued work was dropped, not run
+
+
+def test_health_503_while_loading_then_200(llama_dir, post_dir):
+    from server import loader
+
+    release = threading.Event()
+
+    def slow_load(settings, set_status):
+        release.wait(30)
+        return loader.load(settings, set_status)
+
+    srv = ServerThread(load=slow_load, settings=None, model=str(llama_dir), adapter=post_dir, device="cpu")
+    srv.start(wait=False)
+    try:
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(srv.url + "/v1/choices", json=OK)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(srv.url + "/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(srv.url + "/v1/choices", json=OK).status_code == 200
+    finally:
+        release.set()
+        srv.stop()
