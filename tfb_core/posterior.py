@@ -256,6 +256,9 @@ def read_tfb_config(directory: Path) -> TFBConfig:
     if data.get("format_version") != FORMAT_VERSION:
         raise TFBError(f"{path}: format_version {data.get('format_version')!r} is not supported "
                        f"(this tfb reads version {FORMAT_VERSION})")
+    sigma = data.get("sigma", 0.0)  # not covered by the checksums: a hand edit must still be valid
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
+        raise TFBError(f"{path}: sigma must be a finite number >= 0, got {sigma!r}")
     return TFBConfig.from_dict(data)
 
 
