@@ -314,3 +314,34 @@ def test_sigma_must_be_nonnegative(post):
         post.sigma = -1.0
     with pytest.raises(TFBError):
         post.sigma = float("nan")
+
+
+@pytest.mark.parametrize("changes,problem", [
+    ({"format_version": 2}, "format_version 2 is not supported"),
+    ({"sigma": -0.1}, "sigma must be a finite number >= 0"),
+    ({"sigma": "0.1"}, "sigma must be a finite number >= 0"),
+])
+def test_bad_tfb_config(saved, tmp_path, llama_dir, changes, problem):
+    out = tmp_path / "copy"
+    shutil.copytree(saved[0], out)
+    cfg = json.loads((out / TFB_CONFIG_NAME).read_text())
+    cfg.update(changes)
+    (out / TFB_CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(TFBError, match=problem):
+        Posterior.load(fresh_base(llama_dir), out)
+
+
+def test_missing_posterior_file(saved, tmp_path, llama_dir):
+    out = tmp_path / "copy"
+    shutil.copytree(saved[0], out)
+    (out / POSTERIOR_NAME).unlink()
+    with pytest.raises(TFBError, match=f"{POSTERIOR_NAME} is missing"):
+        Posterior.load(fresh_base(llama_dir), out)
+
+
+def test_load_posterior_dispatches(saved, llama_dir, lora_dir):
+    from tfb_core.posterior import is_bayesianized, load_posterior
+
+    assert is_bayesianized(saved[0]) and not is_bayesianized(lora_dir)
+    assert load_posterior(fresh_base(llama_dir), saved[0]).sigma == SIGMA
+    assert load_posterior(fresh_base(llama_dir), lora_dir).sigma == 0.0
