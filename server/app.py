@@ -90,6 +90,7 @@ def ready(state: AppState, loaded: loader.Loaded) -> None:
     state.scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens,
                                 s.max_wait_ms, s.max_queue)
     state.scheduler.start()
+    state.runner = runner
     state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics)
     state.loaded = loaded
     post = loaded.post

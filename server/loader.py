@@ -106,7 +106,8 @@ def _search_or_cached(settings: Settings, base, adapter: Path, set_status) -> Lo
                                   mode=settings.mode)
     result = post.search(items, criterion=settings.criterion, eps=settings.eps,
                          num_samples=settings.samples, seed=settings.seed, mode=settings.mode,
-                         gold_labels=settings.gold_labels, chat=settings.chat, progress=False)
+                         gold_labels=settings.gold_labels, chat=bool(settings.chat), progress=False)
+    post.config.chat = bool(settings.chat)
     log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
     post.save(out, calibration_file=calibration)
     (out / SERVE_KEY_NAME).write_text(json.dumps({"key": key}))

@@ -39,9 +39,9 @@ class ChoiceItem(_Strict):
     labels in letter mode) or ``messages`` (rendered with the chat template, used as it is).
     """
 
-    mode: Literal["letter", "sequence"] = Field(
-        "letter", description="letter: the next-token probability of each choice's label (A, B, ...); "
-        "sequence: the likelihood of each choice's text")
+    mode: Literal["letter", "sequence"] | None = Field(
+        None, description="letter: the next-token probability of each choice's label (A, B, ...); "
+        "sequence: the likelihood of each choice's text (default: the posterior's mode, else letter)")
     prompt: str | None = Field(None, description="a pre-formatted prompt, used as it is")
     question: str | None = Field(None, description="a question; the server formats the prompt")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="chat turns")
@@ -51,7 +51,7 @@ class ChoiceItem(_Strict):
     return_samples: bool = Field(False, description="include the per-sample probabilities")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="the draws' seed (default: the posterior's)")
     chat: bool | None = Field(None, description="wrap prompt/question in the chat template "
-                              "(default: the server's --chat)")
+                              "(default: the server's --chat, else the posterior's)")
     length_normalize: bool = Field(False, description="sequence mode: divide a choice's log-likelihood by its length")
 
     @field_validator("prompt", "question")
@@ -76,7 +76,7 @@ class ChoiceItem(_Strict):
         dup = next((c for i, c in enumerate(v) if c in v[:i]), None)
         if dup is not None:
             raise ValueError(f"choices must be distinct; {dup!r} appears twice")
-        if info.data.get("mode", "letter") == "letter" and len(v) > len(LABELS):
+        if info.data.get("mode") == "letter" and len(v) > len(LABELS):
             raise ValueError(f"letter mode allows at most {len(LABELS)} choices (labels A-Z), got "
                              f"{len(v)}; use mode 'sequence'")
         return v
@@ -181,7 +181,9 @@ class PosteriorInfo(BaseModel):
     criterion: str | None
     eps: float | None
     seed: int
-    mode: str | None
+    mode: str | None = Field(..., description="the default scoring mode of requests")
+    chat: bool = Field(..., description="whether prompts are wrapped in the chat template by default")
+    temperature: float = Field(1.0, description="choice logits of every sample are divided by this")
     search_trace: list[SearchPointOut]
     calibration_sha256: str | None
     source: str = Field(..., description="how the posterior was obtained: loaded, searched, "

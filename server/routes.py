@@ -75,7 +75,8 @@ async def get_posterior(state: AppState = Depends(require_ready)) -> PosteriorIn
     return PosteriorInfo(
         model=state.model_id, base_model=cfg.base_model, adapter=state.loaded.adapter, sigma=post.sigma,
         num_samples=state.settings.samples, max_samples=state.settings.max_samples,
-        criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=cfg.mode,
+        criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=state.choices.default_mode,
+        chat=state.choices.default_chat, temperature=state.runner.temperature,
         search_trace=[SearchPointOut(**p) for p in cfg.search_trace],
         calibration_sha256=cfg.calibration_sha256, source=state.loaded.source)
 

@@ -22,6 +22,7 @@ from tfb_core.data import LABELS, MCItem
 from tfb_core.errors import TFBError
 from tfb_core.scoring import Encoded, apply_chat, choice_probs, encode_item, max_context
 from tfb_core.uncertainty import decompose
+from tfb_core.evaluate import temper
 
 from .errors import BadRequest
 from .loader import Loaded
@@ -72,6 +73,8 @@ class ModelRunner:
     def __init__(self, loaded: Loaded, metrics: Metrics):
         self.post = loaded.post
         self.metrics = metrics
+        # a posterior may record a temperature fitted on held-out data (tfb eval)
+        self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
 
     def step(self, batch: Batch) -> list:
         if batch.kind != "choice":
@@ -86,6 +89,7 @@ class ModelRunner:
                                    sum(w.encoded.prompt_tokens for w in items))
         outputs = []
         for sample_probs in per_item:
+            sample_probs = temper(sample_probs, self.temperature)
             u = decompose(sample_probs[None].double())  # (1, K, C)
             outputs.append(ChoiceOutput(sample_probs, u.probs[0], u.predictive_entropy.item(),
                                         u.expected_entropy.item(), u.mutual_information.item()))
@@ -103,6 +107,9 @@ class ChoicesServing:
         self.settings = settings
         self.metrics = metrics
         self.context = max_context(self.post.model)
+        cfg = self.post.config
+        self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
+        self.default_mode = cfg.mode or "letter"
 
     async def create(self, request: ChoiceItem | ChoicesBatchRequest
                      ) -> ChoiceResult | ChoicesBatchResponse:
@@ -130,13 +137,17 @@ class ChoicesServing:
         if K > self.settings.max_samples:
             raise BadRequest(f"'{where}num_samples' is {K}; allowed: 1 to {self.settings.max_samples}",
                              param=f"{where}num_samples", code="invalid_value")
-        chat = self.settings.chat if item.chat is None else item.chat
+        chat = item.chat if item.chat is not None else self.default_chat
+        mode = item.mode or self.default_mode
+        if mode == "letter" and len(item.choices) > len(LABELS):
+            raise BadRequest(f"'{where}choices': letter mode allows at most {len(LABELS)} choices, got "
+                             f"{len(item.choices)}; use mode 'sequence'", param=f"{where}choices")
         mc = MCItem(choices=list(item.choices), question=item.question,
                     prompt=item.prompt if item.prompt is not None else ("(messages)" if item.messages else None))
         try:
             prompt_text = apply_chat(self.tokenizer, [m.model_dump() for m in item.messages]) \
                 if item.messages else None
-            encoded = encode_item(self.tokenizer, mc, item.mode, chat=chat and prompt_text is None,
+            encoded = encode_item(self.tokenizer, mc, mode, chat=chat and prompt_text is None,
                                   length_normalize=item.length_normalize, max_length=self.context,
                                   prompt_text=prompt_text)
         except TFBError as e:

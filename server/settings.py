@@ -31,23 +31,24 @@ class Settings(BaseSettings):
     max_samples: int = Field(64, ge=1, description="the largest num_samples a request may ask for")
     device: str | None = Field(None, description="cuda, cuda:1, cpu (default: cuda when present)")
     dtype: str | None = Field(None, description="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
-    chat: bool = Field(False, description="wrap 'question'/'prompt' in the chat template (requests may override)")
+    chat: bool | None = Field(None, description="wrap 'question'/'prompt' in the chat template (default: "
+                              "what the posterior records; requests may override)")
 
     # the start-up search (plain adapter + calibration) ----------------------------------------
-    criterion: Literal["nll", "accuracy"] = "nll"
-    eps: float = Field(0.003, gt=0)
-    seed: int = Field(0, ge=0)
-    mode: Literal["letter", "sequence"] = "letter"
-    gold_labels: bool = False
+    criterion: Literal["nll", "accuracy"] = Field("nll", description="start-up search: what sigma may change")
+    eps: float = Field(0.003, gt=0, description="start-up search: the criterion's tolerance")
+    seed: int = Field(0, ge=0, description="start-up search: the draws' seed")
+    mode: Literal["letter", "sequence"] = Field("letter", description="start-up search: how choices are scored")
+    gold_labels: bool = Field(False, description="start-up search: against the items' answers")
 
     # HTTP ------------------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="the address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every endpoint but /health")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
     max_items: int = Field(64, ge=1, description="the most items in one /v1/choices request")
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
 
     # batching --------------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="the most items in one forward")
