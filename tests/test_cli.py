@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_bad_calibration_subprocess(bad_calibration, tmp_path, llama_dir, lora_d
     proc = subprocess.run(
         [sys.executable, "-m", "server.cli", "bayesianize", "--model", str(llama_dir), "--adapter", str(lora_dir),
          "--calibration", str(bad_calibration), "--out", str(tmp_path / "o")],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
