@@ -56,7 +56,7 @@ class Settings(BaseSettings):
                                   "forward (prompt tokens x K); a larger item runs alone")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the scheduler waits to fill a batch")
     max_queue: int = Field(256, ge=1, description="the most items waiting; more get 429")
-    request_timeout: float = Field(60.0, gt=0, description="seconds before a request fails (504) "
+    request_timeout: float = Field(300.0, gt=0, description="seconds before a request fails (504) "
                                    "and its work is dropped")
 
     @field_validator("log_level", mode="before")
