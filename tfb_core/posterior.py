@@ -288,7 +288,12 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
     if directory.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
         os.replace(directory, old / "d")
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            os.replace(old / "d", directory)  # put the old one back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, directory)

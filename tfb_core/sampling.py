@@ -96,6 +96,9 @@ class TFBLoRALayer(nn.Module):
         xr = x.reshape(rows, -1, n)  # (rows, T, n)
         if self.slots is None:  # regular layout: row b*K + k uses sample k
             K = noise.shape[0]
+            if rows % K:
+                raise ValueError(f"{rows} rows are not B x K for K = {K} weight samples: "
+                                 f"repeat each prompt K times (repeat_interleave) or pass slots")
             xk = xr.view(rows // K, K, -1, n)  # (B, K, T, n)
             h = torch.einsum("bktn,krn->bktr", xk, noise)
         else:  # any row -> sample map (a mixed batch of requests)

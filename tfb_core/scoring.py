@@ -129,6 +129,10 @@ def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, 
 
     Returns a list of float32 tensors of shape (K_i, C_i).
     """
+    if not encoded or len(encoded) != len(samples):
+        raise TFBError(f"choice_probs needs one (seed, K) per item: {len(encoded)} items, {len(samples)} samples")
+    if any(K < 1 for _, K in samples):
+        raise TFBError("num_samples must be >= 1")
     rows, slot_ids, owners = [], [], []  # one entry per (item, sequence, sample) row
     keys: dict[tuple[int, int], int] = {}
     for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
@@ -190,6 +194,8 @@ def score_items(post, items: Sequence[MCItem], mode: Mode | str = Mode.LETTER,
 
     ``batch_size`` items (x K samples x choices in sequence mode) go through one forward.
     """
+    if not items:
+        raise TFBError("no items to score")
     K = num_samples or post.config.num_samples
     seed = post.config.seed if seed is None else seed
     mode = parse_mode(mode)
