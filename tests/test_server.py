@@ -272,3 +272,24 @@ def test_openapi_documents_requests_responses_errors(client):
     assert "ChoiceResult" in json.dumps(post["responses"]["200"])
     for path in ("/v1/models", "/v1/posterior", "/health", "/metrics"):
         assert path in spec["paths"]
+
+
+def test_posterior_chat_and_temperature_are_honoured(llama_dir, lora_dir, tmp_path, core_post):
+    """A posterior recording chat=True and a temperature: requests default to both."""
+    from tfb_core.data import MCItem
+    from tfb_core.evaluate import temper
+    from tfb_core.scoring import choice_probs, encode_item
+
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post", sigma=0.05)
+    cfg = json.loads((post / "tfb_config.json").read_text())
+    (post / "tfb_config.json").write_text(json.dumps({**cfg, "chat": True, "temperature": 2.0}))
+    body = {**OK, "num_samples": 3, "return_samples": True}
+    with ServerThread(model=str(llama_dir), adapter=post, device="cpu") as s:
+        info = httpx.get(s.url + "/v1/posterior").json()
+        a = httpx.post(s.url + "/v1/choices", json=body).json()
+    assert info["chat"] is True and info["temperature"] == 2.0
+    enc = encode_item(core_post.tokenizer, MCItem(choices=OK["choices"], question=OK["question"]),
+                      "letter", chat=True)
+    ref = temper(choice_probs(core_post, [enc], [(0, 3)])[0], 2.0)
+    assert torch.allclose(torch.tensor(a["samples"]), ref, atol=1e-5)
+    assert a["usage"]["prompt_tokens"] == enc.prompt_tokens
