@@ -60,39 +60,51 @@ class EpochLog:
     heldout_acc: float | None
     heldout_nll: float | None
     seconds: float
+    skipped_steps: int = 0
 
 
 def answer_scores(model, encoded: Sequence[Encoded]) -> list[torch.Tensor]:
     """Unnormalised answer log-scores per item, with gradients: a list of (C_i,) tensors.
 
-    One left-padded forward over every sequence of every item (letter: 1 per item; sequence:
-    one per choice).
+    One forward over every sequence of every item (letter: 1 per item; sequence: one per
+    choice). Rows are RIGHT-padded: with left padding the pad positions attend to nothing, and
+    on CUDA their NaN attention rows poison the backward pass.
     """
     rows = [seq for enc in encoded for seq in enc.sequences]
-    keep = max(len(t) for enc in encoded for t in (enc.targets if enc.mode is Mode.SEQUENCE else [[]])) + 1
     device = next(model.parameters()).device
     T = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   position_ids=position_ids.to(device), logits_to_keep=keep, use_cache=False).logits
-    logprobs = torch.log_softmax(logits.float(), -1)  # (rows, keep, V)
-    out, row = [], 0
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = 1
+    # (row, position, token) of every log-probability a score needs
+    where, row = [], 0
     for enc in encoded:
         if enc.mode is Mode.LETTER:
-            out.append(logprobs[row, -1, enc.targets[0]])
+            n = len(rows[row])
+            where += [(row, n - 1, t) for t in enc.targets[0]]
             row += 1
+            continue
+        for cont in enc.targets:
+            n = len(rows[row])
+            where += [(row, p, t) for p, t in zip(range(n - len(cont) - 1, n - 1), cont)]
+            row += 1
+    r_idx, p_idx, t_idx = (torch.tensor(x, device=device) for x in zip(*where))
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    lp = torch.log_softmax(logits[r_idx, p_idx].float(), -1).gather(1, t_idx[:, None]).squeeze(1)  # (M,)
+    out, i = [], 0
+    for enc in encoded:
+        if enc.mode is Mode.LETTER:
+            c = len(enc.targets[0])
+            out.append(lp[i:i + c])
+            i += c
             continue
         scores = []
         for cont in enc.targets:
-            pos = torch.arange(keep - 1 - len(cont), keep - 1, device=device)
-            lp = logprobs[row, pos, torch.tensor(cont, device=device)].sum()
-            scores.append(lp / len(cont) if enc.length_normalize else lp)
-            row += 1
+            s = lp[i:i + len(cont)].sum()
+            scores.append(s / len(cont) if enc.length_normalize else s)
+            i += len(cont)
         out.append(torch.stack(scores))
     return out
 
@@ -165,7 +177,7 @@ def finetune(base, items: Sequence[MCItem], out: str | Path, config: FinetuneCon
                                               * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     rng = random.Random(cfg.seed)
     history: list[EpochLog] = []
-    start, step, running, seen = time.perf_counter(), 0, 0.0, 0
+    start, step, running, seen, skipped = time.perf_counter(), 0, 0.0, 0, 0
     bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
     model.train()
     stop = False
@@ -177,12 +189,16 @@ def finetune(base, items: Sequence[MCItem], out: str | Path, config: FinetuneCon
             loss = batch_loss(model, [enc[i] for i in idx], [labels[i] for i in idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if torch.isfinite(loss) and torch.isfinite(norm):
+                opt.step()
+                running += loss.item() * len(idx)
+                seen += len(idx)
+            else:  # a non-finite loss or gradient: skip the update, never poison the weights
+                skipped += 1
+                log.warning("step %d: non-finite loss or gradient (%s, %s); update skipped", step, loss.item(), norm.item())
             sched.step()
             step += 1
-            running += loss.item() * len(idx)
-            seen += len(idx)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             over_time = cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s
@@ -191,7 +207,8 @@ def finetune(base, items: Sequence[MCItem], out: str | Path, config: FinetuneCon
                 break
         acc, nll = heldout_metrics(model, held_enc, held_labels, cfg.batch_size) if held_enc else (None, None)
         history.append(EpochLog(epoch=round(step / steps_per_epoch, 3), step=step, train_loss=running / max(seen, 1),
-                                heldout_acc=acc, heldout_nll=nll, seconds=round(time.perf_counter() - start, 1)))
+                                heldout_acc=acc, heldout_nll=nll, seconds=round(time.perf_counter() - start, 1),
+                                skipped_steps=skipped))
         log.info("epoch %.2f step %d train_loss %.4f heldout_acc %s heldout_nll %s (%.0f s)",
                  history[-1].epoch, step, history[-1].train_loss, acc, nll, history[-1].seconds)
         if progress:

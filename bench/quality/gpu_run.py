@@ -40,12 +40,13 @@ from tfb_core.posterior import Posterior  # noqa: E402
 K, SEED = 10, 0
 EVAL_SETS = ("arc_easy_heldout", "arc_challenge", "openbookqa", "piqa", "hellaswag", "cal", "train_pseudo")
 
+# run 1 (see README) trained letter_chat (lr 1e-3, bf16 base): 2.8 epochs at chance (24.5% on
+# cal, train loss 1.38 = ln 4); sequence in bf16 at lr 1e-3 went NaN. Run 2: sequence only, fp32.
 CANDIDATES = {
-    "letter_chat": FinetuneConfig(mode="letter", chat=True, rank=4, alpha=8, lr=1e-3, epochs=6,
-                                  batch_size=32, warmup_steps=20, seed=0),
-    "sequence": FinetuneConfig(mode="sequence", chat=False, rank=4, alpha=8, lr=1e-3, epochs=4,
+    "sequence": FinetuneConfig(mode="sequence", chat=False, rank=4, alpha=8, lr=5e-4, epochs=3,
                                batch_size=32, warmup_steps=20, seed=0),
 }
+TRAIN_DTYPE = os.environ.get("TFB_TRAIN_DTYPE", "float32")
 
 
 def main() -> None:
@@ -82,7 +83,7 @@ def main() -> None:
             cfg.epochs, cfg.batch_size = 1, 4
         cfg.time_budget_s = args.train_budget
         t = time.perf_counter()
-        base = load_base_model(args.model, device=device, dtype="bfloat16")
+        base = load_base_model(args.model, device=device, dtype=TRAIN_DTYPE)
         history = finetune(base, data["train"], adapters / name, cfg, heldout=data["cal"], progress=False)
         results["train"][name] = {"config": asdict(cfg), "history": [asdict(h) for h in history],
                                   "seconds": round(time.perf_counter() - t, 1)}
@@ -154,7 +155,7 @@ def main() -> None:
 
     # 3. every set at every candidate sigma, K = 10 ----------------------------------------
     sigmas = [results["nll_min_cal_sigma"]] + [v["sigma"] for v in results["searches"].values()]
-    sigmas += [ref * f for f in (2, 4, 8, 16)]
+    sigmas += [ref * f for f in (4, 16)]
     done = set()
     for s in sigmas:
         if s in done or s <= 0:
