@@ -21,6 +21,7 @@ from .errors import error_body, install_error_handlers
 from .metrics import Metrics
 from .routes import api, health
 from .scheduler import Scheduler
+from .generating import CompletionsServing
 from .serving import ChoicesServing, ModelRunner
 from .settings import Settings
 from .state import AppState
@@ -88,10 +89,11 @@ def ready(state: AppState, loaded: loader.Loaded) -> None:
     s = state.settings
     runner = ModelRunner(loaded, state.metrics)
     state.scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens,
-                                s.max_wait_ms, s.max_queue)
+                                s.max_wait_ms, s.max_queue, decoder=runner.engine)
     state.scheduler.start()
     state.runner = runner
     state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics)
+    state.completions = CompletionsServing(loaded.post, loaded.model_id, state.scheduler, s, state.metrics)
     state.loaded = loaded
     post = loaded.post
     device = next(post.model.parameters())

@@ -54,6 +54,16 @@ class Metrics:
                                           buckets=ENTROPY_BUCKETS)
         self.mutual_information = Histogram("mutual_information", "epistemic uncertainty PE - EE (nats)",
                                             ["model", "endpoint"], namespace=ns, registry=r, buckets=MI_BUCKETS)
+        self.time_to_first_token = Histogram("time_to_first_token_seconds", "arrival to the first generated token",
+                                             ["model"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.inter_token_latency = Histogram("inter_token_latency_seconds", "time between generated tokens",
+                                             ["model"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.generation_tokens = Counter("generation_tokens", "tokens generated (once per token, not x K)",
+                                         ["model"], namespace=ns, registry=r)
+        self.decode_batch_size = Histogram("decode_batch_size", "sequences per decode step", ["model"],
+                                           namespace=ns, registry=r, buckets=BATCH_BUCKETS)
+        self.kv_rows = Gauge("kv_cache_rows", "KV cache rows held by active sequences (sequences x K)",
+                             ["model"], namespace=ns, registry=r)
         self.sigma = Gauge("posterior_sigma", "the posterior's sigma", ["model"], namespace=ns, registry=r)
         self.weight_samples = Gauge("weight_samples", "the default K", ["model"], namespace=ns, registry=r)
         self.info = Info("model", "the served model", ["model"], namespace=ns, registry=r)
@@ -61,6 +71,8 @@ class Metrics:
         self.ready.labels(model).set(0)
         self.queue_depth.labels(model).set(0)
         self.running.labels(model).set(0)
+        self.kv_rows.labels(model).set(0)
+        self.generation_tokens.labels(model)
 
     # --- recording -------------------------------------------------------------------------------
 
@@ -78,6 +90,10 @@ class Metrics:
         self.batch_rows.labels(self.model).observe(rows)
         self.forward_duration.labels(self.model).observe(seconds)
         self.prompt_tokens.labels(self.model).inc(prompt_tokens)
+
+    def observe_decode(self, sequences: int, rows: int, seconds: float) -> None:
+        self.decode_batch_size.labels(self.model).observe(sequences)
+        self.forward_duration.labels(self.model).observe(seconds)
 
     def set_posterior(self, sigma: float, num_samples: int, info: dict[str, str]) -> None:
         self.sigma.labels(self.model).set(sigma)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hmac
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import NotReady, Unauthorized
 from .metrics import CONTENT_TYPE
+from .openai_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                              CompletionResponse)
 from .protocol import (ChoiceResult, ChoicesBatchResponse, ChoicesRequest, ErrorResponse, Health,
                        ModelCard, ModelList, PosteriorInfo, SearchPointOut)
 from .state import AppState
@@ -59,6 +61,31 @@ async def get_health(request: Request) -> JSONResponse:
 async def create_choices(body: ChoicesRequest, state: AppState = Depends(require_ready)):
     """Answer probabilities with their uncertainty, for one item or ``{"items": [...]}``."""
     return await state.choices.create(body)
+
+
+SSE = {"content": {"text/event-stream": {}}, "description": "with stream: true, server-sent events "
+       "in OpenAI's chunk format, ending in data: [DONE]"}
+
+
+@api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
+          tags=["generation"], responses={200: SSE})
+async def create_completion(body: CompletionRequest, state: AppState = Depends(require_ready)):
+    """Text from the model average of K weight samples, with per-token uncertainty."""
+    return _answer(await state.completions.create(body))
+
+
+@api.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True,
+          tags=["generation"], responses={200: SSE})
+async def create_chat_completion(body: ChatCompletionRequest, state: AppState = Depends(require_ready)):
+    """A chat reply (the tokenizer's chat template) with per-token uncertainty."""
+    return _answer(await state.completions.create(body))
+
+
+def _answer(result):
+    if hasattr(result, "__aiter__"):
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return result
 
 
 @api.get("/v1/models", response_model=ModelList, tags=["models"])

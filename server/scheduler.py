@@ -7,8 +7,11 @@ more, drops items whose request has timed out, and hands the :class:`Batch` to `
 the single worker thread that owns the model. While a forward runs, new items queue up and
 form the next batch.
 
-A batch holds items of one ``kind`` ("choice" today; text generation will be another kind
-with its own step), so the model step stays narrow: ``step(batch) -> one result per item``.
+A batch holds items of one ``kind`` ("choice" or "generate"), so the model step stays
+narrow: ``step(batch) -> one result per item``. Text generation is continuous: a "generate"
+batch is prefilled and joins the running decode batch (its items answer later, when their
+sequences finish: their step result is :data:`PENDING`), and while sequences are active the
+loop runs one decode step after each turn, taking new work between steps without waiting.
 """
 
 from __future__ import annotations
@@ -82,6 +85,17 @@ class Batch:
 
 
 Step = Callable[[Batch], list[Any]]
+PENDING = object()  # a step result meaning "answered later by the decode loop"
+
+
+class Decoder(Protocol):
+    """The continuous part of the work (text generation); runs on the worker thread."""
+
+    active: int  # sequences being decoded
+
+    def step(self) -> None: ...
+
+    def fail(self, error: Exception) -> None: ...  # answer every active sequence with error
 
 
 class Scheduler:
@@ -95,8 +109,10 @@ class Scheduler:
     """
 
     def __init__(self, step: Step, metrics: Metrics, max_batch_size: int = 32,
-                 max_batch_tokens: int = 16384, max_wait_ms: float = 5.0, max_queue: int = 256):
+                 max_batch_tokens: int = 16384, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 decoder: Decoder | None = None):
         self.step = step
+        self.decoder = decoder
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -170,31 +186,60 @@ class Scheduler:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            dropped = batch.filter(time.monotonic())
-            self._fail_dropped(dropped)
-            if not batch.items:
+            decoding = self.decoder is not None and self.decoder.active > 0
+            batch = self._take_waiting() if decoding else await self._next_batch()
+            if batch is not None:
+                await self._run(loop, batch)
+            if self.decoder is not None and self.decoder.active > 0:
+                self._set_running(self.decoder.active)
+                try:
+                    await loop.run_in_executor(self._pool, self.decoder.step)
+                except Exception as e:  # the one place a failed decode step is logged
+                    log.exception("decode step of %d sequences failed", self.decoder.active)
+                    await loop.run_in_executor(self._pool, self.decoder.fail, e)
+                finally:
+                    self._set_running(0)
+
+    def _set_running(self, n: int) -> None:
+        active = self.decoder.active if self.decoder is not None else 0
+        self.running = max(n, active)
+        self.metrics.running.labels(self.metrics.model).set(self.running)
+
+    async def _run(self, loop, batch: Batch) -> None:
+        dropped = batch.filter(time.monotonic())
+        self._fail_dropped(dropped)
+        if not batch.items:
+            return
+        self._set_running(len(batch) + (self.decoder.active if self.decoder is not None else 0))
+        now = time.monotonic()
+        for item in batch.items:
+            self.metrics.queue_wait.labels(self.metrics.model).observe(now - item.arrived)
+        try:
+            results = await loop.run_in_executor(self._pool, self.step, batch)
+        except Exception as e:  # the one place a failed forward is logged
+            log.exception("batch of %d %s items failed", len(batch), batch.kind)
+            results = [e] * len(batch)
+        finally:
+            self._set_running(0)
+        for item, result in zip(batch.items, results):
+            if item.future.done() or result is PENDING:  # timed out meanwhile, or answered later
                 continue
-            self.running = len(batch)
-            self.metrics.running.labels(self.metrics.model).set(len(batch))
-            now = time.monotonic()
-            for item in batch.items:
-                self.metrics.queue_wait.labels(self.metrics.model).observe(now - item.arrived)
-            try:
-                results = await loop.run_in_executor(self._pool, self.step, batch)
-            except Exception as e:  # the one place a failed forward is logged
-                log.exception("batch of %d %s items failed", len(batch), batch.kind)
-                results = [e] * len(batch)
-            finally:
-                self.running = 0
-                self.metrics.running.labels(self.metrics.model).set(0)
-            for item, result in zip(batch.items, results):
-                if item.future.done():  # timed out meanwhile
-                    continue
-                if isinstance(result, Exception):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result)
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _take_waiting(self) -> Batch | None:
+        """What is waiting now, coalesced, without waiting for more (decode steps are due)."""
+        if not self._waiting:
+            return None
+        first = self._waiting.popleft()
+        batch = Batch(first.kind)
+        batch.add(first)
+        while self._waiting and batch.fits(self._waiting[0], self.max_batch_size, self.max_batch_tokens):
+            batch.add(self._waiting.popleft())
+        self.metrics.queue_depth.labels(self.metrics.model).set(len(self._waiting))
+        return batch
 
     async def _next_batch(self) -> Batch:
         """Wait for an item, then coalesce up to the size / token budget or ``max_wait``."""

@@ -71,12 +71,17 @@ class ModelRunner:
     """Owns the posterior; ``step`` runs on the scheduler's worker thread only."""
 
     def __init__(self, loaded: Loaded, metrics: Metrics):
+        from .generating import GenerationEngine
+
         self.post = loaded.post
         self.metrics = metrics
+        self.engine = GenerationEngine(self.post, metrics)  # the continuous decode loop's state
         # a posterior may record a temperature fitted on held-out data (tfb eval)
         self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
 
     def step(self, batch: Batch) -> list:
+        if batch.kind == "generate":
+            return self.engine.admit(batch.items)
         if batch.kind != "choice":
             raise ValueError(f"no step for work of kind {batch.kind!r}")
         return self.choices_step(batch.items)

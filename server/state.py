@@ -25,6 +25,7 @@ class AppState:
     loaded: Loaded | None = None
     scheduler: Scheduler | None = None
     choices: object | None = None  # serving.ChoicesServing
+    completions: object | None = None  # generating.CompletionsServing
     runner: object | None = None  # serving.ModelRunner
     started: float = field(default_factory=time.time)
     # called with the reason when start-up fails (the CLI stops the server and exits non-zero)

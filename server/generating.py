@@ -1,0 +1,387 @@
+"""Text generation: OpenAI completions and chat, decoded from the model average of K samples.
+
+Worker side (:class:`GenerationEngine`): owns the running :class:`DecodeBatch`. New sequences
+are prefilled and join it between decode steps (continuous batching); every step advances all
+active sequences at once; a finished, timed-out or cancelled sequence leaves at the next step
+boundary and its KV rows are freed. Each new token is sent to its request as a
+:class:`GenEvent` on the event loop.
+
+Event-loop side (:class:`CompletionsServing`): validate, tokenize, queue one :class:`GenWork`
+per choice (``n`` per prompt), then either collect the events into one response or stream
+them as server-sent events in OpenAI's chunk format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from tfb_core.errors import TFBError
+from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, safe_text
+from tfb_core.scoring import apply_chat, max_context
+
+from .errors import BadRequest, NotFound
+from .metrics import Metrics
+from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                              ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut,
+                              ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
+                              CompletionResponse, CompletionUsage, GenerationUncertainty,
+                              SequenceUncertainty, TokenUncertainty, TopLogprob)
+from .scheduler import PENDING, Scheduler
+from .settings import Settings
+
+COMPLETIONS_ENDPOINT = "/v1/completions"
+CHAT_ENDPOINT = "/v1/chat/completions"
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class GenEvent:
+    """What one step produced for one sequence."""
+
+    token: TokenInfo | None
+    text: str  # new text that may be shown (held back near a possible stop string)
+    finish_reason: str | None = None
+    summary: dict | None = None
+
+
+@dataclass(eq=False)
+class GenWork:
+    """One sequence to generate (a request's choice), with the queue its tokens arrive on."""
+
+    seq: GenSequence
+    endpoint: str
+    deadline: float
+    future: asyncio.Future  # resolved with the GenSequence when it finishes
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrived: float = field(default_factory=time.monotonic)
+    kind: str = "generate"
+    sent: int = 0  # characters of text already sent (worker side)
+    last_token_at: float | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.seq.params.num_samples
+
+    @property
+    def length(self) -> int:
+        return len(self.seq.prompt_ids)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
+
+class GenerationEngine:
+    """The running decode batch; every method runs on the scheduler's worker thread."""
+
+    def __init__(self, post, metrics: Metrics):
+        self.post = post
+        self.metrics = metrics
+        self.batch: DecodeBatch | None = None
+        self.works: dict[int, GenWork] = {}  # id(seq) -> work
+
+    @property
+    def active(self) -> int:
+        return len(self.batch.seqs) if self.batch is not None else 0
+
+    @property
+    def kv_rows(self) -> int:
+        return len(self.batch.mask) if self.batch is not None else 0
+
+    def admit(self, works: list[GenWork]) -> list:
+        """Prefill new sequences in one forward and join them to the running batch."""
+        works = [w for w in works if not w.cancelled]
+        if works:
+            for w in works:
+                self.works[id(w.seq)] = w
+            try:
+                new = DecodeBatch.prefill(self.post, [w.seq for w in works])
+            except Exception:
+                for w in works:
+                    self.works.pop(id(w.seq), None)
+                raise
+            self._emit(new.seqs)
+            self.batch = new if self.batch is None else DecodeBatch.concatenate([self.batch, new])
+            self._retire()
+        return [PENDING] * len(works)
+
+    def step(self) -> None:
+        """One decode step for every active sequence (after dropping cancelled ones)."""
+        for s in self.batch.seqs:
+            if self.works[id(s)].cancelled and not s.finished:
+                s.finish_reason = "cancelled"
+        self._retire()
+        if self.batch is None:
+            return
+        seconds = self.batch.step()
+        self.metrics.observe_decode(len(self.batch.seqs), self.kv_rows, seconds)
+        self._emit(self.batch.seqs)
+        self._retire()
+
+    def fail(self, error: Exception) -> None:
+        """A decode step failed: every active sequence gets the error; the KV rows are freed."""
+        for w in self.works.values():
+            w.loop.call_soon_threadsafe(_fail, w, error)
+            w.loop.call_soon_threadsafe(_put, w, GenEvent(None, "", "error"))
+        self.works.clear()
+        self.batch = None
+        self.metrics.kv_rows.labels(self.metrics.model).set(0)
+
+    def _emit(self, seqs: list[GenSequence]) -> None:
+        now = time.monotonic()
+        for s in seqs:
+            w = self.works[id(s)]
+            if s.finish_reason == "cancelled" or not s.tokens:
+                continue
+            token = s.tokens[-1]
+            if w.last_token_at is None:
+                self.metrics.time_to_first_token.labels(self.metrics.model).observe(now - w.arrived)
+            else:
+                self.metrics.inter_token_latency.labels(self.metrics.model).observe(now - w.last_token_at)
+            w.last_token_at = now
+            self.metrics.generation_tokens.labels(self.metrics.model).inc()
+            self.metrics.observe_uncertainty(w.endpoint, token.predictive_entropy, token.expected_entropy,
+                                             token.mutual_information)
+            text = safe_text(s)
+            delta, w.sent = text[w.sent:], max(w.sent, len(text))
+            event = GenEvent(token, delta, s.finish_reason, s.summary() if s.finished else None)
+            w.loop.call_soon_threadsafe(_put, w, event)
+
+    def _retire(self) -> None:
+        """Drop finished sequences from the batch (freeing their KV rows), resolve their work."""
+        if self.batch is None:
+            return
+        for s in self.batch.filter():
+            w = self.works.pop(id(s))
+            w.loop.call_soon_threadsafe(_finish, w)
+        if not self.batch.seqs:
+            self.batch = None
+        self.metrics.kv_rows.labels(self.metrics.model).set(self.kv_rows)
+
+
+def _put(w: GenWork, event: GenEvent) -> None:
+    w.events.put_nowait(event)
+
+
+def _fail(w: GenWork, error: Exception) -> None:
+    if not w.future.done():
+        w.future.set_exception(error)
+
+
+def _finish(w: GenWork) -> None:
+    if not w.future.done():
+        w.future.set_result(w.seq)
+
+
+class CompletionsServing:
+    """``POST /v1/completions`` and ``POST /v1/chat/completions``."""
+
+    def __init__(self, post, model_id: str, scheduler: Scheduler, settings: Settings, metrics: Metrics):
+        self.post = post
+        self.tokenizer = post.tokenizer
+        self.model_id = model_id
+        self.scheduler = scheduler
+        self.settings = settings
+        self.metrics = metrics
+        self.context = max_context(post.model) or 2048
+
+    # --- requests -> work ------------------------------------------------------------------
+
+    def prepare(self, request: CompletionRequest | ChatCompletionRequest) -> tuple[list[GenWork], list[list[int]]]:
+        if request.model != self.model_id:
+            raise NotFound(f"model {request.model!r} does not exist; this server serves {self.model_id!r} "
+                           f"(GET /v1/models)", param="model", code="model_not_found")
+        K = request.num_samples or self.settings.samples
+        if K > self.settings.max_samples:
+            raise BadRequest(f"'num_samples' is {K}; allowed: 1 to {self.settings.max_samples}",
+                             param="num_samples", code="invalid_value")
+        if isinstance(request, ChatCompletionRequest):
+            try:
+                text = apply_chat(self.tokenizer, [{"role": "system" if m.role == "developer" else m.role,
+                                                    "content": m.text} for m in request.messages])
+            except TFBError as e:
+                raise BadRequest(f"'messages': {e}", param="messages") from None
+            prompts = [self.tokenizer(text, add_special_tokens=False).input_ids]
+            max_tokens = request.max_completion_tokens or request.max_tokens
+            top = request.top_logprobs or 0
+            endpoint = CHAT_ENDPOINT
+        else:
+            texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+            prompts = [self.tokenizer(t).input_ids for t in texts]
+            max_tokens = request.max_tokens
+            top = request.logprobs or 0
+            endpoint = COMPLETIONS_ENDPOINT
+        longest = max(len(p) for p in prompts)
+        if longest >= self.context:
+            raise BadRequest(f"the prompt is {longest} tokens long; the model's context is {self.context} "
+                             f"tokens", param="messages" if endpoint == CHAT_ENDPOINT else "prompt")
+        max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, self.context - longest)
+        if longest + max_tokens > self.context:
+            raise BadRequest(f"'max_tokens' is {max_tokens}, but the prompt ({longest} tokens) plus "
+                             f"max_tokens must fit the model's context of {self.context} tokens: allowed "
+                             f"1 to {self.context - longest}", param="max_tokens", code="invalid_value")
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.request_timeout
+        works = []
+        for p in prompts:
+            for i in range(request.n):
+                params = SamplingParams(
+                    max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                    top_k=request.top_k, stop=request.stop_list,
+                    seed=None if request.seed is None else request.seed + i, num_samples=K,
+                    weight_seed=self.post.config.seed, top_logprobs=top)
+                seq = GenSequence(list(p), params)
+                works.append(GenWork(seq, endpoint, deadline, loop.create_future(), asyncio.Queue(), loop))
+        return works, prompts
+
+    # --- responses -------------------------------------------------------------------------
+
+    async def create(self, request: CompletionRequest | ChatCompletionRequest):
+        works, prompts = self.prepare(request)
+        self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)
+        self.scheduler.submit(works)
+        if request.stream:
+            return self.stream(request, works, prompts)
+        try:
+            seqs = await self.scheduler.wait(works, self.settings.request_timeout)
+        finally:
+            for w in works:
+                w.future.cancel()
+        return self.response(request, seqs, prompts)
+
+    def _usage(self, prompts, seqs, n) -> CompletionUsage:
+        p = sum(len(x) for x in prompts) * n
+        c = sum(len(s.tokens) for s in seqs)
+        return CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+    def _uncertainty(self, seq: GenSequence, tokens: list[TokenInfo], summary: dict | None
+                     ) -> GenerationUncertainty:
+        return GenerationUncertainty(
+            tokens=[TokenUncertainty(token=self._piece(t.token_id), logprob=t.logprob,
+                                     predictive_entropy=t.predictive_entropy,
+                                     expected_entropy=t.expected_entropy,
+                                     mutual_information=t.mutual_information) for t in tokens],
+            sequence=SequenceUncertainty(**summary) if summary is not None else None,
+            num_samples=seq.params.num_samples, sigma=self.post.sigma)
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _completion_logprobs(self, tokens: list[TokenInfo], top: int, offset: int = 0) -> CompletionLogprobs:
+        pieces = [self._piece(t.token_id) for t in tokens]
+        offsets, at = [], offset
+        for piece in pieces:
+            offsets.append(at)
+            at += len(piece)
+        return CompletionLogprobs(
+            tokens=pieces, token_logprobs=[t.logprob for t in tokens],
+            top_logprobs=[{self._piece(i): lp for i, lp in t.top} for t in tokens] if top else None,
+            text_offset=offsets)
+
+    def _chat_logprobs(self, tokens: list[TokenInfo]) -> ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> dict:
+            piece = self._piece(token_id)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+        return ChatLogprobs(content=[ChatTokenLogprob(**entry(t.token_id, t.logprob),
+                                                      top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top])
+                                     for t in tokens])
+
+    def response(self, request, seqs: list[GenSequence], prompts):
+        created, usage = int(time.time()), self._usage(prompts, seqs, request.n)
+        if isinstance(request, ChatCompletionRequest):
+            choices = [ChatChoice(index=i, message=ChatMessageOut(content=s.text), finish_reason=s.finish_reason,
+                                  logprobs=self._chat_logprobs(s.tokens) if request.logprobs else None,
+                                  uncertainty=self._uncertainty(s, s.tokens, s.summary()))
+                       for i, s in enumerate(seqs)]
+            return ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=created,
+                                          model=self.model_id, choices=choices, usage=usage)
+        choices = [CompletionChoice(index=i, text=s.text, finish_reason=s.finish_reason,
+                                    logprobs=self._completion_logprobs(s.tokens, request.logprobs)
+                                    if request.logprobs is not None else None,
+                                    uncertainty=self._uncertainty(s, s.tokens, s.summary()))
+                   for i, s in enumerate(seqs)]
+        return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=created, model=self.model_id,
+                                  choices=choices, usage=usage)
+
+    def _chunk(self, request, rid: str, created: int, index: int, w: GenWork, text: str,
+               tokens: list[TokenInfo], reason: str | None, summary: dict | None,
+               usage: CompletionUsage | None = None):
+        unc = self._uncertainty(w.seq, tokens, summary)
+        if isinstance(request, ChatCompletionRequest):
+            return ChatCompletionChunk(id=rid, created=created, model=self.model_id, usage=usage, choices=[
+                ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=reason,
+                                logprobs=self._chat_logprobs(tokens) if request.logprobs and tokens else None,
+                                uncertainty=unc)])
+        return CompletionResponse(id=rid, created=created, model=self.model_id, usage=usage, choices=[
+            CompletionChoice(index=index, text=text, finish_reason=reason, uncertainty=unc,
+                             logprobs=self._completion_logprobs(tokens, request.logprobs)
+                             if request.logprobs is not None and tokens else None)])
+
+    async def stream(self, request, works: list[GenWork], prompts) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per token per choice, a final chunk with the summary and
+        usage, then ``data: [DONE]``. A client that goes away cancels its sequences."""
+        chat = isinstance(request, ChatCompletionRequest)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, w: GenWork) -> None:
+            while True:
+                event = await w.events.get()
+                await merged.put((i, event))
+                if event.finish_reason is not None:
+                    return
+
+        pumps = [asyncio.create_task(pump(i, w)) for i, w in enumerate(works)]
+        try:
+            if chat:
+                for i in range(len(works)):
+                    yield _sse(ChatCompletionChunk(id=rid, created=created, model=self.model_id, choices=[
+                        ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
+            left = len(works)
+            deadline = works[0].deadline
+            while left:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    yield _sse_error("the request took longer than the server's timeout; its work was dropped")
+                    return
+                try:
+                    i, event = await asyncio.wait_for(merged.get(), timeout)
+                except asyncio.TimeoutError:
+                    continue
+                w = works[i]
+                if event.finish_reason == "error":
+                    yield _sse_error("generation failed on the server (logged); retry", "server_error")
+                    return
+                finished = event.finish_reason is not None
+                left -= finished
+                if event.token is not None or event.text:
+                    yield _sse(self._chunk(request, rid, created, i, w, event.text,
+                                           [event.token] if event.token is not None else [], None, None))
+                if finished:  # the choice's last chunk: reason and summary (+ usage when all are done)
+                    usage = self._usage(prompts, [x.seq for x in works], request.n) if not left else None
+                    reason = event.finish_reason if event.finish_reason in ("stop", "length") else None
+                    yield _sse(self._chunk(request, rid, created, i, w, "", [], reason, event.summary, usage))
+            yield "data: [DONE]\n\n"
+        finally:  # finished, or the client went away: free the slots at the next step
+            for t in pumps:
+                t.cancel()
+            for w in works:
+                w.future.cancel()
+
+
+def _sse(model) -> str:
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+def _sse_error(message: str, type: str = "timeout_error") -> str:
+    code = "timeout" if type == "timeout_error" else None
+    return "data: " + json.dumps({"error": {"message": message, "type": type,
+                                            "param": None, "code": code}}) + "\n\n"

@@ -1,0 +1,238 @@
+"""OpenAI-shaped text generation: ``/v1/completions`` and ``/v1/chat/completions`` (pydantic only).
+
+The shapes are OpenAI's; every choice carries an extra ``uncertainty`` object. Parameters:
+- supported: model, prompt / messages, max_tokens (max_completion_tokens for chat),
+  temperature, top_p, n, stop, seed, logprobs / top_logprobs, stream, stream_options, user
+  (accepted, not stored); tfb's own: num_samples, top_k.
+- accepted only at their neutral value: presence_penalty = 0, frequency_penalty = 0,
+  best_of = n (completions), echo = false, response_format {"type": "text"}.
+- anything else (logit_bias, suffix, tools, functions, ...) is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SEED_MAX = 2**63 - 1
+MAX_N = 8
+MAX_TOP_LOGPROBS = 20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(True, description="usage in the final chunk (always sent by tfb)")
+
+
+class _Sampling(_Strict):
+    """Fields shared by both endpoints."""
+
+    model: str = Field(..., description="the served model's id (GET /v1/models)")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate (default 16, at most the context)")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy from the model average")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="tfb: keep the k most probable tokens (0 = off)")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"choices per prompt (at most {MAX_N})")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; generation ends before them")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="token sampling seed")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+    presence_penalty: float = Field(0.0, description="only 0 is supported")
+    frequency_penalty: float = Field(0.0, description="only 0 is supported")
+    num_samples: int | None = Field(None, ge=1, description="tfb: K weight samples (default: the server's)")
+
+    @model_validator(mode="after")
+    def _check_common(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise ValueError(f"'{name}' is not supported; allowed: 0")
+        stops = self.stop_list
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("'stop' must be up to 4 non-empty strings")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(..., description="a prompt, or a list of prompts")
+    logprobs: int | None = Field(None, ge=0, le=5, description="the top alternatives per token (0-5)")
+    echo: bool = Field(False, description="only false is supported")
+    best_of: int | None = Field(None, ge=1, description="only equal to n is supported")
+
+    @model_validator(mode="after")
+    def _check(self):
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("'prompt' must be a non-empty string or a list of them")
+        if self.echo:
+            raise ValueError("'echo' is not supported; allowed: false")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("'best_of' is not supported; allowed: equal to n")
+        return self
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessageIn] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not any(m.text.strip() for m in self.messages):
+            raise ValueError("'messages' must hold some non-empty content")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return self
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+class TokenUncertainty(BaseModel):
+    token: str
+    logprob: float = Field(..., description="log p(token) under the model average")
+    predictive_entropy: float
+    expected_entropy: float
+    mutual_information: float
+
+
+class SequenceUncertainty(BaseModel):
+    num_tokens: int
+    total_logprob: float
+    mean_predictive_entropy: float
+    max_predictive_entropy: float
+    mean_expected_entropy: float
+    max_expected_entropy: float
+    mean_mutual_information: float
+    max_mutual_information: float
+
+
+class GenerationUncertainty(BaseModel):
+    """tfb's addition to every choice: where the model is epistemically unsure, token by token."""
+
+    tokens: list[TokenUncertainty]
+    sequence: SequenceUncertainty | None = Field(None, description="the summary (in a stream: the last chunk)")
+    num_samples: int
+    sigma: float
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: CompletionLogprobs | None = None
+    uncertainty: GenerationUncertainty
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: ChatLogprobs | None = None
+    uncertainty: GenerationUncertainty
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChatLogprobs | None = None
+    uncertainty: GenerationUncertainty | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: CompletionUsage | None = None
+
+
+AnyGenerationResponse = Union[CompletionResponse, ChatCompletionResponse]

@@ -1,0 +1,235 @@
+"""OpenAI-compatible generation against a real uvicorn server, with the official openai client."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import tiny
+from server_helpers import ServerThread, bayesianized
+from tfb_core.generation import SamplingParams, generate
+from tfb_core.models import load_base_model
+from tfb_core.posterior import Posterior
+
+SIGMA = 0.5
+K = 3
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("srvgen")
+    base = tiny.make_llama(root / "base")
+    lora = tiny.make_lora(base, root / "lora")
+    return base, bayesianized(base, lora, root / "post", sigma=SIGMA)
+
+
+@pytest.fixture(scope="module")
+def srv(dirs):
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=K, max_wait_ms=20) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def core(dirs):
+    base, post = dirs
+    return Posterior.load(load_base_model(base, "cpu", "float32"), post)
+
+
+def metric(srv, name: str, suffix: str = "") -> float:
+    text = httpx.get(f"{srv.url}/metrics").text
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name + suffix:
+                total += s.value
+    return total
+
+
+def check_tokens(tokens):
+    for t in tokens:
+        assert t["mutual_information"] >= 0
+        assert t["predictive_entropy"] == pytest.approx(t["expected_entropy"] + t["mutual_information"], abs=1e-5)
+        assert t["logprob"] <= 0
+
+
+def test_completion_matches_tfb_core_and_is_consistent(client, model_id, core):
+    prompt = "The capital of France is"
+    r = client.completions.create(model=model_id, prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    choice = r.choices[0]
+    unc = choice.model_extra["uncertainty"]
+    ref = generate(core, [core.tokenizer(prompt).input_ids],
+                   SamplingParams(max_tokens=6, num_samples=K, weight_seed=core.config.seed, top_logprobs=3))[0]
+    assert choice.text == ref.text
+    assert [t["token"] for t in unc["tokens"]] == [core.tokenizer.decode([t.token_id]) for t in ref.tokens]
+    for got, exp in zip(unc["tokens"], ref.tokens):
+        assert got["logprob"] == pytest.approx(exp.logprob, abs=1e-5)
+        assert got["mutual_information"] == pytest.approx(exp.mutual_information, abs=1e-5)
+    check_tokens(unc["tokens"])
+    # the logprobs block and the uncertainty agree; greedy picks the most probable token
+    assert choice.logprobs.token_logprobs == pytest.approx([t["logprob"] for t in unc["tokens"]])
+    for lp, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+        assert lp == pytest.approx(max(top.values()), abs=1e-6)
+    assert unc["num_samples"] == K and unc["sigma"] == pytest.approx(SIGMA)
+    seq = unc["sequence"]
+    assert seq["num_tokens"] == 6 == r.usage.completion_tokens
+    assert seq["total_logprob"] == pytest.approx(sum(choice.logprobs.token_logprobs), abs=1e-5)
+    assert seq["max_mutual_information"] == pytest.approx(max(t["mutual_information"] for t in unc["tokens"]))
+    assert r.usage.prompt_tokens == len(core.tokenizer(prompt).input_ids)
+    assert choice.finish_reason == "length"
+
+
+def test_chat_plain_and_streaming_agree(client, model_id):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model=model_id, messages=messages, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    c = r.choices[0]
+    assert c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert len(c.logprobs.content) == 6 and len(c.logprobs.content[0].top_logprobs) == 2
+    unc = c.model_extra["uncertainty"]
+    check_tokens(unc["tokens"])
+    assert [t.logprob for t in c.logprobs.content] == pytest.approx([t["logprob"] for t in unc["tokens"]])
+
+    chunks = list(client.chat.completions.create(model=model_id, messages=messages, max_tokens=6,
+                                                 temperature=0, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == c.message.content
+    streamed = [t for ch in chunks if ch.choices
+                for t in (ch.choices[0].model_extra.get("uncertainty") or {}).get("tokens", [])]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [t["token"] for t in streamed] == [t["token"] for t in unc["tokens"]]
+    last = chunks[-1]
+    assert last.usage.completion_tokens == 6 and last.usage.total_tokens == r.usage.total_tokens
+    assert last.choices[0].finish_reason == "length"
+    assert last.choices[0].model_extra["uncertainty"]["sequence"]["num_tokens"] == 6
+
+
+def test_stream_ends_with_done(srv, model_id):
+    with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=60,
+                      json={"model": model_id, "prompt": "Hello", "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_stop_string_and_seeded_sampling(client, model_id):
+    free = client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=8, temperature=0)
+    stop = free.choices[0].text[3:5]
+    r = client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == free.choices[0].text[: free.choices[0].text.find(stop)]
+    a = client.completions.create(model=model_id, prompt="Hi", max_tokens=5, temperature=1.0, seed=9, n=2)
+    b = client.completions.create(model=model_id, prompt="Hi", max_tokens=5, temperature=1.0, seed=9, n=2)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len(a.choices) == 2
+
+
+def test_eight_concurrent_streams_are_batched_and_get_their_own_tokens(srv, client, model_id):
+    prompts = [f"Story number {i}: once" for i in range(8)]
+    lengths = [3 + 2 * i for i in range(8)]
+    expected = [client.completions.create(model=model_id, prompt=p, max_tokens=n, temperature=0).choices[0].text
+                for p, n in zip(prompts, lengths)]
+    steps_before = metric(srv, "tfb_decode_batch_size", "_count")
+    multi_before = steps_before - metric_le(srv, "tfb_decode_batch_size", 1)
+    results: dict[int, tuple[str, int]] = {}
+
+    def run(i: int) -> None:
+        chunks = list(client.completions.create(model=model_id, prompt=prompts[i], max_tokens=lengths[i],
+                                                temperature=0, stream=True))
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        results[i] = (text, chunks[-1].usage.completion_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results[i][0] for i in range(8)] == expected
+    assert [results[i][1] for i in range(8)] == lengths
+    multi_after = metric(srv, "tfb_decode_batch_size", "_count") - metric_le(srv, "tfb_decode_batch_size", 1)
+    assert multi_after > multi_before  # decode steps advanced several sequences at once
+
+
+def metric_le(srv, name: str, le: float) -> float:
+    text = httpx.get(f"{srv.url}/metrics").text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name + "_bucket" and float(s.labels["le"]) == le:
+                return s.value
+    return 0.0
+
+
+def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
+    body = {"model": model_id, "prompt": "A very long story begins", "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break  # the client goes away
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if metric(srv, "tfb_requests_running") == 0 and metric(srv, "tfb_kv_cache_rows") == 0:
+            break
+        time.sleep(0.1)
+    assert metric(srv, "tfb_requests_running") == 0
+    assert metric(srv, "tfb_kv_cache_rows") == 0
+    assert srv.state.runner.engine.batch is None  # no KV cache held
+    # the server still answers
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": model_id, "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 99}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 2}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, None),
+    ("/v1/completions", {"prompt": ""}, 400, None),
+    ("/v1/completions", {"prompt": "x", "num_samples": 10**6}, 400, "num_samples"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}, 400, None),
+])
+def test_bad_generation_input_gets_4xx(srv, model_id, path, body, status, param):
+    body = {"model": model_id, **body}
+    r = httpx.post(f"{srv.url}{path}", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    ok = httpx.post(f"{srv.url}/v1/completions", json={"model": model_id, "prompt": "x", "max_tokens": 1})
+    assert ok.status_code == 200
+
+
+def test_generation_metrics_move(srv, client, model_id):
+    before = metric(srv, "tfb_generation_tokens_total")
+    ttft = metric(srv, "tfb_time_to_first_token_seconds", "_count")
+    client.completions.create(model=model_id, prompt="Count: 1 2", max_tokens=4, temperature=0)
+    assert metric(srv, "tfb_generation_tokens_total") == before + 4
+    assert metric(srv, "tfb_time_to_first_token_seconds", "_count") == ttft + 1
+    text = httpx.get(f"{srv.url}/metrics").text
+    assert 'tfb_mutual_information_count{endpoint="/v1/completions"' in text
+    assert "tfb_inter_token_latency_seconds_count" in text
+    assert not math.isnan(metric(srv, "tfb_inter_token_latency_seconds", "_sum"))
