@@ -182,8 +182,12 @@ def test_too_many_choices_for_letters_and_mixed_counts(post, tok, items):
     with pytest.raises(TFBError, match="at most 26 choices"):
         encode_item(tok, many, "letter")
     two = MCItem(choices=["a", "b"], question="q?")
-    with pytest.raises(TFBError, match="same number of choices"):
-        score_items(post, [items[0], two], "letter", num_samples=1)
+    mixed = score_items(post, [items[0], two], "letter", num_samples=2)
+    alone = score_items(post, [two], "letter", num_samples=2)
+    C = len(items[0].choices)
+    assert mixed.shape == (2, 2, C)
+    assert torch.equal(mixed[1, :, 2:], torch.zeros(2, C - 2))  # padded with probability 0
+    torch.testing.assert_close(mixed[1, :, :2], alone[0], atol=1e-5, rtol=0)
 
 
 def test_prompt_longer_than_the_context(post, tok):

@@ -190,9 +190,11 @@ def score_items(post, items: Sequence[MCItem], mode: Mode | str = Mode.LETTER,
                 num_samples: int | None = None, seed: int | None = None, sigma: float | None = None,
                 batch_size: int = 8, chat: bool = False, length_normalize: bool = False,
                 progress: bool = False, desc: str = "scoring") -> torch.Tensor:
-    """Per-sample choice probabilities for a list of items: (N, K, C) (C equal for all items).
+    """Per-sample choice probabilities for a list of items: (N, K, C).
 
     ``batch_size`` items (x K samples x choices in sequence mode) go through one forward.
+    Items with fewer than C (the largest count) choices are padded with probability 0, which
+    changes no entropy, argmax, NLL, Brier or ECE.
     """
     if not items:
         raise TFBError("no items to score")
@@ -201,15 +203,13 @@ def score_items(post, items: Sequence[MCItem], mode: Mode | str = Mode.LETTER,
     mode = parse_mode(mode)
     limit = max_context(post.model)
     encoded = [encode_item(post.tokenizer, it, mode, chat, length_normalize, limit) for it in items]
-    if len({e.num_choices for e in encoded}) != 1:
-        raise TFBError("score_items needs the same number of choices for every item; "
-                       "use choice_probs for mixed sets")
+    C = max(e.num_choices for e in encoded)
     out = []
     for start in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=not progress,
                       unit="batch", leave=False):
         chunk = encoded[start:start + batch_size]
         out.extend(choice_probs(post, chunk, [(seed, K)] * len(chunk), sigma))
-    return torch.stack(out)
+    return torch.stack([torch.nn.functional.pad(p, (0, C - p.shape[-1])) for p in out])
 
 
 def predict(post, items: Sequence[MCItem], **kwargs) -> Uncertainty:
