@@ -694,6 +694,105 @@ def table(res) -> str:
     return "\n".join(lines)
 
 
+# --- where the time goes (--profile) and a float32 check of the graphed path (--check) ---------
+
+
+def kernel_breakdown(prof) -> dict:
+    """Device time of the profiled kernels, by kind (matmul / attention / other), and counts."""
+    cats = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    counts = {"matmul": 0, "attention": 0, "other": 0}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        n = e.name.lower()
+        if any(x in n for x in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk", "matmul")):
+            c = "matmul"
+        elif any(x in n for x in ("flash", "fmha", "attention", "attn")):
+            c = "attention"
+        else:
+            c = "other"
+        cats[c] += e.time_range.elapsed_us() / 1e6
+        counts[c] += 1
+    return {"seconds": cats, "kernels": counts}
+
+
+def profile_run(args) -> dict:
+    """8B shape, q,v adapter: one engine prefill (B=1 and B=8, T=512, K=10 / K=1) and one fast
+    decode step run eagerly (B=1, K=1 and K=10) under torch.profiler: kernel time by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tfb_core.cuda_decode import FastDecoder
+
+    torch.set_grad_enabled(False)
+    device = torch.device("cuda")
+    clock = Clock(device)
+    out = {}
+    model = build_model(args.models[0], device, torch.bfloat16)
+    counts = model_counts(model)
+    tmp = Path(tempfile.mkdtemp(prefix="tfb-prof-"))
+    model = make_adapter(model, TARGETS["qv"], args.rank, tmp).unload()
+    post = install_posterior(model, tmp, args.sigma)
+    for B, K in ((1, 10), (8, 1), (32, 1)):
+        fn = score_tfb(post, prompts_for(B, 512, counts["vocab"]), K)
+        fn()
+        wall = clock.time(fn)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        bd = kernel_breakdown(prof)
+        bd["wall_s"] = wall
+        bd["flops"] = prefill_flops(counts, B * K, 512)
+        out[f"score_B{B}_T512_K{K}"] = bd
+        print(f"score B={B} K={K}: wall {wall * 1e3:.1f} ms; kernels " + ", ".join(
+            f"{k} {v * 1e3:.1f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
+    for K in (1, 10):
+        seqs = [GenSequence(prompts_for(1, 512, counts["vocab"], seed=7)[0].tolist(),
+                            SamplingParams(max_tokens=40, num_samples=K, ignore_eos=True))]
+        dec = FastDecoder(post, seqs, graph=False)
+        for _ in range(2):
+            dec.step()
+        eager = clock.time(dec.step)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            dec.step()
+            torch.cuda.synchronize()
+        bd = kernel_breakdown(prof)
+        bd["eager_wall_s"] = eager
+        out[f"fast_step_B1_K{K}_eager"] = bd
+        print(f"fast step K={K} (eager, not graphed): wall {eager * 1e3:.1f} ms; kernels " + ", ".join(
+            f"{k} {v * 1e3:.2f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
+        del dec
+    return out
+
+
+def check_run(args) -> dict:
+    """The graphed fast path against generate on the GPU in float32 (1B shape, K = 4, padding)."""
+    from tfb_core.cuda_decode import generate_fast
+    from tfb_core.generation import generate
+
+    torch.set_grad_enabled(False)
+    device = torch.device("cuda")
+    model = build_model("1b", device, torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix="tfb-check-"))
+    model = make_adapter(model, TARGETS["all"], args.rank, tmp).unload()
+    post = install_posterior(model, tmp, 0.05)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(100, 128000, (n,), generator=g).tolist() for n in (37, 64, 50)]
+    params = SamplingParams(max_tokens=16, num_samples=4, ignore_eos=True, weight_seed=2)
+    ref = generate(post, prompts, params)
+    fast = generate_fast(post, prompts, params, sync_every=8)
+    same = sum(a == b for r, f in zip(ref, fast) for a, b in zip(r.token_ids, f.token_ids))
+    total = sum(len(r.tokens) for r in ref)
+    dpe = max(abs(a.predictive_entropy - b.predictive_entropy) for r, f in zip(ref, fast)
+              for a, b in zip(r.tokens, f.tokens))
+    dmi = max(abs(a.mutual_information - b.mutual_information) for r, f in zip(ref, fast)
+              for a, b in zip(r.tokens, f.tokens))
+    mi = max(t.mutual_information for r in ref for t in r.tokens)
+    out = {"tokens_equal": same, "tokens": total, "max_abs_d_pe": dpe, "max_abs_d_mi": dmi,
+           "max_mi": mi, "dtype": "float32"}
+    print("check (float32, graphed fast path vs generate):", json.dumps(out), flush=True)
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["8b"], choices=list(SHAPES))
@@ -712,6 +811,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--sigma", type=float, default=0.01)
     p.add_argument("--device", default=None)
+    p.add_argument("--profile", action="store_true", help="kernel-time breakdown instead of the table")
+    p.add_argument("--check", action="store_true", help="float32 check of the graphed fast path")
     p.add_argument("--deadline-s", type=float, default=1e9,
                    help="skip the remaining configurations after this many seconds")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "gpu.json"))
@@ -722,5 +823,15 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    res = run(args)
-    print(table(res))
+    if args.profile or args.check:
+        res = {"command": " ".join([Path(sys.executable).name] + sys.argv)}
+        if args.check:
+            res["check"] = check_run(args)
+            free(Clock(torch.device("cuda")))
+        if args.profile:
+            res["profile"] = profile_run(args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    else:
+        res = run(args)
+        print(table(res))

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""CPU benchmark on the built-in demo model (SmolLM2-135M, float32): K = 1 vs K = 10 batched
+vs K = 10 looped, for answer scoring and for decoding, ratios in one run.
+
+The adapter is tfb_core/demo/adapter when it exists, else a random LoRA r = 8 on every linear
+layer made with peft in a temp dir. This CPU is small and shared: the ratios are what this
+shows, not the absolute times. See bench/README.md.
+
+Variants as in bench/gpu.py: a = tfb's engine (K batched), fast = tfb_core.cuda_decode run
+eagerly (no CUDA graph on a CPU), b = K sequential peft forwards with noise injected per pass
+(K KV caches when decoding), c = the deterministic adapter through peft, one pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu  # noqa: E402  (bench/gpu.py: the same workloads and timers)
+
+from tfb_core.models import load_base_model  # noqa: E402
+from tfb_core.posterior import Posterior  # noqa: E402
+
+DEMO_ADAPTER = gpu.ROOT / "tfb_core" / "demo" / "adapter"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--T", type=int, default=64, help="prompt length (scoring and decoding)")
+    p.add_argument("--K", type=int, default=10)
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps (after 2 warm-up)")
+    p.add_argument("--sigma", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: two threads on 2 shared cores stall each other)")
+    p.add_argument("--out", default=str(gpu.ROOT / "bench" / "results" / "cpu.json"))
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    dev = torch.device("cpu")
+    clock = gpu.Clock(dev)
+    t_start = time.time()
+    base = load_base_model("smollm2-135m", device="cpu", dtype="float32")
+    model = base.model
+    V = model.config.vocab_size
+    tmp = None
+    if (DEMO_ADAPTER / "adapter_config.json").is_file():
+        adapter_dir, adapter_kind = DEMO_ADAPTER, "tfb_core/demo/adapter"
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="tfb-cpu-bench-"))
+        model = gpu.make_adapter(model, gpu.TARGETS["all"], 8, tmp).unload()
+        base.model = model
+        adapter_dir, adapter_kind = tmp, "random LoRA r=8 on all linear layers (peft)"
+    res = {"meta": {"command": " ".join(["python"] + sys.argv), "threads": args.threads,
+                    "torch": torch.__version__, "model": "smollm2-135m float32", "adapter": adapter_kind,
+                    "sigma": args.sigma, "T": args.T, "K": args.K, "decode_steps": args.steps,
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S")},
+           "scoring": {}, "decode": {}}
+    K, T = args.K, args.T
+    score_prompts = gpu.prompts_for(1, T, V)
+    dec_prompts = gpu.prompts_for(1, T, V, seed=7)
+
+    # tfb: a (and fast for decoding)
+    post = Posterior.from_adapter(base, adapter_dir)
+    post.sigma = args.sigma
+    for k in (1, K):
+        r = clock.bench(gpu.score_tfb(post, score_prompts, k), min_reps=3, max_reps=5, budget_s=2,
+                        heavy_s=10)
+        res["scoring"][f"a_K{k}"] = r
+        print(f"score a K={k}: {r['median_s'] * 1e3:.0f} ms", flush=True)
+    for k in (1, K):
+        r = gpu.decode_tfb(clock, post, dec_prompts, k, 2, args.steps)
+        res["decode"][f"a_K{k}"] = r
+        print(f"decode a K={k}: {r['step_s'] * 1e3:.0f} ms/step", flush=True)
+        r = gpu.decode_fast(clock, post, dec_prompts, k, 2, args.steps)
+        res["decode"][f"fast_K{k}"] = r
+        print(f"decode fast K={k}: {r['step_s'] * 1e3:.0f} ms/step (eager)", flush=True)
+    gpu.uninstall_posterior(post)
+    # peft: b (K looped) and c (deterministic)
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=False)
+    pm.requires_grad_(False)
+    ref = gpu.Reference(pm, args.sigma, K)
+    r = clock.bench(gpu.score_peft(pm, None, score_prompts, 1, dev), min_reps=3, max_reps=5,
+                    budget_s=2, heavy_s=10)
+    res["scoring"]["c"] = r
+    r = clock.bench(gpu.score_peft(pm, ref, score_prompts, K, dev), min_reps=3, max_reps=5,
+                    budget_s=2, heavy_s=10)
+    res["scoring"][f"b_K{K}"] = r
+    print(f"score b K={K}: {r['median_s'] * 1e3:.0f} ms", flush=True)
+    res["decode"]["c"] = gpu.decode_peft(clock, pm, None, dec_prompts, 1, 2, args.steps, dev)
+    res["decode"][f"b_K{K}"] = gpu.decode_peft(clock, pm, ref, dec_prompts, K, 2, max(args.steps // 2, 3), dev)
+    print(f"decode b K={K}: {res['decode'][f'b_K{K}']['step_s'] * 1e3:.0f} ms/step", flush=True)
+
+    s, d = res["scoring"], res["decode"]
+    res["ratios"] = {
+        "score_a_K10_over_a_K1": s[f"a_K{K}"]["median_s"] / s["a_K1"]["median_s"],
+        "score_b_K10_over_a_K10": s[f"b_K{K}"]["median_s"] / s[f"a_K{K}"]["median_s"],
+        "decode_a_K10_over_a_K1": d[f"a_K{K}"]["step_s"] / d["a_K1"]["step_s"],
+        "decode_b_K10_over_a_K10": d[f"b_K{K}"]["step_s"] / d[f"a_K{K}"]["step_s"],
+        "decode_fast_K10_over_fast_K1": d[f"fast_K{K}"]["step_s"] / d["fast_K1"]["step_s"],
+        "decode_a_K10_over_fast_K10": d[f"a_K{K}"]["step_s"] / d[f"fast_K{K}"]["step_s"],
+    }
+    res["fast_tokens_equal_a"] = d[f"fast_K{K}"]["tokens"] == d[f"a_K{K}"]["tokens"]
+    res["meta"]["wall_s"] = time.time() - t_start
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    print(f"\nCPU ({args.threads} threads, shared), SmolLM2-135M float32, prompt {T} tokens, "
+          f"K = {K}, sigma = {args.sigma}; {adapter_kind}")
+    print(f"scoring (1 prompt):  c (peft, one pass) {s['c']['median_s'] * 1e3:7.0f} ms | "
+          f"a K=1 {s['a_K1']['median_s'] * 1e3:7.0f} ms | a K={K} batched "
+          f"{s[f'a_K{K}']['median_s'] * 1e3:7.0f} ms | b K={K} looped {s[f'b_K{K}']['median_s'] * 1e3:7.0f} ms")
+    print(f"decode ms/step:      c {d['c']['step_s'] * 1e3:7.1f} | a K=1 {d['a_K1']['step_s'] * 1e3:7.1f} | "
+          f"a K={K} {d[f'a_K{K}']['step_s'] * 1e3:7.1f} | fast K=1 {d['fast_K1']['step_s'] * 1e3:7.1f} | "
+          f"fast K={K} {d[f'fast_K{K}']['step_s'] * 1e3:7.1f} | b K={K} looped {d[f'b_K{K}']['step_s'] * 1e3:7.1f}")
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    print(f"fast tokens == engine tokens (K={K}): {res['fast_tokens_equal_a']}; wall {res['meta']['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
