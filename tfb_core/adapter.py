@@ -42,6 +42,19 @@ class LoRAAdapter:
     modules: list[LoRAModule]  # in the base model's module order
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; a bad file is a TFBError naming it and the line."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TFBError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise TFBError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise TFBError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The adapter config and its raw state dict."""
     path = Path(path).expanduser()
@@ -50,10 +63,7 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise TFBError(f"{path} has no {CONFIG_NAME}: expected a peft adapter directory (save_pretrained)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise TFBError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    config = read_json(config_file)
     _check_config(config, config_file)
     if (path / WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, load_adapter
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, load_adapter, read_json
 from .errors import TFBError
 from .models import BaseModel
 from .sampling import DrawCache, TFBLoRALayer, row_std, weight_samples
@@ -249,10 +249,7 @@ def read_tfb_config(directory: Path) -> TFBConfig:
     path = directory / TFB_CONFIG_NAME
     if not path.is_file():
         raise TFBError(f"{directory} is not a Bayesianized adapter directory: {TFB_CONFIG_NAME} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TFBError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    data = read_json(path)
     if data.get("format_version") != FORMAT_VERSION:
         raise TFBError(f"{path}: format_version {data.get('format_version')!r} is not supported "
                        f"(this tfb reads version {FORMAT_VERSION})")
