@@ -130,8 +130,9 @@ class DecodeBatch:
         for b, r in enumerate(rows):
             ids[b, T - len(r):] = torch.tensor(r)
             mask[b, T - len(r):] = 1
-        positions = mask.sum(-1)
-        batch = cls(post, seqs, DynamicCache(), mask, positions, ids[:, -1])
+        dev = next(post.model.parameters()).device
+        ids, mask = ids.to(dev), mask.to(dev)
+        batch = cls(post, seqs, DynamicCache(), mask, mask.sum(-1), ids[:, -1])
         logits = batch._forward(ids, (mask.cumsum(-1) - 1).clamp_min(0))
         batch._choose(logits)
         return batch
@@ -171,7 +172,7 @@ class DecodeBatch:
         Returns the forward's duration in seconds.
         """
         t0 = time.perf_counter()
-        self.mask = torch.cat([self.mask, torch.ones(len(self.mask), 1, dtype=torch.long)], 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], 1)
         logits = self._forward(self.last[:, None], self.positions[:, None])
         self.positions = self.positions + 1
         self._choose(logits)
@@ -189,11 +190,11 @@ class DecodeBatch:
                 keep_rows.extend(range(row, row + K))
             row += K
         if done:
-            idx = torch.tensor(keep_rows, dtype=torch.long)
+            idx = torch.tensor(keep_rows, dtype=torch.long, device=self.mask.device)
             self.seqs = kept
             self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]
             if kept:
-                self.cache.batch_select_indices(idx.to(self._device))
+                self.cache.batch_select_indices(idx)
                 self._trim()
             else:
                 self.cache = None
@@ -237,32 +238,41 @@ class DecodeBatch:
         return list(keys), torch.tensor(slots, dtype=torch.long)
 
     def _choose(self, logits: torch.Tensor) -> None:
-        """Average each sequence's K distributions, pick its token, record its uncertainty."""
-        probs = torch.softmax(logits, -1)  # (rows, V)
-        row = 0
-        new_last = self.last.clone()
-        for s in self.seqs:
-            K = s.params.num_samples
-            pk = probs[row:row + K]  # (K, V)
-            if not s.finished:
-                token = self._next(s, pk)
-                new_last[row:row + K] = token
-            row += K
-        self.last = new_last
+        """Average each sequence's K distributions, pick its token, record its uncertainty.
 
-    def _next(self, s: GenSequence, pk: torch.Tensor) -> int:
-        p = pk.mean(0)  # (V,) the model average
-        pe = entropy(p).item()
-        ee = entropy(pk).mean().item()
-        token = pick_token(p, s.params, s.generator)
-        logp = math.log(max(p[token].item(), 1e-45))
-        top = []
-        if s.params.top_logprobs:
-            values, idx = p.topk(s.params.top_logprobs)
-            top = [(int(i), math.log(max(v, 1e-45))) for v, i in zip(values.tolist(), idx.tolist())]
-        s.tokens.append(TokenInfo(token, logp, pe, ee, max(pe - ee, 0.0), top))
-        self._update_finish(s)
-        return token
+        All sequences at once on the model's device; one transfer to the host per step (plus
+        one per sequence that samples with a temperature).
+        """
+        probs = torch.softmax(logits, -1)  # (rows, V)
+        Ks = [s.params.num_samples for s in self.seqs]
+        S, dev = len(Ks), probs.device
+        if len(set(Ks)) == 1:  # rows b*K + k: a view
+            pk = probs.view(S, Ks[0], -1)
+            p, ee = pk.mean(1), entropy(pk).mean(1)  # (S, V), (S,)
+        else:
+            seg = torch.repeat_interleave(torch.arange(S, device=dev), torch.tensor(Ks, device=dev))
+            k = torch.tensor(Ks, device=dev, dtype=probs.dtype)
+            p = torch.zeros(S, probs.shape[1], device=dev, dtype=probs.dtype).index_add_(0, seg, probs) / k[:, None]
+            ee = torch.zeros(S, device=dev, dtype=probs.dtype).index_add_(0, seg, entropy(probs)) / k
+        pe = entropy(p)
+        tokens = p.argmax(-1)  # greedy; sampled sequences are replaced below
+        for i, s in enumerate(self.seqs):
+            if s.params.temperature > 0 and not s.finished:
+                tokens[i] = pick_token(p[i], s.params, s.generator)
+        logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
+        n_top = max((s.params.top_logprobs for s in self.seqs), default=0)
+        top_v, top_i = p.topk(n_top) if n_top else (p[:, :0], tokens[:, None][:, :0])
+        stats = torch.stack([pe, ee, logp]).double().cpu()  # the one sync of the step
+        token_ids, top_v, top_i = tokens.cpu().tolist(), top_v.double().cpu(), top_i.cpu()
+        for i, s in enumerate(self.seqs):
+            if s.finished:
+                continue
+            pe_i, ee_i, lp_i = stats[:, i].tolist()
+            n = s.params.top_logprobs
+            top = [(int(t), math.log(max(v, 1e-45))) for v, t in zip(top_v[i, :n].tolist(), top_i[i, :n].tolist())]
+            s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top))
+            self._update_finish(s)
+        self.last = torch.repeat_interleave(tokens, torch.tensor(Ks, device=dev))
 
     def _update_finish(self, s: GenSequence) -> None:
         tok = self.post.tokenizer
