@@ -157,3 +157,12 @@ def test_mi_threshold_script_against_the_live_server(stack, tmp_path):
     line = next(line for line in out.stdout.splitlines() if line.startswith("suggested threshold:"))
     assert float(line.split()[2]) in MI_BUCKETS, out.stdout
     assert "calibration: 5 answers" in out.stdout and "tfb:mutual_information:p90_1h" in out.stdout
+
+
+def test_the_check_catches_a_wrong_name_and_a_bad_query(stack):
+    _, prom, _, metrics_text = stack
+    exported = exported_names(metrics_text)
+    with pytest.raises(AssertionError, match="not exported"):
+        check_exprs(prom, exported, [("row", "typo", "sum(rate(tfb_request_total[1m]))")])
+    with pytest.raises(AssertionError, match="Prometheus"):
+        check_exprs(prom, exported, [("row", "syntax", "sum(rate(tfb_requests_total[1m])")])
