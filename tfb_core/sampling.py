@@ -121,10 +121,26 @@ def standard_normal(seed: int, k: int, module_index: int, shape: Sequence[int]) 
 class DrawCache:
     """Standard-normal draws per (seed, k), on the layers' device, kept for reuse (LRU)."""
 
-    def __init__(self, layers: Sequence[TFBLoRALayer], max_samples: int = 64):
+    def __init__(self, layers: Sequence[TFBLoRALayer], max_samples: int = 64, max_stacks: int = 4):
         self.layers = layers
         self.max_samples = max_samples
+        self.max_stacks = max_stacks
         self._cache: OrderedDict[tuple[int, int], list[torch.Tensor]] = OrderedDict()
+        # per (sigma, samples): the scaled noise of every layer, reused by every decode step
+        self._stacks: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+
+    def noise(self, sigma: float, samples: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per layer, ``E`` stacked over ``samples``: (S, r, n) in the layer's dtype (LRU)."""
+        key = (float(sigma), tuple((int(a), int(b)) for a, b in samples))
+        if key in self._stacks:
+            self._stacks.move_to_end(key)
+            return self._stacks[key]
+        draws = [self.get(seed, k) for seed, k in samples]  # S lists of per-layer Z
+        stacks = [noise_stack(layer, (z[i] for z in draws), sigma) for i, layer in enumerate(self.layers)]
+        self._stacks[key] = stacks
+        if len(self._stacks) > self.max_stacks:
+            self._stacks.popitem(last=False)
+        return stacks
 
     def get(self, seed: int, k: int) -> list[torch.Tensor]:
         key = (int(seed), int(k))
@@ -178,10 +194,10 @@ def weight_samples(layers: Sequence[TFBLoRALayer], cache: DrawCache, sigma: floa
     """
     try:
         if sigma > 0:
-            draws = [cache.get(seed, k) for seed, k in samples]  # S lists of per-layer Z
-            for i, layer in enumerate(layers):
-                layer.noise = noise_stack(layer, (z[i] for z in draws), sigma)
-                layer.slots = None if slots is None else slots.to(layer.lora_A.device)
+            device_slots = None if slots is None else slots.to(layers[0].lora_A.device)
+            for layer, noise in zip(layers, cache.noise(sigma, samples)):
+                layer.noise = noise
+                layer.slots = device_slots
         yield
     finally:
         for layer in layers:
