@@ -281,12 +281,11 @@ class DecodeBatch:
         limit = max_context(self.post.model)
         if not s.params.ignore_eos and s.tokens[-1].token_id in eos:
             s.finish_reason = "stop"
-        for stop in s.params.stop:
-            at = s.text.find(stop)
-            if stop and at >= 0:
-                s.text = s.text[:at]
-                s.finish_reason = "stop"
-                return
+        hits = [at for at in (s.text.find(stop) for stop in s.params.stop if stop) if at >= 0]
+        if hits:  # the earliest stop string wins
+            s.text = s.text[:min(hits)]
+            s.finish_reason = "stop"
+            return
         if s.finish_reason is None and (len(s.tokens) >= s.params.max_tokens or
                                         (limit is not None and len(s.prompt_ids) + len(s.tokens) >= limit)):
             s.finish_reason = "length"

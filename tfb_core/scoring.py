@@ -73,7 +73,12 @@ def render_prompt(tokenizer, item: MCItem, mode: Mode, chat: bool = False) -> st
 def apply_chat(tokenizer, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise TFBError("this model's tokenizer has no chat template; send a plain prompt")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        raise TFBError(f"the model's chat template rejected the messages: {e}") from None
 
 
 def encode_item(tokenizer, item: MCItem, mode: Mode | str = Mode.LETTER, chat: bool = False,
