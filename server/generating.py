@@ -217,6 +217,10 @@ class CompletionsServing:
             max_tokens = request.max_tokens
             top = request.logprobs or 0
             endpoint = COMPLETIONS_ENDPOINT
+        if len(prompts) * request.n > self.settings.max_items:
+            raise BadRequest(f"{len(prompts)} prompt(s) x n={request.n} is {len(prompts) * request.n} sequences; "
+                             f"at most {self.settings.max_items} are allowed in one request",
+                             param="prompt" if endpoint == COMPLETIONS_ENDPOINT else "n")
         longest = max(len(p) for p in prompts)
         if longest >= self.context:
             raise BadRequest(f"the prompt is {longest} tokens long; the model's context is {self.context} "

@@ -201,6 +201,7 @@ def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 99}, 400, "n"),
+    ("/v1/completions", {"prompt": ["hi"] * 40, "n": 8}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 2}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, None),
     ("/v1/completions", {"prompt": ""}, 400, None),
