@@ -1,7 +1,9 @@
-"""tfb_core.cuda_decode: the static-cache, graph-ready decode step gives generate's tokens.
+"""tfb_core.cuda_decode: the static-cache decoder gives the eager engine's tokens and uncertainty.
 
-On this CPU the step runs eagerly (no CUDA graph); the code path is the one the graph
-captures on a GPU, so the tokens and the per-token uncertainty are checked here.
+On this CPU the step runs eagerly (no CUDA graph); it is the code a CUDA graph captures on a
+GPU, so tokens, per-token uncertainty, continuous batching (joins mid-flight, rows packed when
+sequences leave, buffers growing) and the row -> weight-sample map are all checked here
+against :func:`tfb_core.generation.generate` (the eager ``DecodeBatch``).
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ import pytest
 import torch
 
 import tiny
-from tfb_core.cuda_decode import FastDecoder, Unsupported, check_supported, generate_fast
-from tfb_core.generation import GenSequence, SamplingParams, generate
+from tfb_core.cuda_decode import StaticDecoder, generate_fast, is_supported
+from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, generate
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fastdec")
+    root = tmp_path_factory.mktemp("static")
     base = tiny.make_llama(root / "base")
     return base, tiny.make_lora(base, root / "lora")
 
@@ -35,16 +37,17 @@ def prompts(tok):
             tok("1 2 3").input_ids]
 
 
-def assert_same(ref, fast):
-    for r, f in zip(ref, fast):
+def assert_same(ref, got):
+    for r, f in zip(ref, got, strict=True):
         assert f.token_ids == r.token_ids
         assert f.finish_reason == r.finish_reason
         assert f.text == r.text
-        for a, b in zip(r.tokens, f.tokens):
+        for a, b in zip(r.tokens, f.tokens, strict=True):
             assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
             assert b.predictive_entropy == pytest.approx(a.predictive_entropy, abs=1e-4)
             assert b.expected_entropy == pytest.approx(a.expected_entropy, abs=1e-4)
             assert b.mutual_information == pytest.approx(a.mutual_information, abs=1e-4)
+            assert [t for t, _ in b.top] == [t for t, _ in a.top]
 
 
 @pytest.mark.parametrize("K,sigma", [(1, 0.0), (4, 0.5)])
@@ -53,49 +56,91 @@ def test_same_tokens_and_uncertainty_as_generate(post, K, sigma):
     ps = prompts(post.tokenizer)
     params = SamplingParams(max_tokens=12, num_samples=K, ignore_eos=True, weight_seed=3)
     ref = generate(post, ps, params)
-    fast = generate_fast(post, ps, params, sync_every=5)
-    assert all(len(s.tokens) == 12 for s in fast)
-    assert_same(ref, fast)
+    got = generate_fast(post, ps, params)
+    assert all(len(s.tokens) == 12 for s in got)
+    assert_same(ref, got)
     if sigma > 0:  # the samples really differ: some token carries mutual information
-        assert max(t.mutual_information for s in fast for t in s.tokens) > 1e-6
+        assert max(t.mutual_information for s in got for t in s.tokens) > 1e-6
 
 
-def test_per_sequence_lengths_and_stops(post):
-    """Different max_tokens and a stop string: each sequence stops where generate stops it."""
+def test_mixed_samples_sampling_stops_and_top_logprobs(post):
+    """Different K, weight seeds, temperatures (seeded), top_logprobs, lengths and a stop string
+    in one batch: every sequence as the eager engine makes it."""
     post.sigma = 0.5
     ps = prompts(post.tokenizer)
     ref0 = generate(post, ps[:1], SamplingParams(max_tokens=8, num_samples=3, ignore_eos=True))
     stop = post.tokenizer.decode(ref0[0].token_ids[3:5])  # a string the first sequence emits
-    params = [SamplingParams(max_tokens=8, num_samples=3, ignore_eos=True, stop=[stop]),
-              SamplingParams(max_tokens=3, num_samples=3),
-              SamplingParams(max_tokens=10, num_samples=3)]
+    params = [SamplingParams(max_tokens=8, num_samples=3, ignore_eos=True, stop=[stop], top_logprobs=3),
+              SamplingParams(max_tokens=6, num_samples=2, weight_seed=7, temperature=0.9, seed=11),
+              SamplingParams(max_tokens=10, num_samples=5, weight_seed=1, top_k=20, temperature=1.2, seed=5)]
     ref = generate(post, ps, params)
-    fast = generate_fast(post, ps, params, sync_every=4)
-    assert_same(ref, fast)
-    assert ref[0].finish_reason == "stop" and len(ref[1].tokens) <= 3
+    got = generate_fast(post, ps, params)
+    assert_same(ref, got)
+    assert ref[0].finish_reason == "stop" and len(ref[0].tokens) < 8
 
 
-def test_no_host_sync_state_and_room(post):
+def test_joins_mid_flight_and_growth_match_each_sequence_alone(post):
+    """Sequences join a running decoder at different steps (growing its rows, columns and noise
+    slots past their first size), others leave early; each one's tokens equal decoding it alone."""
+    post.sigma = 0.5
+    tok = post.tokenizer
+    texts = ["Hello", "The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16", "Once upon"]
+    lengths = [3, 9, 40, 7]  # the third needs more columns than the first join reserved
+    seqs = [GenSequence(tok(t).input_ids, SamplingParams(max_tokens=n, num_samples=2 + i, weight_seed=i,
+                                                         ignore_eos=True))
+            for i, (t, n) in enumerate(zip(texts, lengths))]
+    alone = [generate(post, [s.prompt_ids], s.params)[0] for s in seqs]
+    dec = StaticDecoder(post, bucket=16)
+    dec.join(DecodeBatch.prefill(post, seqs[:1]))
+    first = (dec.rows_cap, dec.length, dec.samples_cap)
+    joins = {2: seqs[1:3], 4: seqs[3:]}
+    for step in range(60):
+        if step in joins:
+            dec.join(DecodeBatch.prefill(post, joins[step]))
+        dec.filter()
+        if not dec.seqs and step > max(joins):
+            break
+        dec.step()
+    assert dec.kv_rows == 0 and not dec.seqs
+    assert (dec.rows_cap, dec.length, dec.samples_cap) > first  # the buffers grew on the way
+    assert_same(alone, seqs)
+
+
+def test_noise_slots_are_reused_after_sequences_leave(post):
+    post.sigma = 0.5
+    dec = StaticDecoder(post)
+    ids = post.tokenizer("Hi there").input_ids
+    for seed in range(5):  # one sequence at a time, each with its own weight seed
+        s = GenSequence(ids, SamplingParams(max_tokens=2, num_samples=4, weight_seed=seed, ignore_eos=True))
+        dec.join(DecodeBatch.prefill(post, [s]))
+        dec.step()
+        assert dec.filter() == [s]
+        ref = generate(post, [ids], s.params)[0]
+        assert s.token_ids == ref.token_ids
+    assert dec.samples_cap == 4  # 4 samples in use at a time: no growth past that
+
+
+def test_rows_past_the_active_ones_do_not_disturb_them(post):
+    """3 rows run in a bucket of 4: the spare row attends to its column 0 only, never NaN."""
     post.sigma = 0.5
     ps = prompts(post.tokenizer)
-    seqs = [GenSequence(p, SamplingParams(max_tokens=5, num_samples=2, ignore_eos=True)) for p in ps]
-    dec = FastDecoder(post, seqs, graph=False)
-    assert dec.room() == 4 and dec.length % 64 == 0
-    for _ in range(4):
+    seqs = [GenSequence(ps[0], SamplingParams(max_tokens=20, num_samples=3, ignore_eos=True))]
+    dec = StaticDecoder(post).join(DecodeBatch.prefill(post, seqs))
+    for _ in range(19):
         dec.step()
-    with pytest.raises(RuntimeError):
-        dec.step()
-    assert [len(t) for t in dec.finish_tokens()] == [5, 5, 5]
+    assert dec.rows_cap == 4 and dec.kv_rows == 3
+    assert torch.isfinite(dec.bias[3:, 0]).all() and int(dec.col[3]) < dec.length
+    assert_same(generate(post, ps[:1], seqs[0].params), seqs)
 
 
-def test_unsupported_falls_back(post):
-    ps = prompts(post.tokenizer)
-    sampled = SamplingParams(max_tokens=4, num_samples=2, temperature=0.7, seed=1)
-    with pytest.raises(Unsupported):
-        check_supported(post, [GenSequence(ps[0], sampled)])
-    mixed = [SamplingParams(max_tokens=4, num_samples=2), SamplingParams(max_tokens=4, num_samples=3)]
-    with pytest.raises(Unsupported):
-        check_supported(post, [GenSequence(p, sp) for p, sp in zip(ps, mixed)])
-    out = generate_fast(post, ps[:2], mixed)  # through generate
-    ref = generate(post, ps[:2], mixed)
-    assert [s.token_ids for s in out] == [s.token_ids for s in ref]
+def test_other_model_types_fall_back_to_the_eager_engine(tmp_path):
+    base = tiny.make_gpt2(tmp_path / "gpt2")
+    post = Posterior.from_adapter(load_base_model(base, dtype="float32"),
+                                  tiny.make_lora(base, tmp_path / "lora", targets=("c_attn",)))
+    assert not is_supported(post.model)
+    with pytest.raises(ValueError, match="model type 'gpt2'"):
+        StaticDecoder(post)
+    ids = [post.tokenizer("Hello world").input_ids]
+    params = SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True)
+    assert [s.token_ids for s in generate_fast(post, ids, params)] == \
+        [s.token_ids for s in generate(post, ids, params)]

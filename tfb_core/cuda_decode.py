@@ -1,61 +1,48 @@
-"""Fast greedy K-sample decoding: a static KV cache and the whole step in one CUDA graph.
+"""The decode engine for CUDA: a static KV cache and the decode step's forward in CUDA graphs.
 
-:func:`tfb_core.generation.generate` runs HF transformers eagerly with a growing
-``DynamicCache`` and reads every token back to the host (``.item()``): on a GPU each step
-costs tens of milliseconds of kernel launches and syncs, whatever K is. This module runs the
-same computation with
+:class:`~tfb_core.generation.DecodeBatch` runs HF transformers eagerly with a growing
+``DynamicCache``: on a GPU each step costs tens of milliseconds of kernel launches, whatever
+K is. :class:`StaticDecoder` is the same continuous batch (``join`` prefilled sequences,
+``step``, ``filter`` out the finished ones) with
 
-- a static KV cache, one row per (sequence, weight sample), columns bucketed to a multiple of
-  ``bucket`` so the shapes of a step never change;
-- the step written out for the Llama family (RMSNorm, RoPE, grouped-query attention, gated
-  MLP), calling the model's own modules for every projection, so the TFB layers (base weight
-  once for all rows + shared mean LoRA + rank-r noise per sample) run exactly as in the
-  engine;
-- the model average, the greedy token, its log-probability and the per-token PE / EE / MI
-  computed on the device and written into device buffers, the chosen token fed to the next
-  step on the device: no host synchronisation inside the step loop;
-- on CUDA the step captured once in a CUDA graph and replayed; on CPU (or when capture is
-  refused) the same step runs eagerly.
+- a static KV cache: one row per (sequence, weight sample), the active rows packed at the
+  front, every row writing its next K/V at its own column (sequences join at any time);
+- the step's forward written out for the Llama family (RMSNorm, RoPE, grouped-query
+  attention, gated MLP), calling the model's own modules for every projection, so the TFB
+  layers (base weight once for all rows + shared mean LoRA + rank-r noise per row) run
+  exactly as in the eager engine; each row's weight sample comes from a fixed noise buffer
+  through a row -> sample map, so requests with different K and weight seeds share a step;
+- on CUDA that forward captured once per row bucket (1, 2, 4, ... rows) in a CUDA graph and
+  replayed: one launch per step instead of thousands; on CPU (or when capture is refused) the
+  same forward runs eagerly;
+- the model average, token choice and per-token PE / EE / MI done by the engine's own
+  :func:`~tfb_core.generation.choose_tokens` (one host sync per step), so sampling, stops and
+  ``top_logprobs`` behave exactly as in the eager engine.
 
-Scope: greedy decoding (temperature 0), every sequence with the same ``num_samples`` and
-``weight_seed``, no ``top_logprobs``. :func:`generate_fast` falls back to
-:func:`~tfb_core.generation.generate` for anything else, and for model types other than
-``llama``. The prefill is the engine's own (:meth:`DecodeBatch.prefill`).
+The prefill is the engine's own (:meth:`DecodeBatch.prefill`); its KV rows are copied in by
+:meth:`StaticDecoder.join`. The noise buffers are filled with the posterior's ``sigma`` when a
+weight sample first joins; create a new decoder after changing ``sigma``.
 """
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-from typing import Sequence as Seq
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence as Seq
 
 import torch
 
-from .generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, generate
+from .generation import DecodeBatch, GenSequence, SamplingParams, choose_tokens, generate
+from .sampling import noise_stack
 from .scoring import max_context
-from .uncertainty import entropy
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
-class Unsupported(ValueError):
-    """The fast path cannot run this request; use :func:`tfb_core.generation.generate`."""
-
-
-def check_supported(post, seqs: Seq[GenSequence]) -> None:
-    model_type = getattr(post.model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise Unsupported(f"model type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    if not seqs:
-        raise Unsupported("no sequences")
-    keys = {(s.params.num_samples, s.params.weight_seed) for s in seqs}
-    if len(keys) != 1:
-        raise Unsupported("sequences with different num_samples or weight_seed")
-    for s in seqs:
-        if s.params.temperature != 0:
-            raise Unsupported("sampling (temperature > 0): only greedy decoding is graphed")
-        if s.params.top_logprobs:
-            raise Unsupported("top_logprobs")
+def is_supported(model) -> bool:
+    """Whether :class:`StaticDecoder` can run this model (the Llama family)."""
+    return getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -63,108 +50,155 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class FastDecoder:
-    """Greedy K-sample decoding of a batch of sequences with a static cache.
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
-    ``FastDecoder(post, seqs)`` runs the prefill (the engine's) and chooses every sequence's
-    first token; :meth:`step` decodes one more token for every row without a host sync;
-    :meth:`collect` reads what was decoded back into the ``GenSequence`` objects (one sync).
+
+class StaticDecoder:
+    """A continuous decode batch over a static KV cache, its step replayed from CUDA graphs.
+
+    Rows ``[0, kv_rows)`` are the active sequences' rows, ``[seq 0: K_0 rows][seq 1: K_1
+    rows]...`` as in :class:`DecodeBatch`. Buffers grow (and graphs are captured again) when
+    a join needs more rows, columns or weight samples than they hold; they never shrink, so
+    one decoder serves a whole server's life.
 
     Parameters
     ----------
     graph : bool, default=None
-        Capture the step in a CUDA graph; ``None`` means on CUDA devices.
+        Capture the step in CUDA graphs; ``None`` means on CUDA devices.
     bucket : int
-        The static cache length is rounded up to a multiple of this.
+        The cache length is rounded up to a multiple of this.
     """
 
-    def __init__(self, post, seqs: list[GenSequence], graph: bool | None = None, bucket: int = 64):
-        check_supported(post, seqs)
-        self.post = post
-        self.seqs = seqs
+    def __init__(self, post, graph: bool | None = None, bucket: int = 256):
         model = post.model
+        if not is_supported(model):
+            raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         cfg = model.config
-        self.K = seqs[0].params.num_samples
-        self.seed = seqs[0].params.weight_seed
-        self.B = len(seqs)
-        self.rows = self.B * self.K
-        self.n_layers = cfg.num_hidden_layers
+        self.post = post
+        self.bucket = bucket
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.scaling = self.head_dim ** -0.5
-
-        with torch.no_grad():
-            batch = DecodeBatch.prefill(post, seqs)  # the first token of every sequence
-        self.device = batch._device
-        T = batch.mask.shape[1]
-        limit = max_context(model)
-        longest = max(s.params.max_tokens for s in seqs)
-        room = longest - 1
-        if limit is not None:
-            room = min(room, limit - min(len(s.prompt_ids) for s in seqs) - 1)
-        self.max_new = max(room, 0)
-        self.length = max(bucket * math.ceil((T + self.max_new) / bucket), T + 1)
-        dev, dtype = self.device, next(model.parameters()).dtype
-        shape = (self.rows, self.kv_heads, self.length, self.head_dim)
-        self.kc, self.vc = [], []
-        for layer in batch.cache.layers:
-            k = torch.zeros(shape, device=dev, dtype=layer.keys.dtype)
-            v = torch.zeros(shape, device=dev, dtype=layer.values.dtype)
-            k[:, :, :T] = layer.keys
-            v[:, :, :T] = layer.values
-            self.kc.append(k)
-            self.vc.append(v)
-        del batch.cache
-        # attention bias over the cache columns: 0 where a row has a real token, -inf elsewhere
-        bias = torch.full((self.rows, self.length), float("-inf"), device=dev)
-        bias[:, :T].masked_fill_(batch.mask.to(dev).bool(), 0.0)
-        self.bias = bias[:, None, None, :]  # (rows, 1, 1, length)
-        self.col = torch.tensor([T], device=dev)  # the column the next token's K/V go to
-        self.pos = batch.positions.to(dev).clone()  # (rows,) position of the next token
-        self.tok = batch.last.to(dev).clone()  # (rows,) the token to feed next
-        self.t = torch.zeros(1, dtype=torch.long, device=dev)  # steps done (device side)
-        n = max(self.max_new, 1)
-        self.out_tok = torch.zeros(n, self.B, dtype=torch.long, device=dev)
-        self.out_logp = torch.zeros(n, self.B, device=dev)
-        self.out_pe = torch.zeros(n, self.B, device=dev)
-        self.out_ee = torch.zeros(n, self.B, device=dev)
-        self.done = 0  # steps run (host side)
-        self.collected = 0  # steps read back into seqs
-        self.use_graph = (dev.type == "cuda") if graph is None else graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graphed = False
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.sigma = post.sigma
+        self.limit = max_context(model)
+        self.use_graph = (self.device.type == "cuda") if graph is None else graph
+        self.seqs: list[GenSequence] = []
+        self.ends: list[int] = []  # per sequence: the cache columns its rows need
+        self.n = 0  # active rows
+        self.rows_cap = self.length = self.samples_cap = 0
+        self.slot_of: dict[tuple[int, int], int] = {}  # (weight seed, k) -> noise buffer index
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_error: str | None = None
-        self._keep: list = []
+        self._pool = None
 
-    # --- the step ------------------------------------------------------------------------
+    @property
+    def kv_rows(self) -> int:
+        return self.n
 
-    def room(self) -> int:
-        """Steps that can still run (the static cache and the longest max_tokens)."""
-        return self.max_new - self.done
+    @property
+    def graphed(self) -> bool:
+        return bool(self.graphs)
+
+    # --- membership ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Decode one token for every row. No host synchronisation."""
-        if self.room() <= 0:
-            raise RuntimeError("no room left: every sequence reached its max_tokens")
-        if self.use_graph and self.graph is None and self.capture_error is None:
-            self._capture()
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            with self.post.samples(num_samples=self.K, seed=self.seed):
-                self._body()
-        self.done += 1
+    def join(self, batch: DecodeBatch) -> "StaticDecoder":
+        """Take over a prefilled batch: copy its KV rows in after the active rows."""
+        m, T = len(batch.mask), batch.mask.shape[1]
+        seqs = list(batch.seqs)
+        ends = [T + self._steps_left(s) for s in seqs]
+        keys = {(s.params.weight_seed, k) for s in self.seqs + seqs for k in range(s.params.num_samples)}
+        self._reserve(self.n + m, max(self.ends + ends), len(keys))
+        self._assign_samples(seqs)
+        r = slice(self.n, self.n + m)
+        for i, layer in enumerate(batch.cache.layers):
+            self.kc[i][r, :, :T] = layer.keys
+            self.vc[i][r, :, :T] = layer.values
+        self.bias[r] = float("-inf")
+        self.bias[r, :T].masked_fill_(batch.mask.to(self.device).bool(), 0.0)
+        self.col[r] = T
+        self.pos[r] = batch.positions.to(self.device)
+        self.tok[r] = batch.last.to(self.device)
+        self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
+                                      for k in range(s.params.num_samples)], device=self.device)
+        self.seqs += seqs
+        self.ends += ends
+        self.n += m
+        batch.cache = None
+        return self
 
-    def _body(self) -> None:
+    def filter(self) -> list[GenSequence]:
+        """Drop finished sequences and pack the remaining rows at the front; returns the dropped."""
+        keep, kept, ends, done, row = [], [], [], [], 0
+        for s, end in zip(self.seqs, self.ends):
+            K = s.params.num_samples
+            if s.finished:
+                done.append(s)
+            else:
+                kept.append(s)
+                ends.append(end)
+                keep.extend(range(row, row + K))
+            row += K
+        if not done:
+            return done
+        first = next((j for j, r in enumerate(keep) if r != j), len(keep))  # rows before it stay
+        if first < len(keep):
+            idx = torch.tensor(keep[first:], device=self.device)
+            dst = slice(first, len(keep))
+            with torch.no_grad():
+                for buf in self.kc + self.vc + [self.bias, self.col, self.pos, self.tok, self.slots]:
+                    buf[dst] = buf.index_select(0, idx)
+        self._reset_rows(len(keep), self.n)
+        self.seqs, self.ends, self.n = kept, ends, len(keep)
+        return done
+
+    def _steps_left(self, s: GenSequence) -> int:
+        steps = s.params.max_tokens - len(s.tokens)
+        if self.limit is not None:
+            steps = min(steps, self.limit - len(s.prompt_ids) - len(s.tokens))
+        return max(steps, 0)
+
+    # --- one step --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """Feed every row's last token, choose the next token of every sequence.
+
+        Returns the step's duration in seconds (forward + choice, synchronised by the choice).
+        """
+        t0 = time.perf_counter()
+        if self.n:
+            logits = self._run(min(_pow2(self.n), self.rows_cap))[:self.n]
+            self.tok[:self.n] = choose_tokens(self.post, self.seqs, logits)
+        return time.perf_counter() - t0
+
+    def _run(self, rows: int) -> torch.Tensor:
+        if self.use_graph and self.capture_error is None:
+            if rows not in self.graphs:
+                self._capture(rows)
+            if rows in self.graphs:
+                graph, logits = self.graphs[rows]
+                graph.replay()
+                return logits
+        with self._noise(rows):
+            return self._forward(rows)
+
+    def _forward(self, rows: int) -> torch.Tensor:
+        """One token for rows ``[0, rows)`` through the model: last-position logits (rows, V)."""
         model = self.post.model
         inner = model.model
-        rows, H, KVH, hd = self.rows, self.heads, self.kv_heads, self.head_dim
-        G = H // KVH
-        self.bias.index_fill_(-1, self.col, 0.0)  # the new column is real for every row
-        x = inner.embed_tokens(self.tok[:, None])  # (rows, 1, d)
-        cos, sin = inner.rotary_emb(x, self.pos[:, None])  # (rows, 1, hd)
+        H, KVH, hd = self.heads, self.kv_heads, self.head_dim
+        tok, pos, col, bias = self.tok[:rows], self.pos[:rows], self.col[:rows], self.bias[:rows]
+        bias.scatter_(1, col[:, None], 0.0)  # each row's new column is real
+        at = col.view(rows, 1, 1, 1).expand(rows, KVH, 1, hd)
+        mask = bias[:, None, None, :]  # (rows, 1, 1, length)
+        x = inner.embed_tokens(tok[:, None])  # (rows, 1, d)
+        cos, sin = inner.rotary_emb(x, pos[:, None])  # (rows, 1, hd)
         cos, sin = cos[:, None], sin[:, None]  # (rows, 1, 1, hd)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
@@ -174,112 +208,135 @@ class FastDecoder:
             v = attn.v_proj(h).view(rows, 1, KVH, hd).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            kc, vc = self.kc[i], self.vc[i]
-            kc.index_copy_(2, self.col, k.to(kc.dtype))
-            vc.index_copy_(2, self.col, v.to(vc.dtype))
+            kc, vc = self.kc[i][:rows], self.vc[i][:rows]
+            kc.scatter_(2, at, k.to(kc.dtype))
+            vc.scatter_(2, at, v.to(vc.dtype))
             # grouped-query attention over the static cache, one query per row
-            qg = q.reshape(rows, KVH, G, hd)
+            qg = q.reshape(rows, KVH, H // KVH, hd)
             scores = torch.matmul(qg, kc.transpose(-1, -2)).float() * self.scaling  # (rows, KVH, G, L)
-            w = torch.softmax(scores + self.bias, -1).to(vc.dtype)
-            o = torch.matmul(w, vc)  # (rows, KVH, G, hd)
-            o = o.reshape(rows, 1, H * hd).to(x.dtype)
+            w = torch.softmax(scores + mask, -1).to(vc.dtype)
+            o = torch.matmul(w, vc).reshape(rows, 1, H * hd).to(x.dtype)
             x = x + attn.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = inner.norm(x)
-        logits = model.lm_head(x).float()[:, -1]  # (rows, V)
-        self._choose(logits)
+        logits = model.lm_head(inner.norm(x)).float()[:, -1]
+        pos.add_(1)
+        col.add_(1).clamp_max_(self.length - 1)  # only rows past every sequence's end reach it
+        return logits
 
-    def _choose(self, logits: torch.Tensor) -> None:
-        """The model average of each sequence's K rows, its greedy token and uncertainty."""
-        pk = torch.softmax(logits, -1).view(self.B, self.K, -1)  # (B, K, V)
-        p = pk.mean(1)  # (B, V)
-        token = p.argmax(-1)  # (B,)
-        logp = torch.log(p.gather(1, token[:, None])[:, 0].clamp_min(1e-45))
-        self.out_tok.index_copy_(0, self.t, token[None])
-        self.out_logp.index_copy_(0, self.t, logp[None])
-        self.out_pe.index_copy_(0, self.t, entropy(p)[None])
-        self.out_ee.index_copy_(0, self.t, entropy(pk).mean(1)[None])
-        self.tok.copy_(token.repeat_interleave(self.K))
-        self.pos.add_(1)
-        self.col.add_(1)
-        self.t.add_(1)
-
-    def _capture(self) -> None:
-        """Warm up on a side stream, capture one step, restore the state the warm-up moved."""
-        state = [self.bias, self.col, self.pos, self.tok, self.t]
-        saved = [s.clone() for s in state]
+    @contextmanager
+    def _noise(self, rows: int) -> Iterator[None]:
+        """The TFB layers read each row's noise from the fixed buffers through ``slots``."""
         try:
-            with self.post.samples(num_samples=self.K, seed=self.seed):
-                # keep the noise tensors alive: the graph holds their addresses
-                self._keep = [layer.noise for layer in self.post.layers]
+            for layer, noise in zip(self.post.layers, self.noise):  # no buffers when sigma == 0
+                layer.noise, layer.slots = noise, self.slots[:rows]
+            yield
+        finally:
+            for layer in self.post.layers:
+                layer.noise = layer.slots = None
+
+    def _capture(self, rows: int) -> None:
+        """Warm up on a side stream, capture one step, restore the state the warm-up moved.
+
+        The warm-up also writes K/V at each row's next two columns: columns no row attends to
+        yet, written again by the real step before they are unmasked.
+        """
+        state = [self.bias, self.col, self.pos]
+        saved = [s[:rows].clone() for s in state]
+        try:
+            with self._noise(rows):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(2):
-                        self._body()
+                        self._forward(rows)
                 torch.cuda.current_stream().wait_stream(stream)
                 for s, v in zip(state, saved):
-                    s.copy_(v)
+                    s[:rows] = v
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._body()
-            self.graph = graph
-            self.graphed = True
-        except Exception as e:  # e.g. an op that syncs: run eagerly instead
+                with torch.cuda.graph(graph, pool=self._pool):
+                    logits = self._forward(rows)
+            self.graphs[rows] = (graph, logits)
+        except Exception as e:  # e.g. an op that syncs: run eagerly from now on
             self.capture_error = f"{type(e).__name__}: {e}"
-            self.graph = None
+            self.graphs.clear()
             torch.cuda.synchronize()
         for s, v in zip(state, saved):
-            s.copy_(v)
+            s[:rows] = v
 
-    # --- reading back ----------------------------------------------------------------------
+    # --- buffers ---------------------------------------------------------------------------
 
-    def collect(self) -> None:
-        """Copy the tokens decoded since the last call into the sequences (one host sync)."""
-        if self.collected >= self.done:
+    def _reserve(self, rows: int, length: int, samples: int) -> None:
+        """Grow the buffers to hold ``rows`` rows of ``length`` columns and ``samples`` draws."""
+        length = self.bucket * math.ceil(max(length, 1) / self.bucket)
+        if rows <= self.rows_cap and length <= self.length and samples <= self.samples_cap:
             return
-        sl = slice(self.collected, self.done)
-        toks = self.out_tok[sl].cpu().tolist()
-        logps = self.out_logp[sl].cpu().tolist()
-        pes = self.out_pe[sl].cpu().tolist()
-        ees = self.out_ee[sl].cpu().tolist()
-        finisher = SimpleNamespace(post=self.post)
-        for j in range(len(toks)):
-            for b, s in enumerate(self.seqs):
-                if s.finished:
+        old = self.__dict__.copy() if self.rows_cap else None
+        R, L, S = max(_pow2(rows), self.rows_cap), max(length, self.length), max(_pow2(samples), self.samples_cap)
+        dev, n, layers = self.device, self.n, self.post.model.model.layers
+        shape = (R, self.kv_heads, L, self.head_dim)
+        self.kc = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in layers]
+        self.vc = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in layers]
+        self.bias = torch.full((R, L), float("-inf"), device=dev)
+        self.col = torch.zeros(R, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(R, dtype=torch.long, device=dev)
+        self.tok = torch.zeros(R, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(R, dtype=torch.long, device=dev)
+        self.noise = [torch.zeros(S, *layer.lora_A.shape, device=dev, dtype=layer.lora_A.dtype)
+                      for layer in self.post.layers] if self.sigma > 0 else []
+        self._reset_rows(0, R)
+        if old is not None:
+            Lo = old["length"]
+            for new, prev in zip(self.kc + self.vc, old["kc"] + old["vc"]):
+                new[:n, :, :Lo] = prev[:n]
+            self.bias[:n, :Lo] = old["bias"][:n]
+            for name in ("col", "pos", "tok", "slots"):
+                getattr(self, name)[:n] = old[name][:n]
+            for new, prev in zip(self.noise, old["noise"]):
+                new[:old["samples_cap"]] = prev
+        self.rows_cap, self.length, self.samples_cap = R, L, S
+        self.graphs.clear()  # captured on the old buffers
+        del old
+
+    def _reset_rows(self, start: int, stop: int) -> None:
+        """Rows past the active ones: attend to column 0 only, write there (finite, never NaN)."""
+        if start >= stop:
+            return
+        self.bias[start:stop] = float("-inf")
+        self.bias[start:stop, 0] = 0.0
+        for buf in (self.col, self.pos, self.tok, self.slots):
+            buf[start:stop] = 0
+
+    def _assign_samples(self, seqs: Seq[GenSequence]) -> None:
+        """Give every weight sample of ``seqs`` a noise buffer slot, reusing unused slots."""
+        used = {(s.params.weight_seed, k) for s in self.seqs for k in range(s.params.num_samples)}
+        self.slot_of = {key: i for key, i in self.slot_of.items() if key in used}
+        free = sorted(set(range(self.samples_cap)) - set(self.slot_of.values()))
+        for s in seqs:
+            for k in range(s.params.num_samples):
+                key = (s.params.weight_seed, k)
+                if key in self.slot_of:
                     continue
-                pe, ee = pes[j][b], ees[j][b]
-                s.tokens.append(TokenInfo(toks[j][b], max(logps[j][b], math.log(1e-45)),
-                                          pe, ee, max(pe - ee, 0.0)))
-                DecodeBatch._update_finish(finisher, s)  # the engine's own stop rules
-        self.collected = self.done
-
-    def all_finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
-
-    def finish_tokens(self) -> list[list[int]]:
-        self.collect()
-        return [s.token_ids for s in self.seqs]
+                slot = self.slot_of[key] = free.pop(0)
+                if self.sigma > 0:
+                    z = self.post.draws.get(*key)
+                    for buf, layer, zi in zip(self.noise, self.post.layers, z):
+                        buf[slot] = noise_stack(layer, [zi], self.sigma)[0]
 
 
 def generate_fast(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams],
-                  graph: bool | None = None, sync_every: int = 32) -> list[GenSequence]:
-    """Like :func:`tfb_core.generation.generate`, through :class:`FastDecoder` where it applies
-    (greedy, one K and weight seed, Llama family), else through ``generate``.
-
-    The host reads the decoded tokens every ``sync_every`` steps to stop early once every
-    sequence has finished; tokens past a sequence's stop are computed and discarded.
-    """
+                  graph: bool | None = None) -> list[GenSequence]:
+    """Like :func:`tfb_core.generation.generate`, through :class:`StaticDecoder` where the model
+    is supported (else through ``generate``)."""
+    if not is_supported(post.model):
+        return generate(post, prompts, params)
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(prompts, params))]
-    try:
-        check_supported(post, seqs)
-    except Unsupported:
-        return generate(post, prompts, params)
-    dec = FastDecoder(post, seqs, graph=graph)
-    while not dec.all_finished() and dec.room() > 0:
-        for _ in range(min(sync_every, dec.room())):
-            dec.step()
-        dec.collect()
+    decoder = StaticDecoder(post, graph=graph).join(DecodeBatch.prefill(post, seqs))
+    decoder.filter()
+    while decoder.seqs:
+        decoder.step()
+        decoder.filter()
     return seqs

@@ -134,7 +134,7 @@ class DecodeBatch:
         ids, mask = ids.to(dev), mask.to(dev)
         batch = cls(post, seqs, DynamicCache(), mask, mask.sum(-1), ids[:, -1])
         logits = batch._forward(ids, (mask.cumsum(-1) - 1).clamp_min(0))
-        batch._choose(logits)
+        batch.last = choose_tokens(post, seqs, logits)
         return batch
 
     @classmethod
@@ -175,7 +175,7 @@ class DecodeBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], 1)
         logits = self._forward(self.last[:, None], self.positions[:, None])
         self.positions = self.positions + 1
-        self._choose(logits)
+        self.last = choose_tokens(self.post, self.seqs, logits)
         return time.perf_counter() - t0
 
     def filter(self) -> list[GenSequence]:
@@ -237,59 +237,6 @@ class DecodeBatch:
             return list(keys), None
         return list(keys), torch.tensor(slots, dtype=torch.long)
 
-    def _choose(self, logits: torch.Tensor) -> None:
-        """Average each sequence's K distributions, pick its token, record its uncertainty.
-
-        All sequences at once on the model's device; one transfer to the host per step (plus
-        one per sequence that samples with a temperature).
-        """
-        probs = torch.softmax(logits, -1)  # (rows, V)
-        Ks = [s.params.num_samples for s in self.seqs]
-        S, dev = len(Ks), probs.device
-        if len(set(Ks)) == 1:  # rows b*K + k: a view
-            pk = probs.view(S, Ks[0], -1)
-            p, ee = pk.mean(1), entropy(pk).mean(1)  # (S, V), (S,)
-        else:
-            seg = torch.repeat_interleave(torch.arange(S, device=dev), torch.tensor(Ks, device=dev))
-            k = torch.tensor(Ks, device=dev, dtype=probs.dtype)
-            p = torch.zeros(S, probs.shape[1], device=dev, dtype=probs.dtype).index_add_(0, seg, probs) / k[:, None]
-            ee = torch.zeros(S, device=dev, dtype=probs.dtype).index_add_(0, seg, entropy(probs)) / k
-        pe = entropy(p)
-        tokens = p.argmax(-1)  # greedy; sampled sequences are replaced below
-        for i, s in enumerate(self.seqs):
-            if s.params.temperature > 0 and not s.finished:
-                tokens[i] = pick_token(p[i], s.params, s.generator)
-        logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
-        n_top = max((s.params.top_logprobs for s in self.seqs), default=0)
-        top_v, top_i = p.topk(n_top) if n_top else (p[:, :0], tokens[:, None][:, :0])
-        stats = torch.stack([pe, ee, logp]).double().cpu()  # the one sync of the step
-        token_ids, top_v, top_i = tokens.cpu().tolist(), top_v.double().cpu(), top_i.cpu()
-        for i, s in enumerate(self.seqs):
-            if s.finished:
-                continue
-            pe_i, ee_i, lp_i = stats[:, i].tolist()
-            n = s.params.top_logprobs
-            top = [(int(t), math.log(max(v, 1e-45))) for v, t in zip(top_v[i, :n].tolist(), top_i[i, :n].tolist())]
-            s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top))
-            self._update_finish(s)
-        self.last = torch.repeat_interleave(tokens, torch.tensor(Ks, device=dev))
-
-    def _update_finish(self, s: GenSequence) -> None:
-        tok = self.post.tokenizer
-        s.text = tok.decode(s.token_ids, skip_special_tokens=True)
-        eos = _eos_ids(tok, self.post.model)
-        limit = max_context(self.post.model)
-        if not s.params.ignore_eos and s.tokens[-1].token_id in eos:
-            s.finish_reason = "stop"
-        hits = [at for at in (s.text.find(stop) for stop in s.params.stop if stop) if at >= 0]
-        if hits:  # the earliest stop string wins
-            s.text = s.text[:min(hits)]
-            s.finish_reason = "stop"
-            return
-        if s.finish_reason is None and (len(s.tokens) >= s.params.max_tokens or
-                                        (limit is not None and len(s.prompt_ids) + len(s.tokens) >= limit)):
-            s.finish_reason = "length"
-
     def _trim(self) -> None:
         """Drop leading columns that are padding in every row."""
         real = self.mask.any(0).nonzero()
@@ -299,6 +246,62 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys = layer.keys[..., start:, :]
                 layer.values = layer.values[..., start:, :]
+
+
+def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.Tensor:
+    """Average each sequence's K distributions, pick its token, record its uncertainty.
+
+    ``logits``: (rows, V), the rows of ``seqs`` in order (K_i rows each). All sequences at
+    once on the model's device; one transfer to the host per step (plus one per sequence that
+    samples with a temperature). Returns the token to feed next, per row.
+    """
+    probs = torch.softmax(logits, -1)  # (rows, V)
+    Ks = [s.params.num_samples for s in seqs]
+    S, dev = len(Ks), probs.device
+    if len(set(Ks)) == 1:  # rows b*K + k: a view
+        pk = probs.view(S, Ks[0], -1)
+        p, ee = pk.mean(1), entropy(pk).mean(1)  # (S, V), (S,)
+    else:
+        seg = torch.repeat_interleave(torch.arange(S, device=dev), torch.tensor(Ks, device=dev))
+        k = torch.tensor(Ks, device=dev, dtype=probs.dtype)
+        p = torch.zeros(S, probs.shape[1], device=dev, dtype=probs.dtype).index_add_(0, seg, probs) / k[:, None]
+        ee = torch.zeros(S, device=dev, dtype=probs.dtype).index_add_(0, seg, entropy(probs)) / k
+    pe = entropy(p)
+    tokens = p.argmax(-1)  # greedy; sampled sequences are replaced below
+    for i, s in enumerate(seqs):
+        if s.params.temperature > 0 and not s.finished:
+            tokens[i] = pick_token(p[i], s.params, s.generator)
+    logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
+    n_top = max((s.params.top_logprobs for s in seqs), default=0)
+    top_v, top_i = p.topk(n_top) if n_top else (p[:, :0], tokens[:, None][:, :0])
+    stats = torch.stack([pe, ee, logp]).double().cpu()  # the one sync of the step
+    token_ids, top_v, top_i = tokens.cpu().tolist(), top_v.double().cpu(), top_i.cpu()
+    for i, s in enumerate(seqs):
+        if s.finished:
+            continue
+        pe_i, ee_i, lp_i = stats[:, i].tolist()
+        n = s.params.top_logprobs
+        top = [(int(t), math.log(max(v, 1e-45))) for v, t in zip(top_v[i, :n].tolist(), top_i[i, :n].tolist())]
+        s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top))
+        update_finish(post, s)
+    return torch.repeat_interleave(tokens, torch.tensor(Ks, device=dev))
+
+
+def update_finish(post, s: GenSequence) -> None:
+    """Set ``s.text`` and, once it ends (EOS, a stop string, max_tokens, the context), its finish reason."""
+    tok = post.tokenizer
+    s.text = tok.decode(s.token_ids, skip_special_tokens=True)
+    if not s.params.ignore_eos and s.tokens[-1].token_id in _eos_ids(tok, post.model):
+        s.finish_reason = "stop"
+    hits = [at for at in (s.text.find(stop) for stop in s.params.stop if stop) if at >= 0]
+    if hits:  # the earliest stop string wins
+        s.text = s.text[:min(hits)]
+        s.finish_reason = "stop"
+        return
+    limit = max_context(post.model)
+    if s.finish_reason is None and (len(s.tokens) >= s.params.max_tokens or
+                                    (limit is not None and len(s.prompt_ids) + len(s.tokens) >= limit)):
+        s.finish_reason = "length"
 
 
 def pick_token(p: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
