@@ -1,6 +1,7 @@
 """Text generation: OpenAI completions and chat, decoded from the model average of K samples.
 
-Worker side (:class:`GenerationEngine`): owns the running :class:`DecodeBatch`. New sequences
+Worker side (:class:`GenerationEngine`): owns the running batch (a :class:`StaticDecoder` with
+CUDA graphs on CUDA for the Llama family, else an eager :class:`DecodeBatch`). New sequences
 are prefilled and join it between decode steps (continuous batching); every step advances all
 active sequences at once; a finished, timed-out or cancelled sequence leaves at the next step
 boundary and its KV rows are freed. Each new token is sent to its request as a
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from tfb_core.errors import TFBError
+from tfb_core.cuda_decode import StaticDecoder, use_static
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, safe_text
 from tfb_core.scoring import apply_chat, max_context
 
@@ -80,10 +82,13 @@ class GenWork:
 class GenerationEngine:
     """The running decode batch; every method runs on the scheduler's worker thread."""
 
-    def __init__(self, post, metrics: Metrics):
+    def __init__(self, post, metrics: Metrics, static: bool | None = None):
         self.post = post
         self.metrics = metrics
-        self.batch: DecodeBatch | None = None
+        # on CUDA (Llama family) the static-cache decoder with CUDA graphs; else the eager batch
+        self.static = use_static(post) if static is None else static
+        self.decoder = StaticDecoder(post) if self.static else None  # kept: its buffers and graphs
+        self.batch: DecodeBatch | StaticDecoder | None = None
         self.works: dict[int, GenWork] = {}  # id(seq) -> work
 
     @property
@@ -92,7 +97,7 @@ class GenerationEngine:
 
     @property
     def kv_rows(self) -> int:
-        return len(self.batch.mask) if self.batch is not None else 0
+        return self.batch.kv_rows if self.batch is not None else 0
 
     def admit(self, works: list[GenWork]) -> list:
         """Prefill new sequences in one forward and join them to the running batch."""
@@ -102,12 +107,15 @@ class GenerationEngine:
                 self.works[id(w.seq)] = w
             try:
                 new = DecodeBatch.prefill(self.post, [w.seq for w in works])
+                self._emit(new.seqs)
+                if self.decoder is not None:
+                    self.batch = self.decoder.join(new)
+                else:
+                    self.batch = new if self.batch is None else DecodeBatch.concatenate([self.batch, new])
             except Exception:
                 for w in works:
                     self.works.pop(id(w.seq), None)
                 raise
-            self._emit(new.seqs)
-            self.batch = new if self.batch is None else DecodeBatch.concatenate([self.batch, new])
             self._retire()
         return [PENDING] * len(works)
 
@@ -131,6 +139,8 @@ class GenerationEngine:
             w.loop.call_soon_threadsafe(_put, w, GenEvent(None, "", "error"))
         self.works.clear()
         self.batch = None
+        if self.decoder is not None:  # its state may be half-stepped: start a fresh one
+            self.decoder = StaticDecoder(self.post)
         self.metrics.kv_rows.labels(self.metrics.model).set(0)
 
     def _emit(self, seqs: list[GenSequence]) -> None:

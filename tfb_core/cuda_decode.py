@@ -45,6 +45,11 @@ def is_supported(model) -> bool:
     return getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
 
 
+def use_static(post) -> bool:
+    """Whether a server should decode with :class:`StaticDecoder`: a supported model on CUDA."""
+    return is_supported(post.model) and next(post.model.parameters()).device.type == "cuda"
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -268,36 +273,37 @@ class StaticDecoder:
     # --- buffers ---------------------------------------------------------------------------
 
     def _reserve(self, rows: int, length: int, samples: int) -> None:
-        """Grow the buffers to hold ``rows`` rows of ``length`` columns and ``samples`` draws."""
+        """Grow the buffers to hold ``rows`` rows of ``length`` columns and ``samples`` draws.
+
+        All or nothing: the new buffers are allocated and filled before any replaces the old
+        (an out-of-memory error leaves the running batch as it was).
+        """
         length = self.bucket * math.ceil(max(length, 1) / self.bucket)
         if rows <= self.rows_cap and length <= self.length and samples <= self.samples_cap:
             return
-        old = self.__dict__.copy() if self.rows_cap else None
         R, L, S = max(_pow2(rows), self.rows_cap), max(length, self.length), max(_pow2(samples), self.samples_cap)
-        dev, n, layers = self.device, self.n, self.post.model.model.layers
+        dev, n = self.device, self.n
         shape = (R, self.kv_heads, L, self.head_dim)
-        self.kc = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in layers]
-        self.vc = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in layers]
-        self.bias = torch.full((R, L), float("-inf"), device=dev)
-        self.col = torch.zeros(R, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(R, dtype=torch.long, device=dev)
-        self.tok = torch.zeros(R, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(R, dtype=torch.long, device=dev)
-        self.noise = [torch.zeros(S, *layer.lora_A.shape, device=dev, dtype=layer.lora_A.dtype)
-                      for layer in self.post.layers] if self.sigma > 0 else []
-        self._reset_rows(0, R)
-        if old is not None:
-            Lo = old["length"]
-            for new, prev in zip(self.kc + self.vc, old["kc"] + old["vc"]):
-                new[:n, :, :Lo] = prev[:n]
-            self.bias[:n, :Lo] = old["bias"][:n]
+        layers = self.post.model.model.layers
+        new = {"kc": [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in layers],
+               "vc": [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in layers],
+               "bias": torch.full((R, L), float("-inf"), device=dev),
+               "noise": [torch.zeros(S, *layer.lora_A.shape, device=dev, dtype=layer.lora_A.dtype)
+                         for layer in self.post.layers] if self.sigma > 0 else []}
+        new["bias"][:, 0] = 0.0  # rows past the active ones (see _reset_rows)
+        for name in ("col", "pos", "tok", "slots"):
+            new[name] = torch.zeros(R, dtype=torch.long, device=dev)
+        if self.rows_cap:  # copy the active rows and the noise in use
+            for dst, src in zip(new["kc"] + new["vc"], self.kc + self.vc):
+                dst[:n, :, :self.length] = src[:n]
+            new["bias"][:n, :self.length] = self.bias[:n]
             for name in ("col", "pos", "tok", "slots"):
-                getattr(self, name)[:n] = old[name][:n]
-            for new, prev in zip(self.noise, old["noise"]):
-                new[:old["samples_cap"]] = prev
-        self.rows_cap, self.length, self.samples_cap = R, L, S
+                new[name][:n] = getattr(self, name)[:n]
+            for dst, src in zip(new["noise"], self.noise):
+                dst[:self.samples_cap] = src
         self.graphs.clear()  # captured on the old buffers
-        del old
+        self.__dict__.update(new)
+        self.rows_cap, self.length, self.samples_cap = R, L, S
 
     def _reset_rows(self, start: int, stop: int) -> None:
         """Rows past the active ones: attend to column 0 only, write there (finite, never NaN)."""

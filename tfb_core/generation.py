@@ -109,6 +109,10 @@ class DecodeBatch:
         self.positions = positions  # (rows,) position of the next token
         self.last = last  # (rows,) the token to feed next
 
+    @property
+    def kv_rows(self) -> int:
+        return len(self.mask)
+
     # --- construction -------------------------------------------------------------------
 
     @classmethod
