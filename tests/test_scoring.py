@@ -13,7 +13,7 @@ from conftest import explicit_model, fresh_base, mc_items, paper_prompt, peft_mo
 from tfb_core.data import MCItem
 from tfb_core.errors import TFBError
 from tfb_core.posterior import Posterior
-from tfb_core.scoring import choice_probs, encode_item, predict, score_items
+from tfb_core.scoring import choice_probs, encode_item, predict, score_items, target_log_probs
 from tfb_core.uncertainty import decompose
 
 SIGMA = 0.05
@@ -118,6 +118,37 @@ def test_sequence_sigma_zero_equals_peft(post, llama_dir, lora_dir, items):
     got = score_items(post, items[:3], "sequence", num_samples=1, sigma=0.0)
     for i, item in enumerate(items[:3]):
         assert (got[i, 0].double() - ref_sequence(ref, post.tokenizer, item)).abs().max().item() < 1e-5
+
+
+# --- the log-probs that are computed ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 700, 1 << 24])  # logits per logsumexp chunk: < 1 row, ~1 row, all
+def test_target_log_probs_equal_a_float64_log_softmax(dtype, chunk):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(7, 3, 500, generator=gen) * 8).to(dtype)  # (rows, keep, V)
+    wanted = [(torch.randint(0, 3, (n,), generator=gen).tolist(), torch.randint(0, 500, (n,), generator=gen).tolist())
+              for n in (1, 4, 2, 3, 1, 5, 2)]
+    ref = torch.log_softmax(logits.double(), -1)
+    got = target_log_probs(logits, wanted, chunk_elements=chunk)
+    assert len(got) == len(wanted)
+    for b, ((pos, tok), lp) in enumerate(zip(wanted, got)):
+        assert lp.dtype == torch.float64 and lp.shape == (len(tok),)
+        torch.testing.assert_close(lp, ref[b, pos, tok], atol=2e-5, rtol=0)
+
+
+def test_target_log_probs_allocate_no_full_float_copy():
+    """bf16 logits: only a chunk is ever upcast; the largest new tensor is far below (rows, keep, V) float32."""
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(64, 4, 2000).to(torch.bfloat16)
+    wanted = [([3, 3], [5, 7])] * 64
+    full = logits.numel() * 4
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        target_log_probs(logits, wanted, chunk_elements=8000)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest <= full // 16, (largest, full)
 
 
 # --- mixed requests in one forward -----------------------------------------------------------------

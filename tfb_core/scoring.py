@@ -150,34 +150,38 @@ def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, 
     regular = len({s for s in samples}) == 1  # one (seed, K) for all: row b*K + k -> sample k
     if regular:
         with post.samples(num_samples=samples[0][1], seed=samples[0][0], sigma=sigma):
-            logprobs = _forward(post.model, rows, keep)
+            logits = _forward(post.model, rows, keep)
     else:
         slots = torch.tensor(slot_ids, dtype=torch.long)
         with post.mixed_samples(list(keys), slots, sigma=sigma):
-            logprobs = _forward(post.model, rows, keep)
-    # logprobs: (rows, keep, V) log-softmax of the last `keep` positions
-    out = [torch.empty(K, enc.num_choices) for enc, (_, K) in zip(encoded, samples)]
+            logits = _forward(post.model, rows, keep)
+    # logits: (rows, keep, V) of the last `keep` positions; only the scored log-probs are computed
+    logprobs = target_log_probs(logits, [_wanted(encoded[i], j, keep) for i, j, _ in owners])
     scores = [torch.empty(K, enc.num_choices, dtype=torch.float64) for enc, (_, K) in zip(encoded, samples)]
-    for row, (i, j, k) in enumerate(owners):
+    for (i, j, k), lp in zip(owners, logprobs):
         enc = encoded[i]
         if enc.mode is Mode.LETTER:
-            scores[i][k] = logprobs[row, -1, enc.targets[0]].double()
+            scores[i][k] = lp
         else:
-            cont = enc.targets[j]
-            pos = torch.arange(keep - 1 - len(cont), keep - 1)  # logits that predict the choice
-            lp = logprobs[row, pos, cont].double().sum()
-            scores[i][k, j] = lp / len(cont) if enc.length_normalize else lp
-    for i in range(len(encoded)):
-        out[i] = torch.softmax(scores[i], -1).float()
-    return out
+            scores[i][k, j] = lp.sum() / len(lp) if enc.length_normalize else lp.sum()
+    return [torch.softmax(s, -1).float() for s in scores]
 
 
 def _kept(enc: Encoded) -> list[list[int]]:
     return [[]] if enc.mode is Mode.LETTER else enc.targets
 
 
+def _wanted(enc: Encoded, j: int, keep: int) -> tuple[list[int], list[int]]:
+    """(positions, tokens) among the last ``keep`` positions whose log-probs score sequence j."""
+    if enc.mode is Mode.LETTER:
+        labels = enc.targets[0]
+        return [keep - 1] * len(labels), labels  # the label tokens after the prompt
+    cont = enc.targets[j]
+    return list(range(keep - 1 - len(cont), keep - 1)), cont  # the logits that predict the choice
+
+
 def _forward(model, rows: list[list[int]], keep: int) -> torch.Tensor:
-    """Left-padded forward; log-softmax of the last ``keep`` positions: (rows, keep, V)."""
+    """Left-padded forward; the logits of the last ``keep`` positions: (rows, keep, V)."""
     device = next(model.parameters()).device
     T = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
@@ -186,9 +190,29 @@ def _forward(model, rows: list[list[int]], keep: int) -> torch.Tensor:
         ids[b, T - len(r):] = torch.tensor(r)
         mask[b, T - len(r):] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   position_ids=position_ids.to(device), logits_to_keep=keep, use_cache=False).logits
-    return torch.log_softmax(logits.float(), -1)
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                 position_ids=position_ids.to(device), logits_to_keep=keep, use_cache=False).logits
+
+
+def target_log_probs(logits: torch.Tensor, wanted: Sequence[tuple[list[int], list[int]]],
+                     chunk_elements: int = 1 << 24) -> list[torch.Tensor]:
+    """``log_softmax(logits)[b, p, t]`` for each row b's wanted (positions p, tokens t).
+
+    The log-normaliser (logsumexp over V) is computed in float32, ``chunk_elements`` logits at a
+    time, so no (rows, keep, V) float32 copy is ever built. logits : (rows, keep, V), any float
+    dtype. Returns per row a float64 CPU tensor with one log-prob per wanted (p, t).
+    """
+    R, keep, V = logits.shape
+    lse = torch.empty(R, keep, device=logits.device)  # float32
+    step = max(1, chunk_elements // (keep * V))
+    for start in range(0, R, step):
+        lse[start:start + step] = logits[start:start + step].float().logsumexp(-1)
+    counts = [len(tokens) for _, tokens in wanted]
+    row = torch.repeat_interleave(torch.arange(R), torch.tensor(counts)).to(logits.device)
+    pos = torch.tensor([p for positions, _ in wanted for p in positions], device=logits.device)
+    tok = torch.tensor([t for _, tokens in wanted for t in tokens], device=logits.device)
+    picked = logits[row, pos, tok].float() - lse[row, pos]
+    return list(picked.double().cpu().split(counts))
 
 
 def score_items(post, items: Sequence[MCItem], mode: Mode | str = Mode.LETTER,
