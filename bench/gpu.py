@@ -4,8 +4,10 @@
 One script, one run per model shape; see bench/README.md for the command and the results.
 
 Variants (per row of the table):
-  a      tfb's engine: ``choice_probs`` (scoring) / ``DecodeBatch`` (decoding), K batched
-  fast   tfb_core.cuda_decode (static KV cache, the whole step in one CUDA graph), K batched
+  a      tfb's engine as the server runs it on CUDA: ``choice_probs`` (scoring) /
+         ``StaticDecoder`` (decoding: static KV cache, the step's forward in a CUDA graph,
+         the engine's token choice with one host sync per step), K batched
+  eager  the eager decode engine (``DecodeBatch``, HF ``DynamicCache``): what CPUs run
   b      the reference: K sequential forwards through peft, noise ``A' + E_k`` copied into
          lora_A before each pass; decoding keeps K KV caches and runs K passes per step
   c      the deterministic adapter through peft, one pass (no uncertainty)
@@ -62,8 +64,8 @@ LABEL_IDS = [32, 33, 34, 35]  # four "label tokens" for letter scoring (any ids 
 
 class StubTokenizer:
     """The engine needs a pad id and ``decode``; no tokenizer files exist on the device.
-    ``decode`` returns "" (a real tokenizer's decode of the growing text is host work the
-    fast path does once at the end and the eager engine does per token: not counted here)."""
+    ``decode`` returns "" (the engine decodes each sequence's growing text per token with a
+    real tokenizer: host work not counted here)."""
 
     pad_token_id = 0
     eos_token_id = 1
@@ -294,7 +296,7 @@ def score_peft(pm, ref: Reference | None, prompts, K, device):
     return run
 
 
-def decode_tfb(clock, post, prompts, K, warm, steps):
+def decode_eager(clock, post, prompts, K, warm, steps):
     seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
                                                      ignore_eos=True)) for p in prompts]
     base = clock.mem_reset()
@@ -441,24 +443,24 @@ def run(args) -> dict:
             tmp = Path(tempfile.mkdtemp(prefix=f"tfb-bench-{shape}-{adapter}-"))
             model = make_adapter(model, TARGETS[adapter], args.rank, tmp).unload()
             grid = scoring_grid(args, adapter)
-            # (a) and fast through tfb: decoding first (the targets), then scoring
+            # (a) and eager through tfb: decoding first (the targets), then scoring
             post = install_posterior(model, tmp, args.sigma)
             for B, K in decode_grid(args, adapter):
                 prompts = prompts_for(B, args.ctx, counts["vocab"], seed=7)
-                if late(f"decode {shape} {adapter} a/fast B={B} K={K}"):
+                if late(f"decode {shape} {adapter} a/eager B={B} K={K}"):
                     continue
-                if "fast" in args.variants:
-                    try:
-                        r = decode_fast(clock, post, prompts, K, args.warm, args.steps)
-                        add_decode(res, shape, adapter, "fast", B, K, r, counts, args.ctx)
-                        if not r["graph"]:
-                            print("   fast path not graphed:", r["capture_error"], flush=True)
-                    except Exception as e:  # keep the rest of the run
-                        res.setdefault("errors", []).append(f"fast {shape} {adapter} B={B} K={K}: {e!r}")
-                        print("   fast failed:", repr(e), flush=True)
                 if "a" in args.variants:
-                    r = decode_tfb(clock, post, prompts, K, args.warm, args.steps)
-                    add_decode(res, shape, adapter, "a", B, K, r, counts, args.ctx)
+                    try:
+                        r = decode_engine(clock, post, prompts, K, args.warm, args.steps)
+                        add_decode(res, shape, adapter, "a", B, K, r, counts, args.ctx)
+                        if not r["graph"]:
+                            print("   not graphed:", r["capture_error"], flush=True)
+                    except Exception as e:  # keep the rest of the run
+                        res.setdefault("errors", []).append(f"a {shape} {adapter} B={B} K={K}: {e!r}")
+                        print("   a failed:", repr(e), flush=True)
+                if "eager" in args.variants:
+                    r = decode_eager(clock, post, prompts, K, args.warm, args.steps)
+                    add_decode(res, shape, adapter, "eager", B, K, r, counts, args.ctx)
                 save()
             if "a" in args.variants:
                 for B, T, Ks in grid:
@@ -520,28 +522,28 @@ def free(clock):
         torch.cuda.empty_cache()
 
 
-def decode_fast(clock, post, prompts, K, warm, steps):
-    from tfb_core.cuda_decode import FastDecoder
+def decode_engine(clock, post, prompts, K, warm, steps):
+    """The server's CUDA path: prefill, join a StaticDecoder, step (one host sync per step)."""
+    from tfb_core.cuda_decode import StaticDecoder
 
-    seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 12, num_samples=K,
+    seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
                                                      ignore_eos=True)) for p in prompts]
     base = clock.mem_reset()
     holder = {}
-    t_prefill = clock.time(lambda: holder.update(d=FastDecoder(post, seqs)))
-    dec = holder["d"]
+    dec = StaticDecoder(post)
+    t_prefill = clock.time(lambda: holder.update(d=dec.join(DecodeBatch.prefill(post, seqs))))
     after = (torch.cuda.memory_allocated() - base) if clock.cuda else None
     t_first = clock.time(dec.step)  # the CUDA graph is captured here
     for _ in range(warm - 1):
         dec.step()
-    times = [clock.time(dec.step) for _ in range(steps)]
-    # 8 steps back to back with no host sync at all: the loop a server runs
-    t_loop = clock.time(lambda: [dec.step() for _ in range(8)]) / 8
+    walls = []
+    times = [clock.time(lambda: walls.append(dec.step())) for _ in range(steps)]
     peak = clock.mem_peak(base)
-    out = {"step_s": median(times), "step_min_s": min(times), "step_loop_s": t_loop,
+    out = {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
            "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill, "first_step_s": t_first,
            "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": dec.graphed,
-           "capture_error": dec.capture_error, "cache_len": dec.length,
-           "tokens": [t[:8] for t in dec.finish_tokens()]}
+           "capture_error": dec.capture_error, "cache_len": dec.length, "rows_cap": dec.rows_cap,
+           "tokens": [s.token_ids[:8] for s in seqs]}
     del dec, holder
     return out
 
@@ -610,7 +612,7 @@ def summarise(res):
     for shape in res["models"]:
         for adapter in ("qv", "all"):
             out = {}
-            for v in ("a", "fast"):
+            for v in ("a", "eager"):
                 k1 = get("decode", model=shape, adapter=adapter, variant=v, batch=1, K=1)
                 k10 = get("decode", model=shape, adapter=adapter, variant=v, batch=1, K=10)
                 fl = res["floor"].get(shape, {}).get(1)
@@ -628,15 +630,15 @@ def summarise(res):
                     out[f"score_B{B}_T512_K10_mfu"] = a["mfu"]
             agree = []
             for r in res["decode"]:
-                if r["model"] == shape and r["adapter"] == adapter and r["variant"] == "fast":
-                    a = get("decode", model=shape, adapter=adapter, variant="a",
+                if r["model"] == shape and r["adapter"] == adapter and r["variant"] == "a":
+                    a = get("decode", model=shape, adapter=adapter, variant="eager",
                             batch=r["batch"], K=r["K"])
                     if a:
                         pairs = [(x, y) for ta, tf in zip(a["tokens"], r["tokens"])
                                  for x, y in zip(ta, tf)]
                         agree.append(sum(x == y for x, y in pairs) / max(len(pairs), 1))
             if agree:
-                out["fast_vs_a_first8_token_agreement"] = min(agree)
+                out["a_vs_eager_first8_token_agreement"] = min(agree)
             if out:
                 s[f"{shape}/{adapter}"] = out
     res["summary"] = s
@@ -668,7 +670,7 @@ def table(res) -> str:
                      f"{(b['median_s'] * 1e3) if b else float('nan'):8.1f} | "
                      f"{(c['median_s'] * 1e3) if c else float('nan'):7.1f} | "
                      f"{(b['median_s'] / r['median_s']) if b else float('nan'):5.1f} | {pk}")
-    lines.append("decode ms/step: model adapter B K | a | fast | b | c | fast BW use | KV GB")
+    lines.append("decode ms/step: model adapter B K | a | eager | b | c | a BW use | KV GB")
     didx = {}
     for r in res["decode"]:
         didx[(r["model"], r["adapter"], r["variant"], r["batch"], r["K"])] = r
@@ -684,10 +686,10 @@ def table(res) -> str:
             x = didx.get((m, ad, v, B, KK))
             return f"{x['step_s'] * 1e3:7.2f}" if x else "      -"
 
-        f = didx.get((m, ad, "fast", B, K))
+        f = didx.get((m, ad, "a", B, K))
         bw = f"{f['bw_use'] * 100:4.0f}%" if f and f["bw_use"] else "   -"
-        kv = (f or didx.get((m, ad, "a", B, K)) or r)["bytes"]["kv"] / 2**30
-        lines.append(f"  {m:4s} {ad:3s} {B:2d} {K:2d} | {ms('a')} | {ms('fast')} | {ms('b')} | "
+        kv = (f or r)["bytes"]["kv"] / 2**30
+        lines.append(f"  {m:4s} {ad:3s} {B:2d} {K:2d} | {ms('a')} | {ms('eager')} | {ms('b')} | "
                      f"{ms('c', 1)} | {bw} | {kv:.3f}")
     for k, v in res.get("summary", {}).items():
         lines.append(f"summary {k}: " + ", ".join(f"{a}={b:.3g}" for a, b in v.items()))
@@ -717,11 +719,11 @@ def kernel_breakdown(prof) -> dict:
 
 
 def profile_run(args) -> dict:
-    """8B shape, q,v adapter: one engine prefill (B=1 and B=8, T=512, K=10 / K=1) and one fast
-    decode step run eagerly (B=1, K=1 and K=10) under torch.profiler: kernel time by kind."""
+    """8B shape, q,v adapter: one engine prefill (B=1 and B=8, T=512, K=10 / K=1) and one
+    StaticDecoder step run eagerly (B=1, K=1 and K=10) under torch.profiler: kernel time by kind."""
     from torch.profiler import ProfilerActivity, profile
 
-    from tfb_core.cuda_decode import FastDecoder
+    from tfb_core.cuda_decode import StaticDecoder
 
     torch.set_grad_enabled(False)
     device = torch.device("cuda")
@@ -748,7 +750,7 @@ def profile_run(args) -> dict:
     for K in (1, 10):
         seqs = [GenSequence(prompts_for(1, 512, counts["vocab"], seed=7)[0].tolist(),
                             SamplingParams(max_tokens=40, num_samples=K, ignore_eos=True))]
-        dec = FastDecoder(post, seqs, graph=False)
+        dec = StaticDecoder(post, graph=False).join(DecodeBatch.prefill(post, seqs))
         for _ in range(2):
             dec.step()
         eager = clock.time(dec.step)
@@ -757,15 +759,16 @@ def profile_run(args) -> dict:
             torch.cuda.synchronize()
         bd = kernel_breakdown(prof)
         bd["eager_wall_s"] = eager
-        out[f"fast_step_B1_K{K}_eager"] = bd
-        print(f"fast step K={K} (eager, not graphed): wall {eager * 1e3:.1f} ms; kernels " + ", ".join(
+        out[f"static_step_B1_K{K}_eager"] = bd
+        print(f"static step K={K} (eager, not graphed): wall {eager * 1e3:.1f} ms; kernels " + ", ".join(
             f"{k} {v * 1e3:.2f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
         del dec
     return out
 
 
 def check_run(args) -> dict:
-    """The graphed fast path against generate on the GPU in float32 (1B shape, K = 4, padding)."""
+    """The graphed StaticDecoder against generate on the GPU in float32 (1B shape, mixed K and
+    weight seeds, padding)."""
     from tfb_core.cuda_decode import generate_fast
     from tfb_core.generation import generate
 
@@ -777,9 +780,11 @@ def check_run(args) -> dict:
     post = install_posterior(model, tmp, 0.05)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(100, 128000, (n,), generator=g).tolist() for n in (37, 64, 50)]
-    params = SamplingParams(max_tokens=16, num_samples=4, ignore_eos=True, weight_seed=2)
+    params = [SamplingParams(max_tokens=16, num_samples=4, ignore_eos=True, weight_seed=2),
+              SamplingParams(max_tokens=12, num_samples=2, ignore_eos=True, weight_seed=5),
+              SamplingParams(max_tokens=16, num_samples=4, ignore_eos=True, weight_seed=2)]
     ref = generate(post, prompts, params)
-    fast = generate_fast(post, prompts, params, sync_every=8)
+    fast = generate_fast(post, prompts, params)
     same = sum(a == b for r, f in zip(ref, fast) for a, b in zip(r.token_ids, f.token_ids))
     total = sum(len(r.tokens) for r in ref)
     dpe = max(abs(a.predictive_entropy - b.predictive_entropy) for r, f in zip(ref, fast)
@@ -789,7 +794,7 @@ def check_run(args) -> dict:
     mi = max(t.mutual_information for r in ref for t in r.tokens)
     out = {"tokens_equal": same, "tokens": total, "max_abs_d_pe": dpe, "max_abs_d_mi": dmi,
            "max_mi": mi, "dtype": "float32"}
-    print("check (float32, graphed fast path vs generate):", json.dumps(out), flush=True)
+    print("check (float32, graphed StaticDecoder vs generate):", json.dumps(out), flush=True)
     return out
 
 
@@ -797,7 +802,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["8b"], choices=list(SHAPES))
     p.add_argument("--adapters", nargs="+", default=["qv", "all"], choices=list(TARGETS))
-    p.add_argument("--variants", default="a,b,c,d", help="comma list of a,b,c,d,fast")
+    p.add_argument("--variants", default="a,b,c,d", help="comma list of a,eager,b,c,d")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--lengths", nargs="+", type=int, default=[128, 512])
     p.add_argument("--ks", nargs="+", type=int, default=[1, 4, 10, 16])
@@ -812,7 +817,7 @@ def parse_args(argv=None):
     p.add_argument("--sigma", type=float, default=0.01)
     p.add_argument("--device", default=None)
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown instead of the table")
-    p.add_argument("--check", action="store_true", help="float32 check of the graphed fast path")
+    p.add_argument("--check", action="store_true", help="float32 check of the graphed StaticDecoder")
     p.add_argument("--deadline-s", type=float, default=1e9,
                    help="skip the remaining configurations after this many seconds")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "gpu.json"))
