@@ -61,7 +61,8 @@ class Batch:
         return (self.rows + item.rows) * max(self.length, item.length)
 
     def fits(self, item: WorkItem, max_size: int, max_tokens: int) -> bool:
-        """Whether ``item`` may join; an empty batch takes any item (a big one runs alone)."""
+        """Whether ``item`` may join; an empty batch takes any item: one above ``max_tokens`` runs
+        alone (the serving layer caps an item's size: ``Settings.max_item_tokens``)."""
         if not self.items:
             return True
         return (item.kind == self.kind and len(self.items) < max_size

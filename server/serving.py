@@ -142,6 +142,9 @@ class ChoicesServing:
         if K > self.settings.max_samples:
             raise BadRequest(f"'{where}num_samples' is {K}; allowed: 1 to {self.settings.max_samples}",
                              param=f"{where}num_samples", code="invalid_value")
+        if len(item.choices) > self.settings.max_choices:
+            raise BadRequest(f"'{where}choices' has {len(item.choices)} entries; at most "
+                             f"{self.settings.max_choices} are allowed per item", param=f"{where}choices")
         chat = item.chat if item.chat is not None else self.default_chat
         mode = item.mode or self.default_mode
         if mode == "letter" and len(item.choices) > len(LABELS):
@@ -159,7 +162,20 @@ class ChoicesServing:
             field = next((f for f in ("prompt", "question", "messages") if getattr(item, f) is not None), "prompt")
             raise BadRequest(f"'{where}{field}': {e}", param=f"{where}{field}", code="invalid_value") from None
         seed = self.post.config.seed if item.seed is None else item.seed
-        return ChoiceWork(encoded, seed, K, deadline, loop.create_future())
+        work = ChoiceWork(encoded, seed, K, deadline, loop.create_future())
+        self.check_size(work, where)
+        return work
+
+    def check_size(self, work: ChoiceWork, where: str) -> None:
+        """An item's forward may pad at most ``item_token_limit`` tokens (rows x longest row)."""
+        limit, cost = self.settings.item_token_limit, work.rows * work.length
+        if cost <= limit:
+            return
+        what = f"'{where[:-1]}'" if where else "the item"
+        raise BadRequest(f"{what} needs {work.rows} rows ({len(work.encoded.sequences)} sequence(s) x "
+                         f"{work.num_samples} samples) of up to {work.length} tokens = {cost} padded tokens; "
+                         f"at most {limit} are allowed per item: use fewer choices or samples, or a "
+                         f"shorter prompt", param=where[:-1] or None, code="item_too_large")
 
     def result(self, index: int, item: ChoiceItem, work: ChoiceWork, out: ChoiceOutput) -> ChoiceResult:
         self.metrics.observe_uncertainty(CHOICES_ENDPOINT, out.predictive_entropy,

@@ -48,12 +48,20 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
     max_items: int = Field(64, ge=1, description="the most items in one /v1/choices request")
+    max_choices: int = Field(64, ge=2, description="the most choices of one /v1/choices item (sequence "
+                             "mode runs one row per choice x K)")
+    max_item_tokens: int | None = Field(None, ge=1, description="the most padded tokens one /v1/choices "
+                                        "item may need: rows (choices x K in sequence mode, K in letter "
+                                        "mode) x its longest row; a larger item gets 400 (default: "
+                                        "max_batch_tokens, so no forward exceeds that budget; set it "
+                                        "higher to let bigger items run alone)")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
 
     # batching --------------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="the most items in one forward")
     max_batch_tokens: int = Field(16384, ge=1, description="the most padded token rows x length in one "
-                                  "forward (prompt tokens x K); a larger item runs alone")
+                                  "forward (prompt tokens x K); an item larger than this (allowed by "
+                                  "max_item_tokens) runs alone")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the scheduler waits to fill a batch")
     max_queue: int = Field(256, ge=1, description="the most items waiting; more get 429")
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request fails (504) "
@@ -80,3 +88,8 @@ class Settings(BaseSettings):
     @property
     def is_demo(self) -> bool:
         return self.adapter is None
+
+    @property
+    def item_token_limit(self) -> int:
+        """The most padded tokens (rows x longest row) one /v1/choices item may need."""
+        return self.max_item_tokens or self.max_batch_tokens

@@ -28,7 +28,7 @@ def post_dir(tmp_path_factory, llama_dir, lora_dir):
 @pytest.fixture(scope="module")
 def srv(llama_dir, post_dir):
     with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", api_key=KEY,
-                      max_wait_ms=30, max_samples=16, samples=4) as s:
+                      max_wait_ms=30, max_samples=16, samples=4, max_choices=8, max_item_tokens=4096) as s:
         yield s
 
 
@@ -174,6 +174,13 @@ BAD = [
     ("empty-items", {"items": []}, 400, "items"),
     ("bad-item", {"items": [OK, {"question": "q", "choices": ["a"]}]}, 400, "items.1.choices"),
     ("item-over-max-samples", {"items": [OK, {**OK, "num_samples": 99}]}, 400, "items.1.num_samples"),
+    ("over-max-choices", {"question": "q", "mode": "sequence", "choices": [f"c{i}" for i in range(9)]},
+     400, "choices"),
+    ("item-over-max-choices", {"items": [OK, {"question": "q", "mode": "sequence",
+                                              "choices": [f"c{i}" for i in range(9)]}]}, 400, "items.1.choices"),
+    ("item-over-max-tokens", {"prompt": "word " * 300, "choices": ["a", "b"], "num_samples": 16}, 400, None),
+    ("batch-item-over-max-tokens", {"items": [OK, {"question": "word " * 60, "mode": "sequence", "num_samples": 16,
+                                                   "choices": [f"c{i}" for i in range(8)]}]}, 400, "items.1"),
 ]
 
 
@@ -191,6 +198,16 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(client, body, status, param
     if param:
         assert param in err["message"]
     assert client.post("/v1/choices", json=OK).status_code == 200
+
+
+def test_item_size_limit_says_what_is_needed_and_allowed(client):
+    r = client.post("/v1/choices", json={"prompt": "word " * 300, "choices": ["a", "b"], "num_samples": 16})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "item_too_large", err
+    assert "16 rows (1 sequence(s) x 16 samples)" in err["message"] and "at most 4096" in err["message"]
+    # the same prompt with fewer samples fits
+    assert client.post("/v1/choices", json={"prompt": "word " * 300, "choices": ["a", "b"],
+                                            "num_samples": 4}).status_code == 200
 
 
 def test_body_too_large_is_413(client):

@@ -110,3 +110,14 @@ def test_failed_load_exits_1_with_the_reason(llama_dir, lora_dir, tmp_path):
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("tfb serve: error: ") and "checksum mismatch" in last
+
+
+def test_choice_limits_from_flags_and_env(monkeypatch):
+    from server.cli import settings_from_args
+    from server.settings import Settings
+    from tfb_core.cli import build_parser
+
+    assert Settings().max_choices == 64 and Settings().item_token_limit == Settings().max_batch_tokens
+    monkeypatch.setenv("TFB_MAX_ITEM_TOKENS", "5000")
+    s = settings_from_args(build_parser().parse_args(["serve", "--max-choices", "8"]))
+    assert s.max_choices == 8 and s.max_item_tokens == 5000 and s.item_token_limit == 5000
