@@ -26,7 +26,7 @@ from tfb_core.cuda_decode import StaticDecoder, use_static
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, safe_text
 from tfb_core.scoring import apply_chat, max_context
 
-from .errors import BadRequest, NotFound
+from .errors import APIError, BadRequest, NotFound, RequestTimeout, error_body
 from .metrics import Metrics
 from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut,
@@ -65,6 +65,14 @@ class GenWork:
     kind: str = "generate"
     sent: int = 0  # characters of text already sent (worker side)
     last_token_at: float | None = None
+
+    def __post_init__(self):
+        self.future.add_done_callback(self._failed)
+
+    def _failed(self, future: asyncio.Future) -> None:
+        """A failed prefill or decode step, or a drop by the scheduler, ends the event stream too."""
+        if not future.cancelled() and future.exception() is not None:
+            self.events.put_nowait(GenEvent(None, "", "error"))
 
     @property
     def rows(self) -> int:
@@ -136,7 +144,6 @@ class GenerationEngine:
         """A decode step failed: every active sequence gets the error; the KV rows are freed."""
         for w in self.works.values():
             w.loop.call_soon_threadsafe(_fail, w, error)
-            w.loop.call_soon_threadsafe(_put, w, GenEvent(None, "", "error"))
         self.works.clear()
         self.batch = None
         if self.decoder is not None:  # its state may be half-stepped: start a fresh one
@@ -340,7 +347,8 @@ class CompletionsServing:
 
     async def stream(self, request, works: list[GenWork], prompts) -> AsyncIterator[str]:
         """Server-sent events: a chunk per token per choice, a final chunk with the summary and
-        usage, then ``data: [DONE]``. A client that goes away cancels its sequences."""
+        usage, then ``data: [DONE]``. A failed or dropped work ends the stream with an error event
+        at once; a client that goes away cancels its sequences."""
         chat = isinstance(request, ChatCompletionRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -364,7 +372,8 @@ class CompletionsServing:
             while left:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
-                    yield _sse_error("the request took longer than the server's timeout; its work was dropped")
+                    yield _sse_error(RequestTimeout("the request took longer than the server's timeout; "
+                                                    "its work was dropped", code="timeout"))
                     return
                 try:
                     i, event = await asyncio.wait_for(merged.get(), timeout)
@@ -372,7 +381,7 @@ class CompletionsServing:
                     continue
                 w = works[i]
                 if event.finish_reason == "error":
-                    yield _sse_error("generation failed on the server (logged); retry", "server_error")
+                    yield _sse_error(w.future.exception())
                     return
                 finished = event.finish_reason is not None
                 left -= finished
@@ -395,7 +404,13 @@ def _sse(model) -> str:
     return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
 
 
-def _sse_error(message: str, type: str = "timeout_error") -> str:
-    code = "timeout" if type == "timeout_error" else None
-    return "data: " + json.dumps({"error": {"message": message, "type": type,
-                                            "param": None, "code": code}}) + "\n\n"
+def _sse_error(error: BaseException) -> str:
+    """The OpenAI error event for ``error``, typed as the HTTP error would be (server/errors.py)."""
+    if isinstance(error, APIError):
+        body = error_body(error.status, error.message, error.type, error.param, error.code)
+    elif isinstance(error, TFBError):
+        body = error_body(400, str(error), "invalid_request_error", code="invalid_value")
+    else:
+        body = error_body(500, f"generation failed on the server: {type(error).__name__}: {error}",
+                          "server_error")
+    return f"data: {json.dumps(body)}\n\n"

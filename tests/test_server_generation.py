@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tiny
 from server_helpers import ServerThread, bayesianized
+from tfb_core.errors import TFBError
 from tfb_core.generation import SamplingParams, generate
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
@@ -234,3 +236,70 @@ def test_generation_metrics_move(srv, client, model_id):
     assert 'tfb_mutual_information_count{endpoint="/v1/completions"' in text
     assert "tfb_inter_token_latency_seconds_count" in text
     assert not math.isnan(metric(srv, "tfb_inter_token_latency_seconds", "_sum"))
+
+
+# --- failures, stream options, offsets, metrics of rejected requests ------------------------------
+
+REQUEST_TIMEOUT = 20.0
+
+
+@pytest.fixture(scope="module")
+def small(dirs):
+    """A server with a short request timeout and a queue of two items."""
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=K, max_wait_ms=20, max_queue=2,
+                      request_timeout=REQUEST_TIMEOUT) as s:
+        yield s
+
+
+def sse(url: str, body: dict) -> tuple[list[str], float]:
+    """The stream's ``data:`` payloads and the seconds it took."""
+    start = time.monotonic()
+    with httpx.stream("POST", url, json=body, timeout=REQUEST_TIMEOUT + 30) as r:
+        assert r.status_code == 200
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    return data, time.monotonic() - start
+
+
+@pytest.mark.parametrize("error,status,type_", [
+    (TFBError("the prompt cannot be prefilled"), 400, "invalid_request_error"),
+    (RuntimeError("prefill exploded"), 500, "server_error"),
+])
+@pytest.mark.parametrize("path,extra", [
+    ("/v1/completions", {"prompt": "Hello"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}]}),
+])
+def test_failed_prefill_ends_the_stream_at_once(small, monkeypatch, error, status, type_, path, extra):
+    def admit(works):
+        raise error
+
+    monkeypatch.setattr(small.state.runner.engine, "admit", admit)
+    model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "max_tokens": 4, **extra}
+    data, seconds = sse(f"{small.url}{path}", {**body, "stream": True})
+    assert seconds < REQUEST_TIMEOUT / 4
+    err = json.loads(data[-1])["error"]
+    assert str(error) in err["message"] and err["type"] == type_
+    assert "[DONE]" not in data
+    r = httpx.post(f"{small.url}{path}", json=body, timeout=REQUEST_TIMEOUT + 30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["type"] == type_
+    monkeypatch.undo()
+    assert httpx.post(f"{small.url}{path}", json=body, timeout=60).status_code == 200
+
+
+def test_failed_decode_step_ends_the_stream_with_its_error(small, monkeypatch):
+    def step():
+        raise RuntimeError("decode step exploded")
+
+    monkeypatch.setattr(small.state.runner.engine, "step", step)
+    model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
+    data, seconds = sse(f"{small.url}/v1/completions",
+                        {"model": model, "prompt": "Hello", "max_tokens": 4, "stream": True})
+    assert seconds < REQUEST_TIMEOUT / 4
+    assert json.loads(data[0])["choices"][0]["text"] is not None  # the prefill's token was sent
+    err = json.loads(data[-1])["error"]
+    assert "decode step exploded" in err["message"] and err["type"] == "server_error"
+    monkeypatch.undo()
+    r = httpx.post(f"{small.url}/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200
