@@ -265,8 +265,8 @@ class CompletionsServing:
 
     async def create(self, request: CompletionRequest | ChatCompletionRequest):
         works, prompts = self.prepare(request)
+        self.scheduler.submit(works)  # all or none: a 429 or 503 counts no prompt tokens
         self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)
-        self.scheduler.submit(works)
         if request.stream:
             return self.stream(request, works, prompts)
         try:

@@ -303,3 +303,15 @@ def test_failed_decode_step_ends_the_stream_with_its_error(small, monkeypatch):
     monkeypatch.undo()
     r = httpx.post(f"{small.url}/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_rejected_request_counts_no_prompt_tokens(small):
+    model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": "Count the tokens of this prompt", "max_tokens": 1}
+    before = metric(small, "tfb_prompt_tokens_total")
+    r = httpx.post(f"{small.url}/v1/completions", json={**body, "n": 3}, timeout=60)  # 3 items > a queue of 2
+    assert r.status_code == 429, r.text
+    assert metric(small, "tfb_prompt_tokens_total") == before
+    r = httpx.post(f"{small.url}/v1/completions", json={**body, "n": 2}, timeout=60)
+    assert r.status_code == 200
+    assert metric(small, "tfb_prompt_tokens_total") == before + r.json()["usage"]["prompt_tokens"]
