@@ -332,23 +332,30 @@ class CompletionsServing:
                                   choices=choices, usage=usage)
 
     def _chunk(self, request, rid: str, created: int, index: int, w: GenWork, text: str,
-               tokens: list[TokenInfo], reason: str | None, summary: dict | None,
-               usage: CompletionUsage | None = None):
+               tokens: list[TokenInfo], reason: str | None, summary: dict | None, offset: int = 0):
+        """One choice's chunk; ``offset``: where its tokens start in the choice's text."""
         unc = self._uncertainty(w.seq, tokens, summary)
         if isinstance(request, ChatCompletionRequest):
-            return ChatCompletionChunk(id=rid, created=created, model=self.model_id, usage=usage, choices=[
+            return ChatCompletionChunk(id=rid, created=created, model=self.model_id, choices=[
                 ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=reason,
                                 logprobs=self._chat_logprobs(tokens) if request.logprobs and tokens else None,
                                 uncertainty=unc)])
-        return CompletionResponse(id=rid, created=created, model=self.model_id, usage=usage, choices=[
+        return CompletionResponse(id=rid, created=created, model=self.model_id, choices=[
             CompletionChoice(index=index, text=text, finish_reason=reason, uncertainty=unc,
-                             logprobs=self._completion_logprobs(tokens, request.logprobs)
+                             logprobs=self._completion_logprobs(tokens, request.logprobs, offset)
                              if request.logprobs is not None and tokens else None)])
 
+    def _usage_chunk(self, request, rid: str, created: int, works: list[GenWork], prompts):
+        """OpenAI's last chunk with ``stream_options.include_usage``: no choices, the request's usage."""
+        usage = self._usage(prompts, [w.seq for w in works], request.n)
+        chunk = ChatCompletionChunk if isinstance(request, ChatCompletionRequest) else CompletionResponse
+        return chunk(id=rid, created=created, model=self.model_id, choices=[], usage=usage)
+
     async def stream(self, request, works: list[GenWork], prompts) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per token per choice, a final chunk with the summary and
-        usage, then ``data: [DONE]``. A failed or dropped work ends the stream with an error event
-        at once; a client that goes away cancels its sequences."""
+        """Server-sent events: a chunk per token per choice, per choice a last chunk with its
+        finish reason and summary, a usage chunk if ``stream_options.include_usage``, then
+        ``data: [DONE]``. A failed or dropped work ends the stream with an error event at once;
+        a client that goes away cancels its sequences."""
         chat = isinstance(request, ChatCompletionRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -369,6 +376,7 @@ class CompletionsServing:
                         ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
             left = len(works)
             deadline = works[0].deadline
+            offsets = [0] * len(works)  # per choice: characters of its tokens sent (text_offset)
             while left:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
@@ -386,12 +394,15 @@ class CompletionsServing:
                 finished = event.finish_reason is not None
                 left -= finished
                 if event.token is not None or event.text:
-                    yield _sse(self._chunk(request, rid, created, i, w, event.text,
-                                           [event.token] if event.token is not None else [], None, None))
-                if finished:  # the choice's last chunk: reason and summary (+ usage when all are done)
-                    usage = self._usage(prompts, [x.seq for x in works], request.n) if not left else None
+                    tokens = [event.token] if event.token is not None else []
+                    yield _sse(self._chunk(request, rid, created, i, w, event.text, tokens, None, None,
+                                           offsets[i]))
+                    offsets[i] += sum(len(self._piece(t.token_id)) for t in tokens)
+                if finished:  # the choice's last chunk: reason and summary
                     reason = event.finish_reason if event.finish_reason in ("stop", "length") else None
-                    yield _sse(self._chunk(request, rid, created, i, w, "", [], reason, event.summary, usage))
+                    yield _sse(self._chunk(request, rid, created, i, w, "", [], reason, event.summary))
+            if request.stream_options is not None and request.stream_options.include_usage:
+                yield _sse(self._usage_chunk(request, rid, created, works, prompts))
             yield "data: [DONE]\n\n"
         finally:  # finished, or the client went away: free the slots at the next step
             for t in pumps:

@@ -2,8 +2,8 @@
 
 The shapes are OpenAI's; every choice carries an extra ``uncertainty`` object. Parameters:
 - supported: model, prompt / messages, max_tokens (max_completion_tokens for chat),
-  temperature, top_p, n, stop, seed, logprobs / top_logprobs, stream, stream_options, user
-  (accepted, not stored); tfb's own: num_samples, top_k.
+  temperature, top_p, n, stop, seed, logprobs / top_logprobs, stream, stream_options (with
+  stream only), user (accepted, not stored); tfb's own: num_samples, top_k.
 - accepted only at their neutral value: presence_penalty = 0, frequency_penalty = 0,
   best_of = n (completions), echo = false, response_format {"type": "text"}.
 - anything else (logit_bias, suffix, tools, functions, ...) is a 400 naming the field.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 SEED_MAX = 2**63 - 1
 MAX_N = 8
@@ -25,7 +25,7 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = Field(True, description="usage in the final chunk (always sent by tfb)")
+    include_usage: bool = Field(False, description="a last chunk with no choices and the request's usage")
 
 
 class _Sampling(_Strict):
@@ -45,6 +45,13 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, description="only 0 is supported")
     frequency_penalty: float = Field(0.0, description="only 0 is supported")
     num_samples: int | None = Field(None, ge=1, description="tfb: K weight samples (default: the server's)")
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_only(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("'stream_options' is only allowed with 'stream': true")
+        return v
 
     @model_validator(mode="after")
     def _check_common(self):

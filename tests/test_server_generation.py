@@ -109,15 +109,17 @@ def test_chat_plain_and_streaming_agree(client, model_id):
     assert [t.logprob for t in c.logprobs.content] == pytest.approx([t["logprob"] for t in unc["tokens"]])
 
     chunks = list(client.chat.completions.create(model=model_id, messages=messages, max_tokens=6,
-                                                 temperature=0, stream=True))
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == c.message.content
     streamed = [t for ch in chunks if ch.choices
                 for t in (ch.choices[0].model_extra.get("uncertainty") or {}).get("tokens", [])]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [t["token"] for t in streamed] == [t["token"] for t in unc["tokens"]]
-    last = chunks[-1]
-    assert last.usage.completion_tokens == 6 and last.usage.total_tokens == r.usage.total_tokens
+    usage, last = chunks[-1], chunks[-2]
+    assert usage.choices == [] and usage.usage.completion_tokens == 6
+    assert usage.usage.total_tokens == r.usage.total_tokens
     assert last.choices[0].finish_reason == "length"
     assert last.choices[0].model_extra["uncertainty"]["sequence"]["num_tokens"] == 6
 
@@ -154,7 +156,8 @@ def test_eight_concurrent_streams_are_batched_and_get_their_own_tokens(srv, clie
 
     def run(i: int) -> None:
         chunks = list(client.completions.create(model=model_id, prompt=prompts[i], max_tokens=lengths[i],
-                                                temperature=0, stream=True))
+                                                temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
         text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
         results[i] = (text, chunks[-1].usage.completion_tokens)
 
@@ -303,6 +306,36 @@ def test_failed_decode_step_ends_the_stream_with_its_error(small, monkeypatch):
     monkeypatch.undo()
     r = httpx.post(f"{small.url}/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_streamed_text_offsets_are_absolute(client, model_id):
+    args = dict(model=model_id, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=2)
+    whole = client.completions.create(**args).choices[0].logprobs
+    chunks = list(client.completions.create(**args, stream=True))
+    parts = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == whole.tokens
+    assert [o for p in parts for o in p.text_offset] == whole.text_offset
+    assert whole.text_offset[-1] > 0
+
+
+@pytest.mark.parametrize("path,extra", [
+    ("/v1/completions", {"prompt": ["Hello", "Good morning"], "n": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "n": 2}),
+])
+def test_usage_chunk_only_with_include_usage(srv, model_id, path, extra):
+    body = {"model": model_id, "max_tokens": 3, "temperature": 0, **extra}
+    usage = httpx.post(f"{srv.url}{path}", json=body, timeout=60).json()["usage"]
+    for options in (None, {"include_usage": False}):
+        data, _ = sse(f"{srv.url}{path}", {**body, "stream": True, "stream_options": options})
+        assert data[-1] == "[DONE]"
+        assert all("usage" not in json.loads(d) for d in data[:-1])
+    data, _ = sse(f"{srv.url}{path}", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+    assert all("usage" not in c for c in chunks[:-1])
+    r = httpx.post(f"{srv.url}{path}", json={**body, "stream_options": {"include_usage": True}}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
 
 
 def test_rejected_request_counts_no_prompt_tokens(small):
