@@ -4,10 +4,15 @@
   placeholder: a deterministic random LoRA on the built-in base model, Bayesianized with a
   fixed sigma, generated once into the cache directory.
 - a Bayesianized directory: loaded (checksums verified by tfb_core).
-- a plain LoRA directory plus ``--calibration``: the variance search runs, its result is saved
+- a plain LoRA directory plus ``--calibration``: the variance search runs in float32 whatever
+  ``--dtype`` is (TFB_SPEC §4: in bf16 rounding alone moves the criterion); its result is saved
   to ``--posterior-out`` or ``<cache>/posteriors/<key>``, where the key hashes the base model,
-  the adapter, the calibration file and the search settings; a restart with the same inputs
-  loads it instead of searching again.
+  the adapter, the calibration file, the search settings and where the search ran (float32, the
+  device type); a restart with the same inputs loads it instead of searching again. Either way
+  the result is then loaded in the serving dtype, so a search and a restart serve the same
+  model. The serving dtype is not in the key: the saved posterior is the same for every dtype.
+  ``--posterior-out`` is never overwritten unless it is empty or holds the result for the same
+  inputs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ PLACEHOLDER_SEED = 1234
 PLACEHOLDER_SIGMA = 0.02
 PLACEHOLDER_VERSION = 1
 SERVE_KEY_NAME = "tfb_serve_key.json"
+DEFAULT_MODEL = "smollm2-135m"
+SEARCH_DTYPE = "float32"  # TFB_SPEC §4
 
 
 @dataclass
@@ -67,6 +74,19 @@ def preflight(settings: Settings) -> None:
                        f"first with 'tfb bayesianize'")
     if not Path(settings.calibration).expanduser().is_file():
         raise TFBError(f"--calibration {settings.calibration}: no such file")
+    if settings.posterior_out is not None:
+        _check_posterior_out(settings, adapter)
+
+
+def _check_posterior_out(settings: Settings, adapter: Path) -> None:
+    """``--posterior-out`` may be missing, empty, or hold the result for these very inputs."""
+    out = Path(settings.posterior_out).expanduser()
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if _stored_key(out) != _key(settings, adapter):
+        raise TFBError(f"--posterior-out {out} exists and does not hold the start-up search's result "
+                       f"for these inputs; refusing to overwrite it: remove it, or choose a new or "
+                       f"empty directory")
 
 
 def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None) -> Loaded:
@@ -79,29 +99,44 @@ def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None)
     from tfb_core.posterior import Posterior, is_bayesianized
 
     adapter = Path(settings.adapter).expanduser()
-    base = load_base_model(settings.model or "smollm2-135m", device=settings.device, dtype=settings.dtype)
-    if is_bayesianized(adapter):
-        log.info("loading the Bayesianized adapter %s", adapter)
-        return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
-    return _search_or_cached(settings, base, adapter, set_status)
+    if not is_bayesianized(adapter):
+        return _search_or_cached(settings, adapter, set_status)
+    log.info("loading the Bayesianized adapter %s", adapter)
+    base = load_base_model(settings.model or DEFAULT_MODEL, device=settings.device, dtype=settings.dtype)
+    return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
 
 
-def _search_or_cached(settings: Settings, base, adapter: Path, set_status) -> Loaded:
-    from tfb_core.data import read_jsonl
-    from tfb_core.models import cache_dir
+def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
+    from tfb_core.models import cache_dir, load_base_model
     from tfb_core.posterior import Posterior, is_bayesianized
 
-    calibration = Path(settings.calibration).expanduser()
-    key = search_key(base.path, adapter, calibration, settings)
+    key = _key(settings, adapter)
     out = Path(settings.posterior_out).expanduser() if settings.posterior_out else \
         cache_dir() / "posteriors" / key[:32]
     if is_bayesianized(out) and _stored_key(out) == key:
         log.info("start-up search: found its result for these inputs in %s; not searching again", out)
-        return Loaded(Posterior.load(base, out), model_id(settings), str(adapter), "cached search")
+        source = "cached search"
+    else:
+        set_status("searching")
+        _search(settings, adapter, out, key)
+        source = "searched"
+    # served exactly as a restart serves it: a float32 model cast with .to() would also cast
+    # buffers that loading in the serving dtype keeps in float32 (e.g. the rotary inv_freq)
+    base = load_base_model(settings.model or DEFAULT_MODEL, device=settings.device, dtype=settings.dtype)
+    return Loaded(Posterior.load(base, out), model_id(settings), str(adapter), source)
+
+
+def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
+    """Run the variance search in float32 (TFB_SPEC §4) and save its result to ``out``."""
+    from tfb_core.data import read_jsonl
+    from tfb_core.models import load_base_model
+    from tfb_core.posterior import Posterior
+
+    calibration = Path(settings.calibration).expanduser()
     items = read_jsonl(calibration)
-    set_status("searching")
-    log.info("start-up search: %d calibration items from %s, criterion %s <= %g, K=%d (key %s)",
-             len(items), calibration, settings.criterion, settings.eps, settings.samples, key[:12])
+    log.info("start-up search: %d calibration items from %s, criterion %s <= %g, K=%d, in %s (key %s)",
+             len(items), calibration, settings.criterion, settings.eps, settings.samples, SEARCH_DTYPE, key[:12])
+    base = load_base_model(settings.model or DEFAULT_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
     post = Posterior.from_adapter(base, adapter, num_samples=settings.samples, seed=settings.seed,
                                   mode=settings.mode)
     result = post.search(items, criterion=settings.criterion, eps=settings.eps,
@@ -112,15 +147,27 @@ def _search_or_cached(settings: Settings, base, adapter: Path, set_status) -> Lo
     post.save(out, calibration_file=calibration)
     (out / SERVE_KEY_NAME).write_text(json.dumps({"key": key}))
     log.info("start-up search: saved to %s (a restart with the same inputs loads it)", out)
-    return Loaded(post, model_id(settings), str(adapter), "searched")
+
+
+def _key(settings: Settings, adapter: Path) -> str:
+    from tfb_core.models import resolve_model_dir
+
+    return search_key(resolve_model_dir(settings.model or DEFAULT_MODEL), adapter,
+                      Path(settings.calibration).expanduser(), settings)
 
 
 def search_key(model_dir: Path, adapter: Path, calibration: Path, settings: Settings) -> str:
-    """sha256 over the base model, the adapter files, the calibration file and the search settings.
+    """sha256 over the base model, the adapter files, the calibration file, the search settings
+    and where the search runs (float32 on the device type).
 
     The base model is hashed by its config and, per weight file, its name, size and the sha256 of
-    its first and last MiB (a full hash of a multi-GB model would slow every start-up).
+    its first and last MiB (a full hash of a multi-GB model would slow every start-up). The
+    serving dtype is left out: the search runs in float32 whatever it is.
     """
+    import torch
+
+    from tfb_core.models import default_device
+
     h = hashlib.sha256()
     model_dir = Path(model_dir)
     h.update(b"model\0" + _read(model_dir / "config.json"))
@@ -131,6 +178,8 @@ def search_key(model_dir: Path, adapter: Path, calibration: Path, settings: Sett
     h.update(b"calibration\0" + _sha(calibration).encode())
     search = {k: getattr(settings, k) for k in ("criterion", "eps", "samples", "seed", "mode",
                                                  "gold_labels", "chat")}
+    search["dtype"] = SEARCH_DTYPE
+    search["device"] = torch.device(settings.device).type if settings.device else default_device().type
     h.update(json.dumps(search, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -121,3 +121,75 @@ def test_choice_limits_from_flags_and_env(monkeypatch):
     monkeypatch.setenv("TFB_MAX_ITEM_TOKENS", "5000")
     s = settings_from_args(build_parser().parse_args(["serve", "--max-choices", "8"]))
     assert s.max_choices == 8 and s.max_item_tokens == 5000 and s.item_token_limit == 5000
+
+
+def test_startup_search_runs_in_float32_and_serves_the_dtype_asked(llama_dir, lora_dir, calibration, tmp_path,
+                                                                   monkeypatch):
+    """TFB_SPEC §4: --dtype bfloat16 searches in float32 (the same sigma as a float32 server),
+    then serves bf16 (with bf16 noise, not the search's float32 noise) exactly as a restart does."""
+    import torch
+
+    import tfb_core.search as search
+    from server.loader import load, search_key
+    from server.settings import Settings
+    from tfb_core.data import MCItem
+    from tfb_core.scoring import choice_probs, encode_item
+
+    searched_in = []
+    real = search.search_sigma
+
+    def spy(post, *a, **k):
+        searched_in.append({p.dtype for p in post.model.parameters()})
+        return real(post, *a, **k)
+
+    monkeypatch.setattr(search, "search_sigma", spy)
+    common = dict(model=str(llama_dir), adapter=lora_dir, calibration=calibration, device="cpu", samples=4, eps=0.05)
+    (tmp_path / "bf16").mkdir()  # an empty --posterior-out is fine
+    bf16 = load(Settings(**common, dtype="bfloat16", posterior_out=tmp_path / "bf16"))
+    fp32 = load(Settings(**common, dtype="float32", posterior_out=tmp_path / "fp32"))
+    assert searched_in == [{torch.float32}] * 2
+    assert bf16.source == fp32.source == "searched"
+    assert bf16.post.sigma == fp32.post.sigma > 0
+    key = [search_key(llama_dir, lora_dir, calibration, Settings(**common, dtype=d)) for d in ("bfloat16", "float32")]
+    assert key[0] == key[1]  # the search does not depend on the serving dtype
+
+    post = bf16.post
+    assert {p.dtype for p in post.model.parameters()} == {torch.bfloat16}
+    assert all(layer.d.dtype == torch.float32 for layer in post.layers)
+    noise = post.draws.noise(post.sigma, [(0, k) for k in range(4)])  # the search ran this sigma in fp32
+    assert {n.dtype for n in noise} == {torch.bfloat16}
+
+    restart = load(Settings(**common, dtype="bfloat16", posterior_out=tmp_path / "bf16"))
+    assert restart.source == "cached search" and restart.post.sigma == post.sigma
+    enc = encode_item(post.tokenizer, MCItem(choices=OK["choices"], question=OK["question"]), "letter")
+    got = choice_probs(post, [enc], [(0, 4)])[0]
+    assert torch.equal(got, choice_probs(restart.post, [enc], [(0, 4)])[0])
+
+
+def test_posterior_out_is_never_overwritten(llama_dir, lora_dir, calibration, tmp_path):
+    from server.loader import preflight
+    from server.settings import Settings
+    from tfb_core.errors import TFBError
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    proc, _ = start_cli("--model", str(llama_dir), "--adapter", str(lora_dir), "--calibration", str(calibration),
+                        "--device", "cpu", "--posterior-out", str(other))
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # it started serving instead of refusing
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"tfb serve: error: --posterior-out {other} exists") and "overwrite" in last
+    assert (other / "notes.txt").read_text() == "mine"
+
+    # a posterior, but not the start-up search's for these inputs
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
+    settings = Settings(model=str(llama_dir), adapter=lora_dir, calibration=calibration, device="cpu",
+                        posterior_out=post)
+    with pytest.raises(TFBError, match=f"--posterior-out {post} exists"):
+        preflight(settings)
