@@ -442,7 +442,7 @@ def run(args) -> dict:
         for adapter in args.adapters:
             tmp = Path(tempfile.mkdtemp(prefix=f"tfb-bench-{shape}-{adapter}-"))
             model = make_adapter(model, TARGETS[adapter], args.rank, tmp).unload()
-            grid = scoring_grid(args, adapter)
+            grid = [] if args.no_scoring else scoring_grid(args, adapter)
             # (a) and eager through tfb: decoding first (the targets), then scoring
             post = install_posterior(model, tmp, args.sigma)
             for B, K in decode_grid(args, adapter):
@@ -458,6 +458,11 @@ def run(args) -> dict:
                     except Exception as e:  # keep the rest of the run
                         res.setdefault("errors", []).append(f"a {shape} {adapter} B={B} K={K}: {e!r}")
                         print("   a failed:", repr(e), flush=True)
+                if "compiled" in args.variants:
+                    r = decode_engine(clock, post, prompts, K, args.warm, args.steps, compile=True)
+                    add_decode(res, shape, adapter, "compiled", B, K, r, counts, args.ctx)
+                    if r["compile_error"]:
+                        print("   compile failed:", r["compile_error"][:500], flush=True)
                 if "eager" in args.variants:
                     r = decode_eager(clock, post, prompts, K, args.warm, args.steps)
                     add_decode(res, shape, adapter, "eager", B, K, r, counts, args.ctx)
@@ -522,7 +527,7 @@ def free(clock):
         torch.cuda.empty_cache()
 
 
-def decode_engine(clock, post, prompts, K, warm, steps):
+def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
     """The server's CUDA path: prefill, join a StaticDecoder, step (one host sync per step)."""
     from tfb_core.cuda_decode import StaticDecoder
 
@@ -530,7 +535,7 @@ def decode_engine(clock, post, prompts, K, warm, steps):
                                                      ignore_eos=True)) for p in prompts]
     base = clock.mem_reset()
     holder = {}
-    dec = StaticDecoder(post)
+    dec = StaticDecoder(post, compile=compile)
     t_prefill = clock.time(lambda: holder.update(d=dec.join(DecodeBatch.prefill(post, seqs))))
     after = (torch.cuda.memory_allocated() - base) if clock.cuda else None
     t_first = clock.time(dec.step)  # the CUDA graph is captured here
@@ -542,7 +547,8 @@ def decode_engine(clock, post, prompts, K, warm, steps):
     out = {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
            "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill, "first_step_s": t_first,
            "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": dec.graphed,
-           "capture_error": dec.capture_error, "cache_len": dec.length, "rows_cap": dec.rows_cap,
+           "capture_error": dec.capture_error, "compile_error": dec.compile_error,
+           "cache_len": dec.length, "rows_cap": dec.rows_cap,
            "tokens": [s.token_ids[:8] for s in seqs]}
     del dec, holder
     return out
@@ -612,7 +618,7 @@ def summarise(res):
     for shape in res["models"]:
         for adapter in ("qv", "all"):
             out = {}
-            for v in ("a", "eager"):
+            for v in ("a", "compiled", "eager"):
                 k1 = get("decode", model=shape, adapter=adapter, variant=v, batch=1, K=1)
                 k10 = get("decode", model=shape, adapter=adapter, variant=v, batch=1, K=10)
                 fl = res["floor"].get(shape, {}).get(1)
@@ -670,7 +676,7 @@ def table(res) -> str:
                      f"{(b['median_s'] * 1e3) if b else float('nan'):8.1f} | "
                      f"{(c['median_s'] * 1e3) if c else float('nan'):7.1f} | "
                      f"{(b['median_s'] / r['median_s']) if b else float('nan'):5.1f} | {pk}")
-    lines.append("decode ms/step: model adapter B K | a | eager | b | c | a BW use | KV GB")
+    lines.append("decode ms/step: model adapter B K | a | compiled | eager | b | c | a BW use | KV GB")
     didx = {}
     for r in res["decode"]:
         didx[(r["model"], r["adapter"], r["variant"], r["batch"], r["K"])] = r
@@ -689,7 +695,7 @@ def table(res) -> str:
         f = didx.get((m, ad, "a", B, K))
         bw = f"{f['bw_use'] * 100:4.0f}%" if f and f["bw_use"] else "   -"
         kv = (f or r)["bytes"]["kv"] / 2**30
-        lines.append(f"  {m:4s} {ad:3s} {B:2d} {K:2d} | {ms('a')} | {ms('eager')} | {ms('b')} | "
+        lines.append(f"  {m:4s} {ad:3s} {B:2d} {K:2d} | {ms('a')} | {ms('compiled')} | {ms('eager')} | {ms('b')} | "
                      f"{ms('c', 1)} | {bw} | {kv:.3f}")
     for k, v in res.get("summary", {}).items():
         lines.append(f"summary {k}: " + ", ".join(f"{a}={b:.3g}" for a, b in v.items()))
@@ -784,17 +790,16 @@ def check_run(args) -> dict:
               SamplingParams(max_tokens=12, num_samples=2, ignore_eos=True, weight_seed=5),
               SamplingParams(max_tokens=16, num_samples=4, ignore_eos=True, weight_seed=2)]
     ref = generate(post, prompts, params)
-    fast = generate_fast(post, prompts, params)
-    same = sum(a == b for r, f in zip(ref, fast) for a, b in zip(r.token_ids, f.token_ids))
-    total = sum(len(r.tokens) for r in ref)
-    dpe = max(abs(a.predictive_entropy - b.predictive_entropy) for r, f in zip(ref, fast)
-              for a, b in zip(r.tokens, f.tokens))
-    dmi = max(abs(a.mutual_information - b.mutual_information) for r, f in zip(ref, fast)
-              for a, b in zip(r.tokens, f.tokens))
-    mi = max(t.mutual_information for r in ref for t in r.tokens)
-    out = {"tokens_equal": same, "tokens": total, "max_abs_d_pe": dpe, "max_abs_d_mi": dmi,
-           "max_mi": mi, "dtype": "float32"}
-    print("check (float32, graphed StaticDecoder vs generate):", json.dumps(out), flush=True)
+    out = {}
+    for name, compile in (("graphed", False), ("compiled_graphed", True)):
+        fast = generate_fast(post, prompts, params, compile=compile)
+        same = sum(a == b for r, f in zip(ref, fast) for a, b in zip(r.token_ids, f.token_ids))
+        pairs = [(a, b) for r, f in zip(ref, fast) for a, b in zip(r.tokens, f.tokens)]
+        out[name] = {"tokens_equal": same, "tokens": sum(len(r.tokens) for r in ref),
+                     "max_abs_d_pe": max(abs(a.predictive_entropy - b.predictive_entropy) for a, b in pairs),
+                     "max_abs_d_mi": max(abs(a.mutual_information - b.mutual_information) for a, b in pairs),
+                     "max_mi": max(a.mutual_information for a, _ in pairs), "dtype": "float32"}
+        print(f"check (float32, {name} StaticDecoder vs generate):", json.dumps(out[name]), flush=True)
     return out
 
 
@@ -812,6 +817,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=32, help="timed decode steps")
     p.add_argument("--ref-steps", type=int, default=6, help="timed decode steps of (b)")
     p.add_argument("--floor-rows", nargs="+", type=int, default=[1, 10, 80])
+    p.add_argument("--no-scoring", action="store_true", help="decoding only")
     p.add_argument("--full-all", action="store_true", help="the full grid for the all-linear adapter too")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--sigma", type=float, default=0.01)

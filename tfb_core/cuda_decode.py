@@ -73,9 +73,12 @@ class StaticDecoder:
         Capture the step in CUDA graphs; ``None`` means on CUDA devices.
     bucket : int
         The cache length is rounded up to a multiple of this.
+    compile : bool
+        Compile the step's forward with ``torch.compile`` (fusing its elementwise kernels)
+        before capturing it; a compile error falls back to the plain forward.
     """
 
-    def __init__(self, post, graph: bool | None = None, bucket: int = 256):
+    def __init__(self, post, graph: bool | None = None, bucket: int = 256, compile: bool = False):
         model = post.model
         if not is_supported(model):
             raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
@@ -99,7 +102,9 @@ class StaticDecoder:
         self.slot_of: dict[tuple[int, int], int] = {}  # (weight seed, k) -> noise buffer index
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_error: str | None = None
+        self.compile_error: str | None = None
         self._pool = None
+        self._step_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     @property
     def kv_rows(self) -> int:
@@ -191,7 +196,16 @@ class StaticDecoder:
                 graph.replay()
                 return logits
         with self._noise(rows):
-            return self._forward(rows)
+            return self._call(rows)
+
+    def _call(self, rows: int) -> torch.Tensor:
+        if self._step_fn is not self._forward:
+            try:
+                return self._step_fn(rows)
+            except Exception as e:  # the compiler refused: the plain forward from now on
+                self.compile_error = f"{type(e).__name__}: {e}"
+                self._step_fn = self._forward
+        return self._forward(rows)
 
     def _forward(self, rows: int) -> torch.Tensor:
         """One token for rows ``[0, rows)`` through the model: last-position logits (rows, V)."""
@@ -253,7 +267,7 @@ class StaticDecoder:
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(2):
-                        self._forward(rows)
+                        self._call(rows)
                 torch.cuda.current_stream().wait_stream(stream)
                 for s, v in zip(state, saved):
                     s[:rows] = v
@@ -261,7 +275,7 @@ class StaticDecoder:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
-                    logits = self._forward(rows)
+                    logits = self._call(rows)
             self.graphs[rows] = (graph, logits)
         except Exception as e:  # e.g. an op that syncs: run eagerly from now on
             self.capture_error = f"{type(e).__name__}: {e}"
@@ -332,7 +346,7 @@ class StaticDecoder:
 
 
 def generate_fast(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams],
-                  graph: bool | None = None) -> list[GenSequence]:
+                  graph: bool | None = None, compile: bool = False) -> list[GenSequence]:
     """Like :func:`tfb_core.generation.generate`, through :class:`StaticDecoder` where the model
     is supported (else through ``generate``)."""
     if not is_supported(post.model):
@@ -340,7 +354,7 @@ def generate_fast(post, prompts: Seq[list[int]], params: SamplingParams | Seq[Sa
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(prompts, params))]
-    decoder = StaticDecoder(post, graph=graph).join(DecodeBatch.prefill(post, seqs))
+    decoder = StaticDecoder(post, graph=graph, compile=compile).join(DecodeBatch.prefill(post, seqs))
     decoder.filter()
     while decoder.seqs:
         decoder.step()
