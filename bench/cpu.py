@@ -6,8 +6,9 @@ The adapter is tfb_core/demo/adapter when it exists, else a random LoRA r = 8 on
 layer made with peft in a temp dir. This CPU is small and shared: the ratios are what this
 shows, not the absolute times. See bench/README.md.
 
-Variants as in bench/gpu.py: a = tfb's engine (K batched), fast = tfb_core.cuda_decode run
-eagerly (no CUDA graph on a CPU), b = K sequential peft forwards with noise injected per pass
+Variants as in bench/gpu.py: a = tfb's engine as a CPU server runs it (K batched; decoding
+with the eager ``DecodeBatch``), static = ``tfb_core.cuda_decode.StaticDecoder`` (the CUDA
+path) run eagerly (no CUDA graph on a CPU), b = K sequential peft forwards with noise injected per pass
 (K KV caches when decoding), c = the deterministic adapter through peft, one pass.
 """
 
@@ -66,7 +67,7 @@ def main(argv=None):
     score_prompts = gpu.prompts_for(1, T, V)
     dec_prompts = gpu.prompts_for(1, T, V, seed=7)
 
-    # tfb: a (and fast for decoding)
+    # tfb: a (and static for decoding)
     post = Posterior.from_adapter(base, adapter_dir)
     post.sigma = args.sigma
     for k in (1, K):
@@ -75,12 +76,12 @@ def main(argv=None):
         res["scoring"][f"a_K{k}"] = r
         print(f"score a K={k}: {r['median_s'] * 1e3:.0f} ms", flush=True)
     for k in (1, K):
-        r = gpu.decode_tfb(clock, post, dec_prompts, k, 2, args.steps)
+        r = gpu.decode_eager(clock, post, dec_prompts, k, 2, args.steps)
         res["decode"][f"a_K{k}"] = r
         print(f"decode a K={k}: {r['step_s'] * 1e3:.0f} ms/step", flush=True)
-        r = gpu.decode_fast(clock, post, dec_prompts, k, 2, args.steps)
-        res["decode"][f"fast_K{k}"] = r
-        print(f"decode fast K={k}: {r['step_s'] * 1e3:.0f} ms/step (eager)", flush=True)
+        r = gpu.decode_engine(clock, post, dec_prompts, k, 2, args.steps)
+        res["decode"][f"static_K{k}"] = r
+        print(f"decode static K={k}: {r['step_s'] * 1e3:.0f} ms/step (eager)", flush=True)
     gpu.uninstall_posterior(post)
     # peft: b (K looped) and c (deterministic)
     from peft import PeftModel
@@ -105,10 +106,10 @@ def main(argv=None):
         "score_b_K10_over_a_K10": s[f"b_K{K}"]["median_s"] / s[f"a_K{K}"]["median_s"],
         "decode_a_K10_over_a_K1": d[f"a_K{K}"]["step_s"] / d["a_K1"]["step_s"],
         "decode_b_K10_over_a_K10": d[f"b_K{K}"]["step_s"] / d[f"a_K{K}"]["step_s"],
-        "decode_fast_K10_over_fast_K1": d[f"fast_K{K}"]["step_s"] / d["fast_K1"]["step_s"],
-        "decode_a_K10_over_fast_K10": d[f"a_K{K}"]["step_s"] / d[f"fast_K{K}"]["step_s"],
+        "decode_static_K10_over_static_K1": d[f"static_K{K}"]["step_s"] / d["static_K1"]["step_s"],
+        "decode_a_K10_over_static_K10": d[f"a_K{K}"]["step_s"] / d[f"static_K{K}"]["step_s"],
     }
-    res["fast_tokens_equal_a"] = d[f"fast_K{K}"]["tokens"] == d[f"a_K{K}"]["tokens"]
+    res["static_tokens_equal_a"] = d[f"static_K{K}"]["tokens"] == d[f"a_K{K}"]["tokens"]
     res["meta"]["wall_s"] = time.time() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=str))
@@ -118,10 +119,10 @@ def main(argv=None):
           f"a K=1 {s['a_K1']['median_s'] * 1e3:7.0f} ms | a K={K} batched "
           f"{s[f'a_K{K}']['median_s'] * 1e3:7.0f} ms | b K={K} looped {s[f'b_K{K}']['median_s'] * 1e3:7.0f} ms")
     print(f"decode ms/step:      c {d['c']['step_s'] * 1e3:7.1f} | a K=1 {d['a_K1']['step_s'] * 1e3:7.1f} | "
-          f"a K={K} {d[f'a_K{K}']['step_s'] * 1e3:7.1f} | fast K=1 {d['fast_K1']['step_s'] * 1e3:7.1f} | "
-          f"fast K={K} {d[f'fast_K{K}']['step_s'] * 1e3:7.1f} | b K={K} looped {d[f'b_K{K}']['step_s'] * 1e3:7.1f}")
+          f"a K={K} {d[f'a_K{K}']['step_s'] * 1e3:7.1f} | static K=1 {d['static_K1']['step_s'] * 1e3:7.1f} | "
+          f"static K={K} {d[f'static_K{K}']['step_s'] * 1e3:7.1f} | b K={K} looped {d[f'b_K{K}']['step_s'] * 1e3:7.1f}")
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
-    print(f"fast tokens == engine tokens (K={K}): {res['fast_tokens_equal_a']}; wall {res['meta']['wall_s']:.0f} s")
+    print(f"static tokens == engine tokens (K={K}): {res['static_tokens_equal_a']}; wall {res['meta']['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

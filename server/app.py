@@ -73,6 +73,7 @@ def start_loading(state: AppState, load) -> None:
         t0 = time.perf_counter()
         try:
             loaded = load(state.settings, set_status)
+            runner = ModelRunner(loaded, state.metrics, state.settings.decoder)
         except BaseException as e:  # any failure: one line, then the CLI exits non-zero
             reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
             reason = " ".join(reason.split())
@@ -80,14 +81,13 @@ def start_loading(state: AppState, load) -> None:
             loop.call_soon_threadsafe(fail, state, reason)
             return
         log.info("loaded in %.1f s", time.perf_counter() - t0)
-        loop.call_soon_threadsafe(ready, state, loaded)
+        loop.call_soon_threadsafe(ready, state, loaded, runner)
 
     threading.Thread(target=work, name="tfb-load", daemon=True).start()
 
 
-def ready(state: AppState, loaded: loader.Loaded) -> None:
+def ready(state: AppState, loaded: loader.Loaded, runner: ModelRunner) -> None:
     s = state.settings
-    runner = ModelRunner(loaded, state.metrics)
     state.scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens,
                                 s.max_wait_ms, s.max_queue, decoder=runner.engine)
     state.scheduler.start()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tfb_core.cuda_decode import SUPPORTED_MODEL_TYPES, is_supported
 from tfb_core.data import LABELS, MCItem
 from tfb_core.errors import TFBError
 from tfb_core.scoring import Encoded, apply_chat, choice_probs, encode_item, max_context
@@ -70,12 +71,16 @@ class ChoiceOutput:
 class ModelRunner:
     """Owns the posterior; ``step`` runs on the scheduler's worker thread only."""
 
-    def __init__(self, loaded: Loaded, metrics: Metrics):
+    def __init__(self, loaded: Loaded, metrics: Metrics, decoder: str = "auto"):
         from .generating import GenerationEngine
 
         self.post = loaded.post
         self.metrics = metrics
-        self.engine = GenerationEngine(self.post, metrics)  # the continuous decode loop's state
+        static = None if decoder == "auto" else decoder == "static"
+        if static and not is_supported(self.post.model):
+            raise ValueError(f"--decoder static: model type {self.post.model.config.model_type!r} is not "
+                             f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use auto or eager")
+        self.engine = GenerationEngine(self.post, metrics, static)  # the continuous decode loop's state
         # a posterior may record a temperature fitted on held-out data (tfb eval)
         self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
 

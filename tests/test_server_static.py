@@ -1,0 +1,90 @@
+"""The server's CUDA decode engine (``--decoder static``, :class:`StaticDecoder`) behind the real
+HTTP API, run here on the CPU (eagerly: the code a CUDA graph captures): concurrent requests with
+different K and sampling join and leave one running batch, and every response
+equals the eager engine's (``--decoder eager``) for the same request."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+
+import tiny
+from server_helpers import ServerThread, bayesianized
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("srvstatic")
+    base = tiny.make_llama(root / "base")
+    return base, bayesianized(base, tiny.make_lora(base, root / "lora"), root / "post", sigma=0.5)
+
+
+def requests():
+    """(prompt, max_tokens, extra) per request: K and sampling differ."""
+    out = []
+    for i in range(6):
+        extra = {"num_samples": 2 + i % 3}
+        sampling = {"temperature": 0.8, "seed": 100 + i} if i % 3 == 1 else {"temperature": 0}
+        out.append((f"Story number {i}: once", 3 + 3 * i, {**extra, **sampling}))
+    return out
+
+
+def run_all(url: str) -> list[dict]:
+    """All requests at once (they join the running batch at different steps)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    results: dict[int, dict] = {}
+
+    def one(i, prompt, n, extra):
+        sampling = {k: extra.pop(k) for k in ("temperature", "seed") if k in extra}
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=n, logprobs=2,
+                                      extra_body=extra, **sampling)
+        c = r.choices[0]
+        results[i] = {"text": c.text, "logprobs": c.logprobs.token_logprobs,
+                      "mi": [t["mutual_information"] for t in c.model_extra["uncertainty"]["tokens"]]}
+
+    threads = [threading.Thread(target=one, args=(i, p, n, dict(e))) for i, (p, n, e) in enumerate(requests())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [results[i] for i in range(len(threads))]
+
+
+def test_static_decoder_serves_what_the_eager_engine_serves(dirs):
+    base, post = dirs
+    common = dict(model=str(base), adapter=post, samples=3, max_wait_ms=20)
+    with ServerThread(decoder="eager", **common) as s:
+        assert s.state.runner.engine.decoder is None
+        eager = run_all(s.url)
+    with ServerThread(decoder="static", **common) as s:
+        engine = s.state.runner.engine
+        static = run_all(s.url)
+        assert engine.decoder is not None and engine.decoder.rows_cap >= 4  # several sequences at once
+        assert engine.kv_rows == 0  # every row released
+        metrics = httpx.get(f"{s.url}/metrics").text
+    for e, g in zip(eager, static, strict=True):
+        assert g["text"] == e["text"]
+        assert g["logprobs"] == pytest.approx(e["logprobs"], abs=1e-4)
+        assert g["mi"] == pytest.approx(e["mi"], abs=1e-4)
+    assert any(max(r["mi"]) > 1e-6 for r in static)
+    assert "tfb_kv_cache_rows" in metrics
+
+
+def test_static_decoder_refused_for_an_unsupported_model(tmp_path):
+    base = tiny.make_gpt2(tmp_path / "gpt2")
+    post = bayesianized(base, tiny.make_lora(base, tmp_path / "lora", targets=("c_attn",)), tmp_path / "post")
+    s = ServerThread(model=str(base), adapter=post, decoder="static").start(wait=False)
+    try:
+        for _ in range(600):
+            if s.state.status == "failed":
+                break
+            threading.Event().wait(0.05)
+        assert s.state.status == "failed"
+        assert "--decoder static: model type 'gpt2' is not supported" in s.state.detail
+        assert httpx.get(f"{s.url}/health").status_code == 503
+    finally:
+        s.stop()
