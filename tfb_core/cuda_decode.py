@@ -55,6 +55,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """A Llama RMSNorm module's output in one fused kernel (float32 inside, as the module)."""
+    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -104,6 +109,7 @@ class StaticDecoder:
         self.capture_error: str | None = None
         self.compile_error: str | None = None
         self._pool = None
+        self._rot: torch.Tensor | None = None
         self._step_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     @property
@@ -208,7 +214,13 @@ class StaticDecoder:
         return self._forward(rows)
 
     def _forward(self, rows: int) -> torch.Tensor:
-        """One token for rows ``[0, rows)`` through the model: last-position logits (rows, V)."""
+        """One token for rows ``[0, rows)`` through the model: last-position logits (rows, V).
+
+        The model's own modules for every projection and the MLP; RMSNorm, RoPE and attention
+        written with few kernels (each costs ~2 us inside a graph, whatever its size): one
+        fused ``rms_norm``, RoPE on q and k together with rotate-half as a +-1 matmul, and the
+        mask added with the score scaling in one op.
+        """
         model = self.post.model
         inner = model.model
         H, KVH, hd = self.heads, self.kv_heads, self.head_dim
@@ -219,39 +231,49 @@ class StaticDecoder:
         x = inner.embed_tokens(tok[:, None])  # (rows, 1, d)
         cos, sin = inner.rotary_emb(x, pos[:, None])  # (rows, 1, hd)
         cos, sin = cos[:, None], sin[:, None]  # (rows, 1, 1, hd)
+        rot = self._rotate_half_matrix(x)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(rows, 1, H, hd).transpose(1, 2)  # (rows, H, 1, hd)
-            k = attn.k_proj(h).view(rows, 1, KVH, hd).transpose(1, 2)  # (rows, KVH, 1, hd)
-            v = attn.v_proj(h).view(rows, 1, KVH, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            h = _rms_norm(layer.input_layernorm, x)
+            q = attn.q_proj(h).view(rows, H, 1, hd)  # (rows, H, 1, hd): one position per row
+            k = attn.k_proj(h).view(rows, KVH, 1, hd)
+            v = attn.v_proj(h).view(rows, KVH, 1, hd)
+            qk = torch.cat([q, k], 1)
+            qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)  # RoPE
+            q, k = qk[:, :H], qk[:, H:]
             kc, vc = self.kc[i][:rows], self.vc[i][:rows]
             kc.scatter_(2, at, k.to(kc.dtype))
             vc.scatter_(2, at, v.to(vc.dtype))
             # grouped-query attention over the static cache, one query per row
             qg = q.reshape(rows, KVH, H // KVH, hd)
-            scores = torch.matmul(qg, kc.transpose(-1, -2)).float() * self.scaling  # (rows, KVH, G, L)
-            w = torch.softmax(scores + mask, -1).to(vc.dtype)
+            scores = torch.add(mask, torch.matmul(qg, kc.transpose(-1, -2)), alpha=self.scaling)  # float32
+            w = torch.softmax(scores, -1).to(vc.dtype)  # (rows, KVH, G, L)
             o = torch.matmul(w, vc).reshape(rows, 1, H * hd).to(x.dtype)
             x = x + attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = model.lm_head(inner.norm(x)).float()[:, -1]
+            x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
+        logits = model.lm_head(_rms_norm(inner.norm, x)).float()[:, -1]
         pos.add_(1)
         col.add_(1).clamp_max_(self.length - 1)  # only rows past every sequence's end reach it
         return logits
 
+    def _rotate_half_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """R with ``y @ R == rotate_half(y)`` (exact: one +-1 term per output)."""
+        if self._rot is None or self._rot.dtype != x.dtype:
+            eye = torch.eye(self.head_dim, device=x.device, dtype=x.dtype)
+            self._rot = _rotate_half(eye)
+        return self._rot
+
     @contextmanager
     def _noise(self, rows: int) -> Iterator[None]:
-        """The TFB layers read each row's noise from the fixed buffers through ``slots``."""
+        """The TFB layers read each row's ``A' + E_k`` from the fixed buffers through ``slots``."""
         try:
             for layer, noise in zip(self.post.layers, self.noise):  # no buffers when sigma == 0
-                layer.noise, layer.slots = noise, self.slots[:rows]
+                layer.noise, layer.slots, layer.noise_has_mean = noise, self.slots[:rows], True
             yield
         finally:
             for layer in self.post.layers:
                 layer.noise = layer.slots = None
+                layer.noise_has_mean = False
 
     def _capture(self, rows: int) -> None:
         """Warm up on a side stream, capture one step, restore the state the warm-up moved.
@@ -341,8 +363,8 @@ class StaticDecoder:
                 slot = self.slot_of[key] = free.pop(0)
                 if self.sigma > 0:
                     z = self.post.draws.get(*key)
-                    for buf, layer, zi in zip(self.noise, self.post.layers, z):
-                        buf[slot] = noise_stack(layer, [zi], self.sigma)[0]
+                    for buf, layer, zi in zip(self.noise, self.post.layers, z):  # A' + E_k
+                        buf[slot] = layer.lora_A + noise_stack(layer, [zi], self.sigma)[0]
 
 
 def generate_fast(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams],
