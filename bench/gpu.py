@@ -37,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tfb_core.cuda_decode import use_static  # noqa: E402
+from tfb_core.cuda_prefill import PrefillEngine  # noqa: E402
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, _cache_kwarg  # noqa: E402
 from tfb_core.models import BaseModel  # noqa: E402
 from tfb_core.posterior import Posterior, bayesianize_factors  # noqa: E402
@@ -270,9 +272,10 @@ def prompts_for(B, T, vocab, seed=0):
     return torch.randint(100, vocab, (B, T), generator=g)
 
 
-def score_tfb(post, prompts, K):
+def score_tfb(post, prompts, K, engine=None):
+    """``choice_probs`` as the server calls it: through ``engine`` (a PrefillEngine) or eagerly."""
     enc = [Encoded([p.tolist()], [LABEL_IDS], Mode.LETTER) for p in prompts]
-    return lambda: choice_probs(post, enc, [(0, K)] * len(enc))
+    return lambda: choice_probs(post, enc, [(0, K)] * len(enc), engine=engine)
 
 
 def score_peft(pm, ref: Reference | None, prompts, K, device):
@@ -467,15 +470,24 @@ def run(args) -> dict:
                     r = decode_eager(clock, post, prompts, K, args.warm, args.steps)
                     add_decode(res, shape, adapter, "eager", B, K, r, counts, args.ctx)
                 save()
-            if "a" in args.variants:
+            if "a" in args.variants or "eager" in args.variants:
+                engine = PrefillEngine(post) if use_static(post) else None  # the server's choice
                 for B, T, Ks in grid:
                     prompts = prompts_for(B, T, counts["vocab"])
                     for K in Ks:
                         if late(f"score {shape} {adapter} a B={B} T={T} K={K}"):
                             continue
-                        r = clock.bench(score_tfb(post, prompts, K))
-                        add_score(res, shape, adapter, "a", B, T, K, r, counts)
+                        if "a" in args.variants:
+                            r = clock.bench(score_tfb(post, prompts, K, engine))
+                            add_score(res, shape, adapter, "a", B, T, K, r, counts)
+                        if "eager" in args.variants and B == 1:  # HF's forward: what CPUs run
+                            r = clock.bench(score_tfb(post, prompts, K))
+                            add_score(res, shape, adapter, "eager", B, T, K, r, counts)
                     save()
+                if engine is not None:
+                    res.setdefault("prefill_graphs", {})[f"{shape}/{adapter}"] = {
+                        "graphed_shapes": [list(k) for k in engine.graphs], "capture_error": engine.capture_error}
+                del engine
             uninstall_posterior(post)
             del post
             free(clock)
@@ -659,7 +671,7 @@ def table(res) -> str:
     for shape, fl in res["floor"].items():
         lines.append(f"floor (d) {shape}: " + ", ".join(
             f"{rows} rows {v['step_s'] * 1e3:.2f} ms" for rows, v in fl.items()))
-    lines.append("scoring: model adapter B T K | a ms (MFU) | b ms | c ms | b/a | peak extra GB (a)")
+    lines.append("scoring: model adapter B T K | a ms (MFU) | eager ms | b ms | c ms | b/a | peak extra GB (a)")
     idx = {}
     for r in res["scoring"]:
         idx[(r["model"], r["adapter"], r["variant"], r["batch"], r["T"], r["K"])] = r
@@ -669,10 +681,12 @@ def table(res) -> str:
         key = (r["model"], r["adapter"])
         b = idx.get(key + ("b", r["batch"], r["T"], r["K"]))
         c = idx.get(key + ("c", r["batch"], r["T"], 1))
+        e = idx.get(key + ("eager", r["batch"], r["T"], r["K"]))
         mfu = f"({r['mfu'] * 100:.0f}%)" if r["mfu"] else ""
         pk = f"{r['peak_extra_bytes'] / 2**30:.2f}" if r["peak_extra_bytes"] is not None else "-"
         lines.append(f"  {r['model']:4s} {r['adapter']:3s} {r['batch']:2d} {r['T']:3d} {r['K']:2d} | "
                      f"{r['median_s'] * 1e3:8.1f} {mfu:6s} | "
+                     f"{(e['median_s'] * 1e3) if e else float('nan'):8.1f} | "
                      f"{(b['median_s'] * 1e3) if b else float('nan'):8.1f} | "
                      f"{(c['median_s'] * 1e3) if c else float('nan'):7.1f} | "
                      f"{(b['median_s'] / r['median_s']) if b else float('nan'):5.1f} | {pk}")
@@ -725,7 +739,7 @@ def kernel_breakdown(prof) -> dict:
 
 
 def profile_run(args) -> dict:
-    """8B shape, q,v adapter: one engine prefill (B=1 and B=8, T=512, K=10 / K=1) and one
+    """8B shape, q,v adapter: the engine's scoring forward (PrefillEngine, not graphed) and one
     StaticDecoder step run eagerly (B=1, K=1 and K=10) under torch.profiler: kernel time by kind."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -740,8 +754,9 @@ def profile_run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="tfb-prof-"))
     model = make_adapter(model, TARGETS["qv"], args.rank, tmp).unload()
     post = install_posterior(model, tmp, args.sigma)
-    for B, K in ((1, 10), (8, 1), (32, 1)):
-        fn = score_tfb(post, prompts_for(B, 512, counts["vocab"]), K)
+    engine = PrefillEngine(post, graph=False)  # the server's scoring forward, not graphed
+    for B, T, K in ((1, 128, 10), (1, 512, 10), (32, 512, 1)):
+        fn = score_tfb(post, prompts_for(B, T, counts["vocab"]), K, engine)
         fn()
         wall = clock.time(fn)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -749,9 +764,9 @@ def profile_run(args) -> dict:
             torch.cuda.synchronize()
         bd = kernel_breakdown(prof)
         bd["wall_s"] = wall
-        bd["flops"] = prefill_flops(counts, B * K, 512)
-        out[f"score_B{B}_T512_K{K}"] = bd
-        print(f"score B={B} K={K}: wall {wall * 1e3:.1f} ms; kernels " + ", ".join(
+        bd["flops"] = prefill_flops(counts, B * K, T)
+        out[f"score_B{B}_T{T}_K{K}"] = bd
+        print(f"score B={B} T={T} K={K} (engine, not graphed): wall {wall * 1e3:.1f} ms; kernels " + ", ".join(
             f"{k} {v * 1e3:.1f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
     for K in (1, 10):
         seqs = [GenSequence(prompts_for(1, 512, counts["vocab"], seed=7)[0].tolist(),
@@ -791,7 +806,7 @@ def check_run(args) -> dict:
               SamplingParams(max_tokens=16, num_samples=4, ignore_eos=True, weight_seed=2)]
     ref = generate(post, prompts, params)
     out = {}
-    for name, compile in (("graphed", False), ("compiled_graphed", True)):
+    for name, compile in (("graphed", False), ("compiled_graphed", True))[:2 if "compiled" in args.variants else 1]:
         fast = generate_fast(post, prompts, params, compile=compile)
         same = sum(a == b for r, f in zip(ref, fast) for a, b in zip(r.token_ids, f.token_ids))
         pairs = [(a, b) for r, f in zip(ref, fast) for a, b in zip(r.tokens, f.tokens)]
@@ -800,6 +815,16 @@ def check_run(args) -> dict:
                      "max_abs_d_mi": max(abs(a.mutual_information - b.mutual_information) for a, b in pairs),
                      "max_mi": max(a.mutual_information for a, _ in pairs), "dtype": "float32"}
         print(f"check (float32, {name} StaticDecoder vs generate):", json.dumps(out[name]), flush=True)
+    # scoring: the graphed PrefillEngine against HF's eager forward, padded rows, mixed K and seeds
+    engine = PrefillEngine(post)
+    enc = [Encoded([p], [LABEL_IDS], Mode.LETTER) for p in prompts]
+    samples = [(0, 4), (3, 2), (0, 4)]
+    ref = choice_probs(post, enc, samples)
+    got = choice_probs(post, enc, samples, engine=engine)
+    out["prefill"] = {"max_abs_d_prob": max(float((a - b).abs().max()) for a, b in zip(ref, got)),
+                      "graphed": bool(engine.graphs), "capture_error": engine.capture_error,
+                      "max_prob_std_over_samples": max(float(p.std(0).max()) for p in ref)}
+    print("check (float32, graphed PrefillEngine vs eager choice_probs):", json.dumps(out["prefill"]), flush=True)
     return out
 
 

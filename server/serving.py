@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tfb_core.cuda_decode import SUPPORTED_MODEL_TYPES, is_supported
+from tfb_core.cuda_decode import SUPPORTED_MODEL_TYPES, is_supported, use_static
+from tfb_core.cuda_prefill import PrefillEngine
 from tfb_core.data import LABELS, MCItem
 from tfb_core.errors import TFBError
 from tfb_core.scoring import Encoded, apply_chat, choice_probs, encode_item, max_context
@@ -71,15 +72,18 @@ class ChoiceOutput:
 class ModelRunner:
     """Owns the posterior; ``step`` runs on the scheduler's worker thread only."""
 
-    def __init__(self, loaded: Loaded, metrics: Metrics, decoder: str = "auto"):
+    def __init__(self, loaded: Loaded, metrics: Metrics, engine: str = "auto"):
         from .generating import GenerationEngine
 
         self.post = loaded.post
         self.metrics = metrics
-        static = None if decoder == "auto" else decoder == "static"
+        static = use_static(self.post) if engine == "auto" else engine == "static"
         if static and not is_supported(self.post.model):
-            raise ValueError(f"--decoder static: model type {self.post.model.config.model_type!r} is not "
+            raise ValueError(f"--engine static: model type {self.post.model.config.model_type!r} is not "
                              f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use auto or eager")
+        self.static = static
+        # scoring forwards: fused kernels, CUDA graphs on CUDA (None: HF's eager forward)
+        self.prefill = PrefillEngine(self.post) if static else None
         self.engine = GenerationEngine(self.post, metrics, static)  # the continuous decode loop's state
         # a posterior may record a temperature fitted on held-out data (tfb eval)
         self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
@@ -94,7 +98,8 @@ class ModelRunner:
     def choices_step(self, items: list[ChoiceWork]) -> list[ChoiceOutput]:
         with Timer() as t:
             per_item = choice_probs(self.post, [w.encoded for w in items],
-                                    [(w.seed, w.num_samples) for w in items])  # [(K_i, C_i)]
+                                    [(w.seed, w.num_samples) for w in items],
+                                    engine=self.prefill)  # [(K_i, C_i)]
         self.metrics.observe_batch(len(items), sum(w.rows for w in items), t.seconds,
                                    sum(w.encoded.prompt_tokens for w in items))
         outputs = []

@@ -31,10 +31,11 @@ class Settings(BaseSettings):
     max_samples: int = Field(64, ge=1, description="the largest num_samples a request may ask for")
     device: str | None = Field(None, description="cuda, cuda:1, cpu (default: cuda when present)")
     dtype: str | None = Field(None, description="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
-    decoder: Literal["auto", "static", "eager"] = Field("auto", description="text generation engine: "
-                                                        "static (static KV cache, the step in CUDA graphs on "
-                                                        "CUDA; Llama family), eager (HF DynamicCache), auto "
-                                                        "(static on CUDA when the model supports it)")
+    engine: Literal["auto", "static", "eager"] = Field("auto", description="how forwards run: static (Llama "
+                                                       "family: fused kernels and CUDA graphs on CUDA for "
+                                                       "scoring; a static KV cache for generation), eager "
+                                                       "(HF transformers as is), auto (static on CUDA when the "
+                                                       "model supports it, else eager)")
     chat: bool | None = Field(None, description="wrap 'question'/'prompt' in the chat template (default: "
                               "what the posterior records; requests may override)")
 

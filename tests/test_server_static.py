@@ -1,7 +1,8 @@
-"""The server's CUDA decode engine (``--decoder static``, :class:`StaticDecoder`) behind the real
-HTTP API, run here on the CPU (eagerly: the code a CUDA graph captures): concurrent requests with
-different K and sampling join and leave one running batch, and every response
-equals the eager engine's (``--decoder eager``) for the same request."""
+"""The server's CUDA engine (``--engine static``: :class:`StaticDecoder` for generation,
+:class:`PrefillEngine` for scoring) behind the real HTTP API, run here on the CPU (eagerly: the
+code a CUDA graph captures): concurrent requests with different K and sampling join and leave
+one running batch, choice items with different K and modes share a forward, and every response
+equals the eager engine's (``--engine eager``) for the same request."""
 
 from __future__ import annotations
 
@@ -54,15 +55,23 @@ def run_all(url: str) -> list[dict]:
     return [results[i] for i in range(len(threads))]
 
 
-def test_static_decoder_serves_what_the_eager_engine_serves(dirs):
+CHOICES = {"items": [{"question": "What is the capital of France?", "choices": ["Paris", "Rome", "Berlin"]},
+                     {"question": "2 + 2 =", "choices": ["4", "five", "22"], "mode": "sequence", "num_samples": 5},
+                     {"prompt": "The sky is", "choices": ["blue", "green"], "mode": "sequence", "num_samples": 2}]}
+
+
+def test_static_engine_serves_what_the_eager_engine_serves(dirs):
     base, post = dirs
     common = dict(model=str(base), adapter=post, samples=3, max_wait_ms=20)
-    with ServerThread(decoder="eager", **common) as s:
-        assert s.state.runner.engine.decoder is None
+    with ServerThread(engine="eager", **common) as s:
+        assert s.state.runner.engine.decoder is None and s.state.runner.prefill is None
         eager = run_all(s.url)
-    with ServerThread(decoder="static", **common) as s:
+        eager_choices = httpx.post(f"{s.url}/v1/choices", json=CHOICES, timeout=60).json()["items"]
+    with ServerThread(engine="static", **common) as s:
         engine = s.state.runner.engine
         static = run_all(s.url)
+        static_choices = httpx.post(f"{s.url}/v1/choices", json=CHOICES, timeout=60).json()["items"]
+        assert s.state.runner.prefill.slot_of  # the scoring went through the prefill engine
         assert engine.decoder is not None and engine.decoder.rows_cap >= 4  # several sequences at once
         assert engine.kv_rows == 0  # every row released
         metrics = httpx.get(f"{s.url}/metrics").text
@@ -71,20 +80,23 @@ def test_static_decoder_serves_what_the_eager_engine_serves(dirs):
         assert g["logprobs"] == pytest.approx(e["logprobs"], abs=1e-4)
         assert g["mi"] == pytest.approx(e["mi"], abs=1e-4)
     assert any(max(r["mi"]) > 1e-6 for r in static)
+    for e, g in zip(eager_choices, static_choices, strict=True):
+        assert g["probs"] == pytest.approx(e["probs"], abs=1e-5)
+        assert g["uncertainty"] == pytest.approx(e["uncertainty"], abs=1e-5)
     assert "tfb_kv_cache_rows" in metrics
 
 
-def test_static_decoder_refused_for_an_unsupported_model(tmp_path):
+def test_static_engine_refused_for_an_unsupported_model(tmp_path):
     base = tiny.make_gpt2(tmp_path / "gpt2")
     post = bayesianized(base, tiny.make_lora(base, tmp_path / "lora", targets=("c_attn",)), tmp_path / "post")
-    s = ServerThread(model=str(base), adapter=post, decoder="static").start(wait=False)
+    s = ServerThread(model=str(base), adapter=post, engine="static").start(wait=False)
     try:
         for _ in range(600):
             if s.state.status == "failed":
                 break
             threading.Event().wait(0.05)
         assert s.state.status == "failed"
-        assert "--decoder static: model type 'gpt2' is not supported" in s.state.detail
+        assert "--engine static: model type 'gpt2' is not supported" in s.state.detail
         assert httpx.get(f"{s.url}/health").status_code == 503
     finally:
         s.stop()

@@ -26,6 +26,7 @@ weight sample first joins; create a new decoder after changing ``sigma``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import contextmanager
@@ -55,9 +56,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """A Llama RMSNorm module's output in one fused kernel (float32 inside, as the module)."""
     return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def rotate_half_matrix(head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """R with ``y @ R == rotate_half(y)`` (exact: one +-1 term per output), cached per device
+    and dtype. Call it outside a CUDA graph capture first (the engines' warm-up does)."""
+    return _rotation(head_dim, like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation(head_dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _rotate_half(torch.eye(head_dim, device=device, dtype=dtype))
+
+
+def sample_weights(post, buffers: Seq[torch.Tensor], slot: int, key: tuple[int, int], sigma: float) -> None:
+    """Write ``A' + E_k`` of weight sample ``key`` = (seed, k) into ``slot`` of every layer's buffer."""
+    z = post.draws.get(*key)
+    for buf, layer, zi in zip(buffers, post.layers, z):
+        buf[slot] = layer.lora_A + noise_stack(layer, [zi], sigma)[0]
 
 
 def _pow2(n: int) -> int:
@@ -109,7 +128,6 @@ class StaticDecoder:
         self.capture_error: str | None = None
         self.compile_error: str | None = None
         self._pool = None
-        self._rot: torch.Tensor | None = None
         self._step_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     @property
@@ -231,10 +249,10 @@ class StaticDecoder:
         x = inner.embed_tokens(tok[:, None])  # (rows, 1, d)
         cos, sin = inner.rotary_emb(x, pos[:, None])  # (rows, 1, hd)
         cos, sin = cos[:, None], sin[:, None]  # (rows, 1, 1, hd)
-        rot = self._rotate_half_matrix(x)
+        rot = rotate_half_matrix(hd, x)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            h = _rms_norm(layer.input_layernorm, x)
+            h = rms_norm(layer.input_layernorm, x)
             q = attn.q_proj(h).view(rows, H, 1, hd)  # (rows, H, 1, hd): one position per row
             k = attn.k_proj(h).view(rows, KVH, 1, hd)
             v = attn.v_proj(h).view(rows, KVH, 1, hd)
@@ -250,18 +268,11 @@ class StaticDecoder:
             w = torch.softmax(scores, -1).to(vc.dtype)  # (rows, KVH, G, L)
             o = torch.matmul(w, vc).reshape(rows, 1, H * hd).to(x.dtype)
             x = x + attn.o_proj(o)
-            x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
-        logits = model.lm_head(_rms_norm(inner.norm, x)).float()[:, -1]
+            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+        logits = model.lm_head(rms_norm(inner.norm, x)).float()[:, -1]
         pos.add_(1)
         col.add_(1).clamp_max_(self.length - 1)  # only rows past every sequence's end reach it
         return logits
-
-    def _rotate_half_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        """R with ``y @ R == rotate_half(y)`` (exact: one +-1 term per output)."""
-        if self._rot is None or self._rot.dtype != x.dtype:
-            eye = torch.eye(self.head_dim, device=x.device, dtype=x.dtype)
-            self._rot = _rotate_half(eye)
-        return self._rot
 
     @contextmanager
     def _noise(self, rows: int) -> Iterator[None]:
@@ -362,9 +373,7 @@ class StaticDecoder:
                     continue
                 slot = self.slot_of[key] = free.pop(0)
                 if self.sigma > 0:
-                    z = self.post.draws.get(*key)
-                    for buf, layer, zi in zip(self.noise, self.post.layers, z):  # A' + E_k
-                        buf[slot] = layer.lora_A + noise_stack(layer, [zi], self.sigma)[0]
+                    sample_weights(self.post, self.noise, slot, key, self.sigma)
 
 
 def generate_fast(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams],

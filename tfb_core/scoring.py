@@ -122,7 +122,7 @@ def max_context(model) -> int | None:
 
 @torch.no_grad()
 def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
-                 sigma: float | None = None) -> list[torch.Tensor]:
+                 sigma: float | None = None, engine=None) -> list[torch.Tensor]:
     """Per-sample choice probabilities for several encoded items in ONE forward.
 
     Parameters
@@ -131,6 +131,10 @@ def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, 
     encoded : sequence of Encoded
     samples : sequence of (seed, K), one per item
         Item i runs weight samples (seed_i, 0..K_i-1). Items may differ in seed and K.
+    sigma : float, default=None
+        Another sigma than the posterior's (the variance search); runs the eager forward.
+    engine : tfb_core.cuda_prefill.PrefillEngine, default=None
+        Run the forward through it (CUDA graphs, fused kernels) instead of HF's eager forward.
 
     Returns a list of float32 tensors of shape (K_i, C_i).
     """
@@ -148,7 +152,9 @@ def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, 
                 owners.append((i, j, k))
     keep = max(len(t) for enc in encoded for t in _kept(enc)) + 1
     regular = len({s for s in samples}) == 1  # one (seed, K) for all: row b*K + k -> sample k
-    if regular:
+    if engine is not None and sigma is None:
+        logits = engine.logits(rows, keep, list(keys), slot_ids)
+    elif regular:
         with post.samples(num_samples=samples[0][1], seed=samples[0][0], sigma=sigma):
             logits = _forward(post.model, rows, keep)
     else:

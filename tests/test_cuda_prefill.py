@@ -1,0 +1,92 @@
+"""tfb_core.cuda_prefill: the CUDA scoring forward gives choice_probs' eager answers.
+
+On this CPU the forward runs eagerly (no CUDA graph); it is the code a graph captures on a GPU,
+so letter and sequence scoring, left padding, mixed K and weight seeds, sigma 0 and the LRU of
+weight-sample slots are all checked against the eager HF forward of ``choice_probs``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from tfb_core.cuda_prefill import PrefillEngine
+from tfb_core.data import MCItem
+from tfb_core.models import load_base_model
+from tfb_core.posterior import Posterior
+from tfb_core.scoring import Mode, choice_probs, encode_item
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefill")
+    base = tiny.make_llama(root / "base")
+    return base, tiny.make_lora(base, root / "lora")
+
+
+@pytest.fixture()
+def post(dirs):
+    base, lora = dirs
+    return Posterior.from_adapter(load_base_model(base, dtype="float32"), lora)
+
+
+def items(tok, mode):
+    qs = [MCItem(["Paris", "Rome", "Berlin"], question="What is the capital of France?"),
+          MCItem(["4", "five", "22", "none of these"], question="2 + 2 ="),
+          MCItem(["blue", "green"], question="The sky on a clear day is")]
+    return [encode_item(tok, q, mode) for q in qs]
+
+
+def same(ref, got):
+    assert len(ref) == len(got)
+    for r, g in zip(ref, got):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", [Mode.LETTER, Mode.SEQUENCE])
+@pytest.mark.parametrize("sigma", [0.0, 0.5])
+def test_same_probabilities_as_the_eager_forward(post, mode, sigma):
+    post.sigma = sigma
+    enc = items(post.tokenizer, mode)
+    samples = [(0, 4), (3, 2), (0, 4)]  # mixed K and weight seeds: a row -> sample map
+    engine = PrefillEngine(post)
+    ref = choice_probs(post, enc, samples)
+    same(ref, choice_probs(post, enc, samples, engine=engine))
+    if sigma > 0:  # the samples differ
+        assert max(float(p.std(0).max()) for p in ref) > 1e-4
+    regular = [(1, 3)] * 3
+    same(choice_probs(post, enc, regular), choice_probs(post, enc, regular, engine=engine))
+
+
+def test_sample_slots_are_reused_and_evicted_least_recently_used(post):
+    post.sigma = 0.5
+    enc = items(post.tokenizer, Mode.LETTER)[:1]
+    engine = PrefillEngine(post)
+    for seed in range(6):  # 6 x 8 samples through 16 slots: old ones are evicted
+        got = choice_probs(post, enc, [(seed, 8)], engine=engine)
+        same(choice_probs(post, enc, [(seed, 8)]), got)
+    assert engine.noise[0].shape[0] == 16 and len(engine.slot_of) == 16
+    assert set(engine.slot_of) == {(s, k) for s in (4, 5) for k in range(8)}
+    big = choice_probs(post, enc, [(9, 20)], engine=engine)  # more samples than slots: grows
+    assert engine.noise[0].shape[0] == 32
+    same(choice_probs(post, enc, [(9, 20)]), big)
+
+
+def test_the_variance_search_sigma_runs_eagerly(post):
+    """An explicit sigma (the search's) is not what the engine's buffers hold: eager path."""
+    post.sigma = 0.5
+    enc = items(post.tokenizer, Mode.LETTER)
+    engine = PrefillEngine(post)
+    got = choice_probs(post, enc, [(0, 3)] * 3, sigma=0.1, engine=engine)
+    same(choice_probs(post, enc, [(0, 3)] * 3, sigma=0.1), got)
+    assert not engine.slot_of  # the engine was not used
+
+
+def test_other_model_types_are_refused(tmp_path):
+    base = tiny.make_gpt2(tmp_path / "gpt2")
+    post = Posterior.from_adapter(load_base_model(base, dtype="float32"),
+                                  tiny.make_lora(base, tmp_path / "lora", targets=("c_attn",)))
+    with pytest.raises(ValueError, match="model type 'gpt2'"):
+        PrefillEngine(post)

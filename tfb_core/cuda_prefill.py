@@ -1,0 +1,204 @@
+"""Scoring forwards on CUDA with few kernels, replayed from CUDA graphs where launches dominate.
+
+:func:`tfb_core.scoring.choice_probs` runs HF transformers eagerly: a short prompt x K samples
+(B = 1, T = 128, K = 10 on an 8B model) is bound by kernel launches, and every RMSNorm costs
+six elementwise passes. :class:`PrefillEngine` runs the same forward for the Llama family
+
+- written out like :class:`~tfb_core.cuda_decode.StaticDecoder`'s step (the model's own
+  modules for every projection and the MLP, so the TFB layers run as in the engine; one fused
+  ``rms_norm``; RoPE on q and k together; SDPA with the causal + left-padding mask);
+- each row's weight sample read from fixed ``A' + E_k`` buffers through a row -> slot map;
+- captured in a CUDA graph per shape (rows, tokens rounded up to ``bucket``, kept positions)
+  for shapes up to ``graph_tokens`` padded tokens, at most ``max_graphs`` of them (LRU), and
+  replayed; larger shapes (compute-bound) run the same code eagerly.
+
+On a CPU, or for other model types, :func:`~tfb_core.scoring.choice_probs` keeps its eager HF
+forward. The buffers take the posterior's ``sigma`` when created: make a new engine after
+changing it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .cuda_decode import SUPPORTED_MODEL_TYPES, is_supported, rms_norm, rotate_half_matrix, sample_weights
+
+
+class PrefillEngine:
+    """Last-positions logits of left-padded rows under per-row weight samples.
+
+    Parameters
+    ----------
+    graph : bool, default=None
+        Capture CUDA graphs; ``None`` means on CUDA devices.
+    graph_tokens : int
+        Shapes up to this many padded tokens (rows x bucketed length) are graphed.
+    max_graphs : int
+        Captured graphs kept (least recently used dropped first).
+    bucket : int
+        Lengths are rounded up to a multiple of this for a graph (padding on the left).
+    """
+
+    def __init__(self, post, graph: bool | None = None, graph_tokens: int = 8192, max_graphs: int = 32,
+                 bucket: int = 32):
+        model = post.model
+        if not is_supported(model):
+            raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        cfg = model.config
+        self.post = post
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.device = next(model.parameters()).device
+        self.sigma = post.sigma
+        self.use_graph = (self.device.type == "cuda") if graph is None else graph
+        self.graph_tokens, self.max_graphs, self.bucket = graph_tokens, max_graphs, bucket
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # (rows, T, keep) -> (graph, inputs, logits)
+        self.capture_error: str | None = None
+        self.noise: list[torch.Tensor] = []  # per TFB layer: (slots, r, n) = A' + E_k
+        self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (seed, k) -> slot, LRU
+        self._pool = None
+
+    @torch.no_grad()
+    def logits(self, rows: Sequence[list[int]], keep: int, samples: Sequence[tuple[int, int]],
+               slot_ids: Sequence[int]) -> torch.Tensor:
+        """Logits of the last ``keep`` positions, (len(rows), keep, V); row i runs weight sample
+        ``samples[slot_ids[i]]`` (a (seed, k) pair)."""
+        n, T = len(rows), max(len(r) for r in rows)
+        graphed = self.use_graph and self.capture_error is None
+        if graphed:
+            T = self.bucket * math.ceil(T / self.bucket)
+            graphed = n * T <= self.graph_tokens
+        slot = self._slots(samples)
+        ids = torch.zeros(n, T, dtype=torch.long)
+        mask = torch.zeros(n, T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, T - len(r):] = torch.tensor(r)
+            mask[b, T - len(r):] = 1
+        inputs = {"ids": ids, "mask": mask, "pos": (mask.cumsum(-1) - 1).clamp_min(0),
+                  "slots": torch.tensor([slot[samples[s]] for s in slot_ids], dtype=torch.long)}
+        if graphed:
+            out = self._replay(inputs, keep)
+            if out is not None:
+                return out
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        with self._noise(inputs["slots"]):
+            return self._forward(inputs, keep)
+
+    # --- the forward -----------------------------------------------------------------------
+
+    def _forward(self, inputs: dict, keep: int) -> torch.Tensor:
+        model = self.post.model
+        inner = model.model
+        H, KVH, hd = self.heads, self.kv_heads, self.head_dim
+        ids, mask, pos = inputs["ids"], inputs["mask"], inputs["pos"]
+        R, T = ids.shape
+        x = inner.embed_tokens(ids)  # (R, T, d)
+        cos, sin = inner.rotary_emb(x, pos)  # (R, T, hd)
+        cos, sin = cos[:, None], sin[:, None]  # (R, 1, T, hd)
+        eye = torch.eye(T, dtype=torch.bool, device=ids.device)
+        allowed = (eye.cumsum(0).bool() & mask[:, None, :].bool()) | eye  # causal x real keys; a
+        attn_mask = torch.zeros(R, 1, T, T, dtype=x.dtype, device=ids.device)  # padded query sees itself
+        attn_mask.masked_fill_(~allowed[:, None], float("-inf"))
+        rot = rotate_half_matrix(hd, x)
+        for layer in inner.layers:
+            attn = layer.self_attn
+            h = rms_norm(layer.input_layernorm, x)
+            q = attn.q_proj(h).view(R, T, H, hd).transpose(1, 2)  # (R, H, T, hd)
+            k = attn.k_proj(h).view(R, T, KVH, hd).transpose(1, 2)
+            v = attn.v_proj(h).view(R, T, KVH, hd).transpose(1, 2)
+            qk = torch.cat([q, k], 1)
+            qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)  # RoPE
+            q, k = qk[:, :H], qk[:, H:]
+            k = k[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
+            v = v[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=hd ** -0.5)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(R, T, H * hd))
+            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+        return model.lm_head(rms_norm(inner.norm, x[:, T - keep:]))
+
+    @contextmanager
+    def _noise(self, slots: torch.Tensor) -> Iterator[None]:
+        """The TFB layers read each row's ``A' + E_k`` from the fixed buffers through ``slots``."""
+        try:
+            for layer, noise in zip(self.post.layers, self.noise):  # no buffers when sigma == 0
+                layer.noise, layer.slots, layer.noise_has_mean = noise, slots, True
+            yield
+        finally:
+            for layer in self.post.layers:
+                layer.noise = layer.slots = None
+                layer.noise_has_mean = False
+
+    # --- graphs ----------------------------------------------------------------------------
+
+    def _replay(self, inputs: dict, keep: int) -> torch.Tensor | None:
+        key = (*inputs["ids"].shape, keep)
+        if key not in self.graphs:
+            self._capture(key, inputs, keep)
+            if self.capture_error is not None:
+                return None
+        self.graphs.move_to_end(key)
+        graph, static, logits = self.graphs[key]
+        for name, value in inputs.items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
+        return logits
+
+    def _capture(self, key: tuple, inputs: dict, keep: int) -> None:
+        static = {k: v.to(self.device) for k, v in inputs.items()}
+        try:
+            with self._noise(static["slots"]):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._forward(static, keep)
+                torch.cuda.current_stream().wait_stream(stream)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    logits = self._forward(static, keep)
+        except Exception as e:  # e.g. an op that syncs: every shape runs eagerly from now on
+            self.capture_error = f"{type(e).__name__}: {e}"
+            self.graphs.clear()
+            torch.cuda.synchronize()
+            return
+        self.graphs[key] = (graph, static, logits)
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+
+    # --- weight samples --------------------------------------------------------------------
+
+    def _slots(self, samples: Sequence[tuple[int, int]]) -> dict[tuple[int, int], int]:
+        """A slot holding ``A' + E_k`` for every sample of this forward (least recently used
+        samples make room; the buffers grow, dropping the graphs, when this forward needs more)."""
+        wanted = [(int(a), int(b)) for a, b in samples]
+        cap = self.noise[0].shape[0] if self.noise else 0
+        if self.sigma > 0 and len(wanted) > cap:
+            cap = max(16, 1 << (len(wanted) - 1).bit_length())
+            self.noise = [torch.zeros(cap, *layer.lora_A.shape, device=self.device, dtype=layer.lora_A.dtype)
+                          for layer in self.post.layers]
+            self.slot_of.clear()
+            self.graphs.clear()  # captured on the old buffers
+        elif self.sigma == 0:
+            cap = max(cap, len(wanted))
+        free = sorted(set(range(cap)) - set(self.slot_of.values()))
+        for key in wanted:
+            if key in self.slot_of:
+                self.slot_of.move_to_end(key)
+                continue
+            if not free:  # evict the least recently used sample this forward does not need
+                old = next(k for k in self.slot_of if k not in wanted)
+                free.append(self.slot_of.pop(old))
+            self.slot_of[key] = free.pop(0)
+            if self.sigma > 0:
+                sample_weights(self.post, self.noise, self.slot_of[key], key, self.sigma)
+        return dict(self.slot_of)
