@@ -121,16 +121,21 @@ def test_noise_slots_are_reused_after_sequences_leave(post):
 
 
 def test_rows_past_the_active_ones_do_not_disturb_them(post):
-    """3 rows run in a bucket of 4: the spare row attends to its column 0 only, never NaN."""
+    """Capacity 5 rows; once the K=2 sequence leaves, 3 rows run in a bucket of 4: the spare row
+    attends to its column 0 only, never NaN."""
     post.sigma = 0.5
     ps = prompts(post.tokenizer)
-    seqs = [GenSequence(ps[0], SamplingParams(max_tokens=20, num_samples=3, ignore_eos=True))]
+    seqs = [GenSequence(ps[0], SamplingParams(max_tokens=20, num_samples=3, ignore_eos=True)),
+            GenSequence(ps[1], SamplingParams(max_tokens=2, num_samples=2, ignore_eos=True))]
     dec = StaticDecoder(post).join(DecodeBatch.prefill(post, seqs))
-    for _ in range(19):
+    assert dec.rows_cap == 5  # exactly the K KV caches asked for
+    for _ in range(18):
         dec.step()
-    assert dec.rows_cap == 4 and dec.kv_rows == 3
+        dec.filter()
+    assert dec.rows_cap == 5 and dec.kv_rows == 3
     assert torch.isfinite(dec.bias[3:, 0]).all() and int(dec.col[3]) < dec.length
-    assert_same(generate(post, ps[:1], seqs[0].params), seqs)
+    dec.step()
+    assert_same(generate(post, ps[:1], seqs[0].params), seqs[:1])
 
 
 def test_other_model_types_fall_back_to_the_eager_engine(tmp_path):

@@ -102,7 +102,7 @@ class StaticDecoder:
         before capturing it; a compile error falls back to the plain forward.
     """
 
-    def __init__(self, post, graph: bool | None = None, bucket: int = 256, compile: bool = False):
+    def __init__(self, post, graph: bool | None = None, bucket: int = 64, compile: bool = False):
         model = post.model
         if not is_supported(model):
             raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
@@ -328,7 +328,10 @@ class StaticDecoder:
         length = self.bucket * math.ceil(max(length, 1) / self.bucket)
         if rows <= self.rows_cap and length <= self.length and samples <= self.samples_cap:
             return
-        R, L, S = max(_pow2(rows), self.rows_cap), max(length, self.length), max(_pow2(samples), self.samples_cap)
+        # rows: exactly what is needed at first (K KV caches for one sequence, no more), then
+        # doubling; the step's graph buckets are powers of two capped at the capacity
+        R = self.rows_cap if rows <= self.rows_cap else max(rows, 2 * self.rows_cap)
+        L, S = max(length, self.length), max(_pow2(samples), self.samples_cap)
         dev, n = self.device, self.n
         shape = (R, self.kv_heads, L, self.head_dim)
         layers = self.post.model.model.layers
