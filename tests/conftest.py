@@ -39,6 +39,15 @@ def lora_dir(tmp_path_factory, llama_dir) -> Path:
     return tiny.make_lora(llama_dir, tmp_path_factory.mktemp("lora") / "adapter", targets=LLAMA_TARGETS)
 
 
+@pytest.fixture()
+def llama_post(llama_dir, lora_dir):
+    """A fresh float32 Posterior of the tiny Llama + its LoRA (a test may set its sigma)."""
+    from tfb_core.models import load_base_model
+    from tfb_core.posterior import Posterior
+
+    return Posterior.from_adapter(load_base_model(llama_dir, dtype="float32"), lora_dir)
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     return tiny.make_gpt2(tmp_path_factory.mktemp("gpt2") / "model")

@@ -11,24 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny
 from tfb_core.cuda_decode import StaticDecoder, generate_fast, is_supported
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, generate
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("static")
-    base = tiny.make_llama(root / "base")
-    return base, tiny.make_lora(base, root / "lora")
-
-
 @pytest.fixture()
-def post(dirs):
-    base, lora = dirs
-    return Posterior.from_adapter(load_base_model(base, dtype="float32"), lora)
+def post(llama_post):
+    return llama_post
 
 
 def prompts(tok):
@@ -138,10 +129,8 @@ def test_rows_past_the_active_ones_do_not_disturb_them(post):
     assert_same(generate(post, ps[:1], seqs[0].params), seqs[:1])
 
 
-def test_other_model_types_fall_back_to_the_eager_engine(tmp_path):
-    base = tiny.make_gpt2(tmp_path / "gpt2")
-    post = Posterior.from_adapter(load_base_model(base, dtype="float32"),
-                                  tiny.make_lora(base, tmp_path / "lora", targets=("c_attn",)))
+def test_other_model_types_fall_back_to_the_eager_engine(gpt2_dir, gpt2_lora_dir):
+    post = Posterior.from_adapter(load_base_model(gpt2_dir, dtype="float32"), gpt2_lora_dir)
     assert not is_supported(post.model)
     with pytest.raises(ValueError, match="model type 'gpt2'"):
         StaticDecoder(post)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny
 from tfb_core.cuda_prefill import PrefillEngine
 from tfb_core.data import MCItem
 from tfb_core.models import load_base_model
@@ -18,17 +17,9 @@ from tfb_core.posterior import Posterior
 from tfb_core.scoring import Mode, choice_probs, encode_item
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefill")
-    base = tiny.make_llama(root / "base")
-    return base, tiny.make_lora(base, root / "lora")
-
-
 @pytest.fixture()
-def post(dirs):
-    base, lora = dirs
-    return Posterior.from_adapter(load_base_model(base, dtype="float32"), lora)
+def post(llama_post):
+    return llama_post
 
 
 def items(tok, mode):
@@ -84,9 +75,7 @@ def test_the_variance_search_sigma_runs_eagerly(post):
     assert not engine.slot_of  # the engine was not used
 
 
-def test_other_model_types_are_refused(tmp_path):
-    base = tiny.make_gpt2(tmp_path / "gpt2")
-    post = Posterior.from_adapter(load_base_model(base, dtype="float32"),
-                                  tiny.make_lora(base, tmp_path / "lora", targets=("c_attn",)))
+def test_other_model_types_are_refused(gpt2_dir, gpt2_lora_dir):
+    post = Posterior.from_adapter(load_base_model(gpt2_dir, dtype="float32"), gpt2_lora_dir)
     with pytest.raises(ValueError, match="model type 'gpt2'"):
         PrefillEngine(post)

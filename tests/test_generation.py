@@ -10,27 +10,16 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-import tiny
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, generate, safe_text
-from tfb_core.models import load_base_model
-from tfb_core.posterior import Posterior
 from tfb_core.sampling import row_std, standard_normal
 from tfb_core.uncertainty import entropy
 
 SIGMA = 0.5
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    base = tiny.make_llama(root / "base")
-    return base, tiny.make_lora(base, root / "lora")
-
-
 @pytest.fixture()
-def post(dirs):
-    base, lora = dirs
-    return Posterior.from_adapter(load_base_model(base, dtype="float32"), lora)
+def post(llama_post):
+    return llama_post
 
 
 def prompts(tok):
@@ -52,8 +41,8 @@ def sample_model(base_dir, post, seed: int, k: int, sigma: float):
     return model
 
 
-def test_sigma0_k1_greedy_equals_peft_generate(dirs, post):
-    base, lora = dirs
+def test_sigma0_k1_greedy_equals_peft_generate(llama_dir, lora_dir, post):
+    base, lora = llama_dir, lora_dir
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).eval()
     ps = prompts(post.tokenizer)
     out = generate(post, ps, SamplingParams(max_tokens=10, num_samples=1, ignore_eos=True))
@@ -63,9 +52,9 @@ def test_sigma0_k1_greedy_equals_peft_generate(dirs, post):
         assert seq.token_ids == expected
 
 
-def test_k_sample_decoding_equals_k_separate_models(dirs, post):
+def test_k_sample_decoding_equals_k_separate_models(llama_dir, lora_dir, post):
     """The batched engine against K plain models (merged weights), averaged by hand."""
-    base, _ = dirs
+    base = llama_dir
     post.sigma = SIGMA
     K, seed, steps = 3, 7, 6
     p = prompts(post.tokenizer)[1]

@@ -46,6 +46,19 @@ def is_supported(model) -> bool:
     return getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
 
 
+def require_supported(model) -> None:
+    """A ValueError naming the model type unless :func:`is_supported`."""
+    if not is_supported(model):
+        raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a Llama-family config."""
+    heads = config.num_attention_heads
+    return heads, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 def use_static(post) -> bool:
     """Whether a server should decode with :class:`StaticDecoder`: a supported model on CUDA."""
     return is_supported(post.model) and next(post.model.parameters()).device.type == "cuda"
@@ -104,15 +117,10 @@ class StaticDecoder:
 
     def __init__(self, post, graph: bool | None = None, bucket: int = 64, compile: bool = False):
         model = post.model
-        if not is_supported(model):
-            raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        cfg = model.config
+        require_supported(model)
         self.post = post
         self.bucket = bucket
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = attention_shape(model.config)
         self.scaling = self.head_dim ** -0.5
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .cuda_decode import SUPPORTED_MODEL_TYPES, is_supported, rms_norm, rotate_half_matrix, sample_weights
+from .cuda_decode import attention_shape, require_supported, rms_norm, rotate_half_matrix, sample_weights
 
 
 class PrefillEngine:
@@ -48,14 +48,9 @@ class PrefillEngine:
     def __init__(self, post, graph: bool | None = None, graph_tokens: int = 8192, max_graphs: int = 32,
                  bucket: int = 32):
         model = post.model
-        if not is_supported(model):
-            raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        cfg = model.config
+        require_supported(model)
         self.post = post
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = attention_shape(model.config)
         self.device = next(model.parameters()).device
         self.sigma = post.sigma
         self.use_graph = (self.device.type == "cuda") if graph is None else graph
