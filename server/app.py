@@ -7,6 +7,7 @@ The model loads (or the start-up search runs) in a background thread, so ``/heal
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
@@ -92,8 +93,12 @@ def ready(state: AppState, loaded: loader.Loaded, runner: ModelRunner) -> None:
                                 s.max_wait_ms, s.max_queue, decoder=runner.engine)
     state.scheduler.start()
     state.runner = runner
-    state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics)
-    state.completions = CompletionsServing(loaded.post, loaded.model_id, state.scheduler, s, state.metrics)
+    # the event loop tokenizes with its own copy: the worker decodes generated text with the
+    # posterior's, and one fast tokenizer used from two threads at once fails ("Already borrowed")
+    tokenizer = copy.deepcopy(loaded.post.tokenizer)
+    state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics, tokenizer)
+    state.completions = CompletionsServing(loaded.post, loaded.model_id, state.scheduler, s, state.metrics,
+                                           tokenizer)
     state.loaded = loaded
     post = loaded.post
     device = next(post.model.parameters())

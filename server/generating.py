@@ -199,9 +199,10 @@ def _finish(w: GenWork) -> None:
 class CompletionsServing:
     """``POST /v1/completions`` and ``POST /v1/chat/completions``."""
 
-    def __init__(self, post, model_id: str, scheduler: Scheduler, settings: Settings, metrics: Metrics):
+    def __init__(self, post, model_id: str, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+                 tokenizer=None):
         self.post = post
-        self.tokenizer = post.tokenizer
+        self.tokenizer = tokenizer or post.tokenizer  # the event loop's (see server.app.ready)
         self.model_id = model_id
         self.scheduler = scheduler
         self.settings = settings

@@ -1,8 +1,9 @@
 """The serving layer: a request becomes tfb_core calls, and their results an API response.
 
 Event-loop side (:class:`ChoicesServing`): validate against the model (context length,
-``num_samples`` limit), tokenize with ``tfb_core.scoring.encode_item`` (only this thread
-touches the tokenizer), queue one :class:`ChoiceWork` per item, await, answer.
+``num_samples`` limit), tokenize with ``tfb_core.scoring.encode_item`` (with the event loop's
+own copy of the tokenizer: the worker decodes generated text with the posterior's), queue one
+:class:`ChoiceWork` per item, await, answer.
 
 Worker side (:class:`ModelRunner`): the only code that touches the model. ``step(batch)``
 scores every item of the batch in ONE forward over items x choices x K rows
@@ -114,10 +115,11 @@ class ModelRunner:
 class ChoicesServing:
     """``POST /v1/choices``: validate, tokenize, queue, await, answer."""
 
-    def __init__(self, loaded: Loaded, scheduler: Scheduler, settings: Settings, metrics: Metrics):
+    def __init__(self, loaded: Loaded, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+                 tokenizer=None):
         self.post = loaded.post
         self.model_id = loaded.model_id
-        self.tokenizer = loaded.post.tokenizer
+        self.tokenizer = tokenizer or loaded.post.tokenizer  # the event loop's (see server.app.ready)
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics

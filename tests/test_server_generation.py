@@ -348,3 +348,14 @@ def test_rejected_request_counts_no_prompt_tokens(small):
     r = httpx.post(f"{small.url}/v1/completions", json={**body, "n": 2}, timeout=60)
     assert r.status_code == 200
     assert metric(small, "tfb_prompt_tokens_total") == before + r.json()["usage"]["prompt_tokens"]
+
+
+def test_event_loop_and_worker_do_not_share_a_tokenizer(srv):
+    """HF fast tokenizers can fail with 'Already borrowed' when two threads use one object: the
+    event loop encodes with its own copy, the worker decodes generated text with the posterior's."""
+    state = srv.state
+    worker = state.runner.post.tokenizer
+    assert state.completions.tokenizer is not worker and state.choices.tokenizer is not worker
+    assert state.completions.tokenizer is state.choices.tokenizer
+    text = "The capital of France is"
+    assert state.completions.tokenizer(text).input_ids == worker(text).input_ids
