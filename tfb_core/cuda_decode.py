@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Sequence as Seq
 
 import torch
@@ -57,6 +57,12 @@ def attention_shape(config) -> tuple[int, int, int]:
     """(query heads, key/value heads, head dim) of a Llama-family config."""
     heads = config.num_attention_heads
     return heads, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def on_device(device: torch.device):
+    """Make ``device`` the current CUDA device (streams and graph replays follow it); a no-op
+    off CUDA. The server's worker thread starts on cuda:0 whatever ``--device`` says."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def use_static(post) -> bool:
@@ -215,7 +221,8 @@ class StaticDecoder:
         """
         t0 = time.perf_counter()
         if self.n:
-            logits = self._run(min(_pow2(self.n), self.rows_cap))[:self.n]
+            with on_device(self.device):  # graphs replay on the current device's stream
+                logits = self._run(min(_pow2(self.n), self.rows_cap))[:self.n]
             self.tok[:self.n] = choose_tokens(self.post, self.seqs, logits)
         return time.perf_counter() - t0
 

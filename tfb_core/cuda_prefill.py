@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .cuda_decode import attention_shape, require_supported, rms_norm, rotate_half_matrix, sample_weights
+from .cuda_decode import attention_shape, on_device, require_supported, rms_norm, rotate_half_matrix, sample_weights
 
 
 class PrefillEngine:
@@ -79,13 +79,14 @@ class PrefillEngine:
             mask[b, T - len(r):] = 1
         inputs = {"ids": ids, "mask": mask, "pos": (mask.cumsum(-1) - 1).clamp_min(0),
                   "slots": torch.tensor([slot[samples[s]] for s in slot_ids], dtype=torch.long)}
-        if graphed:
-            out = self._replay(inputs, keep)
-            if out is not None:
-                return out
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        with self._noise(inputs["slots"]):
-            return self._forward(inputs, keep)
+        with on_device(self.device):
+            if graphed:
+                out = self._replay(inputs, keep)
+                if out is not None:
+                    return out
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with self._noise(inputs["slots"]):
+                return self._forward(inputs, keep)
 
     # --- the forward -----------------------------------------------------------------------
 
