@@ -320,6 +320,9 @@ def test_sigma_must_be_nonnegative(post):
     ({"format_version": 2}, "format_version 2 is not supported"),
     ({"sigma": -0.1}, "sigma must be a finite number >= 0"),
     ({"sigma": "0.1"}, "sigma must be a finite number >= 0"),
+    ({"temperature": 0}, "temperature must be a finite number > 0"),
+    ({"temperature": -2.0}, "temperature must be a finite number > 0"),
+    ({"temperature": None}, "temperature must be a finite number > 0"),
 ])
 def test_bad_tfb_config(saved, tmp_path, llama_dir, changes, problem):
     out = tmp_path / "copy"

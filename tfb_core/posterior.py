@@ -256,6 +256,10 @@ def read_tfb_config(directory: Path) -> TFBConfig:
     sigma = data.get("sigma", 0.0)  # not covered by the checksums: a hand edit must still be valid
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
         raise TFBError(f"{path}: sigma must be a finite number >= 0, got {sigma!r}")
+    temperature = data.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not 0 < temperature < float("inf"):
+        raise TFBError(f"{path}: temperature must be a finite number > 0, got {temperature!r}")
     return TFBConfig.from_dict(data)
 
 
