@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -64,6 +66,21 @@ class NotReady(APIError):
 
 class RequestTimeout(APIError):
     status, type = 504, "timeout_error"
+
+
+class OutOfMemory(APIError):
+    status, type = 503, "service_unavailable"
+
+    def __init__(self, error: BaseException):
+        super().__init__("the server ran out of accelerator memory for this work (KV cache or "
+                         "activations); retry later, or ask for fewer num_samples, tokens or items",
+                         code="out_of_memory", headers={"Retry-After": "1"})
+        self.__cause__ = error
+
+
+def as_api_error(error: Exception) -> Exception:
+    """A failed forward's exception as the client should see it: out of memory is a 503."""
+    return OutOfMemory(error) if isinstance(error, torch.OutOfMemoryError) else error
 
 
 def error_body(status: int, message: str, type: str, param: str | None = None,

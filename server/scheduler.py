@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .errors import NotReady, QueueFull, RequestTimeout
+from .errors import NotReady, QueueFull, RequestTimeout, as_api_error
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Scheduler:
                     await loop.run_in_executor(self._pool, self.decoder.step)
                 except Exception as e:  # the one place a failed decode step is logged
                     log.exception("decode step of %d sequences failed", self.decoder.active)
-                    await loop.run_in_executor(self._pool, self.decoder.fail, e)
+                    await loop.run_in_executor(self._pool, self.decoder.fail, as_api_error(e))
                 finally:
                     self._set_running(0)
 
@@ -219,7 +219,7 @@ class Scheduler:
             results = await loop.run_in_executor(self._pool, self.step, batch)
         except Exception as e:  # the one place a failed forward is logged
             log.exception("batch of %d %s items failed", len(batch), batch.kind)
-            results = [e] * len(batch)
+            results = [as_api_error(e)] * len(batch)
         finally:
             self._set_running(0)
         for item, result in zip(batch.items, results):

@@ -138,3 +138,38 @@ def test_other_model_types_fall_back_to_the_eager_engine(gpt2_dir, gpt2_lora_dir
     params = SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True)
     assert [s.token_ids for s in generate_fast(post, ids, params)] == \
         [s.token_ids for s in generate(post, ids, params)]
+
+
+def test_sequences_finished_at_prefill_take_no_rows(post):
+    """max_tokens=1 with K=16: the first token ends it; the decoder holds no rows for it and the
+    next filter hands it back."""
+    post.sigma = 0.5
+    ps = prompts(post.tokenizer)
+    done = GenSequence(ps[0], SamplingParams(max_tokens=1, num_samples=16, ignore_eos=True))
+    live = GenSequence(ps[1], SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True))
+    dec = StaticDecoder(post).join(DecodeBatch.prefill(post, [done, live]))
+    assert dec.rows_cap == 2 and dec.kv_rows == 2 and dec.seqs == [live]
+    assert dec.filter() == [done] and dec.seqs == [live]
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    assert_same(generate(post, ps[:2], [done.params, live.params]), [done, live])
+
+
+def test_an_idle_decoder_gives_back_what_a_long_request_grew(post):
+    """After a long (and wide) request has left, the next small join does not inherit its
+    buffers: rows, columns and so the attention width shrink back."""
+    post.sigma = 0.5
+    ps = prompts(post.tokenizer)
+    long = GenSequence(ps[0], SamplingParams(max_tokens=300, num_samples=8, ignore_eos=True))
+    dec = StaticDecoder(post).join(DecodeBatch.prefill(post, [long]))
+    assert dec.length >= 300 and dec.rows_cap == 8
+    long.finish_reason = "cancelled"
+    dec.filter()
+    short = GenSequence(ps[1], SamplingParams(max_tokens=5, num_samples=2, ignore_eos=True))
+    dec.join(DecodeBatch.prefill(post, [short]))
+    assert dec.length == 64 and dec.rows_cap == 2
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    assert_same(generate(post, ps[1:2], short.params), [short])

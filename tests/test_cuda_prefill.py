@@ -79,3 +79,37 @@ def test_other_model_types_are_refused(gpt2_dir, gpt2_lora_dir):
     post = Posterior.from_adapter(load_base_model(gpt2_dir, dtype="float32"), gpt2_lora_dir)
     with pytest.raises(ValueError, match="model type 'gpt2'"):
         PrefillEngine(post)
+
+
+def test_a_failed_noise_write_leaves_no_half_written_slot(post, monkeypatch):
+    """Out of memory while writing a sample's noise (after some layers): that sample gets no
+    slot, and the retry scores with the right weights."""
+    import tfb_core.cuda_prefill as cp
+
+    post.sigma = 0.5
+    enc = items(post.tokenizer, Mode.LETTER)[:1]
+    engine = PrefillEngine(post)
+    choice_probs(post, enc, [(7, 4)], engine=engine)  # slots now hold seed 7's samples
+    real, calls = cp.sample_noise, []
+
+    def flaky(p, buffers, slot, key, sigma):
+        calls.append(key)
+        if len(calls) == 2:  # the second new sample: some layers written, then out of memory
+            buffers[0][slot].zero_()
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        real(p, buffers, slot, key, sigma)
+
+    monkeypatch.setattr(cp, "sample_noise", flaky)
+    with pytest.raises(torch.OutOfMemoryError):
+        choice_probs(post, enc, [(8, 4)], engine=engine)
+    assert (8, 1) not in engine.slot_of
+    monkeypatch.undo()
+    same(choice_probs(post, enc, [(8, 4)]), choice_probs(post, enc, [(8, 4)], engine=engine))
+
+
+def test_a_shape_is_graphed_from_its_second_forward_and_within_the_byte_budget(post):
+    engine = PrefillEngine(post, graph_tokens=1024, graph_bytes=64 * post.model.config.vocab_size * 4 * 8)
+    assert not engine.wants_graph(4, 64, 1)  # first sight: eager, no capture cost
+    assert engine.wants_graph(4, 64, 1)  # second: graphed
+    assert not engine.wants_graph(32, 64, 1) and not engine.wants_graph(32, 64, 1)  # over graph_tokens
+    assert not engine.wants_graph(2, 128, 100) and not engine.wants_graph(2, 128, 100)  # logits too big

@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import tiny
@@ -359,3 +360,28 @@ def test_event_loop_and_worker_do_not_share_a_tokenizer(srv):
     assert state.completions.tokenizer is state.choices.tokenizer
     text = "The capital of France is"
     assert state.completions.tokenizer(text).input_ids == worker(text).input_ids
+
+
+def test_out_of_accelerator_memory_is_a_503_and_the_server_goes_on(small, monkeypatch):
+    """A forward that runs out of GPU memory (the KV cache, activations) answers 503 with
+    Retry-After, for scoring, generation and streams; the next request is served."""
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "max_tokens": 4, "prompt": "Hello"}
+    choice = {"question": "2 + 2 =", "choices": ["4", "5"]}
+    monkeypatch.setattr(small.state.runner.engine, "admit", oom)
+    monkeypatch.setattr(small.state.runner, "choices_step", oom)
+    for r in (httpx.post(f"{small.url}/v1/completions", json=body, timeout=60),
+              httpx.post(f"{small.url}/v1/choices", json=choice, timeout=60)):
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"
+        err = r.json()["error"]
+        assert err["type"] == "service_unavailable" and err["code"] == "out_of_memory"
+        assert "out of accelerator memory" in err["message"]
+    data, _ = sse(f"{small.url}/v1/completions", {**body, "stream": True})
+    assert json.loads(data[-1])["error"]["code"] == "out_of_memory"
+    monkeypatch.undo()
+    assert httpx.post(f"{small.url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert httpx.post(f"{small.url}/v1/choices", json=choice, timeout=60).status_code == 200

@@ -10,8 +10,8 @@ K is. :class:`StaticDecoder` is the same continuous batch (``join`` prefilled se
 - the step's forward written out for the Llama family (RMSNorm, RoPE, grouped-query
   attention, gated MLP), calling the model's own modules for every projection, so the TFB
   layers (base weight once for all rows + shared mean LoRA + rank-r noise per row) run
-  exactly as in the eager engine; each row's weight sample comes from a fixed noise buffer
-  through a row -> sample map, so requests with different K and weight seeds share a step;
+  exactly as in the eager engine; each row's weight sample ``E_k`` comes from a fixed noise
+  buffer through a row -> sample map, so requests with different K and weight seeds share a step;
 - on CUDA that forward captured once per row bucket (1, 2, 4, ... rows) in a CUDA graph and
   replayed: one launch per step instead of thousands; on CPU (or when capture is refused) the
   same forward runs eagerly;
@@ -91,11 +91,25 @@ def _rotation(head_dim: int, device: torch.device, dtype: torch.dtype) -> torch.
     return _rotate_half(torch.eye(head_dim, device=device, dtype=dtype))
 
 
-def sample_weights(post, buffers: Seq[torch.Tensor], slot: int, key: tuple[int, int], sigma: float) -> None:
-    """Write ``A' + E_k`` of weight sample ``key`` = (seed, k) into ``slot`` of every layer's buffer."""
+def sample_noise(post, buffers: Seq[torch.Tensor], slot: int, key: tuple[int, int], sigma: float) -> None:
+    """Write ``E_k`` of weight sample ``key`` = (seed, k) into ``slot`` of every layer's buffer
+    (the values the eager engine's noise stacks hold, in the layer's dtype)."""
     z = post.draws.get(*key)
     for buf, layer, zi in zip(buffers, post.layers, z):
-        buf[slot] = layer.lora_A + noise_stack(layer, [zi], sigma)[0]
+        buf[slot] = noise_stack(layer, [zi], sigma)[0]
+
+
+@contextmanager
+def row_noise(post, buffers: Seq[torch.Tensor], slots: torch.Tensor) -> Iterator[None]:
+    """The TFB layers read each row's ``E_k`` from fixed buffers through ``slots`` (addresses
+    that stay put, so a CUDA graph can capture them). No buffers: the mean adapter."""
+    try:
+        for layer, noise in zip(post.layers, buffers):
+            layer.noise, layer.slots = noise, slots
+        yield
+    finally:
+        for layer in post.layers:
+            layer.noise = layer.slots = None
 
 
 def _pow2(n: int) -> int:
@@ -134,6 +148,7 @@ class StaticDecoder:
         self.limit = max_context(model)
         self.use_graph = (self.device.type == "cuda") if graph is None else graph
         self.seqs: list[GenSequence] = []
+        self.left: list[GenSequence] = []  # finished at prefill: returned by the next filter
         self.ends: list[int] = []  # per sequence: the cache columns its rows need
         self.n = 0  # active rows
         self.rows_cap = self.length = self.samples_cap = 0
@@ -156,28 +171,43 @@ class StaticDecoder:
 
     @torch.no_grad()
     def join(self, batch: DecodeBatch) -> "StaticDecoder":
-        """Take over a prefilled batch: copy its KV rows in after the active rows."""
-        m, T = len(batch.mask), batch.mask.shape[1]
-        seqs = list(batch.seqs)
+        """Take over a prefilled batch: copy its unfinished sequences' KV rows in after the
+        active rows (a sequence that finished at its first token takes none: the next
+        :meth:`filter` returns it)."""
+        T, row, rows, seqs = batch.mask.shape[1], 0, [], []
+        for s in batch.seqs:
+            K = s.params.num_samples
+            if s.finished:
+                self.left.append(s)
+            else:
+                seqs.append(s)
+                rows.extend(range(row, row + K))
+            row += K
+        batch_cache, batch.cache = batch.cache, None
+        if not seqs:
+            return self
+        m = len(rows)
         ends = [T + self._steps_left(s) for s in seqs]
         keys = {(s.params.weight_seed, k) for s in self.seqs + seqs for k in range(s.params.num_samples)}
+        if not self.n:  # idle: give back what one earlier long or wide request made it grow to
+            self._shrink(m, max(ends), len(keys))
         self._reserve(self.n + m, max(self.ends + ends), len(keys))
         self._assign_samples(seqs)
+        src = torch.tensor(rows, device=self.device)
         r = slice(self.n, self.n + m)
-        for i, layer in enumerate(batch.cache.layers):
-            self.kc[i][r, :, :T] = layer.keys
-            self.vc[i][r, :, :T] = layer.values
+        for i, layer in enumerate(batch_cache.layers):
+            self.kc[i][r, :, :T] = layer.keys.index_select(0, src)
+            self.vc[i][r, :, :T] = layer.values.index_select(0, src)
         self.bias[r] = float("-inf")
-        self.bias[r, :T].masked_fill_(batch.mask.to(self.device).bool(), 0.0)
+        self.bias[r, :T].masked_fill_(batch.mask.to(self.device).index_select(0, src).bool(), 0.0)
         self.col[r] = T
-        self.pos[r] = batch.positions.to(self.device)
-        self.tok[r] = batch.last.to(self.device)
+        self.pos[r] = batch.positions.to(self.device).index_select(0, src)
+        self.tok[r] = batch.last.to(self.device).index_select(0, src)
         self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
                                       for k in range(s.params.num_samples)], device=self.device)
         self.seqs += seqs
         self.ends += ends
         self.n += m
-        batch.cache = None
         return self
 
     def filter(self) -> list[GenSequence]:
@@ -192,7 +222,8 @@ class StaticDecoder:
                 ends.append(end)
                 keep.extend(range(row, row + K))
             row += K
-        if not done:
+        done, self.left = self.left + done, []
+        if len(kept) == len(self.seqs):
             return done
         first = next((j for j, r in enumerate(keep) if r != j), len(keep))  # rows before it stay
         if first < len(keep):
@@ -234,7 +265,7 @@ class StaticDecoder:
                 graph, logits = self.graphs[rows]
                 graph.replay()
                 return logits
-        with self._noise(rows):
+        with row_noise(self.post, self.noise, self.slots[:rows]):
             return self._call(rows)
 
     def _call(self, rows: int) -> torch.Tensor:
@@ -289,18 +320,6 @@ class StaticDecoder:
         col.add_(1).clamp_max_(self.length - 1)  # only rows past every sequence's end reach it
         return logits
 
-    @contextmanager
-    def _noise(self, rows: int) -> Iterator[None]:
-        """The TFB layers read each row's ``A' + E_k`` from the fixed buffers through ``slots``."""
-        try:
-            for layer, noise in zip(self.post.layers, self.noise):  # no buffers when sigma == 0
-                layer.noise, layer.slots, layer.noise_has_mean = noise, self.slots[:rows], True
-            yield
-        finally:
-            for layer in self.post.layers:
-                layer.noise = layer.slots = None
-                layer.noise_has_mean = False
-
     def _capture(self, rows: int) -> None:
         """Warm up on a side stream, capture one step, restore the state the warm-up moved.
 
@@ -310,7 +329,7 @@ class StaticDecoder:
         state = [self.bias, self.col, self.pos]
         saved = [s[:rows].clone() for s in state]
         try:
-            with self._noise(rows):
+            with row_noise(self.post, self.noise, self.slots[:rows]):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
@@ -325,6 +344,10 @@ class StaticDecoder:
                 with torch.cuda.graph(graph, pool=self._pool):
                     logits = self._call(rows)
             self.graphs[rows] = (graph, logits)
+        except torch.OutOfMemoryError:  # not the graph's fault: fail this step, capture later
+            for s, v in zip(state, saved):
+                s[:rows] = v
+            raise
         except Exception as e:  # e.g. an op that syncs: run eagerly from now on
             self.capture_error = f"{type(e).__name__}: {e}"
             self.graphs.clear()
@@ -370,6 +393,17 @@ class StaticDecoder:
         self.__dict__.update(new)
         self.rows_cap, self.length, self.samples_cap = R, L, S
 
+    def _shrink(self, rows: int, length: int, samples: int) -> None:
+        """With no active rows: drop the buffers (and graphs) when they are over twice what this
+        join needs in rows or columns, so one long or wide request does not set the size (and
+        the attention width) of every later step."""
+        length = self.bucket * math.ceil(max(length, 1) / self.bucket)
+        if self.rows_cap > 2 * rows or self.length > 2 * length:
+            self.graphs.clear()
+            self.kc = self.vc = self.noise = []
+            self.rows_cap = self.length = self.samples_cap = 0
+            self.slot_of = {}
+
     def _reset_rows(self, start: int, stop: int) -> None:
         """Rows past the active ones: attend to column 0 only, write there (finite, never NaN)."""
         if start >= stop:
@@ -391,7 +425,7 @@ class StaticDecoder:
                     continue
                 slot = self.slot_of[key] = free.pop(0)
                 if self.sigma > 0:
-                    sample_weights(self.post, self.noise, slot, key, self.sigma)
+                    sample_noise(self.post, self.noise, slot, key, self.sigma)
 
 
 def generate_fast(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams],

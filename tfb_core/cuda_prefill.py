@@ -7,10 +7,11 @@ six elementwise passes. :class:`PrefillEngine` runs the same forward for the Lla
 - written out like :class:`~tfb_core.cuda_decode.StaticDecoder`'s step (the model's own
   modules for every projection and the MLP, so the TFB layers run as in the engine; one fused
   ``rms_norm``; RoPE on q and k together; SDPA with the causal + left-padding mask);
-- each row's weight sample read from fixed ``A' + E_k`` buffers through a row -> slot map;
+- each row's weight sample ``E_k`` read from fixed buffers through a row -> slot map;
 - captured in a CUDA graph per shape (rows, tokens rounded up to ``bucket``, kept positions)
-  for shapes up to ``graph_tokens`` padded tokens, at most ``max_graphs`` of them (LRU), and
-  replayed; larger shapes (compute-bound) run the same code eagerly.
+  the second time a shape up to ``graph_tokens`` padded tokens comes, at most ``max_graphs``
+  of them (LRU), and replayed; one-off and larger (compute-bound) shapes run the same code
+  eagerly.
 
 On a CPU, or for other model types, :func:`~tfb_core.scoring.choice_probs` keeps its eager HF
 forward. The buffers take the posterior's ``sigma`` when created: make a new engine after
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .cuda_decode import attention_shape, on_device, require_supported, rms_norm, rotate_half_matrix, sample_weights
+from .cuda_decode import (attention_shape, on_device, require_supported, rms_norm, rotate_half_matrix, row_noise,
+                          sample_noise)
 
 
 class PrefillEngine:
@@ -38,15 +39,17 @@ class PrefillEngine:
     graph : bool, default=None
         Capture CUDA graphs; ``None`` means on CUDA devices.
     graph_tokens : int
-        Shapes up to this many padded tokens (rows x bucketed length) are graphed.
-    max_graphs : int
-        Captured graphs kept (least recently used dropped first).
+        Shapes up to this many padded tokens (rows x bucketed length) are graphed, from the
+        second forward of that shape on (a shape seen once runs eagerly: no capture cost).
+    max_graphs, graph_bytes : int
+        Captured graphs kept, and the bytes their output logits may hold together (least
+        recently used dropped first; a shape whose logits alone exceed 1/8 of it is not graphed).
     bucket : int
         Lengths are rounded up to a multiple of this for a graph (padding on the left).
     """
 
     def __init__(self, post, graph: bool | None = None, graph_tokens: int = 8192, max_graphs: int = 32,
-                 bucket: int = 32):
+                 graph_bytes: int = 2 << 30, bucket: int = 32):
         model = post.model
         require_supported(model)
         self.post = post
@@ -54,10 +57,13 @@ class PrefillEngine:
         self.device = next(model.parameters()).device
         self.sigma = post.sigma
         self.use_graph = (self.device.type == "cuda") if graph is None else graph
-        self.graph_tokens, self.max_graphs, self.bucket = graph_tokens, max_graphs, bucket
+        self.graph_tokens, self.max_graphs, self.graph_bytes = graph_tokens, max_graphs, graph_bytes
+        self.bucket = bucket
+        self.logit_bytes = model.config.vocab_size * next(model.parameters()).element_size()  # per row, position
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # (rows, T, keep) -> (graph, inputs, logits)
+        self.seen: OrderedDict[tuple, int] = OrderedDict()  # forwards per shape (bounded)
         self.capture_error: str | None = None
-        self.noise: list[torch.Tensor] = []  # per TFB layer: (slots, r, n) = A' + E_k
+        self.noise: list[torch.Tensor] = []  # per TFB layer: (slots, r, n) = E_k
         self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (seed, k) -> slot, LRU
         self._pool = None
 
@@ -70,7 +76,7 @@ class PrefillEngine:
         graphed = self.use_graph and self.capture_error is None
         if graphed:
             T = self.bucket * math.ceil(T / self.bucket)
-            graphed = n * T <= self.graph_tokens
+            graphed = self.wants_graph(n, T, keep)
         slot = self._slots(samples)
         ids = torch.zeros(n, T, dtype=torch.long)
         mask = torch.zeros(n, T, dtype=torch.long)
@@ -85,7 +91,7 @@ class PrefillEngine:
                 if out is not None:
                     return out
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            with self._noise(inputs["slots"]):
+            with row_noise(self.post, self.noise, inputs["slots"]):
                 return self._forward(inputs, keep)
 
     # --- the forward -----------------------------------------------------------------------
@@ -99,9 +105,10 @@ class PrefillEngine:
         x = inner.embed_tokens(ids)  # (R, T, d)
         cos, sin = inner.rotary_emb(x, pos)  # (R, T, hd)
         cos, sin = cos[:, None], sin[:, None]  # (R, 1, T, hd)
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
         eye = torch.eye(T, dtype=torch.bool, device=ids.device)
-        allowed = (eye.cumsum(0).bool() & mask[:, None, :].bool()) | eye  # causal x real keys; a
-        attn_mask = torch.zeros(R, 1, T, T, dtype=x.dtype, device=ids.device)  # padded query sees itself
+        allowed = (causal & mask[:, None, :].bool()) | eye  # causal x real keys; a padded query
+        attn_mask = torch.zeros(R, 1, T, T, dtype=x.dtype, device=ids.device)  # sees itself
         attn_mask.masked_fill_(~allowed[:, None], float("-inf"))
         rot = rotate_half_matrix(hd, x)
         for layer in inner.layers:
@@ -120,19 +127,19 @@ class PrefillEngine:
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
         return model.lm_head(rms_norm(inner.norm, x[:, T - keep:]))
 
-    @contextmanager
-    def _noise(self, slots: torch.Tensor) -> Iterator[None]:
-        """The TFB layers read each row's ``A' + E_k`` from the fixed buffers through ``slots``."""
-        try:
-            for layer, noise in zip(self.post.layers, self.noise):  # no buffers when sigma == 0
-                layer.noise, layer.slots, layer.noise_has_mean = noise, slots, True
-            yield
-        finally:
-            for layer in self.post.layers:
-                layer.noise = layer.slots = None
-                layer.noise_has_mean = False
-
     # --- graphs ----------------------------------------------------------------------------
+
+    def wants_graph(self, rows: int, length: int, keep: int) -> bool:
+        """Whether this (padded) shape runs from a graph: small enough, and seen before."""
+        key = (rows, length, keep)
+        if key in self.graphs:
+            return True
+        if rows * length > self.graph_tokens or rows * keep * self.logit_bytes > self.graph_bytes // 8:
+            return False
+        self.seen[key] = self.seen.pop(key, 0) + 1
+        while len(self.seen) > 1024:
+            self.seen.popitem(last=False)
+        return self.seen[key] >= 2
 
     def _replay(self, inputs: dict, keep: int) -> torch.Tensor | None:
         key = (*inputs["ids"].shape, keep)
@@ -150,7 +157,7 @@ class PrefillEngine:
     def _capture(self, key: tuple, inputs: dict, keep: int) -> None:
         static = {k: v.to(self.device) for k, v in inputs.items()}
         try:
-            with self._noise(static["slots"]):
+            with row_noise(self.post, self.noise, static["slots"]):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
@@ -162,19 +169,22 @@ class PrefillEngine:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
                     logits = self._forward(static, keep)
+        except torch.OutOfMemoryError:  # not the graph's fault: fail this forward, capture later
+            raise
         except Exception as e:  # e.g. an op that syncs: every shape runs eagerly from now on
             self.capture_error = f"{type(e).__name__}: {e}"
             self.graphs.clear()
             torch.cuda.synchronize()
             return
         self.graphs[key] = (graph, static, logits)
-        while len(self.graphs) > self.max_graphs:
+        while len(self.graphs) > self.max_graphs or \
+                sum(out.numel() * out.element_size() for _, _, out in self.graphs.values()) > self.graph_bytes:
             self.graphs.popitem(last=False)
 
     # --- weight samples --------------------------------------------------------------------
 
     def _slots(self, samples: Sequence[tuple[int, int]]) -> dict[tuple[int, int], int]:
-        """A slot holding ``A' + E_k`` for every sample of this forward (least recently used
+        """A slot holding ``E_k`` for every sample of this forward (least recently used
         samples make room; the buffers grow, dropping the graphs, when this forward needs more)."""
         wanted = [(int(a), int(b)) for a, b in samples]
         cap = self.noise[0].shape[0] if self.noise else 0
@@ -194,7 +204,12 @@ class PrefillEngine:
             if not free:  # evict the least recently used sample this forward does not need
                 old = next(k for k in self.slot_of if k not in wanted)
                 free.append(self.slot_of.pop(old))
-            self.slot_of[key] = free.pop(0)
-            if self.sigma > 0:
-                sample_weights(self.post, self.noise, self.slot_of[key], key, self.sigma)
+            slot = free.pop(0)
+            if self.sigma > 0:  # a failed write leaves the key unmapped (never a half-written slot)
+                try:
+                    sample_noise(self.post, self.noise, slot, key, self.sigma)
+                except BaseException:
+                    free.insert(0, slot)
+                    raise
+            self.slot_of[key] = slot
         return dict(self.slot_of)

@@ -76,8 +76,6 @@ class TFBLoRALayer(nn.Module):
         # set by `weight_samples`: noise (S, r, n) and, for mixed batches, a row -> sample map
         self.noise: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None
-        # True when `noise` holds A' + E_k (the mean folded in: one GEMM fewer per forward)
-        self.noise_has_mean = False
 
     @property
     def rank(self) -> int:
@@ -86,12 +84,9 @@ class TFBLoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         x = x.to(self.lora_A.dtype)
-        if self.noise is not None and self.noise_has_mean:
-            h = self._noise_term(x)  # (A' + E_k) x per row
-        else:
-            h = F.linear(x, self.lora_A)  # (..., r), shared by every sample
-            if self.noise is not None:
-                h = h + self._noise_term(x)
+        h = F.linear(x, self.lora_A)  # (..., r), shared by every sample
+        if self.noise is not None:
+            h = h + self._noise_term(x)
         h = h.to(result.dtype)
         if result.is_contiguous() and not torch.is_grad_enabled():
             # result += s * h B'^T in the GEMM's epilogue: one kernel, no (..., m) temporaries
