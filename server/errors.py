@@ -72,10 +72,10 @@ class OutOfMemory(APIError):
     status, type = 503, "service_unavailable"
 
     def __init__(self, error: BaseException):
+        # the torch error is not kept: its traceback holds the failed forward's tensors
         super().__init__("the server ran out of accelerator memory for this work (KV cache or "
-                         "activations); retry later, or ask for fewer num_samples, tokens or items",
-                         code="out_of_memory", headers={"Retry-After": "1"})
-        self.__cause__ = error
+                         f"activations: {str(error).splitlines()[0][:200]}); retry later, or ask for "
+                         "fewer num_samples, tokens or items", code="out_of_memory", headers={"Retry-After": "1"})
 
 
 def as_api_error(error: Exception) -> Exception:

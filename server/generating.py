@@ -15,11 +15,14 @@ them as server-sent events in OpenAI's chunk format.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
+
+import torch
 
 from tfb_core.errors import TFBError
 from tfb_core.cuda_decode import StaticDecoder, use_static
@@ -116,8 +119,8 @@ class GenerationEngine:
             try:
                 new = DecodeBatch.prefill(self.post, [w.seq for w in works])
                 self._emit(new.seqs)
-                if self.decoder is not None:
-                    self.batch = self.decoder.join(new)
+                if self.static:
+                    self.batch = self._decoder().join(new)
                 else:
                     self.batch = new if self.batch is None else DecodeBatch.concatenate([self.batch, new])
             except Exception:
@@ -146,9 +149,18 @@ class GenerationEngine:
             w.loop.call_soon_threadsafe(_fail, w, error)
         self.works.clear()
         self.batch = None
-        if self.decoder is not None:  # its state may be half-stepped: start a fresh one
-            self.decoder = StaticDecoder(self.post)
+        self.decoder = None  # its state may be half-stepped: the next admit starts a fresh one
         self.metrics.kv_rows.labels(self.metrics.model).set(0)
+
+    def _decoder(self) -> StaticDecoder:
+        """The static decoder; after a failure a fresh one, once the old one's buffers are gone
+        (the failed step's traceback held them until the scheduler let go of it)."""
+        if self.decoder is None:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.decoder = StaticDecoder(self.post)
+        return self.decoder
 
     def _emit(self, seqs: list[GenSequence]) -> None:
         now = time.monotonic()

@@ -173,3 +173,29 @@ def test_an_idle_decoder_gives_back_what_a_long_request_grew(post):
         dec.step()
         dec.filter()
     assert_same(generate(post, ps[1:2], short.params), [short])
+
+
+def test_similar_sizes_keep_the_buffers_and_a_failed_join_changes_nothing(post, monkeypatch):
+    """Requests of K=4 and K=1 in turn reuse one allocation (no shrink below 4x); a join that
+    runs out of memory while growing leaves the decoder as it was, with nothing to hand back."""
+    post.sigma = 0.5
+    ps = prompts(post.tokenizer)
+    dec = StaticDecoder(post)
+    for K in (4, 1, 4, 1):
+        s = GenSequence(ps[0], SamplingParams(max_tokens=3, num_samples=K, ignore_eos=True))
+        dec.join(DecodeBatch.prefill(post, [s]))
+        buffers = dec.kc[0]
+        while dec.seqs:
+            dec.step()
+            dec.filter()
+    assert dec.rows_cap == 4 and dec.kc[0] is buffers
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(dec, "_reserve", oom)
+    done = GenSequence(ps[1], SamplingParams(max_tokens=1, num_samples=2))
+    big = GenSequence(ps[2], SamplingParams(max_tokens=5, num_samples=16))
+    with pytest.raises(torch.OutOfMemoryError):
+        dec.join(DecodeBatch.prefill(post, [done, big]))
+    assert dec.filter() == [] and dec.kv_rows == 0 and not dec.seqs

@@ -100,3 +100,31 @@ def test_static_engine_refused_for_an_unsupported_model(tmp_path):
         assert httpx.get(f"{s.url}/health").status_code == 503
     finally:
         s.stop()
+
+
+def test_static_engine_recovers_from_a_failed_step_with_a_fresh_decoder(dirs, monkeypatch):
+    """A decode step that runs out of memory fails the running requests (503) and drops the
+    decoder; the next request gets a fresh one and is served like before."""
+    import torch
+
+    from tfb_core.cuda_decode import StaticDecoder
+
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=3, max_wait_ms=20, engine="static") as s:
+        engine = s.state.runner.engine
+        body = {"model": httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"], "prompt": "Once upon",
+                "max_tokens": 6, "temperature": 0}
+        before = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        first = engine.decoder
+
+        def oom(self):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+        monkeypatch.setattr(StaticDecoder, "step", oom)
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"
+        assert engine.decoder is None and engine.works == {}
+        monkeypatch.undo()
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == before
+        assert engine.decoder is not None and engine.decoder is not first

@@ -174,17 +174,18 @@ class StaticDecoder:
         """Take over a prefilled batch: copy its unfinished sequences' KV rows in after the
         active rows (a sequence that finished at its first token takes none: the next
         :meth:`filter` returns it)."""
-        T, row, rows, seqs = batch.mask.shape[1], 0, [], []
+        T, row, rows, seqs, finished = batch.mask.shape[1], 0, [], [], []
         for s in batch.seqs:
             K = s.params.num_samples
             if s.finished:
-                self.left.append(s)
+                finished.append(s)
             else:
                 seqs.append(s)
                 rows.extend(range(row, row + K))
             row += K
         batch_cache, batch.cache = batch.cache, None
         if not seqs:
+            self.left += finished
             return self
         m = len(rows)
         ends = [T + self._steps_left(s) for s in seqs]
@@ -195,19 +196,24 @@ class StaticDecoder:
         self._assign_samples(seqs)
         src = torch.tensor(rows, device=self.device)
         r = slice(self.n, self.n + m)
-        for i, layer in enumerate(batch_cache.layers):
-            self.kc[i][r, :, :T] = layer.keys.index_select(0, src)
-            self.vc[i][r, :, :T] = layer.values.index_select(0, src)
-        self.bias[r] = float("-inf")
-        self.bias[r, :T].masked_fill_(batch.mask.to(self.device).index_select(0, src).bool(), 0.0)
-        self.col[r] = T
-        self.pos[r] = batch.positions.to(self.device).index_select(0, src)
-        self.tok[r] = batch.last.to(self.device).index_select(0, src)
-        self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
-                                      for k in range(s.params.num_samples)], device=self.device)
+        try:
+            for i, layer in enumerate(batch_cache.layers):
+                self.kc[i][r, :, :T] = layer.keys.index_select(0, src)
+                self.vc[i][r, :, :T] = layer.values.index_select(0, src)
+            self.bias[r] = float("-inf")
+            self.bias[r, :T].masked_fill_(batch.mask.to(self.device).index_select(0, src).bool(), 0.0)
+            self.col[r] = T
+            self.pos[r] = batch.positions.to(self.device).index_select(0, src)
+            self.tok[r] = batch.last.to(self.device).index_select(0, src)
+            self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
+                                          for k in range(s.params.num_samples)], device=self.device)
+        except BaseException:  # the rows past the active ones stay harmless
+            self._reset_rows(self.n, self.rows_cap)
+            raise
         self.seqs += seqs
         self.ends += ends
         self.n += m
+        self.left += finished  # only once the join has succeeded
         return self
 
     def filter(self) -> list[GenSequence]:
@@ -324,18 +330,21 @@ class StaticDecoder:
         """Warm up on a side stream, capture one step, restore the state the warm-up moved.
 
         The warm-up also writes K/V at each row's next two columns: columns no row attends to
-        yet, written again by the real step before they are unmasked.
+        yet, written again by the real step before they are unmasked. Out of memory while
+        capturing is not the graph's fault: this step then runs eagerly, a later one captures.
         """
         state = [self.bias, self.col, self.pos]
         saved = [s[:rows].clone() for s in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
         try:
             with row_noise(self.post, self.noise, self.slots[:rows]):
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        self._call(rows)
-                torch.cuda.current_stream().wait_stream(stream)
+                try:
+                    with torch.cuda.stream(stream):
+                        for _ in range(2):
+                            self._call(rows)
+                finally:
+                    torch.cuda.current_stream().wait_stream(stream)
                 for s, v in zip(state, saved):
                     s[:rows] = v
                 if self._pool is None:
@@ -344,10 +353,8 @@ class StaticDecoder:
                 with torch.cuda.graph(graph, pool=self._pool):
                     logits = self._call(rows)
             self.graphs[rows] = (graph, logits)
-        except torch.OutOfMemoryError:  # not the graph's fault: fail this step, capture later
-            for s, v in zip(state, saved):
-                s[:rows] = v
-            raise
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
         except Exception as e:  # e.g. an op that syncs: run eagerly from now on
             self.capture_error = f"{type(e).__name__}: {e}"
             self.graphs.clear()
@@ -394,11 +401,11 @@ class StaticDecoder:
         self.rows_cap, self.length, self.samples_cap = R, L, S
 
     def _shrink(self, rows: int, length: int, samples: int) -> None:
-        """With no active rows: drop the buffers (and graphs) when they are over twice what this
+        """With no active rows: drop the buffers (and graphs) when they are over 4x what this
         join needs in rows or columns, so one long or wide request does not set the size (and
-        the attention width) of every later step."""
+        the attention width) of every later step, while requests of similar sizes keep them."""
         length = self.bucket * math.ceil(max(length, 1) / self.bucket)
-        if self.rows_cap > 2 * rows or self.length > 2 * length:
+        if self.rows_cap > 4 * rows or self.length > 4 * length:
             self.graphs.clear()
             self.kc = self.vc = self.noise = []
             self.rows_cap = self.length = self.samples_cap = 0

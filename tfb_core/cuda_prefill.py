@@ -57,6 +57,8 @@ class PrefillEngine:
         self.device = next(model.parameters()).device
         self.sigma = post.sigma
         self.use_graph = (self.device.type == "cuda") if graph is None else graph
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs} (graph=False turns graphs off)")
         self.graph_tokens, self.max_graphs, self.graph_bytes = graph_tokens, max_graphs, graph_bytes
         self.bucket = bucket
         self.logit_bytes = model.config.vocab_size * next(model.parameters()).element_size()  # per row, position
@@ -145,7 +147,7 @@ class PrefillEngine:
         key = (*inputs["ids"].shape, keep)
         if key not in self.graphs:
             self._capture(key, inputs, keep)
-            if self.capture_error is not None:
+            if key not in self.graphs:  # refused, out of memory, or over the byte budget
                 return None
         self.graphs.move_to_end(key)
         graph, static, logits = self.graphs[key]
@@ -160,17 +162,20 @@ class PrefillEngine:
             with row_noise(self.post, self.noise, static["slots"]):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        self._forward(static, keep)
-                torch.cuda.current_stream().wait_stream(stream)
+                try:
+                    with torch.cuda.stream(stream):
+                        for _ in range(2):
+                            self._forward(static, keep)
+                finally:
+                    torch.cuda.current_stream().wait_stream(stream)
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
                     logits = self._forward(static, keep)
-        except torch.OutOfMemoryError:  # not the graph's fault: fail this forward, capture later
-            raise
+        except torch.OutOfMemoryError:  # not the graph's fault: this forward runs eagerly
+            torch.cuda.empty_cache()
+            return
         except Exception as e:  # e.g. an op that syncs: every shape runs eagerly from now on
             self.capture_error = f"{type(e).__name__}: {e}"
             self.graphs.clear()
