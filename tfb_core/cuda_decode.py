@@ -34,7 +34,7 @@ from typing import Iterator, Sequence as Seq
 
 import torch
 
-from .generation import DecodeBatch, GenSequence, SamplingParams, choose_tokens, generate
+from .generation import DecodeBatch, GenSequence, SamplingParams, choose_tokens, generate, split_finished
 from .sampling import noise_stack
 from .scoring import max_context
 
@@ -174,15 +174,8 @@ class StaticDecoder:
         """Take over a prefilled batch: copy its unfinished sequences' KV rows in after the
         active rows (a sequence that finished at its first token takes none: the next
         :meth:`filter` returns it)."""
-        T, row, rows, seqs, finished = batch.mask.shape[1], 0, [], [], []
-        for s in batch.seqs:
-            K = s.params.num_samples
-            if s.finished:
-                finished.append(s)
-            else:
-                seqs.append(s)
-                rows.extend(range(row, row + K))
-            row += K
+        T = batch.mask.shape[1]
+        seqs, finished, rows = split_finished(batch.seqs)
         batch_cache, batch.cache = batch.cache, None
         if not seqs:
             self.left += finished
@@ -218,16 +211,8 @@ class StaticDecoder:
 
     def filter(self) -> list[GenSequence]:
         """Drop finished sequences and pack the remaining rows at the front; returns the dropped."""
-        keep, kept, ends, done, row = [], [], [], [], 0
-        for s, end in zip(self.seqs, self.ends):
-            K = s.params.num_samples
-            if s.finished:
-                done.append(s)
-            else:
-                kept.append(s)
-                ends.append(end)
-                keep.extend(range(row, row + K))
-            row += K
+        kept, done, keep = split_finished(self.seqs)
+        ends = [end for s, end in zip(self.seqs, self.ends) if not s.finished]
         done, self.left = self.left + done, []
         if len(kept) == len(self.seqs):
             return done

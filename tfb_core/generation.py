@@ -184,15 +184,7 @@ class DecodeBatch:
 
     def filter(self) -> list[GenSequence]:
         """Drop finished sequences (and their KV rows); returns the ones dropped."""
-        keep_rows, kept, done, row = [], [], [], 0
-        for s in self.seqs:
-            K = s.params.num_samples
-            if s.finished:
-                done.append(s)
-            else:
-                kept.append(s)
-                keep_rows.extend(range(row, row + K))
-            row += K
+        kept, done, keep_rows = split_finished(self.seqs)
         if done:
             idx = torch.tensor(keep_rows, dtype=torch.long, device=self.mask.device)
             self.seqs = kept
@@ -250,6 +242,21 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys = layer.keys[..., start:, :]
                 layer.values = layer.values[..., start:, :]
+
+
+def split_finished(seqs: Seq[GenSequence]) -> tuple[list[GenSequence], list[GenSequence], list[int]]:
+    """(unfinished, finished, the unfinished ones' rows) of sequences laid out
+    ``[seq 0: K_0 rows][seq 1: K_1 rows]...``."""
+    kept, done, rows, row = [], [], [], 0
+    for s in seqs:
+        K = s.params.num_samples
+        if s.finished:
+            done.append(s)
+        else:
+            kept.append(s)
+            rows.extend(range(row, row + K))
+        row += K
+    return kept, done, rows
 
 
 def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.Tensor:
