@@ -187,17 +187,23 @@ class StaticDecoder:
             self._shrink(m, max(ends), len(keys))
         self._reserve(self.n + m, max(self.ends + ends), len(keys))
         self._assign_samples(seqs)
+        every = m == len(batch.mask)
         src = torch.tensor(rows, device=self.device)
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # the unfinished sequences' rows
+            t = t.to(self.device)
+            return t if every else t.index_select(0, src)
+
         r = slice(self.n, self.n + m)
         try:
             for i, layer in enumerate(batch_cache.layers):
-                self.kc[i][r, :, :T] = layer.keys.index_select(0, src)
-                self.vc[i][r, :, :T] = layer.values.index_select(0, src)
+                self.kc[i][r, :, :T] = take(layer.keys)
+                self.vc[i][r, :, :T] = take(layer.values)
             self.bias[r] = float("-inf")
-            self.bias[r, :T].masked_fill_(batch.mask.to(self.device).index_select(0, src).bool(), 0.0)
+            self.bias[r, :T].masked_fill_(take(batch.mask).bool(), 0.0)
             self.col[r] = T
-            self.pos[r] = batch.positions.to(self.device).index_select(0, src)
-            self.tok[r] = batch.last.to(self.device).index_select(0, src)
+            self.pos[r] = take(batch.positions)
+            self.tok[r] = take(batch.last)
             self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
                                           for k in range(s.params.num_samples)], device=self.device)
         except BaseException:  # the rows past the active ones stay harmless
