@@ -145,12 +145,12 @@ class GenerationEngine:
 
     def fail(self, error: Exception) -> None:
         """A decode step failed: every active sequence gets the error; the KV rows are freed."""
-        for w in self.works.values():
-            w.loop.call_soon_threadsafe(_fail, w, error)
-        self.works.clear()
+        works, self.works = list(self.works.values()), {}
         self.batch = None
         self.decoder = None  # its state may be half-stepped: the next admit starts a fresh one
         self.metrics.kv_rows.labels(self.metrics.model).set(0)
+        for w in works:  # last: a client told of the failure finds the engine already reset
+            w.loop.call_soon_threadsafe(_fail, w, error)
 
     def _decoder(self) -> StaticDecoder:
         """The static decoder; after a failure a fresh one, once the old one's buffers are gone
