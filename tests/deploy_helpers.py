@@ -25,6 +25,18 @@ SCRAPE_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scr
                  "scrape_samples_post_metric_relabeling"}
 
 
+def need_modules(*names: str, why: str):
+    """A skip mark where a Python package is missing locally; with CI=true a missing package
+    fails the collection instead (``make test`` installs them)."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    reason = f"needs {why} ({', '.join(missing)} missing; make test installs them)"
+    if missing and os.environ.get("CI", "").lower() == "true":
+        raise RuntimeError(f"CI=true but the test {reason}")
+    return pytest.mark.skipif(bool(missing), reason=reason)
+
+
 def need_binary(name: str) -> str:
     """The binary's path; skip when it is missing locally, fail in CI (.ci/run installs it)."""
     path = shutil.which(name)

