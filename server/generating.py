@@ -25,7 +25,7 @@ from typing import AsyncIterator
 import torch
 
 from tfb_core.errors import TFBError
-from tfb_core.cuda_decode import StaticDecoder, use_static
+from tfb_core.cuda_decode import StaticDecoder
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, safe_text
 from tfb_core.scoring import apply_chat, max_context
 
@@ -93,12 +93,13 @@ class GenWork:
 class GenerationEngine:
     """The running decode batch; every method runs on the scheduler's worker thread."""
 
-    def __init__(self, post, metrics: Metrics, static: bool | None = None):
+    def __init__(self, post, metrics: Metrics, static: bool):
         self.post = post
         self.metrics = metrics
-        # on CUDA (Llama family) the static-cache decoder with CUDA graphs; else the eager batch
-        self.static = use_static(post) if static is None else static
-        self.decoder = StaticDecoder(post) if self.static else None  # kept: its buffers and graphs
+        # static: the static-cache decoder with CUDA graphs (made at the first admit, then kept
+        # with its buffers and graphs); else HF's eager DecodeBatch
+        self.static = static
+        self.decoder: StaticDecoder | None = None
         self.batch: DecodeBatch | StaticDecoder | None = None
         self.works: dict[int, GenWork] = {}  # id(seq) -> work
 
@@ -153,8 +154,8 @@ class GenerationEngine:
             w.loop.call_soon_threadsafe(_fail, w, error)
 
     def _decoder(self) -> StaticDecoder:
-        """The static decoder; after a failure a fresh one, once the old one's buffers are gone
-        (the failed step's traceback held them until the scheduler let go of it)."""
+        """The static decoder; after a failure a fresh one, made once the old one's buffers are
+        gone (the failed step's traceback held them until the scheduler let go of it)."""
         if self.decoder is None:
             gc.collect()
             if torch.cuda.is_available():

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tfb_core.demo import DEMO_MODEL
 from tfb_core.errors import TFBError
 
 from .settings import Settings
@@ -34,7 +35,6 @@ PLACEHOLDER_SEED = 1234
 PLACEHOLDER_SIGMA = 0.02
 PLACEHOLDER_VERSION = 1
 SERVE_KEY_NAME = "tfb_serve_key.json"
-DEFAULT_MODEL = "smollm2-135m"
 SEARCH_DTYPE = "float32"  # TFB_SPEC §4
 
 
@@ -102,7 +102,7 @@ def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None)
     if not is_bayesianized(adapter):
         return _search_or_cached(settings, adapter, set_status)
     log.info("loading the Bayesianized adapter %s", adapter)
-    base = load_base_model(settings.model or DEFAULT_MODEL, device=settings.device, dtype=settings.dtype)
+    base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
     return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
 
 
@@ -122,7 +122,7 @@ def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
         source = "searched"
     # served exactly as a restart serves it: a float32 model cast with .to() would also cast
     # buffers that loading in the serving dtype keeps in float32 (e.g. the rotary inv_freq)
-    base = load_base_model(settings.model or DEFAULT_MODEL, device=settings.device, dtype=settings.dtype)
+    base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
     return Loaded(Posterior.load(base, out), model_id(settings), str(adapter), source)
 
 
@@ -136,7 +136,7 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
     items = read_jsonl(calibration)
     log.info("start-up search: %d calibration items from %s, criterion %s <= %g, K=%d, in %s (key %s)",
              len(items), calibration, settings.criterion, settings.eps, settings.samples, SEARCH_DTYPE, key[:12])
-    base = load_base_model(settings.model or DEFAULT_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
+    base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
     post = Posterior.from_adapter(base, adapter, num_samples=settings.samples, seed=settings.seed,
                                   mode=settings.mode)
     result = post.search(items, criterion=settings.criterion, eps=settings.eps,
@@ -152,7 +152,7 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
 def _key(settings: Settings, adapter: Path) -> str:
     from tfb_core.models import resolve_model_dir
 
-    return search_key(resolve_model_dir(settings.model or DEFAULT_MODEL), adapter,
+    return search_key(resolve_model_dir(settings.model or DEMO_MODEL), adapter,
                       Path(settings.calibration).expanduser(), settings)
 
 
@@ -213,7 +213,7 @@ def _ends(path: Path, n: int = 1 << 20) -> bytes:
 
 
 def _load_demo(settings: Settings) -> Loaded:
-    from tfb_core.demo import DEMO_MODEL, DEMO_POSTERIOR
+    from tfb_core.demo import DEMO_POSTERIOR
     from tfb_core.models import load_base_model
     from tfb_core.posterior import Posterior, is_bayesianized
 

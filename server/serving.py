@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tfb_core.cuda_decode import SUPPORTED_MODEL_TYPES, is_supported, use_static
+from tfb_core.cuda_decode import require_supported, use_static
 from tfb_core.cuda_prefill import PrefillEngine
 from tfb_core.data import LABELS, MCItem
 from tfb_core.errors import TFBError
@@ -79,10 +79,11 @@ class ModelRunner:
         self.post = loaded.post
         self.metrics = metrics
         static = use_static(self.post) if engine == "auto" else engine == "static"
-        if static and not is_supported(self.post.model):
-            raise ValueError(f"--engine static: model type {self.post.model.config.model_type!r} is not "
-                             f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use auto or eager")
-        self.static = static
+        if static:
+            try:
+                require_supported(self.post.model)
+            except ValueError as e:
+                raise ValueError(f"--engine static: {e}; use auto or eager") from None
         # scoring forwards: fused kernels, CUDA graphs on CUDA (None: HF's eager forward)
         self.prefill = PrefillEngine(self.post) if static else None
         self.engine = GenerationEngine(self.post, metrics, static)  # the continuous decode loop's state

@@ -121,8 +121,8 @@ class StaticDecoder:
 
     Rows ``[0, kv_rows)`` are the active sequences' rows, ``[seq 0: K_0 rows][seq 1: K_1
     rows]...`` as in :class:`DecodeBatch`. Buffers grow (and graphs are captured again) when
-    a join needs more rows, columns or weight samples than they hold; they never shrink, so
-    one decoder serves a whole server's life.
+    a join needs more rows, columns or weight samples than they hold, and are kept for later
+    joins; an idle decoder drops them only when they exceed 4x what the next join needs.
 
     Parameters
     ----------

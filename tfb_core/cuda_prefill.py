@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .cuda_decode import (attention_shape, on_device, require_supported, rms_norm, rotate_half_matrix, row_noise,
                           sample_noise)
+from .scoring import left_pad
 
 
 class PrefillEngine:
@@ -80,12 +81,8 @@ class PrefillEngine:
             T = self.bucket * math.ceil(T / self.bucket)
             graphed = self.wants_graph(n, T, keep)
         slot = self._slots(samples)
-        ids = torch.zeros(n, T, dtype=torch.long)
-        mask = torch.zeros(n, T, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, T - len(r):] = torch.tensor(r)
-            mask[b, T - len(r):] = 1
-        inputs = {"ids": ids, "mask": mask, "pos": (mask.cumsum(-1) - 1).clamp_min(0),
+        ids, mask, pos = left_pad(rows, T)
+        inputs = {"ids": ids, "mask": mask, "pos": pos,
                   "slots": torch.tensor([slot[samples[s]] for s in slot_ids], dtype=torch.long)}
         with on_device(self.device):
             if graphed:

@@ -189,15 +189,19 @@ def _wanted(enc: Encoded, j: int, keep: int) -> tuple[list[int], list[int]]:
 def _forward(model, rows: list[list[int]], keep: int) -> torch.Tensor:
     """Left-padded forward; the logits of the last ``keep`` positions: (rows, keep, V)."""
     device = next(model.parameters()).device
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, position_ids = left_pad(rows, max(len(r) for r in rows))
     return model(input_ids=ids.to(device), attention_mask=mask.to(device),
                  position_ids=position_ids.to(device), logits_to_keep=keep, use_cache=False).logits
+
+
+def left_pad(rows: Sequence[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows left-padded (with 0) to ``length``: ids, attention mask, position ids (CPU)."""
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r):] = torch.tensor(r)
+        mask[b, length - len(r):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def target_log_probs(logits: torch.Tensor, wanted: Sequence[tuple[list[int], list[int]]],
