@@ -120,10 +120,23 @@ def max_context(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
-@torch.no_grad()
 def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
                  sigma: float | None = None, engine=None) -> list[torch.Tensor]:
     """Per-sample choice probabilities for several encoded items in ONE forward.
+
+    The softmax over choices of :func:`choice_scores` (same parameters); float32 (K_i, C_i).
+    """
+    return [torch.softmax(s, -1).float() for s in choice_scores(post, encoded, samples, sigma, engine)]
+
+
+@torch.no_grad()
+def choice_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
+                  sigma: float | None = None, engine=None) -> list[torch.Tensor]:
+    """Per-sample choice scores (log-likelihoods) for several encoded items in ONE forward.
+
+    letter: each label token's log-probability after the prompt; sequence:
+    ``log p(choice | prompt)`` summed over the choice's tokens, or divided by its token count
+    when the item is ``length_normalize``-d.
 
     Parameters
     ----------
@@ -136,7 +149,7 @@ def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, 
     engine : tfb_core.cuda_prefill.PrefillEngine, default=None
         Run the forward through it (CUDA graphs, fused kernels) instead of HF's eager forward.
 
-    Returns a list of float32 tensors of shape (K_i, C_i).
+    Returns a list of float64 tensors of shape (K_i, C_i).
     """
     if not encoded or len(encoded) != len(samples):
         raise TFBError(f"choice_probs needs one (seed, K) per item: {len(encoded)} items, {len(samples)} samples")
@@ -170,7 +183,7 @@ def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, 
             scores[i][k] = lp
         else:
             scores[i][k, j] = lp.sum() / len(lp) if enc.length_normalize else lp.sum()
-    return [torch.softmax(s, -1).float() for s in scores]
+    return scores
 
 
 def _kept(enc: Encoded) -> list[list[int]]:
