@@ -18,9 +18,10 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import loader
-from .errors import error_body, install_error_handlers
+from .errors import APIError, error_body, install_error_handlers, public_error
+from .limits import Tokenizing
 from .metrics import Metrics
-from .routes import api, health
+from .routes import api, check_api_key, health
 from .scheduler import Scheduler
 from .generating import CompletionsServing
 from .serving import ChoicesServing, ModelRunner
@@ -58,8 +59,12 @@ def build_app(settings: Settings | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # the key is checked before the body is read: 401 (not 400 or 413) without it, on every path
+    # but /health, the OpenAPI schema and its pages included
+    app.add_middleware(AuthMiddleware, key=settings.api_key, open_paths={r.path for r in health.routes})
     app.add_middleware(MetricsMiddleware, metrics=state.metrics,
-                       known_paths={r.path for r in [*health.routes, *api.routes]} | {"/openapi.json", "/docs"})
+                       known_paths={r.path for r in [*health.routes, *api.routes]}
+                       | {"/openapi.json", "/docs", "/redoc"})
     return app
 
 
@@ -90,20 +95,21 @@ def start_loading(state: AppState, load) -> None:
 def ready(state: AppState, loaded: loader.Loaded, runner: ModelRunner) -> None:
     s = state.settings
     state.scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens,
-                                s.max_wait_ms, s.max_queue, decoder=runner.engine)
+                                s.max_wait_ms, s.max_queue, decoder=runner.engine, max_kv_rows=s.max_kv_rows)
     state.scheduler.start()
     state.runner = runner
     # the event loop tokenizes with its own copy: the worker decodes generated text with the
     # posterior's, and one fast tokenizer used from two threads at once fails ("Already borrowed")
-    tokenizer = copy.deepcopy(loaded.post.tokenizer)
-    state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics, tokenizer)
+    tokenizer, tokenizing = copy.deepcopy(loaded.post.tokenizer), Tokenizing()
+    state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics, tokenizer, tokenizing)
     state.completions = CompletionsServing(loaded.post, loaded.model_id, state.scheduler, s, state.metrics,
-                                           tokenizer)
+                                           tokenizer, tokenizing)
     state.loaded = loaded
     post = loaded.post
     device = next(post.model.parameters())
     state.metrics.set_posterior(post.sigma, s.samples, {
-        "base_model": post.base.name, "adapter": loaded.adapter or "", "source": loaded.source,
+        "base_model": loader.public_name(post.base.name, s.show_paths),
+        "adapter": loader.public_name(loaded.adapter, s.show_paths) or "", "source": loaded.source,
         "device": str(device.device), "dtype": str(device.dtype).removeprefix("torch."),
     })
     if state.status != "draining":
@@ -143,7 +149,30 @@ class MetricsMiddleware:
             # the route's path template; unknown paths share one label (bounded cardinality)
             endpoint = getattr(scope.get("route"), "path", None) or scope["path"]
             endpoint = endpoint if endpoint in self.known_paths else "other"
-            self.metrics.observe_request(endpoint, status, time.perf_counter() - t0)
+            # a stream's own outcome (its error event's status, or client_closed) wins over its 200
+            label = scope.get("state", {}).get("tfb_status") or ("client_closed" if status == 499 else status)
+            self.metrics.observe_request(endpoint, label, time.perf_counter() - t0)
+
+
+class AuthMiddleware:
+    """With ``--api-key``: 401 before anything else for every path but ``open_paths``."""
+
+    def __init__(self, app: ASGIApp, key: str | None, open_paths: set[str]):
+        self.app, self.key, self.open_paths = app, key, open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (self.key is None or scope["type"] != "http" or scope["method"] == "OPTIONS"
+                or scope["path"] in self.open_paths):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        try:
+            check_api_key(self.key, headers.get(b"authorization", b"").decode("latin-1"))
+        except APIError as e:
+            from fastapi.responses import JSONResponse
+
+            status, body, extra = public_error(e)
+            return await JSONResponse(body, status_code=status, headers=extra)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -68,14 +68,21 @@ class RequestTimeout(APIError):
     status, type = 504, "timeout_error"
 
 
+class ClientClosed(APIError):
+    """The client went away before its answer: its work was dropped (nginx's 499; metrics
+    count it as ``status="client_closed"``)."""
+
+    status, type = 499, "client_closed"
+
+
 class OutOfMemory(APIError):
     status, type = 503, "service_unavailable"
 
     def __init__(self, error: BaseException):
         # the torch error is not kept: its traceback holds the failed forward's tensors
         super().__init__("the server ran out of accelerator memory for this work (KV cache or "
-                         f"activations: {str(error).splitlines()[0][:200]}); retry later, or ask for "
-                         "fewer num_samples, tokens or items", code="out_of_memory", headers={"Retry-After": "1"})
+                         "activations); retry later, or ask for fewer num_samples, tokens or items",
+                         code="out_of_memory", headers={"Retry-After": "1"})
 
 
 def as_api_error(error: Exception) -> Exception:
@@ -85,7 +92,10 @@ def as_api_error(error: Exception) -> Exception:
 
 def error_body(status: int, message: str, type: str, param: str | None = None,
                code: str | None = None) -> dict:
-    """The OpenAI error object (every error response of the server is built here)."""
+    """The OpenAI error object (every error response of the server is built here); text that
+    UTF-8 cannot carry (a lone surrogate echoed from the input) is escaped."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    param = param if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -95,21 +105,32 @@ def error_response(status: int, message: str, type: str, param: str | None = Non
                         headers=headers)
 
 
+def public_error(exc: BaseException) -> tuple[int, dict, dict[str, str] | None]:
+    """(status, body, headers) the client sees for a failure, in a JSON answer or an SSE event:
+    an APIError as it is, tfb_core's TFBError a 400, anything else a 500 naming only its type
+    (its text may hold local paths or tensor contents: it goes to the log)."""
+    if isinstance(exc, APIError):
+        return exc.status, error_body(exc.status, exc.message, exc.type, exc.param, exc.code), exc.headers
+    if isinstance(exc, TFBError):
+        return 400, error_body(400, str(exc), "invalid_request_error", code="invalid_value"), None
+    return 500, error_body(500, f"internal error: {type(exc).__name__}", "server_error"), None
+
+
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     """The one exception handler: every failure leaves the server as an OpenAI error."""
-    if isinstance(exc, APIError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+    if isinstance(exc, (APIError, TFBError)):
+        status, body, headers = public_error(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
     if isinstance(exc, RequestValidationError):
         message, param = _validation_message(exc.errors())
         return error_response(400, message, "invalid_request_error", param, code="invalid_value")
-    if isinstance(exc, TFBError):
-        return error_response(400, str(exc), "invalid_request_error", code="invalid_value")
     if isinstance(exc, StarletteHTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
     log.exception("internal error on %s %s", request.method, request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+    status, body, _ = public_error(exc)
+    return JSONResponse(body, status_code=status)
 
 
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -119,7 +140,9 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
         if err.get("type") == "json_invalid":
             ctx = err.get("ctx", {}).get("error", "")
             return f"the body is not valid JSON ({ctx}); send a JSON object", None
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "single", "batch")]
+        # the field path, without pydantic's names of union members (str, list[...], function-after[...])
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "single", "batch")
+               and not _type_tag(p)]
         # model-level checks of an item carry no field name: point at the item
         param = ".".join(loc) or None
         first_param = first_param or param
@@ -131,6 +154,11 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
         where = f"'{param}'" if param else "the body"
         parts.append(f"{where}: {msg}" + _got(err))
     return "; ".join(parts), first_param
+
+
+def _type_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict")
+                                      or any(c in part for c in "[`("))
 
 
 def _got(err: dict) -> str:

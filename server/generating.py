@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -29,7 +29,8 @@ from tfb_core.cuda_decode import StaticDecoder
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, safe_text
 from tfb_core.scoring import apply_chat, max_context
 
-from .errors import APIError, BadRequest, NotFound, RequestTimeout, error_body
+from .errors import BadRequest, NotFound, RequestTimeout, public_error
+from .limits import Tokenizing, check_chars, max_prompt_chars
 from .metrics import Metrics
 from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut,
@@ -167,7 +168,7 @@ class GenerationEngine:
         now = time.monotonic()
         for s in seqs:
             w = self.works[id(s)]
-            if s.finish_reason == "cancelled" or not s.tokens:
+            if s.finish_reason in ("cancelled", "error") or not s.tokens:
                 continue
             token = s.tokens[-1]
             if w.last_token_at is None:
@@ -205,7 +206,12 @@ def _fail(w: GenWork, error: Exception) -> None:
 
 
 def _finish(w: GenWork) -> None:
-    if not w.future.done():
+    if w.future.done():
+        return
+    if w.seq.finish_reason == "error":  # its own distribution went non-finite: it alone fails
+        w.future.set_exception(BadRequest(f"generation failed for this request: {w.seq.error}",
+                                          code="non_finite_distribution"))
+    else:
         w.future.set_result(w.seq)
 
 
@@ -213,18 +219,21 @@ class CompletionsServing:
     """``POST /v1/completions`` and ``POST /v1/chat/completions``."""
 
     def __init__(self, post, model_id: str, scheduler: Scheduler, settings: Settings, metrics: Metrics,
-                 tokenizer=None):
+                 tokenizer=None, tokenizing: Tokenizing | None = None):
         self.post = post
         self.tokenizer = tokenizer or post.tokenizer  # the event loop's (see server.app.ready)
+        self.tokenizing = tokenizing or Tokenizing()  # the one thread that uses it
         self.model_id = model_id
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
         self.context = max_context(post.model) or 2048
+        self.max_chars = max_prompt_chars(self.tokenizer, self.context)
 
     # --- requests -> work ------------------------------------------------------------------
 
-    def prepare(self, request: CompletionRequest | ChatCompletionRequest) -> tuple[list[GenWork], list[list[int]]]:
+    def check(self, request: CompletionRequest | ChatCompletionRequest) -> None:
+        """Counts and sizes, before any tokenizing: model, K, sequences, KV rows, characters."""
         if request.model != self.model_id:
             raise NotFound(f"model {request.model!r} does not exist; this server serves {self.model_id!r} "
                            f"(GET /v1/models)", param="model", code="model_not_found")
@@ -232,6 +241,27 @@ class CompletionsServing:
         if K > self.settings.max_samples:
             raise BadRequest(f"'num_samples' is {K}; allowed: 1 to {self.settings.max_samples}",
                              param="num_samples", code="invalid_value")
+        chat = isinstance(request, ChatCompletionRequest)
+        texts = [m.text for m in request.messages] if chat else \
+            [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        prompts = 1 if chat else len(texts)
+        if prompts * request.n > self.settings.max_items:
+            raise BadRequest(f"{prompts} prompt(s) x n={request.n} is {prompts * request.n} sequences; "
+                             f"at most {self.settings.max_items} are allowed in one request",
+                             param="n" if chat else "prompt")
+        rows = prompts * request.n * K
+        if rows > self.settings.max_kv_rows:
+            raise BadRequest(f"this request needs {rows} KV cache rows ({prompts} prompt(s) x n={request.n} x "
+                             f"num_samples={K}); at most {self.settings.max_kv_rows} are allowed (the "
+                             f"server's --max-kv-rows): ask for fewer prompts, n or num_samples",
+                             param="num_samples", code="too_many_kv_rows")
+        chars = sum(len(t) for t in texts) if chat else max(len(t) for t in texts)
+        check_chars(chars, self.max_chars, "messages" if chat else "prompt", self.context)
+
+    def prepare(self, request: CompletionRequest | ChatCompletionRequest, loop: asyncio.AbstractEventLoop
+                ) -> tuple[list[GenWork], list[list[int]]]:
+        """Tokenize and make one work per sequence (on the tokenizing thread, after :meth:`check`)."""
+        K = request.num_samples or self.settings.samples
         if isinstance(request, ChatCompletionRequest):
             try:
                 text = apply_chat(self.tokenizer, [{"role": "system" if m.role == "developer" else m.role,
@@ -248,10 +278,6 @@ class CompletionsServing:
             max_tokens = request.max_tokens
             top = request.logprobs or 0
             endpoint = COMPLETIONS_ENDPOINT
-        if len(prompts) * request.n > self.settings.max_items:
-            raise BadRequest(f"{len(prompts)} prompt(s) x n={request.n} is {len(prompts) * request.n} sequences; "
-                             f"at most {self.settings.max_items} are allowed in one request",
-                             param="prompt" if endpoint == COMPLETIONS_ENDPOINT else "n")
         longest = max(len(p) for p in prompts)
         if longest >= self.context:
             raise BadRequest(f"the prompt is {longest} tokens long; the model's context is {self.context} "
@@ -261,7 +287,6 @@ class CompletionsServing:
             raise BadRequest(f"'max_tokens' is {max_tokens}, but the prompt ({longest} tokens) plus "
                              f"max_tokens must fit the model's context of {self.context} tokens: allowed "
                              f"1 to {self.context - longest}", param="max_tokens", code="invalid_value")
-        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout
         works = []
         for p in prompts:
@@ -277,15 +302,19 @@ class CompletionsServing:
 
     # --- responses -------------------------------------------------------------------------
 
-    async def create(self, request: CompletionRequest | ChatCompletionRequest):
-        works, prompts = self.prepare(request)
+    async def create(self, request: CompletionRequest | ChatCompletionRequest,
+                     report: Callable[[str], None] = lambda status: None):
+        """The response, or with ``stream`` its server-sent events; ``report(status)`` tells the
+        metrics how a stream ended ("200", an error's status, or "client_closed")."""
+        self.check(request)
+        works, prompts = await self.tokenizing.run(self.prepare, request, asyncio.get_running_loop())
         self.scheduler.submit(works)  # all or none: a 429 or 503 counts no prompt tokens
         self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)
         if request.stream:
-            return self.stream(request, works, prompts)
+            return self.stream(request, works, prompts, report)
         try:
             seqs = await self.scheduler.wait(works, self.settings.request_timeout)
-        finally:
+        finally:  # answered, failed, or the client went away: free the slots at the next step
             for w in works:
                 w.future.cancel()
         return self.response(request, seqs, prompts)
@@ -365,7 +394,8 @@ class CompletionsServing:
         chunk = ChatCompletionChunk if isinstance(request, ChatCompletionRequest) else CompletionResponse
         return chunk(id=rid, created=created, model=self.model_id, choices=[], usage=usage)
 
-    async def stream(self, request, works: list[GenWork], prompts) -> AsyncIterator[str]:
+    async def stream(self, request, works: list[GenWork], prompts,
+                     report: Callable[[str], None] = lambda status: None) -> AsyncIterator[str]:
         """Server-sent events: a chunk per token per choice, per choice a last chunk with its
         finish reason and summary, a usage chunk if ``stream_options.include_usage``, then
         ``data: [DONE]``. A failed or dropped work ends the stream with an error event at once;
@@ -383,6 +413,13 @@ class CompletionsServing:
                     return
 
         pumps = [asyncio.create_task(pump(i, w)) for i, w in enumerate(works)]
+        report("client_closed")  # until it ends otherwise
+
+        def failed(error: BaseException) -> str:
+            status, body, _ = public_error(error)
+            report(str(status))
+            return _sse_error(body)
+
         try:
             if chat:
                 for i in range(len(works)):
@@ -394,8 +431,8 @@ class CompletionsServing:
             while left:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
-                    yield _sse_error(RequestTimeout("the request took longer than the server's timeout; "
-                                                    "its work was dropped", code="timeout"))
+                    yield failed(RequestTimeout("the request took longer than the server's timeout; "
+                                                "its work was dropped", code="timeout"))
                     return
                 try:
                     i, event = await asyncio.wait_for(merged.get(), timeout)
@@ -403,7 +440,7 @@ class CompletionsServing:
                     continue
                 w = works[i]
                 if event.finish_reason == "error":
-                    yield _sse_error(w.future.exception())
+                    yield failed(w.future.exception())
                     return
                 finished = event.finish_reason is not None
                 left -= finished
@@ -417,6 +454,7 @@ class CompletionsServing:
                     yield _sse(self._chunk(request, rid, created, i, w, "", [], reason, event.summary))
             if request.stream_options is not None and request.stream_options.include_usage:
                 yield _sse(self._usage_chunk(request, rid, created, works, prompts))
+            report("200")
             yield "data: [DONE]\n\n"
         finally:  # finished, or the client went away: free the slots at the next step
             for t in pumps:
@@ -429,13 +467,6 @@ def _sse(model) -> str:
     return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
 
 
-def _sse_error(error: BaseException) -> str:
-    """The OpenAI error event for ``error``, typed as the HTTP error would be (server/errors.py)."""
-    if isinstance(error, APIError):
-        body = error_body(error.status, error.message, error.type, error.param, error.code)
-    elif isinstance(error, TFBError):
-        body = error_body(400, str(error), "invalid_request_error", code="invalid_value")
-    else:
-        body = error_body(500, f"generation failed on the server: {type(error).__name__}: {error}",
-                          "server_error")
+def _sse_error(body: dict) -> str:
+    """The OpenAI error event: the body the HTTP error would have (server.errors.public_error)."""
     return f"data: {json.dumps(body)}\n\n"

@@ -55,6 +55,14 @@ def model_id(settings: Settings) -> str:
     return Path(settings.adapter).expanduser().resolve().name or "tfb"
 
 
+def public_name(value: str | None, show_paths: bool = False) -> str | None:
+    """What public endpoints show of a local path: its last part only, unless ``--show-paths``
+    (a built-in model name is not a path and is shown as it is)."""
+    if value is None or show_paths or not any(c in value for c in "/\\~"):
+        return value
+    return Path(value).name
+
+
 def preflight(settings: Settings) -> None:
     """Cheap checks before binding the port: bad paths fail at once with one clear line."""
     from tfb_core.posterior import is_bayesianized

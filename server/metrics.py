@@ -76,7 +76,8 @@ class Metrics:
 
     # --- recording -------------------------------------------------------------------------------
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe_request(self, endpoint: str, status: int | str, seconds: float) -> None:
+        """``status``: the HTTP status, or "client_closed" for a client that went away first."""
         self.requests.labels(self.model, endpoint, str(status)).inc()
         self.request_duration.labels(self.model, endpoint, str(status)).observe(seconds)
 

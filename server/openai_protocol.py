@@ -11,17 +11,23 @@ The shapes are OpenAI's; every choice carries an extra ``uncertainty`` object. P
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+
+from .protocol import Text, valid_unicode
 
 SEED_MAX = 2**63 - 1
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 
 
+NonEmpty = Annotated[str, StringConstraints(min_length=1), AfterValidator(valid_unicode)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: 16 is an integer, "16" and true are not
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -31,17 +37,18 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """Fields shared by both endpoints."""
 
-    model: str = Field(..., description="the served model's id (GET /v1/models)")
+    model: Text = Field(..., description="the served model's id (GET /v1/models)")
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate (default 16, at most the context)")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy from the model average")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="tfb: keep the k most probable tokens (0 = off)")
     n: int = Field(1, ge=1, le=MAX_N, description=f"choices per prompt (at most {MAX_N})")
-    stop: str | list[str] | None = Field(None, description="up to 4 strings; generation ends before them")
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = Field(
+        None, description="up to 4 non-empty strings; generation ends before them")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="token sampling seed")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="accepted and ignored")
+    user: Text | None = Field(None, description="accepted and ignored")
     presence_penalty: float = Field(0.0, description="only 0 is supported")
     frequency_penalty: float = Field(0.0, description="only 0 is supported")
     num_samples: int | None = Field(None, ge=1, description="tfb: K weight samples (default: the server's)")
@@ -71,7 +78,8 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(..., description="a prompt, or a list of prompts")
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] = Field(
+        ..., description="a prompt, or a non-empty list of them")
     logprobs: int | None = Field(None, ge=0, le=5, description="the top alternatives per token (0-5)")
     echo: bool = Field(False, description="only false is supported")
     best_of: int | None = Field(None, ge=1, description="only equal to n is supported")
@@ -90,13 +98,13 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     @property
     def text(self) -> str:

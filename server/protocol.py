@@ -9,17 +9,31 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag,
+                      ValidationInfo, field_validator, model_validator)
 
 from tfb_core.data import LABELS
 
-NonEmptyStr = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+def valid_unicode(text: str) -> str:
+    """Text a tokenizer can encode: JSON may carry a lone surrogate (\\ud800), UTF-8 cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text: a lone surrogate {text[e.start]!r} at "
+                         f"position {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1, max_length=100_000, pattern=r"\S"),
+                        AfterValidator(valid_unicode)]
+NonBlank = Annotated[str, StringConstraints(min_length=1, pattern=r"\S"), AfterValidator(valid_unicode)]
 SEED_MAX = 2**63 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: 16 is an integer, "16" and true are not
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- requests ------------------------------------------------------------------------------------
@@ -29,7 +43,7 @@ class ChatMessage(_Strict):
     """One chat turn; the list is rendered with the tokenizer's chat template."""
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChoiceItem(_Strict):
@@ -42,11 +56,12 @@ class ChoiceItem(_Strict):
     mode: Literal["letter", "sequence"] | None = Field(
         None, description="letter: the next-token probability of each choice's label (A, B, ...); "
         "sequence: the likelihood of each choice's text (default: the posterior's mode, else letter)")
-    prompt: str | None = Field(None, description="a pre-formatted prompt, used as it is")
-    question: str | None = Field(None, description="a question; the server formats the prompt")
+    prompt: NonBlank | None = Field(None, description="a pre-formatted prompt, used as it is")
+    question: NonBlank | None = Field(None, description="a question; the server formats the prompt")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="chat turns")
-    choices: list[NonEmptyStr] = Field(..., min_length=2, description="two or more distinct answers "
-                                       "(at most 26 in letter mode)")
+    choices: list[NonEmptyStr] = Field(..., min_length=2, json_schema_extra={"uniqueItems": True},
+                                       description="two or more distinct answers (at most 26 in letter "
+                                       "mode, the server's --max-choices in sequence mode)")
     num_samples: int | None = Field(None, ge=1, description="K weight samples (default: the server's)")
     return_samples: bool = Field(False, description="include the per-sample probabilities")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="the draws' seed (default: the posterior's)")
@@ -73,9 +88,10 @@ class ChoiceItem(_Strict):
     def _distinct(cls, v: list[str], info: ValidationInfo) -> list[str]:
         if any(not c.strip() for c in v):
             raise ValueError("every choice must be a non-empty string")
-        dup = next((c for i, c in enumerate(v) if c in v[:i]), None)
+        seen: set[str] = set()  # linear in the number of choices
+        dup = next((c for c in v if c in seen or seen.add(c)), None)
         if dup is not None:
-            raise ValueError(f"choices must be distinct; {dup!r} appears twice")
+            raise ValueError(f"choices must be distinct; {dup!r:.80} appears twice")
         if info.data.get("mode") == "letter" and len(v) > len(LABELS):
             raise ValueError(f"letter mode allows at most {len(LABELS)} choices (labels A-Z), got "
                              f"{len(v)}; use mode 'sequence'")
@@ -154,8 +170,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tfb"
-    root: str = Field(..., description="the base model")
-    adapter: str | None = None
+    root: str = Field(..., description="the base model (a local directory's name only, unless --show-paths)")
+    adapter: str | None = Field(None, description="the adapter (a local directory's name only, unless --show-paths)")
+    files_sha256: dict[str, str] | None = Field(None, description="the served posterior's files and their sha256")
 
 
 class ModelList(BaseModel):
@@ -175,6 +192,7 @@ class PosteriorInfo(BaseModel):
     model: str
     base_model: dict
     adapter: str | None
+    files_sha256: dict[str, str] = Field(default_factory=dict, description="the posterior's files and their sha256")
     sigma: float
     num_samples: int = Field(..., description="the default K")
     max_samples: int

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .errors import NotReady, Unauthorized
+from .errors import ClientClosed, NotReady, Unauthorized
 from .metrics import CONTENT_TYPE
 from .openai_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                               CompletionResponse)
 from .protocol import (ChoiceResult, ChoicesBatchResponse, ChoicesRequest, ErrorResponse, Health,
                        ModelCard, ModelList, PosteriorInfo, SearchPointOut)
+from .loader import public_name
 from .state import AppState
 
 
@@ -22,10 +25,14 @@ def get_state(request: Request) -> AppState:
 
 def require_api_key(request: Request) -> None:
     """With ``--api-key`` set: ``Authorization: Bearer KEY``, compared in constant time."""
-    key = get_state(request).settings.api_key
+    check_api_key(get_state(request).settings.api_key, request.headers.get("authorization", ""))
+
+
+def check_api_key(key: str | None, authorization: str) -> None:
+    """Raise Unauthorized unless ``authorization`` is ``Bearer KEY`` (any, when ``key`` is None)."""
     if key is None:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = authorization.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized("missing API key: send the header 'Authorization: Bearer KEY'",
                            code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -58,9 +65,9 @@ async def get_health(request: Request) -> JSONResponse:
 
 @api.post("/v1/choices", response_model=ChoiceResult | ChoicesBatchResponse, response_model_exclude_none=True,
           tags=["choices"])
-async def create_choices(body: ChoicesRequest, state: AppState = Depends(require_ready)):
+async def create_choices(request: Request, body: ChoicesRequest, state: AppState = Depends(require_ready)):
     """Answer probabilities with their uncertainty, for one item or ``{"items": [...]}``."""
-    return await state.choices.create(body)
+    return await unless_disconnected(request, state.choices.create(body))
 
 
 SSE = {"content": {"text/event-stream": {}}, "description": "with stream: true, server-sent events "
@@ -69,16 +76,51 @@ SSE = {"content": {"text/event-stream": {}}, "description": "with stream: true, 
 
 @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
           tags=["generation"], responses={200: SSE})
-async def create_completion(body: CompletionRequest, state: AppState = Depends(require_ready)):
+async def create_completion(request: Request, body: CompletionRequest, state: AppState = Depends(require_ready)):
     """Text from the model average of K weight samples, with per-token uncertainty."""
-    return _answer(await state.completions.create(body))
+    return _answer(await unless_disconnected(request, state.completions.create(body, reporter(request))))
 
 
 @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True,
           tags=["generation"], responses={200: SSE})
-async def create_chat_completion(body: ChatCompletionRequest, state: AppState = Depends(require_ready)):
+async def create_chat_completion(request: Request, body: ChatCompletionRequest,
+                                 state: AppState = Depends(require_ready)):
     """A chat reply (the tokenizer's chat template) with per-token uncertainty."""
-    return _answer(await state.completions.create(body))
+    return _answer(await unless_disconnected(request, state.completions.create(body, reporter(request))))
+
+
+async def unless_disconnected(request: Request, work):
+    """Await ``work``; if the client goes away first, cancel it (its queued and running items
+    are dropped at the next step) and raise ClientClosed. A stream's own disconnects are
+    handled by its response (server.generating.CompletionsServing.stream)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        gone.cancel()
+        raise
+    gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientClosed("the client closed the connection; its work was dropped", code="client_closed")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (the body was already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def reporter(request: Request):
+    """``report(status)``: how a stream ended, for the request metrics (server.app.MetricsMiddleware)."""
+    def report(status: str) -> None:
+        request.state.tfb_status = status
+    return report
 
 
 def _answer(result):
@@ -91,16 +133,21 @@ def _answer(result):
 @api.get("/v1/models", response_model=ModelList, tags=["models"])
 async def list_models(request: Request) -> ModelList:
     state = get_state(request)
-    card = ModelCard(id=state.model_id, created=int(state.started), root=state.base_name,
-                     adapter=state.loaded.adapter if state.loaded else None)
+    show = state.settings.show_paths
+    card = ModelCard(id=state.model_id, created=int(state.started), root=public_name(state.base_name, show),
+                     adapter=public_name(state.loaded.adapter, show) if state.loaded else None,
+                     files_sha256=dict(state.loaded.post.config.files_sha256) if state.loaded else None)
     return ModelList(data=[card])
 
 
 @api.get("/v1/posterior", response_model=PosteriorInfo, tags=["models"])
 async def get_posterior(state: AppState = Depends(require_ready)) -> PosteriorInfo:
     post, cfg = state.loaded.post, state.loaded.post.config
+    show = state.settings.show_paths
+    base_model = {**cfg.base_model, "name": public_name(cfg.base_model.get("name"), show)}
     return PosteriorInfo(
-        model=state.model_id, base_model=cfg.base_model, adapter=state.loaded.adapter, sigma=post.sigma,
+        model=state.model_id, base_model=base_model, adapter=public_name(state.loaded.adapter, show),
+        files_sha256=dict(cfg.files_sha256), sigma=post.sigma,
         num_samples=state.settings.samples, max_samples=state.settings.max_samples,
         criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=state.choices.default_mode,
         chat=state.choices.default_chat, temperature=state.runner.temperature,

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .errors import NotReady, QueueFull, RequestTimeout, as_api_error
+from .errors import BadRequest, NotReady, QueueFull, RequestTimeout, as_api_error
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class Decoder(Protocol):
     """The continuous part of the work (text generation); runs on the worker thread."""
 
     active: int  # sequences being decoded
+    kv_rows: int  # KV cache rows they hold
 
     def step(self) -> None: ...
 
@@ -111,7 +112,7 @@ class Scheduler:
 
     def __init__(self, step: Step, metrics: Metrics, max_batch_size: int = 32,
                  max_batch_tokens: int = 16384, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 decoder: Decoder | None = None):
+                 decoder: Decoder | None = None, max_kv_rows: int | None = None):
         self.step = step
         self.decoder = decoder
         self.metrics = metrics
@@ -119,6 +120,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
+        self.max_kv_rows = max_kv_rows  # generation's KV rows, running and being admitted
         self._waiting: deque[WorkItem] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -138,6 +140,10 @@ class Scheduler:
         """Queue a request's items, all or none; raises QueueFull (429) or NotReady (503)."""
         if not self._accepting:
             raise NotReady("the server is shutting down; retry on another replica", code="draining")
+        if len(items) > self.max_queue:
+            raise BadRequest(f"this request has {len(items)} items (sequences); the queue holds at most "
+                             f"{self.max_queue} (the server's --max-queue), so it can never be accepted: "
+                             f"send fewer at a time", code="too_many_items")
         if len(self._waiting) + len(items) > self.max_queue:
             raise QueueFull(f"the queue is full ({len(self._waiting)} of {self.max_queue} items "
                             f"waiting, this request has {len(items)}); retry later")
@@ -216,10 +222,7 @@ class Scheduler:
         for item in batch.items:
             self.metrics.queue_wait.labels(self.metrics.model).observe(now - item.arrived)
         try:
-            results = await loop.run_in_executor(self._pool, self.step, batch)
-        except Exception as e:  # the one place a failed forward is logged
-            log.exception("batch of %d %s items failed", len(batch), batch.kind)
-            results = [as_api_error(e)] * len(batch)
+            results = await self._step(loop, batch)
         finally:
             self._set_running(0)
         for item, result in zip(batch.items, results):
@@ -230,14 +233,39 @@ class Scheduler:
             else:
                 item.future.set_result(result)
 
+    async def _step(self, loop, batch: Batch) -> list[Any]:
+        """``step(batch)``; if it fails, each item again alone, so one bad item fails one request."""
+        try:
+            return await loop.run_in_executor(self._pool, self.step, batch)
+        except Exception as e:  # the one place a failed forward is logged
+            if len(batch) == 1:
+                log.exception("a %s item failed", batch.kind)
+                return [as_api_error(e)]
+            log.warning("a batch of %d %s items failed (%s); running each alone", len(batch), batch.kind,
+                        type(e).__name__)
+        results = []
+        for item in batch.items:
+            alone = Batch(batch.kind)
+            alone.add(item)
+            results += await self._step(loop, alone)
+        return results
+
+    def _kv_fits(self, batch: Batch, item: WorkItem) -> bool:
+        """Whether generation work ``item`` fits the KV-row budget with ``batch`` and the running rows."""
+        if item.kind != "generate" or self.max_kv_rows is None:
+            return True
+        running = self.decoder.kv_rows if self.decoder is not None else 0
+        return running + (batch.rows if batch.kind == "generate" else 0) + item.rows <= self.max_kv_rows
+
     def _take_waiting(self) -> Batch | None:
         """What is waiting now, coalesced, without waiting for more (decode steps are due)."""
-        if not self._waiting:
-            return None
+        if not self._waiting or not self._kv_fits(Batch(self._waiting[0].kind), self._waiting[0]):
+            return None  # generation waits until running sequences free KV rows
         first = self._waiting.popleft()
         batch = Batch(first.kind)
         batch.add(first)
-        while self._waiting and batch.fits(self._waiting[0], self.max_batch_size, self.max_batch_tokens):
+        while self._waiting and batch.fits(self._waiting[0], self.max_batch_size, self.max_batch_tokens) \
+                and self._kv_fits(batch, self._waiting[0]):
             batch.add(self._waiting.popleft())
         self.metrics.queue_depth.labels(self.metrics.model).set(len(self._waiting))
         return batch
@@ -253,7 +281,8 @@ class Scheduler:
         until = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch_size:
             if self._waiting:
-                if not batch.fits(self._waiting[0], self.max_batch_size, self.max_batch_tokens):
+                if not (batch.fits(self._waiting[0], self.max_batch_size, self.max_batch_tokens)
+                        and self._kv_fits(batch, self._waiting[0])):
                     break  # it heads the next batch
                 batch.add(self._waiting.popleft())
                 continue

@@ -28,6 +28,7 @@ from tfb_core.uncertainty import decompose
 from tfb_core.evaluate import temper
 
 from .errors import BadRequest
+from .limits import Tokenizing, check_chars, max_prompt_chars
 from .loader import Loaded
 from .metrics import Metrics, Timer
 from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
@@ -97,7 +98,7 @@ class ModelRunner:
             raise ValueError(f"no step for work of kind {batch.kind!r}")
         return self.choices_step(batch.items)
 
-    def choices_step(self, items: list[ChoiceWork]) -> list[ChoiceOutput]:
+    def choices_step(self, items: list[ChoiceWork]) -> list[ChoiceOutput | Exception]:
         with Timer() as t:
             per_item = choice_probs(self.post, [w.encoded for w in items],
                                     [(w.seed, w.num_samples) for w in items],
@@ -106,6 +107,11 @@ class ModelRunner:
                                    sum(w.encoded.prompt_tokens for w in items))
         outputs = []
         for sample_probs in per_item:
+            if not torch.isfinite(sample_probs).all():  # this item's forward went non-finite: it alone fails
+                outputs.append(BadRequest("the model's choice probabilities for this item are not finite (NaN "
+                                          "or infinite logits); it was stopped alone",
+                                          code="non_finite_distribution"))
+                continue
             sample_probs = temper(sample_probs, self.temperature)
             u = decompose(sample_probs[None].double())  # (1, K, C)
             outputs.append(ChoiceOutput(sample_probs, u.probs[0], u.predictive_entropy.item(),
@@ -117,14 +123,16 @@ class ChoicesServing:
     """``POST /v1/choices``: validate, tokenize, queue, await, answer."""
 
     def __init__(self, loaded: Loaded, scheduler: Scheduler, settings: Settings, metrics: Metrics,
-                 tokenizer=None):
+                 tokenizer=None, tokenizing: Tokenizing | None = None):
         self.post = loaded.post
         self.model_id = loaded.model_id
         self.tokenizer = tokenizer or loaded.post.tokenizer  # the event loop's (see server.app.ready)
+        self.tokenizing = tokenizing or Tokenizing()  # the one thread that uses it
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
         self.context = max_context(self.post.model)
+        self.max_chars = max_prompt_chars(self.tokenizer, self.context or 2048)
         cfg = self.post.config
         self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
         self.default_mode = cfg.mode or "letter"
@@ -136,10 +144,12 @@ class ChoicesServing:
         if len(items) > self.settings.max_items:
             raise BadRequest(f"'items' has {len(items)} entries; at most {self.settings.max_items} "
                              f"are allowed in one request", param="items")
+        for i, item in enumerate(items):
+            self.check(item, f"items.{i}." if batch else "")
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout
-        work = [self.prepare(item, f"items.{i}." if batch else "", loop, deadline)
-                for i, item in enumerate(items)]
+        work = await self.tokenizing.run(lambda: [self.prepare(item, f"items.{i}." if batch else "", loop, deadline)
+                                                  for i, item in enumerate(items)])
         self.scheduler.submit(work)
         outputs = await self.scheduler.wait(work, self.settings.request_timeout)
         results = [self.result(i, item, w, out) for i, (item, w, out) in enumerate(zip(items, work, outputs))]
@@ -149,8 +159,8 @@ class ChoicesServing:
                       total_tokens=sum(r.usage.total_tokens for r in results))
         return ChoicesBatchResponse(items=results, model=self.model_id, usage=usage)
 
-    def prepare(self, item: ChoiceItem, where: str, loop, deadline: float) -> ChoiceWork:
-        """Check the item against the model and the limits, and tokenize it."""
+    def check(self, item: ChoiceItem, where: str) -> None:
+        """Counts and sizes, before any tokenizing: K, choices, characters."""
         K = item.num_samples or self.settings.samples
         if K > self.settings.max_samples:
             raise BadRequest(f"'{where}num_samples' is {K}; allowed: 1 to {self.settings.max_samples}",
@@ -158,11 +168,20 @@ class ChoicesServing:
         if len(item.choices) > self.settings.max_choices:
             raise BadRequest(f"'{where}choices' has {len(item.choices)} entries; at most "
                              f"{self.settings.max_choices} are allowed per item", param=f"{where}choices")
-        chat = item.chat if item.chat is not None else self.default_chat
         mode = item.mode or self.default_mode
         if mode == "letter" and len(item.choices) > len(LABELS):
             raise BadRequest(f"'{where}choices': letter mode allows at most {len(LABELS)} choices, got "
                              f"{len(item.choices)}; use mode 'sequence'", param=f"{where}choices")
+        text = item.prompt or item.question or "".join(m.content for m in item.messages or [])
+        field = next(f for f in ("prompt", "question", "messages") if getattr(item, f) is not None)
+        check_chars(len(text) + max(len(c) for c in item.choices), self.max_chars, f"{where}{field}",
+                    self.context or 2048)
+
+    def prepare(self, item: ChoiceItem, where: str, loop, deadline: float) -> ChoiceWork:
+        """Tokenize the item (on the tokenizing thread, after :meth:`check`) and check its size."""
+        K = item.num_samples or self.settings.samples
+        chat = item.chat if item.chat is not None else self.default_chat
+        mode = item.mode or self.default_mode
         mc = MCItem(choices=list(item.choices), question=item.question,
                     prompt=item.prompt if item.prompt is not None else ("(messages)" if item.messages else None))
         try:

@@ -141,3 +141,39 @@ def test_bad_sampling_params_are_rejected():
         SamplingParams(top_p=0)
     with pytest.raises(TFBError, match="num_samples"):
         SamplingParams(num_samples=0)
+
+
+def test_sampling_at_a_tiny_temperature_is_the_argmax_not_nan(post, tok):
+    """Sampling is in log space (``log p / T``): at T = 0.001 every ``p ** (1 / T)`` underflows
+    to 0 and the old sampler divided 0 by 0; now it is the greedy token."""
+    from tfb_core.generation import pick_token
+
+    p = torch.softmax(torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    for T in (1e-3, 1e-6):
+        params = SamplingParams(temperature=T)
+        assert pick_token(p, params, torch.Generator().manual_seed(1)) == int(p.argmax())
+        assert pick_token(p, SamplingParams(temperature=T, top_k=3, top_p=0.5), None) == int(p.argmax())
+    post.sigma = SIGMA
+    greedy = generate(post, prompts(tok), SamplingParams(max_tokens=5, temperature=0, num_samples=3))
+    tiny_t = generate(post, prompts(tok), SamplingParams(max_tokens=5, temperature=1e-3, seed=7, num_samples=3))
+    assert [s.token_ids for s in tiny_t] == [s.token_ids for s in greedy]
+
+
+def test_a_sequence_with_a_non_finite_distribution_ends_alone(post, tok):
+    """One sequence's rows give NaN logits: it finishes with "error"; the others in the same
+    step get exactly the tokens they get without it."""
+    from tfb_core.generation import choose_tokens
+
+    post.sigma = SIGMA
+    seqs = [GenSequence(tok("a b").input_ids, SamplingParams(num_samples=2, temperature=t, seed=3))
+            for t in (0, 0.8, 0.8)]
+    logits = torch.randn(6, post.model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    poisoned = logits.clone()
+    poisoned[2:4] = float("nan")  # the second sequence's two rows
+    clean = copy.deepcopy(seqs)
+    choose_tokens(post, clean, logits)
+    choose_tokens(post, seqs, poisoned)
+    assert seqs[1].finish_reason == "error" and "not finite" in seqs[1].error and seqs[1].tokens == []
+    for i in (0, 2):
+        assert seqs[i].finish_reason == clean[i].finish_reason
+        assert seqs[i].token_ids == clean[i].token_ids

@@ -323,6 +323,10 @@ def test_sigma_must_be_nonnegative(post):
     ({"temperature": 0}, "temperature must be a finite number > 0"),
     ({"temperature": -2.0}, "temperature must be a finite number > 0"),
     ({"temperature": None}, "temperature must be a finite number > 0"),
+    ({"files_sha256": "abc"}, "'files_sha256' must be an object, got str"),
+    ({"files_sha256": {"adapter_config.json": 1}}, "'files_sha256' must map file names to sha256 strings"),
+    ({"base_model": "smollm2"}, "'base_model' must be an object, got str"),
+    ({"search_trace": {"sigma": 1}}, "'search_trace' must be a list, got dict"),
 ])
 def test_bad_tfb_config(saved, tmp_path, llama_dir, changes, problem):
     out = tmp_path / "copy"

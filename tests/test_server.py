@@ -241,7 +241,7 @@ def test_models_posterior_health(client, srv, post_dir):
     assert models["data"][0]["object"] == "model"
     p = client.get("/v1/posterior").json()
     assert p["sigma"] == pytest.approx(0.05) and p["num_samples"] == 4 and p["max_samples"] == 16
-    assert p["source"] == "loaded" and p["adapter"] == str(post_dir)
+    assert p["source"] == "loaded" and p["adapter"] == post_dir.name  # a name, not a local path (--show-paths)
     assert p["base_model"]["model_type"] == "llama"
     assert httpx.get(srv.url + "/health").json() == {"status": "ready"}
 

@@ -139,6 +139,21 @@ def test_a_failed_step_fails_its_batch_only():
     assert run(main()) == [4]
 
 
+def test_a_failed_batch_is_rerun_item_by_item_so_one_bad_item_fails_alone():
+    async def main():
+        step = FakeStep(fail_on=2)
+        sched = Scheduler(step, Metrics("m"), max_batch_size=8, max_wait_ms=20)
+        sched.start()
+        works = await submit_all(sched, [1, 2, 3])
+        results = await asyncio.gather(*(w.future for w in works), return_exceptions=True)
+        await sched.stop()
+        return step.batches, results
+
+    batches, results = run(main())
+    assert batches == [[1, 2, 3], [1], [2], [3]]
+    assert results[0] == 2 and results[2] == 6 and isinstance(results[1], RuntimeError)
+
+
 def test_drain_finishes_outstanding_then_refuses():
     async def main():
         sched = Scheduler(FakeStep(sleep=0.05), Metrics("m"), max_batch_size=2, max_wait_ms=0)

@@ -70,9 +70,10 @@ class GenSequence:
     params: SamplingParams
     id: object = None
     tokens: list[TokenInfo] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     text: str = ""  # the generated text, without a matched stop string
     generator: torch.Generator | None = None
+    error: str | None = None  # why it ended with "error" (its distribution was not finite)
 
     def __post_init__(self):
         if self.params.seed is not None:
@@ -278,19 +279,26 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
         p = torch.zeros(S, probs.shape[1], device=dev, dtype=probs.dtype).index_add_(0, seg, probs) / k[:, None]
         ee = torch.zeros(S, device=dev, dtype=probs.dtype).index_add_(0, seg, entropy(probs)) / k
     pe = entropy(p)
-    tokens = p.argmax(-1)  # greedy; sampled sequences are replaced below
+    # a sequence whose average is not a distribution (NaN or infinite logits) ends alone
+    finite = torch.isfinite(p).all(-1) & (p.sum(-1) > 0)  # (S,)
+    tokens = torch.where(finite, p.argmax(-1), 0)  # greedy; sampled sequences are replaced below
     for i, s in enumerate(seqs):
-        if s.params.temperature > 0 and not s.finished:
+        if s.params.temperature > 0 and not s.finished and bool(finite[i]):
             tokens[i] = pick_token(p[i], s.params, s.generator)
     logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
     n_top = max((s.params.top_logprobs for s in seqs), default=0)
     top_v, top_i = p.topk(n_top) if n_top else (p[:, :0], tokens[:, None][:, :0])
-    stats = torch.stack([pe, ee, logp]).double().cpu()  # the one sync of the step
+    stats = torch.stack([pe, ee, logp, finite.to(pe.dtype)]).double().cpu()  # the one sync of the step
     token_ids, top_v, top_i = tokens.cpu().tolist(), top_v.double().cpu(), top_i.cpu()
     for i, s in enumerate(seqs):
         if s.finished:
             continue
-        pe_i, ee_i, lp_i = stats[:, i].tolist()
+        if not stats[3, i]:
+            s.finish_reason = "error"
+            s.error = (f"the model's next-token distribution for this sequence is not finite (NaN or "
+                       f"infinite logits) at generated token {len(s.tokens)}; it was stopped alone")
+            continue
+        pe_i, ee_i, lp_i = stats[:3, i].tolist()
         n = s.params.top_logprobs
         top = [(int(t), math.log(max(v, 1e-45))) for v, t in zip(top_v[i, :n].tolist(), top_i[i, :n].tolist())]
         s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top))
@@ -316,14 +324,18 @@ def update_finish(post, s: GenSequence) -> None:
 
 
 def pick_token(p: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; else sample from ``p^(1/T)`` after top-k / top-p."""
+    """Greedy at temperature 0; else sample from ``softmax(log p / T)`` after top-k / top-p.
+
+    In log space: ``log p / T`` is finite for every token with ``p > 0`` at any T > 0, where
+    ``p ** (1 / T)`` underflows to 0 for every token at small T (and 0 / 0 is NaN).
+    """
     if params.temperature == 0:
         return int(p.argmax())
-    q = p.double().clamp_min(0) ** (1.0 / params.temperature)
+    logits = torch.log(p.double().clamp_min(0)) / params.temperature  # -inf where p == 0
     if params.top_k:
-        kth = q.topk(min(params.top_k, q.numel())).values[-1]
-        q = torch.where(q >= kth, q, torch.zeros_like(q))
-    q = q / q.sum()
+        kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    q = torch.softmax(logits, -1)
     if params.top_p < 1:
         sorted_q, order = q.sort(descending=True)
         cum = sorted_q.cumsum(0)

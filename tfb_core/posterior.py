@@ -260,7 +260,21 @@ def read_tfb_config(directory: Path) -> TFBConfig:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0 < temperature < float("inf"):
         raise TFBError(f"{path}: temperature must be a finite number > 0, got {temperature!r}")
+    _check_types(path, data)
     return TFBConfig.from_dict(data)
+
+
+def _check_types(path: Path, data: dict) -> None:
+    """A field of the wrong JSON type names the file and the field, not an AttributeError later."""
+    shapes = {"base_model": (dict, "an object"), "files_sha256": (dict, "an object"),
+              "search_trace": (list, "a list")}
+    for name, (kind, what) in shapes.items():
+        if name in data and not isinstance(data[name], kind):
+            raise TFBError(f"{path}: '{name}' must be {what}, got {type(data[name]).__name__} {data[name]!r:.80}")
+    if not all(isinstance(v, str) for v in data.get("files_sha256", {}).values()):
+        raise TFBError(f"{path}: 'files_sha256' must map file names to sha256 strings")
+    if not all(isinstance(p, dict) for p in data.get("search_trace", [])):
+        raise TFBError(f"{path}: 'search_trace' must be a list of objects")
 
 
 def verify_checksums(directory: Path, config: TFBConfig) -> None:

@@ -1,0 +1,315 @@
+"""One client never hurts another (docs/reliability.md), against real servers on the tiny model:
+a poisoned request fails alone, every request's cost is bounded before work, a client that
+goes away ends its work, and nothing local leaks."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import tiny
+from server import loader
+from server_helpers import ServerThread, bayesianized
+
+K = 3
+NAN_WORD, RAISE_WORD = " quokka", " narwhal"  # prompts holding these poison the model's forward
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    base = tiny.make_llama(root / "base")
+    return base, bayesianized(base, tiny.make_lora(base, root / "lora"), root / "post", sigma=0.5)
+
+
+@pytest.fixture(scope="module")
+def srv(dirs):
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=K, max_wait_ms=5, max_queue=16,
+                      max_kv_rows=12) as s:
+        yield s
+
+
+def model_of(s) -> str:
+    return httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"]
+
+
+def metric(s, name: str, **labels) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(httpx.get(f"{s.url}/metrics").text):
+        for sample in fam.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def sse(url: str, body: dict) -> list[dict]:
+    events = []
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return events
+
+
+# --- poisoned requests fail alone, on both engines (A, I, F; failure isolation) -----------------
+
+
+def poisoning_load(settings, set_status):
+    """The real loader, then a fault in the real model: a token whose embedding is NaN, and a
+    token whose embedding raises (as a failing kernel would)."""
+    loaded = loader.load(settings, set_status)
+    tok = loaded.post.tokenizer
+    nan_id = tok(NAN_WORD, add_special_tokens=False).input_ids[-1]
+    raise_id = tok(RAISE_WORD, add_special_tokens=False).input_ids[-1]
+
+    def hook(module, args, output):
+        ids = args[0]
+        if (ids == raise_id).any():
+            raise ValueError("poisoned token at /secret/local/path")
+        return output.masked_fill((ids == nan_id)[..., None], float("nan"))
+
+    loaded.post.model.get_input_embeddings().register_forward_hook(hook)
+    return loaded
+
+
+def normal_requests(model: str) -> list[tuple[str, dict]]:
+    out = []
+    for i in range(4):
+        out.append(("/v1/completions", {"model": model, "prompt": f"Story {i}: once upon", "max_tokens": 12,
+                                        "temperature": 0, "num_samples": 2 + i % 2}))
+        out.append(("/v1/choices", {"question": f"Question {i}?", "choices": ["yes", "no", "maybe"],
+                                    "num_samples": 2 + i % 2}))
+    out.append(("stream", {"model": model, "prompt": "A long story:", "max_tokens": 20, "temperature": 0}))
+    return out
+
+
+def strip(body: dict):
+    """What must not change when other requests share the batch: the generated text, the
+    choice probabilities (to float32 rounding: batches pad differently), or the error."""
+    if "error" in body:
+        return body
+    if "probs" in body:
+        return [round(p, 4) for p in body["probs"]]
+    return [c["text"] for c in body["choices"]]
+
+
+def run(s, requests) -> list:
+    results: list = [None] * len(requests)
+
+    def one(i, path, body):
+        if path == "stream":
+            events = sse(f"{s.url}/v1/completions", {**body, "stream": True})
+            results[i] = ("stream", [e["choices"][0].get("text") if e.get("choices") else e for e in events])
+        else:
+            r = httpx.post(f"{s.url}{path}", json=body, timeout=60)
+            results[i] = (r.status_code, strip(r.json()))
+
+    threads = [threading.Thread(target=one, args=(i, p, b)) for i, (p, b) in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_poisoned_request_fails_alone_for_scoring_and_generation(dirs, engine):
+    """Requests whose forward yields NaN, or raises, fail alone (400 non-finite; 500 naming only
+    the error's type), in JSON and in streams; every other request sent with them gets the
+    answer it gets without them (a failed batch is rerun item by item: test_server_scheduler)."""
+    from server.settings import Settings
+    from server_helpers import free_port
+
+    base, post = dirs
+    settings = Settings(model=str(base), adapter=post, samples=K, max_wait_ms=100, engine=engine,
+                        port=free_port())
+    with ServerThread(settings=settings, load=poisoning_load) as s:
+        model = model_of(s)
+        normal = normal_requests(model)
+        reference = run(s, normal)
+        assert all(r[0] in (200, "stream") for r in reference), reference
+        poisoned = [
+            ("/v1/completions", {"model": model, "prompt": f"The{NAN_WORD}", "max_tokens": 5, "temperature": 0}),
+            ("/v1/completions", {"model": model, "prompt": f"The{RAISE_WORD}", "max_tokens": 5}),
+            ("/v1/choices", {"question": f"The{NAN_WORD}?", "choices": ["a", "b"]}),
+            ("/v1/choices", {"question": f"The{RAISE_WORD}?", "choices": ["a", "b"]}),
+            ("stream", {"model": model, "prompt": f"The{NAN_WORD}", "max_tokens": 5}),
+            ("stream", {"model": model, "prompt": f"The{RAISE_WORD}", "max_tokens": 5}),
+        ]
+        mixed = run(s, normal + poisoned)
+        assert mixed[:len(normal)] == reference
+        nan_c, raise_c, nan_q, raise_q, nan_s, raise_s = mixed[len(normal):]
+        for status, body in (nan_c, nan_q):
+            assert status == 400 and body["error"]["code"] == "non_finite_distribution", body
+        for status, body in (raise_c, raise_q):
+            assert status == 500 and body["error"]["message"] == "internal error: ValueError", body
+        assert nan_s[0] == "stream" and nan_s[1][-1]["error"]["code"] == "non_finite_distribution", nan_s
+        assert raise_s[1][-1]["error"]["message"] == "internal error: ValueError"
+        assert "secret" not in json.dumps(mixed)
+        # failed streams are counted by their error's status, not as 200s (F)
+        assert metric(s, "tfb_requests_total", endpoint="/v1/completions", status="400") == 2
+        assert metric(s, "tfb_requests_total", endpoint="/v1/completions", status="500") == 2
+        # and the server goes on
+        assert run(s, normal) == reference
+        wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 0 and metric(s, "tfb_requests_running") == 0)
+
+
+def test_a_tiny_temperature_is_answered(srv):
+    """T = 0.001 once made the sampler divide 0 by 0 (a 500, and every stream in the batch cut)."""
+    body = {"model": model_of(srv), "max_tokens": 8, "temperature": 0.001, "seed": 1, "num_samples": 3,
+            "messages": [{"role": "user", "content": "Write a random word."}]}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    greedy = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "temperature": 0}, timeout=60)
+    assert r.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
+# --- bounded work (B, C, J, minor) ---------------------------------------------------------------
+
+
+def test_huge_bodies_are_refused_in_linear_time_and_health_stays_up(srv):
+    """116,508 distinct choices (quadratic distinctness check: 73 s), 200,000 prompts, a 1 MB
+    question: each a 400 within seconds, and /health answers meanwhile."""
+    model = model_of(srv)
+    bodies = [("/v1/choices", {"question": "q", "choices": [str(i) for i in range(116_508)], "mode": "sequence"}),
+              ("/v1/completions", {"model": model, "prompt": ["a"] * 200_000}),
+              ("/v1/choices", {"question": "x" * 1_000_000, "choices": ["a", "b"]})]
+    for path, body in bodies:
+        data = json.dumps(body).encode()
+        t0 = time.monotonic()
+        r = httpx.post(f"{srv.url}{path}", content=data, headers={"content-type": "application/json"},
+                       timeout=60)
+        assert r.status_code in (400, 413), r.text[:300]
+        assert time.monotonic() - t0 < 5
+    r = httpx.post(f"{srv.url}/v1/choices", json={"question": "q", "choices": [str(i) for i in range(65)],
+                                                  "mode": "sequence"}, timeout=60)
+    assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
+
+
+def test_generation_kv_rows_are_bounded_per_request_and_overall(srv):
+    """A request that can never fit --max-kv-rows (12 here) gets 400 naming its need and the
+    limit; two that fit alone but not together both run, one after the other."""
+    model = model_of(srv)
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": model, "prompt": ["a", "b"], "n": 3,
+                                                       "max_tokens": 2}, timeout=60)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "too_many_kv_rows" and "18 KV cache rows" in err["message"] and "12" in err["message"]
+    peak = []
+    body = {"model": model, "prompt": "Hello there", "n": 4, "max_tokens": 30, "temperature": 0}
+    results = []
+
+    def watch():
+        while len(results) < 2:
+            peak.append(srv.state.runner.engine.kv_rows)
+            time.sleep(0.002)
+
+    def one():
+        results.append(httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60))
+
+    threads = [threading.Thread(target=f) for f in (watch, one, one)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in results] == [200, 200]
+    assert max(peak) <= 12
+
+
+def test_more_items_than_the_queue_holds_is_a_400_not_a_429(srv):
+    items = [{"question": f"q{i}", "choices": ["a", "b"]} for i in range(17)]
+    r = httpx.post(f"{srv.url}/v1/choices", json={"items": items}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_items", r.text
+    assert "--max-queue" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("value", ["16", True, 16.0])
+def test_integers_are_strict(srv, value):
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": model_of(srv), "prompt": "a", "max_tokens": value},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+
+
+# --- bad text (E) ---------------------------------------------------------------------------------
+
+
+def test_a_lone_surrogate_is_a_400_on_every_endpoint_and_the_connection_stays(srv):
+    model = model_of(srv)
+    bad = "\ud800"
+    bodies = [("/v1/completions", {"model": model, "prompt": bad}),
+              ("/v1/completions", {"model": model, "prompt": ["ok", bad]}),
+              ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": bad}]}),
+              ("/v1/choices", {"question": bad, "choices": ["a", "b"]}),
+              ("/v1/choices", {"prompt": "p", "choices": ["a", bad]}),
+              ("/v1/choices", {"messages": [{"role": "user", "content": bad}], "choices": ["a", "b"]}),
+              ("/v1/completions", {"model": bad, "prompt": "a"})]
+    with httpx.Client(timeout=60) as client:
+        for path, body in bodies:
+            # json.dumps escapes the surrogate as \ud800: valid JSON
+            r = client.post(f"{srv.url}{path}", content=json.dumps(body), headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, r.text)
+            assert r.headers.get("connection") != "close"
+        assert client.get(f"{srv.url}/health").status_code == 200
+
+
+# --- disconnects (D) ------------------------------------------------------------------------------
+
+
+def test_a_non_stream_client_that_leaves_ends_its_work(srv):
+    """A chat request dropped after 0.3 s stops generating at once and is counted as
+    client_closed, not 200."""
+    body = {"model": model_of(srv), "max_tokens": 400, "n": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell me everything."}]}
+    before = metric(srv, "tfb_generation_tokens_total")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=0.3)
+    wait_for(lambda: metric(srv, "tfb_requests_total", endpoint="/v1/chat/completions",
+                            status="client_closed") == 1)
+    wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 0 and metric(srv, "tfb_requests_running") == 0)
+    assert metric(srv, "tfb_generation_tokens_total") - before < 4 * 400
+    items = [{"question": f"q{i}", "choices": ["a", "b", "c"], "num_samples": 8} for i in range(16)]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{srv.url}/v1/choices", json={"items": items}, timeout=0.001)
+    wait_for(lambda: metric(srv, "tfb_requests_total", endpoint="/v1/choices", status="client_closed") == 1)
+
+
+# --- access and leaks (G, H) ----------------------------------------------------------------------
+
+
+def test_the_api_key_guards_everything_but_health_before_the_body_is_read(dirs):
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=K, api_key="s3cret") as s:
+        for path in ("/openapi.json", "/docs", "/redoc", "/v1/models", "/metrics"):
+            assert httpx.get(f"{s.url}{path}").status_code == 401, path
+        r = httpx.post(f"{s.url}/v1/choices", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{s.url}/openapi.json", headers=auth).status_code == 200
+        assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+def test_no_local_path_in_public_endpoints_unless_asked(srv, dirs):
+    base, post = dirs
+    texts = [httpx.get(f"{srv.url}{p}").text for p in ("/v1/models", "/v1/posterior", "/metrics")]
+    for text in texts:
+        assert str(post) not in text and str(base) not in text and "/tmp" not in text
+    card = httpx.get(f"{srv.url}/v1/models").json()["data"][0]
+    assert card["adapter"] == post.name and card["root"] == base.name
+    assert len(card["files_sha256"]) == 3 and all(len(h) == 64 for h in card["files_sha256"].values())
+    with ServerThread(model=str(base), adapter=post, samples=K, show_paths=True) as s:
+        assert httpx.get(f"{s.url}/v1/posterior").json()["adapter"] == str(post)
