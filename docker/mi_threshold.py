@@ -5,7 +5,8 @@
 
 Sends every item of the calibration JSONL (the file the posterior was calibrated on, or any
 held-out in-distribution file) through POST /v1/choices, with the server's own defaults (mode,
-K, seed, temperature), collects each answer's mutual information, and prints its quantiles as
+K, seed), collects each answer's mutual information (of the untempered weight samples: the
+posterior's temperature changes only the served probabilities), and prints its quantiles as
 measured and as Prometheus's histogram_quantile() will see them (interpolated in the server's
 tfb_mutual_information buckets, read from /metrics). The suggested threshold is the smallest
 bucket boundary at or above FACTOR x the calibration p90: put it in
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     threshold = next((b for b in bounds if b >= target), bounds[-1])
     above = sum(v > threshold for v in mis) / len(mis)
     print(f"server: {post.get('model')}  sigma={post.get('sigma'):.6g}  K={post.get('num_samples')}  "
-          f"mode={post.get('mode')}  criterion={post.get('criterion')}  eps={post.get('eps')}")
+          f"mode={post.get('mode')}  criterion={post.get('criterion')}  eps={post.get('eps')}  "
+          f"T={post.get('temperature', 1.0):.4g} (probabilities only; MI is untempered)")
     print(f"calibration: {len(mis)} answers from {a.calibration}")
     print("mutual information (nats): " + "  ".join(f"{k} {v:.3g}" for k, v in measured.items())
           + f"  max {max(mis):.3g}")

@@ -137,19 +137,28 @@ def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
 def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
     """Run the variance search in float32 (TFB_SPEC §4) and save its result to ``out``."""
     from tfb_core.data import read_jsonl
+    from tfb_core.fit import fit_posterior, resolve_criterion, unlabelled
     from tfb_core.models import load_base_model
     from tfb_core.posterior import Posterior
 
     calibration = Path(settings.calibration).expanduser()
     items = read_jsonl(calibration)
+    missing = unlabelled(items)
+    if missing is not None and (resolve_criterion(settings.criterion, items).value == "cv-nll" or settings.holdout):
+        flag = "--holdout" if settings.holdout else "--criterion cv-nll"
+        raise TFBError(f"{flag} needs an 'answer' on every calibration item; {calibration}: item "
+                       f"{missing + 1} has none")
     log.info("start-up search: %d calibration items from %s, criterion %s <= %g, K=%d, in %s (key %s)",
              len(items), calibration, settings.criterion, settings.eps, settings.samples, SEARCH_DTYPE, key[:12])
     base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
     post = Posterior.from_adapter(base, adapter, num_samples=settings.samples, seed=settings.seed,
                                   mode=settings.mode)
-    result = post.search(items, criterion=settings.criterion, eps=settings.eps,
-                         num_samples=settings.samples, seed=settings.seed, mode=settings.mode,
-                         gold_labels=settings.gold_labels, chat=bool(settings.chat), progress=False)
+    result = fit_posterior(post, items, criterion=settings.criterion, eps=settings.eps,
+                           max_acc_drop=settings.max_acc_drop, num_samples=settings.samples,
+                           seed=settings.seed, mode=settings.mode, length_normalize=settings.length_normalize,
+                           gold_labels=settings.gold_labels, chat=bool(settings.chat),
+                           holdout=settings.holdout, coverage=settings.coverage or 0.9,
+                           max_risk=settings.max_risk or 0.1, progress=False)
     post.config.chat = bool(settings.chat)
     log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
     post.save(out, calibration_file=calibration)
@@ -185,7 +194,9 @@ def search_key(model_dir: Path, adapter: Path, calibration: Path, settings: Sett
         h.update(f"adapter\0{f.name}\0".encode() + _sha(f).encode())
     h.update(b"calibration\0" + _sha(calibration).encode())
     search = {k: getattr(settings, k) for k in ("criterion", "eps", "samples", "seed", "mode",
-                                                 "gold_labels", "chat")}
+                                                 "gold_labels", "chat", "max_acc_drop", "length_normalize",
+                                                 "holdout")}
+    search["calibration_defaults"] = [settings.coverage or 0.9, settings.max_risk or 0.1]
     search["dtype"] = SEARCH_DTYPE
     search["device"] = torch.device(settings.device).type if settings.device else default_device().type
     h.update(json.dumps(search, sort_keys=True).encode())

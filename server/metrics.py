@@ -16,6 +16,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # nats: entropies of C choices are at most log C (log 26 = 3.26)
 ENTROPY_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.3)
 MI_BUCKETS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
+SET_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 16, 26)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -54,6 +55,12 @@ class Metrics:
                                           buckets=ENTROPY_BUCKETS)
         self.mutual_information = Histogram("mutual_information", "epistemic uncertainty PE - EE (nats)",
                                             ["model", "endpoint"], namespace=ns, registry=r, buckets=MI_BUCKETS)
+        self.abstentions = Counter("abstentions", "/v1/choices answers marked abstain, by reason (an answer "
+                                   "may have both)", ["model", "reason"], namespace=ns, registry=r)
+        self.answers = Counter("calibrated_answers", "/v1/choices answers with a prediction set",
+                               ["model"], namespace=ns, registry=r)
+        self.prediction_set_size = Histogram("prediction_set_size", "choices in a /v1/choices prediction set",
+                                             ["model"], namespace=ns, registry=r, buckets=SET_BUCKETS)
         self.time_to_first_token = Histogram("time_to_first_token_seconds", "arrival to the first generated token",
                                              ["model"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
         self.inter_token_latency = Histogram("inter_token_latency_seconds", "time between generated tokens",
@@ -73,6 +80,10 @@ class Metrics:
         self.running.labels(model).set(0)
         self.kv_rows.labels(model).set(0)
         self.generation_tokens.labels(model)
+        self.answers.labels(model)
+        self.prediction_set_size.labels(model)
+        for reason in ("set", "uncertainty", "uncertified"):
+            self.abstentions.labels(model, reason)
 
     # --- recording -------------------------------------------------------------------------------
 
@@ -85,6 +96,14 @@ class Metrics:
         self.predictive_entropy.labels(self.model, endpoint).observe(pe)
         self.expected_entropy.labels(self.model, endpoint).observe(ee)
         self.mutual_information.labels(self.model, endpoint).observe(mi)
+
+    def observe_decision(self, set_size: int, reasons: list[str]) -> None:
+        """A calibrated answer: its prediction set's size and why it abstains (kinds: ``set``,
+        ``uncertainty``, ``uncertified``)."""
+        self.answers.labels(self.model).inc()
+        self.prediction_set_size.labels(self.model).observe(set_size)
+        for reason in reasons:
+            self.abstentions.labels(self.model, reason).inc()
 
     def observe_batch(self, size: int, rows: int, seconds: float, prompt_tokens: int) -> None:
         self.batch_size.labels(self.model).observe(size)

@@ -67,7 +67,11 @@ class ChoiceItem(_Strict):
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="the draws' seed (default: the posterior's)")
     chat: bool | None = Field(None, description="wrap prompt/question in the chat template "
                               "(default: the server's --chat, else the posterior's)")
-    length_normalize: bool = Field(False, description="sequence mode: divide a choice's log-likelihood by its length")
+    length_normalize: bool | None = Field(None, description="sequence mode: score a choice by its mean "
+                                          "log-probability per token (default: the posterior's)")
+    coverage: float | None = Field(None, gt=0, lt=1, description="the prediction set's coverage (default: "
+                                   "the server's --coverage, else the posterior's, 0.9); needs a posterior "
+                                   "with a held-out calibration")
 
     @field_validator("prompt", "question")
     @classmethod
@@ -139,6 +143,20 @@ class Usage(BaseModel):
     total_tokens: int = Field(..., description="tokens run through the model: prompt tokens x K")
 
 
+class PredictionSet(BaseModel):
+    """The choices a split-conformal prediction set keeps, and what it guarantees."""
+
+    indices: list[int] = Field(..., description="the choices in the set, most probable first")
+    labels: list[str] = Field(..., description="their labels (A, B, ...)")
+    coverage: float = Field(..., description="the target: P(answer in set) >= coverage")
+    score: Literal["lac", "aps"] = Field(..., description="nonconformity score (lac: 1 - p; aps: cumulative p)")
+    calibration_size: int = Field(..., description="held-out calibration items behind the threshold")
+    matches_calibration: bool = Field(..., description="false when this request's settings (num_samples, "
+                                      "seed, mode, length_normalize, chat) differ from the calibration's: "
+                                      "the guarantee then does not apply")
+    guarantee: str = Field(..., description="what the set guarantees, in words")
+
+
 class ChoiceResult(BaseModel):
     """The answer to one item."""
 
@@ -147,10 +165,23 @@ class ChoiceResult(BaseModel):
     prediction: int = Field(..., description="index of the most probable choice")
     label: str = Field(..., description="the predicted choice's label (A, B, ...)")
     choice: str = Field(..., description="the predicted choice's text")
-    probs: list[float] = Field(..., description="model-averaged probability of each choice (sums to 1)")
+    probs: list[float] = Field(..., description="model-averaged probability of each choice (sums to 1), "
+                               "tempered: softmax(log(mean_k p_k) / temperature)")
+    temperature: float = Field(..., description="the posterior's temperature, applied to the model "
+                               "average only")
+    tempered: list[str] = Field(..., description="which fields the temperature changed: ['probs'] or []; "
+                                "uncertainty and samples are always the untempered weight samples'")
     uncertainty: UncertaintyOut
-    samples: list[list[float]] | None = Field(None, description="per weight sample, the choice "
+    samples: list[list[float]] | None = Field(None, description="per weight sample, the untempered choice "
                                               "probabilities (K x C), when return_samples")
+    prediction_set: PredictionSet | None = Field(None, description="the choices that hold the answer with "
+                                                 "probability >= coverage (a posterior with a held-out "
+                                                 "calibration only)")
+    abstain: bool | None = Field(None, description="true: do not act on this answer (a posterior with a "
+                                 "held-out calibration only)")
+    abstain_reasons: list[str] | None = Field(None, description="why: the prediction set is not one choice, "
+                                              "or the uncertainty is above the threshold certified for the "
+                                              "server's error-rate target")
     num_samples: int
     seed: int
     sigma: float
@@ -184,6 +215,24 @@ class SearchPointOut(BaseModel):
     sigma: float
     value: float
     feasible: bool
+    temperature: float | None = Field(None, description="cv-nll: the temperature fitted at this sigma")
+    accuracy: float | None = Field(None, description="cv-nll: the model average's accuracy at this sigma")
+
+
+class CalibrationInfo(BaseModel):
+    """The held-out calibration behind prediction sets and abstention."""
+
+    size: int = Field(..., description="held-out labelled items (not used to fit sigma or T)")
+    score: str
+    coverage: float = Field(..., description="the prediction sets' default coverage")
+    abstain_on: str
+    max_risk: float = Field(..., description="the error rate answered items may have")
+    delta: float = Field(..., description="the certificate's confidence is 1 - delta")
+    threshold: float | None = Field(..., description="abstain above this uncertainty; null: none is "
+                                    "certified for max_risk, so every answer abstains")
+    risk_bound: float = Field(..., description="upper confidence bound on the answered calibration items' "
+                              "error rate at the threshold")
+    answered: float = Field(..., description="fraction of the calibration items the threshold answers")
 
 
 class PosteriorInfo(BaseModel):
@@ -201,7 +250,10 @@ class PosteriorInfo(BaseModel):
     seed: int
     mode: str | None = Field(..., description="the default scoring mode of requests")
     chat: bool = Field(..., description="whether prompts are wrapped in the chat template by default")
-    temperature: float = Field(1.0, description="choice logits of every sample are divided by this")
+    temperature: float = Field(1.0, description="the model average is served as softmax(log(mean_k p_k) / T)")
+    length_normalize: bool = Field(False, description="sequence mode: choices scored by mean log-prob per token")
+    calibration: CalibrationInfo | None = Field(None, description="prediction sets and abstention (null: "
+                                                "no held-out calibration)")
     search_trace: list[SearchPointOut]
     calibration_sha256: str | None
     source: str = Field(..., description="how the posterior was obtained: loaded, searched, "

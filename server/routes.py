@@ -151,6 +151,7 @@ async def get_posterior(state: AppState = Depends(require_ready)) -> PosteriorIn
         num_samples=state.settings.samples, max_samples=state.settings.max_samples,
         criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=state.choices.default_mode,
         chat=state.choices.default_chat, temperature=state.runner.temperature,
+        length_normalize=bool(cfg.length_normalize), calibration=state.choices.calibration_info(),
         search_trace=[SearchPointOut(**p) for p in cfg.search_trace],
         calibration_sha256=cfg.calibration_sha256, source=state.loaded.source)
 

@@ -24,15 +24,15 @@ from tfb_core.cuda_prefill import PrefillEngine
 from tfb_core.data import LABELS, MCItem
 from tfb_core.errors import TFBError
 from tfb_core.scoring import Encoded, apply_chat, choice_probs, encode_item, max_context
+from tfb_core.conformal import decide, min_calibration_size
 from tfb_core.uncertainty import decompose
-from tfb_core.evaluate import temper
 
 from .errors import BadRequest
 from .limits import Tokenizing, check_chars, max_prompt_chars
 from .loader import Loaded
 from .metrics import Metrics, Timer
 from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
-                       UncertaintyOut, Usage)
+                       CalibrationInfo, PredictionSet, UncertaintyOut, Usage)
 from .scheduler import Batch, Scheduler
 from .settings import Settings
 
@@ -64,8 +64,8 @@ class ChoiceWork:
 class ChoiceOutput:
     """An item's per-sample probabilities and their reduction."""
 
-    samples: torch.Tensor  # (K, C)
-    probs: torch.Tensor  # (C,)
+    samples: torch.Tensor  # (K, C), untempered
+    probs: torch.Tensor  # (C,) the tempered model average
     predictive_entropy: float
     expected_entropy: float
     mutual_information: float
@@ -88,7 +88,7 @@ class ModelRunner:
         # scoring forwards: fused kernels, CUDA graphs on CUDA (None: HF's eager forward)
         self.prefill = PrefillEngine(self.post) if static else None
         self.engine = GenerationEngine(self.post, metrics, static)  # the continuous decode loop's state
-        # a posterior may record a temperature fitted on held-out data (tfb eval)
+        # the posterior's temperature, applied to the model average only (TFB_SPEC §4b)
         self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
 
     def step(self, batch: Batch) -> list:
@@ -112,8 +112,7 @@ class ModelRunner:
                                           "or infinite logits); it was stopped alone",
                                           code="non_finite_distribution"))
                 continue
-            sample_probs = temper(sample_probs, self.temperature)
-            u = decompose(sample_probs[None].double())  # (1, K, C)
+            u = decompose(sample_probs[None].double(), self.temperature)  # (1, K, C)
             outputs.append(ChoiceOutput(sample_probs, u.probs[0], u.predictive_entropy.item(),
                                         u.expected_entropy.item(), u.mutual_information.item()))
         return outputs
@@ -136,6 +135,31 @@ class ChoicesServing:
         cfg = self.post.config
         self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
         self.default_mode = cfg.mode or "letter"
+        self.calibration = cfg.conformal  # prediction sets and abstention, when the posterior holds one
+        self.risk = self.calibration.risk_threshold(settings.max_risk) if self.calibration else None
+        self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration else 0.9)
+        if self.calibration and min_calibration_size(self.default_coverage) > self.calibration.n:
+            raise TFBError(f"--coverage {self.default_coverage:g} needs at least "
+                           f"{min_calibration_size(self.default_coverage)} held-out calibration items; the "
+                           f"posterior has {self.calibration.n}")
+
+    def calibration_info(self) -> CalibrationInfo | None:
+        cal, risk = self.calibration, self.risk
+        if cal is None:
+            return None
+        return CalibrationInfo(size=cal.n, score=cal.score, coverage=self.default_coverage,
+                               abstain_on=cal.abstain_on, max_risk=risk.max_risk, delta=risk.delta,
+                               threshold=risk.threshold, risk_bound=risk.risk_bound,
+                               answered=risk.accepted / risk.n)
+
+    def check_coverage(self, coverage: float, param: str) -> None:
+        """400 when the held-out calibration is too small for ``coverage``."""
+        need = min_calibration_size(coverage)
+        if need > self.calibration.n:
+            raise BadRequest(f"'{param}' {coverage:g} needs at least {need} held-out calibration items; this "
+                             f"posterior has {self.calibration.n}: ask for a coverage of at most "
+                             f"{self.calibration.n / (self.calibration.n + 1):.4g}", param=param,
+                             code="invalid_value")
 
     async def create(self, request: ChoiceItem | ChoicesBatchRequest
                      ) -> ChoiceResult | ChoicesBatchResponse:
@@ -172,6 +196,12 @@ class ChoicesServing:
         if mode == "letter" and len(item.choices) > len(LABELS):
             raise BadRequest(f"'{where}choices': letter mode allows at most {len(LABELS)} choices, got "
                              f"{len(item.choices)}; use mode 'sequence'", param=f"{where}choices")
+        if item.coverage is not None:
+            if self.calibration is None:
+                raise BadRequest(f"'{where}coverage': this posterior has no held-out calibration, so it "
+                                 f"gives no prediction sets; make one with tfb bayesianize on labelled "
+                                 f"calibration items", param=f"{where}coverage", code="invalid_value")
+            self.check_coverage(item.coverage, f"{where}coverage")
         text = item.prompt or item.question or "".join(m.content for m in item.messages or [])
         field = next(f for f in ("prompt", "question", "messages") if getattr(item, f) is not None)
         check_chars(len(text) + max(len(c) for c in item.choices), self.max_chars, f"{where}{field}",
@@ -188,7 +218,7 @@ class ChoicesServing:
             prompt_text = apply_chat(self.tokenizer, [m.model_dump() for m in item.messages]) \
                 if item.messages else None
             encoded = encode_item(self.tokenizer, mc, mode, chat=chat and prompt_text is None,
-                                  length_normalize=item.length_normalize, max_length=self.context,
+                                  length_normalize=self.length_normalize(item), max_length=self.context,
                                   prompt_text=prompt_text)
         except TFBError as e:
             field = next((f for f in ("prompt", "question", "messages") if getattr(item, f) is not None), "prompt")
@@ -197,6 +227,41 @@ class ChoicesServing:
         work = ChoiceWork(encoded, seed, K, deadline, loop.create_future())
         self.check_size(work, where)
         return work
+
+    def length_normalize(self, item: ChoiceItem) -> bool:
+        if item.length_normalize is not None:
+            return item.length_normalize
+        return bool(self.post.config.length_normalize)
+
+    def matches_calibration(self, item: ChoiceItem, work: ChoiceWork) -> bool:
+        """The request is scored as the held-out calibration was (else its guarantee does not apply)."""
+        cfg = self.post.config
+        chat = item.chat if item.chat is not None else self.default_chat
+        return (work.num_samples == cfg.num_samples and work.seed == cfg.seed
+                and (item.mode or self.default_mode) == (cfg.mode or "letter")
+                and self.length_normalize(item) == bool(cfg.length_normalize) and chat == bool(cfg.chat))
+
+    def decision(self, item: ChoiceItem, work: ChoiceWork, out: ChoiceOutput) -> dict:
+        """``prediction_set``, ``abstain`` and ``abstain_reasons`` of an answer (calibrated posteriors)."""
+        if self.calibration is None:
+            return {}
+        cal = self.calibration
+        coverage = item.coverage or self.default_coverage
+        d = decide(cal, out.probs, {"mutual_information": out.mutual_information,
+                                    "predictive_entropy": out.predictive_entropy}, coverage, self.risk)
+        kinds = [("set" if r.startswith("the ") else "uncertified" if r.startswith("no ") else "uncertainty")
+                 for r in d.reasons]
+        self.metrics.observe_decision(len(d.indices), kinds)
+        matches = self.matches_calibration(item, work)
+        guarantee = (f"P(answer in set) >= {coverage:g} over items exchangeable with the {cal.n} held-out "
+                     f"calibration items (marginal, not per question; under a shift in the questions it "
+                     f"can cover less)" if matches else
+                     "none: this request's settings differ from the calibration's")
+        labels = [LABELS[i] if i < len(LABELS) else str(i) for i in d.indices]
+        return {"prediction_set": PredictionSet(indices=d.indices, labels=labels, coverage=coverage,
+                                                score=cal.score, calibration_size=cal.n,
+                                                matches_calibration=matches, guarantee=guarantee),
+                "abstain": d.abstain, "abstain_reasons": d.reasons}
 
     def check_size(self, work: ChoiceWork, where: str) -> None:
         """An item's forward may pad at most ``item_token_limit`` tokens (rows x longest row)."""
@@ -216,10 +281,12 @@ class ChoicesServing:
         tokens = work.encoded.prompt_tokens
         return ChoiceResult(
             index=index, prediction=pred, label=LABELS[pred] if pred < len(LABELS) else str(pred),
-            choice=item.choices[pred], probs=out.probs.tolist(),
+            choice=item.choices[pred], probs=out.probs.tolist(), temperature=self.post.config.temperature,
+            tempered=["probs"] if self.post.config.temperature != 1.0 else [],
             uncertainty=UncertaintyOut(predictive_entropy=out.predictive_entropy,
                                        expected_entropy=out.expected_entropy,
                                        mutual_information=out.mutual_information),
             samples=out.samples.tolist() if item.return_samples else None,
             num_samples=work.num_samples, seed=work.seed, sigma=self.post.sigma, model=self.model_id,
-            usage=Usage(prompt_tokens=tokens, total_tokens=tokens * work.num_samples))
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens * work.num_samples),
+            **self.decision(item, work, out))

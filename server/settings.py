@@ -40,11 +40,26 @@ class Settings(BaseSettings):
                               "what the posterior records; requests may override)")
 
     # the start-up search (plain adapter + calibration) ----------------------------------------
-    criterion: Literal["nll", "accuracy"] = Field("nll", description="start-up search: what sigma may change")
-    eps: float = Field(0.003, gt=0, description="start-up search: the criterion's tolerance")
+    criterion: Literal["auto", "nll", "accuracy", "cv-nll", "reference"] = Field(
+        "auto", description="start-up search: how sigma is chosen (auto: cv-nll when every calibration "
+        "item has an answer, else the paper's nll)")
+    eps: float = Field(0.003, gt=0, description="start-up search: the nll / accuracy tolerance")
+    max_acc_drop: float = Field(0.01, ge=0, lt=1, description="start-up search, cv-nll: the accuracy "
+                                "sigma may cost against sigma 0")
     seed: int = Field(0, ge=0, description="start-up search: the draws' seed")
     mode: Literal["letter", "sequence"] = Field("letter", description="start-up search: how choices are scored")
-    gold_labels: bool = Field(False, description="start-up search: against the items' answers")
+    length_normalize: bool = Field(False, description="start-up search: score a choice by its mean "
+                                   "log-probability per token (sequence mode)")
+    gold_labels: bool = Field(False, description="start-up search: nll / accuracy against the items' answers")
+    holdout: float | None = Field(None, ge=0, lt=1, description="start-up search: the fraction of labelled "
+                                  "calibration items held out for prediction sets and abstention "
+                                  "(default: 0.5 when every item has an answer, else 0)")
+
+    # prediction sets and abstention (a posterior with a held-out calibration) ------------------
+    coverage: float | None = Field(None, gt=0, lt=1, description="/v1/choices prediction sets' default "
+                                   "coverage (default: the posterior's, 0.9)")
+    max_risk: float | None = Field(None, gt=0, lt=1, description="abstain unless the uncertainty is below "
+                                   "the threshold certified for this error rate (default: the posterior's)")
 
     # HTTP ------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="the address to listen on")

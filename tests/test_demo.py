@@ -25,6 +25,8 @@ def test_demo_files_are_small_and_present():
     cfg = json.loads((DEMO_POSTERIOR / "tfb_config.json").read_text())
     assert cfg["mode"] in ("letter", "sequence") and isinstance(cfg["chat"], bool)
     assert cfg["sigma"] > 0 and cfg["temperature"] > 0
+    assert cfg["format_version"] == 2 and cfg["length_normalize"] is False
+    assert len(cfg["calibration"]["scores"]) == 100  # the held-out half of arc_easy:cal
 
 
 @needs_demo
@@ -37,7 +39,8 @@ def test_demo_reproduces_its_recorded_figures(tmp_path):
                  "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     assert got["sigma"] == pytest.approx(rec["sigma"]) and got["samples"] == rec["samples"]
-    for key in ("deterministic", "tfb"):
+    assert got["temperature"] == pytest.approx(rec["temperature"])
+    for key in ("deterministic", "tfb", "tfb_tempered"):
         assert got[key]["acc"] == rec[key]["acc"]
         assert got[key]["nll"] == pytest.approx(rec[key]["nll"], abs=1e-3)
         assert got[key]["brier"] == pytest.approx(rec[key]["brier"], abs=1e-3)

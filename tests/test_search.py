@@ -61,8 +61,8 @@ class Criterion:
 
     def __call__(self, sigma):
         probs = self.average(sigma).tolist()
-        if self.criterion == "nll":
-            return (self.nll(probs) - self.nll0) / self.nll0
+        if self.criterion == "nll":  # two-sided, as the paper states it
+            return abs(self.nll(probs) - self.nll0) / self.nll0
         if self.gold:
             return self.acc0 - self.acc(probs)
         return 1.0 - self.acc(probs)  # fraction of answers that differ from the sigma = 0 ones

@@ -33,14 +33,69 @@ def add_model_arguments(p: argparse.ArgumentParser, adapter_required: bool = Tru
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--criterion", default="nll", choices=["nll", "accuracy"])
-    p.add_argument("--eps", type=float, default=0.003, help="tolerance of the criterion (default: 0.003)")
+    p.add_argument("--criterion", default="auto", choices=["auto", "nll", "accuracy", "cv-nll", "reference"],
+                   help="how sigma is chosen: cv-nll (labelled items: sigma and the temperature that "
+                        "minimise the cross-fitted NLL), nll / accuracy (the paper's), reference (the "
+                        "paper's code: [0.001, 0.015], 5 bisections, tolerance eps x N); auto: cv-nll "
+                        "when every item has an answer, else nll (default: auto)")
+    p.add_argument("--eps", type=float, default=0.003, help="tolerance of nll / accuracy (default: 0.003)")
+    p.add_argument("--max-acc-drop", type=float, default=0.01,
+                   help="cv-nll: the accuracy sigma may cost against sigma 0 (default: 0.01 = 1 point)")
+    p.add_argument("--sigma-grid", default=None, type=_floats,
+                   help="cv-nll: the candidate sigmas, comma-separated (default: 0 and 1e-3 x 1.5^i up to ~0.09)")
     p.add_argument("--samples", type=int, default=10, help="K weight samples (default: 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="letter", choices=["letter", "sequence"])
+    p.add_argument("--length-normalize", action="store_true",
+                   help="sequence mode: score a choice by its mean log-probability per token, not the sum")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--gold-labels", action="store_true", help="search against the items' answers, not pseudo-labels")
+    p.add_argument("--gold-labels", action="store_true", help="nll / accuracy against the items' answers, not pseudo-labels")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="fraction of the (labelled) calibration items held out for prediction sets and "
+                        "abstention (default: 0.5 when every item has an answer, else 0)")
+    p.add_argument("--coverage", type=float, default=0.9, help="default coverage of prediction sets (default: 0.9)")
+    p.add_argument("--conformal-score", default="lac", choices=["lac", "aps"],
+                   help="prediction sets' nonconformity score (default: lac)")
+    p.add_argument("--abstain-on", default="mutual_information",
+                   choices=["mutual_information", "predictive_entropy"],
+                   help="the uncertainty abstention thresholds (default: mutual_information)")
+    p.add_argument("--max-risk", type=float, default=0.1,
+                   help="abstention: the error rate the answered items may have, certified with "
+                        "confidence 0.95 on the held-out items (default: 0.1)")
+    p.add_argument("--no-temperature", action="store_true", help="do not fit a temperature")
     p.add_argument("--batch-size", type=int, default=8, help="items per forward (default: 8)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def search_options(args) -> dict:
+    """The keyword arguments of ``tfb_core.fit.fit_posterior`` from the flags above."""
+    return dict(criterion=args.criterion, eps=args.eps, max_acc_drop=args.max_acc_drop,
+                num_samples=args.samples, seed=args.seed, mode=args.mode,
+                length_normalize=args.length_normalize, chat=args.chat, gold_labels=args.gold_labels,
+                holdout=args.holdout, coverage=args.coverage, score=args.conformal_score,
+                abstain_on=args.abstain_on, max_risk=args.max_risk, temperature=not args.no_temperature,
+                batch_size=args.batch_size, sigma_grid=args.sigma_grid)
+
+
+def check_labels(items, path, args) -> None:
+    """A labelled criterion or a holdout on a file without answers: an error naming both."""
+    from .fit import resolve_criterion, unlabelled
+
+    missing = unlabelled(items)
+    if missing is None:
+        return
+    where = f"{path}: item {missing + 1} has no 'answer'"
+    if resolve_criterion(args.criterion, items).value == "cv-nll":
+        raise TFBError(f"--criterion cv-nll needs an 'answer' on every calibration item; {where}")
+    if args.holdout:
+        raise TFBError(f"--holdout {args.holdout:g} (prediction sets, abstention) needs an 'answer' on "
+                       f"every calibration item; {where}")
 
 
 def _add_bayesianize(p: argparse.ArgumentParser) -> None:
@@ -53,6 +108,7 @@ def _add_bayesianize(p: argparse.ArgumentParser) -> None:
 
 def _run_bayesianize(args) -> int:
     from .data import read_jsonl
+    from .fit import fit_posterior
     from .models import load_base_model
     from .posterior import Posterior
 
@@ -61,21 +117,23 @@ def _run_bayesianize(args) -> int:
     if args.sigma is not None and args.sigma < 0:
         raise TFBError(f"--sigma must be >= 0, got {args.sigma}")
     items = read_jsonl(args.calibration) if args.calibration else None
+    if items is not None and args.sigma is None:
+        check_labels(items, args.calibration, args)
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (TFB_SPEC §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
     post = Posterior.from_adapter(base, args.adapter, num_samples=args.samples, seed=args.seed,
-                                  mode=args.mode, chat=args.chat)
+                                  mode=args.mode, chat=args.chat, length_normalize=args.length_normalize)
     if args.sigma is not None:
         post.sigma = args.sigma
     else:
-        result = post.search(items, criterion=args.criterion, eps=args.eps, num_samples=args.samples,
-                             seed=args.seed, mode=args.mode, gold_labels=args.gold_labels,
-                             chat=args.chat, batch_size=args.batch_size)
+        result = fit_posterior(post, items, **search_options(args))
         for point in result.trace:
             logging.info("sigma=%.6g value=%.6g feasible=%s", point.sigma, point.value, point.feasible)
     out = post.save(args.out, calibration_file=args.calibration)
+    cal = post.config.conformal
     print(json.dumps({"out": str(out), "sigma": post.sigma, "criterion": post.config.criterion,
-                      "eps": post.config.eps, "modules": len(post.layers)}))
+                      "temperature": post.config.temperature, "eps": post.config.eps,
+                      "held_out": cal.n if cal else 0, "modules": len(post.layers)}))
     return 0
 
 
@@ -138,6 +196,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None, help="K weight samples (default: the posterior's)")
     p.add_argument("--sigma", type=float, default=None, help="override the posterior's sigma")
     p.add_argument("--temperature", type=float, default=None, help="override the posterior's temperature")
+    p.add_argument("--length-normalize", default=None, action=argparse.BooleanOptionalAction,
+                   help="mean log-probability per token in sequence mode (default: the posterior's)")
+    p.add_argument("--coverage", action="store_true",
+                   help="report the prediction sets' coverage and size at 0.8, 0.9, 0.95 and the "
+                        "abstention's risk (needs a posterior with a held-out calibration)")
+    p.add_argument("--max-risk", type=float, default=None, help="abstention target (default: the posterior's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ood", default=None, help="out-of-distribution items (file or built-in name)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
@@ -163,11 +227,25 @@ def _run_eval(args) -> int:
     base = load_base_model(args.model, device=args.device, dtype=args.dtype)
     post = load_posterior(base, args.adapter)
     cfg = post.config
+    calibration = None
+    if args.coverage:
+        calibration = cfg.conformal
+        if calibration is None:
+            raise TFBError(f"--coverage: {args.adapter} holds no held-out calibration; make one with "
+                           f"tfb bayesianize on labelled calibration items")
+        overrides = [f for f, v in (("--sigma", args.sigma), ("--samples", args.samples), ("--seed", args.seed),
+                                    ("--temperature", args.temperature), ("--mode", args.mode),
+                                    ("--chat", args.chat), ("--length-normalize", args.length_normalize))
+                     if v is not None]
+        if overrides:
+            raise TFBError(f"--coverage uses the calibration recorded with the posterior's own settings; "
+                           f"drop {', '.join(overrides)}")
     report = evaluate(post, items, mode=args.mode or cfg.mode or "letter",
                       num_samples=args.samples or cfg.num_samples, seed=args.seed, sigma=args.sigma,
                       chat=cfg.chat if args.chat is None else args.chat,
                       temperature=cfg.temperature if args.temperature is None else args.temperature,
-                      ood_items=ood, batch_size=args.batch_size)
+                      length_normalize=cfg.length_normalize if args.length_normalize is None else args.length_normalize,
+                      ood_items=ood, batch_size=args.batch_size, calibration=calibration, max_risk=args.max_risk)
     print(format_table(report))
     if args.json:
         write_json(report, args.json)

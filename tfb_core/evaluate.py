@@ -1,26 +1,28 @@
 """``tfb eval``: the deterministic adapter and the TFB posterior side by side (TFB_SPEC §5).
 
-Both are scored on the same items: the deterministic adapter is sigma = 0 with K = 1 (the MLE
-baseline), the posterior is its sigma with K weight samples. Items may have different numbers
-of choices: per-sample probabilities are padded with zeros to the largest C (zero-probability
-choices change no metric).
-
-Temperature scaling divides every weight sample's choice logits by T before the softmax
-(``p_k^T = softmax(log p_k / T)``), then averages the samples; T is fitted by minimising the
-NLL on labelled calibration items.
+Scored on the same items: the deterministic adapter is sigma = 0 with K = 1 (the MLE
+baseline, never tempered), the posterior is its sigma with K weight samples, first as it is and
+then with its temperature on the model average (``softmax(log(mean_k p_k) / T)``: the served
+probabilities; PE, EE and MI always come from the untempered samples). Items may have
+different numbers of choices: per-sample probabilities are padded with zeros to the largest C
+(zero-probability choices change no metric). A posterior with a held-out calibration also
+gets its prediction sets' coverage and size, and its abstention's risk and coverage.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Sequence
 
 import torch
 
+from .conformal import Calibration, decide, prediction_set, threshold
 from .data import MCItem
 from .scoring import parse_mode, score_items
-from .uncertainty import accuracy, auroc, brier, decompose, ece, nll, reliability, risk_coverage
+from .uncertainty import (accuracy, auroc, brier, decompose, ece, fit_temperature, nll, reliability,
+                          risk_coverage, temper)
+
+__all__ = ["evaluate", "metrics", "ood_metrics", "set_metrics", "fit_temperature", "temper", "score_mixed"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier", "mean_pe", "mean_mi", "aurc_mi", "aurc_pe",
                "auroc_err_mi", "auroc_err_pe", "auroc_err_maxprob")
@@ -48,47 +50,15 @@ def score_mixed(post, items: Sequence[MCItem], mode: str = "letter", num_samples
     return out
 
 
-def temper(sample_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``softmax(log p / T)`` per sample over the last axis; padded zeros stay zero."""
-    if temperature == 1.0:
-        return sample_probs
-    logp = torch.log(sample_probs.double().clamp_min(1e-300)) / temperature
-    logp = torch.where(sample_probs > 0, logp, torch.full_like(logp, -math.inf))
-    return torch.softmax(logp, -1).to(sample_probs.dtype)
-
-
-def fit_temperature(sample_probs: torch.Tensor, labels: torch.Tensor,
-                    lo: float = 0.05, hi: float = 20.0) -> float:
-    """The T that minimises the NLL of the model average of tempered samples (1-D search).
-
-    A log-spaced grid, then golden-section refinement around its best point.
-    """
-    def loss(t: float) -> float:
-        return nll(temper(sample_probs, t).mean(1), labels)
-
-    grid = torch.logspace(math.log10(lo), math.log10(hi), 61).tolist()
-    values = [loss(t) for t in grid]
-    i = min(range(len(grid)), key=values.__getitem__)
-    a, b = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
-    g = (math.sqrt(5) - 1) / 2
-    c, d = b - g * (b - a), a + g * (b - a)
-    for _ in range(40):
-        if loss(math.exp(c)) < loss(math.exp(d)):
-            b = d
-        else:
-            a = c
-        c, d = b - g * (b - a), a + g * (b - a)
-    return math.exp((a + b) / 2)
-
-
-def metrics(sample_probs: torch.Tensor, labels: torch.Tensor) -> dict:
+def metrics(sample_probs: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> dict:
     """Every metric of ``METRIC_KEYS`` for per-sample probabilities (N, K, C) and labels (N,).
 
     acc is a fraction, ece x100 (15 bins); PE and MI in nats; aurc_* the area under the
     risk-coverage curve when rejecting by MI / PE (lower is better); auroc_err_* how well a
-    score ranks wrong answers above right ones (max-probability ranks by 1 - max p).
+    score ranks wrong answers above right ones (max-probability ranks by 1 - max p). The
+    temperature tempers the model average (ACC, ECE, NLL, Brier, max p), never PE or MI.
     """
-    u = decompose(sample_probs.double())
+    u = decompose(sample_probs.double(), temperature)
     p = u.probs
     wrong = p.argmax(-1) != labels
     return {
@@ -106,9 +76,9 @@ def metrics(sample_probs: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def ood_metrics(in_probs: torch.Tensor, out_probs: torch.Tensor) -> dict:
+def ood_metrics(in_probs: torch.Tensor, out_probs: torch.Tensor, temperature: float = 1.0) -> dict:
     """AUROC of MI, PE and 1 - max p for telling out-of-distribution items (positives) apart."""
-    u_in, u_out = decompose(in_probs.double()), decompose(out_probs.double())
+    u_in, u_out = decompose(in_probs.double(), temperature), decompose(out_probs.double(), temperature)
     is_out = torch.cat([torch.zeros(len(in_probs)), torch.ones(len(out_probs))]).bool()
     return {
         "auroc_mi": auroc(torch.cat([u_in.mutual_information, u_out.mutual_information]), is_out),
@@ -126,30 +96,94 @@ def labels_of(items: Sequence[MCItem]) -> torch.Tensor:
     return torch.tensor([it.answer for it in items])
 
 
+COVERAGES = (0.8, 0.9, 0.95)
+
+
+def set_metrics(probs: torch.Tensor, labels: torch.Tensor, cal: Calibration,
+                coverages: Sequence[float] = COVERAGES, valid: torch.Tensor | None = None) -> dict:
+    """Empirical coverage and mean size of the prediction sets at each coverage.
+
+    probs (N, C): the served (tempered) model average; ``valid`` (N, C) marks real choices
+    (padding is never in a set). A coverage the calibration is too small for maps to None.
+    """
+    from .conformal import choice_nonconformity
+    from .errors import TFBError
+
+    scores = choice_nonconformity(probs, cal.score)
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    out = {}
+    for c in coverages:
+        try:
+            q = threshold(cal.scores, c)
+        except TFBError:
+            out[f"{c:g}"] = None
+            continue
+        member = (scores <= q + 1e-12) & valid
+        sizes = member.sum(-1).double()
+        out[f"{c:g}"] = {"coverage": member.gather(1, labels[:, None]).double().mean().item(),
+                         "size": sizes.mean().item(), "singletons": (sizes == 1).double().mean().item()}
+    return out
+
+
+def abstention_metrics(sample_probs: torch.Tensor, labels: torch.Tensor, cal: Calibration,
+                       temperature: float = 1.0, max_risk: float | None = None) -> dict:
+    """Risk (error rate among answered) and coverage (fraction answered) of the abstention rule.
+
+    ``threshold``: answer when the calibrated uncertainty is at most the certified threshold;
+    ``with_sets``: also abstain when the prediction set at the calibration's coverage is not a
+    single choice (what /v1/choices returns as ``abstain``).
+    """
+    u = decompose(sample_probs.double(), temperature)
+    rule = cal.risk_threshold(max_risk)
+    values = getattr(u, cal.abstain_on)
+    correct = u.probs.argmax(-1) == labels
+    accept = values <= rule.threshold if rule.threshold is not None else torch.zeros_like(correct)
+    decisions = [decide(cal, p, {cal.abstain_on: float(v)}, risk=rule) for p, v in zip(u.probs, values)]
+    accept_sets = torch.tensor([not d.abstain for d in decisions])
+
+    def summary(mask: torch.Tensor) -> dict:
+        n = int(mask.sum())
+        return {"coverage": n / len(mask), "risk": (~correct[mask]).double().mean().item() if n else None}
+
+    return {"metric": cal.abstain_on, "max_risk": rule.max_risk, "delta": rule.delta,
+            "threshold": rule.threshold, "calibration_bound": rule.risk_bound, "calibration_n": rule.n,
+            "threshold_rule": summary(accept), "with_sets": summary(accept_sets)}
+
+
 def evaluate(post, items: Sequence[MCItem], mode: str = "letter", num_samples: int = 10,
              seed: int | None = None, sigma: float | None = None, chat: bool = False,
              temperature: float = 1.0, ood_items: Sequence[MCItem] | None = None,
-             batch_size: int = 8, progress: bool = True) -> dict:
+             batch_size: int = 8, progress: bool = True, length_normalize: bool = False,
+             calibration: Calibration | None = None, coverages: Sequence[float] = COVERAGES,
+             max_risk: float | None = None) -> dict:
     """Score ``items`` with the deterministic adapter and with the posterior; the JSON report.
 
-    Returns ``{"n", "deterministic", "tfb", "ood", "sigma", "samples", "mode", ...}`` plus, under
-    ``"_raw"``, the per-sample probabilities (for plots; dropped from the JSON).
+    Returns ``{"n", "deterministic", "tfb", "tfb_tempered", "sets", "abstention", "ood", ...}``
+    plus, under ``"_raw"``, the per-sample probabilities (for plots; dropped from the JSON).
+    ``calibration`` (the posterior's held-out calibration) adds the prediction sets' coverage
+    and size at ``coverages`` and the abstention's risk and coverage.
     """
     sigma = post.sigma if sigma is None else sigma
     seed = post.config.seed if seed is None else seed
     labels = labels_of(items)
-    common = dict(mode=mode, seed=seed, chat=chat, batch_size=batch_size, progress=progress)
+    common = dict(mode=mode, seed=seed, chat=chat, batch_size=batch_size, progress=progress,
+                  length_normalize=length_normalize)
     det = score_mixed(post, items, num_samples=1, sigma=0.0, desc="deterministic", **common)
     tfb = score_mixed(post, items, num_samples=num_samples, sigma=sigma, desc=f"TFB K={num_samples}", **common)
-    det, tfb = temper(det, temperature), temper(tfb, temperature)
     report = {"n": len(items), "deterministic": metrics(det, labels), "tfb": metrics(tfb, labels),
-              "ood": None, "sigma": float(sigma), "samples": int(num_samples), "mode": parse_mode(mode).value,
-              "chat": bool(chat), "seed": int(seed), "temperature": float(temperature)}
+              "tfb_tempered": metrics(tfb, labels, temperature) if temperature != 1.0 else None,
+              "sets": None, "abstention": None, "ood": None,
+              "sigma": float(sigma), "samples": int(num_samples), "mode": parse_mode(mode).value,
+              "chat": bool(chat), "seed": int(seed), "temperature": float(temperature),
+              "length_normalize": bool(length_normalize)}
+    if calibration is not None:
+        served = decompose(tfb.double(), temperature).probs
+        report["sets"] = set_metrics(served, labels, calibration, coverages, valid=tfb.amax(1) > 0)
+        report["abstention"] = abstention_metrics(tfb, labels, calibration, temperature, max_risk)
     raw = {"labels": labels, "deterministic": det, "tfb": tfb}
     if ood_items:
-        ood = temper(score_mixed(post, ood_items, num_samples=num_samples, sigma=sigma, desc="OOD", **common),
-                     temperature)
-        report["ood"] = ood_metrics(tfb, ood)
+        ood = score_mixed(post, ood_items, num_samples=num_samples, sigma=sigma, desc="OOD", **common)
+        report["ood"] = ood_metrics(tfb, ood, temperature)
         report["ood"]["n"] = len(ood_items)
         raw["ood"] = ood
     report["_raw"] = raw
@@ -163,13 +197,30 @@ def format_table(report: dict) -> str:
             ("AURC by MI", "aurc_mi", 1), ("AURC by PE", "aurc_pe", 1),
             ("AUROC wrong: MI", "auroc_err_mi", 1), ("AUROC wrong: PE", "auroc_err_pe", 1),
             ("AUROC wrong: max p", "auroc_err_maxprob", 1)]
+    columns = [("deterministic", "deterministic"), ("TFB", "tfb")]
+    if report.get("tfb_tempered"):
+        columns.append((f"TFB + T={report['temperature']:.3g}", "tfb_tempered"))
     head = (f"n={report['n']} mode={report['mode']} chat={report.get('chat', False)} "
-            f"sigma={report['sigma']:.4g} K={report['samples']}"
-            + (f" T={report['temperature']:.3g}" if report.get("temperature", 1.0) != 1.0 else ""))
-    lines = [head, f"{'metric':<22}{'deterministic':>15}{'TFB':>12}"]
+            f"length_normalize={report.get('length_normalize', False)} sigma={report['sigma']:.4g} "
+            f"K={report['samples']} (deterministic: sigma 0, K 1, no temperature; T tempers the model "
+            f"average only, PE and MI are the samples')")
+    lines = [head, f"{'metric':<22}" + "".join(f"{name:>17}" for name, _ in columns)]
     for label, key, scale in rows:
-        d, t = report["deterministic"][key], report["tfb"][key]
-        lines.append(f"{label:<22}{_fmt(d, scale):>15}{_fmt(t, scale):>12}")
+        lines.append(f"{label:<22}" + "".join(f"{_fmt(report[col][key], scale):>17}" for _, col in columns))
+    if report.get("sets"):
+        for c, m in report["sets"].items():
+            lines.append(f"prediction sets at {c}: " + ("too few calibration scores" if m is None else
+                         f"coverage {m['coverage'] * 100:.1f}%, mean size {m['size']:.2f}, "
+                         f"singletons {m['singletons'] * 100:.1f}%"))
+    if report.get("abstention"):
+        a = report["abstention"]
+        rule = (f"{a['metric']} <= {a['threshold']:.4g}" if a["threshold"] is not None
+                else "no certified threshold (abstain on every answer)")
+        for name, key in (("threshold", "threshold_rule"), ("threshold + singleton set", "with_sets")):
+            m = a[key]
+            risk = "n/a" if m["risk"] is None else f"{m['risk'] * 100:.1f}%"
+            lines.append(f"abstention ({name}; {rule}; target risk {a['max_risk']:g}): "
+                         f"answered {m['coverage'] * 100:.1f}%, error rate among answered {risk}")
     if report.get("ood"):
         o = report["ood"]
         lines.append(f"OOD AUROC (n_out={o.get('n', '?')}): MI {o['auroc_mi']:.3f}  PE {o['auroc_pe']:.3f}"

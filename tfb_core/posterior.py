@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,11 +21,17 @@ import torch
 from torch import nn
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, load_adapter, read_json
+from .conformal import Calibration
 from .errors import TFBError
 from .models import BaseModel
 from .sampling import DrawCache, TFBLoRALayer, row_std, weight_samples
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+#: 2: the temperature divides the log of the model average (v1: every sample's logits);
+#: length_normalize and the held-out calibration (conformal sets, abstention) are recorded
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 POSTERIOR_NAME = "tfb_posterior.safetensors"
 TFB_CONFIG_NAME = "tfb_config.json"
 
@@ -53,7 +60,8 @@ class TFBConfig:
     seed: int = 0
     mode: str | None = None
     chat: bool = False  # prompts are wrapped in the tokenizer's chat template
-    temperature: float = 1.0  # choice logits of every weight sample are divided by this
+    temperature: float = 1.0  # the model average is served as softmax(log(mean_k p_k) / T)
+    length_normalize: bool = False  # sequence mode: a choice's score is its mean log-prob per token
     search_trace: list[dict] = field(default_factory=list)
     calibration_sha256: str | None = None
     base_model: dict = field(default_factory=dict)
@@ -61,11 +69,17 @@ class TFBConfig:
     format_version: int = FORMAT_VERSION
     noise: str = "weight noise s * B' E with E_ij ~ N(0, (sigma / d_i)^2); s from the adapter config"
     files_sha256: dict = field(default_factory=dict)
+    calibration: dict | None = None  # conformal.Calibration of held-out labelled items
 
     @classmethod
     def from_dict(cls, data: dict) -> "TFBConfig":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def conformal(self) -> Calibration | None:
+        """The held-out calibration (prediction sets, abstention), or None."""
+        return Calibration.from_dict(self.calibration) if self.calibration is not None else None
 
 
 class Posterior:
@@ -182,6 +196,8 @@ class Posterior:
         self.config.seed = result.seed
         self.config.mode = result.mode
         self.config.search_trace = [asdict(p) for p in result.trace]
+        if result.temperature is not None:
+            self.config.temperature = result.temperature
         return result
 
     # the artifact -------------------------------------------------------------------------
@@ -250,9 +266,10 @@ def read_tfb_config(directory: Path) -> TFBConfig:
     if not path.is_file():
         raise TFBError(f"{directory} is not a Bayesianized adapter directory: {TFB_CONFIG_NAME} is missing")
     data = read_json(path)
-    if data.get("format_version") != FORMAT_VERSION:
-        raise TFBError(f"{path}: format_version {data.get('format_version')!r} is not supported "
-                       f"(this tfb reads version {FORMAT_VERSION})")
+    version = data.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise TFBError(f"{path}: format_version {version!r} is not supported "
+                       f"(this tfb reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     sigma = data.get("sigma", 0.0)  # not covered by the checksums: a hand edit must still be valid
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
         raise TFBError(f"{path}: sigma must be a finite number >= 0, got {sigma!r}")
@@ -261,7 +278,18 @@ def read_tfb_config(directory: Path) -> TFBConfig:
             or not 0 < temperature < float("inf"):
         raise TFBError(f"{path}: temperature must be a finite number > 0, got {temperature!r}")
     _check_types(path, data)
-    return TFBConfig.from_dict(data)
+    if not isinstance(data.get("length_normalize", False), bool):
+        raise TFBError(f"{path}: 'length_normalize' must be true or false, got {data['length_normalize']!r}")
+    if data.get("calibration") is not None:
+        Calibration.from_dict(data["calibration"], str(path))
+    if version == 1:
+        log.warning("%s: format version 1 divided every weight sample's logits by its temperature "
+                    "%.4g; tfb now applies it to the model average, softmax(log(mean_k p_k) / T), and "
+                    "reports MI of the untempered samples (answers equal within ~1e-3); run tfb "
+                    "bayesianize again to record version %d", path, temperature, FORMAT_VERSION)
+    config = TFBConfig.from_dict(data)
+    config.format_version = FORMAT_VERSION  # read as, and saved as, the current version
+    return config
 
 
 def _check_types(path: Path, data: dict) -> None:

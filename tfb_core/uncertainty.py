@@ -5,6 +5,7 @@ Per-sample probabilities have shape (N, K, C): N predictions, K weight samples, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,16 +18,22 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 @dataclass
 class Uncertainty:
-    """The model average and its decomposition, one value per prediction."""
+    """The model average and its decomposition, one value per prediction.
 
-    probs: torch.Tensor  # (N, C) predictive p = mean_k p_k
-    predictive_entropy: torch.Tensor  # (N,) H[p]
+    ``probs`` is the model average, tempered when ``temperature != 1``; the entropies are always
+    those of the untempered weight samples (TFB_SPEC §4b), so PE = EE + MI holds and MI is the
+    posterior's own epistemic part.
+    """
+
+    probs: torch.Tensor  # (N, C) softmax(log(mean_k p_k) / T)
+    predictive_entropy: torch.Tensor  # (N,) H[mean_k p_k]
     expected_entropy: torch.Tensor  # (N,) mean_k H[p_k]
     mutual_information: torch.Tensor  # (N,) PE - EE, >= 0
+    temperature: float = 1.0  # applied to ``probs`` only
 
 
-def decompose(sample_probs: torch.Tensor) -> Uncertainty:
-    """Average probabilities (not logits) over samples and split the entropy.
+def decompose(sample_probs: torch.Tensor, temperature: float = 1.0) -> Uncertainty:
+    """Average probabilities (not logits) over samples, split the entropy, temper the average.
 
     sample_probs : (N, K, C) -> Uncertainty with (N, C) and (N,) fields.
     """
@@ -34,7 +41,47 @@ def decompose(sample_probs: torch.Tensor) -> Uncertainty:
     pe = entropy(p)
     ee = entropy(sample_probs).mean(1)
     mi = (pe - ee).clamp_min(0.0)  # rounding can make it slightly negative
-    return Uncertainty(p, pe, ee, mi)
+    return Uncertainty(temper(p, temperature), pe, ee, mi, float(temperature))
+
+
+def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(log p / T)`` over the last axis; zero (padding) probabilities stay zero."""
+    if temperature == 1.0:
+        return probs
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    logp = torch.log(probs.double().clamp_min(1e-300)) / temperature
+    logp = torch.where(probs > 0, logp, torch.full_like(logp, -math.inf))
+    return torch.softmax(logp, -1).to(probs.dtype)
+
+
+def fit_temperature(probs: torch.Tensor, labels: torch.Tensor, lo: float = 0.05, hi: float = 20.0) -> float:
+    """The T in [lo, hi] that minimises ``nll(temper(probs, T), labels)``; probs (N, C) averages.
+
+    A log-spaced grid, then golden-section refinement around its best point.
+    """
+    probs = probs.double()
+
+    def loss(log_t: float) -> float:
+        return nll(temper(probs, math.exp(log_t)), labels)
+
+    grid = torch.linspace(math.log(lo), math.log(hi), 61).tolist()
+    values = [loss(t) for t in grid]
+    i = min(range(len(grid)), key=values.__getitem__)
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(40):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return math.exp((a + b) / 2)
 
 
 # --- calibration metrics: probs (N, C), labels (N,) ------------------------------------------

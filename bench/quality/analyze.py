@@ -1,9 +1,13 @@
-"""Every row of the quality table from the raw per-sample probabilities of ``gpu_run.py``.
+"""Every row of bench/quality/README.md, from the H200 scores of ``gpu_scores.py``.
 
-    python bench/quality/analyze.py RUN_DIR   # reads RUN_DIR/raw.pt and results.json
+    python bench/quality/analyze.py [bench/quality/results]
 
-Writes RUN_DIR/table.md and RUN_DIR/table.json. Temperatures are fitted on the labelled
-calibration split (``arc_easy:cal``) only; nothing is fitted on an evaluation set.
+Reads ``scores_a.pt`` and ``scores_b.pt`` (per-sample summed log-likelihoods and token counts
+of every set over the sigma grid), builds summed and length-normalised choice probabilities,
+and computes with the library's own functions (the ones ``tfb bayesianize`` and ``tfb eval``
+call): the sigma/T choices of every row on the fit half of ``arc_easy:cal``, the conformal
+calibration and abstention threshold on its other half, and every metric on the held-out sets.
+Writes ``table.md`` and ``table.json`` beside the scores.
 """
 
 from __future__ import annotations
@@ -16,103 +20,120 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tfb_core.evaluate import fit_temperature, metrics, ood_metrics, temper  # noqa: E402
+from tfb_core.conformal import calibrate, holdout_split  # noqa: E402
+from tfb_core.evaluate import abstention_metrics, metrics, ood_metrics, set_metrics  # noqa: E402
+from tfb_core.search import select_sigma_temperature  # noqa: E402
+from tfb_core.uncertainty import decompose, fit_temperature  # noqa: E402
 
-IN_SETS = ("arc_easy_heldout", "arc_challenge")
-SHIFT = ("openbookqa",)
+HELDOUT = ("arc_easy_heldout", "arc_challenge", "openbookqa")
+NAMES = {"arc_easy_heldout": "ARC-Easy held-out (n = 370, in distribution)",
+         "arc_challenge": "ARC-Challenge validation (n = 299, harder: a shift)",
+         "openbookqa": "OpenBookQA validation (n = 500, a shift)"}
 OOD = ("piqa", "hellaswag")
+PAPER_SIGMA = 0.001625  # `nll` eps 0.003 on 300 training questions, pseudo-labels (the old demo)
+REFERENCE_SIGMA = 0.015  # the reference search's upper end: with tolerance eps * N = 0.9 every midpoint passes
+MAX_ACC_DROP, MAX_RISK, COVERAGE, FRACTION, SEED = 0.01, 0.2, 0.9, 0.5, 0
 
 
-def nll_of(sample_probs, labels) -> float:
-    p = sample_probs.mean(1).double().gather(1, labels[:, None]).clamp_min(1e-12)
-    return -torch.log(p).mean().item()
+def load(folder: Path) -> tuple[dict, dict]:
+    scores, labels = {}, None
+    for name in ("scores_a.pt", "scores_b.pt"):
+        r = torch.load(folder / name)
+        scores.update(r["scores"])
+        labels = r["labels"]
+    return scores, labels
 
 
-def main(run: Path) -> None:
-    raw = torch.load(run / "raw.pt")
-    res = json.loads((run / "results.json").read_text())
-    labels, probs = raw["labels"], raw["probs"]
-    searches = res.get("searches", {})
-    extra_file = Path(sys.argv[2]) if len(sys.argv) > 2 else run / "raw_extra.pt"
-    if extra_file.is_file():  # run 3 (gpu_extra.py): cal scan + in-domain sets at more sigmas
-        extra = torch.load(extra_file)
-        for sig, sets in extra["probs"].items():
-            probs.setdefault(sig, {}).update(sets)
-        for sig, p in extra["cal_scan"].items():
-            if sig in probs:
-                probs[sig]["cal"] = p
-            raw["cal_scan"][sig] = p
-        y = labels["cal"]
-        scan = {sig: nll_of(p, y) for sig, p in raw["cal_scan"].items()}
-        res["nll_min_cal_sigma"] = min(scan, key=scan.get)
-        res["cal_scan_nll"] = scan
-        print("cal scan NLL:", {f"{k:.4g}": round(v, 4) for k, v in sorted(scan.items())})
+def probabilities(scores: dict, normalize: bool) -> dict:
+    """sigma -> set -> (N, K, C) choice probabilities (padding choices 0)."""
+    out = {}
+    for sigma, sets in scores.items():
+        out[sigma] = {}
+        for name, (sums, counts) in sets.items():
+            s = sums.double() / counts.clamp_min(1)[:, None, :] if normalize else sums.double()
+            out[sigma][name] = torch.softmax(s, -1)
+    return out
 
-    rows = [("MLE (deterministic, K=1)", 0.0, 1.0, "-")]
-    names = {"nll_train_pseudo": "TFB nll eps=0.003, train questions, pseudo-labels (paper)",
-             "acc_train_pseudo": "TFB accuracy eps=0.01, train questions, pseudo-labels (paper)",
-             "nll_cal_pseudo": "TFB nll eps=0.003, held-out cal split, pseudo-labels",
-             "acc_cal_gold": "TFB accuracy eps=0.01, held-out cal split, gold labels"}
-    for key, label in names.items():
-        if key in searches and searches[key]["sigma"] in probs and "cal" in probs[searches[key]["sigma"]]:
-            rows.append((label, searches[key]["sigma"], 1.0, key))
-    s_min = res.get("nll_min_cal_sigma")
-    if s_min in probs:
-        rows.append(("TFB sigma = argmin NLL on labelled cal split", s_min, 1.0, "nll_min"))
-    # temperature scaling on the calibration split, alone and on top of TFB
-    t_mle = fit_temperature(probs[0.0]["cal"], labels["cal"])
-    if 0.013 in probs and "cal" in probs[0.013] and "acc_train_pseudo" not in [r[3] for r in rows]:
-        rows.append((names["acc_train_pseudo"], 0.013, 1.0, "acc_train_pseudo"))
-    rows.append((f"MLE + temperature (T={t_mle:.3g}, fit on cal)", 0.0, t_mle, "temp"))
-    for key in ("nll_min", "nll_cal_pseudo", "nll_train_pseudo"):
-        sig = s_min if key == "nll_min" else searches.get(key, {}).get("sigma")
-        if sig in probs:
-            t = fit_temperature(probs[sig]["cal"], labels["cal"])
-            rows.append((f"TFB ({key}) + temperature (T={t:.3g}, fit on cal)", sig, t, f"{key}+temp"))
 
-    table = []
-    for label, sigma, temp, key in rows:
-        p = probs[sigma]
-        entry = {"row": label, "key": key, "sigma": sigma, "temperature": temp,
-                 "K": int(p["cal"].shape[1]), "sets": {}}
-        for name in IN_SETS + SHIFT + ("cal",):
-            if name in p:
-                entry["sets"][name] = metrics(temper(p[name], temp), labels[name])
-        if not all(n in p for n in IN_SETS):
-            table.append(entry)
-            continue
-        inn = torch.cat([temper(p[n], temp) for n in IN_SETS], 0) if len({p[n].shape[-1] for n in IN_SETS}) == 1 \
-            else None
-        if inn is None:  # pad to the same number of choices
-            c = max(p[n].shape[-1] for n in IN_SETS)
-            inn = torch.cat([torch.nn.functional.pad(temper(p[n], temp), (0, c - p[n].shape[-1])) for n in IN_SETS])
-        entry["ood"] = {o: ood_metrics(inn, temper(p[o], temp)) for o in OOD if o in p}
-        table.append(entry)
-    (run / "table.json").write_text(json.dumps(table, indent=2))
+def rows_for(p: dict, labels: dict, fit: list[int]) -> list[tuple[str, float, float]]:
+    """(name, sigma, T) of every row, each chosen on the fit half of the calibration split."""
+    y = labels["cal"][fit]
 
-    lines = []
-    for name in IN_SETS + SHIFT:
-        lines += [f"\n### {name} (n={len(labels[name])})\n",
-                  "| row | sigma | T | K | ACC % | ECE | NLL | Brier | AUROC err MI | AUROC err PE | AUROC err max p | AURC (PE) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for e in table:
-            if name not in e["sets"]:
-                continue
-            m = e["sets"][name]
-            lines.append(f"| {e['row']} | {e['sigma']:.4g} | {e['temperature']:.3g} | {e['K']} | {m['acc'] * 100:.1f} | "
-                         f"{m['ece']:.2f} | {m['nll']:.3f} | {m['brier']:.3f} | {m['auroc_err_mi']:.3f} | "
-                         f"{m['auroc_err_pe']:.3f} | {m['auroc_err_maxprob']:.3f} | {m['aurc_pe']:.3f} |")
-    lines += ["\n### OOD: in = ARC-E held-out + ARC-C, out = PIQA / HellaSwag (first 300 each)\n",
-              "| row | PIQA AUROC MI | PIQA AUROC PE | HellaSwag AUROC MI | HellaSwag AUROC PE |", "|---|---|---|---|---|"]
-    for e in table:
-        o = e.get("ood") or {}
-        if len(o) < 2:
-            continue
-        lines.append(f"| {e['row']} | {o['piqa']['auroc_mi']:.3f} | {o['piqa']['auroc_pe']:.3f} | "
-                     f"{o['hellaswag']['auroc_mi']:.3f} | {o['hellaswag']['auroc_pe']:.3f} |")
-    (run / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    def temp(sigma):
+        return fit_temperature(p[sigma]["cal"][fit].mean(1), y)
+
+    averages = {s: p[s]["cal"][fit].mean(1) for s in p}
+    sigma, t, trace = select_sigma_temperature(averages, y, MAX_ACC_DROP)
+    return [("MLE", 0.0, 1.0), ("temperature only", 0.0, temp(0.0)),
+            ("TFB paper `nll`", PAPER_SIGMA, 1.0), ("TFB paper `nll` + T", PAPER_SIGMA, temp(PAPER_SIGMA)),
+            ("TFB `reference` (bayesian-peft)", REFERENCE_SIGMA, 1.0),
+            ("TFB `reference` + T", REFERENCE_SIGMA, temp(REFERENCE_SIGMA)),
+            ("TFB `cv-nll` (sigma and T together)", sigma, t)], trace
+
+
+def evaluate_row(p, labels, sigma, t, held) -> dict:
+    cal = calibrate(p[sigma]["cal"][held], labels["cal"][held], t, coverage=COVERAGE, max_risk=MAX_RISK)
+    out = {"sigma": sigma, "T": t, "sets": {}}
+    for name in HELDOUT:
+        sp, y = p[sigma][name], labels[name]
+        m = metrics(sp, y, t)
+        served = decompose(sp, t).probs
+        m["sets"] = set_metrics(served, y, cal, valid=sp.amax(1) > 0)
+        m["abstention"] = abstention_metrics(sp, y, cal, t)
+        out["sets"][name] = m
+    inn = torch.cat([pad(p[sigma][n], 5) for n in ("arc_easy_heldout", "arc_challenge")])
+    out["ood"] = {o: ood_metrics(inn, pad(p[sigma][o], 5), t) for o in OOD}
+    return out
+
+
+def pad(x: torch.Tensor, c: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, c - x.shape[-1]))
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
+    scores, labels = load(folder)
+    fit, held = holdout_split(len(labels["cal"]), FRACTION, SEED)
+    report, md = {"grid": sorted(scores), "fit": fit, "held_out": held}, []
+    for norm in (False, True):
+        p = probabilities(scores, norm)
+        rows, trace = rows_for(p, labels, fit)
+        key = "mean" if norm else "sum"
+        report[key] = {"rows": {}, "cv_trace": [vars(x) for x in trace]}
+        for name, sigma, t in rows:
+            report[key]["rows"][name] = evaluate_row(p, labels, sigma, t, held)
+    for key in ("sum", "mean"):
+        md.append(f"\n## Scores: {'length-normalised (mean log-prob per token)' if key == 'mean' else 'summed log-likelihood'}\n")
+        rows = report[key]["rows"]
+        for name in HELDOUT:
+            md.append(f"\n### {NAMES[name]}\n")
+            md.append("| row | sigma | T | ACC % | ECE | NLL | Brier | AUROC err MI | PE | max p "
+                      "| set cover / size @0.8 | @0.9 | @0.95 | abstain: answered / risk |")
+            md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for row, r in rows.items():
+                m = r["sets"][name]
+                sets = " | ".join("-" if m["sets"][c] is None else
+                                  f"{m['sets'][c]['coverage'] * 100:.1f}% / {m['sets'][c]['size']:.2f}"
+                                  for c in ("0.8", "0.9", "0.95"))
+                a = m["abstention"]["with_sets"]
+                risk = "-" if a["risk"] is None else f"{a['risk'] * 100:.1f}%"
+                md.append(f"| {row} | {r['sigma']:.4g} | {r['T']:.3g} | {m['acc'] * 100:.1f} | {m['ece']:.2f} "
+                          f"| {m['nll']:.3f} | {m['brier']:.3f} | {m['auroc_err_mi']:.3f} | {m['auroc_err_pe']:.3f} "
+                          f"| {m['auroc_err_maxprob']:.3f} | {sets} | {a['coverage'] * 100:.1f}% / {risk} |")
+        md.append("\n### OOD (in = ARC-E held-out + ARC-C; out = 300 PIQA or HellaSwag): AUROC\n")
+        md.append("| row | PIQA MI | PIQA PE | PIQA max p | HellaSwag MI | HellaSwag PE | HellaSwag max p |")
+        md.append("|---|---|---|---|---|---|---|")
+        for row, r in rows.items():
+            o = r["ood"]
+            md.append(f"| {row} | " + " | ".join(f"{o[d][k]:.3f}" for d in OOD
+                                                 for k in ("auroc_mi", "auroc_pe", "auroc_maxprob")) + " |")
+        md.append("\n`cv-nll` trace on the fit half of `arc_easy:cal` (sigma: cross-fitted NLL, accuracy, T):\n")
+        md.append(", ".join(f"{x['sigma']:.4g}: {x['value']:.4f} / {x['accuracy'] * 100:.0f}% / {x['temperature']:.2f}"
+                            + ("" if x["feasible"] else " (acc drop)") for x in report[key]["cv_trace"]))
+    (folder / "table.md").write_text("\n".join(md) + "\n")
+    (folder / "table.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(md))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()
