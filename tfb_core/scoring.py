@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import LABELS, MCItem, letter_prompt, sequence_prompt
 from .errors import TFBError
+from .models import cache_kwarg, max_context, output_cache  # noqa: F401 (max_context: re-exported)
 from .uncertainty import Uncertainty, decompose
 
 
@@ -115,23 +116,19 @@ def _label_token(tokenizer, text: str, prompt_ids: list[int], label: str, sep: s
                    f"use mode 'sequence'")
 
 
-def max_context(model) -> int | None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
 def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
-                 sigma: float | None = None, engine=None) -> list[torch.Tensor]:
-    """Per-sample choice probabilities for several encoded items in ONE forward.
+                 sigma: float | None = None, engine=None, share_prefix: bool = True) -> list[torch.Tensor]:
+    """Per-sample choice probabilities for several encoded items in one batched pass.
 
     The softmax over choices of :func:`choice_scores` (same parameters); float32 (K_i, C_i).
     """
-    return [torch.softmax(s, -1).float() for s in choice_scores(post, encoded, samples, sigma, engine)]
+    scores = choice_scores(post, encoded, samples, sigma, engine, share_prefix)
+    return [torch.softmax(s, -1).float() for s in scores]
 
 
 @torch.no_grad()
 def choice_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
-                  sigma: float | None = None, engine=None) -> list[torch.Tensor]:
+                  sigma: float | None = None, engine=None, share_prefix: bool = True) -> list[torch.Tensor]:
     """Per-sample choice scores (log-likelihoods) for several encoded items in ONE forward.
 
     letter: each label token's log-probability after the prompt; sequence:
@@ -148,6 +145,10 @@ def choice_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int,
         Another sigma than the posterior's (the variance search); runs the eager forward.
     engine : tfb_core.cuda_prefill.PrefillEngine, default=None
         Run the forward through it (CUDA graphs, fused kernels) instead of HF's eager forward.
+    share_prefix : bool, default=True
+        Eager forward: run each prompt once per weight sample and score the choices as
+        continuations of its KV cache (:func:`shared_prefix_scores`), instead of one row per
+        choice that repeats the prompt. Same scores up to rounding.
 
     Returns a list of float64 tensors of shape (K_i, C_i).
     """
@@ -155,6 +156,8 @@ def choice_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int,
         raise TFBError(f"choice_probs needs one (seed, K) per item: {len(encoded)} items, {len(samples)} samples")
     if any(K < 1 for _, K in samples):
         raise TFBError("num_samples must be >= 1")
+    if share_prefix and (engine is None or sigma is not None):
+        return shared_prefix_scores(post, encoded, samples, sigma)
     rows, slot_ids, owners = [], [], []  # one entry per (item, sequence, sample) row
     keys: dict[tuple[int, int], int] = {}
     for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
@@ -183,6 +186,73 @@ def choice_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int,
             scores[i][k] = lp
         else:
             scores[i][k, j] = lp.sum() / len(lp) if enc.length_normalize else lp.sum()
+    return scores
+
+
+def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
+                         sigma: float | None = None) -> list[torch.Tensor]:
+    """:func:`choice_scores` with every prompt run once per weight sample.
+
+    1. Prefix pass: one row per (item, sample k), the prompt left-padded, KV cache kept; its
+       last logits give the letter scores and each choice's first token.
+    2. Continuation pass (sequence items): one row per (item, choice, k), the choice's tokens
+       but the last, right-padded, attending to the prefix row's cache (copied per choice).
+    Cost: K x prompt + C x K x choice tokens, instead of C x K x (prompt + choice).
+    """
+    keys: dict[tuple[int, int], int] = {}
+    prefix, prefix_slots, first = [], [], {}  # first[(i, k)] = the item's prefix row
+    for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
+        prompt = enc.sequences[0][:len(enc.sequences[0]) - (0 if enc.mode is Mode.LETTER else len(enc.targets[0]))]
+        for k in range(K):
+            first[i, k] = len(prefix)
+            prefix.append(prompt)
+            prefix_slots.append(keys.setdefault((seed, k), len(keys)))
+    samples_list = list(keys)
+    device = next(post.model.parameters()).device
+    ids, mask, position_ids = left_pad(prefix, max(len(r) for r in prefix))
+    with post.mixed_samples(samples_list, torch.tensor(prefix_slots), sigma=sigma):
+        out = post.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1)
+    last = out.logits[:, -1]  # (prefix rows, V)
+    last_lse = last.float().logsumexp(-1)
+    scores = [torch.empty(K, enc.num_choices, dtype=torch.float64) for enc, (_, K) in zip(encoded, samples)]
+    conts, owners, cont_slots, parents = [], [], [], []  # continuation rows (i, j, k)
+    for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
+        for k in range(K):
+            r = first[i, k]
+            if enc.mode is Mode.LETTER:
+                labels = torch.tensor(enc.targets[0], device=device)
+                scores[i][k] = (last[r, labels].float() - last_lse[r]).double().cpu()
+                continue
+            for j, cont in enumerate(enc.targets):
+                scores[i][k, j] = float(last[r, cont[0]].float() - last_lse[r])
+                if len(cont) > 1:
+                    conts.append(cont[:-1])
+                    owners.append((i, j, k))
+                    cont_slots.append(keys[samples[i][0], k])
+                    parents.append(r)
+    if conts:
+        width = max(len(c) for c in conts)
+        cont_ids = torch.zeros(len(conts), width, dtype=torch.long)
+        cont_mask = torch.zeros(len(conts), width, dtype=torch.long)
+        for b, c in enumerate(conts):
+            cont_ids[b, :len(c)] = torch.tensor(c)
+            cont_mask[b, :len(c)] = 1
+        parent = torch.tensor(parents)
+        cache = output_cache(out)
+        cache.batch_select_indices(parent.to(device))
+        full_mask = torch.cat([mask[parent], cont_mask], 1)
+        positions = mask[parent].sum(1, keepdim=True) + torch.arange(width)[None]
+        with post.mixed_samples(samples_list, torch.tensor(cont_slots), sigma=sigma):
+            logits = post.model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
+                                position_ids=positions.to(device), use_cache=False,
+                                **{cache_kwarg(post.model): cache}).logits
+        wanted = [(list(range(len(c))), encoded[i].targets[j][1:]) for c, (i, j, _) in zip(conts, owners)]
+        for (i, j, k), lp in zip(owners, target_log_probs(logits, wanted)):
+            scores[i][k, j] += lp.sum()
+    for enc, s in zip(encoded, scores):
+        if enc.mode is Mode.SEQUENCE and enc.length_normalize:
+            s /= torch.tensor([len(t) for t in enc.targets], dtype=torch.float64)
     return scores
 
 
