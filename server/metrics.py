@@ -15,7 +15,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # nats: entropies of C choices are at most log C (log 26 = 3.26)
 ENTROPY_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.3)
-MI_BUCKETS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
+MI_BUCKETS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.03, 0.06, 0.1, 0.3, 1.0)
 SET_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 16, 26)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
