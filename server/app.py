@@ -79,6 +79,7 @@ def start_loading(state: AppState, load) -> None:
         t0 = time.perf_counter()
         try:
             loaded = load(state.settings, set_status)
+            state.settings = loader.resolve_settings(state.settings, loaded.post)
             runner = ModelRunner(loaded, state.metrics, state.settings.engine)
         except BaseException as e:  # any failure: one line, then the CLI exits non-zero
             reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)

@@ -30,6 +30,7 @@ from tfb_core.errors import TFBError
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+DEFAULT_SAMPLES = 10  # K of a start-up search when --samples is not given
 
 PLACEHOLDER_SEED = 1234
 PLACEHOLDER_SIGMA = 0.02
@@ -149,12 +150,13 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
         raise TFBError(f"{flag} needs an 'answer' on every calibration item; {calibration}: item "
                        f"{missing + 1} has none")
     log.info("start-up search: %d calibration items from %s, criterion %s <= %g, K=%d, in %s (key %s)",
-             len(items), calibration, settings.criterion, settings.eps, settings.samples, SEARCH_DTYPE, key[:12])
+             len(items), calibration, settings.criterion, settings.eps, settings.samples or DEFAULT_SAMPLES,
+             SEARCH_DTYPE, key[:12])
     base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
-    post = Posterior.from_adapter(base, adapter, num_samples=settings.samples, seed=settings.seed,
+    post = Posterior.from_adapter(base, adapter, num_samples=settings.samples or DEFAULT_SAMPLES, seed=settings.seed,
                                   mode=settings.mode)
     result = fit_posterior(post, items, criterion=settings.criterion, eps=settings.eps,
-                           max_acc_drop=settings.max_acc_drop, num_samples=settings.samples,
+                           max_acc_drop=settings.max_acc_drop, num_samples=settings.samples or DEFAULT_SAMPLES,
                            seed=settings.seed, mode=settings.mode, length_normalize=settings.length_normalize,
                            gold_labels=settings.gold_labels, chat=bool(settings.chat),
                            holdout=settings.holdout, coverage=settings.coverage or 0.9,
@@ -164,6 +166,22 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
     post.save(out, calibration_file=calibration)
     (out / SERVE_KEY_NAME).write_text(json.dumps({"key": key}))
     log.info("start-up search: saved to %s (a restart with the same inputs loads it)", out)
+
+
+def resolve_settings(settings: Settings, post) -> Settings:
+    """``settings`` with what the loaded posterior decides filled in (K), checked against it."""
+    from tfb_core.conformal import min_calibration_size
+
+    samples = settings.samples or post.config.num_samples
+    if samples > settings.max_samples:
+        raise TFBError(f"the posterior's K ({samples}) is above --max-samples ({settings.max_samples}); "
+                       f"pass --samples or a larger --max-samples")
+    cal = post.config.conformal
+    if settings.coverage is not None and cal is not None and min_calibration_size(settings.coverage) > cal.n:
+        raise TFBError(f"--coverage {settings.coverage:g} needs at least "
+                       f"{min_calibration_size(settings.coverage)} held-out calibration items; the "
+                       f"posterior has {cal.n}")
+    return settings.model_copy(update={"samples": samples})
 
 
 def _key(settings: Settings, adapter: Path) -> str:

@@ -138,10 +138,6 @@ class ChoicesServing:
         self.calibration = cfg.conformal  # prediction sets and abstention, when the posterior holds one
         self.risk = self.calibration.risk_threshold(settings.max_risk) if self.calibration else None
         self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration else 0.9)
-        if self.calibration and min_calibration_size(self.default_coverage) > self.calibration.n:
-            raise TFBError(f"--coverage {self.default_coverage:g} needs at least "
-                           f"{min_calibration_size(self.default_coverage)} held-out calibration items; the "
-                           f"posterior has {self.calibration.n}")
 
     def calibration_info(self) -> CalibrationInfo | None:
         cal, risk = self.calibration, self.risk

@@ -27,7 +27,9 @@ class Settings(BaseSettings):
                                      "start-up for a plain LoRA adapter")
     posterior_out: Path | None = Field(None, description="where the start-up search saves its result "
                                        "(default: a cache directory keyed by the inputs' hashes)")
-    samples: int = Field(10, ge=1, description="K weight samples per answer unless a request asks otherwise")
+    samples: int | None = Field(None, ge=1, description="K weight samples per answer unless a request asks "
+                                "otherwise (default: the posterior's, 10 unless tfb bayesianize was told "
+                                "otherwise; prediction sets are calibrated at that K)")
     max_samples: int = Field(64, ge=1, description="the largest num_samples a request may ask for")
     device: str | None = Field(None, description="cuda, cuda:1, cpu (default: cuda when present)")
     dtype: str | None = Field(None, description="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -104,7 +106,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.samples > self.max_samples:
+        if self.samples is not None and self.samples > self.max_samples:
             raise ValueError(f"samples ({self.samples}) must be <= max_samples ({self.max_samples})")
         if self.model is not None and self.adapter is None:
             raise ValueError("--model needs --adapter (a Bayesianized or LoRA adapter directory)")

@@ -4,7 +4,8 @@ Both are fitted on labelled calibration items that were NOT used to choose sigma
 temperature, scored exactly as traffic is served (same K, seed, scoring and temperature).
 
 - Split conformal prediction: a choice's nonconformity is ``1 - p_c`` (LAC) or the mass of
-  the choices at least as likely as it (APS, not randomised). With ``n`` calibration scores of
+  the choices strictly more likely than it plus ``p_c`` (APS, not randomised; tied choices
+  share a score). With ``n`` calibration scores of
   the true answers, the threshold ``q`` is their ``ceil((n + 1) * coverage)``-th smallest, and
   the set ``{c : score_c <= q}`` holds the true answer with probability >= ``coverage``
   (marginally), IF the traffic is exchangeable with the calibration items. Under a shift it
@@ -12,7 +13,9 @@ temperature, scored exactly as traffic is served (same K, seed, scoring and temp
 - Abstention: answer only when an uncertainty score (MI or PE) is at most a threshold chosen
   so that a binomial upper confidence bound on the error rate of the accepted calibration
   items is <= ``max_risk`` (Selection with Guaranteed Risk, Geifman & El-Yaniv 2017: a binary
-  search over the sorted scores with the confidence split over its steps). With probability
+  search over the sorted scores with the confidence split over its steps; the search moves
+  down from the median score after a failed test, so it can miss a more permissive threshold
+  that would also pass, never certify one that does not). With probability
   >= ``1 - delta`` over the calibration draw, the accepted answers' error rate is <= ``max_risk``.
 """
 
@@ -152,9 +155,9 @@ class RiskThreshold:
 
 def risk_threshold(uncertainty: torch.Tensor, correct: torch.Tensor, max_risk: float,
                    delta: float = 0.05) -> RiskThreshold:
-    """The most permissive threshold on ``uncertainty`` whose accepted items' error rate is
-    certified <= ``max_risk`` with confidence ``1 - delta`` (SGR binary search, Bonferroni over
-    its ``ceil(log2 n)`` steps)."""
+    """A threshold on ``uncertainty`` whose accepted items' error rate is certified <= ``max_risk``
+    with confidence ``1 - delta``: the last one to pass in the SGR binary search over the sorted
+    scores (Bonferroni over its ``ceil(log2 n) + 1`` tests), or None when none passes."""
     if not 0 < max_risk < 1:
         raise TFBError(f"max_risk must be in (0, 1), got {max_risk!r}")
     if not 0 < delta < 1:
@@ -229,8 +232,11 @@ class Calibration:
             raise TFBError(f"{where}: 'calibration' lists must hold finite numbers (correct: booleans)")
         if cal.scores != sorted(cal.scores):
             raise TFBError(f"{where}: 'calibration.scores' must be sorted ascending")
-        parse_score(cal.score)
-        parse_metric(cal.abstain_on)
+        for check in (lambda: parse_score(cal.score), lambda: parse_metric(cal.abstain_on)):
+            try:
+                check()
+            except TFBError as e:
+                raise TFBError(f"{where}: 'calibration': {e}") from None
         for name in ("coverage", "max_risk", "delta"):
             value = getattr(cal, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
