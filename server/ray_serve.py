@@ -9,10 +9,10 @@ How tfb's semantics map onto Ray's:
 - start-up: the model loads in the replica's constructor, so Ray routes nothing to a replica
   until it has loaded (or searched); a failed load raises with tfb's one-line reason, which Ray
   reports as the deployment's status message.
-- the start-up variance search runs once: replicas take a file lock in the cache directory
-  before loading a plain adapter with ``--calibration``; the first searches and saves, the
-  others wait and then load its result (the search cache). Across nodes the cache directory
-  must be shared (or Bayesianize first with ``tfb bayesianize`` and serve the result).
+- the start-up variance search runs once: the loader takes a file lock next to the search's
+  result in the cache directory; the first replica searches and saves, the others wait and
+  then load its result (the search cache). Across nodes the cache directory must be shared
+  (or Bayesianize first with ``tfb bayesianize`` and serve the result).
 - health: Ray's replica health check (``check_health``) is tfb's readiness (status ready).
 - shutdown: Ray stops routing to the replica and waits for its ongoing requests (streams
   included) up to ``graceful_shutdown_timeout_s`` (tfb's request timeout + 30 s); then the
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -100,31 +99,17 @@ class TFBReplica:
 
 
 def load_once(settings: Settings) -> loader.Loaded:
-    """``loader.load``, with a start-up search (plain adapter + calibration) run by one replica.
+    """``loader.load``; a failure raises with the one line ``tfb serve`` prints.
 
-    The replicas that share the cache directory queue on a file lock; the first searches and
-    saves the result under its key, the next find it there (source "cached search").
+    A start-up search (plain adapter + calibration) runs once: the loader takes a file lock
+    next to its result, so replicas sharing the cache directory wait for the first one's search
+    and then load its result.
     """
     try:
-        if not _searches(settings):
-            return loader.load(settings)
-        from tfb_core.models import cache_dir
-
-        lock = cache_dir() / "posteriors" / ".startup-search.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
-            return loader.load(settings)
-    except BaseException as e:  # the same one line as tfb serve prints
+        return loader.load(settings)
+    except BaseException as e:
         reason = str(e) if isinstance(e, (ValueError, TFBError)) else f"{type(e).__name__}: {e}"
         raise RuntimeError("tfb start-up failed: " + " ".join(reason.split())) from None
-
-
-def _searches(settings: Settings) -> bool:
-    from tfb_core.posterior import is_bayesianized
-
-    return (settings.adapter is not None and settings.calibration is not None
-            and not is_bayesianized(Path(settings.adapter).expanduser()))
 
 
 def _ready_and_drain(inner, state):
