@@ -9,8 +9,8 @@ How tfb's semantics map onto Ray's:
 - start-up: the model loads in the replica's constructor, so Ray routes nothing to a replica
   until it has loaded (or searched); a failed load raises with tfb's one-line reason, which Ray
   reports as the deployment's status message.
-- the start-up variance search runs once: the loader takes a file lock next to the search's
-  result in the cache directory; the first replica searches and saves, the others wait and
+- the start-up variance search runs once: the loader takes a file lock in the cache
+  directory; the first replica searches and saves, the others wait and
   then load its result (the search cache). Across nodes the cache directory must be shared
   (or Bayesianize first with ``tfb bayesianize`` and serve the result).
 - health: Ray's replica health check (``check_health``) is tfb's readiness (status ready).
@@ -74,14 +74,14 @@ class TFBReplica:
         logging.getLogger().setLevel(settings.log_level.upper())
         ctx = serve.get_replica_context()
         self.tfb_name = ctx.replica_tag
-        loaded = await asyncio.to_thread(load_once, settings)  # raises with tfb's one-line reason
+        loaded = await asyncio.to_thread(load_or_raise, settings)  # raises with tfb's one-line reason
         self.tfb_app = build_app(settings, load=lambda s, set_status: loaded)
         self.tfb_state = self.tfb_app.state.tfb
         router = self.tfb_app.router
         router.lifespan_context = _ready_and_drain(router.lifespan_context, self.tfb_state)
         self.tfb_app.add_middleware(ReplicaHeader, name=self.tfb_name)
         self.tfb_metrics = MetricsTarget(self.tfb_state.metrics.registry, self.tfb_name, metrics_port,
-                                     getattr(ctx.rank, "local_rank", 0))
+                                         getattr(ctx.rank, "local_rank", 0))
 
     def __serve_build_asgi_app__(self):
         return self.tfb_app
@@ -98,12 +98,12 @@ class TFBReplica:
             metrics.close()
 
 
-def load_once(settings: Settings) -> loader.Loaded:
+def load_or_raise(settings: Settings) -> loader.Loaded:
     """``loader.load``; a failure raises with the one line ``tfb serve`` prints.
 
-    A start-up search (plain adapter + calibration) runs once: the loader takes a file lock
-    next to its result, so replicas sharing the cache directory wait for the first one's search
-    and then load its result.
+    A start-up search (plain adapter + calibration) runs once: the loader takes a file lock in
+    the cache directory, so replicas sharing it wait for the first one's search and then load
+    its result.
     """
     try:
         return loader.load(settings)
@@ -274,8 +274,15 @@ def build(settings: Settings, replicas: int = 1, autoscale: tuple[int, int] | No
     loader.preflight(settings)  # bad paths fail here, before any replica loads
     if replicas < 1:
         raise TFBError(f"--replicas {replicas}: must be >= 1")
-    need = autoscale[1] if autoscale else replicas
+    # autoscaling starts at MIN (at least 1); replicas above what the cluster holds now wait for
+    # the Ray autoscaler (KubeRay) to add nodes
+    need = max(autoscale[0], 1) if autoscale else replicas
     gpu = check_capacity(settings, need, num_cpus, wait_for_resources_s)
+    if autoscale and autoscale[1] > need:
+        have = ray.cluster_resources().get("GPU" if gpu else "CPU", 0) / (1 if gpu else num_cpus)
+        if autoscale[1] > have:
+            log.warning("--autoscale %d:%d: the cluster holds %d replicas now; more wait for the Ray "
+                        "autoscaler to add nodes", autoscale[0], autoscale[1], int(have))
     opts = deployment_options(settings, replicas, autoscale, gpu, num_cpus)
     return serve.deployment(TFBReplica).options(**opts).bind(settings, metrics_port)
 

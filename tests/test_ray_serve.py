@@ -133,6 +133,31 @@ def test_requests_reach_both_replicas_and_the_same_seed_gives_the_same_answer(cl
         assert replica_counter(address, "/v1/choices") >= len(answers[replica]) > 0
 
 
+def test_prometheus_scrapes_each_replica_with_its_replica_label(cluster, tmp_path):
+    """The target files are Prometheus file_sd: a real Prometheus finds both replicas."""
+    import yaml
+
+    from deploy_helpers import Prometheus
+
+    prom = Prometheus(tmp_path, target="unused")  # skips locally without the binary (CI installs it)
+    prom.config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{"job_name": "tfb", "file_sd_configs": [
+            {"files": [str(cluster["cache"] / "prometheus_targets" / "*.json")], "refresh_interval": "1s"}]}]}))
+    with prom:
+        ready = prom.wait_for("count(count by (replica) (tfb_ready == 1)) == 2", timeout=60)
+        assert ready, prom.log.read_text()[-2000:]
+        per_replica = prom.query('sum by (replica) (tfb_requests_total{endpoint="/v1/choices"})')
+    assert {s["metric"]["replica"] for s in per_replica} == set(targets_of(cluster))
+    assert all(float(s["value"][1]) > 0 for s in per_replica)
+
+
+def targets_of(cluster) -> dict[str, str]:
+    from server.ray_serve import targets
+
+    return targets(cluster["cache"] / "prometheus_targets")
+
+
 def test_a_streamed_chat_through_the_proxy_equals_the_plain_one(cluster):
     from openai import OpenAI
 
