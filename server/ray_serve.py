@@ -302,6 +302,8 @@ def app(args: dict | None = None):
 
     from .cli import settings_from_args
 
+    if not ray.is_initialized():  # serve run builds the app before it connects; connect as it would
+        ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")
     return build(settings_from_args(Namespace()), replicas=int(args.get("replicas", 1)),
                  autoscale=parse_autoscale(args["autoscale"]) if args.get("autoscale") else None,
                  metrics_port=int(args.get("metrics_port", 0)), num_cpus=float(args.get("num_cpus", 1)),
