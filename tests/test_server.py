@@ -292,7 +292,8 @@ def test_openapi_documents_requests_responses_errors(client):
 
 
 def test_posterior_chat_and_temperature_are_honoured(llama_dir, lora_dir, tmp_path, core_post):
-    """A posterior recording chat=True and a temperature: requests default to both."""
+    """A posterior recording chat=True and a temperature: requests default to both; the
+    temperature tempers the model average, never the samples."""
     from tfb_core.data import MCItem
     from tfb_core.evaluate import temper
     from tfb_core.scoring import choice_probs, encode_item
@@ -307,6 +308,8 @@ def test_posterior_chat_and_temperature_are_honoured(llama_dir, lora_dir, tmp_pa
     assert info["chat"] is True and info["temperature"] == 2.0
     enc = encode_item(core_post.tokenizer, MCItem(choices=OK["choices"], question=OK["question"]),
                       "letter", chat=True)
-    ref = temper(choice_probs(core_post, [enc], [(0, 3)])[0], 2.0)
-    assert torch.allclose(torch.tensor(a["samples"]), ref, atol=1e-5)
+    samples = choice_probs(core_post, [enc], [(0, 3)])[0].double()
+    assert torch.allclose(torch.tensor(a["samples"], dtype=torch.float64), samples, atol=1e-5)  # untempered
+    assert torch.allclose(torch.tensor(a["probs"], dtype=torch.float64), temper(samples.mean(0), 2.0), atol=1e-5)
+    assert a["temperature"] == 2.0 and a["tempered"] == ["probs"]
     assert a["usage"]["prompt_tokens"] == enc.prompt_tokens
