@@ -65,6 +65,7 @@ def public_name(value: str | None, show_paths: bool = False) -> str | None:
 
 def preflight(settings: Settings) -> None:
     """Cheap checks before binding the port: bad paths fail at once with one clear line."""
+    from tfb_core.adapter import check_adapter_dir
     from tfb_core.posterior import is_bayesianized
 
     if settings.adapter is None:
@@ -72,6 +73,7 @@ def preflight(settings: Settings) -> None:
     adapter = Path(settings.adapter).expanduser()
     if not adapter.is_dir():
         raise TFBError(f"--adapter {adapter}: no such directory")
+    check_adapter_dir(adapter, "--adapter")
     if is_bayesianized(adapter):
         if settings.calibration is not None:
             log.warning("%s is already Bayesianized: --calibration is ignored", adapter)

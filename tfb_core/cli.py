@@ -205,6 +205,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ood", default=None, help="out-of-distribution items (file or built-in name)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--per-item", action="store_true",
+                   help="with --json: add each item's id, prediction, probabilities, PE, MI and metadata "
+                        "(the JSONL file's other fields)")
     p.add_argument("--plot", default=None, help="write reliability diagrams and MI histograms (PNG) here")
     p.add_argument("--limit", type=int, default=None, help="the first N items (and N OOD items)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -213,10 +216,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def _run_eval(args) -> int:
     from . import benchmarks
     from .demo import DEMO_MODEL, DEMO_POSTERIOR
-    from .evaluate import evaluate, format_table, plot, write_json
+    from .evaluate import evaluate, format_table, per_item, plot, write_json
     from .models import load_base_model
     from .posterior import load_posterior
 
+    if args.per_item and not args.json:
+        raise TFBError("--per-item needs --json FILE")
     if args.model is None and args.adapter is None:
         args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
     elif args.adapter is None:
@@ -247,6 +252,8 @@ def _run_eval(args) -> int:
                       length_normalize=cfg.length_normalize if args.length_normalize is None else args.length_normalize,
                       ood_items=ood, batch_size=args.batch_size, calibration=calibration, max_risk=args.max_risk)
     print(format_table(report))
+    if args.per_item:
+        report["items"] = per_item(report, items)
     if args.json:
         write_json(report, args.json)
     if args.plot:
