@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     show_paths: bool = Field(False, description="show the adapter's and base model's local paths in "
                              "/v1/models, /v1/posterior and tfb_model_info (default: names and hashes only)")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
+    access_log: bool = Field(True, description="log one INFO line per request: method, path, status, "
+                             "latency, items and K")
 
     # batching --------------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="the most items in one forward")

@@ -295,3 +295,22 @@ def test_posterior_chat_and_temperature_are_honoured(llama_dir, lora_dir, tmp_pa
     ref = temper(choice_probs(core_post, [enc], [(0, 3)])[0], 2.0)
     assert torch.allclose(torch.tensor(a["samples"]), ref, atol=1e-5)
     assert a["usage"]["prompt_tokens"] == enc.prompt_tokens
+
+
+def test_one_access_log_line_per_request_and_the_flag_turns_it_off(llama_dir, post_dir, caplog):
+    with caplog.at_level("INFO", logger="tfb.access"):
+        with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", samples=3) as s:
+            caplog.clear()
+            body = {"items": [item(0), {**item(1), "num_samples": 5}]}
+            assert httpx.post(s.url + "/v1/choices", json=body).status_code == 200
+            assert httpx.get(s.url + "/v1/nope").status_code == 404
+            lines = [r.getMessage() for r in caplog.records if r.name == "tfb.access"]
+        assert len(lines) == 2, lines
+        method, path, status, latency, items, k = lines[0].split()
+        assert (method, path, status, items, k) == ("POST", "/v1/choices", "200", "items=2", "K=5")
+        assert latency.endswith("ms") and float(latency[:-2]) > 0
+        assert lines[1].split()[:3] == ["GET", "/v1/nope", "404"] and lines[1].endswith("items=- K=-")
+        caplog.clear()
+        with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", access_log=False) as s:
+            assert httpx.post(s.url + "/v1/choices", json=item(0)).status_code == 200
+        assert not [r for r in caplog.records if r.name == "tfb.access"]
