@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import loader
+from .access_log import AccessLogMiddleware
 from .errors import APIError, error_body, install_error_handlers, public_error
 from .limits import Tokenizing
 from .metrics import Metrics
@@ -65,6 +66,8 @@ def build_app(settings: Settings | None = None,
     app.add_middleware(MetricsMiddleware, metrics=state.metrics,
                        known_paths={r.path for r in [*health.routes, *api.routes]}
                        | {"/openapi.json", "/docs", "/redoc"})
+    if settings.access_log:
+        app.add_middleware(AccessLogMiddleware)
     return app
 
 

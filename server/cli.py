@@ -7,6 +7,7 @@ environment variable ``TFB_<NAME>``; a flag given on the command line wins.
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
 import signal
 import sys
@@ -19,7 +20,7 @@ import uvicorn
 
 from tfb_core.cli import main as core_main
 from tfb_core.cli import register_command
-from tfb_core.errors import TFBError
+from tfb_core import TFBError
 
 log = logging.getLogger("server")
 
@@ -57,6 +58,8 @@ def _flag_kind(annotation):
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
         return tuple(typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return tuple(m.value for m in annotation)
     if annotation is bool:
         return bool
     if typing.get_origin(annotation) is list:

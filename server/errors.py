@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tfb_core.errors import TFBError
+from tfb_core import TFBError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tfb_core.demo import DEMO_MODEL
-from tfb_core.errors import TFBError
+from tfb_core import DEMO_MODEL
+from tfb_core import TFBError
 
 from .settings import Settings
 
@@ -70,13 +70,15 @@ def public_name(value: str | None, show_paths: bool = False) -> str | None:
 
 def preflight(settings: Settings) -> None:
     """Cheap checks before binding the port: bad paths fail at once with one clear line."""
-    from tfb_core.posterior import is_bayesianized
+    from tfb_core import check_adapter_dir
+    from tfb_core import is_bayesianized
 
     if settings.adapter is None:
         return
     adapter = Path(settings.adapter).expanduser()
     if not adapter.is_dir():
         raise TFBError(f"--adapter {adapter}: no such directory")
+    check_adapter_dir(adapter, "--adapter")
     if is_bayesianized(adapter):
         if settings.calibration is not None:
             log.warning("%s is already Bayesianized: --calibration is ignored", adapter)
@@ -104,12 +106,12 @@ def _check_posterior_out(settings: Settings, adapter: Path) -> None:
 
 def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None) -> Loaded:
     """Load (or search, then save) the posterior that ``settings`` describe."""
-    from tfb_core.models import load_base_model
+    from tfb_core import load_base_model
 
     preflight(settings)
     if settings.is_demo:
         return _load_demo(settings)
-    from tfb_core.posterior import Posterior, is_bayesianized
+    from tfb_core import Posterior, is_bayesianized
 
     adapter = Path(settings.adapter).expanduser()
     if not is_bayesianized(adapter):
@@ -120,8 +122,8 @@ def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None)
 
 
 def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
-    from tfb_core.models import cache_dir, load_base_model
-    from tfb_core.posterior import Posterior, is_bayesianized
+    from tfb_core import cache_dir, load_base_model
+    from tfb_core import Posterior, is_bayesianized
 
     key = _key(settings, adapter)
     out = Path(settings.posterior_out).expanduser() if settings.posterior_out else \
@@ -153,15 +155,12 @@ def _lock(path: Path):
 
 def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
     """Run the variance search in float32 (TFB_SPEC §4) and save its result to ``out``."""
-    from tfb_core.data import read_jsonl
-    from tfb_core.fit import fit_posterior, resolve_criterion, unlabelled
-    from tfb_core.models import load_base_model
-    from tfb_core.posterior import Posterior
+    from tfb_core import Criterion, Posterior, fit_posterior, load_base_model, read_jsonl, resolve_criterion, unlabelled
 
     calibration = Path(settings.calibration).expanduser()
     items = read_jsonl(calibration)
     missing = unlabelled(items)
-    if missing is not None and (resolve_criterion(settings.criterion, items).value == "cv-nll" or settings.holdout):
+    if missing is not None and (resolve_criterion(settings.criterion, items) is Criterion.CV_NLL or settings.holdout):
         flag = "--holdout" if settings.holdout else "--criterion cv-nll"
         raise TFBError(f"{flag} needs an 'answer' on every calibration item; {calibration}: item "
                        f"{missing + 1} has none")
@@ -171,12 +170,7 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
     base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
     post = Posterior.from_adapter(base, adapter, num_samples=settings.samples or DEFAULT_SAMPLES, seed=settings.seed,
                                   mode=settings.mode)
-    result = fit_posterior(post, items, criterion=settings.criterion, eps=settings.eps,
-                           max_acc_drop=settings.max_acc_drop, num_samples=settings.samples or DEFAULT_SAMPLES,
-                           seed=settings.seed, mode=settings.mode, length_normalize=settings.length_normalize,
-                           gold_labels=settings.gold_labels, chat=bool(settings.chat),
-                           holdout=settings.holdout, coverage=settings.coverage or 0.9,
-                           max_risk=settings.max_risk or 0.1, progress=False)
+    result = fit_posterior(post, items, settings.search_config(), progress=False)
     post.config.chat = bool(settings.chat)
     log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
     post.save(out, calibration_file=calibration)
@@ -186,7 +180,7 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
 
 def resolve_settings(settings: Settings, post) -> Settings:
     """``settings`` with what the loaded posterior decides filled in (K), checked against it."""
-    from tfb_core.conformal import min_calibration_size
+    from tfb_core import min_calibration_size
 
     samples = settings.samples or post.config.num_samples
     if samples > settings.max_samples:
@@ -201,7 +195,7 @@ def resolve_settings(settings: Settings, post) -> Settings:
 
 
 def _key(settings: Settings, adapter: Path) -> str:
-    from tfb_core.models import resolve_model_dir
+    from tfb_core import resolve_model_dir
 
     return search_key(resolve_model_dir(settings.model or DEMO_MODEL), adapter,
                       Path(settings.calibration).expanduser(), settings)
@@ -217,7 +211,7 @@ def search_key(model_dir: Path, adapter: Path, calibration: Path, settings: Sett
     """
     import torch
 
-    from tfb_core.models import default_device
+    from tfb_core import default_device
 
     h = hashlib.sha256()
     model_dir = Path(model_dir)
@@ -230,7 +224,8 @@ def search_key(model_dir: Path, adapter: Path, calibration: Path, settings: Sett
     search = {k: getattr(settings, k) for k in ("criterion", "eps", "samples", "seed", "mode",
                                                  "gold_labels", "chat", "max_acc_drop", "length_normalize",
                                                  "holdout")}
-    search["calibration_defaults"] = [settings.coverage or 0.9, settings.max_risk or 0.1]
+    config = settings.search_config()
+    search["calibration_defaults"] = [config.coverage, config.max_risk]
     search["dtype"] = SEARCH_DTYPE
     search["device"] = torch.device(settings.device).type if settings.device else default_device().type
     h.update(json.dumps(search, sort_keys=True).encode())
@@ -249,7 +244,7 @@ def _read(path: Path) -> bytes:
 
 
 def _sha(path: Path) -> str:
-    from tfb_core.posterior import sha256_file
+    from tfb_core import sha256_file
 
     return sha256_file(path)
 
@@ -266,9 +261,9 @@ def _ends(path: Path, n: int = 1 << 20) -> bytes:
 
 
 def _load_demo(settings: Settings) -> Loaded:
-    from tfb_core.demo import DEMO_POSTERIOR
-    from tfb_core.models import load_base_model
-    from tfb_core.posterior import Posterior, is_bayesianized
+    from tfb_core import DEMO_POSTERIOR
+    from tfb_core import load_base_model
+    from tfb_core import Posterior, is_bayesianized
 
     base = load_base_model(DEMO_MODEL, device=settings.device, dtype=settings.dtype)
     if is_bayesianized(DEMO_POSTERIOR):
@@ -283,8 +278,8 @@ def _load_demo(settings: Settings) -> Loaded:
 
 def placeholder_posterior(base) -> Path:
     """A deterministic random LoRA on ``base``, Bayesianized at a fixed sigma, cached."""
-    from tfb_core.models import cache_dir
-    from tfb_core.posterior import is_bayesianized
+    from tfb_core import cache_dir
+    from tfb_core import is_bayesianized
 
     root = cache_dir() / "placeholder" / f"{base.name}-v{PLACEHOLDER_VERSION}"
     posterior = root / "posterior"
@@ -294,8 +289,9 @@ def placeholder_posterior(base) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tfb_core.posterior import Posterior
-    from tfb_core.models import BaseModel
+    from tfb_core import BaseModel
+    from tfb_core import Mode
+    from tfb_core import Posterior
 
     log.info("building the placeholder demo adapter in %s (once)", root)
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
@@ -311,7 +307,7 @@ def placeholder_posterior(base) -> Path:
     del peft_model, model
     fresh = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True).eval()
     post = Posterior.from_adapter(BaseModel(fresh, base.tokenizer, base.name, base.path), adapter,
-                                  seed=0, mode="letter")
+                                  seed=0, mode=Mode.LETTER)
     post.sigma = PLACEHOLDER_SIGMA
     post.save(posterior)
     return posterior

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag,
                       ValidationInfo, field_validator, model_validator)
 
-from tfb_core.data import LABELS
+from tfb_core import LABELS, Mode, Score
+
 
 def valid_unicode(text: str) -> str:
     """Text a tokenizer can encode: JSON may carry a lone surrogate (\\ud800), UTF-8 cannot."""
@@ -53,8 +54,8 @@ class ChoiceItem(_Strict):
     labels in letter mode) or ``messages`` (rendered with the chat template, used as it is).
     """
 
-    mode: Literal["letter", "sequence"] | None = Field(
-        None, description="letter: the next-token probability of each choice's label (A, B, ...); "
+    mode: Mode | None = Field(  # not strict: the enum's plain strings are its values
+        None, strict=False, description="letter: the next-token probability of each choice's label (A, B, ...); "
         "sequence: the likelihood of each choice's text (default: the posterior's mode, else letter)")
     prompt: NonBlank | None = Field(None, description="a pre-formatted prompt, used as it is")
     question: NonBlank | None = Field(None, description="a question; the server formats the prompt")
@@ -96,7 +97,7 @@ class ChoiceItem(_Strict):
         dup = next((c for c in v if c in seen or seen.add(c)), None)
         if dup is not None:
             raise ValueError(f"choices must be distinct; {dup!r:.80} appears twice")
-        if info.data.get("mode") == "letter" and len(v) > len(LABELS):
+        if info.data.get("mode") is Mode.LETTER and len(v) > len(LABELS):
             raise ValueError(f"letter mode allows at most {len(LABELS)} choices (labels A-Z), got "
                              f"{len(v)}; use mode 'sequence'")
         return v
@@ -149,7 +150,7 @@ class PredictionSet(BaseModel):
     indices: list[int] = Field(..., description="the choices in the set, most probable first")
     labels: list[str] = Field(..., description="their labels (A, B, ...)")
     coverage: float = Field(..., description="the target: P(answer in set) >= coverage")
-    score: Literal["lac", "aps"] = Field(..., description="nonconformity score (lac: 1 - p; aps: cumulative p)")
+    score: Score = Field(..., strict=False, description="nonconformity score (lac: 1 - p; aps: cumulative p)")
     calibration_size: int = Field(..., description="held-out calibration items behind the threshold")
     matches_calibration: bool = Field(..., description="false when this request's settings (num_samples, "
                                       "seed, mode, length_normalize, chat) differ from the calibration's: "

@@ -46,7 +46,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from tfb_core.errors import TFBError
+from tfb_core import TFBError
 
 from . import loader
 from .settings import Settings
@@ -160,7 +160,7 @@ class MetricsTarget:
     def __init__(self, registry, replica: str, base_port: int, local_rank: int):
         from prometheus_client import start_http_server
 
-        from tfb_core.models import cache_dir
+        from tfb_core import cache_dir
 
         port = base_port + local_rank if base_port else 0
         self.server, self.thread = start_http_server(port, addr="0.0.0.0", registry=registry)
@@ -182,7 +182,7 @@ class MetricsTarget:
 
 def targets(directory: Path | None = None) -> dict[str, str]:
     """{replica: host:port} from the target files (what Prometheus' file_sd sees)."""
-    from tfb_core.models import cache_dir
+    from tfb_core import cache_dir
 
     directory = directory or cache_dir() / TARGETS_DIR
     out = {}

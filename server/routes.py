@@ -9,6 +9,7 @@ import hmac
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .access_log import note_work
 from .errors import ClientClosed, NotReady, Unauthorized
 from .metrics import CONTENT_TYPE
 from .openai_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -67,6 +68,8 @@ async def get_health(request: Request) -> JSONResponse:
           tags=["choices"])
 async def create_choices(request: Request, body: ChoicesRequest, state: AppState = Depends(require_ready)):
     """Answer probabilities with their uncertainty, for one item or ``{"items": [...]}``."""
+    items = getattr(body, "items", None) or [body]
+    note_work(request, len(items), max(it.num_samples or state.settings.samples for it in items))
     return await unless_disconnected(request, state.choices.create(body))
 
 
@@ -78,6 +81,8 @@ SSE = {"content": {"text/event-stream": {}}, "description": "with stream: true, 
           tags=["generation"], responses={200: SSE})
 async def create_completion(request: Request, body: CompletionRequest, state: AppState = Depends(require_ready)):
     """Text from the model average of K weight samples, with per-token uncertainty."""
+    prompts = len(body.prompt) if isinstance(body.prompt, list) else 1
+    note_work(request, prompts * body.n, body.num_samples or state.settings.samples)
     return _answer(await unless_disconnected(request, state.completions.create(body, reporter(request))))
 
 
@@ -86,6 +91,7 @@ async def create_completion(request: Request, body: CompletionRequest, state: Ap
 async def create_chat_completion(request: Request, body: ChatCompletionRequest,
                                  state: AppState = Depends(require_ready)):
     """A chat reply (the tokenizer's chat template) with per-token uncertainty."""
+    note_work(request, body.n, body.num_samples or state.settings.samples)
     return _answer(await unless_disconnected(request, state.completions.create(body, reporter(request))))
 
 

@@ -19,13 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tfb_core.cuda_decode import require_supported, use_static
-from tfb_core.cuda_prefill import PrefillEngine
-from tfb_core.data import LABELS, MCItem
-from tfb_core.errors import TFBError
-from tfb_core.scoring import Encoded, apply_chat, choice_probs, encode_item, max_context
-from tfb_core.conformal import decide, min_calibration_size
-from tfb_core.uncertainty import decompose
+from tfb_core import (COVERAGE, Encoded, LABELS, MCItem, Mode, PrefillEngine, TFBError, apply_chat,
+                      choice_probs, decide, decompose, encode_item, max_context,
+                      min_calibration_size, require_supported, use_static)
 
 from .errors import BadRequest
 from .limits import Tokenizing, check_chars, max_prompt_chars
@@ -134,10 +130,10 @@ class ChoicesServing:
         self.max_chars = max_prompt_chars(self.tokenizer, self.context or 2048)
         cfg = self.post.config
         self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
-        self.default_mode = cfg.mode or "letter"
+        self.default_mode = cfg.mode or Mode.LETTER
         self.calibration = cfg.conformal  # prediction sets and abstention, when the posterior holds one
         self.risk = self.calibration.risk_threshold(settings.max_risk) if self.calibration else None
-        self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration else 0.9)
+        self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration else COVERAGE)
 
     def calibration_info(self) -> CalibrationInfo | None:
         cal, risk = self.calibration, self.risk
@@ -189,7 +185,7 @@ class ChoicesServing:
             raise BadRequest(f"'{where}choices' has {len(item.choices)} entries; at most "
                              f"{self.settings.max_choices} are allowed per item", param=f"{where}choices")
         mode = item.mode or self.default_mode
-        if mode == "letter" and len(item.choices) > len(LABELS):
+        if mode is Mode.LETTER and len(item.choices) > len(LABELS):
             raise BadRequest(f"'{where}choices': letter mode allows at most {len(LABELS)} choices, got "
                              f"{len(item.choices)}; use mode 'sequence'", param=f"{where}choices")
         if item.coverage is not None:
@@ -234,7 +230,7 @@ class ChoicesServing:
         cfg = self.post.config
         chat = item.chat if item.chat is not None else self.default_chat
         return (work.num_samples == cfg.num_samples and work.seed == cfg.seed
-                and (item.mode or self.default_mode) == (cfg.mode or "letter")
+                and (item.mode or self.default_mode) is (cfg.mode or Mode.LETTER)
                 and self.length_normalize(item) == bool(cfg.length_normalize) and chat == bool(cfg.chat))
 
     def decision(self, item: ChoiceItem, work: ChoiceWork, out: ChoiceOutput) -> dict:

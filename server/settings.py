@@ -12,6 +12,14 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tfb_core import Criterion, Mode, SearchConfig
+
+
+def _search(name: str, **constraints):
+    """A start-up search setting: its default and help are :class:`SearchConfig`'s."""
+    return Field(SearchConfig.default(name), description="start-up search: " + SearchConfig.help(name),
+                 **constraints)
+
 
 class Settings(BaseSettings):
     """What the server loads and how it batches, limits and protects requests."""
@@ -42,20 +50,14 @@ class Settings(BaseSettings):
                               "what the posterior records; requests may override)")
 
     # the start-up search (plain adapter + calibration) ----------------------------------------
-    criterion: Literal["auto", "nll", "accuracy", "cv-nll", "reference"] = Field(
-        "auto", description="start-up search: how sigma is chosen (auto: cv-nll when every calibration "
-        "item has an answer, else the paper's nll)")
-    eps: float = Field(0.003, gt=0, description="start-up search: the nll / accuracy tolerance")
-    max_acc_drop: float = Field(0.01, ge=0, lt=1, description="start-up search, cv-nll: the accuracy "
-                                "sigma may cost against sigma 0")
-    seed: int = Field(0, ge=0, description="start-up search: the draws' seed")
-    mode: Literal["letter", "sequence"] = Field("letter", description="start-up search: how choices are scored")
-    length_normalize: bool = Field(False, description="start-up search: score a choice by its mean "
-                                   "log-probability per token (sequence mode)")
-    gold_labels: bool = Field(False, description="start-up search: nll / accuracy against the items' answers")
-    holdout: float | None = Field(None, ge=0, lt=1, description="start-up search: the fraction of labelled "
-                                  "calibration items held out for prediction sets and abstention "
-                                  "(default: 0.5 when every item has an answer, else 0)")
+    criterion: Criterion = _search("criterion")
+    eps: float = _search("eps", gt=0)
+    max_acc_drop: float = _search("max_acc_drop", ge=0, lt=1)
+    seed: int = _search("seed", ge=0)
+    mode: Mode = _search("mode")
+    length_normalize: bool = _search("length_normalize")
+    gold_labels: bool = _search("gold_labels")
+    holdout: float | None = _search("holdout", ge=0, lt=1)
 
     # prediction sets and abstention (a posterior with a held-out calibration) ------------------
     coverage: float | None = Field(None, gt=0, lt=1, description="/v1/choices prediction sets' default "
@@ -83,6 +85,8 @@ class Settings(BaseSettings):
     show_paths: bool = Field(False, description="show the adapter's and base model's local paths in "
                              "/v1/models, /v1/posterior and tfb_model_info (default: names and hashes only)")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
+    access_log: bool = Field(True, description="log one INFO line per request: method, path, status, "
+                             "latency, items and K")
 
     # batching --------------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="the most items in one forward")
@@ -111,6 +115,15 @@ class Settings(BaseSettings):
         if self.model is not None and self.adapter is None:
             raise ValueError("--model needs --adapter (a Bayesianized or LoRA adapter directory)")
         return self
+
+    def search_config(self) -> SearchConfig:
+        """The start-up search's :class:`SearchConfig` (the rest at its defaults)."""
+        return SearchConfig(criterion=self.criterion, eps=self.eps, max_acc_drop=self.max_acc_drop,
+                            num_samples=self.samples or SearchConfig.default("num_samples"), seed=self.seed, mode=self.mode,
+                            length_normalize=self.length_normalize, gold_labels=self.gold_labels,
+                            chat=bool(self.chat), holdout=self.holdout,
+                            coverage=self.coverage or SearchConfig.default("coverage"),
+                            max_risk=self.max_risk or SearchConfig.default("max_risk"))
 
     @property
     def is_demo(self) -> bool:

@@ -39,6 +39,15 @@ def lora_dir(tmp_path_factory, llama_dir) -> Path:
     return tiny.make_lora(llama_dir, tmp_path_factory.mktemp("lora") / "adapter", targets=LLAMA_TARGETS)
 
 
+@pytest.fixture(scope="module")
+def post(llama_dir, lora_dir):
+    """The tiny Llama + its LoRA as a float32 CPU Posterior, shared by a module's tests (sigma 0
+    unless a test passes its own)."""
+    from tfb_core.posterior import Posterior
+
+    return Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
+
+
 @pytest.fixture()
 def llama_post(llama_dir, lora_dir):
     """A fresh float32 Posterior of the tiny Llama + its LoRA (a test may set its sigma)."""

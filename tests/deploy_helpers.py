@@ -108,9 +108,9 @@ def rules() -> list[dict]:
 
 def exported_names(metrics_text: str) -> set[str]:
     """Every sample name in a /metrics exposition (tfb_x_bucket, tfb_x_count, tfb_y_total, ...)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from server_helpers import scrape
 
-    return {s.name for fam in text_string_to_metric_families(metrics_text) for s in fam.samples}
+    return {name for name, _ in scrape(metrics_text)}
 
 
 # --- a real Prometheus --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Helpers for the server tests: a real uvicorn server on a free port, in a thread or a process."""
+"""Helpers for the server tests: a real uvicorn server on a free port, in a thread or a process;
+waiting on a condition; the one /metrics parser."""
 
 from __future__ import annotations
 
@@ -19,6 +20,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition", poll: float = 0.02):
+    """Poll ``condition()`` until it is true (returns its value); fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not met after {timeout:g} s"
+        time.sleep(poll)
+
+
+# --- /metrics: the one parser ---------------------------------------------------------------------
+
+
+def metrics_text(source) -> str:
+    """The exposition text of ``source``: a server (``.url``), a client (``.get``), a base url or the text."""
+    if hasattr(source, "get") and not isinstance(source, str):
+        return source.get("/metrics").text
+    if hasattr(source, "url") and isinstance(source.url, str):
+        source = source.url
+    if source.startswith("http://") or source.startswith("https://"):
+        return httpx.get(f"{source}/metrics", timeout=30).text
+    return source
+
+
+def scrape(source) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics exposition: ``{(sample name, sorted label items): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(metrics_text(source)) for s in fam.samples}
+
+
+def metric(source, name: str, **labels) -> float:
+    """The sum of the samples named ``name`` (``tfb_x_count``, ``tfb_x_bucket``, ...) whose labels
+    include ``labels`` (a histogram bucket: ``le="1.0"``); 0 when there are none. ``source``
+    is what :func:`metrics_text` takes, or the dict :func:`scrape` returns."""
+    samples = source if isinstance(source, dict) else scrape(source)
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and all(dict(ls).get(k) == str(v2) for k, v2 in labels.items()))
 
 
 def wait_ready(url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:

@@ -114,8 +114,15 @@ def test_missing_paths(tmp_path, base, llama_dir):
     with pytest.raises(TFBError, match="does not exist"):
         load_adapter(tmp_path / "nope", base.model)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TFBError, match="adapter_config.json"):
+    with pytest.raises(TFBError, match="empty: expected a peft LoRA adapter"):
         load_adapter(tmp_path / "empty", base.model)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("hi")
+    with pytest.raises(TFBError, match="not an adapter: it has no adapter_config.json.*holds notes.txt"):
+        load_adapter(tmp_path / "other", base.model)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TFBError, match="is a file, not a directory"):
+        load_adapter(tmp_path / "file", base.model)
     with pytest.raises(TFBError, match="nope"):
         Posterior.from_adapter(base, tmp_path / "nope")
 

@@ -21,6 +21,7 @@ from conftest import explicit_model, fresh_base, mc_items, peft_model, read_lora
 
 from tfb_core.cli import main
 from tfb_core.data import write_jsonl
+from tfb_core.errors import TFBError
 from tfb_core.posterior import POSTERIOR_NAME, TFB_CONFIG_NAME, Posterior
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,49 @@ def test_unknown_criterion_and_mode(tmp_path, capsys):
             main(["bayesianize", "--adapter", "x", "--out", str(tmp_path / "o"), flag, value])
         assert e.value.code == 2
         assert "invalid choice" in capsys.readouterr().err
+
+
+def test_search_flags_are_generated_from_search_config(tmp_path, capsys):
+    """Every SearchConfig field is a `tfb bayesianize` flag with its help and default, and the
+    flags give back the SearchConfig; a bad value is one line naming the field, exit 2."""
+    import dataclasses
+
+    from tfb_core.cli import build_parser, search_config
+    from tfb_core.options import Criterion, Metric, Mode, Score, SearchConfig
+
+    with pytest.raises(SystemExit):
+        main(["bayesianize", "--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for f in dataclasses.fields(SearchConfig):
+        assert SearchConfig.flag(f.name) in help_text, f.name
+        assert "".join(SearchConfig.help(f.name).split()) in help_text, f.name
+    assert "--samplesSAMPLES" in help_text and "(default:0.003)" in help_text
+    base = ["bayesianize", "--adapter", "a", "--out", "o"]
+    assert search_config(build_parser().parse_args(base)) == SearchConfig()
+    args = build_parser().parse_args(base + ["--criterion", "cv-nll", "--samples", "4", "--mode", "sequence",
+                                             "--conformal-score", "aps", "--abstain-on", "predictive_entropy",
+                                             "--no-temperature", "--sigma-grid", "0,0.02", "--chat"])
+    cfg = search_config(args)
+    assert (cfg.criterion, cfg.num_samples, cfg.mode, cfg.score, cfg.abstain_on) == \
+        (Criterion.CV_NLL, 4, Mode.SEQUENCE, Score.APS, Metric.PE)
+    assert cfg.temperature is False and cfg.sigma_grid == (0.0, 0.02) and cfg.chat is True
+    assert main(base + ["--out", str(tmp_path / "o"), "--eps", "0", "--calibration", "c.jsonl"]) == 2
+    assert capsys.readouterr().err.strip() == "tfb bayesianize: error: eps must be > 0, got 0.0"
+
+
+def test_enums_accept_their_strings_everywhere():
+    from server.protocol import ChoiceItem
+    from server.settings import Settings
+    from tfb_core.options import Criterion, Mode
+    from tfb_core.posterior import TFBConfig
+
+    assert Settings(criterion="cv-nll", mode="sequence").criterion is Criterion.CV_NLL
+    assert Settings().mode is Mode.LETTER and f"{Settings().criterion}" == "auto"
+    assert ChoiceItem(question="q", choices=["a", "b"], mode="sequence").mode is Mode.SEQUENCE
+    assert TFBConfig(mode="letter", criterion="nll").mode is Mode.LETTER
+    with pytest.raises(TFBError, match="unknown mode 'words'"):
+        TFBConfig(mode="words")
+    assert json.dumps({"m": Mode.LETTER, "c": Criterion.AUTO}) == '{"m": "letter", "c": "auto"}'
 
 
 def test_fixed_sigma_without_calibration(tmp_path, llama_dir, lora_dir, capsys):

@@ -51,7 +51,10 @@ BAD_LINES = [
     (json.dumps({"question": "q", "choices": ["a", "b"], "answer": "Z"}), "not an index, a label"),
     (json.dumps({"question": "q", "choices": ["a", "b"], "answer": True}), "not an index"),
     (json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1.0}), "not an index"),
-    (json.dumps({"question": "q", "choices": ["a", "b"], "label": 1}), "unknown field"),
+    (json.dumps({"question": "q", "choices": ["a", "b"], "anwser": 1}), "'anwser': did you mean 'answer'?"),
+    (json.dumps({"question": "q", "choice": ["a", "b"]}), "'choice': did you mean 'choices'?"),
+    (json.dumps({"questoin": "q", "choices": ["a", "b"]}), "'questoin': did you mean 'question'?"),
+    (json.dumps({"question": "q", "choices": ["a", "b"], "id": [1]}), "'id' must be a string or an integer"),
 ]
 
 
@@ -102,3 +105,30 @@ def test_utf8_with_bom(tmp_path):
     f = tmp_path / "bom.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "caf\u00e9?", "choices": ["a", "b"]}).encode() + b"\r\n")
     assert read_jsonl(f)[0].question == "caf\u00e9?"
+
+
+def test_other_fields_are_metadata_with_one_warning(tmp_path, caplog):
+    f = write(tmp_path / "cal.jsonl", [
+        json.dumps({"id": "q1", "question": "Q1?", "choices": ["a", "b"], "answer": 0, "source": "arc",
+                    "label": 1}),
+        json.dumps({"id": 2, "question": "Q2?", "choices": ["a", "b"], "source": "obqa", "subject": "bio"}),
+        json.dumps({"question": "Q3?", "choices": ["a", "b"]}),
+    ])
+    with caplog.at_level("WARNING", logger="tfb_core.data"):
+        items = read_jsonl(f)
+    assert [it.id for it in items] == ["q1", 2, None]
+    assert items[0].metadata == {"source": "arc", "label": 1}  # 'label' is data, not an answer
+    assert items[0].answer == 0
+    assert items[1].metadata == {"source": "obqa", "subject": "bio"} and items[2].metadata == {}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert str(f) in warnings[0] and all(repr(k) in warnings[0] for k in ("source", "label", "subject"))
+    # metadata and ids survive a round trip
+    write_jsonl(items, tmp_path / "again.jsonl")
+    assert read_jsonl(tmp_path / "again.jsonl") == items
+
+
+def test_a_near_name_beside_the_real_field_is_metadata(tmp_path):
+    f = write(tmp_path / "cal.jsonl", [json.dumps({"question": "Q?", "question_id": "x7", "choices": ["a", "b"],
+                                                   "answers": ["a"], "answer": 0})])
+    assert read_jsonl(f)[0].metadata == {"question_id": "x7", "answers": ["a"]}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ import tiny
 from deploy_helpers import (DOCKER, GENERATION_ROW, RULES, SCRAPE_SERIES, Prometheus, dashboard,
                             dashboard_exprs, exported_names, grafana_to_promql, metric_names, need_binary,
                             rules)
-from server_helpers import bayesianized, start_cli, wait_ready
+from server_helpers import bayesianized, start_cli, wait_for, wait_ready
 
 QUESTION = {"question": "Which gas do plants absorb?", "choices": ["Oxygen", "Carbon dioxide", "Helium"]}
 BAD = {"question": "bad", "choices": ["only one"]}  # a 400, for the error panels
@@ -61,7 +60,11 @@ def stack(tmp_path_factory):
         assert not failed, failed
         for name in ("tfb_mutual_information_count", "tfb_request_duration_seconds_count"):
             assert prom.wait_for(f"sum({name}) > 0", timeout=30), f"{name} never reached Prometheus"
-        time.sleep(3)  # a few more scrapes and rule evaluations: rate() needs two samples
+        # rate() over the dashboards' 15 s window needs two scrapes after the traffic, and every
+        # rule must have been evaluated once
+        assert prom.wait_for("min(count_over_time(tfb_request_duration_seconds_count[15s])) >= 2", timeout=30)
+        wait_for(lambda: all(r["health"] != "unknown" for g in prom.api("rules")["groups"] for r in g["rules"]),
+                 timeout=30, what="every rule evaluated", poll=0.5)
         metrics_text = httpx.get(f"{url}/metrics").text
         yield url, prom, paths, metrics_text
     finally:

@@ -117,6 +117,25 @@ def test_tfb_eval_cli(tmp_path, llama_dir, lora_dir, capsys):
     assert report["deterministic"]["nll"] == pytest.approx(-p[torch.arange(6), y].log().mean().item(), rel=1e-5)
 
 
+def test_tfb_eval_per_item_returns_metadata(tmp_path, llama_dir, lora_dir):
+    data, out = tmp_path / "d.jsonl", tmp_path / "r.json"
+    data.write_text("\n".join(json.dumps({"id": f"q{i}", "question": f"Colour {i}?", "source": f"s{i}",
+                                           "choices": ["red", "green", "blue"][: 2 + i % 2], "answer": i % 2})
+                              for i in range(4)) + "\n")
+    assert main(["eval", "--model", str(llama_dir), "--adapter", str(lora_dir), "--data", str(data),
+                 "--samples", "3", "--sigma", "0.2", "--json", str(out), "--per-item"]) == 0
+    rows = json.loads(out.read_text())["items"]
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2", "q3"]
+    assert [r["metadata"] for r in rows] == [{"source": f"s{i}"} for i in range(4)]
+    for i, r in enumerate(rows):
+        assert len(r["probs"]) == 2 + i % 2 and sum(r["probs"]) == pytest.approx(1, abs=1e-5)
+        assert r["prediction"] == max(range(len(r["probs"])), key=r["probs"].__getitem__)
+        assert r["answer"] == i % 2 and r["mutual_information"] >= 0
+        assert r["predictive_entropy"] >= r["mutual_information"]
+    assert main(["eval", "--model", str(llama_dir), "--adapter", str(lora_dir), "--data", str(data),
+                 "--per-item"]) == 2  # needs --json
+
+
 def test_tfb_eval_needs_answers(tmp_path, llama_dir, lora_dir):
     data = tmp_path / "d.jsonl"
     write_jsonl([MCItem(choices=["a", "b"], question="q?")], data)

@@ -24,11 +24,6 @@ N_DRAWS = 2000
 
 
 @pytest.fixture(scope="module")
-def post(llama_dir, lora_dir):
-    return Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-
-
-@pytest.fixture(scope="module")
 def pattern_lora(tmp_path_factory, llama_dir):
     """rsLoRA with a per-module rank and alpha, on attention, an MLP projection and lm_head."""
     return tiny.make_lora(llama_dir, tmp_path_factory.mktemp("pattern") / "adapter", seed=5, r=4, alpha=8,

@@ -11,11 +11,10 @@ import time
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import tiny
 from server import loader
-from server_helpers import ServerThread, bayesianized
+from server_helpers import ServerThread, bayesianized, metric, wait_for
 
 K = 3
 NAN_WORD, RAISE_WORD = " quokka", " narwhal"  # prompts holding these poison the model's forward
@@ -38,22 +37,6 @@ def srv(dirs):
 
 def model_of(s) -> str:
     return httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"]
-
-
-def metric(s, name: str, **labels) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(f"{s.url}/metrics").text):
-        for sample in fam.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def sse(url: str, body: dict) -> list[dict]:

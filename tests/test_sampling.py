@@ -20,11 +20,6 @@ TEXTS = ["Hello", "The quick brown fox jumps over the lazy dog", "One two three 
 
 
 @pytest.fixture(scope="module")
-def post(llama_dir, lora_dir):
-    return Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-
-
-@pytest.fixture(scope="module")
 def reference(post, llama_dir, lora_dir):
     """For each k < K: the logits of each prompt alone through the explicit model k."""
     seqs = [post.tokenizer(t).input_ids for t in TEXTS]

@@ -22,11 +22,6 @@ K = 2
 
 
 @pytest.fixture(scope="module")
-def post(llama_dir, lora_dir):
-    return Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-
-
-@pytest.fixture(scope="module")
 def explicit(post, llama_dir, lora_dir):
     """Plain models with the weights of samples k = 0..K-1 (seed SEED, sigma SIGMA)."""
     return [explicit_model(llama_dir, post, SEED, k, SIGMA, adapter_dir=lora_dir) for k in range(K)]

@@ -24,11 +24,6 @@ RTOL = 0.05
 
 
 @pytest.fixture(scope="module")
-def post(llama_dir, lora_dir):
-    return Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-
-
-@pytest.fixture(scope="module")
 def items():
     return mc_items(12, seed=2)
 

@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from server_helpers import ServerThread, bayesianized
+from server_helpers import ServerThread, bayesianized, metric, scrape
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -132,16 +131,9 @@ def test_32_concurrent_requests_are_batched_and_equal_sequential(client):
 
 
 def batch_histogram(client) -> dict:
-    fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
-    out = {"count": 0.0, "sum": 0.0, "le_1": 0.0}
-    for s in fams["tfb_batch_size"].samples:
-        if s.name.endswith("_count"):
-            out["count"] = s.value
-        elif s.name.endswith("_sum"):
-            out["sum"] = s.value
-        elif s.name.endswith("_bucket") and s.labels["le"] == "1.0":
-            out["le_1"] = s.value
-    return out
+    samples = scrape(client)
+    return {"count": metric(samples, "tfb_batch_size_count"), "sum": metric(samples, "tfb_batch_size_sum"),
+            "le_1": metric(samples, "tfb_batch_size_bucket", le="1.0")}
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -247,18 +239,11 @@ def test_models_posterior_health(client, srv, post_dir):
 
 
 def test_metrics_move_with_traffic(client):
-    def scrape() -> dict:
-        out = {}
-        for fam in text_string_to_metric_families(client.get("/metrics").text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-    before = scrape()
+    before = scrape(client)
     for i in range(3):
         assert client.post("/v1/choices", json=item(i)).status_code == 200
     client.post("/v1/choices", json={"question": "q"})  # a 400
-    after = scrape()
+    after = scrape(client)
 
     def delta(name, **labels):
         key = (name, tuple(sorted({"model": "post", **labels}.items())))
@@ -313,3 +298,22 @@ def test_posterior_chat_and_temperature_are_honoured(llama_dir, lora_dir, tmp_pa
     assert torch.allclose(torch.tensor(a["probs"], dtype=torch.float64), temper(samples.mean(0), 2.0), atol=1e-5)
     assert a["temperature"] == 2.0 and a["tempered"] == ["probs"]
     assert a["usage"]["prompt_tokens"] == enc.prompt_tokens
+
+
+def test_one_access_log_line_per_request_and_the_flag_turns_it_off(llama_dir, post_dir, caplog):
+    with caplog.at_level("INFO", logger="tfb.access"):
+        with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", samples=3) as s:
+            caplog.clear()
+            body = {"items": [item(0), {**item(1), "num_samples": 5}]}
+            assert httpx.post(s.url + "/v1/choices", json=body).status_code == 200
+            assert httpx.get(s.url + "/v1/nope").status_code == 404
+            lines = [r.getMessage() for r in caplog.records if r.name == "tfb.access"]
+        assert len(lines) == 2, lines
+        method, path, status, latency, items, k = lines[0].split()
+        assert (method, path, status, items, k) == ("POST", "/v1/choices", "200", "items=2", "K=5")
+        assert latency.endswith("ms") and float(latency[:-2]) > 0
+        assert lines[1].split()[:3] == ["GET", "/v1/nope", "404"] and lines[1].endswith("items=- K=-")
+        caplog.clear()
+        with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", access_log=False) as s:
+            assert httpx.post(s.url + "/v1/choices", json=item(0)).status_code == 200
+        assert not [r for r in caplog.records if r.name == "tfb.access"]

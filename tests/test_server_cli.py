@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 
-from server_helpers import ServerThread, bayesianized, start_cli, wait_ready
+from server_helpers import ServerThread, bayesianized, metric, start_cli, wait_for, wait_ready
 
 OK = {"question": "Which gas do plants absorb from the air?", "choices": ["Oxygen", "Carbon dioxide", "Helium"]}
 
@@ -67,7 +66,7 @@ def test_demo_end_to_end_env_settings_and_sigterm_drain():
         a = r.json()
         assert a["num_samples"] == 3 and len(a["samples"]) == 3 and a["model"] == "tfb-demo"
         assert sum(a["probs"]) == pytest.approx(1, abs=1e-6) and a["uncertainty"]["mutual_information"] >= 0
-        assert httpx.get(url + "/v1/posterior").json()["source"] in ("demo", "placeholder")
+        assert httpx.get(url + "/v1/posterior").json()["source"] == "demo"  # the shipped posterior, not a stand-in
 
         # a long request in flight, then SIGTERM: it finishes; new requests get 503; exit 0
         results = {}
@@ -75,9 +74,10 @@ def test_demo_end_to_end_env_settings_and_sigterm_drain():
         t = threading.Thread(target=lambda: results.setdefault(
             "r", httpx.post(url + "/v1/choices", json=big, timeout=300)))
         t.start()
-        time.sleep(0.5)
+        wait_for(lambda: metric(url, "tfb_requests_running") >= 1, timeout=60, what="the long request running")
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        wait_for(lambda: httpx.get(url + "/health", timeout=30).status_code == 503, timeout=60,
+                 what="/health 503 while draining")
         late = httpx.post(url + "/v1/choices", json=OK, timeout=30)
         health = httpx.get(url + "/health", timeout=30)
         t.join(300)
@@ -96,6 +96,15 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert err.strip().splitlines()[-1] == f"tfb serve: error: --adapter {tmp_path / 'missing'}: no such directory"
+
+    (tmp_path / "empty").mkdir()
+    proc, _ = start_cli("--adapter", str(tmp_path / "empty"))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == (
+        f"tfb serve: error: --adapter {tmp_path / 'empty'} is empty: expected a peft LoRA adapter "
+        f"(adapter_config.json and adapter_model.safetensors, as save_pretrained writes them) or a "
+        f"Bayesianized adapter (tfb bayesianize)")
 
     proc, _ = start_cli("--samples", "0")
     out, err = proc.communicate(timeout=60)

@@ -11,10 +11,9 @@ import httpx
 import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import tiny
-from server_helpers import ServerThread, bayesianized
+from server_helpers import ServerThread, bayesianized, metric, wait_for
 from tfb_core.errors import TFBError
 from tfb_core.generation import SamplingParams, generate
 from tfb_core.models import load_base_model
@@ -53,16 +52,6 @@ def model_id(client):
 def core(dirs):
     base, post = dirs
     return Posterior.load(load_base_model(base, "cpu", "float32"), post)
-
-
-def metric(srv, name: str, suffix: str = "") -> float:
-    text = httpx.get(f"{srv.url}/metrics").text
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name + suffix:
-                total += s.value
-    return total
 
 
 def check_tokens(tokens):
@@ -151,8 +140,8 @@ def test_eight_concurrent_streams_are_batched_and_get_their_own_tokens(srv, clie
     lengths = [3 + 2 * i for i in range(8)]
     expected = [client.completions.create(model=model_id, prompt=p, max_tokens=n, temperature=0).choices[0].text
                 for p, n in zip(prompts, lengths)]
-    steps_before = metric(srv, "tfb_decode_batch_size", "_count")
-    multi_before = steps_before - metric_le(srv, "tfb_decode_batch_size", 1)
+    steps_before = metric(srv, "tfb_decode_batch_size_count")
+    multi_before = steps_before - metric(srv, "tfb_decode_batch_size_bucket", le="1.0")
     results: dict[int, tuple[str, int]] = {}
 
     def run(i: int) -> None:
@@ -169,17 +158,8 @@ def test_eight_concurrent_streams_are_batched_and_get_their_own_tokens(srv, clie
         t.join(120)
     assert [results[i][0] for i in range(8)] == expected
     assert [results[i][1] for i in range(8)] == lengths
-    multi_after = metric(srv, "tfb_decode_batch_size", "_count") - metric_le(srv, "tfb_decode_batch_size", 1)
+    multi_after = metric(srv, "tfb_decode_batch_size_count") - metric(srv, "tfb_decode_batch_size_bucket", le="1.0")
     assert multi_after > multi_before  # decode steps advanced several sequences at once
-
-
-def metric_le(srv, name: str, le: float) -> float:
-    text = httpx.get(f"{srv.url}/metrics").text
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name + "_bucket" and float(s.labels["le"]) == le:
-                return s.value
-    return 0.0
 
 
 def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
@@ -190,13 +170,8 @@ def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
             seen += line.startswith("data: ")
             if seen >= 3:
                 break  # the client goes away
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if metric(srv, "tfb_requests_running") == 0 and metric(srv, "tfb_kv_cache_rows") == 0:
-            break
-        time.sleep(0.1)
-    assert metric(srv, "tfb_requests_running") == 0
-    assert metric(srv, "tfb_kv_cache_rows") == 0
+    wait_for(lambda: metric(srv, "tfb_requests_running") == 0 and metric(srv, "tfb_kv_cache_rows") == 0,
+             timeout=20, what="the abandoned stream's slot freed")
     assert srv.state.runner.engine.batch is None  # no KV cache held
     # the server still answers
     r = httpx.post(f"{srv.url}/v1/completions", json={"model": model_id, "prompt": "x", "max_tokens": 2})
@@ -232,14 +207,14 @@ def test_bad_generation_input_gets_4xx(srv, model_id, path, body, status, param)
 
 def test_generation_metrics_move(srv, client, model_id):
     before = metric(srv, "tfb_generation_tokens_total")
-    ttft = metric(srv, "tfb_time_to_first_token_seconds", "_count")
+    ttft = metric(srv, "tfb_time_to_first_token_seconds_count")
     client.completions.create(model=model_id, prompt="Count: 1 2", max_tokens=4, temperature=0)
     assert metric(srv, "tfb_generation_tokens_total") == before + 4
-    assert metric(srv, "tfb_time_to_first_token_seconds", "_count") == ttft + 1
+    assert metric(srv, "tfb_time_to_first_token_seconds_count") == ttft + 1
     text = httpx.get(f"{srv.url}/metrics").text
     assert 'tfb_mutual_information_count{endpoint="/v1/completions"' in text
     assert "tfb_inter_token_latency_seconds_count" in text
-    assert not math.isnan(metric(srv, "tfb_inter_token_latency_seconds", "_sum"))
+    assert not math.isnan(metric(srv, "tfb_inter_token_latency_seconds_sum"))
 
 
 # --- failures, stream options, offsets, metrics of rejected requests ------------------------------

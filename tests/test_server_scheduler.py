@@ -15,7 +15,7 @@ import pytest
 from server.errors import QueueFull, RequestTimeout
 from server.metrics import Metrics
 from server.scheduler import Batch, Scheduler
-from server_helpers import ServerThread, bayesianized
+from server_helpers import ServerThread, bayesianized, metric, wait_for
 
 
 @dataclass(eq=False)
@@ -30,16 +30,21 @@ class Work:
 
 
 class FakeStep:
-    """Records each batch's values; doubles them; optionally sleeps or fails."""
+    """Records each batch's values; doubles them; optionally fails, or holds each forward until
+    ``release`` is set (``entered`` tells the test a forward is running)."""
 
-    def __init__(self, sleep: float = 0.0, fail_on: int | None = None):
+    def __init__(self, fail_on: int | None = None, hold: bool = False):
         self.batches: list[list[int]] = []
-        self.sleep, self.fail_on = sleep, fail_on
+        self.fail_on = fail_on
+        self.entered, self.release = threading.Event(), threading.Event()
+        if not hold:
+            self.release.set()
 
     def __call__(self, batch: Batch) -> list:
         values = [w.value for w in batch.items]
         self.batches.append(values)
-        time.sleep(self.sleep)
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the forward"
         if self.fail_on in values:
             raise RuntimeError("boom")
         return [2 * v for v in values]
@@ -58,7 +63,7 @@ async def submit_all(sched, values, **kw):
 
 def test_coalesces_up_to_batch_size():
     async def main():
-        step = FakeStep(sleep=0.05)
+        step = FakeStep()
         sched = Scheduler(step, Metrics("m"), max_batch_size=4, max_wait_ms=20)
         sched.start()
         works = await submit_all(sched, range(10))
@@ -107,14 +112,15 @@ def test_queue_full_raises_and_keeps_the_queue():
 
 def test_timed_out_work_is_dropped_before_the_forward():
     async def main():
-        step = FakeStep(sleep=0.3)
+        step = FakeStep(hold=True)
         sched = Scheduler(step, Metrics("m"), max_batch_size=1, max_wait_ms=0)
         sched.start()
         first = await submit_all(sched, [1])
-        await asyncio.sleep(0.05)  # 1 is in the forward
+        assert await asyncio.to_thread(step.entered.wait, 30)  # 1 is in the forward
         late = await submit_all(sched, [2])
         with pytest.raises(RequestTimeout):
             await sched.wait(late, 0.1)
+        step.release.set()
         assert await sched.wait(first, 5) == [2]
         after = await submit_all(sched, [3])
         assert await sched.wait(after, 5) == [6]
@@ -156,10 +162,16 @@ def test_a_failed_batch_is_rerun_item_by_item_so_one_bad_item_fails_alone():
 
 def test_drain_finishes_outstanding_then_refuses():
     async def main():
-        sched = Scheduler(FakeStep(sleep=0.05), Metrics("m"), max_batch_size=2, max_wait_ms=0)
+        step = FakeStep(hold=True)
+        sched = Scheduler(step, Metrics("m"), max_batch_size=2, max_wait_ms=0)
         sched.start()
         works = await submit_all(sched, range(5))
-        await sched.drain()
+        assert await asyncio.to_thread(step.entered.wait, 30)
+        draining = asyncio.create_task(sched.drain())
+        await asyncio.sleep(0)
+        assert not draining.done() and not all(w.future.done() for w in works)
+        step.release.set()
+        await draining
         assert all(w.future.done() for w in works)
         with pytest.raises(Exception) as e:
             await submit_all(sched, [7])
@@ -179,24 +191,28 @@ def post_dir(tmp_path_factory, llama_dir, lora_dir):
     return bayesianized(llama_dir, lora_dir, tmp_path_factory.mktemp("sched") / "post")
 
 
-def slow_down(srv: ServerThread, seconds: float):
-    """Make every forward ``seconds`` slower; returns the original step."""
-    step = srv.state.scheduler.step
+def hold_forwards(srv: ServerThread) -> tuple[threading.Event, object]:
+    """Make every forward wait for the returned event; returns (release, the original step)."""
+    step, release = srv.state.scheduler.step, threading.Event()
 
-    def slow(batch):
-        time.sleep(seconds)
+    def held(batch):
+        assert release.wait(30), "the test never released the forward"
         return step(batch)
 
-    srv.state.scheduler.step = slow
-    return step
+    srv.state.scheduler.step = held
+    return release, step
 
 
 def test_queue_full_is_429_with_retry_after(llama_dir, post_dir):
     with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", max_queue=2,
                       max_batch_size=1, max_wait_ms=0) as srv:
-        slow_down(srv, 0.3)
+        release, _ = hold_forwards(srv)
         with ThreadPoolExecutor(8) as pool:
-            rs = list(pool.map(lambda _: httpx.post(srv.url + "/v1/choices", json=OK, timeout=30), range(8)))
+            futures = [pool.submit(httpx.post, srv.url + "/v1/choices", json=OK, timeout=30) for _ in range(8)]
+            # one in the held forward, two queued: the other five are refused at once
+            wait_for(lambda: sum(f.done() for f in futures) >= 5, what="five requests refused")
+            release.set()
+            rs = [f.result() for f in futures]
         codes = sorted(r.status_code for r in rs)
         assert 429 in codes and 200 in codes, codes
         r429 = next(r for r in rs if r.status_code == 429)
@@ -207,17 +223,16 @@ def test_queue_full_is_429_with_retry_after(llama_dir, post_dir):
 def test_request_past_timeout_is_504_and_server_keeps_serving(llama_dir, post_dir):
     with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", request_timeout=0.3,
                       max_batch_size=1, max_wait_ms=0) as srv:
-        fast = slow_down(srv, 0.5)
-        with ThreadPoolExecutor(3) as pool:
+        release, fast = hold_forwards(srv)
+        with ThreadPoolExecutor(3) as pool:  # one held in the forward, two queued past their deadline
             rs = list(pool.map(lambda _: httpx.post(srv.url + "/v1/choices", json=OK, timeout=30), range(3)))
         assert all(r.status_code == 504 for r in rs), [r.text for r in rs]
         assert rs[0].json()["error"]["type"] == "timeout_error"
         srv.state.scheduler.step = fast
-        time.sleep(0.6)
+        release.set()
+        wait_for(lambda: srv.state.scheduler.idle, what="the held forward finished")
         assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=30).status_code == 200
-        metrics = httpx.get(srv.url + "/metrics").text
-        dropped = [line for line in metrics.splitlines() if line.startswith("tfb_dropped_items_total")]
-        assert dropped and float(dropped[0].split()[-1]) >= 1  # queued work was dropped, not run
+        assert metric(srv, "tfb_dropped_items_total") >= 1  # queued work was dropped, not run
 
 
 def test_health_503_while_loading_then_200(llama_dir, post_dir):
@@ -237,9 +252,7 @@ def test_health_503_while_loading_then_200(llama_dir, post_dir):
         r = httpx.post(srv.url + "/v1/choices", json=OK)
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
         release.set()
-        deadline = time.monotonic() + 30
-        while httpx.get(srv.url + "/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: httpx.get(srv.url + "/health").status_code == 200, what="/health 200 after loading")
         assert httpx.post(srv.url + "/v1/choices", json=OK).status_code == 200
     finally:
         release.set()

@@ -1,0 +1,67 @@
+"""tfb_core: a LoRA adapter as a Bayesian posterior (Training-Free Bayesianization).
+
+The public face: the server, the benchmarks and user code need these names only::
+
+    from tfb_core import load_base_model, load_posterior, fit_posterior, score_items, generate
+
+    base = load_base_model("smollm2-135m")              # a base model and its tokenizer
+    post = load_posterior(base, "my-lora/")             # Bayesianized, or a plain LoRA at sigma 0
+    fit_posterior(post, read_jsonl("cal.jsonl"))        # sigma, temperature, held-out calibration
+    probs = score_items(post, items, num_samples=10)    # (N, K, C) per-sample choice probabilities
+    u = decompose(probs, post.config.temperature)       # probs, PE, EE, MI per item
+
+Names are imported on first use (PEP 562), so ``import tfb_core`` and the command line stay
+quick; every module below stays importable on its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> the module that defines it
+_EXPORTS = {
+    # models and the posterior, where they come from and are cached
+    "BaseModel": "models", "load_base_model": "models", "resolve_model_dir": "models", "cache_dir": "models",
+    "default_device": "models", "check_adapter_dir": "adapter", "sha256_file": "posterior",
+    "DEMO_MODEL": "demo", "DEMO_POSTERIOR": "demo", "DEMO_ADAPTER": "demo",
+    "Posterior": "posterior", "TFBConfig": "posterior", "load_posterior": "posterior",
+    "is_bayesianized": "posterior",
+    # data
+    "MCItem": "data", "read_jsonl": "data", "write_jsonl": "data", "LABELS": "data",
+    # options: enums, defaults, the search's config
+    "Mode": "options", "Criterion": "options", "Score": "options", "Metric": "options",
+    "SearchConfig": "options", "NUM_SAMPLES": "options", "SEED": "options", "COVERAGE": "options",
+    "MAX_RISK": "options",
+    # scoring (multiple choice) and generation
+    "score_items": "scoring", "choice_probs": "scoring", "choice_scores": "scoring",
+    "encode_item": "scoring", "Encoded": "scoring", "apply_chat": "scoring", "max_context": "scoring",
+    "generate": "generation", "SamplingParams": "generation", "GenSequence": "generation",
+    "TokenInfo": "generation", "DecodeBatch": "generation", "safe_text": "generation",
+    # engines: the static (Llama, CUDA graphs) ones and when to use them. The engine factory of
+    # issue 15 (one decoder protocol, the engine picked from the model and device) goes here.
+    "StaticDecoder": "cuda_decode", "generate_fast": "cuda_decode", "use_static": "cuda_decode",
+    "require_supported": "cuda_decode", "PrefillEngine": "cuda_prefill",
+    # uncertainty
+    "Uncertainty": "uncertainty", "decompose": "uncertainty", "temper": "uncertainty",
+    "fit_temperature": "uncertainty",
+    # fitting a posterior and its conformal calibration
+    "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit",
+    "Calibration": "conformal", "calibrate": "conformal", "decide": "conformal",
+    "min_calibration_size": "conformal",
+    "TFBError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tfb_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next access skips this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -55,11 +55,35 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def check_adapter_dir(path: str | Path, what: str = "adapter directory") -> Path:
+    """``path`` exists, is a readable directory and holds an adapter config (peft's or tfb's).
+
+    Each failure has its own message: missing, not a directory, unreadable, empty, or holding
+    other files (listed).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise TFBError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise TFBError(f"{what} {path} is a file, not a directory")
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError as e:
+        raise TFBError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if not names:
+        raise TFBError(f"{what} {path} is empty: expected a peft LoRA adapter ({CONFIG_NAME} and "
+                       f"{WEIGHTS_NAME}, as save_pretrained writes them) or a Bayesianized adapter "
+                       f"(tfb bayesianize)")
+    if CONFIG_NAME not in names and "tfb_config.json" not in names:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} files)" if len(names) > 8 else "")
+        raise TFBError(f"{what} {path} is not an adapter: it has no {CONFIG_NAME} (peft LoRA) or "
+                       f"tfb_config.json (Bayesianized); it holds {shown}")
+    return path
+
+
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The adapter config and its raw state dict."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise TFBError(f"adapter directory {path} does not exist")
+    path = check_adapter_dir(path)
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise TFBError(f"{path} has no {CONFIG_NAME}: expected a peft adapter directory (save_pretrained)")

@@ -13,6 +13,7 @@ import sys
 from typing import Callable
 
 from .errors import TFBError
+from .options import Mode
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -33,37 +34,31 @@ def add_model_arguments(p: argparse.ArgumentParser, adapter_required: bool = Tru
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--criterion", default="auto", choices=["auto", "nll", "accuracy", "cv-nll", "reference"],
-                   help="how sigma is chosen: cv-nll (labelled items: sigma and the temperature that "
-                        "minimise the cross-fitted NLL), nll / accuracy (the paper's), reference (the "
-                        "paper's code: [0.001, 0.015], 5 bisections, tolerance eps x N); auto: cv-nll "
-                        "when every item has an answer, else nll (default: auto)")
-    p.add_argument("--eps", type=float, default=0.003, help="tolerance of nll / accuracy (default: 0.003)")
-    p.add_argument("--max-acc-drop", type=float, default=0.01,
-                   help="cv-nll: the accuracy sigma may cost against sigma 0 (default: 0.01 = 1 point)")
-    p.add_argument("--sigma-grid", default=None, type=_floats,
-                   help="cv-nll: the candidate sigmas, comma-separated (default: 0 and 1e-3 x 1.5^i up to ~0.09)")
-    p.add_argument("--samples", type=int, default=10, help="K weight samples (default: 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", default="letter", choices=["letter", "sequence"])
-    p.add_argument("--length-normalize", action="store_true",
-                   help="sequence mode: score a choice by its mean log-probability per token, not the sum")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--gold-labels", action="store_true", help="nll / accuracy against the items' answers, not pseudo-labels")
-    p.add_argument("--holdout", type=float, default=None,
-                   help="fraction of the (labelled) calibration items held out for prediction sets and "
-                        "abstention (default: 0.5 when every item has an answer, else 0)")
-    p.add_argument("--coverage", type=float, default=0.9, help="default coverage of prediction sets (default: 0.9)")
-    p.add_argument("--conformal-score", default="lac", choices=["lac", "aps"],
-                   help="prediction sets' nonconformity score (default: lac)")
-    p.add_argument("--abstain-on", default="mutual_information",
-                   choices=["mutual_information", "predictive_entropy"],
-                   help="the uncertainty abstention thresholds (default: mutual_information)")
-    p.add_argument("--max-risk", type=float, default=0.1,
-                   help="abstention: the error rate the answered items may have, certified with "
-                        "confidence 0.95 on the held-out items (default: 0.1)")
-    p.add_argument("--no-temperature", action="store_true", help="do not fit a temperature")
-    p.add_argument("--batch-size", type=int, default=8, help="items per forward (default: 8)")
+    """One flag per :class:`tfb_core.fit.SearchConfig` field, with its help, default and choices."""
+    import dataclasses
+    import enum
+    import typing
+
+    from .options import SearchConfig
+
+    hints = typing.get_type_hints(SearchConfig)
+    for f in dataclasses.fields(SearchConfig):
+        flag, default = SearchConfig.flag(f.name), f.default
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        if isinstance(default, bool):  # --x turns on a False default, --no-x turns off a True one
+            p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=f.metadata["help"])
+            continue
+        kw: dict = dict(dest=f.name, default=default)
+        if isinstance(default, enum.Enum):
+            kw.update(default=default.value, choices=[m.value for m in type(default)])
+        elif typing.get_origin(kind) is tuple:
+            kw.update(type=_floats)
+        else:
+            kw.update(type=kind)
+        if "choices" not in kw:
+            kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+        shown = "" if default is None else f" (default: {kw['default']})"
+        p.add_argument(flag, help=f.metadata["help"] + shown, **kw)
 
 
 def _floats(text: str) -> list[float]:
@@ -73,25 +68,25 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def search_options(args) -> dict:
-    """The keyword arguments of ``tfb_core.fit.fit_posterior`` from the flags above."""
-    return dict(criterion=args.criterion, eps=args.eps, max_acc_drop=args.max_acc_drop,
-                num_samples=args.samples, seed=args.seed, mode=args.mode,
-                length_normalize=args.length_normalize, chat=args.chat, gold_labels=args.gold_labels,
-                holdout=args.holdout, coverage=args.coverage, score=args.conformal_score,
-                abstain_on=args.abstain_on, max_risk=args.max_risk, temperature=not args.no_temperature,
-                batch_size=args.batch_size, sigma_grid=args.sigma_grid)
+def search_config(args):
+    """The :class:`tfb_core.fit.SearchConfig` of the flags above."""
+    import dataclasses
+
+    from .options import SearchConfig
+
+    return SearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)})
 
 
 def check_labels(items, path, args) -> None:
     """A labelled criterion or a holdout on a file without answers: an error naming both."""
     from .fit import resolve_criterion, unlabelled
+    from .options import Criterion
 
     missing = unlabelled(items)
     if missing is None:
         return
     where = f"{path}: item {missing + 1} has no 'answer'"
-    if resolve_criterion(args.criterion, items).value == "cv-nll":
+    if resolve_criterion(args.criterion, items) is Criterion.CV_NLL:
         raise TFBError(f"--criterion cv-nll needs an 'answer' on every calibration item; {where}")
     if args.holdout:
         raise TFBError(f"--holdout {args.holdout:g} (prediction sets, abstention) needs an 'answer' on "
@@ -112,6 +107,7 @@ def _run_bayesianize(args) -> int:
     from .models import load_base_model
     from .posterior import Posterior
 
+    search_config(args)  # bad values fail before the model loads
     if args.sigma is None and not args.calibration:
         raise TFBError("--calibration FILE is required unless --sigma is given")
     if args.sigma is not None and args.sigma < 0:
@@ -121,12 +117,13 @@ def _run_bayesianize(args) -> int:
         check_labels(items, args.calibration, args)
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (TFB_SPEC §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
-    post = Posterior.from_adapter(base, args.adapter, num_samples=args.samples, seed=args.seed,
-                                  mode=args.mode, chat=args.chat, length_normalize=args.length_normalize)
+    config = search_config(args)
+    post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,
+                                  mode=config.mode, chat=config.chat, length_normalize=config.length_normalize)
     if args.sigma is not None:
         post.sigma = args.sigma
     else:
-        result = fit_posterior(post, items, **search_options(args))
+        result = fit_posterior(post, items, config)
         for point in result.trace:
             logging.info("sigma=%.6g value=%.6g feasible=%s", point.sigma, point.value, point.feasible)
     out = post.save(args.out, calibration_file=args.calibration)
@@ -151,7 +148,7 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
                    help="training items: JSONL files or built-in names, comma-separated (e.g. arc_easy:test,arc_challenge:test)")
     p.add_argument("--heldout", default=None, help="items scored after every epoch (file or built-in name)")
     p.add_argument("--out", required=True, help="the adapter directory to write")
-    p.add_argument("--mode", default="letter", choices=["letter", "sequence"])
+    p.add_argument("--mode", default=Mode.LETTER.value, choices=[m.value for m in Mode])
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, default=8.0)
@@ -190,7 +187,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="default float32: bf16 rounding sets a noise floor")
     p.add_argument("--data", required=True, help="JSONL file or built-in name (arc_easy, arc_challenge, "
                    "openbookqa, piqa, hellaswag, winogrande, boolq, sst2; suffix :test for a test split)")
-    p.add_argument("--mode", default=None, choices=["letter", "sequence"], help="default: the posterior's")
+    p.add_argument("--mode", default=None, choices=[m.value for m in Mode], help="default: the posterior's")
     p.add_argument("--chat", default=None, action=argparse.BooleanOptionalAction,
                    help="chat template around prompts (default: the posterior's)")
     p.add_argument("--samples", type=int, default=None, help="K weight samples (default: the posterior's)")
@@ -205,6 +202,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ood", default=None, help="out-of-distribution items (file or built-in name)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--per-item", action="store_true",
+                   help="with --json: add each item's id, prediction, probabilities, PE, MI and metadata "
+                        "(the JSONL file's other fields)")
     p.add_argument("--plot", default=None, help="write reliability diagrams and MI histograms (PNG) here")
     p.add_argument("--limit", type=int, default=None, help="the first N items (and N OOD items)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -213,10 +213,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def _run_eval(args) -> int:
     from . import benchmarks
     from .demo import DEMO_MODEL, DEMO_POSTERIOR
-    from .evaluate import evaluate, format_table, plot, write_json
+    from .evaluate import evaluate, format_table, per_item, plot, write_json
     from .models import load_base_model
     from .posterior import load_posterior
 
+    if args.per_item and not args.json:
+        raise TFBError("--per-item needs --json FILE")
     if args.model is None and args.adapter is None:
         args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
     elif args.adapter is None:
@@ -240,13 +242,15 @@ def _run_eval(args) -> int:
         if overrides:
             raise TFBError(f"--coverage uses the calibration recorded with the posterior's own settings; "
                            f"drop {', '.join(overrides)}")
-    report = evaluate(post, items, mode=args.mode or cfg.mode or "letter",
+    report = evaluate(post, items, mode=args.mode or cfg.mode or Mode.LETTER,
                       num_samples=args.samples or cfg.num_samples, seed=args.seed, sigma=args.sigma,
                       chat=cfg.chat if args.chat is None else args.chat,
                       temperature=cfg.temperature if args.temperature is None else args.temperature,
                       length_normalize=cfg.length_normalize if args.length_normalize is None else args.length_normalize,
                       ood_items=ood, batch_size=args.batch_size, calibration=calibration, max_risk=args.max_risk)
     print(format_table(report))
+    if args.per_item:
+        report["items"] = per_item(report, items)
     if args.json:
         write_json(report, args.json)
     if args.plot:

@@ -23,40 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 
 import torch
 
+from .options import COVERAGE, DELTA, MAX_RISK, Metric, Score, parse_metric, parse_score
 from .errors import TFBError
-
-
-class Score(str, Enum):
-    """Nonconformity score of a candidate answer."""
-
-    LAC = "lac"  #: 1 - p_c: the smallest sets on average
-    APS = "aps"  #: sum of p over choices at least as likely as c: sets adapt to the item's difficulty
-
-
-class Metric(str, Enum):
-    """The uncertainty an abstention threshold is put on."""
-
-    MI = "mutual_information"
-    PE = "predictive_entropy"
-
-
-def parse_score(score) -> Score:
-    try:
-        return Score(score)
-    except ValueError:
-        raise TFBError(f"unknown conformal score {score!r}; allowed: lac, aps") from None
-
-
-def parse_metric(metric) -> Metric:
-    try:
-        return Metric(metric)
-    except ValueError:
-        raise TFBError(f"unknown abstention metric {metric!r}; allowed: mutual_information, "
-                       f"predictive_entropy") from None
 
 
 def choice_nonconformity(probs: torch.Tensor, score: Score | str = Score.LAC) -> torch.Tensor:
@@ -154,7 +125,7 @@ class RiskThreshold:
 
 
 def risk_threshold(uncertainty: torch.Tensor, correct: torch.Tensor, max_risk: float,
-                   delta: float = 0.05) -> RiskThreshold:
+                   delta: float = DELTA) -> RiskThreshold:
     """A threshold on ``uncertainty`` whose accepted items' error rate is certified <= ``max_risk``
     with confidence ``1 - delta``: the last one to pass in the SGR binary search over the sorted
     scores (Bonferroni over its ``ceil(log2 n) + 1`` tests), or None when none passes."""
@@ -205,10 +176,10 @@ class Calibration:
     mutual_information: list[float]  # per item
     predictive_entropy: list[float]
     correct: list[bool]
-    coverage: float = 0.9  # the default coverage of a prediction set
+    coverage: float = COVERAGE  # the default coverage of a prediction set
     abstain_on: str = Metric.MI.value
-    max_risk: float = 0.1
-    delta: float = 0.05
+    max_risk: float = MAX_RISK
+    delta: float = DELTA
     items_sha256: str | None = None  # of the items it was computed on
 
     @property

@@ -7,19 +7,29 @@ A calibration or evaluation file is JSONL, one item a line::
 - ``question`` (str) or ``prompt`` (str, a pre-formatted prompt used as it is); one is required.
 - ``choices``: two or more distinct non-empty strings.
 - ``answer`` (optional): the index of the correct choice, its label (``"B"``) or its text.
+- ``id`` (optional, a string or an integer): the item's name in per-item reports.
+- Any other field (``"source"``, ``"subject"``, ...) is kept as the item's ``metadata`` and
+  ignored by scoring; one warning per file names such fields. A field that looks like a
+  misspelt known one (``anwser``, ``choice``, ``questoin``) while that field is missing is an
+  error suggesting the right name.
 Blank lines are skipped. A bad line is an error naming the file, the line and the problem.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TFBError
 
+log = logging.getLogger(__name__)
+
 LABELS = string.ascii_uppercase
+FIELDS = ("question", "prompt", "choices", "answer", "id")
 LETTER_INSTRUCTION = "Return the label of the correct answer for the question below."
 
 
@@ -31,9 +41,13 @@ class MCItem:
     question: str | None = None
     prompt: str | None = None  # pre-formatted; wins over question
     answer: int | None = None
+    id: str | int | None = None
+    metadata: dict = field(default_factory=dict)  # the file's other fields; never scored
 
     def __post_init__(self):
         check_item(self.question, self.prompt, self.choices, self.answer)
+        if self.id is not None and (isinstance(self.id, bool) or not isinstance(self.id, (str, int))):
+            raise TFBError(f"'id' must be a string or an integer, got {self.id!r}")
 
 
 def check_item(question, prompt, choices, answer) -> None:
@@ -75,14 +89,25 @@ def parse_answer(answer, choices: list[str]) -> int | None:
 def item_from_dict(data) -> MCItem:
     if not isinstance(data, dict):
         raise TFBError("expected a JSON object")
-    unknown = set(data) - {"question", "prompt", "choices", "answer", "id"}
-    if unknown:
-        raise TFBError(f"unknown field(s) {sorted(unknown)}; allowed: question, prompt, choices, answer, id")
+    extra = {k: v for k, v in data.items() if k not in FIELDS}
+    for name in extra:
+        meant = misspelt_field(name, data)
+        if meant:
+            raise TFBError(f"unknown field {name!r}: did you mean {meant!r}? (fields: {', '.join(FIELDS)}; "
+                           f"any other field is kept as metadata)")
     choices = data.get("choices")
     if not isinstance(choices, list):
         raise TFBError("'choices' must be a list of at least 2 strings")
     return MCItem(choices=choices, question=data.get("question"), prompt=data.get("prompt"),
-                  answer=parse_answer(data.get("answer"), choices))
+                  answer=parse_answer(data.get("answer"), choices), id=data.get("id"), metadata=extra)
+
+
+def misspelt_field(name: str, data: dict) -> str | None:
+    """The known field ``name`` looks like a misspelling of, when that field is absent."""
+    if name in FIELDS:
+        return None
+    close = difflib.get_close_matches(name.lower(), FIELDS, n=1, cutoff=0.82)
+    return close[0] if close and close[0] not in data else None
 
 
 def read_jsonl(path: str | Path) -> list[MCItem]:
@@ -90,7 +115,7 @@ def read_jsonl(path: str | Path) -> list[MCItem]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise TFBError(f"{path}: no such file")
-    items = []
+    items, extra = [], {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:  # decoded per line, so that a bad byte is reported with its line
@@ -105,16 +130,22 @@ def read_jsonl(path: str | Path) -> list[MCItem]:
                 raise TFBError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
             except TFBError as e:
                 raise TFBError(f"{path}, line {lineno}: {e}") from None
+            extra.update(dict.fromkeys(items[-1].metadata))
     if not items:
         raise TFBError(f"{path}: no items")
+    if extra:
+        log.warning("%s: field(s) %s are not used by tfb; kept as each item's metadata", path,
+                    ", ".join(repr(k) for k in extra))
     return items
 
 
 def write_jsonl(items: list[MCItem], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for item in items:
-            row = {"choices": item.choices, "answer": item.answer}
+            row = {**item.metadata, "choices": item.choices, "answer": item.answer}
             row["prompt" if item.prompt is not None else "question"] = item.prompt or item.question
+            if item.id is not None:
+                row["id"] = item.id
             f.write(json.dumps(row) + "\n")
 
 

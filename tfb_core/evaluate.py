@@ -22,7 +22,8 @@ from .scoring import parse_mode, score_items
 from .uncertainty import (accuracy, auroc, brier, decompose, ece, fit_temperature, nll, reliability,
                           risk_coverage, temper)
 
-__all__ = ["evaluate", "metrics", "ood_metrics", "set_metrics", "fit_temperature", "temper", "score_mixed"]
+__all__ = ["evaluate", "metrics", "ood_metrics", "set_metrics", "fit_temperature", "temper", "score_mixed",
+           "per_item"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier", "mean_pe", "mean_mi", "aurc_mi", "aurc_pe",
                "auroc_err_mi", "auroc_err_pe", "auroc_err_maxprob")
@@ -188,6 +189,22 @@ def evaluate(post, items: Sequence[MCItem], mode: str = "letter", num_samples: i
         raw["ood"] = ood
     report["_raw"] = raw
     return report
+
+
+def per_item(report: dict, items: Sequence[MCItem]) -> list[dict]:
+    """One row per item of the posterior's answers: id, answer, prediction, served probabilities
+    (tempered), PE, MI and the item's metadata (the JSONL file's other fields)."""
+    tfb = report["_raw"]["tfb"]
+    u = decompose(tfb.double(), report["temperature"])
+    rows = []
+    for i, it in enumerate(items):
+        c = len(it.choices)
+        probs = u.probs[i, :c]
+        rows.append({"index": i, "id": it.id, "answer": it.answer, "prediction": int(probs.argmax()),
+                     "probs": [round(float(x), 6) for x in probs],
+                     "predictive_entropy": float(u.predictive_entropy[i]),
+                     "mutual_information": float(u.mutual_information[i]), "metadata": it.metadata})
+    return rows
 
 
 def format_table(report: dict) -> str:

@@ -24,6 +24,7 @@ from .adapter import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, load_adapter, read_
 from .conformal import Calibration
 from .errors import TFBError
 from .models import BaseModel
+from .options import NUM_SAMPLES, SEED, Criterion, Mode, parse_criterion, parse_mode
 from .sampling import DrawCache, TFBLoRALayer, row_std, weight_samples
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,11 @@ class TFBConfig:
     """What ``tfb_config.json`` records about a posterior."""
 
     sigma: float = 0.0
-    criterion: str | None = None
+    criterion: Criterion | None = None  # how sigma was chosen; None: set by hand
     eps: float | None = None
-    num_samples: int = 10
-    seed: int = 0
-    mode: str | None = None
+    num_samples: int = NUM_SAMPLES
+    seed: int = SEED
+    mode: Mode | None = None  # None: not recorded (letter)
     chat: bool = False  # prompts are wrapped in the tokenizer's chat template
     temperature: float = 1.0  # the model average is served as softmax(log(mean_k p_k) / T)
     length_normalize: bool = False  # sequence mode: a choice's score is its mean log-prob per token
@@ -70,6 +71,14 @@ class TFBConfig:
     noise: str = "weight noise s * B' E with E_ij ~ N(0, (sigma / d_i)^2); s from the adapter config"
     files_sha256: dict = field(default_factory=dict)
     calibration: dict | None = None  # conformal.Calibration of held-out labelled items
+
+    def __post_init__(self):
+        self.criterion = None if self.criterion is None else parse_criterion(self.criterion)
+        self.mode = None if self.mode is None else parse_mode(self.mode)
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise TFBError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise TFBError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TFBConfig":
@@ -190,11 +199,11 @@ class Posterior:
 
         result = search_sigma(self, items, **kwargs)
         self.sigma = result.sigma
-        self.config.criterion = result.criterion
+        self.config.criterion = parse_criterion(result.criterion)
         self.config.eps = result.eps
         self.config.num_samples = result.num_samples
         self.config.seed = result.seed
-        self.config.mode = result.mode
+        self.config.mode = parse_mode(result.mode)
         self.config.search_trace = [asdict(p) for p in result.trace]
         if result.temperature is not None:
             self.config.temperature = result.temperature
@@ -287,7 +296,10 @@ def read_tfb_config(directory: Path) -> TFBConfig:
                     "%.4g; tfb now applies it to the model average, softmax(log(mean_k p_k) / T), and "
                     "reports MI of the untempered samples (answers equal within ~1e-3); run tfb "
                     "bayesianize again to record version %d", path, temperature, FORMAT_VERSION)
-    config = TFBConfig.from_dict(data)
+    try:
+        config = TFBConfig.from_dict(data)
+    except TFBError as e:
+        raise TFBError(f"{path}: {e}") from None
     config.format_version = FORMAT_VERSION  # read as, and saved as, the current version
     return config
 

@@ -14,7 +14,6 @@ position ids follow the attention mask, so padding does not change any real toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Sequence
 
 import torch
@@ -23,21 +22,8 @@ from tqdm.auto import tqdm
 from .data import LABELS, MCItem, letter_prompt, sequence_prompt
 from .errors import TFBError
 from .models import cache_kwarg, max_context, output_cache  # noqa: F401 (max_context: re-exported)
+from .options import Mode, parse_mode
 from .uncertainty import Uncertainty, decompose
-
-
-class Mode(str, Enum):
-    """How a multiple-choice answer is scored."""
-
-    LETTER = "letter"  #: the label token after a prompt that lists the choices (the paper's)
-    SEQUENCE = "sequence"  #: the likelihood of each choice's text after the question
-
-
-def parse_mode(mode: "Mode | str") -> Mode:
-    try:
-        return Mode(mode)
-    except ValueError:
-        raise TFBError(f"unknown mode {mode!r}; allowed: letter, sequence") from None
 
 
 @dataclass

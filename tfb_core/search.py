@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import MCItem
+from .options import EPS, MAX_ACC_DROP, NUM_SAMPLES, SEED, Criterion, parse_criterion
 from .errors import TFBError
 from .scoring import Mode, parse_mode, score_items
 from .uncertainty import accuracy, fit_temperature, nll, temper
@@ -37,26 +37,9 @@ from .uncertainty import accuracy, fit_temperature, nll, temper
 log = logging.getLogger(__name__)
 
 
-class Criterion(str, Enum):
-    """What "the adapter accepts sigma" means."""
-
-    NLL = "nll"  #: relative NLL change of the targets, |NLL(s) - NLL(0)| / NLL(0) <= eps (the paper's)
-    ACCURACY = "accuracy"  #: fraction of changed answers (or accuracy drop with gold labels) <= eps
-    CV_NLL = "cv-nll"  #: labelled: sigma and T minimising the cross-fitted NLL, accuracy drop <= max_acc_drop
-    REFERENCE = "reference"  #: the bayesian-peft search: [0.001, 0.015], 5 bisections, tolerance eps * N
-
-
 LABELLED = (Criterion.CV_NLL,)  # criteria that need an answer on every calibration item
 #: cv-nll's default sigmas: 0 and 1e-3 x 1.5^i up to ~0.09
 CV_GRID = (0.0,) + tuple(round(1e-3 * 1.5 ** i, 6) for i in range(12))
-
-
-def parse_criterion(criterion: "Criterion | str") -> Criterion:
-    try:
-        return Criterion(criterion)
-    except ValueError:
-        raise TFBError(f"unknown criterion {criterion!r}; allowed: "
-                       f"{', '.join(c.value for c in Criterion)}") from None
 
 
 @dataclass
@@ -112,7 +95,7 @@ def cv_nll(probs: torch.Tensor, labels: torch.Tensor, folds: int = 5, seed: int 
 
 
 def select_sigma_temperature(probs_by_sigma: dict[float, torch.Tensor], labels: torch.Tensor,
-                             max_acc_drop: float = 0.01, folds: int = 5, seed: int = 0
+                             max_acc_drop: float = MAX_ACC_DROP, folds: int = 5, seed: int = SEED
                              ) -> tuple[float, float, list[SearchPoint]]:
     """cv-nll: (sigma, T, trace) from each sigma's model average (N, C); sigma 0 must be there.
 
@@ -137,11 +120,11 @@ def select_sigma_temperature(probs_by_sigma: dict[float, torch.Tensor], labels: 
 
 
 def search_sigma(post, items: Sequence[MCItem], criterion: Criterion | str = Criterion.NLL,
-                 eps: float = 0.003, num_samples: int = 10, seed: int = 0,
+                 eps: float = EPS, num_samples: int = NUM_SAMPLES, seed: int = SEED,
                  mode: Mode | str = Mode.LETTER, gold_labels: bool = False,
                  sigma_init: float = 1e-3, max_doublings: int = 20, rtol: float = 0.05,
                  max_steps: int = 20, batch_size: int = 8, chat: bool = False,
-                 length_normalize: bool = False, max_acc_drop: float = 0.01, folds: int = 5,
+                 length_normalize: bool = False, max_acc_drop: float = MAX_ACC_DROP, folds: int = 5,
                  sigma_grid: Sequence[float] | None = None, progress: bool = True) -> SearchResult:
     """Find the sigma the criterion picks (and, for ``cv-nll``, the temperature with it).
 
@@ -167,6 +150,9 @@ def search_sigma(post, items: Sequence[MCItem], criterion: Criterion | str = Cri
         cv-nll: the candidate sigmas (0 is added).
     """
     criterion = parse_criterion(criterion)
+    if criterion is Criterion.AUTO:
+        raise TFBError("criterion 'auto' depends on the items: resolve it first "
+                       "(tfb_core.fit.resolve_criterion), or call tfb_core.fit_posterior")
     mode = parse_mode(mode)
     if criterion in LABELLED:
         gold_labels = True

@@ -1,0 +1,198 @@
+"""The library's options, each defined once: the enums of its choices, its defaults and
+:class:`SearchConfig`.
+
+The ``tfb bayesianize`` flags (generated from :class:`SearchConfig`), the ``tfb serve``
+settings, :class:`tfb_core.posterior.TFBConfig`, the protocol's fields and the functions'
+keyword defaults all read them here. Enums are ``str`` enums: each member equals its plain
+string (``Mode.LETTER == "letter"``), and every function that takes one also takes the string.
+This module imports no torch, so the command line can build its parser quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+
+from .errors import TFBError
+
+# --- defaults ---------------------------------------------------------------------------------
+
+NUM_SAMPLES = 10  # K weight samples per answer
+SEED = 0  # the weight draws' seed
+EPS = 0.003  # nll / accuracy tolerance: 0.3% relative NLL change (the paper's)
+MAX_ACC_DROP = 0.01  # cv-nll: the accuracy sigma may cost against sigma 0 (1 point)
+HOLDOUT = 0.5  # the fraction of a labelled calibration set held out for sets and abstention
+COVERAGE = 0.9  # prediction sets' default coverage
+MAX_RISK = 0.1  # abstention: the error rate answered items may have
+DELTA = 0.05  # abstention: the risk is certified with confidence 1 - DELTA
+BATCH_SIZE = 8  # calibration items per forward
+
+
+# --- choices ----------------------------------------------------------------------------------
+
+
+class Mode(str, Enum):
+    """How a multiple-choice answer is scored."""
+
+    LETTER = "letter"  #: the label token after a prompt that lists the choices (the paper's)
+    SEQUENCE = "sequence"  #: the likelihood of each choice's text after the question
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_mode(mode: "Mode | str") -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise TFBError(f"unknown mode {mode!r}; allowed: letter, sequence") from None
+
+
+class Criterion(str, Enum):
+    """What "the adapter accepts sigma" means."""
+
+    NLL = "nll"  #: relative NLL change of the targets, |NLL(s) - NLL(0)| / NLL(0) <= eps (the paper's)
+    ACCURACY = "accuracy"  #: fraction of changed answers (or accuracy drop with gold labels) <= eps
+    CV_NLL = "cv-nll"  #: labelled: sigma and T minimising the cross-fitted NLL, accuracy drop <= max_acc_drop
+    REFERENCE = "reference"  #: the bayesian-peft search: [0.001, 0.015], 5 bisections, tolerance eps * N
+    AUTO = "auto"  #: cv-nll when every item has an answer, else nll (``tfb_core.fit.resolve_criterion``)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_criterion(criterion: "Criterion | str") -> Criterion:
+    try:
+        return Criterion(criterion)
+    except ValueError:
+        raise TFBError(f"unknown criterion {criterion!r}; allowed: "
+                       f"{', '.join(c.value for c in Criterion)}") from None
+
+
+class Score(str, Enum):
+    """Nonconformity score of a candidate answer."""
+
+    LAC = "lac"  #: 1 - p_c: the smallest sets on average
+    APS = "aps"  #: sum of p over choices at least as likely as c: sets adapt to the item's difficulty
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Metric(str, Enum):
+    """The uncertainty an abstention threshold is put on."""
+
+    MI = "mutual_information"  #: the samples' disagreement: epistemic uncertainty
+    PE = "predictive_entropy"  #: the model average's entropy: total uncertainty
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_score(score) -> Score:
+    try:
+        return Score(score)
+    except ValueError:
+        raise TFBError(f"unknown conformal score {score!r}; allowed: lac, aps") from None
+
+
+def parse_metric(metric) -> Metric:
+    try:
+        return Metric(metric)
+    except ValueError:
+        raise TFBError(f"unknown abstention metric {metric!r}; allowed: mutual_information, "
+                       f"predictive_entropy") from None
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+
+def _opt(default, help: str, flag: str | None = None, check=None, **kw):
+    """A :class:`SearchConfig` field: its default, its CLI flag's help (and name, when it is not
+    the field's), and ``check(value) -> problem or None``."""
+    return field(default=default, metadata=dict(help=help, flag=flag, check=check), **kw)
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _fraction(v):  # [0, 1)
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _open_fraction(v):  # (0, 1)
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+def _at_least_one(v):
+    return None if v >= 1 else "must be >= 1"
+
+
+def _sigmas(v):
+    return None if v is None or (v and all(x >= 0 for x in v)) else "must be one or more sigmas >= 0"
+
+
+@dataclass
+class SearchConfig:
+    """How ``tfb bayesianize`` (and a start-up search of ``tfb serve``) fits a posterior.
+
+    Each field's metadata holds its CLI flag's help (``tfb bayesianize`` generates its flags
+    from these fields) and its check; a bad value raises :class:`TFBError` naming the field.
+    Enum fields accept their plain strings (``criterion="cv-nll"``).
+    """
+
+    criterion: Criterion = _opt(Criterion.AUTO, "how sigma is chosen: cv-nll (labelled items: sigma and the "
+                                "temperature that minimise the cross-fitted NLL), nll / accuracy (the paper's), "
+                                "reference (the paper's code: [0.001, 0.015], 5 bisections, tolerance eps x N); "
+                                "auto: cv-nll when every item has an answer, else nll")
+    eps: float = _opt(EPS, "tolerance of nll / accuracy", check=_positive)
+    max_acc_drop: float = _opt(MAX_ACC_DROP, "cv-nll: the accuracy sigma may cost against sigma 0 "
+                               "(0.01 = 1 point)", check=_fraction)
+    sigma_grid: tuple[float, ...] | None = _opt(None, "cv-nll: the candidate sigmas, comma-separated "
+                                                "(default: 0 and 1e-3 x 1.5^i up to ~0.09)", check=_sigmas)
+    num_samples: int = _opt(NUM_SAMPLES, "K weight samples", flag="--samples", check=_at_least_one)
+    seed: int = _opt(SEED, "the weight draws' seed",
+                     check=lambda v: None if v >= 0 else "must be >= 0")
+    mode: Mode = _opt(Mode.LETTER, "how choices are scored: letter (the label after a prompt listing "
+                      "them, the paper's) or sequence (each choice's text)")
+    length_normalize: bool = _opt(False, "sequence mode: score a choice by its mean log-probability per "
+                                  "token, not the sum")
+    chat: bool = _opt(False, "wrap each prompt in the tokenizer's chat template")
+    gold_labels: bool = _opt(False, "nll / accuracy against the items' answers, not pseudo-labels")
+    holdout: float | None = _opt(None, "fraction of the (labelled) calibration items held out for "
+                                 "prediction sets and abstention (default: 0.5 when every item has an "
+                                 "answer, else 0)", check=_fraction)
+    coverage: float = _opt(COVERAGE, "default coverage of prediction sets", check=_open_fraction)
+    score: Score = _opt(Score.LAC, "prediction sets' nonconformity score", flag="--conformal-score")
+    abstain_on: Metric = _opt(Metric.MI, "the uncertainty abstention thresholds")
+    max_risk: float = _opt(MAX_RISK, "abstention: the error rate the answered items may have, "
+                           "certified with confidence 0.95 on the held-out items", check=_open_fraction)
+    temperature: bool = _opt(True, "do not fit a temperature", flag="--no-temperature")
+    batch_size: int = _opt(BATCH_SIZE, "items per forward", check=_at_least_one)
+
+    def __post_init__(self):
+        self.criterion = parse_criterion(self.criterion)
+        self.mode = parse_mode(self.mode)
+        self.score, self.abstain_on = parse_score(self.score), parse_metric(self.abstain_on)
+        if self.sigma_grid is not None:
+            self.sigma_grid = tuple(float(x) for x in self.sigma_grid)
+        for f in fields(self):
+            value, check = getattr(self, f.name), f.metadata.get("check")
+            problem = check(value) if check is not None and value is not None else None
+            if problem:
+                raise TFBError(f"{f.name} {problem}, got {value!r}")
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The ``tfb bayesianize`` flag of a field: ``--max-acc-drop``, ``--samples``, ..."""
+        f = cls.__dataclass_fields__[name]
+        return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return cls.__dataclass_fields__[name].metadata["help"]
+
+    @classmethod
+    def default(cls, name: str):
+        return cls.__dataclass_fields__[name].default
