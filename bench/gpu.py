@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from tfb_core.cuda_decode import use_static  # noqa: E402
 from tfb_core.cuda_prefill import PrefillEngine  # noqa: E402
-from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, _cache_kwarg  # noqa: E402
-from tfb_core.models import BaseModel  # noqa: E402
+from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams  # noqa: E402
+from tfb_core.models import BaseModel, cache_kwarg  # noqa: E402
 from tfb_core.posterior import Posterior, bayesianize_factors  # noqa: E402
 from tfb_core.sampling import row_std  # noqa: E402
 from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
@@ -328,7 +328,7 @@ def decode_peft(clock, pm, ref: Reference | None, prompts, K, warm, steps, devic
     from transformers import DynamicCache
 
     hf = pm.get_base_model()
-    key = _cache_kwarg(hf)
+    key = cache_kwarg(hf)
     ids = prompts.to(device)
     nk = K if ref is not None else 1
     base = clock.mem_reset()
