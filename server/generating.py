@@ -215,6 +215,22 @@ def _finish(w: GenWork) -> None:
         w.future.set_result(w.seq)
 
 
+@dataclass(eq=False)
+class EventStream:
+    """A streamed response's server-sent events and its work: :meth:`close` drops the work,
+    for a response that ends before its events are read (the client left before the first)."""
+
+    events: AsyncIterator[str]
+    works: list[GenWork]
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.events
+
+    def close(self) -> None:
+        for w in self.works:
+            w.future.cancel()
+
+
 class CompletionsServing:
     """``POST /v1/completions`` and ``POST /v1/chat/completions``."""
 
@@ -311,7 +327,8 @@ class CompletionsServing:
         self.scheduler.submit(works)  # all or none: a 429 or 503 counts no prompt tokens
         self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)
         if request.stream:
-            return self.stream(request, works, prompts, report)
+            report("client_closed")  # until the stream ends otherwise: its body may never start
+            return EventStream(self.stream(request, works, prompts, report), works)
         try:
             seqs = await self.scheduler.wait(works, self.settings.request_timeout)
         finally:  # answered, failed, or the client went away: free the slots at the next step

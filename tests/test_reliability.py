@@ -313,3 +313,53 @@ def test_no_local_path_in_public_endpoints_unless_asked(srv, dirs):
     assert len(card["files_sha256"]) == 3 and all(len(h) == 64 for h in card["files_sha256"].values())
     with ServerThread(model=str(base), adapter=post, samples=K, show_paths=True) as s:
         assert httpx.get(f"{s.url}/v1/posterior").json()["adapter"] == str(post)
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+def test_a_stream_whose_client_leaves_before_its_body_starts_is_client_closed_and_ends_its_work(srv, spec):
+    """The client goes away after its request is queued, before the stream's first chunk: with
+    ASGI 2.3 the server says so on receive(), with 2.4 its send() raises OSError at the
+    response's start (so Starlette never runs the body generator). Either way: counted as
+    client_closed (not 200), and its sequences dropped, not generated to the end for nobody.
+    Driven at the ASGI level on the running server's event loop, so the disconnect lands there."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    body = json.dumps({"model": model_of(srv), "prompt": "Nobody is listening", "max_tokens": 400,
+                       "temperature": 0, "stream": True}).encode()
+    before = metric(srv, "tfb_generation_tokens_total")
+    closed = metric(srv, "tfb_requests_total", endpoint="/v1/completions", status="client_closed")
+    calls = 0
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        if calls == 2 or spec == "2.4":  # the route's disconnect watch: no news until the request is queued
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}  # 2.3: the response's disconnect watch hears it at once
+
+    sent = []
+
+    async def send(message):
+        if spec == "2.4":
+            raise OSError("the client has gone")  # what an ASGI 2.4 server does
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                                              (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", srv.port)}
+    loop = srv.state.scheduler._task.get_loop()
+    try:
+        asyncio.run_coroutine_threadsafe(srv.app(scope, receive, send), loop).result(60)
+    except (OSError, ClientDisconnect):  # 2.4: raised out of the app, as a server expects
+        pass
+    assert not any(m["type"] == "http.response.body" and m.get("body") for m in sent)  # nothing streamed
+    wait_for(lambda: metric(srv, "tfb_requests_total", endpoint="/v1/completions",
+                            status="client_closed") == closed + 1)
+    wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 0 and metric(srv, "tfb_requests_running") == 0)
+    assert metric(srv, "tfb_generation_tokens_total") - before < 400
