@@ -201,7 +201,7 @@ class Scheduler:
                 self._set_running(self.decoder.active)
                 try:
                     await loop.run_in_executor(self._pool, self.decoder.step)
-                except Exception as e:  # the one place a failed decode step is logged
+                except Exception as e:  # the decoder reruns a failed step per sequence; this is past that
                     log.exception("decode step of %d sequences failed", self.decoder.active)
                     await loop.run_in_executor(self._pool, self.decoder.fail, as_api_error(e))
                 finally:

@@ -169,6 +169,65 @@ def test_a_poisoned_request_fails_alone_for_scoring_and_generation(dirs, engine)
         wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 0 and metric(s, "tfb_requests_running") == 0)
 
 
+POISON_POSITION = 40  # a decode step feeding this position raises (see poisoned_decode_load)
+
+
+def poisoned_decode_load(settings, set_status):
+    """The real loader, then a fault in the real model's decode step: its rotary embedding
+    raises when a row reaches position 40 (as a failing kernel would for one request's rows),
+    in the eager engine's forward and the static engine's alike."""
+    loaded = loader.load(settings, set_status)
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if positions is not None and positions.shape[-1] == 1 and (positions == POISON_POSITION).any():
+            raise RuntimeError("kernel fault at /secret/local/path")
+
+    loaded.post.model.model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
+    return loaded
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_failing_decode_step_fails_only_the_request_whose_rows_fail(dirs, engine):
+    """A decode step (the shared forward of every running sequence) that raises is rerun one
+    sequence at a time from the state before it: the request whose rows fail gets a sanitized
+    500 (stream: an error event), every other stream and answer sharing those steps is the one
+    it gets alone, and the engine goes on."""
+    from server.settings import Settings
+    from server_helpers import free_port
+
+    base, post = dirs
+    settings = Settings(model=str(base), adapter=post, samples=K, max_wait_ms=100, engine=engine,
+                        port=free_port())
+    with ServerThread(settings=settings, load=poisoned_decode_load) as s:
+        model = model_of(s)
+        tok = s.state.loaded.post.tokenizer
+        words = " ".join(["go"] * 60)
+        ids = tok(words).input_ids[:POISON_POSITION - 3]  # its 4th decode step feeds position 40
+        poison_prompt = tok.decode(ids)
+        assert len(tok(poison_prompt).input_ids) == POISON_POSITION - 3
+        normal = [("stream", {"model": model, "prompt": f"Tale {i}:", "max_tokens": 16, "temperature": 0})
+                  for i in range(3)]
+        normal += [("/v1/completions", {"model": model, "prompt": f"Note {i}:", "max_tokens": 14,
+                                        "temperature": 0.9, "seed": i, "num_samples": 2 + i % 2}) for i in range(3)]
+        reference = run(s, normal)
+        assert all(r[0] in (200, "stream") for r in reference), reference
+        assert metric(s, "tfb_requests_total", status="500") == 0
+        poisoned = [("stream", {"model": model, "prompt": poison_prompt, "max_tokens": 10, "temperature": 0}),
+                    ("/v1/completions", {"model": model, "prompt": poison_prompt, "max_tokens": 10})]
+        mixed = run(s, normal + poisoned)
+        assert mixed[:len(normal)] == reference
+        stream, answer = mixed[len(normal):]
+        assert stream[1][-1]["error"]["message"] == "internal error: RuntimeError", stream
+        assert len(stream[1]) == 4 + 1  # its tokens from the prefill and the three steps that worked, the error
+        assert answer == (500, {"error": {"message": "internal error: RuntimeError", "type": "server_error",
+                                          "param": None, "code": None}})
+        assert "secret" not in json.dumps(mixed)
+        assert metric(s, "tfb_requests_total", endpoint="/v1/completions", status="500") == 2
+        assert run(s, normal) == reference
+        wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 0 and metric(s, "tfb_requests_running") == 0)
+
+
 def test_a_tiny_temperature_is_answered(srv):
     """T = 0.001 once made the sampler divide 0 by 0 (a 500, and every stream in the batch cut)."""
     body = {"model": model_of(srv), "max_tokens": 8, "temperature": 0.001, "seed": 1, "num_samples": 3,
