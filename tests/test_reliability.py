@@ -422,3 +422,29 @@ def test_a_stream_whose_client_leaves_before_its_body_starts_is_client_closed_an
                             status="client_closed") == closed + 1)
     wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 0 and metric(srv, "tfb_requests_running") == 0)
     assert metric(srv, "tfb_generation_tokens_total") - before < 400
+
+
+def test_scoring_goes_past_generation_waiting_for_kv_rows(srv):
+    """While generation waits for KV rows (--max-kv-rows 12: one request holds 12, the next
+    needs 3), /v1/choices is answered at once, not after the running generation ends; the
+    waiting generation runs when the rows free up."""
+    model = model_of(srv)
+    results: dict = {}
+
+    def gen(name, n, max_tokens):
+        body = {"model": model, "prompt": f"{name}: tell me", "n": n, "max_tokens": max_tokens, "temperature": 0}
+        results[name] = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
+
+    first = threading.Thread(target=gen, args=("first", 4, 400))
+    first.start()
+    wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 12)
+    second = threading.Thread(target=gen, args=("second", 1, 4))
+    second.start()
+    wait_for(lambda: metric(srv, "tfb_queue_depth") == 1)  # it waits for rows
+    r = httpx.post(f"{srv.url}/v1/choices", json={"question": "Quick?", "choices": ["yes", "no"]}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert "first" not in results, "scoring waited for the running generation to end"
+    assert metric(srv, "tfb_queue_depth") == 1
+    first.join(120)
+    second.join(120)
+    assert results["first"].status_code == 200 and results["second"].status_code == 200
