@@ -158,7 +158,7 @@ class StaticDecoder:
         self.capture_error: str | None = None
         self.compile_error: str | None = None
         self._pool = None
-        self._step_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._step_fn = torch.compile(self._forward, dynamic=False) if compile else None
 
     @property
     def kv_rows(self) -> int:
@@ -313,12 +313,12 @@ class StaticDecoder:
             return self._call(rows)
 
     def _call(self, rows: int) -> torch.Tensor:
-        if self._step_fn is not self._forward:
+        if self._step_fn is not None:
             try:
                 return self._step_fn(rows)
             except Exception as e:  # the compiler refused: the plain forward from now on
                 self.compile_error = f"{type(e).__name__}: {e}"
-                self._step_fn = self._forward
+                self._step_fn = None
         return self._forward(rows)
 
     def _forward(self, rows: int, start: int = 0) -> torch.Tensor:
