@@ -1,8 +1,11 @@
 """Stress: many clients on a real ``tfb serve`` process, a hostile one among them, then SIGTERM.
 
+The server is ``tfb serve`` with faults in its model (tests/poisoned_serve.py: a token whose
+embedding is NaN, one whose embedding raises, a decode step that raises at position 300).
 Well-behaved clients mix every endpoint (/v1/choices single and items, completions, chat,
 streamed and not; greedy or seeded, so each has one right answer: the one it gets alone). A
 hostile client sends valid-but-nasty requests (temperature 1e-4, n x K at the KV-row limit),
+requests that hit the faults (NaN, a raising prefill, a raising decode step mid-stream),
 invalid ones (oversized, malformed, a lone surrogate, too many choices or rows, a wrong model)
 and leaves mid-stream and mid-answer. Mid-way the server gets SIGTERM. Then: every
 well-behaved answer equals its answer alone; nothing accepted is lost (each request is answered,
@@ -26,7 +29,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import tiny
-from server_helpers import bayesianized, start_cli, wait_ready
+from poisoned_serve import NAN_WORD, POISON_POSITION, RAISE_WORD
+from server_helpers import ROOT, bayesianized, start_cli, wait_ready
 
 K = 3
 CLIENTS = 8  # well-behaved
@@ -201,6 +205,10 @@ def hostile_cases(model: str) -> list[tuple[str, object]]:
         ("string integer", ("/v1/completions", {"model": model, "prompt": "a", "max_tokens": "16"}, 400)),
         ("wrong model", ("/v1/chat/completions", {"model": "gpt-4", "messages": chat}, 404)),
         ("num_samples 0", ("/v1/choices", {"question": "q", "choices": ["a", "b"], "num_samples": 0}, 400)),
+        ("NaN forward", ("/v1/completions", {"model": model, "prompt": f"The{NAN_WORD}", "max_tokens": 5,
+                                             "temperature": 0}, 400)),
+        ("raising prefill", ("/v1/choices", {"question": f"The{RAISE_WORD}?", "choices": ["a", "b"]}, 500)),
+        ("raising decode step", "decode fault"),
         ("leaves mid-stream", "stream"),
         ("leaves mid-answer", "answer"),
     ]
@@ -215,7 +223,15 @@ def hostile(load: Load, model: str, greedy: dict, stats: dict) -> None:
             name, case = cases[i % len(cases)]
             t0 = time.monotonic()
             try:
-                if case == "stream":  # read the first token, then hang up
+                if case == "decode fault":  # its 4th decode step raises: 4 tokens, then one error event
+                    body = {"model": model, "prompt": poison_prompt(), "max_tokens": 10, "temperature": 0,
+                            "stream": True}
+                    status, got = answer(client, load.url, "/v1/completions", body)
+                    if status == "stream-error" and got["error"]["message"] == "internal error: RuntimeError":
+                        status = 500
+                    elif not gone(status):
+                        status = f"unexpected {status}: {got}"
+                elif case == "stream":  # read the first token, then hang up
                     body = {"model": model, "prompt": "Leave me", "max_tokens": 200, "stream": True}
                     with httpx.stream("POST", load.url + "/v1/completions", json=body, timeout=60) as r:
                         status = r.status_code
@@ -240,6 +256,10 @@ def hostile(load: Load, model: str, greedy: dict, stats: dict) -> None:
                     ok = status == expected
                     if ok and name == "tiny temperature":  # T = 1e-4 is greedy in all but name
                         ok = r.json()["choices"][0]["message"]["content"] == greedy["content"]
+                    if ok and name == "NaN forward":
+                        ok = r.json()["error"]["code"] == "non_finite_distribution"
+                    if ok and name == "raising prefill":  # the fault's text (a local path) stays in the log
+                        ok = r.json()["error"]["message"] == "internal error: ValueError"
                     if not ok and not gone(status):
                         status = f"unexpected {status}: {r.text[:300]}"
             except httpx.TransportError as e:
@@ -251,6 +271,14 @@ def hostile(load: Load, model: str, greedy: dict, stats: dict) -> None:
             if gone(status):
                 return
             i += 1
+
+
+def poison_prompt() -> str:
+    """A prompt of POISON_POSITION - 3 tokens: its 4th decode step feeds that position."""
+    tok = tiny.tokenizer()
+    text = tok.decode(tok(" ".join(["go"] * POISON_POSITION)).input_ids[:POISON_POSITION - 3])
+    assert len(tok(text).input_ids) == POISON_POSITION - 3
+    return text
 
 
 def metrics(url: str) -> dict[tuple, float]:
@@ -276,7 +304,8 @@ def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
     base, post = post_dirs
     proc, url = start_cli("--model", str(base), "--adapter", str(post), "--device", "cpu", "--samples", str(K),
                           "--max-wait-ms", "5", "--max-kv-rows", str(MAX_KV_ROWS), "--max-body-bytes",
-                          str(MAX_BODY), "--max-queue", "128", "--request-timeout", "120")
+                          str(MAX_BODY), "--max-queue", "128", "--request-timeout", "120",
+                          script=ROOT / "tests" / "poisoned_serve.py")
     try:
         wait_ready(url, timeout=120, proc=proc)
         t_start = time.monotonic()
@@ -306,6 +335,7 @@ def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
                  and stats["left_streams"] >= 1 and stats["left_answers"] >= 1, what="the load's first half")
         t_mid = time.monotonic()
         before = metrics(url)
+        t_before = time.monotonic()
         # a long stream in flight (its first token seen), then SIGTERM
         in_flight: dict = {}
 
@@ -344,7 +374,6 @@ def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
     # --- the server ---
     assert code == 0, stderr[-3000:]
     assert "drained: 0 running, 0 queued, 0 KV rows" in stderr, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-5000:]
     # --- the in-flight stream finished, with its answer alone ---
     assert in_flight.get("done") and "error" not in in_flight, in_flight
     assert in_flight["text"] == long_ref[1][0][1][0]
@@ -362,9 +391,12 @@ def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
            and o.status not in ("left", "transport")]
     assert not bad, [(o.what, o.status) for o in bad]
     assert all(o.started >= load.sigterm_at for o in load.outcomes if o.client == "hostile" and o.status == "transport")
-    # --- the metrics at mid-way: no 5xx, the clients that left counted apart ---
-    assert not [k for k in before if k[0] == "tfb_requests_total" and dict(k[1])["endpoint"] != "/health"
-                and dict(k[1])["status"].startswith("5")]  # /health: 503 while loading
+    # --- the metrics at mid-way: 5xx only for the requests that hit a raising fault, the clients
+    # that left counted apart ---
+    five = sum(v for (n, ls), v in before.items() if n == "tfb_requests_total"
+               and dict(ls)["endpoint"] != "/health" and dict(ls)["status"].startswith("5"))  # /health: 503 loading
+    raising = [o for o in load.outcomes if o.what in ("raising prefill", "raising decode step") and o.status == 500]
+    assert sum(o.ended < t_mid for o in raising) <= five <= sum(o.started < t_before for o in raising)
     assert total(before, "tfb_requests_total", status="client_closed") >= 1
 
     answered = sum(o.status == 200 for o in load.outcomes)
@@ -377,4 +409,4 @@ def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
           f"{stats['left_answers']} answers left mid-way), "
           f"{sum(o.status == 503 for o in load.outcomes)} x 503 draining, "
           f"{sum(o.status == 'transport' for o in load.outcomes)} x server gone after SIGTERM, 0 lost, "
-          f"0 x 5xx before the SIGTERM; exit 0, gauges 0")
+          f"{len(raising)} x 500 for the requests that hit a raising fault (their own); exit 0, gauges 0")
