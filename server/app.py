@@ -46,6 +46,7 @@ def build_app(settings: Settings | None = None,
         yield
         if state.scheduler is not None:
             await state.scheduler.stop()
+            log.info("drained: %s", drained_gauges(state.metrics))
 
     app = FastAPI(title="tfb", version="0.1.0", lifespan=lifespan,
                   description="LLM answers with honest uncertainty: a LoRA adapter Bayesianized "
@@ -69,6 +70,15 @@ def build_app(settings: Settings | None = None,
     if settings.access_log:
         app.add_middleware(AccessLogMiddleware)
     return app
+
+
+def drained_gauges(metrics: Metrics) -> str:
+    """The work gauges as the server exits ("0 running, 0 queued, 0 KV rows" after a clean drain)."""
+    def value(name: str) -> int:
+        return int(metrics.registry.get_sample_value(name, {"model": metrics.model}) or 0)
+
+    return (f"{value('tfb_requests_running')} running, {value('tfb_queue_depth')} queued, "
+            f"{value('tfb_kv_cache_rows')} KV rows")
 
 
 def start_loading(state: AppState, load) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from tfb_core.cuda_decode import StaticDecoder
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, safe_text
 from tfb_core.scoring import apply_chat, max_context
 
-from .errors import BadRequest, NotFound, RequestTimeout, public_error
+from .errors import BadRequest, NotFound, RequestTimeout, as_api_error, public_error
 from .limits import Tokenizing, check_chars, max_prompt_chars
 from .metrics import Metrics
 from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -39,6 +40,8 @@ from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, 
                               SequenceUncertainty, TokenUncertainty, TopLogprob)
 from .scheduler import PENDING, Scheduler
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 COMPLETIONS_ENDPOINT = "/v1/completions"
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -133,20 +136,28 @@ class GenerationEngine:
         return [PENDING] * len(works)
 
     def step(self) -> None:
-        """One decode step for every active sequence (after dropping cancelled ones)."""
+        """One decode step for every active sequence (after dropping cancelled ones). A failed
+        step leaves the batch as it was and is rerun one sequence at a time: a sequence whose
+        own step fails ends alone, its request answered with that error (sanitized)."""
         for s in self.batch.seqs:
             if self.works[id(s)].cancelled and not s.finished:
                 s.finish_reason = "cancelled"
         self._retire()
         if self.batch is None:
             return
-        seconds = self.batch.step()
+        try:
+            seconds = self.batch.step()
+        except Exception as e:  # rerun per sequence: only a sequence whose own step fails ends
+            log.warning("a decode step of %d sequences failed (%s); stepping each alone", len(self.batch.seqs),
+                        type(e).__name__)
+            seconds = self.batch.step_each()
         self.metrics.observe_decode(len(self.batch.seqs), self.kv_rows, seconds)
         self._emit(self.batch.seqs)
         self._retire()
 
     def fail(self, error: Exception) -> None:
-        """A decode step failed: every active sequence gets the error; the KV rows are freed."""
+        """A decode step failed beyond what :meth:`step` reruns sequence by sequence (the engine's
+        own bookkeeping raised): every active sequence gets the error; the KV rows are freed."""
         works, self.works = list(self.works.values()), {}
         self.batch = None
         self.decoder = None  # its state may be half-stepped: the next admit starts a fresh one
@@ -208,11 +219,30 @@ def _fail(w: GenWork, error: Exception) -> None:
 def _finish(w: GenWork) -> None:
     if w.future.done():
         return
-    if w.seq.finish_reason == "error":  # its own distribution went non-finite: it alone fails
+    if w.seq.failure is not None:  # its own decode step raised: it alone fails
+        log.error("a sequence's decode step failed alone", exc_info=w.seq.failure)
+        w.future.set_exception(as_api_error(w.seq.failure))
+    elif w.seq.finish_reason == "error":  # its own distribution went non-finite: it alone fails
         w.future.set_exception(BadRequest(f"generation failed for this request: {w.seq.error}",
                                           code="non_finite_distribution"))
     else:
         w.future.set_result(w.seq)
+
+
+@dataclass(eq=False)
+class EventStream:
+    """A streamed response's server-sent events and its work: :meth:`close` drops the work,
+    for a response that ends before its events are read (the client left before the first)."""
+
+    events: AsyncIterator[str]
+    works: list[GenWork]
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.events
+
+    def close(self) -> None:
+        for w in self.works:
+            w.future.cancel()
 
 
 class CompletionsServing:
@@ -311,7 +341,8 @@ class CompletionsServing:
         self.scheduler.submit(works)  # all or none: a 429 or 503 counts no prompt tokens
         self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)
         if request.stream:
-            return self.stream(request, works, prompts, report)
+            report("client_closed")  # until the stream ends otherwise: its body may never start
+            return EventStream(self.stream(request, works, prompts, report), works)
         try:
             seqs = await self.scheduler.wait(works, self.settings.request_timeout)
         finally:  # answered, failed, or the client went away: free the slots at the next step

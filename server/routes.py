@@ -8,9 +8,11 @@ import hmac
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from .access_log import note_work
 from .errors import ClientClosed, NotReady, Unauthorized
+from .generating import EventStream
 from .metrics import CONTENT_TYPE
 from .openai_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                               CompletionResponse)
@@ -130,10 +132,27 @@ def reporter(request: Request):
 
 
 def _answer(result):
-    if hasattr(result, "__aiter__"):
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if isinstance(result, EventStream):
+        return EventStreamResponse(result, media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return result
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events whose work ends with the response, however it ends: also when the
+    client left before the body started (Starlette then never runs the events' generator)."""
+
+    def __init__(self, stream: EventStream, **kwargs):
+        super().__init__(stream, **kwargs)
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # ASGI 2.4: send() raised; nobody is left to answer
+            pass
+        finally:
+            self.stream.close()
 
 
 @api.get("/v1/models", response_model=ModelList, tags=["models"])

@@ -201,7 +201,7 @@ class Scheduler:
                 self._set_running(self.decoder.active)
                 try:
                     await loop.run_in_executor(self._pool, self.decoder.step)
-                except Exception as e:  # the one place a failed decode step is logged
+                except Exception as e:  # the decoder reruns a failed step per sequence; this is past that
                     log.exception("decode step of %d sequences failed", self.decoder.active)
                     await loop.run_in_executor(self._pool, self.decoder.fail, as_api_error(e))
                 finally:
@@ -258,15 +258,30 @@ class Scheduler:
         return running + (batch.rows if batch.kind == "generate" else 0) + item.rows <= self.max_kv_rows
 
     def _take_waiting(self) -> Batch | None:
-        """What is waiting now, coalesced, without waiting for more (decode steps are due)."""
-        if not self._waiting or not self._kv_fits(Batch(self._waiting[0].kind), self._waiting[0]):
-            return None  # generation waits until running sequences free KV rows
-        first = self._waiting.popleft()
-        batch = Batch(first.kind)
-        batch.add(first)
-        while self._waiting and batch.fits(self._waiting[0], self.max_batch_size, self.max_batch_tokens) \
-                and self._kv_fits(batch, self._waiting[0]):
-            batch.add(self._waiting.popleft())
+        """What may run now, coalesced, without waiting for more (decode steps are due).
+
+        Generation work that does not fit the KV rows left waits, and every generation item
+        behind it too (in order: the first one waiting is the next admitted once rows free up,
+        so it is never starved); scoring, which holds no KV rows, goes past them.
+        """
+        batch, taken, blocked = None, [], False  # blocked: a generation item waits for KV rows
+        for i, item in enumerate(self._waiting):
+            if item.kind == "generate" and (
+                    blocked or not self._kv_fits(batch if batch is not None else Batch(item.kind), item)):
+                blocked = True
+                if batch is not None and batch.kind == "generate":
+                    break
+                continue
+            if batch is None:
+                batch = Batch(item.kind)
+            elif not batch.fits(item, self.max_batch_size, self.max_batch_tokens):
+                break  # it heads a later batch
+            batch.add(item)
+            taken.append(i)
+        if batch is None:
+            return None
+        for i in reversed(taken):
+            del self._waiting[i]
         self.metrics.queue_depth.labels(self.metrics.model).set(len(self._waiting))
         return batch
 

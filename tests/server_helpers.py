@@ -124,10 +124,12 @@ class ServerThread:
         self.stop()
 
 
-def start_cli(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """``tfb serve ARGS --port P`` as a real subprocess; returns (process, base url)."""
+def start_cli(*args: str, env: dict | None = None, script: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``tfb serve ARGS --port P`` as a real subprocess (through ``script`` instead of
+    ``python -m server.cli`` when given); returns (process, base url)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args]
+    entry = [str(script)] if script is not None else ["-m", "server.cli"]
+    cmd = [sys.executable, *entry, "serve", "--port", str(port), *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -177,3 +177,60 @@ def test_a_sequence_with_a_non_finite_distribution_ends_alone(post, tok):
     for i in (0, 2):
         assert seqs[i].finish_reason == clean[i].finish_reason
         assert seqs[i].token_ids == clean[i].token_ids
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+@pytest.mark.parametrize("transient", [True, False])
+def test_a_failed_step_changes_nothing_and_each_sequence_is_rerun_alone(post, tok, engine, transient):
+    """A decode step that raises leaves the batch as it was (KV cache, rows, tokens, sampling
+    generators); ``step_each`` then steps each sequence alone. A fault that does not come back
+    changes no token of any sequence (seeded sampling included); one that comes back for one
+    sequence's rows ends that sequence alone ("error", its exception kept), the others as without it."""
+    from tfb_core.cuda_decode import StaticDecoder
+
+    post.sigma = SIGMA
+    ps = prompts(tok)
+    params = [SamplingParams(max_tokens=6, temperature=0, num_samples=2),
+              SamplingParams(max_tokens=6, temperature=0.9, seed=3, num_samples=3),
+              SamplingParams(max_tokens=6, temperature=0, num_samples=2)]
+
+    def run():
+        seqs = [GenSequence(list(p), sp) for p, sp in zip(ps, params)]
+        batch = DecodeBatch.prefill(post, seqs)
+        if engine == "static":
+            batch = StaticDecoder(post, graph=False).join(batch)
+        batch.filter()
+        while batch.seqs:
+            try:
+                batch.step()
+            except RuntimeError:
+                batch.step_each()
+            batch.filter()
+        return seqs
+
+    want = run()
+    # sequence 1's third decode step feeds this position; no other sequence's step does
+    at = len(ps[1]) + 2
+    assert all(len(p) + 5 < at or len(p) > at for p in (ps[0], ps[2]))
+    faults = []
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if positions.shape[-1] == 1 and (positions == at).any() and not (transient and faults):
+            faults.append(positions.numel())
+            raise RuntimeError("kernel fault")
+
+    handle = post.model.model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = run()
+    finally:
+        handle.remove()
+    assert faults and faults[0] == sum(sp.num_samples for sp in params)  # the shared step failed first
+    for i in (0, 2):
+        assert got[i].token_ids == want[i].token_ids and got[i].finish_reason == want[i].finish_reason
+    if transient:
+        assert got[1].token_ids == want[1].token_ids and got[1].failure is None
+    else:
+        assert faults[1] == params[1].num_samples  # rerun alone, it failed again
+        assert got[1].finish_reason == "error" and isinstance(got[1].failure, RuntimeError)
+        assert got[1].token_ids == want[1].token_ids[:3]  # the prefill's token and two steps'

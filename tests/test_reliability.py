@@ -152,6 +152,65 @@ def test_a_poisoned_request_fails_alone_for_scoring_and_generation(dirs, engine)
         wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 0 and metric(s, "tfb_requests_running") == 0)
 
 
+POISON_POSITION = 40  # a decode step feeding this position raises (see poisoned_decode_load)
+
+
+def poisoned_decode_load(settings, set_status):
+    """The real loader, then a fault in the real model's decode step: its rotary embedding
+    raises when a row reaches position 40 (as a failing kernel would for one request's rows),
+    in the eager engine's forward and the static engine's alike."""
+    loaded = loader.load(settings, set_status)
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if positions is not None and positions.shape[-1] == 1 and (positions == POISON_POSITION).any():
+            raise RuntimeError("kernel fault at /secret/local/path")
+
+    loaded.post.model.model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
+    return loaded
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_failing_decode_step_fails_only_the_request_whose_rows_fail(dirs, engine):
+    """A decode step (the shared forward of every running sequence) that raises is rerun one
+    sequence at a time from the state before it: the request whose rows fail gets a sanitized
+    500 (stream: an error event), every other stream and answer sharing those steps is the one
+    it gets alone, and the engine goes on."""
+    from server.settings import Settings
+    from server_helpers import free_port
+
+    base, post = dirs
+    settings = Settings(model=str(base), adapter=post, samples=K, max_wait_ms=100, engine=engine,
+                        port=free_port())
+    with ServerThread(settings=settings, load=poisoned_decode_load) as s:
+        model = model_of(s)
+        tok = s.state.loaded.post.tokenizer
+        words = " ".join(["go"] * 60)
+        ids = tok(words).input_ids[:POISON_POSITION - 3]  # its 4th decode step feeds position 40
+        poison_prompt = tok.decode(ids)
+        assert len(tok(poison_prompt).input_ids) == POISON_POSITION - 3
+        normal = [("stream", {"model": model, "prompt": f"Tale {i}:", "max_tokens": 16, "temperature": 0})
+                  for i in range(3)]
+        normal += [("/v1/completions", {"model": model, "prompt": f"Note {i}:", "max_tokens": 14,
+                                        "temperature": 0.9, "seed": i, "num_samples": 2 + i % 2}) for i in range(3)]
+        reference = run(s, normal)
+        assert all(r[0] in (200, "stream") for r in reference), reference
+        assert metric(s, "tfb_requests_total", status="500") == 0
+        poisoned = [("stream", {"model": model, "prompt": poison_prompt, "max_tokens": 10, "temperature": 0}),
+                    ("/v1/completions", {"model": model, "prompt": poison_prompt, "max_tokens": 10})]
+        mixed = run(s, normal + poisoned)
+        assert mixed[:len(normal)] == reference
+        stream, answer = mixed[len(normal):]
+        assert stream[1][-1]["error"]["message"] == "internal error: RuntimeError", stream
+        assert len(stream[1]) == 4 + 1  # its tokens from the prefill and the three steps that worked, the error
+        assert answer == (500, {"error": {"message": "internal error: RuntimeError", "type": "server_error",
+                                          "param": None, "code": None}})
+        assert "secret" not in json.dumps(mixed)
+        assert metric(s, "tfb_requests_total", endpoint="/v1/completions", status="500") == 2
+        assert run(s, normal) == reference
+        wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 0 and metric(s, "tfb_requests_running") == 0)
+
+
 def test_a_tiny_temperature_is_answered(srv):
     """T = 0.001 once made the sampler divide 0 by 0 (a 500, and every stream in the batch cut)."""
     body = {"model": model_of(srv), "max_tokens": 8, "temperature": 0.001, "seed": 1, "num_samples": 3,
@@ -296,3 +355,79 @@ def test_no_local_path_in_public_endpoints_unless_asked(srv, dirs):
     assert len(card["files_sha256"]) == 3 and all(len(h) == 64 for h in card["files_sha256"].values())
     with ServerThread(model=str(base), adapter=post, samples=K, show_paths=True) as s:
         assert httpx.get(f"{s.url}/v1/posterior").json()["adapter"] == str(post)
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+def test_a_stream_whose_client_leaves_before_its_body_starts_is_client_closed_and_ends_its_work(srv, spec):
+    """The client goes away after its request is queued, before the stream's first chunk: with
+    ASGI 2.3 the server says so on receive(), with 2.4 its send() raises OSError at the
+    response's start (so Starlette never runs the body generator). Either way: counted as
+    client_closed (not 200), and its sequences dropped, not generated to the end for nobody.
+    Driven at the ASGI level on the running server's event loop, so the disconnect lands there."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    body = json.dumps({"model": model_of(srv), "prompt": "Nobody is listening", "max_tokens": 400,
+                       "temperature": 0, "stream": True}).encode()
+    before = metric(srv, "tfb_generation_tokens_total")
+    closed = metric(srv, "tfb_requests_total", endpoint="/v1/completions", status="client_closed")
+    calls = 0
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        if calls == 2 or spec == "2.4":  # the route's disconnect watch: no news until the request is queued
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}  # 2.3: the response's disconnect watch hears it at once
+
+    sent = []
+
+    async def send(message):
+        if spec == "2.4":
+            raise OSError("the client has gone")  # what an ASGI 2.4 server does
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                                              (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", srv.port)}
+    loop = srv.state.scheduler._task.get_loop()
+    try:
+        asyncio.run_coroutine_threadsafe(srv.app(scope, receive, send), loop).result(60)
+    except (OSError, ClientDisconnect):  # 2.4: raised out of the app, as a server expects
+        pass
+    assert not any(m["type"] == "http.response.body" and m.get("body") for m in sent)  # nothing streamed
+    wait_for(lambda: metric(srv, "tfb_requests_total", endpoint="/v1/completions",
+                            status="client_closed") == closed + 1)
+    wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 0 and metric(srv, "tfb_requests_running") == 0)
+    assert metric(srv, "tfb_generation_tokens_total") - before < 400
+
+
+def test_scoring_goes_past_generation_waiting_for_kv_rows(srv):
+    """While generation waits for KV rows (--max-kv-rows 12: one request holds 12, the next
+    needs 3), /v1/choices is answered at once, not after the running generation ends; the
+    waiting generation runs when the rows free up."""
+    model = model_of(srv)
+    results: dict = {}
+
+    def gen(name, n, max_tokens):
+        body = {"model": model, "prompt": f"{name}: tell me", "n": n, "max_tokens": max_tokens, "temperature": 0}
+        results[name] = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
+
+    first = threading.Thread(target=gen, args=("first", 4, 400))
+    first.start()
+    wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 12)
+    second = threading.Thread(target=gen, args=("second", 1, 4))
+    second.start()
+    wait_for(lambda: metric(srv, "tfb_queue_depth") == 1)  # it waits for rows
+    r = httpx.post(f"{srv.url}/v1/choices", json={"question": "Quick?", "choices": ["yes", "no"]}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert "first" not in results, "scoring waited for the running generation to end"
+    assert metric(srv, "tfb_queue_depth") == 1
+    first.join(120)
+    second.join(120)
+    assert results["first"].status_code == 200 and results["second"].status_code == 200

@@ -103,28 +103,43 @@ def test_static_engine_refused_for_an_unsupported_model(tmp_path):
 
 
 def test_static_engine_recovers_from_a_failed_step_with_a_fresh_decoder(dirs, monkeypatch):
-    """A decode step that runs out of memory fails the running requests (503) and drops the
-    decoder; the next request gets a fresh one and is served like before."""
+    """A decode step that runs out of memory is rerun one sequence at a time (answered as
+    before when that fits); a sequence whose own step runs out of memory fails (503) and the
+    decoder, restored, serves the next request; when even the rerun machinery fails, every
+    running request fails (503), the decoder is dropped and the next request gets a fresh one."""
     import torch
 
     from tfb_core.cuda_decode import StaticDecoder
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=3, max_wait_ms=20, engine="static") as s:
         engine = s.state.runner.engine
         body = {"model": httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"], "prompt": "Once upon",
                 "max_tokens": 6, "temperature": 0}
-        before = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+        def text():
+            r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+            return r.json()["choices"][0]["text"] if r.status_code == 200 else (r.status_code, r.json())
+
+        before = text()
         first = engine.decoder
-
-        def oom(self):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
-
-        monkeypatch.setattr(StaticDecoder, "step", oom)
-        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"
-        assert engine.decoder is None and engine.works == {}
-        monkeypatch.undo()
-        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == before
+        with monkeypatch.context() as m:  # the shared step fails, each sequence alone fits
+            m.setattr(StaticDecoder, "step", oom)
+            assert text() == before
+        with monkeypatch.context() as m:  # its own step fails too
+            m.setattr(StaticDecoder, "_forward", oom)
+            status, err = text()
+            assert status == 503 and err["error"]["code"] == "out_of_memory"
+            assert engine.works == {} and engine.decoder is first
+        assert text() == before
+        with monkeypatch.context() as m:  # the rerun itself fails: the decoder is dropped
+            m.setattr(StaticDecoder, "step", oom)
+            m.setattr(StaticDecoder, "step_each", oom)
+            status, err = text()
+            assert status == 503 and err["error"]["code"] == "out_of_memory"
+            assert engine.decoder is None and engine.works == {}
+        assert text() == before
         assert engine.decoder is not None and engine.decoder is not first

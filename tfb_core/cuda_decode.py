@@ -34,7 +34,8 @@ from typing import Iterator, Sequence as Seq
 
 import torch
 
-from .generation import DecodeBatch, GenSequence, SamplingParams, choose_tokens, generate, split_finished
+from .generation import (DecodeBatch, GenSequence, SamplingParams, choose_tokens, generate, restore_sequences,
+                         save_sequences, split_finished)
 from .sampling import noise_stack
 from .scoring import max_context
 
@@ -157,7 +158,7 @@ class StaticDecoder:
         self.capture_error: str | None = None
         self.compile_error: str | None = None
         self._pool = None
-        self._step_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._step_fn = torch.compile(self._forward, dynamic=False) if compile else None
 
     @property
     def kv_rows(self) -> int:
@@ -245,14 +246,60 @@ class StaticDecoder:
     def step(self) -> float:
         """Feed every row's last token, choose the next token of every sequence.
 
-        Returns the step's duration in seconds (forward + choice, synchronised by the choice).
+        All or nothing: if it raises, the rows and sequences are as they were before, ready for
+        :meth:`step_each`. Returns the step's duration in seconds (forward + choice,
+        synchronised by the choice).
         """
         t0 = time.perf_counter()
         if self.n:
-            with on_device(self.device):  # graphs replay on the current device's stream
-                logits = self._run(min(_pow2(self.n), self.rows_cap))[:self.n]
-            self.tok[:self.n] = choose_tokens(self.post, self.seqs, logits)
+            rows = min(_pow2(self.n), self.rows_cap)
+            saved = self._save_rows(0, rows), save_sequences(self.seqs)
+            try:
+                with on_device(self.device):  # graphs replay on the current device's stream
+                    logits = self._run(rows)[:self.n]
+                self.tok[:self.n] = choose_tokens(self.post, self.seqs, logits)
+            except BaseException:
+                self._restore_rows(0, saved[0])
+                restore_sequences(self.seqs, saved[1])
+                raise
         return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def step_each(self) -> float:
+        """:meth:`step`, one sequence at a time (eagerly, on its own rows): after a failed step,
+        so only a sequence whose own step fails ends (``finish_reason`` "error", its exception in
+        ``failure``); the others get the token they get alone. Returns the duration in seconds."""
+        t0 = time.perf_counter()
+        row = 0
+        for s in self.seqs:
+            K, start = s.params.num_samples, row
+            row += K
+            if s.finished:
+                continue
+            saved = self._save_rows(start, K), save_sequences([s])
+            try:
+                with on_device(self.device), row_noise(self.post, self.noise, self.slots[start:start + K]):
+                    logits = self._forward(K, start)
+                self.tok[start:start + K] = choose_tokens(self.post, [s], logits)
+            except Exception as e:  # this sequence alone; its rows are dropped at the next filter
+                self._restore_rows(start, saved[0])
+                restore_sequences([s], saved[1])
+                s.finish_reason, s.failure = "error", e
+                s.error = f"the decode step failed for this sequence ({type(e).__name__})"
+        return time.perf_counter() - t0
+
+    def _save_rows(self, start: int, rows: int) -> tuple:
+        """What a step changes in rows ``start .. start + rows`` (besides K/V at columns no row
+        attends to yet): positions, columns, tokens and the mask at each row's new column."""
+        r = slice(start, start + rows)
+        col = self.col[r].clone()
+        return col, self.pos[r].clone(), self.tok[r].clone(), self.bias[r].gather(1, col[:, None])
+
+    def _restore_rows(self, start: int, saved: tuple) -> None:
+        col, pos, tok, bias = saved
+        r = slice(start, start + len(col))
+        self.col[r], self.pos[r], self.tok[r] = col, pos, tok
+        self.bias[r] = self.bias[r].scatter(1, col[:, None], bias)
 
     def _run(self, rows: int) -> torch.Tensor:
         if self.use_graph and self.capture_error is None:
@@ -266,16 +313,16 @@ class StaticDecoder:
             return self._call(rows)
 
     def _call(self, rows: int) -> torch.Tensor:
-        if self._step_fn is not self._forward:
+        if self._step_fn is not None:
             try:
                 return self._step_fn(rows)
             except Exception as e:  # the compiler refused: the plain forward from now on
                 self.compile_error = f"{type(e).__name__}: {e}"
-                self._step_fn = self._forward
+                self._step_fn = None
         return self._forward(rows)
 
-    def _forward(self, rows: int) -> torch.Tensor:
-        """One token for rows ``[0, rows)`` through the model: last-position logits (rows, V).
+    def _forward(self, rows: int, start: int = 0) -> torch.Tensor:
+        """One token for rows ``[start, start + rows)`` through the model: last-position logits (rows, V).
 
         The model's own modules for every projection and the MLP; RMSNorm, RoPE and attention
         written with few kernels (each costs ~2 us inside a graph, whatever its size): one
@@ -285,7 +332,8 @@ class StaticDecoder:
         model = self.post.model
         inner = model.model
         H, KVH, hd = self.heads, self.kv_heads, self.head_dim
-        tok, pos, col, bias = self.tok[:rows], self.pos[:rows], self.col[:rows], self.bias[:rows]
+        r = slice(start, start + rows)
+        tok, pos, col, bias = self.tok[r], self.pos[r], self.col[r], self.bias[r]
         bias.scatter_(1, col[:, None], 0.0)  # each row's new column is real
         at = col.view(rows, 1, 1, 1).expand(rows, KVH, 1, hd)
         mask = bias[:, None, None, :]  # (rows, 1, 1, length)
@@ -302,7 +350,7 @@ class StaticDecoder:
             qk = torch.cat([q, k], 1)
             qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)  # RoPE
             q, k = qk[:, :H], qk[:, H:]
-            kc, vc = self.kc[i][:rows], self.vc[i][:rows]
+            kc, vc = self.kc[i][r], self.vc[i][r]
             kc.scatter_(2, at, k.to(kc.dtype))
             vc.scatter_(2, at, v.to(vc.dtype))
             # grouped-query attention over the static cache, one query per row

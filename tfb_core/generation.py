@@ -73,7 +73,8 @@ class GenSequence:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     text: str = ""  # the generated text, without a matched stop string
     generator: torch.Generator | None = None
-    error: str | None = None  # why it ended with "error" (its distribution was not finite)
+    error: str | None = None  # why it ended with "error" (its distribution was not finite, or its step failed)
+    failure: Exception | None = None  # the exception its own step raised (see DecodeBatch.step_each)
 
     def __post_init__(self):
         if self.params.seed is not None:
@@ -174,13 +175,47 @@ class DecodeBatch:
     def step(self) -> float:
         """Feed every row's last token, choose the next token of every unfinished sequence.
 
-        Returns the forward's duration in seconds.
+        All or nothing: if it raises, the batch (KV cache, sequences, their generators) is as it
+        was before, ready for :meth:`step_each`. Returns the forward's duration in seconds.
         """
         t0 = time.perf_counter()
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], 1)
-        logits = self._forward(self.last[:, None], self.positions[:, None])
-        self.positions = self.positions + 1
-        self.last = choose_tokens(self.post, self.seqs, logits)
+        # every field is replaced, not written in place (DynamicLayer.update concatenates):
+        # keeping the old objects is the checkpoint
+        saved = (self.mask, self.positions, self.last, [(l.keys, l.values) for l in self.cache.layers],
+                 save_sequences(self.seqs))
+        try:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], 1)
+            logits = self._forward(self.last[:, None], self.positions[:, None])
+            self.positions = self.positions + 1
+            self.last = choose_tokens(self.post, self.seqs, logits)
+        except BaseException:
+            self.mask, self.positions, self.last, layers, seqs = saved
+            for layer, (k, v) in zip(self.cache.layers, layers):
+                layer.keys, layer.values = k, v
+            restore_sequences(self.seqs, seqs)
+            raise
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def step_each(self) -> float:
+        """:meth:`step`, one sequence at a time: after a failed step, so only a sequence whose own
+        step fails ends (``finish_reason`` "error", its exception in ``failure``); the others get
+        the token they get alone. Returns the duration in seconds."""
+        t0 = time.perf_counter()
+        parts, row = [], 0
+        for s in self.seqs:
+            part = self._rows(s, row)
+            row += s.params.num_samples
+            if not s.finished:
+                try:
+                    part.step()
+                except Exception as e:  # this sequence alone; its rows are dropped at the next filter
+                    s.finish_reason, s.failure = "error", e
+                    s.error = f"the decode step failed for this sequence ({type(e).__name__})"
+            parts.append(part)
+        merged = DecodeBatch.concatenate(parts)  # a part not stepped is one column shorter: left-padded
+        self.seqs, self.cache, self.mask = merged.seqs, merged.cache, merged.mask
+        self.positions, self.last = merged.positions, merged.last
         return time.perf_counter() - t0
 
     def filter(self) -> list[GenSequence]:
@@ -203,6 +238,16 @@ class DecodeBatch:
                 s.finish_reason = "cancelled"
 
     # --- internals -----------------------------------------------------------------------
+
+    def _rows(self, s: GenSequence, row: int) -> "DecodeBatch":
+        """Sequence ``s`` (rows ``row .. row + K``) as a batch of its own."""
+        from transformers import DynamicCache
+
+        idx = torch.arange(row, row + s.params.num_samples, device=self.mask.device)
+        cache = DynamicCache()
+        for i, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys[idx], layer.values[idx], i)
+        return DecodeBatch(self.post, [s], cache, self.mask[idx], self.positions[idx], self.last[idx])
 
     @property
     def _device(self) -> torch.device:
@@ -243,6 +288,21 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys = layer.keys[..., start:, :]
                 layer.values = layer.values[..., start:, :]
+
+
+def save_sequences(seqs: Seq[GenSequence]) -> list[tuple]:
+    """What a step changes in each sequence: its tokens, finish, text and sampling generator."""
+    return [(len(s.tokens), s.finish_reason, s.text, s.error,
+             s.generator.get_state() if s.generator is not None else None) for s in seqs]
+
+
+def restore_sequences(seqs: Seq[GenSequence], saved: list[tuple]) -> None:
+    """Undo a failed step's changes to ``seqs`` (see :func:`save_sequences`)."""
+    for s, (n, reason, text, error, generator) in zip(seqs, saved):
+        del s.tokens[n:]
+        s.finish_reason, s.text, s.error = reason, text, error
+        if generator is not None:
+            s.generator.set_state(generator)
 
 
 def split_finished(seqs: Seq[GenSequence]) -> tuple[list[GenSequence], list[GenSequence], list[int]]:

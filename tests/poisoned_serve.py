@@ -1,0 +1,47 @@
+"""``tfb serve`` with faults in its model, for tests/test_stress.py: run as
+``python tests/poisoned_serve.py serve ARGS``. The real CLI and loader; then, in the loaded
+model, a token whose embedding is NaN (" quokka"), a token whose embedding raises (" narwhal"),
+and a decode step that raises when a row reaches position 300 (as failing kernels would)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import server.loader as loader  # noqa: E402
+
+NAN_WORD, RAISE_WORD, POISON_POSITION = " quokka", " narwhal", 300
+real_load = loader.load
+
+
+def poisoned_load(settings, set_status):
+    loaded = real_load(settings, set_status)
+    tok = loaded.post.tokenizer
+    nan_id = tok(NAN_WORD, add_special_tokens=False).input_ids[-1]
+    raise_id = tok(RAISE_WORD, add_special_tokens=False).input_ids[-1]
+
+    def embed(module, args, output):
+        ids = args[0]
+        if (ids == raise_id).any():
+            raise ValueError("poisoned token at /secret/local/path")
+        return output.masked_fill((ids == nan_id)[..., None], float("nan"))
+
+    def rotary(module, args, kwargs):
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if positions is not None and positions.shape[-1] == 1 and (positions == POISON_POSITION).any():
+            raise RuntimeError("kernel fault at /secret/local/path")
+
+    loaded.post.model.get_input_embeddings().register_forward_hook(embed)
+    loaded.post.model.model.rotary_emb.register_forward_pre_hook(rotary, with_kwargs=True)
+    return loaded
+
+
+if __name__ == "__main__":  # (imported by the test for its constants: no patching then)
+    loader.load = poisoned_load  # before server.app binds it as build_app's default
+    import server.app
+    from server.cli import main
+
+    assert server.app.build_app.__defaults__[-1] is poisoned_load
+    sys.exit(main(sys.argv[1:]))
