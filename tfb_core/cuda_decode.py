@@ -396,10 +396,17 @@ class StaticDecoder:
             torch.cuda.empty_cache()
         except Exception as e:  # e.g. an op that syncs: run eagerly from now on
             self.capture_error = f"{type(e).__name__}: {e}"
-            self.graphs.clear()
+            self._drop_graphs()
             torch.cuda.synchronize()
         for s, v in zip(state, saved):
             s[:rows] = v
+
+    def _drop_graphs(self) -> None:
+        """Forget every graph and their memory pool: once its last graph is freed, the allocator
+        releases a pool, and capturing into the released pool's handle again fails an internal
+        assert (seen on an H200 after a join grew the buffers): a new capture gets a new pool."""
+        self.graphs.clear()
+        self._pool = None
 
     # --- buffers ---------------------------------------------------------------------------
 
@@ -435,7 +442,7 @@ class StaticDecoder:
                 new[name][:n] = getattr(self, name)[:n]
             for dst, src in zip(new["noise"], self.noise):
                 dst[:self.samples_cap] = src
-        self.graphs.clear()  # captured on the old buffers
+        self._drop_graphs()  # captured on the old buffers
         self.__dict__.update(new)
         self.rows_cap, self.length, self.samples_cap = R, L, S
 
@@ -445,7 +452,7 @@ class StaticDecoder:
         the attention width) of every later step, while requests of similar sizes keep them."""
         length = self.bucket * math.ceil(max(length, 1) / self.bucket)
         if self.rows_cap > 4 * rows or self.length > 4 * length:
-            self.graphs.clear()
+            self._drop_graphs()
             self.kc = self.vc = self.noise = []
             self.rows_cap = self.length = self.samples_cap = 0
             self.slot_of = {}
