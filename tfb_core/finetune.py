@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import MCItem
 from .errors import TFBError
-from .scoring import Encoded, Mode, encode_item, max_context, parse_mode
+from .scoring import Encoded, Mode, encode_item, max_context, parse_mode, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,7 @@ def answer_scores(model, encoded: Sequence[Encoded]) -> list[torch.Tensor]:
     """
     rows = [seq for enc in encoded for seq in enc.sequences]
     device = next(model.parameters()).device
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
+    ids, mask = right_pad(rows)
     # (row, position, token) of every log-probability a score needs
     where, row = [], 0
     for enc in encoded:

@@ -218,12 +218,8 @@ def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tup
                     cont_slots.append(keys[samples[i][0], k])
                     parents.append(r)
     if conts:
-        width = max(len(c) for c in conts)
-        cont_ids = torch.zeros(len(conts), width, dtype=torch.long)
-        cont_mask = torch.zeros(len(conts), width, dtype=torch.long)
-        for b, c in enumerate(conts):
-            cont_ids[b, :len(c)] = torch.tensor(c)
-            cont_mask[b, :len(c)] = 1
+        cont_ids, cont_mask = right_pad(conts)
+        width = cont_ids.shape[1]
         parent = torch.tensor(parents)
         cache = output_cache(out)
         cache.batch_select_indices(parent.to(device))
@@ -271,6 +267,17 @@ def left_pad(rows: Sequence[list[int]], length: int) -> tuple[torch.Tensor, torc
         ids[b, length - len(r):] = torch.tensor(r)
         mask[b, length - len(r):] = 1
     return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def right_pad(rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded (with 0) to the longest: ids and attention mask (CPU)."""
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = 1
+    return ids, mask
 
 
 def target_log_probs(logits: torch.Tensor, wanted: Sequence[tuple[list[int], list[int]]],

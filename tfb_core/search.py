@@ -196,13 +196,7 @@ def search_sigma(post, items: Sequence[MCItem], criterion: Criterion | str = Cri
         return value <= tolerance
 
     if criterion is Criterion.REFERENCE:  # bayesian-peft: 5 bisections of [0.001, 0.015], the upper end
-        lo, hi = 0.001, 0.015
-        for _ in range(5):
-            mid = (lo + hi) / 2
-            if evaluate(mid):
-                lo = mid
-            else:
-                hi = mid
+        _, hi = bisect(evaluate, 0.001, 0.015, steps=5)
         bar.close()
         return SearchResult(sigma=hi, trace=trace, **result)
 
@@ -214,18 +208,25 @@ def search_sigma(post, items: Sequence[MCItem], criterion: Criterion | str = Cri
     else:
         log.warning("sigma %.4g is still feasible after %d doublings; stopping there", lo, max_doublings)
         hi = None
-    steps = 0
-    while hi is not None and steps < max_steps and (hi - lo) / hi >= rtol:
-        steps += 1
-        mid = (lo + hi) / 2
-        if evaluate(mid):
-            lo = mid
-        else:
-            hi = mid
+    if hi is not None:
+        lo, hi = bisect(evaluate, lo, hi, max_steps, rtol)
     bar.close()
     if lo == 0.0:
         log.warning("no sigma > 0 met the criterion; the posterior is the deterministic adapter")
     return SearchResult(sigma=lo, trace=trace, **result)
+
+
+def bisect(feasible, lo: float, hi: float, steps: int, rtol: float = 0.0) -> tuple[float, float]:
+    """Halve [lo, hi] (``lo`` feasible, ``hi`` not) ``steps`` times, or until ``(hi - lo) / hi < rtol``."""
+    for _ in range(steps):
+        if (hi - lo) / hi < rtol:
+            break
+        mid = (lo + hi) / 2
+        if feasible(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
 
 
 def _search_cv_nll(post, items, p0, labels, grid, max_acc_drop, folds, result, num_samples, seed,
