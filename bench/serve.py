@@ -7,9 +7,9 @@
    ``ModelRunner.choices_step`` (``tfb_core.scoring.choice_probs`` through the server's
    ``PrefillEngine`` on CUDA, the eager forward elsewhere) on the batch the scheduler would form,
    and ``GenerationEngine.admit`` / ``.step`` (prefill, join, one decode step of every stream with
-   the server's per-token host work) plus the decode batch's bare ``step()``. Requests are
+   the server's per-token host work) plus the decoder's bare ``step()``. Requests are
    tokenized by the server's serving classes (``ChoicesServing.prepare``,
-   ``CompletionsServing.prepare``), so the engine sees the server's token ids.
+   ``CompletionServing.prepare``, ``ChatServing.prepare``), so the engine sees the server's token ids.
 2. The server: ``tfb serve`` in a subprocess (or a running one with ``--url``), driven by
    ``concurrency`` closed-loop clients on one asyncio loop (one ``httpx.AsyncClient``): each sends
    its next request when the last one is answered, for ``--cell-s`` seconds per cell, after a

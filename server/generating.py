@@ -76,10 +76,6 @@ class GenerationServing:
 
     # --- what a subclass says --------------------------------------------------------------
 
-    def texts(self, request) -> list[str]:
-        """The request's texts, before tokenizing."""
-        raise NotImplementedError
-
     def prompt_count(self, request) -> int:
         raise NotImplementedError
 
@@ -270,9 +266,6 @@ class CompletionServing(GenerationServing):
 
     endpoint, id_prefix, param, items_param = COMPLETIONS_ENDPOINT, "cmpl", "prompt", "prompt"
 
-    def texts(self, request: CompletionRequest) -> list[str]:
-        return request.prompts
-
     def prompt_count(self, request: CompletionRequest) -> int:
         return len(request.prompts)
 
@@ -318,14 +311,11 @@ class ChatServing(GenerationServing):
 
     endpoint, id_prefix, param, items_param = CHAT_ENDPOINT, "chatcmpl", "messages", "n"
 
-    def texts(self, request: ChatCompletionRequest) -> list[str]:
-        return [m.text for m in request.messages]
-
     def prompt_count(self, request: ChatCompletionRequest) -> int:
         return 1
 
     def prompt_chars(self, request: ChatCompletionRequest) -> int:
-        return sum(len(t) for t in self.texts(request))
+        return sum(len(m.text) for m in request.messages)
 
     def tokenize(self, request: ChatCompletionRequest) -> list[list[int]]:
         try:
