@@ -37,8 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tfb_core.cuda_decode import use_static  # noqa: E402
 from tfb_core.cuda_prefill import PrefillEngine  # noqa: E402
+from tfb_core.engines import make_decoder, make_prefill  # noqa: E402
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams  # noqa: E402
 from tfb_core.models import BaseModel, cache_kwarg  # noqa: E402
 from tfb_core.posterior import Posterior, bayesianize_factors  # noqa: E402
@@ -471,7 +471,7 @@ def run(args) -> dict:
                     add_decode(res, shape, adapter, "eager", B, K, r, counts, args.ctx)
                 save()
             if "a" in args.variants or "eager" in args.variants:
-                engine = PrefillEngine(post) if use_static(post) else None  # the server's choice
+                engine = make_prefill(post)  # the server's choice
                 for B, T, Ks in grid:
                     prompts = prompts_for(B, T, counts["vocab"])
                     for K in Ks:
@@ -792,7 +792,6 @@ def profile_run(args) -> dict:
 def check_run(args) -> dict:
     """The graphed StaticDecoder against generate on the GPU in float32 (1B shape, mixed K and
     weight seeds, padding)."""
-    from tfb_core.cuda_decode import generate_fast
     from tfb_core.generation import generate
 
     torch.set_grad_enabled(False)
@@ -809,7 +808,7 @@ def check_run(args) -> dict:
     ref = generate(post, prompts, params)
     out = {}
     for name, compile in (("graphed", False), ("compiled_graphed", True))[:2 if "compiled" in args.variants else 1]:
-        fast = generate_fast(post, prompts, params, compile=compile)
+        fast = generate(post, prompts, params, make_decoder(post, "static", compile=compile))
         same = sum(a == b for r, f in zip(ref, fast) for a, b in zip(r.token_ids, f.token_ids))
         pairs = [(a, b) for r, f in zip(ref, fast) for a, b in zip(r.tokens, f.tokens)]
         out[name] = {"tokens_equal": same, "tokens": sum(len(r.tokens) for r in ref),

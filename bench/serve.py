@@ -7,9 +7,9 @@
    ``ModelRunner.choices_step`` (``tfb_core.scoring.choice_probs`` through the server's
    ``PrefillEngine`` on CUDA, the eager forward elsewhere) on the batch the scheduler would form,
    and ``GenerationEngine.admit`` / ``.step`` (prefill, join, one decode step of every stream with
-   the server's per-token host work) plus the decode batch's bare ``step()``. Requests are
+   the server's per-token host work) plus the decoder's bare ``step()``. Requests are
    tokenized by the server's serving classes (``ChoicesServing.prepare``,
-   ``CompletionsServing.prepare``), so the engine sees the server's token ids.
+   ``CompletionServing.prepare``, ``ChatServing.prepare``), so the engine sees the server's token ids.
 2. The server: ``tfb serve`` in a subprocess (or a running one with ``--url``), driven by
    ``concurrency`` closed-loop clients on one asyncio loop (one ``httpx.AsyncClient``): each sends
    its next request when the last one is answered, for ``--cell-s`` seconds per cell, after a
@@ -294,10 +294,11 @@ class EngineBench:
     def __init__(self, settings, clock, steps: int, traffic: Traffic):
         import copy
 
-        from server.generating import CompletionsServing
+        from server.engine import ModelRunner
+        from server.generating import ChatServing, CompletionServing
         from server.loader import load
         from server.metrics import Metrics
-        from server.serving import ChoicesServing, ModelRunner
+        from server.serving import ChoicesServing
 
         t0 = time.perf_counter()
         self.settings, self.clock, self.steps = settings, clock, steps
@@ -306,15 +307,15 @@ class EngineBench:
         self.runner = ModelRunner(self.loaded, Metrics(self.loaded.model_id), settings.engine)
         tok = copy.deepcopy(self.loaded.post.tokenizer)  # as server.app.ready does
         self.choices = ChoicesServing(self.loaded, None, settings, self.runner.metrics, tok)
-        self.completions = CompletionsServing(self.loaded.post, self.loaded.model_id, None, settings,
-                                              self.runner.metrics, tok)
+        self.completions, self.chat = (cls(self.loaded.post, self.loaded.model_id, None, settings,
+                                           self.runner.metrics, tok) for cls in (CompletionServing, ChatServing))
         self.loop = asyncio.new_event_loop()  # never run: futures and events only need one to exist
         self.load_s = time.perf_counter() - t0
-        self.static = self.runner.engine.static
+        self.static = self.runner.kind == "static"
 
     def close(self) -> None:
         self.loop.close()
-        del self.runner, self.loaded, self.choices, self.completions
+        del self.runner, self.loaded, self.choices, self.completions, self.chat
 
     def choices_cell(self, w: Workload, K: int, conc: int) -> dict:
         """``choices_step`` on the batch the scheduler forms from ``conc`` waiting items."""
@@ -352,7 +353,7 @@ class EngineBench:
                 body = traffic.body(w, K, v)
                 body.pop("stream")
                 req = (ChatCompletionRequest if w.chat else CompletionRequest)(**body)
-                ws, _ = self.completions.prepare(req, self.loop)
+                ws, _ = (self.chat if w.chat else self.completions).prepare(req, self.loop)
                 for x in ws:
                     x.seq.params.ignore_eos = True  # fixed lengths: the server's own requests may stop at EOS
                 out += ws
@@ -375,7 +376,7 @@ class EngineBench:
         for _ in range(warm):  # a new row count is captured (CUDA graph) at its first step
             eng.step()
         worker = [self.clock.time(eng.step) for _ in range(steps)]
-        bare = [self.clock.time(eng.batch.step) for _ in range(steps)]  # no per-token host work
+        bare = [self.clock.time(eng.decoder.step) for _ in range(steps)]  # no per-token host work
         clear(many)
         step = _median(worker)
         # the engine serving the cell's requests in lock-step: all admitted, then decoded to the end

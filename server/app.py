@@ -24,8 +24,9 @@ from .limits import Tokenizing
 from .metrics import Metrics
 from .routes import api, check_api_key, health
 from .scheduler import Scheduler
-from .generating import CompletionsServing
-from .serving import ChoicesServing, ModelRunner
+from .engine import ModelRunner
+from .generating import ChatServing, CompletionServing
+from .serving import ChoicesServing
 from .settings import Settings
 from .state import AppState
 
@@ -116,8 +117,8 @@ def ready(state: AppState, loaded: loader.Loaded, runner: ModelRunner) -> None:
     # posterior's, and one fast tokenizer used from two threads at once fails ("Already borrowed")
     tokenizer, tokenizing = copy.deepcopy(loaded.post.tokenizer), Tokenizing()
     state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics, tokenizer, tokenizing)
-    state.completions = CompletionsServing(loaded.post, loaded.model_id, state.scheduler, s, state.metrics,
-                                           tokenizer, tokenizing)
+    state.completions, state.chat = (cls(loaded.post, loaded.model_id, state.scheduler, s, state.metrics,
+                                         tokenizer, tokenizing) for cls in (CompletionServing, ChatServing))
     state.loaded = loaded
     post = loaded.post
     device = next(post.model.parameters())

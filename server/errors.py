@@ -116,6 +116,13 @@ def public_error(exc: BaseException) -> tuple[int, dict, dict[str, str] | None]:
     return 500, error_body(500, f"internal error: {type(exc).__name__}", "server_error"), None
 
 
+def sse_error(exc: BaseException) -> tuple[int, str]:
+    """(status, event) for a failure in a stream that has started: the OpenAI error event holds
+    the body the JSON answer would have (:func:`public_error`)."""
+    status, body, _ = public_error(exc)
+    return status, f"data: {json.dumps(body)}\n\n"
+
+
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     """The one exception handler: every failure leaves the server as an OpenAI error."""
     if isinstance(exc, (APIError, TFBError)):

@@ -31,6 +31,12 @@ def check_chars(chars: int, limit: int, param: str, context: int) -> None:
                          code="context_length_exceeded")
 
 
+def check_samples(K: int, limit: int, param: str = "num_samples") -> None:
+    """400 for a request asking for more weight samples than the server's --max-samples."""
+    if K > limit:
+        raise BadRequest(f"'{param}' is {K}; allowed: 1 to {limit}", param=param, code="invalid_value")
+
+
 class Tokenizing:
     """The event loop's tokenizer, used on one thread of its own: HF fast tokenizers must not
     be used from two threads at once, and a long text must not block the event loop."""

@@ -13,21 +13,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
-from .protocol import Text, valid_unicode
+from .protocol import SEED_MAX, Text, _Strict, valid_unicode
 
-SEED_MAX = 2**63 - 1
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1), AfterValidator(valid_unicode)]
-
-
-class _Strict(BaseModel):
-    # strict: 16 is an integer, "16" and true are not
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -76,6 +70,27 @@ class _Sampling(_Strict):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The tokens asked for (None: the server's default)."""
+        return self.max_tokens
+
+    @property
+    def top_alternatives(self) -> int:
+        """Alternatives to report per token."""
+        return 0
+
+    def to_sampling_params(self, max_tokens: int, num_samples: int, weight_seed: int,
+                           choice: int = 0):
+        """The engine's :class:`tfb_core.SamplingParams` for choice ``choice`` of a prompt (its
+        token seed is ``seed + choice``)."""
+        from tfb_core import SamplingParams  # torch: imported when a request is served
+
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, stop=self.stop_list,
+                              seed=None if self.seed is None else self.seed + choice, num_samples=num_samples,
+                              weight_seed=weight_seed, top_logprobs=self.top_alternatives)
+
 
 class CompletionRequest(_Sampling):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] = Field(
@@ -94,6 +109,14 @@ class CompletionRequest(_Sampling):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("'best_of' is not supported; allowed: equal to n")
         return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def top_alternatives(self) -> int:
+        return self.logprobs or 0
 
 
 class TextPart(_Strict):
@@ -129,6 +152,14 @@ class ChatCompletionRequest(_Sampling):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("'top_logprobs' needs 'logprobs': true")
         return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def top_alternatives(self) -> int:
+        return self.top_logprobs or 0
 
 
 # --- responses -------------------------------------------------------------------------------

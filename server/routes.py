@@ -94,13 +94,13 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest,
                                  state: AppState = Depends(require_ready)):
     """A chat reply (the tokenizer's chat template) with per-token uncertainty."""
     note_work(request, body.n, body.num_samples or state.settings.samples)
-    return _answer(await unless_disconnected(request, state.completions.create(body, reporter(request))))
+    return _answer(await unless_disconnected(request, state.chat.create(body, reporter(request))))
 
 
 async def unless_disconnected(request: Request, work):
     """Await ``work``; if the client goes away first, cancel it (its queued and running items
     are dropped at the next step) and raise ClientClosed. A stream's own disconnects are
-    handled by its response (server.generating.CompletionsServing.stream)."""
+    handled by its response (server.generating.GenerationServing.stream)."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:

@@ -1,117 +1,32 @@
-"""The serving layer: a request becomes tfb_core calls, and their results an API response.
+"""Serving ``/v1/choices``: a request becomes work for the worker, and its results an API response.
 
-Event-loop side (:class:`ChoicesServing`): validate against the model (context length,
-``num_samples`` limit), tokenize with ``tfb_core.scoring.encode_item`` (with the event loop's
-own copy of the tokenizer: the worker decodes generated text with the posterior's), queue one
-:class:`ChoiceWork` per item, await, answer.
-
-Worker side (:class:`ModelRunner`): the only code that touches the model. ``step(batch)``
-scores every item of the batch in ONE forward over items x choices x K rows
-(``choice_probs``), then reduces each item's (K, C) probabilities to the model average and
-its entropy split (``decompose``).
+:class:`ChoicesServing` (event-loop side) validates against the model (context length,
+``num_samples`` limit), tokenizes with ``tfb_core.encode_item`` (with the event loop's own
+copy of the tokenizer: the worker decodes generated text with the posterior's), queues one
+:class:`~server.engine.ChoiceWork` per item, awaits, answers. The worker side
+(:class:`~server.engine.ModelRunner`, the only code that touches the model) is in
+server/engine.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 
-import torch
+from tfb_core import (COVERAGE, LABELS, MCItem, Mode, TFBError, apply_chat, decide, encode_item, max_context,
+                      min_calibration_size)
 
-from tfb_core import (COVERAGE, Encoded, LABELS, MCItem, Mode, PrefillEngine, TFBError, apply_chat,
-                      choice_probs, decide, decompose, encode_item, max_context,
-                      min_calibration_size, require_supported, use_static)
-
+from .engine import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
-from .limits import Tokenizing, check_chars, max_prompt_chars
+from .limits import Tokenizing, check_chars, check_samples, max_prompt_chars
 from .loader import Loaded
-from .metrics import Metrics, Timer
+from .metrics import Metrics
 from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
                        CalibrationInfo, PredictionSet, UncertaintyOut, Usage)
-from .scheduler import Batch, Scheduler
+from .scheduler import Scheduler
 from .settings import Settings
 
 CHOICES_ENDPOINT = "/v1/choices"
-
-
-@dataclass(eq=False)
-class ChoiceWork:
-    """One multiple-choice item, tokenized, waiting for its forward."""
-
-    encoded: Encoded
-    seed: int
-    num_samples: int
-    deadline: float
-    future: asyncio.Future
-    arrived: float = field(default_factory=time.monotonic)
-    kind: str = "choice"
-
-    @property
-    def rows(self) -> int:
-        return len(self.encoded.sequences) * self.num_samples
-
-    @property
-    def length(self) -> int:
-        return max(len(s) for s in self.encoded.sequences)
-
-
-@dataclass
-class ChoiceOutput:
-    """An item's per-sample probabilities and their reduction."""
-
-    samples: torch.Tensor  # (K, C), untempered
-    probs: torch.Tensor  # (C,) the tempered model average
-    predictive_entropy: float
-    expected_entropy: float
-    mutual_information: float
-
-
-class ModelRunner:
-    """Owns the posterior; ``step`` runs on the scheduler's worker thread only."""
-
-    def __init__(self, loaded: Loaded, metrics: Metrics, engine: str = "auto"):
-        from .generating import GenerationEngine
-
-        self.post = loaded.post
-        self.metrics = metrics
-        static = use_static(self.post) if engine == "auto" else engine == "static"
-        if static:
-            try:
-                require_supported(self.post.model)
-            except ValueError as e:
-                raise ValueError(f"--engine static: {e}; use auto or eager") from None
-        # scoring forwards: fused kernels, CUDA graphs on CUDA (None: HF's eager forward)
-        self.prefill = PrefillEngine(self.post) if static else None
-        self.engine = GenerationEngine(self.post, metrics, static)  # the continuous decode loop's state
-        # the posterior's temperature, applied to the model average only (TFB_SPEC §4b)
-        self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
-
-    def step(self, batch: Batch) -> list:
-        if batch.kind == "generate":
-            return self.engine.admit(batch.items)
-        if batch.kind != "choice":
-            raise ValueError(f"no step for work of kind {batch.kind!r}")
-        return self.choices_step(batch.items)
-
-    def choices_step(self, items: list[ChoiceWork]) -> list[ChoiceOutput | Exception]:
-        with Timer() as t:
-            per_item = choice_probs(self.post, [w.encoded for w in items],
-                                    [(w.seed, w.num_samples) for w in items],
-                                    engine=self.prefill)  # [(K_i, C_i)]
-        self.metrics.observe_batch(len(items), sum(w.rows for w in items), t.seconds,
-                                   sum(w.encoded.prompt_tokens for w in items))
-        outputs = []
-        for sample_probs in per_item:
-            if not torch.isfinite(sample_probs).all():  # this item's forward went non-finite: it alone fails
-                outputs.append(BadRequest("the model's choice probabilities for this item are not finite (NaN "
-                                          "or infinite logits); it was stopped alone",
-                                          code="non_finite_distribution"))
-                continue
-            u = decompose(sample_probs[None].double(), self.temperature)  # (1, K, C)
-            outputs.append(ChoiceOutput(sample_probs, u.probs[0], u.predictive_entropy.item(),
-                                        u.expected_entropy.item(), u.mutual_information.item()))
-        return outputs
 
 
 class ChoicesServing:
@@ -177,10 +92,7 @@ class ChoicesServing:
 
     def check(self, item: ChoiceItem, where: str) -> None:
         """Counts and sizes, before any tokenizing: K, choices, characters."""
-        K = item.num_samples or self.settings.samples
-        if K > self.settings.max_samples:
-            raise BadRequest(f"'{where}num_samples' is {K}; allowed: 1 to {self.settings.max_samples}",
-                             param=f"{where}num_samples", code="invalid_value")
+        check_samples(item.num_samples or self.settings.samples, self.settings.max_samples, f"{where}num_samples")
         if len(item.choices) > self.settings.max_choices:
             raise BadRequest(f"'{where}choices' has {len(item.choices)} entries; at most "
                              f"{self.settings.max_choices} are allowed per item", param=f"{where}choices")

@@ -25,8 +25,9 @@ class AppState:
     loaded: Loaded | None = None
     scheduler: Scheduler | None = None
     choices: object | None = None  # serving.ChoicesServing
-    completions: object | None = None  # generating.CompletionsServing
-    runner: object | None = None  # serving.ModelRunner
+    completions: object | None = None  # generating.CompletionServing
+    chat: object | None = None  # generating.ChatServing
+    runner: object | None = None  # engine.ModelRunner
     started: float = field(default_factory=time.time)
     # called with the reason when start-up fails (the CLI stops the server and exits non-zero)
     on_fatal: Callable[[str], None] | None = None

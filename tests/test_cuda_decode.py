@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tfb_core.cuda_decode import StaticDecoder, generate_fast, is_supported
-from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, generate
+from tfb_core.cuda_decode import StaticDecoder, is_supported
+from tfb_core.engines import make_decoder, resolve_engine
+from tfb_core.generation import DecodeBatch, EagerDecoder, GenSequence, SamplingParams, generate
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
 
@@ -47,7 +48,7 @@ def test_same_tokens_and_uncertainty_as_generate(post, K, sigma):
     ps = prompts(post.tokenizer)
     params = SamplingParams(max_tokens=12, num_samples=K, ignore_eos=True, weight_seed=3)
     ref = generate(post, ps, params)
-    got = generate_fast(post, ps, params)
+    got = generate(post, ps, params, make_decoder(post, "static"))
     assert all(len(s.tokens) == 12 for s in got)
     assert_same(ref, got)
     if sigma > 0:  # the samples really differ: some token carries mutual information
@@ -65,7 +66,7 @@ def test_mixed_samples_sampling_stops_and_top_logprobs(post):
               SamplingParams(max_tokens=6, num_samples=2, weight_seed=7, temperature=0.9, seed=11),
               SamplingParams(max_tokens=10, num_samples=5, weight_seed=1, top_k=20, temperature=1.2, seed=5)]
     ref = generate(post, ps, params)
-    got = generate_fast(post, ps, params)
+    got = generate(post, ps, params, make_decoder(post, "static"))
     assert_same(ref, got)
     assert ref[0].finish_reason == "stop" and len(ref[0].tokens) < 8
 
@@ -134,9 +135,12 @@ def test_other_model_types_fall_back_to_the_eager_engine(gpt2_dir, gpt2_lora_dir
     assert not is_supported(post.model)
     with pytest.raises(ValueError, match="model type 'gpt2'"):
         StaticDecoder(post)
+    with pytest.raises(ValueError, match="model type 'gpt2'"):
+        make_decoder(post, "static")
+    assert resolve_engine(post) == "eager" and isinstance(make_decoder(post), EagerDecoder)
     ids = [post.tokenizer("Hello world").input_ids]
     params = SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True)
-    assert [s.token_ids for s in generate_fast(post, ids, params)] == \
+    assert [s.token_ids for s in generate(post, ids, params, make_decoder(post))] == \
         [s.token_ids for s in generate(post, ids, params)]
 
 

@@ -8,6 +8,7 @@ The public face: the server, the benchmarks and user code need these names only:
     post = load_posterior(base, "my-lora/")             # Bayesianized, or a plain LoRA at sigma 0
     fit_posterior(post, read_jsonl("cal.jsonl"))        # sigma, temperature, held-out calibration
     probs = score_items(post, items, num_samples=10)    # (N, K, C) per-sample choice probabilities
+    seqs = generate(post, prompts, params, make_decoder(post))  # the engine picked from model, device
     u = decompose(probs, post.config.temperature)       # probs, PE, EE, MI per item
 
 Names are imported on first use (PEP 562), so ``import tfb_core`` and the command line stay
@@ -37,10 +38,10 @@ _EXPORTS = {
     "encode_item": "scoring", "Encoded": "scoring", "apply_chat": "scoring", "max_context": "scoring",
     "generate": "generation", "SamplingParams": "generation", "GenSequence": "generation",
     "TokenInfo": "generation", "DecodeBatch": "generation", "safe_text": "generation",
-    # engines: the static (Llama, CUDA graphs) ones and when to use them. The engine factory of
-    # issue 15 (one decoder protocol, the engine picked from the model and device) goes here.
-    "StaticDecoder": "cuda_decode", "generate_fast": "cuda_decode", "use_static": "cuda_decode",
-    "require_supported": "cuda_decode", "PrefillEngine": "cuda_prefill",
+    # engines: one decoder protocol, the engine picked from the model and device
+    "Decoder": "generation", "EagerDecoder": "generation", "make_decoder": "engines",
+    "make_prefill": "engines", "resolve_engine": "engines", "ENGINES": "engines",
+    "StaticDecoder": "cuda_decode", "require_supported": "cuda_decode", "PrefillEngine": "cuda_prefill",
     # uncertainty
     "Uncertainty": "uncertainty", "decompose": "uncertainty", "temper": "uncertainty",
     "fit_temperature": "uncertainty",

@@ -34,8 +34,7 @@ from typing import Iterator, Sequence as Seq
 
 import torch
 
-from .generation import (DecodeBatch, GenSequence, SamplingParams, choose_tokens, generate, restore_sequences,
-                         save_sequences, split_finished)
+from .generation import DecodeBatch, GenSequence, choose_tokens, restore_sequences, save_sequences, split_finished
 from .sampling import noise_stack
 from .scoring import max_context
 
@@ -64,11 +63,6 @@ def on_device(device: torch.device):
     """Make ``device`` the current CUDA device (streams and graph replays follow it); a no-op
     off CUDA. The server's worker thread starts on cuda:0 whatever ``--device`` says."""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
-
-
-def use_static(post) -> bool:
-    """Whether a server should decode with :class:`StaticDecoder`: a supported model on CUDA."""
-    return is_supported(post.model) and next(post.model.parameters()).device.type == "cuda"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +112,8 @@ def _pow2(n: int) -> int:
 
 
 class StaticDecoder:
-    """A continuous decode batch over a static KV cache, its step replayed from CUDA graphs.
+    """A continuous decode batch over a static KV cache, its step replayed from CUDA graphs: a
+    :class:`~tfb_core.generation.Decoder` (:func:`tfb_core.engines.make_decoder` picks it).
 
     Rows ``[0, kv_rows)`` are the active sequences' rows, ``[seq 0: K_0 rows][seq 1: K_1
     rows]...`` as in :class:`DecodeBatch`. Buffers grow (and graphs are captured again) when
@@ -479,20 +474,3 @@ class StaticDecoder:
                 slot = self.slot_of[key] = free.pop(0)
                 if self.sigma > 0:
                     sample_noise(self.post, self.noise, slot, key, self.sigma)
-
-
-def generate_fast(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams],
-                  graph: bool | None = None, compile: bool = False) -> list[GenSequence]:
-    """Like :func:`tfb_core.generation.generate`, through :class:`StaticDecoder` where the model
-    is supported (else through ``generate``)."""
-    if not is_supported(post.model):
-        return generate(post, prompts, params)
-    if isinstance(params, SamplingParams):
-        params = [params] * len(prompts)
-    seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(prompts, params))]
-    decoder = StaticDecoder(post, graph=graph, compile=compile).join(DecodeBatch.prefill(post, seqs))
-    decoder.filter()
-    while decoder.seqs:
-        decoder.step()
-        decoder.filter()
-    return seqs

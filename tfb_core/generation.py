@@ -8,6 +8,11 @@ K rows, and the token's predictive entropy, expected entropy and mutual informat
 A :class:`DecodeBatch` is the unit of continuous batching: ``prefill`` new sequences,
 ``concatenate`` them into the running batch between steps, ``step`` once, ``filter`` out what
 finished or was cancelled. Rows are left-padded; positions follow the attention mask.
+
+A :class:`Decoder` is what every engine does with prefilled batches (``join``, ``step``,
+``step_each``, ``filter``): :class:`EagerDecoder` here, the static-cache
+:class:`~tfb_core.cuda_decode.StaticDecoder` for CUDA; :func:`tfb_core.engines.make_decoder`
+picks one. :func:`generate` is the one decode loop over it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Protocol, Sequence as Seq
 
 import torch
 
@@ -438,14 +443,86 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-def generate(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams]) -> list[GenSequence]:
-    """Generate for several prompts in one decode loop (a convenience over DecodeBatch)."""
+class Decoder(Protocol):
+    """A running decode batch, whatever the engine: the one lifecycle the server drives.
+
+    ``join`` a prefilled :class:`DecodeBatch` between steps; ``step`` every active sequence
+    once (all or nothing: on an exception the batch is as it was); after a failed step,
+    ``step_each`` (one sequence at a time, so only a sequence whose own step fails ends);
+    ``filter`` out the finished sequences, freeing their KV rows. ``step`` and ``step_each``
+    return their duration in seconds.
+    """
+
+    @property
+    def seqs(self) -> list[GenSequence]:
+        """The active sequences, in row order."""
+
+    @property
+    def kv_rows(self) -> int:
+        """KV cache rows held by the active sequences (sum of their K)."""
+
+    def join(self, batch: DecodeBatch) -> "Decoder": ...
+
+    def step(self) -> float: ...
+
+    def step_each(self) -> float: ...
+
+    def filter(self) -> list[GenSequence]: ...
+
+
+class EagerDecoder:
+    """The :class:`Decoder` over HF transformers' eager forward: a :class:`DecodeBatch` (with
+    its ``DynamicCache``) that joining batches are concatenated into; none is held while no
+    sequence is active, so an idle decoder holds no KV cache."""
+
+    def __init__(self, post):
+        self.post = post
+        self.batch: DecodeBatch | None = None
+
+    @property
+    def seqs(self) -> list[GenSequence]:
+        return self.batch.seqs if self.batch is not None else []
+
+    @property
+    def kv_rows(self) -> int:
+        return self.batch.kv_rows if self.batch is not None else 0
+
+    def join(self, batch: DecodeBatch) -> "EagerDecoder":
+        self.batch = batch if self.batch is None else DecodeBatch.concatenate([self.batch, batch])
+        return self
+
+    def step(self) -> float:
+        return self.batch.step() if self.batch is not None else 0.0
+
+    def step_each(self) -> float:
+        return self.batch.step_each() if self.batch is not None else 0.0
+
+    def filter(self) -> list[GenSequence]:
+        if self.batch is None:
+            return []
+        done = self.batch.filter()
+        if not self.batch.seqs:
+            self.batch = None
+        return done
+
+
+def generate(post, prompts: Seq[list[int]], params: SamplingParams | Seq[SamplingParams],
+             decoder: Decoder | None = None) -> list[GenSequence]:
+    """Generate for several prompts in one decode loop.
+
+    Parameters
+    ----------
+    decoder : Decoder, default=None
+        The engine: a new :class:`EagerDecoder` when None;
+        :func:`tfb_core.engines.make_decoder` makes one for any engine.
+    """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(prompts, params))]
-    batch = DecodeBatch.prefill(post, seqs)
-    batch.filter()
-    while batch.seqs:
-        batch.step()
-        batch.filter()
+    decoder = EagerDecoder(post) if decoder is None else decoder
+    decoder.join(DecodeBatch.prefill(post, seqs))
+    decoder.filter()
+    while decoder.seqs:
+        decoder.step()
+        decoder.filter()
     return seqs
