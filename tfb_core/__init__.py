@@ -34,8 +34,8 @@ _EXPORTS = {
     "SearchConfig": "options", "NUM_SAMPLES": "options", "SEED": "options", "COVERAGE": "options",
     "MAX_RISK": "options",
     # scoring (multiple choice) and generation
-    "score_items": "scoring", "choice_probs": "scoring", "choice_scores": "scoring",
-    "encode_item": "scoring", "Encoded": "scoring", "apply_chat": "scoring", "max_context": "scoring",
+    "score_items": "scoring", "predict": "scoring", "choice_probs": "scoring", "choice_scores": "scoring",
+    "encode_item": "scoring", "Encoded": "scoring", "apply_chat": "scoring", "max_context": "models",
     "generate": "generation", "SamplingParams": "generation", "GenSequence": "generation",
     "TokenInfo": "generation", "DecodeBatch": "generation", "safe_text": "generation",
     # engines: one decoder protocol, the engine picked from the model and device
