@@ -21,6 +21,25 @@ def note_work(request, items: int, samples: int) -> None:
     request.state.tfb_items, request.state.tfb_samples = items, samples
 
 
+async def observed(app: ASGIApp, scope: Scope, receive: Receive, send: Send, done) -> None:
+    """Run ``app`` on an HTTP request, then ``done(outcome, seconds)``: the outcome is a stream's
+    own (its error event's status, or client_closed) over the 200 it started with, else the
+    response's status (499, a client gone first, as client_closed)."""
+    status, t0 = 500, time.perf_counter()
+
+    async def send_wrapper(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    try:
+        await app(scope, receive, send_wrapper)
+    finally:
+        outcome = scope.get("state", {}).get("tfb_status") or ("client_closed" if status == 499 else status)
+        done(outcome, time.perf_counter() - t0)
+
+
 class AccessLogMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -28,18 +47,10 @@ class AccessLogMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status, t0 = 500, time.perf_counter()
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
+        def done(outcome, seconds: float) -> None:
             state = scope.get("state", {})
-            outcome = state.get("tfb_status") or status  # a stream's own outcome wins over its 200
-            log.info("%s %s %s %.1fms items=%s K=%s", scope["method"], scope["path"], outcome,
-                     (time.perf_counter() - t0) * 1000, state.get("tfb_items", "-"), state.get("tfb_samples", "-"))
+            log.info("%s %s %s %.1fms items=%s K=%s", scope["method"], scope["path"], outcome, seconds * 1000,
+                     state.get("tfb_items", "-"), state.get("tfb_samples", "-"))
+
+        await observed(self.app, scope, receive, send, done)

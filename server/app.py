@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import loader
-from .access_log import AccessLogMiddleware
+from .access_log import AccessLogMiddleware, observed
 from .errors import APIError, error_body, install_error_handlers, public_error
 from .limits import Tokenizing
 from .metrics import Metrics
@@ -149,24 +149,13 @@ class MetricsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
-        t0 = time.perf_counter()
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
+        def done(outcome, seconds: float) -> None:
             # the route's path template; unknown paths share one label (bounded cardinality)
             endpoint = getattr(scope.get("route"), "path", None) or scope["path"]
-            endpoint = endpoint if endpoint in self.known_paths else "other"
-            # a stream's own outcome (its error event's status, or client_closed) wins over its 200
-            label = scope.get("state", {}).get("tfb_status") or ("client_closed" if status == 499 else status)
-            self.metrics.observe_request(endpoint, label, time.perf_counter() - t0)
+            self.metrics.observe_request(endpoint if endpoint in self.known_paths else "other", outcome, seconds)
+
+        await observed(self.app, scope, receive, send, done)
 
 
 class AuthMiddleware:
