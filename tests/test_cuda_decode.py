@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tfb_core.cuda_decode import StaticDecoder, is_supported
+from tfb_core.cuda_decode import StaticDecoder
+from tfb_core.cuda_llama import is_supported
 from tfb_core.engines import make_decoder, resolve_engine
 from tfb_core.generation import DecodeBatch, EagerDecoder, GenSequence, SamplingParams, generate
 from tfb_core.models import load_base_model

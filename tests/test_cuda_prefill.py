@@ -84,7 +84,7 @@ def test_other_model_types_are_refused(gpt2_dir, gpt2_lora_dir):
 def test_a_failed_noise_write_leaves_no_half_written_slot(post, monkeypatch):
     """Out of memory while writing a sample's noise (after some layers): that sample gets no
     slot, and the retry scores with the right weights."""
-    import tfb_core.cuda_prefill as cp
+    import tfb_core.cuda_llama as cp  # where the engines write a sample's noise
 
     post.sigma = 0.5
     enc = items(post.tokenizer, Mode.LETTER)[:1]

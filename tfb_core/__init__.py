@@ -41,7 +41,7 @@ _EXPORTS = {
     # engines: one decoder protocol, the engine picked from the model and device
     "Decoder": "generation", "EagerDecoder": "generation", "make_decoder": "engines",
     "make_prefill": "engines", "resolve_engine": "engines", "ENGINES": "engines",
-    "StaticDecoder": "cuda_decode", "require_supported": "cuda_decode", "PrefillEngine": "cuda_prefill",
+    "StaticDecoder": "cuda_decode", "require_supported": "cuda_llama", "PrefillEngine": "cuda_prefill",
     # uncertainty
     "Uncertainty": "uncertainty", "decompose": "uncertainty", "temper": "uncertainty",
     "fit_temperature": "uncertainty",

@@ -26,89 +26,17 @@ weight sample first joins; create a new decoder after changing ``sigma``.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from contextlib import contextmanager, nullcontext
-from typing import Iterator, Sequence as Seq
+from collections import OrderedDict
+from typing import Sequence as Seq
 
 import torch
 
+from .cuda_llama import (GraphSet, assign_slots, attention_shape, embed, head, layers, noise_buffers, on_device, pow2,
+                         require_supported, row_noise)
 from .generation import DecodeBatch, GenSequence, choose_tokens, restore_sequences, save_sequences, split_finished
-from .sampling import noise_stack
-from .scoring import max_context
-
-SUPPORTED_MODEL_TYPES = ("llama",)
-
-
-def is_supported(model) -> bool:
-    """Whether :class:`StaticDecoder` can run this model (the Llama family)."""
-    return getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
-
-
-def require_supported(model) -> None:
-    """A ValueError naming the model type unless :func:`is_supported`."""
-    if not is_supported(model):
-        raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-
-
-def attention_shape(config) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head dim) of a Llama-family config."""
-    heads = config.num_attention_heads
-    return heads, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
-
-
-def on_device(device: torch.device):
-    """Make ``device`` the current CUDA device (streams and graph replays follow it); a no-op
-    off CUDA. The server's worker thread starts on cuda:0 whatever ``--device`` says."""
-    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """A Llama RMSNorm module's output in one fused kernel (float32 inside, as the module)."""
-    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-
-
-def rotate_half_matrix(head_dim: int, like: torch.Tensor) -> torch.Tensor:
-    """R with ``y @ R == rotate_half(y)`` (exact: one +-1 term per output), cached per device
-    and dtype. Call it outside a CUDA graph capture first (the engines' warm-up does)."""
-    return _rotation(head_dim, like.device, like.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _rotation(head_dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _rotate_half(torch.eye(head_dim, device=device, dtype=dtype))
-
-
-def sample_noise(post, buffers: Seq[torch.Tensor], slot: int, key: tuple[int, int], sigma: float) -> None:
-    """Write ``E_k`` of weight sample ``key`` = (seed, k) into ``slot`` of every layer's buffer
-    (the values the eager engine's noise stacks hold, in the layer's dtype)."""
-    z = post.draws.get(*key)
-    for buf, layer, zi in zip(buffers, post.layers, z):
-        buf[slot] = noise_stack(layer, [zi], sigma)[0]
-
-
-@contextmanager
-def row_noise(post, buffers: Seq[torch.Tensor], slots: torch.Tensor) -> Iterator[None]:
-    """The TFB layers read each row's ``E_k`` from fixed buffers through ``slots`` (addresses
-    that stay put, so a CUDA graph can capture them). No buffers: the mean adapter."""
-    try:
-        for layer, noise in zip(post.layers, buffers):
-            layer.noise, layer.slots = noise, slots
-        yield
-    finally:
-        for layer in post.layers:
-            layer.noise = layer.slots = None
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+from .models import max_context
 
 
 class StaticDecoder:
@@ -148,16 +76,23 @@ class StaticDecoder:
         self.ends: list[int] = []  # per sequence: the cache columns its rows need
         self.n = 0  # active rows
         self.rows_cap = self.length = self.samples_cap = 0
-        self.slot_of: dict[tuple[int, int], int] = {}  # (weight seed, k) -> noise buffer index
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.capture_error: str | None = None
+        self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (weight seed, k) -> noise slot
+        self._graphs = GraphSet()  # rows -> (graph, logits)
         self.compile_error: str | None = None
-        self._pool = None
         self._step_fn = torch.compile(self._forward, dynamic=False) if compile else None
 
     @property
     def kv_rows(self) -> int:
         return self.n
+
+    @property
+    def graphs(self) -> OrderedDict:
+        """rows -> (CUDA graph, its logits)."""
+        return self._graphs.graphs
+
+    @property
+    def capture_error(self) -> str | None:
+        return self._graphs.error
 
     @property
     def graphed(self) -> bool:
@@ -247,7 +182,7 @@ class StaticDecoder:
         """
         t0 = time.perf_counter()
         if self.n:
-            rows = min(_pow2(self.n), self.rows_cap)
+            rows = min(pow2(self.n), self.rows_cap)
             saved = self._save_rows(0, rows), save_sequences(self.seqs)
             try:
                 with on_device(self.device):  # graphs replay on the current device's stream
@@ -325,26 +260,16 @@ class StaticDecoder:
         mask added with the score scaling in one op.
         """
         model = self.post.model
-        inner = model.model
         H, KVH, hd = self.heads, self.kv_heads, self.head_dim
         r = slice(start, start + rows)
         tok, pos, col, bias = self.tok[r], self.pos[r], self.col[r], self.bias[r]
         bias.scatter_(1, col[:, None], 0.0)  # each row's new column is real
         at = col.view(rows, 1, 1, 1).expand(rows, KVH, 1, hd)
         mask = bias[:, None, None, :]  # (rows, 1, 1, length)
-        x = inner.embed_tokens(tok[:, None])  # (rows, 1, d)
-        cos, sin = inner.rotary_emb(x, pos[:, None])  # (rows, 1, hd)
-        cos, sin = cos[:, None], sin[:, None]  # (rows, 1, 1, hd)
-        rot = rotate_half_matrix(hd, x)
-        for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            h = rms_norm(layer.input_layernorm, x)
-            q = attn.q_proj(h).view(rows, H, 1, hd)  # (rows, H, 1, hd): one position per row
-            k = attn.k_proj(h).view(rows, KVH, 1, hd)
-            v = attn.v_proj(h).view(rows, KVH, 1, hd)
-            qk = torch.cat([q, k], 1)
-            qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)  # RoPE
-            q, k = qk[:, :H], qk[:, H:]
+        x, cos, sin = embed(model, tok[:, None], pos[:, None])  # (rows, 1, d), (rows, 1, 1, hd)
+        dtype = x.dtype
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc, vc = self.kc[i][r], self.vc[i][r]
             kc.scatter_(2, at, k.to(kc.dtype))
             vc.scatter_(2, at, v.to(vc.dtype))
@@ -352,10 +277,9 @@ class StaticDecoder:
             qg = q.reshape(rows, KVH, H // KVH, hd)
             scores = torch.add(mask, torch.matmul(qg, kc.transpose(-1, -2)), alpha=self.scaling)  # float32
             w = torch.softmax(scores, -1).to(vc.dtype)  # (rows, KVH, G, L)
-            o = torch.matmul(w, vc).reshape(rows, 1, H * hd).to(x.dtype)
-            x = x + attn.o_proj(o)
-            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
-        logits = model.lm_head(rms_norm(inner.norm, x)).float()[:, -1]
+            return torch.matmul(w, vc).reshape(rows, 1, H * hd).to(dtype)
+
+        logits = head(model, layers(model, x, cos, sin, attend)).float()[:, -1]
         pos.add_(1)
         col.add_(1).clamp_max_(self.length - 1)  # only rows past every sequence's end reach it
         return logits
@@ -369,39 +293,21 @@ class StaticDecoder:
         """
         state = [self.bias, self.col, self.pos]
         saved = [s[:rows].clone() for s in state]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        try:
-            with row_noise(self.post, self.noise, self.slots[:rows]):
-                try:
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):
-                            self._call(rows)
-                finally:
-                    torch.cuda.current_stream().wait_stream(stream)
-                for s, v in zip(state, saved):
-                    s[:rows] = v
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    logits = self._call(rows)
-            self.graphs[rows] = (graph, logits)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-        except Exception as e:  # e.g. an op that syncs: run eagerly from now on
-            self.capture_error = f"{type(e).__name__}: {e}"
-            self._drop_graphs()
-            torch.cuda.synchronize()
-        for s, v in zip(state, saved):
-            s[:rows] = v
+
+        def reset() -> None:
+            for s, v in zip(state, saved):
+                s[:rows] = v
+
+        with row_noise(self.post, self.noise, self.slots[:rows]):
+            captured = self._graphs.capture(lambda: self._call(rows), reset)
+        if captured is not None:
+            self.graphs[rows] = captured
+        reset()
 
     def _drop_graphs(self) -> None:
-        """Forget every graph and their memory pool: once its last graph is freed, the allocator
-        releases a pool, and capturing into the released pool's handle again fails an internal
-        assert (seen on an H200 after a join grew the buffers): a new capture gets a new pool."""
-        self.graphs.clear()
-        self._pool = None
+        """Forget every graph and their memory pool: a new capture gets a new pool
+        (:class:`~tfb_core.cuda_llama.GraphSet`)."""
+        self._graphs.drop()
 
     # --- buffers ---------------------------------------------------------------------------
 
@@ -417,15 +323,14 @@ class StaticDecoder:
         # rows: exactly what is needed at first (K KV caches for one sequence, no more), then
         # doubling; the step's graph buckets are powers of two capped at the capacity
         R = self.rows_cap if rows <= self.rows_cap else max(rows, 2 * self.rows_cap)
-        L, S = max(length, self.length), max(_pow2(samples), self.samples_cap)
+        L, S = max(length, self.length), max(pow2(samples), self.samples_cap)
         dev, n = self.device, self.n
         shape = (R, self.kv_heads, L, self.head_dim)
         layers = self.post.model.model.layers
         new = {"kc": [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in layers],
                "vc": [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in layers],
                "bias": torch.full((R, L), float("-inf"), device=dev),
-               "noise": [torch.zeros(S, *layer.lora_A.shape, device=dev, dtype=layer.lora_A.dtype)
-                         for layer in self.post.layers] if self.sigma > 0 else []}
+               "noise": noise_buffers(self.post, S, dev) if self.sigma > 0 else []}
         new["bias"][:, 0] = 0.0  # rows past the active ones (see _reset_rows)
         for name in ("col", "pos", "tok", "slots"):
             new[name] = torch.zeros(R, dtype=torch.long, device=dev)
@@ -450,7 +355,7 @@ class StaticDecoder:
             self._drop_graphs()
             self.kc = self.vc = self.noise = []
             self.rows_cap = self.length = self.samples_cap = 0
-            self.slot_of = {}
+            self.slot_of = OrderedDict()
 
     def _reset_rows(self, start: int, stop: int) -> None:
         """Rows past the active ones: attend to column 0 only, write there (finite, never NaN)."""
@@ -464,13 +369,7 @@ class StaticDecoder:
     def _assign_samples(self, seqs: Seq[GenSequence]) -> None:
         """Give every weight sample of ``seqs`` a noise buffer slot, reusing unused slots."""
         used = {(s.params.weight_seed, k) for s in self.seqs for k in range(s.params.num_samples)}
-        self.slot_of = {key: i for key, i in self.slot_of.items() if key in used}
-        free = sorted(set(range(self.samples_cap)) - set(self.slot_of.values()))
-        for s in seqs:
-            for k in range(s.params.num_samples):
-                key = (s.params.weight_seed, k)
-                if key in self.slot_of:
-                    continue
-                slot = self.slot_of[key] = free.pop(0)
-                if self.sigma > 0:
-                    sample_noise(self.post, self.noise, slot, key, self.sigma)
+        self.slot_of = OrderedDict((key, i) for key, i in self.slot_of.items() if key in used)
+        assign_slots(self.post, self.noise, self.slot_of,
+                     [(s.params.weight_seed, k) for s in seqs for k in range(s.params.num_samples)],
+                     self.samples_cap, self.sigma)

@@ -4,10 +4,12 @@
 (B = 1, T = 128, K = 10 on an 8B model) is bound by kernel launches, and every RMSNorm costs
 six elementwise passes. :class:`PrefillEngine` runs the same forward for the Llama family
 
-- written out like :class:`~tfb_core.cuda_decode.StaticDecoder`'s step (the model's own
-  modules for every projection and the MLP, so the TFB layers run as in the engine; one fused
-  ``rms_norm``; RoPE on q and k together; SDPA with the causal + left-padding mask);
-- each row's weight sample ``E_k`` read from fixed buffers through a row -> slot map;
+- the hand-written forward of :mod:`tfb_core.cuda_llama` (as
+  :class:`~tfb_core.cuda_decode.StaticDecoder`'s step: the model's own modules for every
+  projection and the MLP, so the TFB layers run as in the engine; one fused ``rms_norm``; RoPE
+  on q and k together), its attention SDPA with the causal + left-padding mask;
+- each row's weight sample ``E_k`` read from fixed buffers through a row -> slot map
+  (least recently used samples make room);
 - captured in a CUDA graph per shape (rows, tokens rounded up to ``bucket``, kept positions)
   the second time a shape up to ``graph_tokens`` padded tokens comes, at most ``max_graphs``
   of them (LRU), and replayed; one-off and larger (compute-bound) shapes run the same code
@@ -27,8 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .cuda_decode import (attention_shape, on_device, require_supported, rms_norm, rotate_half_matrix, row_noise,
-                          sample_noise)
+from .cuda_llama import (GraphSet, assign_slots, attention_shape, embed, head, layers, noise_buffers, on_device, pow2,
+                         require_supported, row_noise)
 from .scoring import left_pad
 
 
@@ -63,12 +65,19 @@ class PrefillEngine:
         self.graph_tokens, self.max_graphs, self.graph_bytes = graph_tokens, max_graphs, graph_bytes
         self.bucket = bucket
         self.logit_bytes = model.config.vocab_size * next(model.parameters()).element_size()  # per row, position
-        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # (rows, T, keep) -> (graph, inputs, logits)
+        self._graphs = GraphSet()  # (rows, T, keep) -> (graph, inputs, logits), LRU
         self.seen: OrderedDict[tuple, int] = OrderedDict()  # forwards per shape (bounded)
-        self.capture_error: str | None = None
         self.noise: list[torch.Tensor] = []  # per TFB layer: (slots, r, n) = E_k
         self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (seed, k) -> slot, LRU
-        self._pool = None
+
+    @property
+    def graphs(self) -> OrderedDict:
+        """(rows, T, keep) -> (CUDA graph, its inputs, its logits), least recently used first."""
+        return self._graphs.graphs
+
+    @property
+    def capture_error(self) -> str | None:
+        return self._graphs.error
 
     @torch.no_grad()
     def logits(self, rows: Sequence[list[int]], keep: int, samples: Sequence[tuple[int, int]],
@@ -97,34 +106,23 @@ class PrefillEngine:
 
     def _forward(self, inputs: dict, keep: int) -> torch.Tensor:
         model = self.post.model
-        inner = model.model
         H, KVH, hd = self.heads, self.kv_heads, self.head_dim
         ids, mask, pos = inputs["ids"], inputs["mask"], inputs["pos"]
         R, T = ids.shape
-        x = inner.embed_tokens(ids)  # (R, T, d)
-        cos, sin = inner.rotary_emb(x, pos)  # (R, T, hd)
-        cos, sin = cos[:, None], sin[:, None]  # (R, 1, T, hd)
+        x, cos, sin = embed(model, ids, pos)  # (R, T, d), (R, 1, T, hd)
         causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
         eye = torch.eye(T, dtype=torch.bool, device=ids.device)
         allowed = (causal & mask[:, None, :].bool()) | eye  # causal x real keys; a padded query
         attn_mask = torch.zeros(R, 1, T, T, dtype=x.dtype, device=ids.device)  # sees itself
         attn_mask.masked_fill_(~allowed[:, None], float("-inf"))
-        rot = rotate_half_matrix(hd, x)
-        for layer in inner.layers:
-            attn = layer.self_attn
-            h = rms_norm(layer.input_layernorm, x)
-            q = attn.q_proj(h).view(R, T, H, hd).transpose(1, 2)  # (R, H, T, hd)
-            k = attn.k_proj(h).view(R, T, KVH, hd).transpose(1, 2)
-            v = attn.v_proj(h).view(R, T, KVH, hd).transpose(1, 2)
-            qk = torch.cat([q, k], 1)
-            qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)  # RoPE
-            q, k = qk[:, :H], qk[:, H:]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             k = k[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
             v = v[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=hd ** -0.5)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(R, T, H * hd))
-            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
-        return model.lm_head(rms_norm(inner.norm, x[:, T - keep:]))
+            return o.transpose(1, 2).reshape(R, T, H * hd)
+
+        return head(model, layers(model, x, cos, sin, attend)[:, T - keep:])
 
     # --- graphs ----------------------------------------------------------------------------
 
@@ -155,29 +153,11 @@ class PrefillEngine:
 
     def _capture(self, key: tuple, inputs: dict, keep: int) -> None:
         static = {k: v.to(self.device) for k, v in inputs.items()}
-        try:
-            with row_noise(self.post, self.noise, static["slots"]):
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                try:
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):
-                            self._forward(static, keep)
-                finally:
-                    torch.cuda.current_stream().wait_stream(stream)
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    logits = self._forward(static, keep)
-        except torch.OutOfMemoryError:  # not the graph's fault: this forward runs eagerly
-            torch.cuda.empty_cache()
+        with row_noise(self.post, self.noise, static["slots"]):
+            captured = self._graphs.capture(lambda: self._forward(static, keep))
+        if captured is None:  # out of memory (this forward runs eagerly) or refused (every shape does)
             return
-        except Exception as e:  # e.g. an op that syncs: every shape runs eagerly from now on
-            self.capture_error = f"{type(e).__name__}: {e}"
-            self.graphs.clear()
-            torch.cuda.synchronize()
-            return
+        graph, logits = captured
         self.graphs[key] = (graph, static, logits)
         while len(self.graphs) > self.max_graphs or \
                 sum(out.numel() * out.element_size() for _, _, out in self.graphs.values()) > self.graph_bytes:
@@ -191,27 +171,11 @@ class PrefillEngine:
         wanted = [(int(a), int(b)) for a, b in samples]
         cap = self.noise[0].shape[0] if self.noise else 0
         if self.sigma > 0 and len(wanted) > cap:
-            cap = max(16, 1 << (len(wanted) - 1).bit_length())
-            self.noise = [torch.zeros(cap, *layer.lora_A.shape, device=self.device, dtype=layer.lora_A.dtype)
-                          for layer in self.post.layers]
+            cap = max(16, pow2(len(wanted)))
+            self.noise = noise_buffers(self.post, cap, self.device)
             self.slot_of.clear()
-            self.graphs.clear()  # captured on the old buffers
+            self._graphs.drop()  # captured on the old buffers
         elif self.sigma == 0:
             cap = max(cap, len(wanted))
-        free = sorted(set(range(cap)) - set(self.slot_of.values()))
-        for key in wanted:
-            if key in self.slot_of:
-                self.slot_of.move_to_end(key)
-                continue
-            if not free:  # evict the least recently used sample this forward does not need
-                old = next(k for k in self.slot_of if k not in wanted)
-                free.append(self.slot_of.pop(old))
-            slot = free.pop(0)
-            if self.sigma > 0:  # a failed write leaves the key unmapped (never a half-written slot)
-                try:
-                    sample_noise(self.post, self.noise, slot, key, self.sigma)
-                except BaseException:
-                    free.insert(0, slot)
-                    raise
-            self.slot_of[key] = slot
+        assign_slots(self.post, self.noise, self.slot_of, wanted, cap, self.sigma)
         return dict(self.slot_of)

@@ -13,7 +13,8 @@ Both decoders are a :class:`~tfb_core.generation.Decoder`: callers hold that one
 
 from __future__ import annotations
 
-from .cuda_decode import StaticDecoder, is_supported, require_supported
+from .cuda_decode import StaticDecoder
+from .cuda_llama import is_supported, require_supported
 from .generation import Decoder, EagerDecoder
 
 ENGINES = ("auto", "static", "eager")

@@ -1,0 +1,231 @@
+"""The hand-written Llama-family forward both CUDA engines run, its CUDA graphs and its noise slots.
+
+:class:`~tfb_core.cuda_decode.StaticDecoder` (one new token per row over a static KV cache) and
+:class:`~tfb_core.cuda_prefill.PrefillEngine` (the scoring forward over left-padded rows) share
+
+- the forward: :func:`embed`, :func:`layers` (RMSNorm, q/k/v, RoPE, the gated MLP; the model's
+  own modules for every projection and the MLP, so the TFB layers run exactly as in the eager
+  engine) and :func:`head`; each engine passes its own attention (``attend``);
+- few kernels: one fused :func:`rms_norm`, RoPE on q and k together with rotate-half as a +-1
+  matmul (:func:`rotate_half_matrix`);
+- each row's weight sample ``E_k`` read from fixed noise buffers through a row -> slot map
+  (:func:`row_noise`), the buffers' slots given to (seed, k) pairs by :func:`assign_slots`;
+- :class:`GraphSet`: the CUDA graphs captured into one memory pool (warm-up on a side stream,
+  a new pool after the graphs are dropped).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Hashable, Iterable, Iterator, Sequence as Seq
+
+import torch
+
+from .sampling import noise_stack
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def is_supported(model) -> bool:
+    """Whether the CUDA engines can run this model (the Llama family)."""
+    return getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
+
+
+def require_supported(model) -> None:
+    """A ValueError naming the model type unless :func:`is_supported`."""
+    if not is_supported(model):
+        raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a Llama-family config."""
+    heads = config.num_attention_heads
+    return heads, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def on_device(device: torch.device):
+    """Make ``device`` the current CUDA device (streams and graph replays follow it); a no-op
+    off CUDA. The server's worker thread starts on cuda:0 whatever ``--device`` says."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n`` <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# --- the forward -------------------------------------------------------------------------------
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """A Llama RMSNorm module's output in one fused kernel (float32 inside, as the module)."""
+    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def rotate_half_matrix(head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """R with ``y @ R == rotate_half(y)`` (exact: one +-1 term per output), cached per device
+    and dtype. Call it outside a CUDA graph capture first (the engines' warm-up does)."""
+    return _rotation(head_dim, like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation(head_dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _rotate_half(torch.eye(head_dim, device=device, dtype=dtype))
+
+
+def embed(model, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token embeddings (R, T, d) of ``ids`` (R, T) and RoPE's cos, sin (R, 1, T, hd) at ``pos``."""
+    inner = model.model
+    x = inner.embed_tokens(ids)  # (R, T, d)
+    cos, sin = inner.rotary_emb(x, pos)  # (R, T, hd)
+    return x, cos[:, None], sin[:, None]  # (R, 1, T, hd)
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    """The decoder layers over ``x`` (R, T, d): the residual stream after the last layer.
+
+    ``attend(i, q, k, v)`` is layer ``i``'s attention: q (R, H, T, hd) and k (R, KVH, T, hd)
+    after RoPE, v (R, KVH, T, hd); it returns (R, T, H * hd) for ``o_proj``.
+    """
+    H, KVH, hd = attention_shape(model.config)
+    R, T = x.shape[:2]
+    rot = rotate_half_matrix(hd, x)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        h = rms_norm(layer.input_layernorm, x)
+        q = attn.q_proj(h).view(R, T, H, hd).transpose(1, 2)  # (R, H, T, hd)
+        k = attn.k_proj(h).view(R, T, KVH, hd).transpose(1, 2)
+        v = attn.v_proj(h).view(R, T, KVH, hd).transpose(1, 2)
+        qk = torch.cat([q, k], 1)
+        qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)  # RoPE
+        q, k = qk[:, :H], qk[:, H:]
+        x = x + attn.o_proj(attend(i, q, k, v))
+        x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+    return x
+
+
+def head(model, x: torch.Tensor) -> torch.Tensor:
+    """The final norm and the LM head: logits of the positions in ``x``."""
+    return model.lm_head(rms_norm(model.model.norm, x))
+
+
+# --- weight samples: noise buffers and their slots ------------------------------------------------
+
+def noise_buffers(post, slots: int, device: torch.device) -> list[torch.Tensor]:
+    """Per TFB layer, zeroed room for ``slots`` weight samples: (slots, r, n), the layer's dtype."""
+    return [torch.zeros(slots, *layer.lora_A.shape, device=device, dtype=layer.lora_A.dtype)
+            for layer in post.layers]
+
+
+def sample_noise(post, buffers: Seq[torch.Tensor], slot: int, key: tuple[int, int], sigma: float) -> None:
+    """Write ``E_k`` of weight sample ``key`` = (seed, k) into ``slot`` of every layer's buffer
+    (the values the eager engine's noise stacks hold, in the layer's dtype)."""
+    z = post.draws.get(*key)
+    for buf, layer, zi in zip(buffers, post.layers, z):
+        buf[slot] = noise_stack(layer, [zi], sigma)[0]
+
+
+def assign_slots(post, buffers: Seq[torch.Tensor], slot_of: OrderedDict, keys: Iterable[tuple[int, int]],
+                 slots: int, sigma: float) -> None:
+    """Give every (seed, k) of ``keys`` a slot of ``buffers`` (``slots`` of them) holding its ``E_k``.
+
+    ``slot_of`` maps (seed, k) -> slot, least recently used first. A key already there keeps its
+    slot (and becomes the most recently used); a new one takes the lowest free slot, else the
+    slot of the least recently used key not in ``keys``. With ``sigma`` 0 nothing is written. A
+    failed write leaves its key unmapped (never a half-written slot).
+    """
+    wanted = list(keys)
+    free = sorted(set(range(slots)) - set(slot_of.values()))
+    for key in wanted:
+        if key in slot_of:
+            slot_of.move_to_end(key)
+            continue
+        if not free:  # evict the least recently used sample this call does not need
+            old = next(k for k in slot_of if k not in wanted)
+            free.append(slot_of.pop(old))
+        slot = free.pop(0)
+        if sigma > 0:
+            try:
+                sample_noise(post, buffers, slot, key, sigma)
+            except BaseException:
+                free.insert(0, slot)
+                raise
+        slot_of[key] = slot
+
+
+@contextmanager
+def row_noise(post, buffers: Seq[torch.Tensor], slots: torch.Tensor) -> Iterator[None]:
+    """The TFB layers read each row's ``E_k`` from fixed buffers through ``slots`` (addresses
+    that stay put, so a CUDA graph can capture them). No buffers: the mean adapter."""
+    try:
+        for layer, noise in zip(post.layers, buffers):
+            layer.noise, layer.slots = noise, slots
+        yield
+    finally:
+        for layer in post.layers:
+            layer.noise = layer.slots = None
+
+
+# --- CUDA graphs -----------------------------------------------------------------------------------
+
+class GraphSet:
+    """An engine's CUDA graphs (key -> entry, oldest first), captured into one memory pool.
+
+    :meth:`drop` forgets every graph *and* the pool: once its last graph is freed, the allocator
+    releases a pool, and capturing into the released pool's handle again fails an internal
+    assert (seen on an H200 after a join grew the buffers): a capture after a drop gets a new
+    pool. ``error`` is set when a capture is refused for a reason other than memory (the engine
+    then runs eagerly from then on).
+    """
+
+    def __init__(self):
+        self.graphs: OrderedDict[Hashable, tuple] = OrderedDict()
+        self.error: str | None = None
+        self._pool = None
+
+    def capture(self, fn: Callable[[], torch.Tensor],
+                reset: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """Warm ``fn`` up twice on a side stream, call ``reset`` (undoing what the warm-up moved),
+        capture one ``fn`` into the pool: (graph, its output). None when out of memory (not the
+        graph's fault: the caller runs eagerly, a later call captures) or when the capture is
+        refused (``error`` set, every graph dropped)."""
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        fn()
+            finally:
+                torch.cuda.current_stream().wait_stream(stream)
+            if reset is not None:
+                reset()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = fn()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return None
+        except Exception as e:  # e.g. an op that syncs: run eagerly from now on
+            self.error = f"{type(e).__name__}: {e}"
+            self.drop()
+            torch.cuda.synchronize()
+            return None
+        return graph, out
+
+    def drop(self) -> None:
+        """Forget every graph and their memory pool (see the class)."""
+        self.graphs.clear()
+        self._pool = None
