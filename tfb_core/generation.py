@@ -26,6 +26,7 @@ import torch
 
 from .errors import TFBError
 from .models import cache_kwarg, max_context
+from .rows import pad, positions, sample_map
 from .uncertainty import entropy
 
 
@@ -135,16 +136,11 @@ class DecodeBatch:
             if limit is not None and len(s.prompt_ids) >= limit:
                 raise TFBError(f"the prompt is {len(s.prompt_ids)} tokens long; the model's context is {limit} tokens")
         rows = [s.prompt_ids for s in seqs for _ in range(s.params.num_samples)]
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), _pad_id(post.tokenizer), dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, T - len(r):] = torch.tensor(r)
-            mask[b, T - len(r):] = 1
+        ids, mask = pad(rows, value=_pad_id(post.tokenizer))
         dev = next(post.model.parameters()).device
         ids, mask = ids.to(dev), mask.to(dev)
         batch = cls(post, seqs, DynamicCache(), mask, mask.sum(-1), ids[:, -1])
-        logits = batch._forward(ids, (mask.cumsum(-1) - 1).clamp_min(0))
+        logits = batch._forward(ids, positions(mask))
         batch.last = choose_tokens(post, seqs, logits)
         return batch
 
@@ -275,14 +271,11 @@ class DecodeBatch:
 
     def _sample_map(self):
         """The weight samples of the rows: regular (one seed and K for all) or a slot map."""
-        keys: dict[tuple[int, int], int] = {}
-        slots = []
-        for s in self.seqs:
-            for k in range(s.params.num_samples):
-                slots.append(keys.setdefault((s.params.weight_seed, k), len(keys)))
-        if len({(s.params.weight_seed, s.params.num_samples) for s in self.seqs}) == 1:
-            return list(keys), None
-        return list(keys), torch.tensor(slots, dtype=torch.long)
+        groups = [(s.params.weight_seed, s.params.num_samples) for s in self.seqs]
+        keys, slots = sample_map(groups)
+        if len(set(groups)) == 1:
+            return keys, None
+        return keys, torch.tensor(slots, dtype=torch.long)
 
     def _trim(self) -> None:
         """Drop leading columns that are padding in every row."""

@@ -23,6 +23,7 @@ from .data import LABELS, MCItem, letter_prompt, sequence_prompt
 from .errors import TFBError
 from .models import cache_kwarg, max_context, output_cache  # noqa: F401 (max_context: re-exported)
 from .options import Mode, parse_mode
+from .rows import pad, positions, sample_map
 from .uncertainty import Uncertainty, decompose
 
 
@@ -144,24 +145,20 @@ def choice_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int,
         raise TFBError("num_samples must be >= 1")
     if share_prefix and (engine is None or sigma is not None):
         return shared_prefix_scores(post, encoded, samples, sigma)
-    rows, slot_ids, owners = [], [], []  # one entry per (item, sequence, sample) row
-    keys: dict[tuple[int, int], int] = {}
-    for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
-        for j, seq in enumerate(enc.sequences):
-            for k in range(K):
-                rows.append(seq)
-                slot_ids.append(keys.setdefault((seed, k), len(keys)))
-                owners.append((i, j, k))
+    owners = [(i, j, k) for i, (enc, (_, K)) in enumerate(zip(encoded, samples))
+              for j in range(len(enc.sequences)) for k in range(K)]  # one per (item, sequence, sample) row
+    rows = [encoded[i].sequences[j] for i, j, _ in owners]
+    keys, slot_ids = sample_map(samples[i] for i, enc in enumerate(encoded) for _ in enc.sequences)
     keep = max(len(t) for enc in encoded for t in _kept(enc)) + 1
     regular = len({s for s in samples}) == 1  # one (seed, K) for all: row b*K + k -> sample k
     if engine is not None and sigma is None:
-        logits = engine.logits(rows, keep, list(keys), slot_ids)
+        logits = engine.logits(rows, keep, keys, slot_ids)
     elif regular:
         with post.samples(num_samples=samples[0][1], seed=samples[0][0], sigma=sigma):
             logits = _forward(post.model, rows, keep)
     else:
         slots = torch.tensor(slot_ids, dtype=torch.long)
-        with post.mixed_samples(list(keys), slots, sigma=sigma):
+        with post.mixed_samples(keys, slots, sigma=sigma):
             logits = _forward(post.model, rows, keep)
     # logits: (rows, keep, V) of the last `keep` positions; only the scored log-probs are computed
     logprobs = target_log_probs(logits, [_wanted(encoded[i], j, keep) for i, j, _ in owners])
@@ -185,15 +182,14 @@ def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tup
        but the last, right-padded, attending to the prefix row's cache (copied per choice).
     Cost: K x prompt + C x K x choice tokens, instead of C x K x (prompt + choice).
     """
-    keys: dict[tuple[int, int], int] = {}
-    prefix, prefix_slots, first = [], [], {}  # first[(i, k)] = the item's prefix row
+    prefix, first = [], {}  # first[(i, k)] = the item's prefix row
     for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
         prompt = enc.sequences[0][:len(enc.sequences[0]) - (0 if enc.mode is Mode.LETTER else len(enc.targets[0]))]
         for k in range(K):
             first[i, k] = len(prefix)
             prefix.append(prompt)
-            prefix_slots.append(keys.setdefault((seed, k), len(keys)))
-    samples_list = list(keys)
+    samples_list, prefix_slots = sample_map(samples)
+    keys = {key: slot for slot, key in enumerate(samples_list)}
     device = next(post.model.parameters()).device
     ids, mask, position_ids = left_pad(prefix, max(len(r) for r in prefix))
     with post.mixed_samples(samples_list, torch.tensor(prefix_slots), sigma=sigma):
@@ -261,23 +257,13 @@ def _forward(model, rows: list[list[int]], keep: int) -> torch.Tensor:
 
 def left_pad(rows: Sequence[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token rows left-padded (with 0) to ``length``: ids, attention mask, position ids (CPU)."""
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, length - len(r):] = torch.tensor(r)
-        mask[b, length - len(r):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask = pad(rows, length, "left")
+    return ids, mask, positions(mask)
 
 
 def right_pad(rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows right-padded (with 0) to the longest: ids and attention mask (CPU)."""
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
-    return ids, mask
+    return pad(rows, side="right")
 
 
 def target_log_probs(logits: torch.Tensor, wanted: Sequence[tuple[list[int], list[int]]],
