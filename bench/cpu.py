@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu  # noqa: E402  (bench/gpu.py: the same workloads and timers)
+import reference  # noqa: E402  (bench/reference.py: the peft reference, model and adapter building)
+import timing  # noqa: E402  (bench/timing.py: the same workloads and timers as bench/gpu.py)
 
 from tfb_core.models import load_base_model  # noqa: E402
 from tfb_core.posterior import Posterior  # noqa: E402
 
-DEMO_ADAPTER = gpu.ROOT / "tfb_core" / "demo" / "adapter"
+DEMO_ADAPTER = timing.ROOT / "tfb_core" / "demo" / "adapter"
 
 
 def main(argv=None):
@@ -40,12 +41,12 @@ def main(argv=None):
     p.add_argument("--sigma", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: two threads on 2 shared cores stall each other)")
-    p.add_argument("--out", default=str(gpu.ROOT / "bench" / "results" / "cpu.json"))
+    p.add_argument("--out", default=str(timing.ROOT / "bench" / "results" / "cpu.json"))
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     dev = torch.device("cpu")
-    clock = gpu.Clock(dev)
+    clock = timing.Clock(dev)
     t_start = time.time()
     base = load_base_model("smollm2-135m", device="cpu", dtype="float32")
     model = base.model
@@ -55,7 +56,7 @@ def main(argv=None):
         adapter_dir, adapter_kind = DEMO_ADAPTER, "tfb_core/demo/adapter"
     else:
         tmp = Path(tempfile.mkdtemp(prefix="tfb-cpu-bench-"))
-        model = gpu.make_adapter(model, gpu.TARGETS["all"], 8, tmp).unload()
+        model = reference.make_adapter(model, reference.TARGETS["all"], 8, tmp).unload()
         base.model = model
         adapter_dir, adapter_kind = tmp, "random LoRA r=8 on all linear layers (peft)"
     res = {"meta": {"command": " ".join(["python"] + sys.argv), "threads": args.threads,
@@ -64,41 +65,41 @@ def main(argv=None):
                     "time": time.strftime("%Y-%m-%d %H:%M:%S")},
            "scoring": {}, "decode": {}}
     K, T = args.K, args.T
-    score_prompts = gpu.prompts_for(1, T, V)
-    dec_prompts = gpu.prompts_for(1, T, V, seed=7)
+    score_prompts = timing.prompts_for(1, T, V)
+    dec_prompts = timing.prompts_for(1, T, V, seed=7)
 
     # tfb: a (and static for decoding)
     post = Posterior.from_adapter(base, adapter_dir)
     post.sigma = args.sigma
     for k in (1, K):
-        r = clock.bench(gpu.score_tfb(post, score_prompts, k), min_reps=3, max_reps=5, budget_s=2,
+        r = clock.bench(timing.score_tfb(post, score_prompts, k), min_reps=3, max_reps=5, budget_s=2,
                         heavy_s=10)
         res["scoring"][f"a_K{k}"] = r
         print(f"score a K={k}: {r['median_s'] * 1e3:.0f} ms", flush=True)
     for k in (1, K):
-        r = gpu.decode_eager(clock, post, dec_prompts, k, 2, args.steps)
+        r = timing.decode_eager(clock, post, dec_prompts, k, 2, args.steps)
         res["decode"][f"a_K{k}"] = r
         print(f"decode a K={k}: {r['step_s'] * 1e3:.0f} ms/step", flush=True)
-        r = gpu.decode_engine(clock, post, dec_prompts, k, 2, args.steps)
+        r = timing.decode_engine(clock, post, dec_prompts, k, 2, args.steps)
         res["decode"][f"static_K{k}"] = r
         print(f"decode static K={k}: {r['step_s'] * 1e3:.0f} ms/step (eager)", flush=True)
     res["sequence_question"] = sequence_question(post, clock, K)
-    gpu.uninstall_posterior(post)
+    reference.uninstall_posterior(post)
     # peft: b (K looped) and c (deterministic)
     from peft import PeftModel
 
     pm = PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=False)
     pm.requires_grad_(False)
-    ref = gpu.Reference(pm, args.sigma, K)
-    r = clock.bench(gpu.score_peft(pm, None, score_prompts, 1, dev), min_reps=3, max_reps=5,
+    ref = reference.Reference(pm, args.sigma, K)
+    r = clock.bench(reference.score_peft(pm, None, score_prompts, 1, dev), min_reps=3, max_reps=5,
                     budget_s=2, heavy_s=10)
     res["scoring"]["c"] = r
-    r = clock.bench(gpu.score_peft(pm, ref, score_prompts, K, dev), min_reps=3, max_reps=5,
+    r = clock.bench(reference.score_peft(pm, ref, score_prompts, K, dev), min_reps=3, max_reps=5,
                     budget_s=2, heavy_s=10)
     res["scoring"][f"b_K{K}"] = r
     print(f"score b K={K}: {r['median_s'] * 1e3:.0f} ms", flush=True)
-    res["decode"]["c"] = gpu.decode_peft(clock, pm, None, dec_prompts, 1, 2, args.steps, dev)
-    res["decode"][f"b_K{K}"] = gpu.decode_peft(clock, pm, ref, dec_prompts, K, 2, max(args.steps // 2, 3), dev)
+    res["decode"]["c"] = reference.decode_peft(clock, pm, None, dec_prompts, 1, 2, args.steps, dev)
+    res["decode"][f"b_K{K}"] = reference.decode_peft(clock, pm, ref, dec_prompts, K, 2, max(args.steps // 2, 3), dev)
     print(f"decode b K={K}: {res['decode'][f'b_K{K}']['step_s'] * 1e3:.0f} ms/step", flush=True)
 
     s, d = res["scoring"], res["decode"]

@@ -16,6 +16,10 @@ Variants (per row of the table):
 Models are random-weight Llama shapes built with ``from_config`` on the device (speed does
 not depend on weight values). Ceilings (bf16 matmul rate, device copy bandwidth) are
 measured in the same run; MFU and bandwidth use are against them.
+
+The reference implementation and model building are in bench/reference.py, the timers,
+ceilings, counts and tfb's workload runners in bench/timing.py; this file holds the run, its
+grids, the table and the command line.
 """
 
 from __future__ import annotations
@@ -23,10 +27,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -34,363 +36,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from reference import (  # noqa: E402  (timing, imported by reference, puts the root on sys.path)
+    SHAPES, TARGETS, Reference, build_model, decode_peft, install_posterior, make_adapter,
+    score_peft, uninstall_posterior)
+from timing import (  # noqa: E402
+    LABEL_IDS, Clock, decode_bytes, decode_eager, decode_engine, floor_graph, free,
+    measure_ceilings, model_counts, prefill_flops, prompts_for, score_tfb)
 
 from tfb_core.cuda_prefill import PrefillEngine  # noqa: E402
 from tfb_core.engines import make_decoder, make_prefill  # noqa: E402
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams  # noqa: E402
-from tfb_core.models import BaseModel, cache_kwarg  # noqa: E402
-from tfb_core.posterior import Posterior, bayesianize_factors  # noqa: E402
-from tfb_core.sampling import row_std  # noqa: E402
 from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
-
-# Llama shapes (the rope scaling of the real models is left out: it does not change speed)
-SHAPES = {
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-               tie_word_embeddings=False),
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-               tie_word_embeddings=True),
-    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                 tie_word_embeddings=False),
-}
-TARGETS = {"qv": ["q_proj", "v_proj"],
-           "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LABEL_IDS = [32, 33, 34, 35]  # four "label tokens" for letter scoring (any ids will do)
-
-
-class StubTokenizer:
-    """The engine needs a pad id and ``decode``; no tokenizer files exist on the device.
-    ``decode`` returns "" (the engine decodes each sequence's growing text per token with a
-    real tokenizer: host work not counted here)."""
-
-    pad_token_id = 0
-    eos_token_id = 1
-    chat_template = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
-# --- timing ------------------------------------------------------------------------------
-
-
-class Clock:
-    """Device events on CUDA (synchronised before start), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def time(self, fn) -> float:
-        """Seconds for ``fn()`` on the device."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    def bench(self, fn, min_reps=3, max_reps=20, budget_s=1.0, heavy_s=1.5) -> dict:
-        """One warm-up call (its peak memory is recorded), then reps; the median is reported.
-        A call slower than ``heavy_s`` gets one timed rep (the device budget is short; the
-        warm-up time is kept beside it to show the spread)."""
-        base = self.mem_reset()
-        warm = self.time(fn)
-        peak = self.mem_peak(base)
-        reps = 1 if warm > heavy_s else None
-        times = []
-        while True:
-            times.append(self.time(fn))
-            n = len(times)
-            if reps is not None and n >= reps:
-                break
-            if n >= max_reps or (n >= min_reps and sum(times) >= budget_s):
-                break
-        return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                "n": len(times), "warmup_s": warm, "peak_extra_bytes": peak}
-
-    def mem_reset(self) -> int:
-        if not self.cuda:
-            return 0
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-
-    def mem_peak(self, base: int) -> int | None:
-        if not self.cuda:
-            return None
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-
-def median(xs):
-    return statistics.median(xs) if xs else None
-
-
-# --- ceilings ----------------------------------------------------------------------------
-
-
-def measure_ceilings(clock: Clock, device) -> dict:
-    """bf16 matmul rate (8192^3, random data) and device copy bandwidth (read + write)."""
-    if not clock.cuda:
-        return {"matmul_flops": None, "copy_bytes_per_s": None}
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    r = clock.bench(lambda: torch.matmul(a, b, out=c), min_reps=10, max_reps=20, budget_s=0.1)
-    flops = 2 * n ** 3 / r["median_s"]
-    x = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB
-    y = torch.empty_like(x)
-    r2 = clock.bench(lambda: y.copy_(x), min_reps=10, max_reps=20, budget_s=0.1)
-    bw = 2 * x.numel() * 2 / r2["median_s"]
-    del a, b, c, x, y
-    torch.cuda.empty_cache()
-    return {"matmul_flops": flops, "matmul_s": r["median_s"], "copy_bytes_per_s": bw,
-            "copy_s": r2["median_s"], "copy_bytes": 2 * (1 << 30) * 2}
-
-
-# --- model and adapters -------------------------------------------------------------------
-
-
-def build_model(shape: str, device, dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def model_counts(model) -> dict:
-    cfg = model.config
-    L, d, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
-    H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or d // H
-    I = cfg.intermediate_size
-    body = L * (d * H * hd + 2 * d * KVH * hd + H * hd * d + 3 * d * I)
-    return dict(layers=L, hidden=d, vocab=V, heads=H, kv_heads=KVH, head_dim=hd, inter=I,
-                body_params=body, lm_head_params=d * V,
-                params=sum(p.numel() for p in model.parameters()))
-
-
-def prefill_flops(c: dict, rows: int, T: int) -> float:
-    """Matmul FLOPs of a prefill with last-position logits: 2 * body params per token, the
-    causal attention (QK^T and PV over T(T+1)/2 pairs), lm_head on one position; LoRA left out."""
-    lin = 2 * c["body_params"] * rows * T + 2 * c["lm_head_params"] * rows
-    attn = c["layers"] * rows * 2 * 2 * c["heads"] * c["head_dim"] * T * (T + 1) / 2
-    return lin + attn
-
-
-def decode_bytes(c: dict, rows: int, ctx: int, elem=2) -> dict:
-    """The fewest bytes a decode step reads: every weight once, each row's KV cache once."""
-    weights = elem * (c["body_params"] + c["lm_head_params"])
-    kv = elem * rows * c["layers"] * 2 * c["kv_heads"] * c["head_dim"] * ctx
-    return {"weights": weights, "kv": kv, "total": weights + kv}
-
-
-def make_adapter(model, targets, r, out_dir: Path, seed=1):
-    """A random LoRA (peft, bf16 adapter weights), saved; returns the peft model."""
-    from peft import LoraConfig, get_peft_model
-
-    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                          lora_dropout=0.0, init_lora_weights=False),
-                        autocast_adapter_dtype=False)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * 0.5)
-    pm.save_pretrained(out_dir)
-    pm.requires_grad_(False)
-    return pm
-
-
-class Reference:
-    """The reference approach on a peft model: per pass, lora_A <- A' + E_k (fixed per k)."""
-
-    def __init__(self, pm, sigma: float, kmax: int, seed=0):
-        from peft.tuners.lora import LoraLayer
-
-        self.pm = pm
-        self.mods = [m for m in pm.modules() if isinstance(m, LoraLayer)]
-        self.mean, self.samples = [], []
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        with torch.no_grad():
-            for m in self.mods:
-                A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
-                A2, B2, d = bayesianize_factors(A.float().cpu(), B.float().cpu())
-                omega = row_std(d, sigma)
-                B.copy_(B2.to(B))
-                A.copy_(A2.to(A))
-                self.mean.append(A2.to(A))
-                self.samples.append(torch.stack([
-                    (A2 + omega[:, None] * torch.randn(A2.shape, generator=g)).to(A)
-                    for _ in range(kmax)]))
-
-    def inject(self, k: int | None):
-        """k = None: the mean adapter (the deterministic one)."""
-        with torch.no_grad():
-            for m, mean, s in zip(self.mods, self.mean, self.samples):
-                m.lora_A["default"].weight.copy_(mean if k is None else s[k])
-
-
-def install_posterior(model, adapter_dir, sigma) -> Posterior:
-    base = BaseModel(model=model, tokenizer=StubTokenizer(), name="random", path=Path(adapter_dir))
-    post = Posterior.from_adapter(base, adapter_dir)
-    post.sigma = sigma
-    return post
-
-
-def uninstall_posterior(post: Posterior):
-    for layer in post.layers:
-        parent_name, _, child = layer.name.rpartition(".")
-        setattr(post.model.get_submodule(parent_name), child, layer.base_layer)
-
-
-# --- workloads -----------------------------------------------------------------------------
-
-
-def prompts_for(B, T, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed + 1000 * B + T)
-    return torch.randint(100, vocab, (B, T), generator=g)
-
-
-def score_tfb(post, prompts, K, engine=None):
-    """``choice_probs`` as the server calls it: through ``engine`` (a PrefillEngine) or eagerly."""
-    enc = [Encoded([p.tolist()], [LABEL_IDS], Mode.LETTER) for p in prompts]
-    return lambda: choice_probs(post, enc, [(0, K)] * len(enc), engine=engine)
-
-
-def score_peft(pm, ref: Reference | None, prompts, K, device):
-    """K passes (ref, noise per pass) or one deterministic pass (ref None): the model
-    average of the label probabilities, computed on the device."""
-    ids = prompts.to(device)
-    labels = torch.tensor(LABEL_IDS, device=device)
-
-    def run():
-        acc = 0
-        for k in range(K if ref is not None else 1):
-            if ref is not None:
-                ref.inject(k)
-            logits = pm(input_ids=ids, logits_to_keep=1, use_cache=False).logits[:, -1]
-            acc = acc + torch.softmax(logits.float()[:, labels], -1)
-        out = acc / K
-        if ref is not None:
-            ref.inject(None)
-        return out
-
-    return run
-
-
-def decode_eager(clock, post, prompts, K, warm, steps):
-    seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
-                                                     ignore_eos=True)) for p in prompts]
-    base = clock.mem_reset()
-    holder = {}
-    t_prefill = clock.time(lambda: holder.update(b=DecodeBatch.prefill(post, seqs)))
-    batch = holder["b"]
-    kv_measured = (torch.cuda.memory_allocated() - base) if clock.cuda else None
-    for _ in range(warm):
-        batch.step()
-    times, walls = [], []
-    for _ in range(steps):
-        walls.append(0.0)
-        times.append(clock.time(lambda: walls.__setitem__(-1, batch.step())))
-    peak = clock.mem_peak(base)
-    ctx = len(prompts[0]) + warm + steps
-    del batch, holder
-    return {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
-            "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill,
-            "peak_extra_bytes": peak, "after_prefill_bytes": kv_measured, "ctx_end": ctx,
-            "tokens": [s.token_ids[:8] for s in seqs]}
-
-
-def decode_peft(clock, pm, ref: Reference | None, prompts, K, warm, steps, device):
-    """Deterministic (ref None, one cache) or reference (K caches, K passes per step,
-    noise injected per pass); greedy on the model average, on the device."""
-    from transformers import DynamicCache
-
-    hf = pm.get_base_model()
-    key = cache_kwarg(hf)
-    ids = prompts.to(device)
-    nk = K if ref is not None else 1
-    base = clock.mem_reset()
-    caches = [DynamicCache() for _ in range(nk)]
-    state = {}
-
-    def forward(inp, first):
-        acc = 0
-        for k in range(nk):
-            if ref is not None:
-                ref.inject(k)
-            out = pm(input_ids=inp, use_cache=True, logits_to_keep=1, **{key: caches[k]})
-            acc = acc + torch.softmax(out.logits[:, -1].float(), -1)
-        if ref is not None:
-            ref.inject(None)
-        state["tok"] = (acc / nk).argmax(-1)[:, None]
-
-    t_prefill = clock.time(lambda: forward(ids, True))
-    for _ in range(warm):
-        forward(state["tok"], False)
-    times = [clock.time(lambda: forward(state["tok"], False)) for _ in range(steps)]
-    peak = clock.mem_peak(base)
-    del caches, state
-    return {"step_s": median(times), "step_min_s": min(times), "steps": steps,
-            "warmup_steps": warm, "prefill_s": t_prefill, "peak_extra_bytes": peak}
-
-
-def floor_graph(clock, model, rows_list, device) -> dict:
-    """Every weight matmul of one decode step (7 per layer + lm_head) in one CUDA graph."""
-    if not clock.cuda:
-        return {}
-    weights = []
-    for layer in model.model.layers:
-        for name in LINEARS:
-            mod = layer.get_submodule(name)
-            weights.append(getattr(mod, "base_layer", mod).weight)
-    weights.append(model.lm_head.weight)
-    out = {}
-    for rows in rows_list:
-        xs = {n: torch.randn(rows, n, device=device, dtype=weights[0].dtype)
-              for n in {w.shape[1] for w in weights}}
-
-        def run():
-            for w in weights:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
-
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            run()
-        r = clock.bench(g.replay, min_reps=20, max_reps=50, budget_s=0.2)
-        nbytes = sum(w.numel() * w.element_size() for w in weights)
-        out[rows] = {"step_s": r["median_s"], "n": r["n"], "weight_bytes": nbytes}
-        del g, xs
-    torch.cuda.empty_cache()
-    return out
-
 
 # --- the run -------------------------------------------------------------------------------
 
@@ -533,39 +189,6 @@ def run(args) -> dict:
     summarise(res)
     save()
     return res
-
-
-def free(clock):
-    gc.collect()
-    if clock.cuda:
-        torch.cuda.empty_cache()
-
-
-def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
-    """The server's CUDA path: prefill, join a StaticDecoder, step (one host sync per step)."""
-    from tfb_core.cuda_decode import StaticDecoder
-
-    seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
-                                                     ignore_eos=True)) for p in prompts]
-    base = clock.mem_reset()
-    holder = {}
-    dec = StaticDecoder(post, compile=compile)
-    t_prefill = clock.time(lambda: holder.update(d=dec.join(DecodeBatch.prefill(post, seqs))))
-    after = (torch.cuda.memory_allocated() - base) if clock.cuda else None
-    t_first = clock.time(dec.step)  # the CUDA graph is captured here
-    for _ in range(warm - 1):
-        dec.step()
-    walls = []
-    times = [clock.time(lambda: walls.append(dec.step())) for _ in range(steps)]
-    peak = clock.mem_peak(base)
-    out = {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
-           "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill, "first_step_s": t_first,
-           "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": dec.graphed,
-           "capture_error": dec.capture_error, "compile_error": dec.compile_error,
-           "cache_len": dec.length, "rows_cap": dec.rows_cap,
-           "tokens": [s.token_ids[:8] for s in seqs]}
-    del dec, holder
-    return out
 
 
 def scoring_grid(args, adapter):

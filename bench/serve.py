@@ -399,11 +399,11 @@ def engine_phase(args, settings, grid, res) -> None:
     """Time every cell's shapes on the engine; then free the model (the server loads its own)."""
     import torch
 
-    import gpu  # bench/gpu.py: the same timers (CUDA events on the GPU)
+    import timing  # bench/timing.py: the same timers as bench/gpu.py (CUDA events on the GPU)
 
     torch.set_grad_enabled(False)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bench = EngineBench(settings, gpu.Clock(device), args.engine_steps, Traffic(args.question, args.max_tokens))
+    bench = EngineBench(settings, timing.Clock(device), args.engine_steps, Traffic(args.question, args.max_tokens))
     res["engine_meta"] = {"load_s": round(bench.load_s, 2), "static": bench.static,
                           "prefill_engine": bench.runner.prefill is not None, "torch_threads": torch.get_num_threads(),
                           "device": str(device), "dtype": str(next(bench.loaded.post.model.parameters()).dtype)}
@@ -445,7 +445,7 @@ def build_random_model(args, work: Path) -> tuple[Path, Path]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    import gpu
+    import reference
 
     tok_dir = args.tokenizer or os.environ.get("TFB_TOKENIZER")
     if not tok_dir:
@@ -453,7 +453,7 @@ def build_random_model(args, work: Path) -> tuple[Path, Path]:
                          "--tokenizer DIR or TFB_TOKENIZER (bench/prepare_gpu.sh saves one)")
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    shape = dict(gpu.SHAPES[args.shape], vocab_size=len(tok))
+    shape = dict(reference.SHAPES[args.shape], vocab_size=len(tok))
     cfg = LlamaConfig(**shape, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
@@ -465,7 +465,7 @@ def build_random_model(args, work: Path) -> tuple[Path, Path]:
     shutil.rmtree(work, ignore_errors=True)
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    pm = gpu.make_adapter(model, gpu.TARGETS["qv"], 8, lora_dir)  # random A and B, saved
+    pm = reference.make_adapter(model, reference.TARGETS["qv"], 8, lora_dir)  # random A and B, saved
     cfg_path = lora_dir / "adapter_config.json"
     c = json.loads(cfg_path.read_text())
     c["base_model_name_or_path"] = str(model_dir)
