@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny import prompts
 from tfb_core.cuda_decode import StaticDecoder
 from tfb_core.cuda_llama import is_supported
 from tfb_core.engines import make_decoder, resolve_engine
@@ -24,10 +25,6 @@ def post(llama_post):
     return llama_post
 
 
-def prompts(tok):
-    return [tok("The capital of France is").input_ids,
-            tok("Once upon a time, in a land far away, there lived").input_ids,
-            tok("1 2 3").input_ids]
 
 
 def assert_same(ref, got):

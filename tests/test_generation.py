@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from tiny import prompts
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, generate, safe_text
 from tfb_core.sampling import row_std, standard_normal
 from tfb_core.uncertainty import entropy
@@ -22,10 +23,6 @@ def post(llama_post):
     return llama_post
 
 
-def prompts(tok):
-    return [tok("The capital of France is").input_ids,
-            tok("Once upon a time, in a land far away, there lived").input_ids,
-            tok("1 2 3").input_ids]
 
 
 def sample_model(base_dir, post, seed: int, k: int, sigma: float):

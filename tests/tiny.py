@@ -81,3 +81,10 @@ def save_peft_adapter(base_dir: Path, path: Path, peft_config, seed: int = 1, sc
                 p.normal_(0, scale / p.shape[-1] ** 0.5)
     model.save_pretrained(path, safe_serialization=safe_serialization)
     return path
+
+
+def prompts(tok) -> list[list[int]]:
+    """Three prompts of different lengths (token ids), for the decoding tests."""
+    return [tok("The capital of France is").input_ids,
+            tok("Once upon a time, in a land far away, there lived").input_ids,
+            tok("1 2 3").input_ids]

@@ -33,13 +33,13 @@ from typing import Sequence as Seq
 
 import torch
 
-from .cuda_llama import (GraphSet, assign_slots, attention_shape, embed, head, layers, noise_buffers, on_device, pow2,
+from .cuda_llama import (Graphed, GraphSet, assign_slots, attention_shape, embed, head, layers, noise_buffers, on_device, pow2,
                          require_supported, row_noise)
 from .generation import DecodeBatch, GenSequence, choose_tokens, restore_sequences, save_sequences, split_finished
 from .models import max_context
 
 
-class StaticDecoder:
+class StaticDecoder(Graphed):
     """A continuous decode batch over a static KV cache, its step replayed from CUDA graphs: a
     :class:`~tfb_core.generation.Decoder` (:func:`tfb_core.engines.make_decoder` picks it).
 
@@ -84,15 +84,6 @@ class StaticDecoder:
     @property
     def kv_rows(self) -> int:
         return self.n
-
-    @property
-    def graphs(self) -> OrderedDict:
-        """rows -> (CUDA graph, its logits)."""
-        return self._graphs.graphs
-
-    @property
-    def capture_error(self) -> str | None:
-        return self._graphs.error
 
     @property
     def graphed(self) -> bool:

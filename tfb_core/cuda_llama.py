@@ -178,6 +178,21 @@ def row_noise(post, buffers: Seq[torch.Tensor], slots: torch.Tensor) -> Iterator
 
 # --- CUDA graphs -----------------------------------------------------------------------------------
 
+class Graphed:
+    """What an engine that keeps a :class:`GraphSet` in ``_graphs`` shows of it."""
+
+    _graphs: "GraphSet"
+
+    @property
+    def graphs(self) -> OrderedDict:
+        """key -> (CUDA graph, ...), least recently used first."""
+        return self._graphs.graphs
+
+    @property
+    def capture_error(self) -> str | None:
+        return self._graphs.error
+
+
 class GraphSet:
     """An engine's CUDA graphs (key -> entry, oldest first), captured into one memory pool.
 

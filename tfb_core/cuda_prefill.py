@@ -29,12 +29,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .cuda_llama import (GraphSet, assign_slots, attention_shape, embed, head, layers, noise_buffers, on_device, pow2,
+from .cuda_llama import (Graphed, GraphSet, assign_slots, attention_shape, embed, head, layers, noise_buffers, on_device, pow2,
                          require_supported, row_noise)
 from .scoring import left_pad
 
 
-class PrefillEngine:
+class PrefillEngine(Graphed):
     """Last-positions logits of left-padded rows under per-row weight samples.
 
     Parameters
@@ -69,15 +69,6 @@ class PrefillEngine:
         self.seen: OrderedDict[tuple, int] = OrderedDict()  # forwards per shape (bounded)
         self.noise: list[torch.Tensor] = []  # per TFB layer: (slots, r, n) = E_k
         self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (seed, k) -> slot, LRU
-
-    @property
-    def graphs(self) -> OrderedDict:
-        """(rows, T, keep) -> (CUDA graph, its inputs, its logits), least recently used first."""
-        return self._graphs.graphs
-
-    @property
-    def capture_error(self) -> str | None:
-        return self._graphs.error
 
     @torch.no_grad()
     def logits(self, rows: Sequence[list[int]], keep: int, samples: Sequence[tuple[int, int]],
