@@ -79,7 +79,7 @@ class ModelRunner:
         # scoring forwards: fused kernels, CUDA graphs on CUDA (None: HF's eager forward)
         self.prefill = make_prefill(self.post, self.kind)
         self.engine = GenerationEngine(self.post, metrics, self.kind)  # the continuous decode loop's state
-        # the posterior's temperature, applied to the model average only (TFB_SPEC §4b)
+        # the posterior's temperature, applied to the model average only (docs/method.md §5)
         self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
 
     def step(self, batch: Batch) -> list:

@@ -5,7 +5,7 @@
   fixed sigma, generated once into the cache directory.
 - a Bayesianized directory: loaded (checksums verified by tfb_core).
 - a plain LoRA directory plus ``--calibration``: the variance search runs in float32 whatever
-  ``--dtype`` is (TFB_SPEC §4: in bf16 rounding alone moves the criterion); its result is saved
+  ``--dtype`` is (docs/method.md §4: in bf16 rounding alone moves the criterion); its result is saved
   to ``--posterior-out`` or ``<cache>/posteriors/<key>``, where the key hashes the base model,
   the adapter, the calibration file, the search settings and where the search ran (float32, the
   device type); a restart with the same inputs loads it instead of searching again. Either way
@@ -40,7 +40,7 @@ PLACEHOLDER_SEED = 1234
 PLACEHOLDER_SIGMA = 0.02
 PLACEHOLDER_VERSION = 1
 SERVE_KEY_NAME = "tfb_serve_key.json"
-SEARCH_DTYPE = "float32"  # TFB_SPEC §4
+SEARCH_DTYPE = "float32"  # docs/method.md §4
 
 
 @dataclass
@@ -154,7 +154,7 @@ def _lock(path: Path):
 
 
 def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
-    """Run the variance search in float32 (TFB_SPEC §4) and save its result to ``out``."""
+    """Run the variance search in float32 (docs/method.md §4) and save its result to ``out``."""
     from tfb_core import Criterion, Posterior, fit_posterior, load_base_model, read_jsonl, resolve_criterion, unlabelled
 
     calibration = Path(settings.calibration).expanduser()

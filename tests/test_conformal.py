@@ -72,7 +72,7 @@ def cp_upper(k: int, n: int, delta: float) -> float:
 
 
 def sgr_reference(u: np.ndarray, correct: np.ndarray, max_risk: float, delta: float):
-    """The abstention rule as TFB_SPEC §4b / tfb_core.conformal document it, written again:
+    """The abstention rule as docs/method.md §5 / tfb_core.conformal document it, written again:
     sort by uncertainty; binary search over the sorted values for the largest threshold whose
     accepted items (ties included) have a Clopper-Pearson bound <= max_risk at delta / steps,
     steps = ceil(log2 n) + 1. Returns (threshold or None, accepted, errors)."""

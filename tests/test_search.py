@@ -1,7 +1,7 @@
 """tfb_core.search: the returned sigma meets the criterion and the bracket point above it fails.
 
 The criterion is recomputed here, from the per-sample choice probabilities (scoring is tested
-against explicit-weight models in test_scoring.py), with the formulas of TFB_SPEC §4 written
+against explicit-weight models in test_scoring.py), with the formulas of docs/method.md §4 written
 independently: relative NLL change NOT divided by N; fraction of changed answers; accuracy drop.
 """
 
@@ -29,7 +29,7 @@ def items():
 
 
 class Criterion:
-    """The criterion of TFB_SPEC §4 at any sigma, computed independently of tfb_core.search."""
+    """The criterion of docs/method.md §4 at any sigma, computed independently of tfb_core.search."""
 
     def __init__(self, post, items, criterion, gold, mode="letter", num_samples=K):
         self.post, self.items, self.criterion, self.gold, self.mode = post, items, criterion, gold, mode

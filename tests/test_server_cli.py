@@ -134,7 +134,7 @@ def test_choice_limits_from_flags_and_env(monkeypatch):
 
 def test_startup_search_runs_in_float32_and_serves_the_dtype_asked(llama_dir, lora_dir, calibration, tmp_path,
                                                                    monkeypatch):
-    """TFB_SPEC §4: --dtype bfloat16 searches in float32 (the same sigma as a float32 server),
+    """docs/method.md §4: --dtype bfloat16 searches in float32 (the same sigma as a float32 server),
     then serves bf16 (with bf16 noise, not the search's float32 noise) exactly as a restart does."""
     import torch
 

@@ -115,7 +115,7 @@ def _run_bayesianize(args) -> int:
     items = read_jsonl(args.calibration) if args.calibration else None
     if items is not None and args.sigma is None:
         check_labels(items, args.calibration, args)
-    # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (TFB_SPEC §4)
+    # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
     config = search_config(args)
     post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,

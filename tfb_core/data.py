@@ -150,7 +150,7 @@ def write_jsonl(items: list[MCItem], path: str | Path) -> None:
 
 
 def letter_prompt(question: str, choices: list[str]) -> str:
-    """The paper's prompt (TFB_SPEC §3)."""
+    """The paper's prompt (docs/method.md §3)."""
     lines = [f"{LABELS[i]}) {c}" for i, c in enumerate(choices)]
     return f"{LETTER_INSTRUCTION}\n\nQuestion: {question}\nChoices:\n" + "\n".join(lines) + "\nAnswer:"
 

@@ -1,7 +1,7 @@
 """MLE LoRA training for multiple-choice data: the adapter that TFB then Bayesianizes.
 
 The loss is the cross-entropy of the gold answer under the answer distribution of the scoring
-mode (TFB_SPEC §3), so training optimises exactly what ``tfb eval`` and the search score:
+mode (docs/method.md §3), so training optimises exactly what ``tfb eval`` and the search score:
 
 - ``letter``: the next-token logits at the last prompt position, restricted to the label tokens;
 - ``sequence``: the summed log-likelihood of each choice's tokens, softmax over the choices.

@@ -1,7 +1,7 @@
 """Everything ``tfb bayesianize`` (and a start-up search) fits on a calibration set.
 
 1. With labels on every item, a seeded ``holdout`` fraction is set aside; the rest fits.
-2. sigma by the criterion (TFB_SPEC §4) on the fitting items; ``auto`` is ``cv-nll`` (sigma and
+2. sigma by the criterion (docs/method.md §4) on the fitting items; ``auto`` is ``cv-nll`` (sigma and
    the temperature together) when every item has an answer, else the paper's ``nll``.
 3. The temperature of the model average, fitted on the fitting items when they are labelled
    (``cv-nll`` fits it with sigma).

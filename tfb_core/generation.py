@@ -2,7 +2,7 @@
 
 Each sequence runs K weight samples, each with its own KV cache: a batch of sequences is
 ``sum_i K_i`` rows. At every step the K next-token distributions of a sequence are averaged
-(``p = mean_k softmax(z_k)``, TFB_SPEC §2), one token is chosen from ``p`` and appended to all
+(``p = mean_k softmax(z_k)``, docs/method.md §2), one token is chosen from ``p`` and appended to all
 K rows, and the token's predictive entropy, expected entropy and mutual information are kept.
 
 A :class:`DecodeBatch` is the unit of continuous batching: ``prefill`` new sequences,

@@ -1,6 +1,6 @@
 """The TFB transform, the posterior object, and the Bayesianized adapter directory.
 
-Per LoRA module (TFB_SPEC §1): thin SVD ``B = U diag(d) V^T``, then ``B' = U diag(d)``,
+Per LoRA module (docs/method.md §1): thin SVD ``B = U diag(d) V^T``, then ``B' = U diag(d)``,
 ``A' = V^T A`` (so ``B'A' = BA``), and ``q(A'_ij) = N(A'_ij, (sigma / d_i)^2)``.
 """
 
@@ -38,7 +38,7 @@ TFB_CONFIG_NAME = "tfb_config.json"
 
 
 def bayesianize_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A', B', d)`` with ``B'A' = BA``: the SVD rotation of TFB_SPEC §1.
+    """``(A', B', d)`` with ``B'A' = BA``: the SVD rotation of docs/method.md §1.
 
     A : (r, n), B : (m, r). Returns A' (r, n), B' (m, r), d (r,), all float32.
     """
@@ -194,7 +194,7 @@ class Posterior:
             yield
 
     def search(self, items, **kwargs):
-        """Run the variance search (TFB_SPEC §4) and set ``sigma``; see :func:`tfb_core.search.search_sigma`."""
+        """Run the variance search (docs/method.md §4) and set ``sigma``; see :func:`tfb_core.search.search_sigma`."""
         from .search import search_sigma
 
         result = search_sigma(self, items, **kwargs)

@@ -1,7 +1,7 @@
 """K weight samples in one batched forward: the sample-aware LoRA layer and its draws.
 
 A weight sample k is one draw ``E_k = Omega * Z_k`` for every module, with ``Z_k`` standard
-normal from a generator seeded by (seed, k, module index) (TFB_SPEC §2). The layer computes
+normal from a generator seeded by (seed, k, module index) (docs/method.md §2). The layer computes
 
     h = W0 x + s * B' (A' x)  +  s * B' (E_k x)
         \\__ base __/  \\_ mean (shared) _/  \\_ noise (rank r, per row) _/

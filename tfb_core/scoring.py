@@ -1,4 +1,4 @@
-"""Multiple-choice scoring over prompts x K weight samples (TFB_SPEC §3).
+"""Multiple-choice scoring over prompts x K weight samples (docs/method.md §3).
 
 Two modes, both giving a distribution over the C choices per weight sample:
 

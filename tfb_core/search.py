@@ -1,4 +1,4 @@
-"""The variance search (TFB_SPEC §4): the largest sigma the adapter accepts on a calibration set.
+"""The variance search (docs/method.md §4): the largest sigma the adapter accepts on a calibration set.
 
 The paper's criteria (``nll``, ``accuracy``):
 

@@ -1,4 +1,4 @@
-"""Uncertainty of a model average and calibration metrics (TFB_SPEC §2, §5). All in nats.
+"""Uncertainty of a model average and calibration metrics (docs/method.md §2, §6). All in nats.
 
 Per-sample probabilities have shape (N, K, C): N predictions, K weight samples, C classes.
 """
@@ -21,7 +21,7 @@ class Uncertainty:
     """The model average and its decomposition, one value per prediction.
 
     ``probs`` is the model average, tempered when ``temperature != 1``; the entropies are always
-    those of the untempered weight samples (TFB_SPEC §4b), so PE = EE + MI holds and MI is the
+    those of the untempered weight samples (docs/method.md §5), so PE = EE + MI holds and MI is the
     posterior's own epistemic part.
     """
 
