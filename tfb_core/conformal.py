@@ -1,4 +1,4 @@
-"""Prediction sets and abstention with a stated guarantee (TFB_SPEC §4b).
+"""Prediction sets and abstention with a stated guarantee (docs/method.md §5).
 
 Both are fitted on labelled calibration items that were NOT used to choose sigma or the
 temperature, scored exactly as traffic is served (same K, seed, scoring and temperature).
@@ -65,10 +65,14 @@ def threshold(sorted_scores, coverage: float) -> float:
     return float(sorted_scores[k - 1])
 
 
+def in_set(probs: torch.Tensor, q: float, score: Score | str = Score.LAC) -> torch.Tensor:
+    """Which choices a set at threshold ``q`` keeps: probs (..., C) -> bool (..., C)."""
+    return choice_nonconformity(probs, score) <= q + 1e-12
+
+
 def prediction_set(probs: torch.Tensor, q: float, score: Score | str = Score.LAC) -> list[int]:
     """The choices whose score is at most ``q``: probs (C,) -> indices, most likely first."""
-    s = choice_nonconformity(probs, score)
-    keep = [c for c in range(len(probs)) if s[c] <= q + 1e-12]
+    keep = in_set(probs, q, score).nonzero().flatten().tolist()
     return sorted(keep, key=lambda c: -float(probs[c]))
 
 
@@ -249,6 +253,7 @@ class Decision:
     threshold: float
     abstain: bool
     reasons: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # per reason: set, uncertified or uncertainty
 
 
 def decide(cal: Calibration, probs: torch.Tensor, uncertainty: dict[str, float], coverage: float | None = None,
@@ -258,18 +263,21 @@ def decide(cal: Calibration, probs: torch.Tensor, uncertainty: dict[str, float],
     coverage = cal.coverage if coverage is None else coverage
     q = threshold(cal.scores, coverage)
     indices = prediction_set(probs, q, cal.score)
-    reasons = []
+    reasons, kinds = [], []
     if len(indices) != 1:
         reasons.append(f"the {coverage:g} prediction set holds {len(indices)} choices")
+        kinds.append("set")
     risk = risk or cal.risk_threshold()
     value = uncertainty[cal.abstain_on]
     if risk.threshold is None:
+        kinds.append("uncertified")
         reasons.append(f"no {cal.abstain_on} threshold certifies an error rate <= {risk.max_risk:g} "
                        f"on the {risk.n} calibration items")
     elif value > risk.threshold:
+        kinds.append("uncertainty")
         reasons.append(f"{cal.abstain_on} {value:.4g} is above {risk.threshold:.4g}, the threshold "
                        f"certified for an error rate <= {risk.max_risk:g}")
-    return Decision(indices, coverage, q, bool(reasons), reasons)
+    return Decision(indices, coverage, q, bool(reasons), reasons, kinds)
 
 
 def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -1,4 +1,4 @@
-"""``tfb eval``: the deterministic adapter and the TFB posterior side by side (TFB_SPEC §5).
+"""``tfb eval``: the deterministic adapter and the TFB posterior side by side (docs/method.md §6).
 
 Scored on the same items: the deterministic adapter is sigma = 0 with K = 1 (the MLE
 baseline, never tempered), the posterior is its sigma with K weight samples, first as it is and
@@ -107,11 +107,10 @@ def set_metrics(probs: torch.Tensor, labels: torch.Tensor, cal: Calibration,
     probs (N, C): the served (tempered) model average; ``valid`` (N, C) marks real choices
     (padding is never in a set). A coverage the calibration is too small for maps to None.
     """
-    from .conformal import choice_nonconformity
+    from .conformal import in_set
     from .errors import TFBError
 
-    scores = choice_nonconformity(probs, cal.score)
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    valid = torch.ones_like(probs, dtype=torch.bool) if valid is None else valid
     out = {}
     for c in coverages:
         try:
@@ -119,7 +118,7 @@ def set_metrics(probs: torch.Tensor, labels: torch.Tensor, cal: Calibration,
         except TFBError:
             out[f"{c:g}"] = None
             continue
-        member = (scores <= q + 1e-12) & valid
+        member = in_set(probs, q, cal.score) & valid
         sizes = member.sum(-1).double()
         out[f"{c:g}"] = {"coverage": member.gather(1, labels[:, None]).double().mean().item(),
                          "size": sizes.mean().item(), "singletons": (sizes == 1).double().mean().item()}

@@ -148,6 +148,13 @@ def main() -> None:
         for placement, m in (("every sample", metrics(temper(sp, r["T"]), y)), ("model average", metrics(sp, y, r["T"]))):
             md.append(f"| {r['sigma']:g} | {r['T']:.3g} | {placement} | {m['acc'] * 100:.1f} | {m['nll']:.4f} "
                       f"| {m['mean_mi']:.2e} | {m['auroc_err_mi']:.3f} |")
+    md.append("\n## Mutual information on `arc_easy:cal` (all 200), summed scores, the demo's sigma: "
+              "the drift alert's threshold (docs/operations.md)\n")
+    r = report["sum"]["rows"]["TFB `cv-nll` (sigma and T together)"]
+    mi = decompose(probabilities(scores, False)[r["sigma"]]["cal"]).mutual_information
+    q = torch.quantile(mi, torch.tensor([0.5, 0.9, 0.99], dtype=mi.dtype)).tolist()
+    report["sum"]["cal_mi_quantiles"] = q
+    md.append(f"sigma {r['sigma']:g}: MI p50 {q[0]:.2g}, p90 {q[1]:.2g}, p99 {q[2]:.2g} nats")
     md.append("\n## The conformal split's luck: coverage at 0.9 on ARC-E held-out over 50 seeded calibration splits\n")
     for key in ("sum", "mean"):
         r = report[key]["rows"]["TFB `cv-nll` (sigma and T together)"]
