@@ -3,8 +3,9 @@
 # internet access to PyPI (the GPU machine has none):
 #   .whl/  wheels (Python 3.12, manylinux x86_64) of the server's packages the GPU image lacks:
 #          fastapi, starlette, uvicorn, pydantic(-core, -settings), python-dotenv, annotated-types,
-#          typing-inspection, typing-extensions, annotated-doc, opentelemetry-api, gguf; the
-#          versions installed in the local environment (the ones tested), ~5 MB
+#          typing-inspection, typing-extensions, annotated-doc, opentelemetry-api, gguf, httptools
+#          (uvicorn's fast HTTP parser; uvloop is in the image) and py-spy (for --profile); the
+#          versions installed in the local environment (the ones tested), ~8 MB
 #   .tok/  SmolLM2's tokenizer (the random model's vocabulary), ~3.5 MB
 # Both are added to the checkout's .git/info/exclude: they travel with `carry`, not with git.
 #
@@ -18,7 +19,7 @@ cd "$(git rev-parse --show-toplevel)"
 PY=${PY:-.venv/bin/python}
 DEST=${1:-.}
 PACKAGES="fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv annotated-types
-typing-inspection typing-extensions annotated-doc opentelemetry-api gguf"
+typing-inspection typing-extensions annotated-doc opentelemetry-api gguf httptools py-spy"
 
 if [ "$DEST" = "." ]; then
     exclude=$(git rev-parse --git-path info/exclude)

@@ -528,6 +528,33 @@ def start_server(serve_args: list[str], port: int, log_path: Path, timeout_s: fl
     raise SystemExit(f"tfb serve not ready after {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
+SERVER_PID: int | None = None  # the started server's, for --profile
+
+
+def start_profile(args, key: str) -> list[subprocess.Popen]:
+    """py-spy on the server for one cell (``--profile DIR``): every thread's stacks while it runs,
+    and only the thread holding the GIL (``--gil``), as collapsed stacks, DIR/KEY.all.txt and
+    DIR/KEY.gil.txt; ``python bench/profile_report.py DIR`` summarises them."""
+    if not args.profile or SERVER_PID is None:
+        return []
+    Path(args.profile).mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+    return [subprocess.Popen([spy, "record", "--pid", str(SERVER_PID), "--duration", str(max(1, int(args.cell_s))),
+                              "--rate", "200", "--format", "raw", "--threads", "--nonblocking", *extra,
+                              "-o", str(Path(args.profile) / f"{name}.{kind}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for kind, extra in (("all", []), ("gil", ["--gil"]))]
+
+
+def stop_profile(spies: list[subprocess.Popen]) -> None:
+    for spy in spies:
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+
+
 def stop_server(srv: subprocess.Popen) -> None:
     srv.terminate()  # SIGTERM drains: in-flight work finishes
     try:
@@ -585,7 +612,9 @@ async def http_phase(args, url: str, grid, res, deadline: float) -> None:
                 res["skipped"].append(key)
                 log(f"skipped (deadline): {key}")
                 continue
+            spies = start_profile(args, key)
             row = await drive(client, url, traffic, w, K, conc, args.cell_s, rng, grace_s=2 * args.cell_s)
+            stop_profile(spies)
             row["engine"] = res["engine"].get(key)
             row.update(ratios(row))
             res["cells"].append(row)
@@ -706,6 +735,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server and the engine "
                    "(OMP_NUM_THREADS; default: the preset's, gpu: torch's own)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine phase")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="record the server with py-spy during each cell into DIR (py-spy on PATH; see bench/README.md)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
     p.add_argument("--out", default=None, help="the JSON written (default: bench/results/serve_PRESET.json, "
                    "or $OUT/serve_PRESET.json when OUT is set)")
@@ -776,6 +807,8 @@ def main(argv=None) -> dict:
             port = free_port()
             t0 = time.perf_counter()
             srv = start_server(serve_args, port, log_path, args.ready_timeout_s)
+            global SERVER_PID
+            SERVER_PID = srv.pid
             res["meta"]["server_ready_s"] = round(time.perf_counter() - t0, 1)
             url = f"http://127.0.0.1:{port}"
             log(f"server ready in {res['meta']['server_ready_s']} s at {url}")

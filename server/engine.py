@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tfb_core import (Decoder, DecodeBatch, Encoded, GenSequence, TokenInfo, choice_probs, decompose,
+from tfb_core import (Decoder, Encoded, GenSequence, TokenInfo, choice_probs, decompose,
                       make_decoder, make_prefill, resolve_engine, safe_text)
 
 from .errors import BadRequest, as_api_error
@@ -121,14 +121,16 @@ class GenEvent:
 
 @dataclass(eq=False)
 class GenWork:
-    """One sequence to generate (a request's choice), with the queue its tokens arrive on."""
+    """One sequence to generate (a request's choice). A streamed request's works share one
+    ``events`` queue of (``index``, :class:`GenEvent`); without one (not streamed) no event is made."""
 
     seq: GenSequence
     endpoint: str
     deadline: float
     future: asyncio.Future  # resolved with the GenSequence when it finishes
-    events: asyncio.Queue
+    events: asyncio.Queue | None
     loop: asyncio.AbstractEventLoop
+    index: int = 0  # the choice's index in its request
     arrived: float = field(default_factory=time.monotonic)
     kind: str = "generate"
     sent: int = 0  # characters of text already sent (worker side)
@@ -139,8 +141,8 @@ class GenWork:
 
     def _failed(self, future: asyncio.Future) -> None:
         """A failed prefill or decode step, or a drop by the scheduler, ends the event stream too."""
-        if not future.cancelled() and future.exception() is not None:
-            self.events.put_nowait(GenEvent(None, "", "error"))
+        if self.events is not None and not future.cancelled() and future.exception() is not None:
+            self.events.put_nowait((self.index, GenEvent(None, "", "error")))
 
     @property
     def rows(self) -> int:
@@ -179,10 +181,10 @@ class GenerationEngine:
         if works:
             for w in works:
                 self.works[id(w.seq)] = w
+            seqs = [w.seq for w in works]
             try:
-                new = DecodeBatch.prefill(self.post, [w.seq for w in works])
-                self._emit(new.seqs)
-                self._decoder().join(new)
+                self._decoder().admit(seqs)
+                self._emit(seqs)
             except Exception:
                 for w in works:
                     self.works.pop(id(w.seq), None)
@@ -232,24 +234,30 @@ class GenerationEngine:
         return self.decoder
 
     def _emit(self, seqs: list[GenSequence]) -> None:
+        """Each sequence's new token: its metrics, and for a stream its event. The events of a
+        step reach the event loop in one call (not one wake-up per token)."""
         now = time.monotonic()
+        first, gaps, tokens, events = [], [], [], {}
         for s in seqs:
             w = self.works[id(s)]
             if s.finish_reason in ("cancelled", "error") or not s.tokens:
                 continue
             token = s.tokens[-1]
             if w.last_token_at is None:
-                self.metrics.time_to_first_token.labels(self.metrics.model).observe(now - w.arrived)
+                first.append(now - w.arrived)
             else:
-                self.metrics.inter_token_latency.labels(self.metrics.model).observe(now - w.last_token_at)
+                gaps.append(now - w.last_token_at)
             w.last_token_at = now
-            self.metrics.generation_tokens.labels(self.metrics.model).inc()
-            self.metrics.observe_uncertainty(w.endpoint, token.predictive_entropy, token.expected_entropy,
-                                             token.mutual_information)
+            tokens.append((w.endpoint, token))
+            if w.events is None:
+                continue
             text = safe_text(s)
             delta, w.sent = text[w.sent:], max(w.sent, len(text))
             event = GenEvent(token, delta, s.finish_reason, s.summary() if s.finished else None)
-            w.loop.call_soon_threadsafe(_put, w, event)
+            events.setdefault(w.loop, []).append((w, event))
+        self.metrics.observe_tokens(first, gaps, tokens)
+        for loop, batch in events.items():
+            loop.call_soon_threadsafe(_put, batch)
 
     def _retire(self) -> None:
         """Drop finished sequences from the batch (freeing their KV rows), resolve their work."""
@@ -261,8 +269,9 @@ class GenerationEngine:
         self.metrics.kv_rows.labels(self.metrics.model).set(self.kv_rows)
 
 
-def _put(w: GenWork, event: GenEvent) -> None:
-    w.events.put_nowait(event)
+def _put(batch: list[tuple[GenWork, GenEvent]]) -> None:
+    for w, event in batch:
+        w.events.put_nowait((w.index, event))
 
 
 def _fail(w: GenWork, error: Exception) -> None:

@@ -139,12 +139,14 @@ class GenerationServing:
                              f"max_tokens must fit the model's context of {self.context} tokens: allowed "
                              f"1 to {self.context - longest}", param="max_tokens", code="invalid_value")
         deadline = time.monotonic() + self.settings.request_timeout
+        events = asyncio.Queue() if request.stream else None  # one per request: (choice index, event)
         works = []
         for p in prompts:
             for i in range(request.n):
                 params = request.to_sampling_params(max_tokens, K, self.post.config.seed, choice=i)
                 seq = GenSequence(list(p), params)
-                works.append(GenWork(seq, self.endpoint, deadline, loop.create_future(), asyncio.Queue(), loop))
+                works.append(GenWork(seq, self.endpoint, deadline, loop.create_future(), events, loop,
+                                     index=len(works)))
         return works, prompts
 
     # --- responses -------------------------------------------------------------------------
@@ -179,16 +181,7 @@ class GenerationServing:
         a client that goes away cancels its sequences."""
         rid = f"{self.id_prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, w: GenWork) -> None:
-            while True:
-                event = await w.events.get()
-                await merged.put((i, event))
-                if event.finish_reason is not None:
-                    return
-
-        pumps = [asyncio.create_task(pump(i, w)) for i, w in enumerate(works)]
+        events = works[0].events  # every choice's (index, event), in the order they were made
         report("client_closed")  # until it ends otherwise
 
         def failed(error: BaseException) -> str:
@@ -213,7 +206,8 @@ class GenerationServing:
                                                 "its work was dropped", code="timeout"))
                     return
                 try:
-                    i, event = await asyncio.wait_for(merged.get(), timeout)
+                    i, event = events.get_nowait() if not events.empty() else \
+                        await asyncio.wait_for(events.get(), timeout)
                 except asyncio.TimeoutError:
                     continue
                 w = works[i]
@@ -235,8 +229,6 @@ class GenerationServing:
             report("200")
             yield "data: [DONE]\n\n"
         finally:  # finished, or the client went away: free the slots at the next step
-            for t in pumps:
-                t.cancel()
             for w in works:
                 w.future.cancel()
 

@@ -105,6 +105,30 @@ class Metrics:
         for reason in reasons:
             self.abstentions.labels(self.model, reason).inc()
 
+    def observe_tokens(self, first: list[float], gaps: list[float], tokens: list) -> None:
+        """A decode step's new tokens: times to first token, inter-token gaps (seconds), and
+        (endpoint, :class:`tfb_core.TokenInfo`) per token for the uncertainty histograms."""
+        if first:
+            observe = self.time_to_first_token.labels(self.model).observe
+            for x in first:
+                observe(x)
+        if gaps:
+            observe = self.inter_token_latency.labels(self.model).observe
+            for x in gaps:
+                observe(x)
+        if tokens:
+            self.generation_tokens.labels(self.model).inc(len(tokens))
+        by_endpoint: dict[str, tuple] = {}
+        for endpoint, t in tokens:
+            if endpoint not in by_endpoint:
+                by_endpoint[endpoint] = (self.predictive_entropy.labels(self.model, endpoint).observe,
+                                         self.expected_entropy.labels(self.model, endpoint).observe,
+                                         self.mutual_information.labels(self.model, endpoint).observe)
+            pe, ee, mi = by_endpoint[endpoint]
+            pe(t.predictive_entropy)
+            ee(t.expected_entropy)
+            mi(t.mutual_information)
+
     def observe_batch(self, size: int, rows: int, seconds: float, prompt_tokens: int) -> None:
         self.batch_size.labels(self.model).observe(size)
         self.batch_rows.labels(self.model).observe(rows)

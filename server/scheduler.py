@@ -11,7 +11,8 @@ A batch holds items of one ``kind`` ("choice" or "generate"), so the model step 
 narrow: ``step(batch) -> one result per item``. Text generation is continuous: a "generate"
 batch is prefilled and joins the running decode batch (its items answer later, when their
 sequences finish: their step result is :data:`PENDING`), and while sequences are active the
-loop runs one decode step after each turn, taking new work between steps without waiting.
+worker runs decode steps back to back until new work arrives, which the loop then takes
+between two steps without waiting.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfb-model")
         self._accepting = False
         self._outstanding: set[WorkItem] = set()  # submitted, not yet answered
+        self._arrivals = 0  # submits so far: the worker's decode turn ends when it changes
         self.running = 0  # items in the forward now
 
     # --- the API of the serving layer ---------------------------------------------------------
@@ -148,6 +150,7 @@ class Scheduler:
             raise QueueFull(f"the queue is full ({len(self._waiting)} of {self.max_queue} items "
                             f"waiting, this request has {len(items)}); retry later")
         self._waiting.extend(items)
+        self._arrivals += 1
         for item in items:
             self._outstanding.add(item)
             item.future.add_done_callback(lambda _, item=item: self._outstanding.discard(item))
@@ -200,12 +203,23 @@ class Scheduler:
             if self.decoder is not None and self.decoder.active > 0:
                 self._set_running(self.decoder.active)
                 try:
-                    await loop.run_in_executor(self._pool, self.decoder.step)
+                    await loop.run_in_executor(self._pool, self._decode, self._arrivals)
                 except Exception as e:  # the decoder reruns a failed step per sequence; this is past that
                     log.exception("decode step of %d sequences failed", self.decoder.active)
                     await loop.run_in_executor(self._pool, self.decoder.fail, as_api_error(e))
                 finally:
                     self._set_running(0)
+
+    def _decode(self, arrivals: int) -> None:
+        """Decode steps back to back on the worker thread (the event loop is not between one
+        step and the next), until new work was submitted (``arrivals`` changed: the loop admits
+        it between steps), a sequence left while work waits (it may fit the KV rows now), or no
+        sequence is active."""
+        active = self.decoder.active
+        while self.decoder.active > 0:
+            self.decoder.step()
+            if self._arrivals != arrivals or (self._waiting and self.decoder.active < active):
+                return
 
     def _set_running(self, n: int) -> None:
         active = self.decoder.active if self.decoder is not None else 0

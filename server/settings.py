@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16384, ge=1, description="the most padded token rows x length in one "
                                   "forward (prompt tokens x K); an item larger than this (allowed by "
                                   "max_item_tokens) runs alone")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long the scheduler waits to fill a batch")
+    max_wait_ms: float = Field(0.0, ge=0, description="how long the scheduler waits for more work before it runs "
+                               "a batch (0: at once; work that arrives during a forward joins the next batch)")
     max_queue: int = Field(256, ge=1, description="the most items waiting; more get 429")
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request fails (504) "
                                    "and its work is dropped")

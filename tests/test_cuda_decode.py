@@ -14,6 +14,7 @@ import torch
 from tiny import prompts
 from tfb_core.cuda_decode import StaticDecoder
 from tfb_core.cuda_llama import is_supported
+from tfb_core.errors import TFBError
 from tfb_core.engines import make_decoder, resolve_engine
 from tfb_core.generation import DecodeBatch, EagerDecoder, GenSequence, SamplingParams, generate
 from tfb_core.models import load_base_model
@@ -81,12 +82,12 @@ def test_joins_mid_flight_and_growth_match_each_sequence_alone(post):
             for i, (t, n) in enumerate(zip(texts, lengths))]
     alone = [generate(post, [s.prompt_ids], s.params)[0] for s in seqs]
     dec = StaticDecoder(post, bucket=16)
-    dec.join(DecodeBatch.prefill(post, seqs[:1]))
+    dec.join(DecodeBatch.prefill(post, seqs[:1]))  # prefilled by the eager engine, copied in
     first = (dec.rows_cap, dec.length, dec.samples_cap)
     joins = {2: seqs[1:3], 4: seqs[3:]}
     for step in range(60):
         if step in joins:
-            dec.join(DecodeBatch.prefill(post, joins[step]))
+            dec.admit(joins[step])  # prefilled by the decoder's own forward into its rows
         dec.filter()
         if not dec.seqs and step > max(joins):
             break
@@ -201,3 +202,49 @@ def test_similar_sizes_keep_the_buffers_and_a_failed_join_changes_nothing(post, 
     with pytest.raises(torch.OutOfMemoryError):
         dec.join(DecodeBatch.prefill(post, [done, big]))
     assert dec.filter() == [] and dec.kv_rows == 0 and not dec.seqs
+
+
+def test_admit_prefills_into_the_cache_as_the_eager_prefill_does(post):
+    """The decoder's own prefill writes the same keys and values (at every real column), the
+    same next positions and first tokens as the eager prefill copied in by join."""
+    post.sigma = 0.5
+    ps = prompts(post.tokenizer)
+    params = [SamplingParams(max_tokens=6, num_samples=3, weight_seed=2, ignore_eos=True),
+              SamplingParams(max_tokens=4, num_samples=2, weight_seed=5, ignore_eos=True)]
+    a = StaticDecoder(post).admit([GenSequence(list(p), sp) for p, sp in zip(ps, params)])
+    b = StaticDecoder(post).join(DecodeBatch.prefill(post, [GenSequence(list(p), sp) for p, sp in zip(ps, params)]))
+    real = b.bias[:b.n] == 0
+    assert torch.equal(a.bias[:a.n] == 0, real)
+    for i in range(len(a.kc)):
+        assert torch.allclose(a.kc[i][:a.n].transpose(1, 2)[real], b.kc[i][:b.n].transpose(1, 2)[real], atol=1e-5)
+        assert torch.allclose(a.vc[i][:a.n].transpose(1, 2)[real], b.vc[i][:b.n].transpose(1, 2)[real], atol=1e-5)
+    for name in ("col", "pos", "tok", "slots"):
+        assert torch.equal(getattr(a, name)[:a.n], getattr(b, name)[:b.n]), name
+    assert_same(b.seqs, a.seqs)
+
+
+def test_a_failed_admit_leaves_the_running_sequences_as_they_were(post):
+    """An admit that raises (an empty prompt among the new ones; a forward that fails) changes
+    nothing: the running sequence decodes on exactly as alone, the new ones have no token."""
+    post.sigma = 0.5
+    ps = prompts(post.tokenizer)
+    live = GenSequence(ps[0], SamplingParams(max_tokens=6, num_samples=2, ignore_eos=True))
+    dec = StaticDecoder(post).admit([live])
+    dec.step()
+    bad = [GenSequence(ps[1], SamplingParams(max_tokens=3, num_samples=4)), GenSequence([], SamplingParams())]
+    with pytest.raises(TFBError, match="empty"):
+        dec.admit(bad)
+    failing = GenSequence(ps[1], SamplingParams(max_tokens=3, num_samples=4))
+
+    def boom(*a, **k):
+        raise RuntimeError("forward failed")
+
+    dec._prefill = boom
+    with pytest.raises(RuntimeError):
+        dec.admit([failing])
+    del dec._prefill
+    assert dec.seqs == [live] and dec.kv_rows == 2 and not failing.tokens and not bad[0].tokens
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    assert_same(generate(post, ps[:1], live.params), [live])

@@ -86,8 +86,8 @@ def test_graphed_decode_matches_the_eager_engine(post):
     seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(ps, params))]
     dec = StaticDecoder(post).join(DecodeBatch.prefill(post, seqs[:1]))
     for step in range(80):  # the others join mid-flight, growing rows and noise slots
-        if step == 3:
-            dec.join(DecodeBatch.prefill(post, seqs[1:]))
+        if step == 3:  # prefilled by the decoder's own forward (the first by the eager engine)
+            dec.admit(seqs[1:])
         dec.filter()
         if not dec.seqs and step > 3:
             break

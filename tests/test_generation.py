@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tiny import prompts
-from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, generate, safe_text
+from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, generate, safe_text, update_finish
 from tfb_core.sampling import row_std, standard_normal
 from tfb_core.uncertainty import entropy
 
@@ -108,6 +108,33 @@ def test_stop_strings_end_the_text_and_are_not_emitted(post):
     assert seq.finish_reason == "stop"
     assert seq.text == free.text[: free.text.find(stop)]
     assert stop not in seq.text
+
+
+@pytest.mark.parametrize("text", ["Plain words, then more words.", "naïve café — 日本語 🌊🚢 mixed\nlines",
+                                  "🙂🙂🙂 emoji only", "  spaces   and\ttabs  "])
+def test_incremental_text_equals_decoding_the_whole_sequence(tok, text):
+    """Token by token, the text grows to tokenizer.decode(all tokens) (the emoji's bytes span
+    several tokens: no half character is ever shown), whatever the stop strings."""
+    ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    s = GenSequence([1], SamplingParams(max_tokens=len(ids), ignore_eos=True))
+    for i, t in enumerate(ids):
+        s.tokens.append(TokenInfo(t, 0.0, 0.0, 0.0, 0.0))
+        update_finish(tok, s, eos=set(), limit=None)
+        whole = tok.decode(ids[:i + 1], skip_special_tokens=True)
+        assert whole.startswith(s.text) and "\ufffd" not in s.text[:-1]
+    assert s.finish_reason == "length" and s.text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_stop_string_across_tokens_ends_the_text_where_it_starts(tok):
+    text = "one two three four five six"
+    ids = tok(text, add_special_tokens=False).input_ids
+    s = GenSequence([1], SamplingParams(max_tokens=50, stop=["ee fo", "xyz"]))
+    for t in ids:
+        s.tokens.append(TokenInfo(t, 0.0, 0.0, 0.0, 0.0))
+        update_finish(tok, s, eos={tok.eos_token_id}, limit=None)
+        if s.finished:
+            break
+    assert s.finish_reason == "stop" and s.text == "one two thr"
 
 
 def test_safe_text_holds_back_a_possible_stop_prefix():

@@ -257,3 +257,51 @@ def test_health_503_while_loading_then_200(llama_dir, post_dir):
     finally:
         release.set()
         srv.stop()
+
+
+class SpinningDecoder:
+    """A decoder that stays active until ``stop`` is set; each step takes ~1 ms of 'compute'."""
+
+    kv_rows = 1
+
+    def __init__(self):
+        self.steps = 0
+        self.stop = threading.Event()
+        self.fifty = threading.Event()
+
+    @property
+    def active(self) -> int:
+        return 0 if self.stop.is_set() else 1
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps >= 50:
+            self.fifty.set()
+        time.sleep(0.001)  # stands in for the GPU's step, not for synchronisation
+
+    def fail(self, error) -> None:
+        raise AssertionError(f"no step fails here: {error}")
+
+
+def test_decode_steps_run_back_to_back_without_the_event_loop_and_new_work_cuts_in():
+    """With sequences active, the worker steps on while the event loop is blocked (the loop is
+    not between one step and the next); work submitted meanwhile is run between two steps."""
+    async def main():
+        dec = SpinningDecoder()
+        step = FakeStep()
+        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec)
+        sched.start()
+        try:
+            while dec.steps == 0:  # the decode turn has started on the worker
+                await asyncio.sleep(0.001)
+            assert dec.fifty.wait(30), f"only {dec.steps} steps ran while the event loop was blocked"
+            [got] = await sched.wait(await submit_all(sched, [21]), 30)
+            assert got == 42 and step.batches == [[21]] and dec.active == 1  # decoding went on
+            before = dec.steps
+            while dec.steps == before:  # and steps resume after the scoring batch
+                await asyncio.sleep(0.001)
+        finally:
+            dec.stop.set()
+            await sched.stop()
+
+    run(main())

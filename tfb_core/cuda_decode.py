@@ -19,7 +19,9 @@ K is. :class:`StaticDecoder` is the same continuous batch (``join`` prefilled se
   :func:`~tfb_core.generation.choose_tokens` (one host sync per step), so sampling, stops and
   ``top_logprobs`` behave exactly as in the eager engine.
 
-The prefill is the engine's own (:meth:`DecodeBatch.prefill`); its KV rows are copied in by
+New sequences are prefilled by the same hand-written forward straight into their cache rows
+(:meth:`StaticDecoder.admit`: one forward of whole prompts, no copy); a batch prefilled by the
+eager engine (:meth:`DecodeBatch.prefill`) can also be taken over, its KV rows copied in by
 :meth:`StaticDecoder.join`. The noise buffers are filled with the posterior's ``sigma`` when a
 weight sample first joins; create a new decoder after changing ``sigma``.
 """
@@ -33,9 +35,11 @@ from typing import Sequence as Seq
 
 import torch
 
-from .cuda_llama import (Graphed, GraphSet, assign_slots, attention_shape, embed, head, layers, noise_buffers, on_device, pow2,
-                         require_supported, row_noise)
-from .generation import DecodeBatch, GenSequence, choose_tokens, restore_sequences, save_sequences, split_finished
+from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_prompt, attention_shape, embed, head, layers,
+                         noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
+from .generation import (DecodeBatch, GenSequence, choose_tokens, prompt_rows, restore_sequences, save_sequences,
+                         split_finished)
+from .rows import positions
 from .models import max_context
 
 
@@ -136,6 +140,58 @@ class StaticDecoder(Graphed):
         self.n += m
         self.left += finished  # only once the join has succeeded
         return self
+
+    @torch.no_grad()
+    def admit(self, seqs: list[GenSequence]) -> "StaticDecoder":
+        """Prefill new sequences straight into the static cache and join them: their prompts (K
+        rows each) in one forward of the hand-written Llama code, each row's keys and values
+        written into its own cache row, every sequence's first token chosen. A sequence that
+        finished at its first token holds its rows until the next :meth:`filter` returns it.
+        All or nothing: if it raises, the active rows and ``seqs`` are as they were."""
+        ids, mask = prompt_rows(self.post, seqs)
+        m, T = ids.shape
+        ends = [T + self._steps_left(s) for s in seqs]
+        keys = {(s.params.weight_seed, k) for s in self.seqs + seqs for k in range(s.params.num_samples)}
+        if not self.n:  # idle: give back what one earlier long or wide request made it grow to
+            self._shrink(m, max(ends), len(keys))
+        self._reserve(self.n + m, max(self.ends + ends), len(keys))
+        self._assign_samples(seqs)
+        r = slice(self.n, self.n + m)
+        saved = save_sequences(seqs)
+        try:
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
+                                          for k in range(s.params.num_samples)], device=self.device)
+            with on_device(self.device), row_noise(self.post, self.noise, self.slots[r]):
+                logits = self._prefill(r, ids, mask)
+            self.bias[r] = float("-inf")
+            self.bias[r, :T].masked_fill_(mask.bool(), 0.0)
+            self.col[r] = T
+            self.pos[r] = mask.sum(-1)
+            self.tok[r] = choose_tokens(self.post, seqs, logits)
+        except BaseException:  # the rows past the active ones stay harmless
+            self._reset_rows(self.n, self.rows_cap)
+            restore_sequences(seqs, saved)
+            raise
+        self.seqs += seqs
+        self.ends += ends
+        self.n += m
+        return self
+
+    def _prefill(self, r: slice, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The prompts ``ids`` (left-padded, ``mask``) through the model into cache rows ``r``:
+        their keys and values at columns ``[0, T)``; the last position's logits (rows, V)."""
+        model = self.post.model
+        T = ids.shape[1]
+        x, cos, sin = embed(model, ids, positions(mask))
+        attn_mask = prompt_mask(mask, x.dtype)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.kc[i][r, :, :T] = k
+            self.vc[i][r, :, :T] = v
+            return attend_prompt(q, k, v, attn_mask)
+
+        return head(model, layers(model, x, cos, sin, attend)[:, -1:]).float()[:, -1]
 
     def filter(self) -> list[GenSequence]:
         """Drop finished sequences and pack the remaining rows at the front; returns the dropped."""

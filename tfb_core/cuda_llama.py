@@ -114,6 +114,29 @@ def layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend:
     return x
 
 
+def prompt_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask (R, 1, T, T) of left-padded prompts (``mask``: (R, T), 1 for
+    real tokens): causal over the real keys; a padding query sees itself only (never a row of
+    -inf, whose softmax is NaN)."""
+    R, T = mask.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=mask.device)
+    allowed = (causal & mask[:, None, :].bool()) | eye
+    out = torch.zeros(R, 1, T, T, dtype=dtype, device=mask.device)
+    return out.masked_fill_(~allowed[:, None], float("-inf"))
+
+
+def attend_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention of whole prompts: q (R, H, T, hd), k and v (R, KVH, T, hd), the
+    additive ``mask`` of :func:`prompt_mask`; returns (R, T, H * hd) for ``o_proj``."""
+    R, H, T, hd = q.shape
+    KVH = k.shape[1]
+    k = k[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
+    v = v[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5)
+    return o.transpose(1, 2).reshape(R, T, H * hd)
+
+
 def head(model, x: torch.Tensor) -> torch.Tensor:
     """The final norm and the LM head: logits of the positions in ``x``."""
     return model.lm_head(rms_norm(model.model.norm, x))

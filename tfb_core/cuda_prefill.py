@@ -27,10 +27,9 @@ from collections import OrderedDict
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .cuda_llama import (Graphed, GraphSet, assign_slots, attention_shape, embed, head, layers, noise_buffers, on_device, pow2,
-                         require_supported, row_noise)
+from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_prompt, attention_shape, embed, head, layers,
+                         noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
 from .scoring import left_pad
 
 
@@ -97,23 +96,12 @@ class PrefillEngine(Graphed):
 
     def _forward(self, inputs: dict, keep: int) -> torch.Tensor:
         model = self.post.model
-        H, KVH, hd = self.heads, self.kv_heads, self.head_dim
         ids, mask, pos = inputs["ids"], inputs["mask"], inputs["pos"]
-        R, T = ids.shape
+        T = ids.shape[1]
         x, cos, sin = embed(model, ids, pos)  # (R, T, d), (R, 1, T, hd)
-        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-        eye = torch.eye(T, dtype=torch.bool, device=ids.device)
-        allowed = (causal & mask[:, None, :].bool()) | eye  # causal x real keys; a padded query
-        attn_mask = torch.zeros(R, 1, T, T, dtype=x.dtype, device=ids.device)  # sees itself
-        attn_mask.masked_fill_(~allowed[:, None], float("-inf"))
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k = k[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
-            v = v[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=hd ** -0.5)
-            return o.transpose(1, 2).reshape(R, T, H * hd)
-
-        return head(model, layers(model, x, cos, sin, attend)[:, T - keep:])
+        attn_mask = prompt_mask(mask, x.dtype)
+        return head(model, layers(model, x, cos, sin,
+                                  lambda i, q, k, v: attend_prompt(q, k, v, attn_mask))[:, T - keep:])
 
     # --- graphs ----------------------------------------------------------------------------
 

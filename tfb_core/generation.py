@@ -81,6 +81,10 @@ class GenSequence:
     generator: torch.Generator | None = None
     error: str | None = None  # why it ended with "error" (its distribution was not finite, or its step failed)
     failure: Exception | None = None  # the exception its own step raised (see DecodeBatch.step_each)
+    # incremental detokenization (see decode_new): tokens before prefix_offset are text already;
+    # tokens[prefix_offset:read_offset] are decoded again only as context for the new ones
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     def __post_init__(self):
         if self.params.seed is not None:
@@ -129,14 +133,7 @@ class DecodeBatch:
         """Run the prompts (x K each) in one forward and choose every sequence's first token."""
         from transformers import DynamicCache
 
-        limit = max_context(post.model)
-        for s in seqs:
-            if not s.prompt_ids:
-                raise TFBError("the prompt is empty")
-            if limit is not None and len(s.prompt_ids) >= limit:
-                raise TFBError(f"the prompt is {len(s.prompt_ids)} tokens long; the model's context is {limit} tokens")
-        rows = [s.prompt_ids for s in seqs for _ in range(s.params.num_samples)]
-        ids, mask = pad(rows, value=_pad_id(post.tokenizer))
+        ids, mask = prompt_rows(post, seqs)
         dev = next(post.model.parameters()).device
         ids, mask = ids.to(dev), mask.to(dev)
         batch = cls(post, seqs, DynamicCache(), mask, mask.sum(-1), ids[:, -1])
@@ -290,17 +287,30 @@ class DecodeBatch:
 
 def save_sequences(seqs: Seq[GenSequence]) -> list[tuple]:
     """What a step changes in each sequence: its tokens, finish, text and sampling generator."""
-    return [(len(s.tokens), s.finish_reason, s.text, s.error,
+    return [(len(s.tokens), s.finish_reason, s.text, s.error, s.prefix_offset, s.read_offset,
              s.generator.get_state() if s.generator is not None else None) for s in seqs]
 
 
 def restore_sequences(seqs: Seq[GenSequence], saved: list[tuple]) -> None:
     """Undo a failed step's changes to ``seqs`` (see :func:`save_sequences`)."""
-    for s, (n, reason, text, error, generator) in zip(seqs, saved):
+    for s, (n, reason, text, error, prefix_offset, read_offset, generator) in zip(seqs, saved):
         del s.tokens[n:]
         s.finish_reason, s.text, s.error = reason, text, error
+        s.prefix_offset, s.read_offset = prefix_offset, read_offset
         if generator is not None:
             s.generator.set_state(generator)
+
+
+def prompt_rows(post, seqs: Seq[GenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts of ``seqs``, K rows each, left-padded: ids, mask (CPU). An empty prompt, or
+    one that leaves no room in the model's context, raises a TFBError."""
+    limit = max_context(post.model)
+    for s in seqs:
+        if not s.prompt_ids:
+            raise TFBError("the prompt is empty")
+        if limit is not None and len(s.prompt_ids) >= limit:
+            raise TFBError(f"the prompt is {len(s.prompt_ids)} tokens long; the model's context is {limit} tokens")
+    return pad([s.prompt_ids for s in seqs for _ in range(s.params.num_samples)], value=_pad_id(post.tokenizer))
 
 
 def split_finished(seqs: Seq[GenSequence]) -> tuple[list[GenSequence], list[GenSequence], list[int]]:
@@ -348,37 +358,64 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     top_v, top_i = p.topk(n_top) if n_top else (p[:, :0], tokens[:, None][:, :0])
     stats = torch.stack([pe, ee, logp, finite.to(pe.dtype)]).double().cpu()  # the one sync of the step
     token_ids, top_v, top_i = tokens.cpu().tolist(), top_v.double().cpu(), top_i.cpu()
+    eos, limit = _eos_ids(post.tokenizer, post.model), max_context(post.model)
+    rows = stats.tolist()
     for i, s in enumerate(seqs):
         if s.finished:
             continue
-        if not stats[3, i]:
+        if not rows[3][i]:
             s.finish_reason = "error"
             s.error = (f"the model's next-token distribution for this sequence is not finite (NaN or "
                        f"infinite logits) at generated token {len(s.tokens)}; it was stopped alone")
             continue
-        pe_i, ee_i, lp_i = stats[:3, i].tolist()
+        pe_i, ee_i, lp_i = rows[0][i], rows[1][i], rows[2][i]
         n = s.params.top_logprobs
-        top = [(int(t), math.log(max(v, 1e-45))) for v, t in zip(top_v[i, :n].tolist(), top_i[i, :n].tolist())]
+        top = [(int(t), math.log(max(v, 1e-45))) for v, t in zip(top_v[i, :n].tolist(), top_i[i, :n].tolist())] \
+            if n else []
         s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top))
-        update_finish(post, s)
+        update_finish(post.tokenizer, s, eos, limit)
     return torch.repeat_interleave(tokens, torch.tensor(Ks, device=dev))
 
 
-def update_finish(post, s: GenSequence) -> None:
-    """Set ``s.text`` and, once it ends (EOS, a stop string, max_tokens, the context), its finish reason."""
-    tok = post.tokenizer
-    s.text = tok.decode(s.token_ids, skip_special_tokens=True)
-    if not s.params.ignore_eos and s.tokens[-1].token_id in _eos_ids(tok, post.model):
+def update_finish(tokenizer, s: GenSequence, eos: set[int], limit: int | None) -> None:
+    """Extend ``s.text`` by its newest token and, once it ends (an ``eos`` token, a stop string,
+    max_tokens, the context of ``limit`` tokens), set its finish reason."""
+    if not s.params.ignore_eos and s.tokens[-1].token_id in eos:
         s.finish_reason = "stop"
-    hits = [at for at in (s.text.find(stop) for stop in s.params.stop if stop) if at >= 0]
-    if hits:  # the earliest stop string wins
-        s.text = s.text[:min(hits)]
-        s.finish_reason = "stop"
-        return
-    limit = max_context(post.model)
-    if s.finish_reason is None and (len(s.tokens) >= s.params.max_tokens or
-                                    (limit is not None and len(s.prompt_ids) + len(s.tokens) >= limit)):
+    at_end = s.finish_reason is not None or len(s.tokens) >= s.params.max_tokens or \
+        (limit is not None and len(s.prompt_ids) + len(s.tokens) >= limit)
+    new = decode_new(tokenizer, s, final=at_end)
+    if new:
+        start = max(0, len(s.text) - max((len(x) for x in s.params.stop), default=0))  # a stop may span steps
+        s.text += new
+        hits = [at for at in (s.text.find(stop, start) for stop in s.params.stop if stop) if at >= 0]
+        if hits:  # the earliest stop string wins
+            s.text = s.text[:min(hits)]
+            s.finish_reason = "stop"
+            return
+    if s.finish_reason is None and at_end:
         s.finish_reason = "length"
+
+
+def decode_new(tokenizer, s: GenSequence, final: bool = False) -> str:
+    """The text ``s``'s newest tokens add, decoding a few tokens, not the whole sequence.
+
+    Incremental detokenization (as TGI and vLLM do): decode the tokens from ``prefix_offset``
+    with and without those past ``read_offset`` and keep the difference, so a token's cost does
+    not grow with the sequence. While the window ends inside a multi-byte character (decoded as
+    U+FFFD) nothing is returned and the window grows, unless ``final`` (the sequence ends here:
+    what full decoding shows). Joined, the pieces are ``tokenizer.decode(s.token_ids,
+    skip_special_tokens=True)`` for byte-level and SentencePiece tokenizers.
+    """
+    window = [t.token_id for t in s.tokens[s.prefix_offset:]]
+    prefix = tokenizer.decode(window[:s.read_offset - s.prefix_offset], skip_special_tokens=True)
+    full = tokenizer.decode(window, skip_special_tokens=True)
+    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+        s.prefix_offset, s.read_offset = s.read_offset, len(s.tokens)
+        return full[len(prefix):]
+    if final:
+        s.prefix_offset = s.read_offset = len(s.tokens)
+    return ""
 
 
 def pick_token(p: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -439,7 +476,8 @@ def _eos_ids(tokenizer, model) -> set[int]:
 class Decoder(Protocol):
     """A running decode batch, whatever the engine: the one lifecycle the server drives.
 
-    ``join`` a prefilled :class:`DecodeBatch` between steps; ``step`` every active sequence
+    ``admit`` new sequences (prefilled by the engine's own forward) or ``join`` a batch the eager
+    engine prefilled, between steps; ``step`` every active sequence
     once (all or nothing: on an exception the batch is as it was); after a failed step,
     ``step_each`` (one sequence at a time, so only a sequence whose own step fails ends);
     ``filter`` out the finished sequences, freeing their KV rows. ``step`` and ``step_each``
@@ -453,6 +491,9 @@ class Decoder(Protocol):
     @property
     def kv_rows(self) -> int:
         """KV cache rows held by the active sequences (sum of their K)."""
+
+    def admit(self, seqs: list[GenSequence]) -> "Decoder":
+        """Prefill new sequences (K rows each), choose their first token, join them."""
 
     def join(self, batch: DecodeBatch) -> "Decoder": ...
 
@@ -479,6 +520,9 @@ class EagerDecoder:
     @property
     def kv_rows(self) -> int:
         return self.batch.kv_rows if self.batch is not None else 0
+
+    def admit(self, seqs: list[GenSequence]) -> "EagerDecoder":
+        return self.join(DecodeBatch.prefill(self.post, seqs))
 
     def join(self, batch: DecodeBatch) -> "EagerDecoder":
         self.batch = batch if self.batch is None else DecodeBatch.concatenate([self.batch, batch])
@@ -513,7 +557,7 @@ def generate(post, prompts: Seq[list[int]], params: SamplingParams | Seq[Samplin
         params = [params] * len(prompts)
     seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(prompts, params))]
     decoder = EagerDecoder(post) if decoder is None else decoder
-    decoder.join(DecodeBatch.prefill(post, seqs))
+    decoder.admit(seqs)
     decoder.filter()
     while decoder.seqs:
         decoder.step()

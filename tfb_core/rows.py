@@ -17,13 +17,15 @@ def pad(rows: Sequence[list[int]], length: int | None = None, side: str = "left"
         value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows padded with ``value`` to ``length`` (default: the longest): ids, mask (CPU)."""
     length = max(len(r) for r in rows) if length is None else length
-    ids = torch.full((len(rows), length), value, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        cols = slice(length - len(r), length) if side == "left" else slice(0, len(r))
-        ids[b, cols] = torch.tensor(r, dtype=torch.long)
-        mask[b, cols] = 1
-    return ids, mask
+    if any(len(r) > length for r in rows):
+        raise ValueError(f"a row of {max(len(r) for r in rows)} tokens does not fit the length {length}")
+    if side == "left":
+        ids = [[value] * (length - len(r)) + list(r) for r in rows]
+        mask = [[0] * (length - len(r)) + [1] * len(r) for r in rows]
+    else:
+        ids = [list(r) + [value] * (length - len(r)) for r in rows]
+        mask = [[1] * len(r) + [0] * (length - len(r)) for r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
