@@ -18,9 +18,9 @@ Presets:
   stops here before the model is built); the random-weight Llama of ``--shape`` (8B by default)
   that bench/serve.py builds (``build_random_model``: SmolLM2's tokenizer from ``--tokenizer`` or
   ``TFB_TOKENIZER``, a random LoRA r 8 on q,v, ``tfb bayesianize --sigma``) into ``--workdir``
-  (reused when it already holds them); bench/serve.py's server flags (``SERVE_FLAGS``) and its
-  long letter question, each request a distinct variant (no request repeats). ``--shape tiny
-  --device cpu`` runs this path on a CPU.
+  (reused when it already holds them; ``--build-only`` builds it and stops, without Ray);
+  bench/serve.py's server flags (``SERVE_FLAGS``) and its long letter question, each request a
+  distinct variant (no request repeats). ``--shape tiny --device cpu`` runs this path on a CPU.
 
 See bench/README.md.
 """
@@ -193,6 +193,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="gpu preset: cuda or cpu (default: cuda when present)")
     p.add_argument("--workdir", default=None, help="gpu preset: where the model is built (kept and reused; "
                    "default: $TMPDIR/tfb-serve-bench-SHAPE, as bench/serve.py)")
+    p.add_argument("--build-only", action="store_true", help="gpu preset: build (or find) the model in --workdir "
+                   "and stop (needs no Ray: a device run before the one that carries Ray)")
     p.add_argument("--out", default=None, help="the JSON written (default: bench/results/replicas_PRESET.json, "
                    "or $OUT/replicas_PRESET.json when OUT is set)")
     args = p.parse_args(argv)
@@ -200,6 +202,8 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.replica_counts = [int(n) for n in args.replicas.split(",")]
+    if args.build_only and args.preset != "gpu":
+        p.error("--build-only builds the gpu preset's model")
     if args.out is None:
         name = f"replicas_{args.preset}.json"
         args.out = str(Path(os.environ["OUT"]) / name if os.environ.get("OUT") else ROOT / "bench" / "results" / name)
@@ -245,6 +249,9 @@ def main(argv=None):
         model, post = sb.build_random_model(args, Path(args.workdir or Path(tempfile.gettempdir())
                                                        / f"tfb-serve-bench-{args.shape}"))
         info["build_s"] = round(time.monotonic() - t0, 1)
+        if args.build_only:
+            log(f"built in {info['build_s']} s: {model}, {post}")
+            return
         common = [*sb.SERVE_FLAGS, *(["--device", args.device] if args.device else [])]
         traffic, letter = sb.Traffic("long", 0), sb.WORKLOADS["choices-letter"]
         body = lambda i: traffic.body(letter, args.samples, i)  # noqa: E731  # distinct prompts: no cache hits
