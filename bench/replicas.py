@@ -147,7 +147,12 @@ async def load(url: str, clients: int, warmup: float, duration: float, body) -> 
     async def client(http: httpx.AsyncClient):
         nonlocal errors, first_error
         while (t0 := time.monotonic()) < t_end:
-            r = await http.post(url + "/v1/choices", json=body(next(counter)))
+            try:
+                r = await http.post(url + "/v1/choices", json=body(next(counter)))
+            except httpx.HTTPError as e:  # counted, as a non-200 answer is; the client goes on
+                errors += 1
+                first_error = first_error or repr(e)
+                continue
             t1 = time.monotonic()
             if r.status_code != 200:
                 errors += 1
