@@ -78,17 +78,13 @@ class GenSequence:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     text: str = ""  # the generated text, without a matched stop string
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # made from params.seed on the logits' device at its first draw
     error: str | None = None  # why it ended with "error" (its distribution was not finite, or its step failed)
     failure: Exception | None = None  # the exception its own step raised (see DecodeBatch.step_each)
     # incremental detokenization (see decode_new): tokens before prefix_offset are text already;
     # tokens[prefix_offset:read_offset] are decoded again only as context for the new ones
     prefix_offset: int = 0
     read_offset: int = 0
-
-    def __post_init__(self):
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def finished(self) -> bool:
@@ -299,6 +295,8 @@ def restore_sequences(seqs: Seq[GenSequence], saved: list[tuple]) -> None:
         s.prefix_offset, s.read_offset = prefix_offset, read_offset
         if generator is not None:
             s.generator.set_state(generator)
+        else:  # made during the failed step: made again, from the seed, at the next draw
+            s.generator = None
 
 
 def prompt_rows(post, seqs: Seq[GenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,9 +348,15 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     # a sequence whose average is not a distribution (NaN or infinite logits) ends alone
     finite = torch.isfinite(p).all(-1) & (p.sum(-1) > 0)  # (S,)
     tokens = torch.where(finite, p.argmax(-1), 0)  # greedy; sampled sequences are replaced below
-    for i, s in enumerate(seqs):
-        if s.params.temperature > 0 and not s.finished and bool(finite[i]):
-            tokens[i] = pick_token(p[i], s.params, s.generator)
+    sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0 and not s.finished]
+    if sampled:
+        for i in sampled:
+            s = seqs[i]
+            if s.params.seed is not None and (s.generator is None or s.generator.device != dev):
+                s.generator = torch.Generator(dev).manual_seed(s.params.seed)
+        idx = torch.tensor(sampled, device=dev)
+        drawn = sample_tokens(p[idx], [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
+        tokens[idx] = torch.where(finite[idx], drawn, tokens[idx])
     logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
     n_top = max((s.params.top_logprobs for s in seqs), default=0)
     top_v, top_i = p.topk(n_top) if n_top else (p[:, :0], tokens[:, None][:, :0])
@@ -418,27 +422,47 @@ def decode_new(tokenizer, s: GenSequence, final: bool = False) -> str:
     return ""
 
 
-def pick_token(p: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; else sample from ``softmax(log p / T)`` after top-k / top-p.
+def sample_tokens(p: torch.Tensor, params: Seq[SamplingParams],
+                  generators: Seq[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``p`` (S, V), all rows at once on p's device (no copy to the host):
+    row i greedy at temperature 0, else drawn from ``softmax(log p_i / T_i)`` after its top-k,
+    then its top-p (the smallest set of tokens reaching ``top_p``), renormalised.
 
     In log space: ``log p / T`` is finite for every token with ``p > 0`` at any T > 0, where
-    ``p ** (1 / T)`` underflows to 0 for every token at small T (and 0 / 0 is NaN).
+    ``p ** (1 / T)`` underflows to 0 for every token at small T (and 0 / 0 is NaN). The draw is
+    an exponential race, ``argmax_j q_j / E_j`` with ``E_j ~ Exp(1)``, which picks j with
+    probability ``q_j``; row i's ``E`` comes from ``generators[i]`` (seeded: reproducible), or
+    from the device's default generator when None.
     """
-    if params.temperature == 0:
-        return int(p.argmax())
-    logits = torch.log(p.double().clamp_min(0)) / params.temperature  # -inf where p == 0
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
+    S, V = p.shape
+    dev = p.device
+    T = torch.tensor([sp.temperature for sp in params], dtype=torch.float64, device=dev)
+    logits = torch.log(p.double().clamp_min(0)) / T.clamp_min(1e-300)[:, None]  # -inf where p == 0
+    top_k = [min(sp.top_k, V) if sp.top_k else V for sp in params]
+    top_p = [sp.top_p for sp in params]
+    if min(top_k) < V or min(top_p) < 1:
+        ranked, order = logits.sort(-1, descending=True)
+        kth = ranked.gather(1, torch.tensor(top_k, device=dev)[:, None] - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    q = torch.softmax(logits, -1)
-    if params.top_p < 1:
-        sorted_q, order = q.sort(descending=True)
-        cum = sorted_q.cumsum(0)
-        drop = cum - sorted_q >= params.top_p  # keep the smallest set reaching top_p
-        sorted_q[drop] = 0
-        q = torch.zeros_like(q).scatter(0, order, sorted_q)
-        q = q / q.sum()
-    return int(torch.multinomial(q.float().cpu(), 1, generator=generator))
+        q = torch.softmax(logits, -1)
+        if min(top_p) < 1:
+            sorted_q = q.gather(1, order)
+            drop = sorted_q.cumsum(-1) - sorted_q >= torch.tensor(top_p, dtype=q.dtype, device=dev)[:, None]
+            q = torch.zeros_like(q).scatter(1, order, sorted_q.masked_fill(drop, 0.0))
+            q = q / q.sum(-1, keepdim=True)
+    else:
+        q = torch.softmax(logits, -1)
+    race = torch.empty_like(q).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            race[i].exponential_(generator=g)
+    drawn = (q / race).argmax(-1)
+    return torch.where(T > 0, drawn, p.argmax(-1))
+
+
+def pick_token(p: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """:func:`sample_tokens` for one distribution ``p`` (V,)."""
+    return int(sample_tokens(p[None], [params], [generator])[0])
 
 
 def safe_text(s: GenSequence) -> str:
