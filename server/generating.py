@@ -103,6 +103,10 @@ class GenerationServing:
         """Chunks sent before any token (chat: each choice's role)."""
         return []
 
+    def wants_offsets(self, request) -> bool:
+        """Whether a stream's chunks carry text offsets (completions' logprobs)."""
+        return False
+
     # --- requests -> work ------------------------------------------------------------------
 
     def check(self, request) -> None:
@@ -206,23 +210,27 @@ class GenerationServing:
                                                 "its work was dropped", code="timeout"))
                     return
                 try:
-                    i, event = events.get_nowait() if not events.empty() else \
-                        await asyncio.wait_for(events.get(), timeout)
+                    batch = [] if not events.empty() else [await asyncio.wait_for(events.get(), timeout)]
                 except asyncio.TimeoutError:
                     continue
-                w = works[i]
-                if event.finish_reason == "error":
-                    yield failed(w.future.exception())
-                    return
-                finished = event.finish_reason is not None
-                left -= finished
-                if event.token is not None or event.text:
-                    tokens = [event.token] if event.token is not None else []
-                    yield chunk(i, event.text, tokens, None, None, offsets[i])
-                    offsets[i] += sum(len(self._piece(t.token_id)) for t in tokens)
-                if finished:  # the choice's last chunk: reason and summary
-                    reason = event.finish_reason if event.finish_reason in ("stop", "length") else None
-                    yield chunk(i, "", [], reason, event.summary)
+                while not events.empty():  # every event already made goes out in one write
+                    batch.append(events.get_nowait())
+                out = []
+                for i, event in batch:
+                    if event.finish_reason == "error":
+                        yield "".join(out) + failed(works[i].future.exception())
+                        return
+                    finished = event.finish_reason is not None
+                    left -= finished
+                    if event.token is not None or event.text:
+                        tokens = [event.token] if event.token is not None else []
+                        out.append(chunk(i, event.text, tokens, None, None, offsets[i]))
+                        if self.wants_offsets(request):
+                            offsets[i] += sum(len(self._piece(t.token_id)) for t in tokens)
+                    if finished:  # the choice's last chunk: reason and summary
+                        reason = event.finish_reason if event.finish_reason in ("stop", "length") else None
+                        out.append(chunk(i, "", [], reason, event.summary))
+                yield "".join(out)
             if request.stream_options is not None and request.stream_options.include_usage:
                 usage = self._usage(prompts, [w.seq for w in works], request.n)
                 yield _sse(self.usage_chunk(rid, created, usage))
@@ -285,6 +293,9 @@ class CompletionServing(GenerationServing):
 
     def usage_chunk(self, rid, created, usage) -> CompletionResponse:
         return CompletionResponse(id=rid, created=created, model=self.model_id, choices=[], usage=usage)
+
+    def wants_offsets(self, request: CompletionRequest) -> bool:
+        return request.logprobs is not None
 
     def _logprobs(self, tokens: list[TokenInfo], top: int, offset: int = 0) -> CompletionLogprobs:
         pieces = [self._piece(t.token_id) for t in tokens]
