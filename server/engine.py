@@ -78,7 +78,8 @@ class ModelRunner:
             raise ValueError(f"--engine {engine}: {e}; use auto or eager") from None
         # scoring forwards: fused kernels, CUDA graphs on CUDA (None: HF's eager forward)
         self.prefill = make_prefill(self.post, self.kind)
-        self.engine = GenerationEngine(self.post, metrics, self.kind)  # the continuous decode loop's state
+        # the continuous decode loop's state; on CUDA new prompts run through the scoring engine's graphs
+        self.engine = GenerationEngine(self.post, metrics, self.kind, prefill=self.prefill)
         # the posterior's temperature, applied to the model average only (docs/method.md §5)
         self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
 
@@ -160,10 +161,11 @@ class GenWork:
 class GenerationEngine:
     """The running decode batch; every method runs on the scheduler's worker thread."""
 
-    def __init__(self, post, metrics: Metrics, engine: str = "auto"):
+    def __init__(self, post, metrics: Metrics, engine: str = "auto", prefill=None):
         self.post = post
         self.metrics = metrics
         self.engine = engine  # for make_decoder: "static" (static KV cache, CUDA graphs) or "eager"
+        self.prefill = prefill  # the static decoder's prompt forward (a PrefillEngine), or None
         self.decoder: Decoder | None = None  # made at the first admit, then kept (buffers, graphs)
         self.works: dict[int, GenWork] = {}  # id(seq) -> work
 
@@ -230,7 +232,7 @@ class GenerationEngine:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self.decoder = make_decoder(self.post, self.engine)
+            self.decoder = make_decoder(self.post, self.engine, prefill=self.prefill)
         return self.decoder
 
     def _emit(self, seqs: list[GenSequence]) -> None:

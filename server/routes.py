@@ -26,8 +26,10 @@ def get_state(request: Request) -> AppState:
     return request.app.state.tfb
 
 
-def require_api_key(request: Request) -> None:
-    """With ``--api-key`` set: ``Authorization: Bearer KEY``, compared in constant time."""
+async def require_api_key(request: Request) -> None:
+    """With ``--api-key`` set: ``Authorization: Bearer KEY``, compared in constant time. (The
+    dependencies are ``async``: FastAPI would run a plain function on a thread of its pool,
+    two thread hops per request.)"""
     check_api_key(get_state(request).settings.api_key, request.headers.get("authorization", ""))
 
 
@@ -43,7 +45,7 @@ def check_api_key(key: str | None, authorization: str) -> None:
         raise Unauthorized("invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_ready(request: Request) -> AppState:
+async def require_ready(request: Request) -> AppState:
     state = get_state(request)
     if state.status != "ready":
         raise NotReady(f"the server is {state.status}" + (f": {state.detail}" if state.detail else "")

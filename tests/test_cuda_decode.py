@@ -204,14 +204,19 @@ def test_similar_sizes_keep_the_buffers_and_a_failed_join_changes_nothing(post, 
     assert dec.filter() == [] and dec.kv_rows == 0 and not dec.seqs
 
 
-def test_admit_prefills_into_the_cache_as_the_eager_prefill_does(post):
-    """The decoder's own prefill writes the same keys and values (at every real column), the
-    same next positions and first tokens as the eager prefill copied in by join."""
+@pytest.mark.parametrize("through", ["own forward", "prefill engine"])
+def test_admit_prefills_into_the_cache_as_the_eager_prefill_does(post, through):
+    """The decoder's prefill (its own forward, or the scoring engine's with keys and values
+    copied in) writes the same keys and values (at every real column), the same next positions
+    and first tokens as the eager prefill copied in by join."""
+    from tfb_core.cuda_prefill import PrefillEngine
+
     post.sigma = 0.5
     ps = prompts(post.tokenizer)
     params = [SamplingParams(max_tokens=6, num_samples=3, weight_seed=2, ignore_eos=True),
               SamplingParams(max_tokens=4, num_samples=2, weight_seed=5, ignore_eos=True)]
-    a = StaticDecoder(post).admit([GenSequence(list(p), sp) for p, sp in zip(ps, params)])
+    engine = PrefillEngine(post) if through == "prefill engine" else None
+    a = StaticDecoder(post, prefill=engine).admit([GenSequence(list(p), sp) for p, sp in zip(ps, params)])
     b = StaticDecoder(post).join(DecodeBatch.prefill(post, [GenSequence(list(p), sp) for p, sp in zip(ps, params)]))
     real = b.bias[:b.n] == 0
     assert torch.equal(a.bias[:a.n] == 0, real)
@@ -248,3 +253,36 @@ def test_a_failed_admit_leaves_the_running_sequences_as_they_were(post):
         dec.step()
         dec.filter()
     assert_same(generate(post, ps[:1], live.params), [live])
+
+
+def test_a_weight_sample_keeps_its_noise_after_its_sequences_leave(post, monkeypatch):
+    """Requests with the posterior's weight seed one after another: the second writes no noise
+    (the first's samples kept their slots); a new seed takes the room of samples no active
+    sequence uses, never of one in use; and every sequence decodes as alone."""
+    import tfb_core.cuda_llama as cl
+
+    post.sigma = 0.5
+    writes = []
+    real = cl.sample_noise
+    monkeypatch.setattr(cl, "sample_noise", lambda p, b, slot, key, sigma: (writes.append(key), real(p, b, slot, key, sigma)))
+    ps = prompts(post.tokenizer)
+    dec = StaticDecoder(post)
+    first = GenSequence(ps[0], SamplingParams(max_tokens=3, num_samples=4, weight_seed=0, ignore_eos=True))
+    again = GenSequence(ps[1], SamplingParams(max_tokens=3, num_samples=4, weight_seed=0, ignore_eos=True))
+    for s in (first, again):
+        dec.admit([s])
+        while dec.seqs:
+            dec.step()
+            dec.filter()
+    assert writes == [(0, k) for k in range(4)]  # once, for the first request only
+    long = GenSequence(ps[0], SamplingParams(max_tokens=8, num_samples=2, weight_seed=0, ignore_eos=True))
+    other = GenSequence(ps[2], SamplingParams(max_tokens=3, num_samples=4, weight_seed=9, ignore_eos=True))
+    dec.admit([long])
+    dec.step()
+    dec.admit([other])  # needs 4 slots: 2 are held by `long`, so the buffers grow or evict (0, 2), (0, 3)
+    assert {dec.slot_of[(0, 0)], dec.slot_of[(0, 1)]}.isdisjoint({dec.slot_of[(9, k)] for k in range(4)})
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    alone = [generate(post, [s.prompt_ids], s.params)[0] for s in (first, again, long, other)]
+    assert_same(alone, [first, again, long, other])

@@ -116,3 +116,27 @@ def test_graphed_scoring_matches_the_eager_forward(post):
                 torch.testing.assert_close(g, r, atol=ATOL[dtype], rtol=0)
         assert max(float(p.std(0).max()) for p in ref) > 1e-4  # the samples differ
     assert engine.graphs, f"no CUDA graph was captured ({engine.capture_error})"
+
+
+def test_admit_through_the_graphed_prefill_engine_matches_the_eager_engine(post):
+    """New sequences prefilled by the scoring engine (graphed from a shape's second sight, keys
+    and values copied into the decoder's rows) decode as the eager engine decodes them alone."""
+    from tfb_core.cuda_decode import StaticDecoder
+    from tfb_core.cuda_prefill import PrefillEngine
+
+    dtype = next(post.model.parameters()).dtype
+    ps = prompts(post.tokenizer)
+    params = SamplingParams(max_tokens=12, num_samples=4, ignore_eos=True, weight_seed=3)
+    engine = PrefillEngine(post)
+    dec = StaticDecoder(post, prefill=engine)
+    rounds = [[GenSequence(list(p), params) for p in ps] for _ in range(3)]  # the same shapes thrice
+    for seqs in rounds:
+        dec.admit(seqs)
+        while dec.seqs:
+            dec.filter()
+            if dec.seqs:
+                dec.step()
+    assert any(key[-1] for key in engine.graphs), f"no prefill graph with keys and values ({engine.capture_error})"
+    alone = [generate(post, [p], params)[0] for p in ps]
+    for seqs in rounds:
+        assert_same_generation(alone, seqs, dtype)

@@ -37,9 +37,9 @@ import torch
 
 from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_prompt, attention_shape, embed, head, layers,
                          noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
-from .generation import (DecodeBatch, GenSequence, choose_tokens, prompt_rows, restore_sequences, save_sequences,
-                         split_finished)
-from .rows import positions
+from .generation import (DecodeBatch, GenSequence, check_prompts, choose_tokens, pad_token, restore_sequences,
+                         save_sequences, split_finished)
+from .rows import pad, positions, sample_map
 from .models import max_context
 
 
@@ -61,12 +61,17 @@ class StaticDecoder(Graphed):
     compile : bool
         Compile the step's forward with ``torch.compile`` (fusing its elementwise kernels)
         before capturing it; a compile error falls back to the plain forward.
+    prefill : PrefillEngine, optional
+        :meth:`admit` runs new prompts through this engine (the scoring engine: the same
+        forward, replayed from its CUDA graphs for shapes it has seen) and copies their keys and
+        values in; without it, through the decoder's own eager forward.
     """
 
-    def __init__(self, post, graph: bool | None = None, bucket: int = 64, compile: bool = False):
+    def __init__(self, post, graph: bool | None = None, bucket: int = 64, compile: bool = False, prefill=None):
         model = post.model
         require_supported(model)
         self.post = post
+        self.prefill = prefill  # a PrefillEngine for admit's forward (graphed), else the decoder's own
         self.bucket = bucket
         self.heads, self.kv_heads, self.head_dim = attention_shape(model.config)
         self.scaling = self.head_dim ** -0.5
@@ -148,8 +153,11 @@ class StaticDecoder(Graphed):
         written into its own cache row, every sequence's first token chosen. A sequence that
         finished at its first token holds its rows until the next :meth:`filter` returns it.
         All or nothing: if it raises, the active rows and ``seqs`` are as they were."""
-        ids, mask = prompt_rows(self.post, seqs)
-        m, T = ids.shape
+        check_prompts(self.post, seqs)
+        rows = [s.prompt_ids for s in seqs for _ in range(s.params.num_samples)]
+        m, T = len(rows), max(len(r) for r in rows)
+        if self.prefill is not None and self.prefill.use_graph and self.prefill.capture_error is None:
+            T = self.prefill.bucket * math.ceil(T / self.prefill.bucket)  # the length it pads to
         ends = [T + self._steps_left(s) for s in seqs]
         keys = {(s.params.weight_seed, k) for s in self.seqs + seqs for k in range(s.params.num_samples)}
         if not self.n:  # idle: give back what one earlier long or wide request made it grow to
@@ -159,11 +167,12 @@ class StaticDecoder(Graphed):
         r = slice(self.n, self.n + m)
         saved = save_sequences(seqs)
         try:
-            ids, mask = ids.to(self.device), mask.to(self.device)
             self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
                                           for k in range(s.params.num_samples)], device=self.device)
-            with on_device(self.device), row_noise(self.post, self.noise, self.slots[r]):
-                logits = self._prefill(r, ids, mask)
+            with on_device(self.device):
+                logits, mask = self._prefill(r, rows, seqs)
+            mask = mask.to(self.device)
+            T = mask.shape[1]
             self.bias[r] = float("-inf")
             self.bias[r, :T].masked_fill_(mask.bool(), 0.0)
             self.col[r] = T
@@ -178,20 +187,31 @@ class StaticDecoder(Graphed):
         self.n += m
         return self
 
-    def _prefill(self, r: slice, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The prompts ``ids`` (left-padded, ``mask``) through the model into cache rows ``r``:
-        their keys and values at columns ``[0, T)``; the last position's logits (rows, V)."""
+    def _prefill(self, r: slice, rows: list[list[int]], seqs: list[GenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt ``rows`` through the model into cache rows ``r`` (their keys and values at
+        columns ``[0, T)``, left-padded): the last position's logits (rows, V) and the mask (rows, T)."""
+        if self.prefill is not None:  # the scoring engine's forward (graphed), then a copy
+            samples, slot_ids = sample_map([(s.params.weight_seed, s.params.num_samples) for s in seqs])
+            logits, keys, values, mask = self.prefill.prompts(rows, samples, slot_ids)
+            T = mask.shape[1]
+            for i, (k, v) in enumerate(zip(keys, values)):
+                self.kc[i][r, :, :T] = k
+                self.vc[i][r, :, :T] = v
+            return logits, mask
         model = self.post.model
+        ids, mask = pad(rows, value=pad_token(self.post.tokenizer))
+        ids, dmask = ids.to(self.device), mask.to(self.device)
         T = ids.shape[1]
-        x, cos, sin = embed(model, ids, positions(mask))
-        attn_mask = prompt_mask(mask, x.dtype)
+        x, cos, sin = embed(model, ids, positions(dmask))
+        attn_mask = prompt_mask(dmask, x.dtype)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.kc[i][r, :, :T] = k
             self.vc[i][r, :, :T] = v
             return attend_prompt(q, k, v, attn_mask)
 
-        return head(model, layers(model, x, cos, sin, attend)[:, -1:]).float()[:, -1]
+        with row_noise(self.post, self.noise, self.slots[r]):
+            return head(model, layers(model, x, cos, sin, attend)[:, -1:]).float()[:, -1], mask
 
     def filter(self) -> list[GenSequence]:
         """Drop finished sequences and pack the remaining rows at the front; returns the dropped."""
@@ -414,9 +434,11 @@ class StaticDecoder(Graphed):
             buf[start:stop] = 0
 
     def _assign_samples(self, seqs: Seq[GenSequence]) -> None:
-        """Give every weight sample of ``seqs`` a noise buffer slot, reusing unused slots."""
-        used = {(s.params.weight_seed, k) for s in self.seqs for k in range(s.params.num_samples)}
-        self.slot_of = OrderedDict((key, i) for key, i in self.slot_of.items() if key in used)
-        assign_slots(self.post, self.noise, self.slot_of,
-                     [(s.params.weight_seed, k) for s in seqs for k in range(s.params.num_samples)],
-                     self.samples_cap, self.sigma)
+        """Give every weight sample of ``seqs`` a noise buffer slot. A sample whose sequences
+        left keeps its slot (and its noise) until a new sample needs the room, so the next
+        request with the same weight seed writes no noise; samples of active sequences are
+        never evicted."""
+        used = [(s.params.weight_seed, k) for s in self.seqs for k in range(s.params.num_samples)]
+        new = [(s.params.weight_seed, k) for s in seqs for k in range(s.params.num_samples)]
+        assign_slots(self.post, self.noise, self.slot_of, list(dict.fromkeys(used + new)), self.samples_cap,
+                     self.sigma)

@@ -63,7 +63,9 @@ class PrefillEngine(Graphed):
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs} (graph=False turns graphs off)")
         self.graph_tokens, self.max_graphs, self.graph_bytes = graph_tokens, max_graphs, graph_bytes
         self.bucket = bucket
-        self.logit_bytes = model.config.vocab_size * next(model.parameters()).element_size()  # per row, position
+        size = next(model.parameters()).element_size()
+        self.logit_bytes = model.config.vocab_size * size  # per row, position
+        self.kv_bytes = 2 * model.config.num_hidden_layers * self.kv_heads * self.head_dim * size  # per row, token
         self._graphs = GraphSet()  # (rows, T, keep) -> (graph, inputs, logits), LRU
         self.seen: OrderedDict[tuple, int] = OrderedDict()  # forwards per shape (bounded)
         self.noise: list[torch.Tensor] = []  # per TFB layer: (slots, r, n) = E_k
@@ -74,72 +76,100 @@ class PrefillEngine(Graphed):
                slot_ids: Sequence[int]) -> torch.Tensor:
         """Logits of the last ``keep`` positions, (len(rows), keep, V); row i runs weight sample
         ``samples[slot_ids[i]]`` (a (seed, k) pair)."""
+        return self._run(rows, keep, samples, slot_ids, kv=False)[0]
+
+    @torch.no_grad()
+    def prompts(self, rows: Sequence[list[int]], samples: Sequence[tuple[int, int]], slot_ids: Sequence[int]
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """For generation: the last position's logits (R, V, float32), every layer's keys (after
+        RoPE) and values (R, KVH, T, hd), and the padding mask (R, T; CPU) of the left-padded rows
+        (T: the longest row, rounded up to ``bucket`` when graphs are on). Keys and values may be
+        a graph's outputs, overwritten by the next call: copy them before."""
+        n, T = len(rows), self.bucket * math.ceil(max(len(r) for r in rows) / self.bucket)
+        if self.use_graph and self.capture_error is None and pow2(n) * T <= self.graph_tokens:
+            # rows rounded up to a power of two (copies of the first), so admissions of any
+            # size share a few graphed shapes
+            rows = list(rows) + [rows[0]] * (pow2(n) - n)
+            slot_ids = list(slot_ids) + [slot_ids[0]] * (pow2(n) - n)
+        (logits, kv), mask = self._run(rows, 1, samples, slot_ids, kv=True)
+        return logits[:n, -1].float(), [t[:n] for t in kv[0::2]], [t[:n] for t in kv[1::2]], mask[:n]
+
+    def _run(self, rows, keep, samples, slot_ids, kv: bool) -> tuple:
         n, T = len(rows), max(len(r) for r in rows)
         graphed = self.use_graph and self.capture_error is None
         if graphed:
             T = self.bucket * math.ceil(T / self.bucket)
-            graphed = self.wants_graph(n, T, keep)
+            graphed = self.wants_graph(n, T, keep, kv)
         slot = self._slots(samples)
         ids, mask, pos = left_pad(rows, T)
         inputs = {"ids": ids, "mask": mask, "pos": pos,
                   "slots": torch.tensor([slot[samples[s]] for s in slot_ids], dtype=torch.long)}
         with on_device(self.device):
             if graphed:
-                out = self._replay(inputs, keep)
+                out = self._replay(inputs, keep, kv)
                 if out is not None:
-                    return out
+                    return out, mask
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with row_noise(self.post, self.noise, inputs["slots"]):
-                return self._forward(inputs, keep)
+                return self._forward(inputs, keep, kv), mask
 
     # --- the forward -----------------------------------------------------------------------
 
-    def _forward(self, inputs: dict, keep: int) -> torch.Tensor:
+    def _forward(self, inputs: dict, keep: int, kv: bool = False):
+        """Logits of the last ``keep`` positions; with ``kv`` (logits, [k_0, v_0, k_1, v_1, ...])."""
         model = self.post.model
         ids, mask, pos = inputs["ids"], inputs["mask"], inputs["pos"]
         T = ids.shape[1]
         x, cos, sin = embed(model, ids, pos)  # (R, T, d), (R, 1, T, hd)
         attn_mask = prompt_mask(mask, x.dtype)
-        return head(model, layers(model, x, cos, sin,
-                                  lambda i, q, k, v: attend_prompt(q, k, v, attn_mask))[:, T - keep:])
+        cache: list[torch.Tensor] = []
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if kv:  # k is a view of q and k together: keep k alone
+                cache.extend([k.contiguous(), v])
+            return attend_prompt(q, k, v, attn_mask)
+
+        logits = head(model, layers(model, x, cos, sin, attend)[:, T - keep:])
+        return (logits, cache) if kv else logits
 
     # --- graphs ----------------------------------------------------------------------------
 
-    def wants_graph(self, rows: int, length: int, keep: int) -> bool:
+    def wants_graph(self, rows: int, length: int, keep: int, kv: bool = False) -> bool:
         """Whether this (padded) shape runs from a graph: small enough, and seen before."""
-        key = (rows, length, keep)
+        key = (rows, length, keep, kv)
         if key in self.graphs:
             return True
-        if rows * length > self.graph_tokens or rows * keep * self.logit_bytes > self.graph_bytes // 8:
+        if rows * length > self.graph_tokens or rows * keep * self.logit_bytes > self.graph_bytes // 8 or \
+                (kv and rows * length * self.kv_bytes > self.graph_bytes // 2):
             return False
         self.seen[key] = self.seen.pop(key, 0) + 1
         while len(self.seen) > 1024:
             self.seen.popitem(last=False)
         return self.seen[key] >= 2
 
-    def _replay(self, inputs: dict, keep: int) -> torch.Tensor | None:
-        key = (*inputs["ids"].shape, keep)
+    def _replay(self, inputs: dict, keep: int, kv: bool):
+        key = (*inputs["ids"].shape, keep, kv)
         if key not in self.graphs:
-            self._capture(key, inputs, keep)
+            self._capture(key, inputs, keep, kv)
             if key not in self.graphs:  # refused, out of memory, or over the byte budget
                 return None
         self.graphs.move_to_end(key)
-        graph, static, logits = self.graphs[key]
+        graph, static, out = self.graphs[key]
         for name, value in inputs.items():
             static[name].copy_(value, non_blocking=True)
         graph.replay()
-        return logits
+        return out
 
-    def _capture(self, key: tuple, inputs: dict, keep: int) -> None:
+    def _capture(self, key: tuple, inputs: dict, keep: int, kv: bool) -> None:
         static = {k: v.to(self.device) for k, v in inputs.items()}
         with row_noise(self.post, self.noise, static["slots"]):
-            captured = self._graphs.capture(lambda: self._forward(static, keep))
+            captured = self._graphs.capture(lambda: self._forward(static, keep, kv))
         if captured is None:  # out of memory (this forward runs eagerly) or refused (every shape does)
             return
-        graph, logits = captured
-        self.graphs[key] = (graph, static, logits)
+        graph, out = captured
+        self.graphs[key] = (graph, static, out)
         while len(self.graphs) > self.max_graphs or \
-                sum(out.numel() * out.element_size() for _, _, out in self.graphs.values()) > self.graph_bytes:
+                sum(_nbytes(out) for _, _, out in self.graphs.values()) > self.graph_bytes:
             self.graphs.popitem(last=False)
 
     # --- weight samples --------------------------------------------------------------------
@@ -158,3 +188,11 @@ class PrefillEngine(Graphed):
             cap = max(cap, len(wanted))
         assign_slots(self.post, self.noise, self.slot_of, wanted, cap, self.sigma)
         return dict(self.slot_of)
+
+
+def _nbytes(out) -> int:
+    """Bytes of a graph's outputs: logits, or (logits, keys and values)."""
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    logits, kv = out
+    return _nbytes(logits) + sum(_nbytes(t) for t in kv)

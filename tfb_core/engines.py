@@ -40,8 +40,8 @@ def make_decoder(post, engine: str = "auto", **options) -> Decoder:
     ----------
     engine : {"auto", "static", "eager"}, default="auto"
     **options
-        :class:`~tfb_core.cuda_decode.StaticDecoder`'s (``graph``, ``bucket``, ``compile``);
-        ignored by the eager engine.
+        :class:`~tfb_core.cuda_decode.StaticDecoder`'s (``graph``, ``bucket``, ``compile``,
+        ``prefill``); ignored by the eager engine.
     """
     if resolve_engine(post, engine) == "static":
         return StaticDecoder(post, **options)

@@ -299,16 +299,20 @@ def restore_sequences(seqs: Seq[GenSequence], saved: list[tuple]) -> None:
             s.generator = None
 
 
-def prompt_rows(post, seqs: Seq[GenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts of ``seqs``, K rows each, left-padded: ids, mask (CPU). An empty prompt, or
-    one that leaves no room in the model's context, raises a TFBError."""
+def check_prompts(post, seqs: Seq[GenSequence]) -> None:
+    """A TFBError for an empty prompt, or one that leaves no room in the model's context."""
     limit = max_context(post.model)
     for s in seqs:
         if not s.prompt_ids:
             raise TFBError("the prompt is empty")
         if limit is not None and len(s.prompt_ids) >= limit:
             raise TFBError(f"the prompt is {len(s.prompt_ids)} tokens long; the model's context is {limit} tokens")
-    return pad([s.prompt_ids for s in seqs for _ in range(s.params.num_samples)], value=_pad_id(post.tokenizer))
+
+
+def prompt_rows(post, seqs: Seq[GenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts of ``seqs`` (checked), K rows each, left-padded: ids, mask (CPU)."""
+    check_prompts(post, seqs)
+    return pad([s.prompt_ids for s in seqs for _ in range(s.params.num_samples)], value=pad_token(post.tokenizer))
 
 
 def split_finished(seqs: Seq[GenSequence]) -> tuple[list[GenSequence], list[GenSequence], list[int]]:
@@ -482,7 +486,8 @@ def safe_text(s: GenSequence) -> str:
     return text[:len(text) - hold]
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token(tokenizer) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its EOS, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 

@@ -168,18 +168,20 @@ def noise_stack(layer: TFBLoRALayer, draws: Iterable[torch.Tensor], sigma: float
     return (omega[None, :, None] * z).to(layer.lora_A.dtype)
 
 
-def row_std(d: torch.Tensor, sigma: float, tol: float | None = None) -> torch.Tensor:
-    """``Omega_i = sigma / d_i``; rows of a rank-deficient B (d_i below tol) get 0."""
+def row_std(d: torch.Tensor, sigma: float, tol: float | torch.Tensor | None = None) -> torch.Tensor:
+    """``Omega_i = sigma / d_i``; rows of a rank-deficient B (d_i below tol) get 0. Computed on
+    d's device without a sync (the default tolerance stays a tensor)."""
     tol = rank_tolerance(d) if tol is None else tol
-    safe = torch.where(d > tol, d, torch.ones_like(d))
-    return torch.where(d > tol, sigma / safe, torch.zeros_like(d))
+    keep = d > tol
+    return torch.where(keep, sigma / torch.where(keep, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
-def rank_tolerance(d: torch.Tensor) -> float:
-    """Singular values below this are treated as zero (numpy's matrix_rank rule, scaled)."""
+def rank_tolerance(d: torch.Tensor) -> torch.Tensor:
+    """Singular values below this are treated as zero (numpy's matrix_rank rule, scaled): a
+    0-dim tensor on d's device."""
     if d.numel() == 0:
-        return 0.0
-    return float(d.max()) * max(d.numel(), 1) * torch.finfo(torch.float32).eps * 10
+        return d.new_zeros(())
+    return d.max() * d.numel() * torch.finfo(torch.float32).eps * 10
 
 
 @contextmanager

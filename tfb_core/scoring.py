@@ -81,8 +81,7 @@ def encode_item(tokenizer, item: MCItem, mode: Mode | str = Mode.LETTER, chat: b
     prompt_ids = tokenizer(text, add_special_tokens=special).input_ids
     sep = "" if text[-1:].isspace() else " "
     if mode is Mode.LETTER:
-        labels = [_label_token(tokenizer, text, prompt_ids, LABELS[i], sep, special)
-                  for i in range(len(item.choices))]
+        labels = _label_tokens(tokenizer, text, prompt_ids, LABELS[:len(item.choices)], sep, special)
         enc = Encoded([prompt_ids], [labels], mode)
     else:
         conts = [tokenizer(sep + choice, add_special_tokens=False).input_ids for choice in item.choices]
@@ -93,14 +92,24 @@ def encode_item(tokenizer, item: MCItem, mode: Mode | str = Mode.LETTER, chat: b
     return enc
 
 
-def _label_token(tokenizer, text: str, prompt_ids: list[int], label: str, sep: str, special: bool) -> int:
-    """The single token the model emits for ``label`` after the prompt (space or not, tested)."""
+def _label_tokens(tokenizer, text: str, prompt_ids: list[int], labels: Sequence[str], sep: str,
+                  special: bool) -> list[int]:
+    """The single token the model emits for each label after the prompt (with ``sep``, else
+    the other spacing; tested by tokenizing prompt + label, all labels in one batched call)."""
+    found: dict[str, int] = {}
     for s in dict.fromkeys((sep, " " if sep == "" else "")):
-        ids = tokenizer(text + s + label, add_special_tokens=special).input_ids
-        if len(ids) == len(prompt_ids) + 1 and ids[:-1] == prompt_ids:
-            return ids[-1]
-    raise TFBError(f"the label {label!r} is not a single token after this prompt for this tokenizer; "
-                   f"use mode 'sequence'")
+        missing = [label for label in labels if label not in found]
+        if not missing:
+            break
+        for label, ids in zip(missing, tokenizer([text + s + label for label in missing],
+                                                 add_special_tokens=special).input_ids):
+            if len(ids) == len(prompt_ids) + 1 and ids[:-1] == prompt_ids:
+                found[label] = ids[-1]
+    for label in labels:
+        if label not in found:
+            raise TFBError(f"the label {label!r} is not a single token after this prompt for this tokenizer; "
+                           f"use mode 'sequence'")
+    return [found[label] for label in labels]
 
 
 def choice_probs(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
