@@ -166,7 +166,7 @@ async def load(url: str, clients: int, warmup: float, duration: float, body) -> 
         await asyncio.sleep(warmup)
         log(f"warm-up done ({next(counter)} requests sent): measuring {duration:g} s")
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=4.0)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         ticker = asyncio.ensure_future(progress())
         await asyncio.gather(*(client(http) for _ in range(clients)))

@@ -584,8 +584,10 @@ def make_grid(args) -> list[tuple[Workload, int, int]]:
 async def http_phase(args, url: str, grid, res, deadline: float) -> None:
     import httpx
 
+    # idle connections dropped after 4 s, before uvicorn closes them (5 s): a request on a
+    # connection the server is closing at that moment fails with a ReadError
     limits = httpx.Limits(max_connections=max(args.concurrency) + 8,
-                          max_keepalive_connections=max(args.concurrency) + 8)
+                          max_keepalive_connections=max(args.concurrency) + 8, keepalive_expiry=4.0)
     rng = random.Random(0)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0)) as client:
         model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
