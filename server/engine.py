@@ -186,11 +186,16 @@ class GenerationEngine:
             seqs = [w.seq for w in works]
             try:
                 self._decoder().admit(seqs)
-                self._emit(seqs)
-            except Exception:
+            except Exception:  # all or nothing: the scheduler reruns each request alone
                 for w in works:
                     self.works.pop(id(w.seq), None)
                 raise
+            try:
+                self._emit(seqs)
+            except Exception as e:  # admitted, but their first tokens could not be sent: they alone fail
+                log.exception("sending the first tokens of %d new sequences failed", len(seqs))
+                for s in seqs:
+                    s.finish_reason, s.failure = "error", e
             self._retire()
         return [PENDING] * len(works)
 

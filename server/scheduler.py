@@ -198,28 +198,41 @@ class Scheduler:
         while True:
             decoding = self.decoder is not None and self.decoder.active > 0
             batch = self._take_waiting() if decoding else await self._next_batch()
+            arrivals = self._arrivals  # work submitted from here on ends the next decode turn
             if batch is not None:
                 await self._run(loop, batch)
             if self.decoder is not None and self.decoder.active > 0:
                 self._set_running(self.decoder.active)
+                steps = 1 if self._runnable_waiting() else None  # left behind: taken after one step
                 try:
-                    await loop.run_in_executor(self._pool, self._decode, self._arrivals)
+                    await loop.run_in_executor(self._pool, self._decode, arrivals, steps)
                 except Exception as e:  # the decoder reruns a failed step per sequence; this is past that
                     log.exception("decode step of %d sequences failed", self.decoder.active)
                     await loop.run_in_executor(self._pool, self.decoder.fail, as_api_error(e))
                 finally:
                     self._set_running(0)
 
-    def _decode(self, arrivals: int) -> None:
+    def _decode(self, arrivals: int, steps: int | None = None) -> None:
         """Decode steps back to back on the worker thread (the event loop is not between one
-        step and the next), until new work was submitted (``arrivals`` changed: the loop admits
-        it between steps), a sequence left while work waits (it may fit the KV rows now), or no
-        sequence is active."""
-        active = self.decoder.active
+        step and the next), until new work was submitted (``arrivals`` changed: the loop takes
+        it between steps), a sequence left while work waits (it may fit the KV rows now),
+        ``steps`` steps ran, or no sequence is active."""
+        active, done = self.decoder.active, 0
         while self.decoder.active > 0:
             self.decoder.step()
-            if self._arrivals != arrivals or (self._waiting and self.decoder.active < active):
+            done += 1
+            if self._arrivals != arrivals or (self._waiting and self.decoder.active < active) or done == steps:
                 return
+
+    def _runnable_waiting(self) -> bool:
+        """Whether waiting work could run now (left behind by the last batch: another kind, or
+        over its size or token budget), not only generation waiting for KV rows. The loop's
+        thread only (it iterates the queue)."""
+        for item in self._waiting:
+            if item.kind != "generate":
+                return True
+            return self._kv_fits(Batch(item.kind), item)  # generation is admitted in order
+        return False
 
     def _set_running(self, n: int) -> None:
         active = self.decoder.active if self.decoder is not None else 0

@@ -125,6 +125,42 @@ def test_incremental_text_equals_decoding_the_whole_sequence(tok, text):
     assert s.finish_reason == "length" and s.text == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_tokens_that_show_nothing_do_not_grow_the_decoding_window(tok):
+    """Special tokens (decoded to nothing) after the text, as with ignore_eos: the text stays
+    whole and each token decodes a window of at most 9 tokens, not the whole tail."""
+    ids = tok("Some text", add_special_tokens=False).input_ids + [tok.eos_token_id] * 200 + \
+        tok(" and more", add_special_tokens=False).input_ids
+    s = GenSequence([1], SamplingParams(max_tokens=len(ids), ignore_eos=True))
+    widest = 0
+    for t in ids:
+        s.tokens.append(TokenInfo(t, 0.0, 0.0, 0.0, 0.0))
+        widest = max(widest, len(s.tokens) - s.prefix_offset)
+        update_finish(tok, s, eos={tok.eos_token_id}, limit=None)
+    assert s.text == tok.decode(ids, skip_special_tokens=True) == "Some text and more"
+    assert widest <= 10
+
+
+def test_a_failed_admit_of_the_eager_engine_changes_no_sequence(post, monkeypatch):
+    from tfb_core.generation import EagerDecoder
+
+    post.sigma = SIGMA
+    ps = prompts(post.tokenizer)
+    dec = EagerDecoder(post).admit([GenSequence(ps[0], SamplingParams(max_tokens=4, num_samples=2, seed=3,
+                                                                      temperature=1.0))])
+    new = GenSequence(ps[1], SamplingParams(max_tokens=4, num_samples=2, seed=5, temperature=1.0))
+
+    def boom(batches):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(DecodeBatch, "concatenate", staticmethod(boom))
+    with pytest.raises(torch.OutOfMemoryError):
+        dec.admit([new])
+    assert not new.tokens and new.text == "" and new.generator is None and len(dec.seqs) == 1
+    monkeypatch.undo()
+    dec.admit([new])  # the retry gives it the token it gets alone
+    assert new.token_ids[:1] == generate(post, [ps[1]], new.params)[0].token_ids[:1]
+
+
 def test_a_stop_string_across_tokens_ends_the_text_where_it_starts(tok):
     text = "one two three four five six"
     ids = tok(text, add_special_tokens=False).input_ids
@@ -165,6 +201,8 @@ def test_bad_sampling_params_are_rejected():
         SamplingParams(top_p=0)
     with pytest.raises(TFBError, match="num_samples"):
         SamplingParams(num_samples=0)
+    with pytest.raises(TFBError, match="top_k"):
+        SamplingParams(top_k=-1)
 
 
 def expected_draw(p, T, top_k, top_p):

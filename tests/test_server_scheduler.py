@@ -305,3 +305,31 @@ def test_decode_steps_run_back_to_back_without_the_event_loop_and_new_work_cuts_
             await sched.stop()
 
     run(main())
+
+
+def test_work_left_waiting_or_submitted_during_a_forward_is_not_held_behind_decoding():
+    """While sequences decode: a scoring item submitted during another item's forward, and one
+    queued behind a generation item (another kind, so another batch), are answered without
+    waiting for the decoding to end."""
+    async def main():
+        dec = SpinningDecoder()
+        step = FakeStep(hold=True)
+        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec)
+        sched.start()
+        try:
+            first = await submit_all(sched, [1])
+            assert await asyncio.to_thread(step.entered.wait, 30)  # the first forward runs
+            second = await submit_all(sched, [2])  # submitted during it
+            step.release.set()
+            assert await sched.wait(first + second, 30) == [2, 4]
+            loop = asyncio.get_running_loop()
+            gen = Work(3, loop.create_future(), kind="generate")
+            score = Work(4, loop.create_future())
+            sched.submit([gen, score])  # one tick: two batches of two kinds
+            assert await sched.wait([gen, score], 30) == [6, 8]
+            assert dec.active == 1  # decoding never stopped
+        finally:
+            dec.stop.set()
+            await sched.stop()
+
+    run(main())

@@ -112,12 +112,7 @@ class StaticDecoder(Graphed):
             self.left += finished
             return self
         m = len(rows)
-        ends = [T + self._steps_left(s) for s in seqs]
-        keys = {(s.params.weight_seed, k) for s in self.seqs + seqs for k in range(s.params.num_samples)}
-        if not self.n:  # idle: give back what one earlier long or wide request made it grow to
-            self._shrink(m, max(ends), len(keys))
-        self._reserve(self.n + m, max(self.ends + ends), len(keys))
-        self._assign_samples(seqs)
+        ends = self._make_room(seqs, m, T)
         every = m == len(batch.mask)
         src = torch.tensor(rows, device=self.device)
 
@@ -127,22 +122,15 @@ class StaticDecoder(Graphed):
 
         r = slice(self.n, self.n + m)
         try:
+            self._set_slots(r, seqs)
             for i, layer in enumerate(batch_cache.layers):
                 self.kc[i][r, :, :T] = take(layer.keys)
                 self.vc[i][r, :, :T] = take(layer.values)
-            self.bias[r] = float("-inf")
-            self.bias[r, :T].masked_fill_(take(batch.mask).bool(), 0.0)
-            self.col[r] = T
-            self.pos[r] = take(batch.positions)
-            self.tok[r] = take(batch.last)
-            self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
-                                          for k in range(s.params.num_samples)], device=self.device)
+            self._set_rows(r, take(batch.mask), take(batch.positions), take(batch.last))
         except BaseException:  # the rows past the active ones stay harmless
             self._reset_rows(self.n, self.rows_cap)
             raise
-        self.seqs += seqs
-        self.ends += ends
-        self.n += m
+        self._add(seqs, ends)
         self.left += finished  # only once the join has succeeded
         return self
 
@@ -156,36 +144,53 @@ class StaticDecoder(Graphed):
         check_prompts(self.post, seqs)
         rows = [s.prompt_ids for s in seqs for _ in range(s.params.num_samples)]
         m, T = len(rows), max(len(r) for r in rows)
-        if self.prefill is not None and self.prefill.use_graph and self.prefill.capture_error is None:
-            T = self.prefill.bucket * math.ceil(T / self.prefill.bucket)  # the length it pads to
+        if self.prefill is not None:
+            T = self.prefill.padded_length(T)
+        ends = self._make_room(seqs, m, T)
+        r = slice(self.n, self.n + m)
+        saved = save_sequences(seqs)
+        try:
+            self._set_slots(r, seqs)
+            with on_device(self.device):
+                logits, mask = self._prefill(r, rows, seqs)
+            mask = mask.to(self.device)
+            self._set_rows(r, mask, mask.sum(-1), choose_tokens(self.post, seqs, logits))
+        except BaseException:  # the rows past the active ones stay harmless
+            self._reset_rows(self.n, self.rows_cap)
+            restore_sequences(seqs, saved)
+            raise
+        self._add(seqs, ends)
+        return self
+
+    def _make_room(self, seqs: list[GenSequence], m: int, T: int) -> list[int]:
+        """Buffers and noise slots for ``m`` new rows of ``seqs`` with prompts of ``T`` columns
+        (shrunk first when idle, then grown); returns each sequence's last cache column."""
         ends = [T + self._steps_left(s) for s in seqs]
         keys = {(s.params.weight_seed, k) for s in self.seqs + seqs for k in range(s.params.num_samples)}
         if not self.n:  # idle: give back what one earlier long or wide request made it grow to
             self._shrink(m, max(ends), len(keys))
         self._reserve(self.n + m, max(self.ends + ends), len(keys))
         self._assign_samples(seqs)
-        r = slice(self.n, self.n + m)
-        saved = save_sequences(seqs)
-        try:
-            self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
-                                          for k in range(s.params.num_samples)], device=self.device)
-            with on_device(self.device):
-                logits, mask = self._prefill(r, rows, seqs)
-            mask = mask.to(self.device)
-            T = mask.shape[1]
-            self.bias[r] = float("-inf")
-            self.bias[r, :T].masked_fill_(mask.bool(), 0.0)
-            self.col[r] = T
-            self.pos[r] = mask.sum(-1)
-            self.tok[r] = choose_tokens(self.post, seqs, logits)
-        except BaseException:  # the rows past the active ones stay harmless
-            self._reset_rows(self.n, self.rows_cap)
-            restore_sequences(seqs, saved)
-            raise
+        return ends
+
+    def _set_slots(self, r: slice, seqs: list[GenSequence]) -> None:
+        self.slots[r] = torch.tensor([self.slot_of[(s.params.weight_seed, k)] for s in seqs
+                                      for k in range(s.params.num_samples)], device=self.device)
+
+    def _set_rows(self, r: slice, mask: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
+        """New rows ``r`` after their prompt (``mask``: its real columns): the next position,
+        column and token of each."""
+        T = mask.shape[1]
+        self.bias[r] = float("-inf")
+        self.bias[r, :T].masked_fill_(mask.bool(), 0.0)
+        self.col[r] = T
+        self.pos[r] = pos
+        self.tok[r] = tok
+
+    def _add(self, seqs: list[GenSequence], ends: list[int]) -> None:
         self.seqs += seqs
         self.ends += ends
-        self.n += m
-        return self
+        self.n += sum(s.params.num_samples for s in seqs)
 
     def _prefill(self, r: slice, rows: list[list[int]], seqs: list[GenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt ``rows`` through the model into cache rows ``r`` (their keys and values at

@@ -85,8 +85,8 @@ class PrefillEngine(Graphed):
         RoPE) and values (R, KVH, T, hd), and the padding mask (R, T; CPU) of the left-padded rows
         (T: the longest row, rounded up to ``bucket`` when graphs are on). Keys and values may be
         a graph's outputs, overwritten by the next call: copy them before."""
-        n, T = len(rows), self.bucket * math.ceil(max(len(r) for r in rows) / self.bucket)
-        if self.use_graph and self.capture_error is None and pow2(n) * T <= self.graph_tokens:
+        n, T = len(rows), self.padded_length(max(len(r) for r in rows))
+        if self._graphs_on and self._fits(pow2(n), T, 1, kv=True):
             # rows rounded up to a power of two (copies of the first), so admissions of any
             # size share a few graphed shapes
             rows = list(rows) + [rows[0]] * (pow2(n) - n)
@@ -94,12 +94,18 @@ class PrefillEngine(Graphed):
         (logits, kv), mask = self._run(rows, 1, samples, slot_ids, kv=True)
         return logits[:n, -1].float(), [t[:n] for t in kv[0::2]], [t[:n] for t in kv[1::2]], mask[:n]
 
+    def padded_length(self, length: int) -> int:
+        """The length rows of ``length`` tokens are padded to: rounded up to ``bucket`` while
+        graphs are on, else as it is."""
+        return self.bucket * math.ceil(length / self.bucket) if self._graphs_on else length
+
+    @property
+    def _graphs_on(self) -> bool:
+        return self.use_graph and self.capture_error is None
+
     def _run(self, rows, keep, samples, slot_ids, kv: bool) -> tuple:
-        n, T = len(rows), max(len(r) for r in rows)
-        graphed = self.use_graph and self.capture_error is None
-        if graphed:
-            T = self.bucket * math.ceil(T / self.bucket)
-            graphed = self.wants_graph(n, T, keep, kv)
+        n, T = len(rows), self.padded_length(max(len(r) for r in rows))
+        graphed = self._graphs_on and self.wants_graph(n, T, keep, kv)
         slot = self._slots(samples)
         ids, mask, pos = left_pad(rows, T)
         inputs = {"ids": ids, "mask": mask, "pos": pos,
@@ -139,13 +145,17 @@ class PrefillEngine(Graphed):
         key = (rows, length, keep, kv)
         if key in self.graphs:
             return True
-        if rows * length > self.graph_tokens or rows * keep * self.logit_bytes > self.graph_bytes // 8 or \
-                (kv and rows * length * self.kv_bytes > self.graph_bytes // 2):
+        if not self._fits(rows, length, keep, kv):
             return False
         self.seen[key] = self.seen.pop(key, 0) + 1
         while len(self.seen) > 1024:
             self.seen.popitem(last=False)
         return self.seen[key] >= 2
+
+    def _fits(self, rows: int, length: int, keep: int, kv: bool) -> bool:
+        """Whether a shape is small enough to graph: padded tokens, and its outputs' bytes."""
+        return (rows * length <= self.graph_tokens and rows * keep * self.logit_bytes <= self.graph_bytes // 8
+                and not (kv and rows * length * self.kv_bytes > self.graph_bytes // 2))
 
     def _replay(self, inputs: dict, keep: int, kv: bool):
         key = (*inputs["ids"].shape, keep, kv)
@@ -170,7 +180,8 @@ class PrefillEngine(Graphed):
         self.graphs[key] = (graph, static, out)
         while len(self.graphs) > self.max_graphs or \
                 sum(_nbytes(out) for _, _, out in self.graphs.values()) > self.graph_bytes:
-            self.graphs.popitem(last=False)
+            old, _ = self.graphs.popitem(last=False)
+            self.seen.pop(old, None)  # graphed again only after two more sightings (no capture churn)
 
     # --- weight samples --------------------------------------------------------------------
 

@@ -52,6 +52,8 @@ class SamplingParams:
             raise TFBError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise TFBError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise TFBError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.num_samples < 1:
             raise TFBError(f"num_samples must be >= 1, got {self.num_samples}")
 
@@ -423,6 +425,9 @@ def decode_new(tokenizer, s: GenSequence, final: bool = False) -> str:
         return full[len(prefix):]
     if final:
         s.prefix_offset = s.read_offset = len(s.tokens)
+    elif len(full) == len(prefix) and not full.endswith("\ufffd"):  # tokens that show nothing (special
+        s.read_offset = len(s.tokens)  # ones): done; the window keeps at most 8 tokens of context
+        s.prefix_offset = max(s.prefix_offset, s.read_offset - 8)
     return ""
 
 
@@ -451,7 +456,8 @@ def sample_tokens(p: torch.Tensor, params: Seq[SamplingParams],
         q = torch.softmax(logits, -1)
         if min(top_p) < 1:
             sorted_q = q.gather(1, order)
-            drop = sorted_q.cumsum(-1) - sorted_q >= torch.tensor(top_p, dtype=q.dtype, device=dev)[:, None]
+            cut = torch.tensor(top_p, dtype=q.dtype, device=dev)[:, None]
+            drop = (sorted_q.cumsum(-1) - sorted_q >= cut) & (cut < 1)  # top_p 1: rounding drops nothing
             q = torch.zeros_like(q).scatter(1, order, sorted_q.masked_fill(drop, 0.0))
             q = q / q.sum(-1, keepdim=True)
     else:
@@ -460,7 +466,7 @@ def sample_tokens(p: torch.Tensor, params: Seq[SamplingParams],
     for i, g in enumerate(generators):
         if g is not None:
             race[i].exponential_(generator=g)
-    drawn = (q / race).argmax(-1)
+    drawn = torch.where(q > 0, q / race, -1.0).argmax(-1)  # a token of probability 0 never wins (0 / 0)
     return torch.where(T > 0, drawn, p.argmax(-1))
 
 
@@ -551,7 +557,14 @@ class EagerDecoder:
         return self.batch.kv_rows if self.batch is not None else 0
 
     def admit(self, seqs: list[GenSequence]) -> "EagerDecoder":
-        return self.join(DecodeBatch.prefill(self.post, seqs))
+        """All or nothing: if it raises, ``seqs`` (their first token, text, generator) and the
+        running batch are as they were."""
+        saved = save_sequences(seqs)
+        try:
+            return self.join(DecodeBatch.prefill(self.post, seqs))
+        except BaseException:
+            restore_sequences(seqs, saved)
+            raise
 
     def join(self, batch: DecodeBatch) -> "EagerDecoder":
         self.batch = batch if self.batch is None else DecodeBatch.concatenate([self.batch, batch])
