@@ -286,3 +286,30 @@ def test_a_weight_sample_keeps_its_noise_after_its_sequences_leave(post, monkeyp
         dec.filter()
     alone = [generate(post, [s.prompt_ids], s.params)[0] for s in (first, again, long, other)]
     assert_same(alone, [first, again, long, other])
+
+
+def test_an_idle_decoder_keeps_a_wide_burst_s_rows_but_not_at_a_new_length(post):
+    """After a wide burst leaves, a narrow request of the same length reuses the buffers (and
+    so a GPU's captured graphs); one that needs more columns gets buffers of its own size,
+    not the burst's rows at the new length."""
+    post.sigma = 0.5
+    ps = prompts(post.tokenizer)
+    dec = StaticDecoder(post)
+    dec.admit([GenSequence(ps[0], SamplingParams(max_tokens=5, num_samples=16, ignore_eos=True))])
+    buffers, wide = dec.kc[0], dec.rows_cap
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    narrow = GenSequence(ps[1], SamplingParams(max_tokens=5, num_samples=1, ignore_eos=True))
+    dec.admit([narrow])
+    assert dec.kc[0] is buffers and dec.rows_cap == wide == 16
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    long = GenSequence(ps[1], SamplingParams(max_tokens=200, num_samples=1, ignore_eos=True))
+    dec.admit([long])
+    assert dec.rows_cap == 1 and dec.length >= 200
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    assert_same([generate(post, [s.prompt_ids], s.params)[0] for s in (narrow, long)], [narrow, long])

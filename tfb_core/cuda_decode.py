@@ -419,11 +419,14 @@ class StaticDecoder(Graphed):
         self.rows_cap, self.length, self.samples_cap = R, L, S
 
     def _shrink(self, rows: int, length: int, samples: int) -> None:
-        """With no active rows: drop the buffers (and graphs) when they are over 4x what this
-        join needs in rows or columns, so one long or wide request does not set the size (and
-        the attention width) of every later step, while requests of similar sizes keep them."""
+        """With no active rows: drop the buffers (and graphs) when their columns are over 4x what
+        this join needs, so one long request does not set the attention width of every later
+        step; or when they must grow in columns anyway and their rows are over 4x what it needs
+        (a wide burst's rows are not reallocated at a new length). Rows alone do not shrink them:
+        spare rows cost memory, not time (a step runs the active rows' bucket), and keeping them
+        keeps the captured graphs across a load that rises and falls."""
         length = self.bucket * math.ceil(max(length, 1) / self.bucket)
-        if self.rows_cap > 4 * rows or self.length > 4 * length:
+        if self.length > 4 * length or (length > self.length and self.rows_cap > 4 * rows):
             self._drop_graphs()
             self.kc = self.vc = self.noise = []
             self.rows_cap = self.length = self.samples_cap = 0
