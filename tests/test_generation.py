@@ -11,7 +11,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tiny import prompts
-from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, TokenInfo, generate, safe_text, update_finish
+from tfb_core.generation import (DecodeBatch, GenSequence, SamplingParams, TokenInfo, generate, safe_text,
+                                 text_decoder, update_finish)
 from tfb_core.sampling import row_std, standard_normal
 from tfb_core.uncertainty import entropy
 
@@ -119,7 +120,7 @@ def test_incremental_text_equals_decoding_the_whole_sequence(tok, text):
     s = GenSequence([1], SamplingParams(max_tokens=len(ids), ignore_eos=True))
     for i, t in enumerate(ids):
         s.tokens.append(TokenInfo(t, 0.0, 0.0, 0.0, 0.0))
-        update_finish(tok, s, eos=set(), limit=None)
+        update_finish(text_decoder(tok), s, eos=set(), limit=None)
         whole = tok.decode(ids[:i + 1], skip_special_tokens=True)
         assert whole.startswith(s.text) and "\ufffd" not in s.text[:-1]
     assert s.finish_reason == "length" and s.text == tok.decode(ids, skip_special_tokens=True)
@@ -135,7 +136,7 @@ def test_tokens_that_show_nothing_do_not_grow_the_decoding_window(tok):
     for t in ids:
         s.tokens.append(TokenInfo(t, 0.0, 0.0, 0.0, 0.0))
         widest = max(widest, len(s.tokens) - s.prefix_offset)
-        update_finish(tok, s, eos={tok.eos_token_id}, limit=None)
+        update_finish(text_decoder(tok), s, eos={tok.eos_token_id}, limit=None)
     assert s.text == tok.decode(ids, skip_special_tokens=True) == "Some text and more"
     assert widest <= 10
 
@@ -167,7 +168,7 @@ def test_a_stop_string_across_tokens_ends_the_text_where_it_starts(tok):
     s = GenSequence([1], SamplingParams(max_tokens=50, stop=["ee fo", "xyz"]))
     for t in ids:
         s.tokens.append(TokenInfo(t, 0.0, 0.0, 0.0, 0.0))
-        update_finish(tok, s, eos={tok.eos_token_id}, limit=None)
+        update_finish(text_decoder(tok), s, eos={tok.eos_token_id}, limit=None)
         if s.finished:
             break
     assert s.finish_reason == "stop" and s.text == "one two thr"
