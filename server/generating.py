@@ -197,26 +197,25 @@ class GenerationServing:
             unc = self._uncertainty(works[i].seq, tokens, summary)
             return _sse(self.chunk(request, rid, created, i, text, tokens, reason, unc, offset))
 
+        # the request's deadline arrives as an event too: one timer per stream, not one per token
+        timer = asyncio.get_running_loop().call_later(max(0.0, works[0].deadline - time.monotonic()),
+                                                      events.put_nowait, (-1, None))
         try:
             for c in self.opening_chunks(rid, created, len(works)):
                 yield _sse(c)
             left = len(works)
-            deadline = works[0].deadline
             offsets = [0] * len(works)  # per choice: characters of its tokens sent (text_offset)
             while left:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    yield failed(RequestTimeout("the request took longer than the server's timeout; "
-                                                "its work was dropped", code="timeout"))
-                    return
-                try:
-                    batch = [] if not events.empty() else [await asyncio.wait_for(events.get(), timeout)]
-                except asyncio.TimeoutError:
-                    continue
+                batch = [] if not events.empty() else [await events.get()]
                 while not events.empty():  # every event already made goes out in one write
                     batch.append(events.get_nowait())
                 out = []
                 for i, event in batch:
+                    if event is None:
+                        yield "".join(out) + failed(RequestTimeout(
+                            "the request took longer than the server's timeout; its work was dropped",
+                            code="timeout"))
+                        return
                     if event.finish_reason == "error":
                         yield "".join(out) + failed(works[i].future.exception())
                         return
@@ -237,6 +236,7 @@ class GenerationServing:
             report("200")
             yield "data: [DONE]\n\n"
         finally:  # finished, or the client went away: free the slots at the next step
+            timer.cancel()
             for w in works:
                 w.future.cancel()
 

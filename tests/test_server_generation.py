@@ -362,3 +362,33 @@ def test_out_of_accelerator_memory_is_a_503_and_the_server_goes_on(small, monkey
     monkeypatch.undo()
     assert httpx.post(f"{small.url}/v1/completions", json=body, timeout=60).status_code == 200
     assert httpx.post(f"{small.url}/v1/choices", json=choice, timeout=60).status_code == 200
+
+
+def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_frees_its_work():
+    """A stream whose sequences produce nothing before the request's deadline: an error event
+    (504, code timeout) ends it, reported as 504, and its work is cancelled (dropped at the
+    next step)."""
+    import asyncio
+
+    from server.engine import GenWork
+    from server.generating import CompletionServing
+    from tfb_core.generation import GenSequence
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        events, reported = asyncio.Queue(), []
+        deadline = time.monotonic() + 0.3
+        works = [GenWork(GenSequence([1, 2], SamplingParams()), "/v1/completions", deadline, loop.create_future(),
+                         events, loop, index=i) for i in range(2)]
+        serving = object.__new__(CompletionServing)  # the stream needs no model for this path
+
+        async def collect():
+            return [c async for c in serving.stream(None, works, [[1, 2]], reported.append)]
+
+        return await asyncio.wait_for(collect(), 30), reported, works
+
+    chunks, reported, works = asyncio.run(main())
+    [event] = chunks
+    body = json.loads(event.removeprefix("data: "))
+    assert body["error"]["code"] == "timeout" and reported[-1] == "504"
+    assert all(w.future.cancelled() for w in works)
