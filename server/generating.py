@@ -73,6 +73,7 @@ class GenerationServing:
         self.metrics = metrics
         self.context = max_context(post.model) or 2048
         self.max_chars = max_prompt_chars(self.tokenizer, self.context)
+        self._pieces: dict[int, str] = {}  # token id -> its text (at most the vocabulary)
 
     # --- what a subclass says --------------------------------------------------------------
 
@@ -258,7 +259,11 @@ class GenerationServing:
             num_samples=seq.params.num_samples, sigma=self.post.sigma)
 
     def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        """A token's own text (for per-token uncertainty and logprobs), decoded once per token id."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.tokenizer.decode([token_id])
+        return piece
 
 
 class CompletionServing(GenerationServing):
