@@ -16,8 +16,9 @@ NAN_WORD, RAISE_WORD, POISON_POSITION = " quokka", " narwhal", 300
 real_load = loader.load
 
 
-def poisoned_load(settings, set_status):
-    loaded = real_load(settings, set_status)
+def poison_embeddings(loaded):
+    """In the loaded model: NAN_WORD's embedding is NaN, RAISE_WORD's raises (as a failing
+    kernel would). Returns ``loaded``."""
     tok = loaded.post.tokenizer
     nan_id = tok(NAN_WORD, add_special_tokens=False).input_ids[-1]
     raise_id = tok(RAISE_WORD, add_special_tokens=False).input_ids[-1]
@@ -28,12 +29,18 @@ def poisoned_load(settings, set_status):
             raise ValueError("poisoned token at /secret/local/path")
         return output.masked_fill((ids == nan_id)[..., None], float("nan"))
 
+    loaded.post.model.get_input_embeddings().register_forward_hook(embed)
+    return loaded
+
+
+def poisoned_load(settings, set_status):
+    loaded = poison_embeddings(real_load(settings, set_status))
+
     def rotary(module, args, kwargs):
         positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
         if positions is not None and positions.shape[-1] == 1 and (positions == POISON_POSITION).any():
             raise RuntimeError("kernel fault at /secret/local/path")
 
-    loaded.post.model.get_input_embeddings().register_forward_hook(embed)
     loaded.post.model.model.rotary_emb.register_forward_pre_hook(rotary, with_kwargs=True)
     return loaded
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import tiny
+from poisoned_serve import NAN_WORD, RAISE_WORD, poison_embeddings  # prompts holding these poison the forward
 from server import loader
 from server_helpers import ServerThread, bayesianized, metric, wait_for
 
 K = 3
-NAN_WORD, RAISE_WORD = " quokka", " narwhal"  # prompts holding these poison the model's forward
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +55,7 @@ def sse(url: str, body: dict) -> list[dict]:
 def poisoning_load(settings, set_status):
     """The real loader, then a fault in the real model: a token whose embedding is NaN, and a
     token whose embedding raises (as a failing kernel would)."""
-    loaded = loader.load(settings, set_status)
-    tok = loaded.post.tokenizer
-    nan_id = tok(NAN_WORD, add_special_tokens=False).input_ids[-1]
-    raise_id = tok(RAISE_WORD, add_special_tokens=False).input_ids[-1]
-
-    def hook(module, args, output):
-        ids = args[0]
-        if (ids == raise_id).any():
-            raise ValueError("poisoned token at /secret/local/path")
-        return output.masked_fill((ids == nan_id)[..., None], float("nan"))
-
-    loaded.post.model.get_input_embeddings().register_forward_hook(hook)
-    return loaded
+    return poison_embeddings(loader.load(settings, set_status))
 
 
 def normal_requests(model: str) -> list[tuple[str, dict]]:
