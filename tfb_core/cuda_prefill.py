@@ -66,7 +66,7 @@ class PrefillEngine(Graphed):
         size = next(model.parameters()).element_size()
         self.logit_bytes = model.config.vocab_size * size  # per row, position
         self.kv_bytes = 2 * model.config.num_hidden_layers * self.kv_heads * self.head_dim * size  # per row, token
-        self._graphs = GraphSet()  # (rows, T, keep) -> (graph, inputs, logits), LRU
+        self._graphs = GraphSet()  # (rows, T, keep, kv) -> (graph, inputs, outputs), LRU
         self.seen: OrderedDict[tuple, int] = OrderedDict()  # forwards per shape (bounded)
         self.noise: list[torch.Tensor] = []  # per TFB layer: (slots, r, n) = E_k
         self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (seed, k) -> slot, LRU
