@@ -82,6 +82,21 @@ def test_mixed_samples_equal_explicit_weights(post, reference):
         assert (got - ref[k][b]).abs().max().item() < 1e-5, (b, k)
 
 
+def test_mixed_samples_one_token_per_row_equal_explicit_weights(post, reference):
+    """One token per row (the shape of a decode step, where every sample's noise term is one
+    GEMM and each row keeps its own): the same logits as the explicit models."""
+    seqs, ref = reference
+    rows = [(0, 2), (1, 0), (2, 1), (1, 2), (0, 0), (2, 2)]  # (prompt, k)
+    samples = [(99, 5), (SEED, 1), (SEED, 0), (SEED, 2)]
+    slots = torch.tensor([samples.index((SEED, k)) for _, k in rows])
+    ids = torch.tensor([[seqs[b][0]] for b, _ in rows])
+    with torch.no_grad(), post.mixed_samples(samples, slots, sigma=SIGMA):
+        logits = post.model(input_ids=ids).logits
+    for row, (b, k) in enumerate(rows):
+        assert (logits[row, 0] - ref[k][b][0]).abs().max().item() < 1e-5, (b, k)
+    assert (ref[0][0][0] - ref[2][0][0]).abs().max().item() > 1e-3  # the samples differ
+
+
 def test_sample_k_does_not_depend_on_k_total(post):
     ids = torch.tensor([post.tokenizer(TEXTS[1]).input_ids])
     with torch.no_grad():

@@ -107,6 +107,10 @@ class TFBLoRALayer(nn.Module):
                                  f"repeat each prompt K times (repeat_interleave) or pass slots")
             xk = xr.view(rows // K, K, -1, n)  # (B, K, T, n)
             h = torch.einsum("bktn,krn->bktr", xk, noise)
+        elif xr.shape[1] == 1:  # one token per row (a decode step): every sample's E x in one GEMM,
+            S, r = noise.shape[:2]  # then each row's own; no (rows, r, n) copy of gathered noise
+            h = F.linear(xr[:, 0], noise.view(S * r, n)).view(rows, S, r)
+            h = h.gather(1, self.slots.view(rows, 1, 1).expand(rows, 1, r))  # (rows, 1, r)
         else:  # any row -> sample map (a mixed batch of requests)
             h = torch.bmm(xr, noise[self.slots].transpose(1, 2))  # (rows, T, r)
         return h.reshape(*x.shape[:-1], -1)
