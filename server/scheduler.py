@@ -13,12 +13,20 @@ batch is prefilled and joins the running decode batch (its items answer later, w
 sequences finish: their step result is :data:`PENDING`), and while sequences are active the
 worker runs decode steps back to back until new work arrives, which the loop then takes
 between two steps without waiting.
+
+New generation work joins a running batch in groups (as TGI's ``waiting_served_ratio`` and
+``max_waiting_tokens`` do): a prefill forward costs about one decode step on a GPU however
+few prompts it runs (it reads every weight once), so one admission per finished sequence
+would halve the step rate of a busy server. While sequences decode, waiting generation work
+joins once its number reaches ``admit_ratio`` x the running sequences, or once the oldest has
+waited ``admit_wait_ms``; an idle decoder admits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -113,7 +121,8 @@ class Scheduler:
 
     def __init__(self, step: Step, metrics: Metrics, max_batch_size: int = 32,
                  max_batch_tokens: int = 16384, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 decoder: Decoder | None = None, max_kv_rows: int | None = None):
+                 decoder: Decoder | None = None, max_kv_rows: int | None = None,
+                 admit_ratio: float = 0.0, admit_wait_ms: float = 0.0):
         self.step = step
         self.decoder = decoder
         self.metrics = metrics
@@ -122,6 +131,8 @@ class Scheduler:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.max_kv_rows = max_kv_rows  # generation's KV rows, running and being admitted
+        self.admit_ratio = admit_ratio  # new generation joins a running batch in groups of this x its size
+        self.admit_wait = admit_wait_ms / 1000  # ... or once the oldest has waited this long
         self._waiting: deque[WorkItem] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -204,35 +215,58 @@ class Scheduler:
             if self.decoder is not None and self.decoder.active > 0:
                 self._set_running(self.decoder.active)
                 steps = 1 if self._runnable_waiting() else None  # left behind: taken after one step
+                until = self._admit_by()  # held generation work joins by then
                 try:
-                    await loop.run_in_executor(self._pool, self._decode, arrivals, steps)
+                    await loop.run_in_executor(self._pool, self._decode, arrivals, steps, until)
                 except Exception as e:  # the decoder reruns a failed step per sequence; this is past that
                     log.exception("decode step of %d sequences failed", self.decoder.active)
                     await loop.run_in_executor(self._pool, self.decoder.fail, as_api_error(e))
                 finally:
                     self._set_running(0)
 
-    def _decode(self, arrivals: int, steps: int | None = None) -> None:
+    def _decode(self, arrivals: int, steps: int | None = None, until: float = math.inf) -> None:
         """Decode steps back to back on the worker thread (the event loop is not between one
         step and the next), until new work was submitted (``arrivals`` changed: the loop takes
         it between steps), a sequence left while work waits (it may fit the KV rows now),
-        ``steps`` steps ran, or no sequence is active."""
+        ``steps`` steps ran, the time ``until`` passed (held generation work is due), or no
+        sequence is active."""
         active, done = self.decoder.active, 0
         while self.decoder.active > 0:
             self.decoder.step()
             done += 1
-            if self._arrivals != arrivals or (self._waiting and self.decoder.active < active) or done == steps:
+            if self._arrivals != arrivals or (self._waiting and self.decoder.active < active) or done == steps \
+                    or time.monotonic() >= until:
                 return
 
     def _runnable_waiting(self) -> bool:
         """Whether waiting work could run now (left behind by the last batch: another kind, or
         over its size or token budget), not only generation waiting for KV rows. The loop's
         thread only (it iterates the queue)."""
+        hold = self._hold_admission()
         for item in self._waiting:
             if item.kind != "generate":
                 return True
+            if hold:
+                continue  # scoring behind it may run
             return self._kv_fits(Batch(item.kind), item)  # generation is admitted in order
         return False
+
+    def _hold_admission(self) -> bool:
+        """Whether waiting generation work waits to join the running batch in a larger group:
+        while sequences decode, until ``admit_ratio`` x their number wait (at most a full
+        batch), or the oldest has waited ``admit_wait``. The loop's thread only."""
+        active = self.decoder.active if self.decoder is not None else 0
+        if self.admit_ratio <= 0 or active == 0:
+            return False
+        group = min(math.floor(self.admit_ratio * active), self.max_batch_size)
+        waiting = [item for item in self._waiting if item.kind == "generate"]
+        return bool(waiting) and len(waiting) < group and time.monotonic() < waiting[0].arrived + self.admit_wait
+
+    def _admit_by(self) -> float:
+        """When held generation work is due to join (``math.inf``: none is held)."""
+        if not self._hold_admission():
+            return math.inf
+        return next(item.arrived for item in self._waiting if item.kind == "generate") + self.admit_wait
 
     def _set_running(self, n: int) -> None:
         active = self.decoder.active if self.decoder is not None else 0
@@ -291,7 +325,8 @@ class Scheduler:
         behind it too (in order: the first one waiting is the next admitted once rows free up,
         so it is never starved); scoring, which holds no KV rows, goes past them.
         """
-        batch, taken, blocked = None, [], False  # blocked: a generation item waits for KV rows
+        # blocked: a generation item waits for KV rows, or to join in a larger group
+        batch, taken, blocked = None, [], self._hold_admission()
         for i, item in enumerate(self._waiting):
             if item.kind == "generate" and (
                     blocked or not self._kv_fits(batch if batch is not None else Batch(item.kind), item)):

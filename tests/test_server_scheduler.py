@@ -333,3 +333,67 @@ def test_work_left_waiting_or_submitted_during_a_forward_is_not_held_behind_deco
             await sched.stop()
 
     run(main())
+
+
+class BusyDecoder(SpinningDecoder):
+    """A :class:`SpinningDecoder` with ``n`` active sequences."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    @property
+    def active(self) -> int:
+        return 0 if self.stop.is_set() else self.n
+
+
+def test_generation_joins_running_sequences_in_groups_and_scoring_goes_past():
+    """With 10 sequences decoding and admit_ratio 0.3, generation work waits until 3 wait, then
+    joins in one batch; a scoring item submitted meanwhile is answered at once."""
+    async def main():
+        dec = BusyDecoder(10)
+        step = FakeStep()
+        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec, admit_ratio=0.3, admit_wait_ms=60_000)
+        sched.start()
+        loop = asyncio.get_running_loop()
+        try:
+            gens = [Work(v, loop.create_future(), kind="generate") for v in (1, 2, 3)]
+            for g in gens[:2]:
+                sched.submit([g])
+                before = dec.steps
+                while dec.steps < before + 20:  # decoding goes on, the work waits
+                    await asyncio.sleep(0.001)
+            assert step.batches == [] and sched.depth == 2
+            assert await sched.wait(await submit_all(sched, [9]), 30) == [18]  # scoring is not held
+            sched.submit([gens[2]])
+            assert await sched.wait(gens, 30) == [2, 4, 6]
+            assert step.batches == [[9], [1, 2, 3]]  # the three joined in one batch
+        finally:
+            dec.stop.set()
+            await sched.stop()
+
+    run(main())
+
+
+def test_held_generation_joins_once_the_oldest_waited_admit_wait_ms():
+    """A lone generation request behind busy decoding joins by itself after admit_wait_ms, with
+    no other event to wake the scheduler; not before."""
+    async def main():
+        dec = BusyDecoder(10)
+        step = FakeStep()
+        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec, admit_ratio=0.3, admit_wait_ms=80)
+        sched.start()
+        loop = asyncio.get_running_loop()
+        try:
+            while dec.steps == 0:
+                await asyncio.sleep(0.001)
+            gen = Work(5, loop.create_future(), kind="generate")
+            sched.submit([gen])
+            assert await sched.wait([gen], 30) == [10]
+            waited = time.monotonic() - gen.arrived
+            assert waited >= 0.08 and step.batches == [[5]] and dec.active == 10
+        finally:
+            dec.stop.set()
+            await sched.stop()
+
+    run(main())
