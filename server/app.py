@@ -7,6 +7,7 @@ The model loads (or the start-up search runs) in a background thread, so ``/heal
 from __future__ import annotations
 
 import asyncio
+import gc
 import copy
 import logging
 import threading
@@ -110,7 +111,8 @@ def start_loading(state: AppState, load) -> None:
 def ready(state: AppState, loaded: loader.Loaded, runner: ModelRunner) -> None:
     s = state.settings
     state.scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens,
-                                s.max_wait_ms, s.max_queue, decoder=runner.engine, max_kv_rows=s.max_kv_rows)
+                                s.max_wait_ms, s.max_queue, decoder=runner.engine, max_kv_rows=s.max_kv_rows,
+                                admit_ratio=s.admit_ratio, admit_wait_ms=s.admit_wait_ms)
     state.scheduler.start()
     state.runner = runner
     # the event loop tokenizes with its own copy: the worker decodes generated text with the
@@ -131,6 +133,20 @@ def ready(state: AppState, loaded: loader.Loaded, runner: ModelRunner) -> None:
         state.status = "ready"
     log.info("ready: %s (sigma=%.6g, K=%d, %s) on http://%s:%d", loaded.model_id, post.sigma, s.samples,
              loaded.source, s.host, s.port)
+    if state.on_ready is not None:
+        state.on_ready()
+
+
+def freeze_heap() -> None:
+    """Put every object alive after start-up (the model, torch, transformers: hundreds of
+    thousands) out of the cyclic garbage collector's reach, as vLLM does. Each full collection
+    otherwise scans them all, holding the GIL for tens of milliseconds (every stream stalls),
+    and the objects each generated token makes trigger one every few seconds under load. For
+    a process that serves one model for its life (the CLI, a Ray replica), not for one that
+    builds many apps (the tests): frozen objects are never collected."""
+    gc.collect()
+    gc.freeze()
+    log.info("%d start-up objects frozen out of the garbage collector's scans", gc.get_freeze_count())
 
 
 def fail(state: AppState, reason: str) -> None:

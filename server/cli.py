@@ -89,7 +89,7 @@ def settings_from_args(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     from . import loader
-    from .app import build_app
+    from .app import build_app, freeze_heap
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
@@ -104,6 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             access_log=settings.log_level == "debug", lifespan="on")
     server = DrainingServer(config, state)
     state.on_fatal = lambda reason: setattr(server, "should_exit", True)
+    state.on_ready = freeze_heap
     server.run()
     if state.status == "failed":
         print(f"tfb serve: error: {state.detail}", file=sys.stderr)

@@ -69,7 +69,7 @@ class TFBReplica:
     """One tfb server (model, scheduler, metrics) in one Ray Serve replica."""
 
     async def __init__(self, settings: Settings, metrics_port: int = 0):
-        from .app import build_app
+        from .app import build_app, freeze_heap
 
         logging.getLogger().setLevel(settings.log_level.upper())
         ctx = serve.get_replica_context()
@@ -77,6 +77,7 @@ class TFBReplica:
         loaded = await asyncio.to_thread(load_or_raise, settings)  # raises with tfb's one-line reason
         self.tfb_app = build_app(settings, load=lambda s, set_status: loaded)
         self.tfb_state = self.tfb_app.state.tfb
+        self.tfb_state.on_ready = freeze_heap  # one model for the replica's life
         router = self.tfb_app.router
         router.lifespan_context = _ready_and_drain(router.lifespan_context, self.tfb_state)
         self.tfb_app.add_middleware(ReplicaHeader, name=self.tfb_name)

@@ -31,3 +31,5 @@ class AppState:
     started: float = field(default_factory=time.time)
     # called with the reason when start-up fails (the CLI stops the server and exits non-zero)
     on_fatal: Callable[[str], None] | None = None
+    # called once the model is loaded and serving (the CLI freezes the heap: server.app.freeze_heap)
+    on_ready: Callable[[], None] | None = None

@@ -317,3 +317,19 @@ def test_one_access_log_line_per_request_and_the_flag_turns_it_off(llama_dir, po
         with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", access_log=False) as s:
             assert httpx.post(s.url + "/v1/choices", json=item(0)).status_code == 200
         assert not [r for r in caplog.records if r.name == "tfb.access"]
+
+
+def test_freeze_heap_puts_the_objects_alive_now_out_of_the_collectors_scans():
+    import gc
+
+    from server.app import freeze_heap
+
+    assert gc.get_freeze_count() == 0
+    try:
+        freeze_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # torch, transformers, the model: all there is now
+        later = [[] for _ in range(10)]  # made after: still tracked and scanned
+        assert all(gc.is_tracked(x) for x in later) and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -85,10 +85,12 @@ def test_demo_end_to_end_env_settings_and_sigterm_drain():
         assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
         assert health.status_code == 503 and health.json()["status"] == "draining"
         assert proc.wait(60) == 0
+        log_text = "".join(proc.communicate())
+        assert "start-up objects frozen" in log_text  # the CLI froze its heap once ready
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate()
+            proc.communicate()
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path):
