@@ -348,6 +348,7 @@ def kernel_breakdown(prof) -> dict:
     """Device time of the profiled kernels, by kind (matmul / attention / other), and counts."""
     cats = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     counts = {"matmul": 0, "attention": 0, "other": 0}
+    names: dict[str, float] = {}  # kernel name -> seconds
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -360,7 +361,9 @@ def kernel_breakdown(prof) -> dict:
             c = "other"
         cats[c] += e.time_range.elapsed_us() / 1e6
         counts[c] += 1
-    return {"seconds": cats, "kernels": counts}
+        names[e.name] = names.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e6
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:10]
+    return {"seconds": cats, "kernels": counts, "top": [[n[:120], round(t * 1e3, 3)] for n, t in top]}
 
 
 def profile_run(args) -> dict:
@@ -380,7 +383,7 @@ def profile_run(args) -> dict:
     model = make_adapter(model, TARGETS["qv"], args.rank, tmp).unload()
     post = install_posterior(model, tmp, args.sigma)
     engine = PrefillEngine(post, graph=False)  # the server's scoring forward, not graphed
-    for B, T, K in ((1, 128, 10), (1, 512, 10), (32, 512, 1)):
+    for B, T, K in ((1, 128, 10), (1, 512, 10), (32, 512, 1), (16, 64, 10)):
         fn = score_tfb(post, prompts_for(B, T, counts["vocab"]), K, engine)
         fn()
         wall = clock.time(fn)
@@ -393,10 +396,12 @@ def profile_run(args) -> dict:
         out[f"score_B{B}_T{T}_K{K}"] = bd
         print(f"score B={B} T={T} K={K} (engine, not graphed): wall {wall * 1e3:.1f} ms; kernels " + ", ".join(
             f"{k} {v * 1e3:.1f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
-    for K in (1, 10):
-        seqs = [GenSequence(prompts_for(1, 512, counts["vocab"], seed=7)[0].tolist(),
-                            SamplingParams(max_tokens=40, num_samples=K, ignore_eos=True))]
-        dec = StaticDecoder(post, graph=False).join(DecodeBatch.prefill(post, seqs))
+        for name, t in bd["top"]:
+            print(f"    {t:8.3f} ms  {name}", flush=True)
+    for B, T, K in ((1, 512, 1), (1, 512, 10), (64, 128, 1), (64, 128, 10)):
+        seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=40, num_samples=K, ignore_eos=True))
+                for p in prompts_for(B, T, counts["vocab"], seed=7)]
+        dec = StaticDecoder(post, graph=False).admit(seqs)
         for _ in range(2):
             dec.step()
         eager = clock.time(dec.step)
@@ -405,9 +410,12 @@ def profile_run(args) -> dict:
             torch.cuda.synchronize()
         bd = kernel_breakdown(prof)
         bd["eager_wall_s"] = eager
-        out[f"static_step_B1_K{K}_eager"] = bd
-        print(f"static step K={K} (eager, not graphed): wall {eager * 1e3:.1f} ms; kernels " + ", ".join(
+        bd["flops"] = prefill_flops(counts, B * K, 1)
+        out[f"static_step_B{B}_T{T}_K{K}_eager"] = bd
+        print(f"static step B={B} T={T} K={K} (eager, not graphed): wall {eager * 1e3:.1f} ms; kernels " + ", ".join(
             f"{k} {v * 1e3:.2f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
+        for name, t in bd["top"]:
+            print(f"    {t:8.3f} ms  {name}", flush=True)
         del dec
     return out
 

@@ -737,6 +737,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server and the engine "
                    "(OMP_NUM_THREADS; default: the preset's, gpu: torch's own)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine phase")
+    p.add_argument("--serve-flags", nargs="+", default=[], metavar="FLAG",
+                   help="more `tfb serve` flags, after the preset's (e.g. --serve-flags=--admit-ratio=0)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="record the server with py-spy during each cell into DIR (py-spy on PATH; see bench/README.md)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
@@ -776,7 +778,7 @@ def main(argv=None) -> dict:
                     "python": platform.python_version(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu"
                     else f"{platform.machine()} CPU, {os.cpu_count()} cores",
-                    "cell_s": args.cell_s, "max_tokens": args.max_tokens, "serve_flags": SERVE_FLAGS,
+                    "cell_s": args.cell_s, "max_tokens": args.max_tokens, "serve_flags": SERVE_FLAGS + args.serve_flags,
                     "question": QUESTIONS[args.question], "choices": CHOICES,
                     "threads": args.threads, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
                     "time": time.strftime("%Y-%m-%d %H:%M:%S")},
@@ -790,7 +792,7 @@ def main(argv=None) -> dict:
         model_dir, post_dir = build_random_model(args, work)
         res["meta"]["build_s"] = round(time.perf_counter() - t0, 1)
         model_args = ["--model", str(model_dir), "--adapter", str(post_dir)]
-    serve_args = model_args + SERVE_FLAGS + (["--device", args.device] if args.device else [])
+    serve_args = model_args + SERVE_FLAGS + (["--device", args.device] if args.device else []) + args.serve_flags
     res["meta"]["serve_args"] = serve_args
     grid = make_grid(args)
     if not args.no_engine:
