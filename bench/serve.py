@@ -12,9 +12,10 @@
    ``CompletionServing.prepare``, ``ChatServing.prepare``), so the engine sees the server's token ids.
 2. The server: ``tfb serve`` in a subprocess (or a running one with ``--url``), driven by
    ``concurrency`` closed-loop clients on one asyncio loop (one ``httpx.AsyncClient``): each sends
-   its next request when the last one is answered, for ``--cell-s`` seconds per cell, after a
-   warm-up. Streams are parsed without JSON (token events are counted by a byte marker), so
-   the client stays cheap; its CPU time is reported per cell.
+   its next request when the last one is answered; after a warm-up, each cell measures a window
+   of ``--cell-s`` seconds of the steady state, opened once every client has had one answer.
+   Streams are parsed without JSON (token events are counted by a byte marker), so the client
+   stays cheap; its CPU time is reported per cell.
 
 Per cell: req/s, generated tok/s, latency p50/p95, for streams TTFT and inter-token latency
 from the arrival times of the server-sent events, and the server/engine ratio.
@@ -153,20 +154,18 @@ USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 @dataclass
 class Cell:
-    """What one grid cell's clients saw."""
+    """What one grid cell's clients saw; every time is ``time.perf_counter()``."""
 
     workload: Workload
     K: int
     concurrency: int
-    latencies: list[float] = field(default_factory=list)  # completed requests, seconds
-    request_tokens: list[int] = field(default_factory=list)  # new tokens of completed requests
-    completion_tokens: int = 0  # of completed non-streamed requests
+    done: list[tuple[float, float, int]] = field(default_factory=list)  # answered: (sent, ended, new tokens)
     token_times: list[float] = field(default_factory=list)  # arrival of every streamed token
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
+    ttft: list[tuple[float, float]] = field(default_factory=list)  # (sent, time to its first token)
+    itl: list[tuple[float, float]] = field(default_factory=list)  # (arrival, gap since the token before)
     errors: int = 0
     codes: dict = field(default_factory=dict)
-    cancelled: int = 0  # in flight when the cell ended
+    cancelled: int = 0  # in flight when the window closed
     first_error: str | None = None
 
     def fail(self, status, text: str) -> None:
@@ -181,11 +180,8 @@ async def one_request(client, url: str, w: Workload, body: dict, cell: Cell) -> 
         r = await client.post(url + w.endpoint, json=body)
         if r.status_code != 200:
             return cell.fail(r.status_code, r.text)
-        cell.latencies.append(time.perf_counter() - t0)
-        if w.generates:
-            m = USAGE.search(r.content)
-            cell.request_tokens.append(int(m.group(1)) if m else 0)
-            cell.completion_tokens += cell.request_tokens[-1]
+        m = USAGE.search(r.content) if w.generates else None
+        cell.done.append((t0, time.perf_counter(), int(m.group(1)) if m else 0))
         return
     times: list[float] = []
     try:
@@ -203,62 +199,64 @@ async def one_request(client, url: str, w: Workload, body: dict, cell: Cell) -> 
                 times.extend([now] * events.count(TOKEN_MARK))  # one read may hold several events
                 if ERROR_MARK in events:
                     return cell.fail("stream", events.decode(errors="replace"))
-        cell.latencies.append(time.perf_counter() - t0)
-        cell.request_tokens.append(len(times))
-    finally:  # a stream cut at the cell's end keeps the tokens it got
+        cell.done.append((t0, time.perf_counter(), len(times)))
+    finally:  # a stream cut when the window closes keeps the tokens it got
         cell.token_times.extend(times)
         if times:
-            cell.ttft.append(times[0] - t0)
-            cell.itl.extend(b - a for a, b in zip(times, times[1:]))
+            cell.ttft.append((t0, times[0] - t0))
+            cell.itl.extend((b, b - a) for a, b in zip(times, times[1:]))
 
 
 async def drive(client, url: str, traffic: Traffic, w: Workload, K: int, conc: int, seconds: float,
                 rng: random.Random, grace_s: float) -> dict:
-    """``conc`` closed-loop clients, each sending its next request when the last is answered,
-    for ``seconds``. Then non-streamed requests in flight are awaited; streams still open are cut
-    (their tokens so far count) once every client has had one answer (a cell shorter than one
-    request measures nothing). ``grace_s``: the most either wait adds."""
+    """``conc`` closed-loop clients, each sending its next request when the last is answered;
+    measured in the steady state. The window of ``seconds`` opens once every client has had one
+    answer (the first requests come as one burst, unlike later ones: waited for at most
+    ``grace_s``), and counts what happens inside it: requests answered (their latency and new
+    tokens), streamed tokens arriving, the time to first token of requests sent, inter-token
+    gaps ending. Requests in flight when it closes are cut."""
     cell = Cell(w, K, conc)
-    start = time.perf_counter()
-    stop = start + seconds
     ramp = min(1.0, seconds / 8)  # start the clients spread out, not as one burst
     answered = [asyncio.Event() for _ in range(conc)]
+    inflight = [0]
 
     async def client_loop(i: int) -> None:
         await asyncio.sleep(ramp * i / conc)
-        while time.perf_counter() < stop:
-            await one_request(client, url, w, traffic.body(w, K, rng.randrange(10**9)), cell)
+        while True:
+            inflight[0] += 1
+            try:
+                await one_request(client, url, w, traffic.body(w, K, rng.randrange(10**9)), cell)
+            finally:
+                inflight[0] -= 1
             answered[i].set()
 
     cpu0 = time.process_time()
     tasks = [asyncio.ensure_future(client_loop(i)) for i in range(conc)]
-    if w.stream:
-        await asyncio.sleep(seconds)
-        everyone = asyncio.gather(*(e.wait() for e in answered))
-        try:
-            await asyncio.wait_for(everyone, grace_s)
-        except asyncio.TimeoutError:
-            pass
-        pending = [t for t in tasks if not t.done()]
-    else:
-        _, pending = await asyncio.wait(tasks, timeout=seconds + grace_s)
-    for t in pending:
-        t.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    cell.cancelled = len(pending)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in answered)), grace_s)
+    except asyncio.TimeoutError:
+        pass
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
     end = time.perf_counter()
+    cell.cancelled = inflight[0]
     for t in tasks:
-        if not t.cancelled() and t.exception() is not None:
-            cell.fail("client", repr(t.exception()))
+        t.cancel()
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if not isinstance(result, asyncio.CancelledError):
+            cell.fail("client", repr(result))
     return summarize(cell, start, end, time.process_time() - cpu0)
 
 
 def summarize(cell: Cell, start: float, end: float, client_cpu_s: float) -> dict:
-    # streams: the window (streams cut at its end count the tokens they got); otherwise until
-    # the last answer (requests in flight at the window's end were awaited)
+    """The cell's figures over the window ``[start, end]`` (see :func:`drive`)."""
     w, wall = cell.workload, end - start
-    tokens = len(cell.token_times) if w.stream else cell.completion_tokens
-    lat = cell.latencies
+    inside = lambda t: start <= t <= end  # noqa: E731
+    done = [(t0, t1, n) for t0, t1, n in cell.done if inside(t1)]
+    lat = [t1 - t0 for t0, t1, _ in done]
+    tokens = sum(map(inside, cell.token_times)) if w.stream else sum(n for *_, n in done)
+    ttft = [x for t0, x in cell.ttft if inside(t0)]
+    itl = [x for t, x in cell.itl if inside(t)]
     return {
         "workload": w.name, "endpoint": w.endpoint, "mode": w.mode, "stream": w.stream, "K": cell.K,
         "concurrency": cell.concurrency, "requests": len(lat), "errors": cell.errors, "codes": cell.codes,
@@ -266,12 +264,11 @@ def summarize(cell: Cell, start: float, end: float, client_cpu_s: float) -> dict
         "req_s": round(len(lat) / wall, 3),
         "tok_s": round(tokens / wall, 2) if w.generates else None,
         "tokens": tokens if w.generates else None,
-        "tokens_per_request": round(sum(cell.request_tokens) / len(cell.request_tokens), 1)
-        if cell.request_tokens else None,
+        "tokens_per_request": round(sum(n for *_, n in done) / len(done), 1) if done and w.generates else None,
         "p50_ms": ms(pct(lat, .5)), "p95_ms": ms(pct(lat, .95)),
-        "ttft_p50_ms": ms(pct(cell.ttft, .5)), "ttft_p95_ms": ms(pct(cell.ttft, .95)),
-        "itl_p50_ms": ms(pct(cell.itl, .5)), "itl_p95_ms": ms(pct(cell.itl, .95)),
-        "itl_n": len(cell.itl),
+        "ttft_p50_ms": ms(pct(ttft, .5)), "ttft_p95_ms": ms(pct(ttft, .95)),
+        "itl_p50_ms": ms(pct(itl, .5)), "itl_p95_ms": ms(pct(itl, .95)),
+        "itl_n": len(itl),
         "client_cpu_s": round(client_cpu_s, 3), "client_cpu_frac": round(client_cpu_s / wall, 3),
     }
 
