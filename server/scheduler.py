@@ -14,12 +14,13 @@ sequences finish: their step result is :data:`PENDING`), and while sequences are
 worker runs decode steps back to back until new work arrives, which the loop then takes
 between two steps without waiting.
 
-New generation work joins a running batch in groups (as TGI's ``waiting_served_ratio`` and
+New generation work can join a running batch in groups (as TGI's ``waiting_served_ratio`` and
 ``max_waiting_tokens`` do): a prefill forward costs about one decode step on a GPU however
 few prompts it runs (it reads every weight once), so one admission per finished sequence
-would halve the step rate of a busy server. While sequences decode, waiting generation work
-joins once its number reaches ``admit_ratio`` x the running sequences, or once the oldest has
-waited ``admit_wait_ms``; an idle decoder admits at once.
+costs a busy server a step each. With ``admit_ratio`` > 0, while sequences decode, waiting
+generation work joins once its number reaches ``admit_ratio`` x the running sequences, or once
+the oldest has waited ``admit_wait_ms``; an idle decoder admits at once. 0 (the default):
+each joins at the next step.
 """
 
 from __future__ import annotations

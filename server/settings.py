@@ -95,10 +95,10 @@ class Settings(BaseSettings):
                                   "max_item_tokens) runs alone")
     max_wait_ms: float = Field(0.0, ge=0, description="how long the scheduler waits for more work before it runs "
                                "a batch (0: at once; work that arrives during a forward joins the next batch)")
-    admit_ratio: float = Field(0.3, ge=0, description="while sequences are being generated, new generation "
+    admit_ratio: float = Field(0.0, ge=0, description="while sequences are being generated, new generation "
                                "requests join them in groups: once this many times the running sequences wait "
                                "(a prefill forward costs about one decode step however few prompts it runs), "
-                               "or --admit-wait-ms passed; 0: each joins at the next step")
+                               "or --admit-wait-ms passed; 0 (default): each joins at the next step")
     admit_wait_ms: float = Field(100.0, ge=0, description="the longest a generation request waits to join "
                                  "running sequences in a group (see --admit-ratio)")
     max_queue: int = Field(256, ge=1, description="the most items waiting; more get 429")

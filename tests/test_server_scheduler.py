@@ -4,6 +4,7 @@ failures, draining; then 429 / 504 / 503-while-loading through a real server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -347,16 +348,27 @@ class BusyDecoder(SpinningDecoder):
         return 0 if self.stop.is_set() else self.n
 
 
+@contextlib.asynccontextmanager
+async def busy_scheduler(admit_wait_ms: float):
+    """A scheduler (admit_ratio 0.3) over 10 sequences decoding: (decoder, step, scheduler)."""
+    dec, step = BusyDecoder(10), FakeStep()
+    sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec, admit_ratio=0.3, admit_wait_ms=admit_wait_ms)
+    sched.start()
+    try:
+        while dec.steps == 0:  # the decode turn has started on the worker
+            await asyncio.sleep(0.001)
+        yield dec, step, sched
+    finally:
+        dec.stop.set()
+        await sched.stop()
+
+
 def test_generation_joins_running_sequences_in_groups_and_scoring_goes_past():
     """With 10 sequences decoding and admit_ratio 0.3, generation work waits until 3 wait, then
     joins in one batch; a scoring item submitted meanwhile is answered at once."""
     async def main():
-        dec = BusyDecoder(10)
-        step = FakeStep()
-        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec, admit_ratio=0.3, admit_wait_ms=60_000)
-        sched.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with busy_scheduler(admit_wait_ms=60_000) as (dec, step, sched):
+            loop = asyncio.get_running_loop()
             gens = [Work(v, loop.create_future(), kind="generate") for v in (1, 2, 3)]
             for g in gens[:2]:
                 sched.submit([g])
@@ -368,9 +380,6 @@ def test_generation_joins_running_sequences_in_groups_and_scoring_goes_past():
             sched.submit([gens[2]])
             assert await sched.wait(gens, 30) == [2, 4, 6]
             assert step.batches == [[9], [1, 2, 3]]  # the three joined in one batch
-        finally:
-            dec.stop.set()
-            await sched.stop()
 
     run(main())
 
@@ -379,21 +388,11 @@ def test_held_generation_joins_once_the_oldest_waited_admit_wait_ms():
     """A lone generation request behind busy decoding joins by itself after admit_wait_ms, with
     no other event to wake the scheduler; not before."""
     async def main():
-        dec = BusyDecoder(10)
-        step = FakeStep()
-        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec, admit_ratio=0.3, admit_wait_ms=80)
-        sched.start()
-        loop = asyncio.get_running_loop()
-        try:
-            while dec.steps == 0:
-                await asyncio.sleep(0.001)
-            gen = Work(5, loop.create_future(), kind="generate")
+        async with busy_scheduler(admit_wait_ms=80) as (dec, step, sched):
+            gen = Work(5, asyncio.get_running_loop().create_future(), kind="generate")
             sched.submit([gen])
             assert await sched.wait([gen], 30) == [10]
             waited = time.monotonic() - gen.arrived
             assert waited >= 0.08 and step.batches == [[5]] and dec.active == 10
-        finally:
-            dec.stop.set()
-            await sched.stop()
 
     run(main())
