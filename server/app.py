@@ -7,8 +7,8 @@ The model loads (or the start-up search runs) in a background thread, so ``/heal
 from __future__ import annotations
 
 import asyncio
-import gc
 import copy
+import gc
 import logging
 import threading
 import time
