@@ -33,16 +33,21 @@ def poison_embeddings(loaded):
     return loaded
 
 
-def poisoned_load(settings, set_status):
-    loaded = poison_embeddings(real_load(settings, set_status))
-
+def poison_decode(loaded, position: int = POISON_POSITION):
+    """In the loaded model: a decode step raises when a row reaches ``position`` (its rotary
+    embedding raises, as a failing kernel would for one request's rows), in the eager engine's
+    forward and the static engine's alike. Returns ``loaded``."""
     def rotary(module, args, kwargs):
         positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-        if positions is not None and positions.shape[-1] == 1 and (positions == POISON_POSITION).any():
+        if positions is not None and positions.shape[-1] == 1 and (positions == position).any():
             raise RuntimeError("kernel fault at /secret/local/path")
 
     loaded.post.model.model.rotary_emb.register_forward_pre_hook(rotary, with_kwargs=True)
     return loaded
+
+
+def poisoned_load(settings, set_status):
+    return poison_decode(poison_embeddings(real_load(settings, set_status)))
 
 
 if __name__ == "__main__":  # (imported by the test for its constants: no patching then)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny
-from poisoned_serve import NAN_WORD, RAISE_WORD, poison_embeddings  # prompts holding these poison the forward
+from poisoned_serve import NAN_WORD, RAISE_WORD, poison_decode, poison_embeddings  # prompts holding these poison the forward
 from server import loader
 from server_helpers import ServerThread, bayesianized, metric, wait_for
 
@@ -147,15 +147,7 @@ def poisoned_decode_load(settings, set_status):
     """The real loader, then a fault in the real model's decode step: its rotary embedding
     raises when a row reaches position 40 (as a failing kernel would for one request's rows),
     in the eager engine's forward and the static engine's alike."""
-    loaded = loader.load(settings, set_status)
-
-    def hook(module, args, kwargs):
-        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-        if positions is not None and positions.shape[-1] == 1 and (positions == POISON_POSITION).any():
-            raise RuntimeError("kernel fault at /secret/local/path")
-
-    loaded.post.model.model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
-    return loaded
+    return poison_decode(loader.load(settings, set_status), POISON_POSITION)
 
 
 @pytest.mark.parametrize("engine", ["eager", "static"])

@@ -42,10 +42,7 @@ class Mode(str, Enum):
 
 
 def parse_mode(mode: "Mode | str") -> Mode:
-    try:
-        return Mode(mode)
-    except ValueError:
-        raise TFBError(f"unknown mode {mode!r}; allowed: letter, sequence") from None
+    return _parse(Mode, mode, "mode")
 
 
 class Criterion(str, Enum):
@@ -62,11 +59,15 @@ class Criterion(str, Enum):
 
 
 def parse_criterion(criterion: "Criterion | str") -> Criterion:
+    return _parse(Criterion, criterion, "criterion")
+
+
+def _parse(kind: type[Enum], value, what: str):
+    """``kind(value)``, or a TFBError that names the allowed values."""
     try:
-        return Criterion(criterion)
+        return kind(value)
     except ValueError:
-        raise TFBError(f"unknown criterion {criterion!r}; allowed: "
-                       f"{', '.join(c.value for c in Criterion)}") from None
+        raise TFBError(f"unknown {what} {value!r}; allowed: {', '.join(m.value for m in kind)}") from None
 
 
 class Score(str, Enum):
