@@ -216,7 +216,7 @@ class Scheduler:
             if self.decoder is not None and self.decoder.active > 0:
                 self._set_running(self.decoder.active)
                 steps = 1 if self._runnable_waiting() else None  # left behind: taken after one step
-                until = self._admit_by()  # held generation work joins by then
+                until = self._held_until() or math.inf  # held generation work joins by then
                 try:
                     await loop.run_in_executor(self._pool, self._decode, arrivals, steps, until)
                 except Exception as e:  # the decoder reruns a failed step per sequence; this is past that
@@ -243,7 +243,7 @@ class Scheduler:
         """Whether waiting work could run now (left behind by the last batch: another kind, or
         over its size or token budget), not only generation waiting for KV rows. The loop's
         thread only (it iterates the queue)."""
-        hold = self._hold_admission()
+        hold = self._held_until() is not None
         for item in self._waiting:
             if item.kind != "generate":
                 return True
@@ -252,22 +252,20 @@ class Scheduler:
             return self._kv_fits(Batch(item.kind), item)  # generation is admitted in order
         return False
 
-    def _hold_admission(self) -> bool:
-        """Whether waiting generation work waits to join the running batch in a larger group:
-        while sequences decode, until ``admit_ratio`` x their number wait (at most a full
-        batch), or the oldest has waited ``admit_wait``. The loop's thread only."""
+    def _held_until(self) -> float | None:
+        """When waiting generation work that waits to join the running batch in a larger group is
+        due (None: none waits so): while sequences decode, it waits until ``admit_ratio`` x their
+        number wait (at most a full batch), or the oldest has waited ``admit_wait``. The loop's
+        thread only."""
         active = self.decoder.active if self.decoder is not None else 0
         if self.admit_ratio <= 0 or active == 0:
-            return False
+            return None
         group = min(math.floor(self.admit_ratio * active), self.max_batch_size)
         waiting = [item for item in self._waiting if item.kind == "generate"]
-        return bool(waiting) and len(waiting) < group and time.monotonic() < waiting[0].arrived + self.admit_wait
-
-    def _admit_by(self) -> float:
-        """When held generation work is due to join (``math.inf``: none is held)."""
-        if not self._hold_admission():
-            return math.inf
-        return next(item.arrived for item in self._waiting if item.kind == "generate") + self.admit_wait
+        if not waiting or len(waiting) >= group:
+            return None
+        due = waiting[0].arrived + self.admit_wait
+        return due if time.monotonic() < due else None
 
     def _set_running(self, n: int) -> None:
         active = self.decoder.active if self.decoder is not None else 0
@@ -327,7 +325,7 @@ class Scheduler:
         so it is never starved); scoring, which holds no KV rows, goes past them.
         """
         # blocked: a generation item waits for KV rows, or to join in a larger group
-        batch, taken, blocked = None, [], self._hold_admission()
+        batch, taken, blocked = None, [], self._held_until() is not None
         for i, item in enumerate(self._waiting):
             if item.kind == "generate" and (
                     blocked or not self._kv_fits(batch if batch is not None else Batch(item.kind), item)):

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import tiny
 from poisoned_serve import NAN_WORD, POISON_POSITION, RAISE_WORD
-from server_helpers import ROOT, bayesianized, start_cli, wait_ready
+from server_helpers import ROOT, bayesianized, metric, scrape, start_cli, wait_for, wait_ready
 
 K = 3
 CLIENTS = 16  # well-behaved
@@ -281,25 +280,6 @@ def poison_prompt() -> str:
     return text
 
 
-def metrics(url: str) -> dict[tuple, float]:
-    out = {}
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model")))] = s.value
-    return out
-
-
-def total(m: dict, name: str, **labels) -> float:
-    return sum(v for (n, ls), v in m.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
-
-
-def wait_for(condition, timeout: float = 90.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not met in {timeout} s"
-        time.sleep(0.02)
-
-
 def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
     base, post = post_dirs
     proc, url = start_cli("--model", str(base), "--adapter", str(post), "--device", "cpu", "--samples", str(K),
@@ -345,10 +325,10 @@ def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
 
         wait_for(lambda: all(load.done(f"good{c}") >= ROUNDS for c in range(CLIENTS))
                  and stats["left_streams"] >= 1 and stats["left_answers"] >= 1 or failed(),
-                 what="the load's first half")
+                 timeout=90, what="the load's first half")
         assert not failed(), failed()[:5]
         t_mid = time.monotonic()
-        before = metrics(url)
+        before = scrape(url)
         t_before = time.monotonic()
         # a long stream in flight (its first token seen), then SIGTERM
         in_flight: dict = {}
@@ -374,7 +354,8 @@ def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
 
         lc = threading.Thread(target=long_client, daemon=True)
         lc.start()
-        wait_for(lambda: "first" in in_flight or "refused" in in_flight, what="the long stream's first token")
+        wait_for(lambda: "first" in in_flight or "refused" in in_flight, timeout=90,
+                 what="the long stream's first token")
         assert "refused" not in in_flight, in_flight
         load.sigterm_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -416,7 +397,7 @@ def test_many_clients_a_hostile_one_and_a_sigterm_midway(post_dirs):
                and dict(ls)["endpoint"] != "/health" and dict(ls)["status"].startswith("5"))  # /health: 503 loading
     raising = [o for o in load.outcomes if o.what in ("raising prefill", "raising decode step") and o.status == 500]
     assert sum(o.ended < t_mid for o in raising) <= five <= sum(o.started < t_before for o in raising)
-    assert total(before, "tfb_requests_total", status="client_closed") >= 1
+    assert metric(before, "tfb_requests_total", status="client_closed") >= 1
 
     answered = sum(o.status == 200 for o in load.outcomes)
     hostile_n = sum(o.client == "hostile" for o in load.outcomes)

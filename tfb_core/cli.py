@@ -107,7 +107,7 @@ def _run_bayesianize(args) -> int:
     from .models import load_base_model
     from .posterior import Posterior
 
-    search_config(args)  # bad values fail before the model loads
+    config = search_config(args)  # bad values fail before the model loads
     if args.sigma is None and not args.calibration:
         raise TFBError("--calibration FILE is required unless --sigma is given")
     if args.sigma is not None and args.sigma < 0:
@@ -117,7 +117,6 @@ def _run_bayesianize(args) -> int:
         check_labels(items, args.calibration, args)
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
-    config = search_config(args)
     post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,
                                   mode=config.mode, chat=config.chat, length_normalize=config.length_normalize)
     if args.sigma is not None:

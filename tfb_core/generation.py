@@ -347,7 +347,7 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
         pk = probs.view(S, Ks[0], -1)
         p, ee = pk.mean(1), entropy(pk).mean(1)  # (S, V), (S,)
     else:
-        seg = torch.repeat_interleave(torch.arange(S, device=dev), torch.tensor(Ks, device=dev))
+        seg = torch.arange(S, device=dev).repeat_interleave(torch.tensor(Ks, device=dev), output_size=sum(Ks))
         k = torch.tensor(Ks, device=dev, dtype=probs.dtype)
         p = torch.zeros(S, probs.shape[1], device=dev, dtype=probs.dtype).index_add_(0, seg, probs) / k[:, None]
         ee = torch.zeros(S, device=dev, dtype=probs.dtype).index_add_(0, seg, entropy(probs)) / k
@@ -385,7 +385,10 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
             if n else []
         s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top))
         update_finish(decode, s, eos, limit)
-    return torch.repeat_interleave(tokens, torch.tensor(Ks, device=dev))
+    # the output's size given: the device need not be asked for it (a sync) in the middle of the step
+    if len(set(Ks)) == 1:
+        return tokens.repeat_interleave(Ks[0])
+    return tokens.repeat_interleave(torch.tensor(Ks, device=dev), output_size=sum(Ks))
 
 
 def update_finish(decode: Callable[[list[int]], str], s: GenSequence, eos: set[int], limit: int | None) -> None:

@@ -91,18 +91,11 @@ class Metric(str, Enum):
 
 
 def parse_score(score) -> Score:
-    try:
-        return Score(score)
-    except ValueError:
-        raise TFBError(f"unknown conformal score {score!r}; allowed: lac, aps") from None
+    return _parse(Score, score, "conformal score")
 
 
 def parse_metric(metric) -> Metric:
-    try:
-        return Metric(metric)
-    except ValueError:
-        raise TFBError(f"unknown abstention metric {metric!r}; allowed: mutual_information, "
-                       f"predictive_entropy") from None
+    return _parse(Metric, metric, "abstention metric")
 
 
 # --- the search ---------------------------------------------------------------------------------
