@@ -289,11 +289,9 @@ class EngineBench:
     """The server's worker side, in this process: its loader, ModelRunner and serving classes."""
 
     def __init__(self, settings, clock, steps: int, traffic: Traffic):
-        import copy
-
         from server.engine import ModelRunner
         from server.generating import ChatServing, CompletionServing
-        from server.loader import load
+        from server.loader import ServedModel, load
         from server.metrics import Metrics
         from server.serving import ChoicesServing
 
@@ -302,10 +300,10 @@ class EngineBench:
         self.loaded = load(settings)
         self.traffic = Traffic(traffic.question, traffic.max_tokens, self.loaded.model_id)
         self.runner = ModelRunner(self.loaded, Metrics(self.loaded.model_id), settings.engine)
-        tok = copy.deepcopy(self.loaded.post.tokenizer)  # as server.app.ready does
-        self.choices = ChoicesServing(self.loaded, None, settings, self.runner.metrics, tok)
-        self.completions, self.chat = (cls(self.loaded.post, self.loaded.model_id, None, settings,
-                                           self.runner.metrics, tok) for cls in (CompletionServing, ChatServing))
+        model = ServedModel.of(self.loaded)  # as server.app.ready_here does
+        self.choices = ChoicesServing(model, None, settings, self.runner.metrics)
+        self.completions, self.chat = (cls(model, None, settings, self.runner.metrics)
+                                       for cls in (CompletionServing, ChatServing))
         self.loop = asyncio.new_event_loop()  # never run: futures and events only need one to exist
         self.load_s = time.perf_counter() - t0
         self.static = self.runner.kind == "static"

@@ -7,13 +7,12 @@ The model loads (or the start-up search runs) in a background thread, so ``/heal
 from __future__ import annotations
 
 import asyncio
-import copy
 import gc
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Callable
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,11 +43,13 @@ def build_app(settings: Settings | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        start_loading(state, load)
+        stop = start_loading(state, load)
         yield
         if state.scheduler is not None:
             await state.scheduler.stop()
             log.info("drained: %s", drained_gauges(state.metrics))
+        elif stop is not None:  # the engine process, still loading
+            await stop()
 
     app = FastAPI(title="tfb", version="0.1.0", lifespan=lifespan,
                   description="LLM answers with honest uncertainty: a LoRA adapter Bayesianized "
@@ -83,8 +84,14 @@ def drained_gauges(metrics: Metrics) -> str:
             f"{value('tfb_kv_cache_rows')} KV rows")
 
 
-def start_loading(state: AppState, load) -> None:
-    """Load in a daemon thread; on success start the scheduler on this event loop."""
+def start_loading(state: AppState, load) -> Callable[[], Awaitable] | None:
+    """Start the engine: in this process, loading in a daemon thread (on success the scheduler
+    starts on this event loop), or with ``--engine-process`` in a process of its own (returns
+    what stops it)."""
+    if state.settings.engine_process:
+        from .engine_process import start_engine_process
+
+        return start_engine_process(state, ready)
     loop = asyncio.get_running_loop()
 
     def set_status(status: str) -> None:
@@ -96,43 +103,53 @@ def start_loading(state: AppState, load) -> None:
             loaded = load(state.settings, set_status)
             state.settings = loader.resolve_settings(state.settings, loaded.post)
             runner = ModelRunner(loaded, state.metrics, state.settings.engine)
+            model = loader.ServedModel.of(loaded)
         except BaseException as e:  # any failure: one line, then the CLI exits non-zero
-            reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
-            reason = " ".join(reason.split())
             log.debug("start-up failed", exc_info=True)
-            loop.call_soon_threadsafe(fail, state, reason)
+            loop.call_soon_threadsafe(fail, state, failure_reason(e))
             return
         log.info("loaded in %.1f s", time.perf_counter() - t0)
-        loop.call_soon_threadsafe(ready, state, loaded, runner)
+        loop.call_soon_threadsafe(ready_here, state, loaded, runner, model)
 
     threading.Thread(target=work, name="tfb-load", daemon=True).start()
+    return None
 
 
-def ready(state: AppState, loaded: loader.Loaded, runner: ModelRunner) -> None:
+def failure_reason(e: BaseException) -> str:
+    """A start-up failure in one line."""
+    reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+    return " ".join(reason.split())
+
+
+def ready_here(state: AppState, loaded: loader.Loaded, runner: ModelRunner, model: loader.ServedModel) -> None:
+    """The engine loaded in this process: its scheduler starts on this event loop."""
     s = state.settings
-    state.scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens,
-                                s.max_wait_ms, s.max_queue, decoder=runner.engine, max_kv_rows=s.max_kv_rows,
-                                admit_ratio=s.admit_ratio, admit_wait_ms=s.admit_wait_ms)
-    state.scheduler.start()
-    state.runner = runner
-    # the event loop tokenizes with its own copy: the worker decodes generated text with the
-    # posterior's, and one fast tokenizer used from two threads at once fails ("Already borrowed")
-    tokenizer, tokenizing = copy.deepcopy(loaded.post.tokenizer), Tokenizing()
-    state.choices = ChoicesServing(loaded, state.scheduler, s, state.metrics, tokenizer, tokenizing)
-    state.completions, state.chat = (cls(loaded.post, loaded.model_id, state.scheduler, s, state.metrics,
-                                         tokenizer, tokenizing) for cls in (CompletionServing, ChatServing))
-    state.loaded = loaded
-    post = loaded.post
-    device = next(post.model.parameters())
-    state.metrics.set_posterior(post.sigma, s.samples, {
-        "base_model": loader.public_name(post.base.name, s.show_paths),
-        "adapter": loader.public_name(loaded.adapter, s.show_paths) or "", "source": loaded.source,
-        "device": str(device.device), "dtype": str(device.dtype).removeprefix("torch."),
+    scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens, s.max_wait_ms,
+                          s.max_queue, decoder=runner.engine, max_kv_rows=s.max_kv_rows,
+                          admit_ratio=s.admit_ratio, admit_wait_ms=s.admit_wait_ms)
+    scheduler.start()
+    state.runner, state.loaded = runner, loaded
+    ready(state, model, scheduler)
+
+
+def ready(state: AppState, model: loader.ServedModel, scheduler) -> None:
+    """Serve ``model`` through ``scheduler`` (a :class:`Scheduler`, or the engine process's
+    client, which takes the same calls)."""
+    s = state.settings
+    state.scheduler, state.model = scheduler, model
+    tokenizing = Tokenizing()  # the one thread that uses the event loop's tokenizer
+    state.choices = ChoicesServing(model, scheduler, s, state.metrics, tokenizing)
+    state.completions, state.chat = (cls(model, scheduler, s, state.metrics, tokenizing)
+                                     for cls in (CompletionServing, ChatServing))
+    state.metrics.set_posterior(model.sigma, s.samples, {
+        "base_model": loader.public_name(model.base_name, s.show_paths),
+        "adapter": loader.public_name(model.adapter, s.show_paths) or "", "source": model.source,
+        "device": model.device, "dtype": model.dtype,
     })
     if state.status != "draining":
         state.status = "ready"
-    log.info("ready: %s (sigma=%.6g, K=%d, %s) on http://%s:%d", loaded.model_id, post.sigma, s.samples,
-             loaded.source, s.host, s.port)
+    log.info("ready: %s (sigma=%.6g, K=%d, %s) on http://%s:%d", model.model_id, model.sigma, s.samples,
+             model.source, s.host, s.port)
     if state.on_ready is not None:
         state.on_ready()
 
@@ -149,9 +166,9 @@ def freeze_heap() -> None:
     log.info("%d start-up objects frozen out of the garbage collector's scans", gc.get_freeze_count())
 
 
-def fail(state: AppState, reason: str) -> None:
+def fail(state: AppState, reason: str, when: str = "start-up") -> None:
     state.status, state.detail = "failed", reason
-    log.error("start-up failed: %s", reason)
+    log.error("%s failed: %s", when, reason)
     if state.on_fatal is not None:
         state.on_fatal(reason)
 

@@ -27,7 +27,7 @@ from tfb_core import (Decoder, Encoded, GenSequence, TokenInfo, choice_probs, de
                       make_decoder, make_prefill, resolve_engine, safe_text)
 
 from .errors import BadRequest, as_api_error
-from .loader import Loaded
+from .loader import Loaded, temperature
 from .metrics import Metrics, Timer
 from .scheduler import PENDING, Batch
 
@@ -80,8 +80,7 @@ class ModelRunner:
         self.prefill = make_prefill(self.post, self.kind)
         # the continuous decode loop's state; on CUDA new prompts run through the scoring engine's graphs
         self.engine = GenerationEngine(self.post, metrics, self.kind, prefill=self.prefill)
-        # the posterior's temperature, applied to the model average only (docs/method.md §5)
-        self.temperature = float(getattr(self.post.config, "temperature", 1.0) or 1.0)
+        self.temperature = temperature(self.post.config)
 
     def step(self, batch: Batch) -> list:
         if batch.kind == "generate":
@@ -226,7 +225,7 @@ class GenerationEngine:
         own bookkeeping raised): every active sequence gets the error; the KV rows are freed."""
         works, self.works = list(self.works.values()), {}
         self.decoder = None  # its state may be half-stepped: the next admit starts a fresh one
-        self.metrics.kv_rows.labels(self.metrics.model).set(0)
+        self.metrics.set_work(kv_rows=0)
         for w in works:  # last: a client told of the failure finds the engine already reset
             w.loop.call_soon_threadsafe(_fail, w, error)
 
@@ -273,7 +272,7 @@ class GenerationEngine:
         for s in self.decoder.filter():
             w = self.works.pop(id(s))
             w.loop.call_soon_threadsafe(_finish, w)
-        self.metrics.kv_rows.labels(self.metrics.model).set(self.kv_rows)
+        self.metrics.set_work(kv_rows=self.kv_rows)
 
 
 def _put(batch: list[tuple[GenWork, GenEvent]]) -> None:

@@ -36,6 +36,25 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def __reduce__(self):  # sent between processes (server/engine_process.py) as it is
+        return _rebuild, (type(self), self.message, self.param, self.code, self.headers, self.status, self.type)
+
+
+def _rebuild(cls, message, param, code, headers, status, type) -> APIError:
+    error = cls.__new__(cls)
+    APIError.__init__(error, message, param, code, headers)
+    error.status, error.type = status, type
+    return error
+
+
+def portable(exc: BaseException) -> APIError:
+    """``exc`` as the client would see it (:func:`public_error`), as an APIError that pickles."""
+    if isinstance(exc, APIError):
+        return exc
+    status, body, headers = public_error(exc)
+    e = body["error"]
+    return _rebuild(APIError, e["message"], e["param"], e["code"], headers, status, e["type"])
+
 
 class BadRequest(APIError):
     status, type = 400, "invalid_request_error"

@@ -16,11 +16,12 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from tfb_core import GenSequence, TFBError, TokenInfo, apply_chat, max_context
+from tfb_core import GenSequence, TFBError, TokenInfo, apply_chat
 
 from .engine import GenWork
 from .errors import BadRequest, NotFound, RequestTimeout, sse_error
 from .limits import Tokenizing, check_chars, check_samples, max_prompt_chars
+from .loader import ServedModel
 from .metrics import Metrics
 from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut,
@@ -62,16 +63,16 @@ class GenerationServing:
     param: str  # the request field holding the text
     items_param: str  # the field to name when a request has too many sequences
 
-    def __init__(self, post, model_id: str, scheduler: Scheduler, settings: Settings, metrics: Metrics,
-                 tokenizer=None, tokenizing: Tokenizing | None = None):
-        self.post = post
-        self.tokenizer = tokenizer or post.tokenizer  # the event loop's (see server.app.ready)
+    def __init__(self, model: ServedModel, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+                 tokenizing: Tokenizing | None = None):
+        self.model = model
+        self.tokenizer = model.tokenizer
         self.tokenizing = tokenizing or Tokenizing()  # the one thread that uses it
-        self.model_id = model_id
+        self.model_id = model.model_id
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
-        self.context = max_context(post.model) or 2048
+        self.context = model.context or 2048
         self.max_chars = max_prompt_chars(self.tokenizer, self.context)
         self._pieces: dict[int, str] = {}  # token id -> its text (at most the vocabulary)
 
@@ -148,7 +149,7 @@ class GenerationServing:
         works = []
         for p in prompts:
             for i in range(request.n):
-                params = request.to_sampling_params(max_tokens, K, self.post.config.seed, choice=i)
+                params = request.to_sampling_params(max_tokens, K, self.model.config.seed, choice=i)
                 seq = GenSequence(list(p), params)
                 works.append(GenWork(seq, self.endpoint, deadline, loop.create_future(), events, loop,
                                      index=len(works)))
@@ -256,7 +257,7 @@ class GenerationServing:
                                      expected_entropy=t.expected_entropy,
                                      mutual_information=t.mutual_information) for t in tokens],
             sequence=SequenceUncertainty(**summary) if summary is not None else None,
-            num_samples=seq.params.num_samples, sigma=self.post.sigma)
+            num_samples=seq.params.num_samples, sigma=self.model.sigma)
 
     def _piece(self, token_id: int) -> str:
         """A token's own text (for per-token uncertainty and logprobs), decoded once per token id."""

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -51,6 +52,44 @@ class Loaded:
     model_id: str
     adapter: str | None
     source: str  # loaded | searched | cached search | demo | placeholder
+
+
+@dataclass
+class ServedModel:
+    """What the API side serves of a loaded posterior: its description and a tokenizer of its
+    own, never the weights (the engine holds those, in this process or in its own: the
+    engine process sends this one over)."""
+
+    model_id: str
+    adapter: str | None
+    source: str
+    tokenizer: object  # the event loop's copy: the engine decodes with the posterior's own
+    config: object  # tfb_core.PosteriorConfig
+    sigma: float
+    context: int | None  # the model's context length in tokens
+    base_name: str
+    device: str
+    dtype: str
+
+    @classmethod
+    def of(cls, loaded: Loaded) -> "ServedModel":
+        from tfb_core import max_context
+
+        post = loaded.post
+        weight = next(post.model.parameters())
+        # one fast tokenizer used from two threads at once fails ("Already borrowed"): a copy
+        return cls(loaded.model_id, loaded.adapter, loaded.source, copy.deepcopy(post.tokenizer), post.config,
+                   post.sigma, max_context(post.model), post.base.name, str(weight.device),
+                   str(weight.dtype).removeprefix("torch."))
+
+    @property
+    def temperature(self) -> float:
+        return temperature(self.config)
+
+
+def temperature(config) -> float:
+    """The posterior's temperature, applied to the model average only (docs/method.md §5)."""
+    return float(getattr(config, "temperature", 1.0) or 1.0)
 
 
 def model_id(settings: Settings) -> str:

@@ -139,6 +139,18 @@ class Metrics:
         self.decode_batch_size.labels(self.model).observe(sequences)
         self.forward_duration.labels(self.model).observe(seconds)
 
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.labels(self.model).observe(seconds)
+
+    def observe_dropped(self) -> None:
+        self.dropped.labels(self.model).inc()
+
+    def set_work(self, queued: int | None = None, running: int | None = None, kv_rows: int | None = None) -> None:
+        """The work gauges: items queued, items in the forward, KV cache rows held (None: unchanged)."""
+        for gauge, value in ((self.queue_depth, queued), (self.running, running), (self.kv_rows, kv_rows)):
+            if value is not None:
+                gauge.labels(self.model).set(value)
+
     def set_posterior(self, sigma: float, num_samples: int, info: dict[str, str]) -> None:
         self.sigma.labels(self.model).set(sigma)
         self.weight_samples.labels(self.model).set(num_samples)

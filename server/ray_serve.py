@@ -75,7 +75,9 @@ class TFBReplica:
         ctx = serve.get_replica_context()
         self.tfb_name = ctx.replica_tag
         loaded = await asyncio.to_thread(load_or_raise, settings)  # raises with tfb's one-line reason
-        self.tfb_app = build_app(settings, load=lambda s, set_status: loaded)
+        # the replica loaded the model here: its engine runs in this process
+        self.tfb_app = build_app(settings.model_copy(update={"engine_process": False}),
+                                 load=lambda s, set_status: loaded)
         self.tfb_state = self.tfb_app.state.tfb
         self.tfb_state.on_ready = freeze_heap  # one model for the replica's life
         router = self.tfb_app.router

@@ -162,25 +162,25 @@ async def list_models(request: Request) -> ModelList:
     state = get_state(request)
     show = state.settings.show_paths
     card = ModelCard(id=state.model_id, created=int(state.started), root=public_name(state.base_name, show),
-                     adapter=public_name(state.loaded.adapter, show) if state.loaded else None,
-                     files_sha256=dict(state.loaded.post.config.files_sha256) if state.loaded else None)
+                     adapter=public_name(state.model.adapter, show) if state.model else None,
+                     files_sha256=dict(state.model.config.files_sha256) if state.model else None)
     return ModelList(data=[card])
 
 
 @api.get("/v1/posterior", response_model=PosteriorInfo, tags=["models"])
 async def get_posterior(state: AppState = Depends(require_ready)) -> PosteriorInfo:
-    post, cfg = state.loaded.post, state.loaded.post.config
+    model, cfg = state.model, state.model.config
     show = state.settings.show_paths
     base_model = {**cfg.base_model, "name": public_name(cfg.base_model.get("name"), show)}
     return PosteriorInfo(
-        model=state.model_id, base_model=base_model, adapter=public_name(state.loaded.adapter, show),
-        files_sha256=dict(cfg.files_sha256), sigma=post.sigma,
+        model=state.model_id, base_model=base_model, adapter=public_name(model.adapter, show),
+        files_sha256=dict(cfg.files_sha256), sigma=model.sigma,
         num_samples=state.settings.samples, max_samples=state.settings.max_samples,
         criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=state.choices.default_mode,
-        chat=state.choices.default_chat, temperature=state.runner.temperature,
+        chat=state.choices.default_chat, temperature=model.temperature,
         length_normalize=bool(cfg.length_normalize), calibration=state.choices.calibration_info(),
         search_trace=[SearchPointOut(**p) for p in cfg.search_trace],
-        calibration_sha256=cfg.calibration_sha256, source=state.loaded.source)
+        calibration_sha256=cfg.calibration_sha256, source=model.source)
 
 
 @api.get("/metrics", response_class=Response, tags=["metrics"],

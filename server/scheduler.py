@@ -95,6 +95,31 @@ class Batch:
         return dropped
 
 
+def check_room(accepting: bool, waiting: int, new: int, max_queue: int) -> None:
+    """Raise unless a request of ``new`` items may join ``waiting`` ones: NotReady (503) while
+    draining, QueueFull (429) when the queue is full, BadRequest when it never could be."""
+    if not accepting:
+        raise NotReady("the server is shutting down; retry on another replica", code="draining")
+    if new > max_queue:
+        raise BadRequest(f"this request has {new} items (sequences); the queue holds at most "
+                         f"{max_queue} (the server's --max-queue), so it can never be accepted: "
+                         f"send fewer at a time", code="too_many_items")
+    if waiting + new > max_queue:
+        raise QueueFull(f"the queue is full ({waiting} of {max_queue} items waiting, this request has "
+                        f"{new}); retry later")
+
+
+async def wait(items: list[WorkItem], timeout: float) -> list[Any]:
+    """The items' results; on timeout their work is dropped and RequestTimeout raised."""
+    try:
+        return await asyncio.wait_for(asyncio.gather(*(it.future for it in items)), timeout)
+    except asyncio.TimeoutError:
+        for it in items:
+            it.future.cancel()
+        raise RequestTimeout(f"the request took longer than the server's timeout "
+                             f"({timeout:g} s); its work was dropped", code="timeout") from None
+
+
 Step = Callable[[Batch], list[Any]]
 PENDING = object()  # a step result meaning "answered later by the decode loop"
 
@@ -152,32 +177,17 @@ class Scheduler:
 
     def submit(self, items: list[WorkItem]) -> None:
         """Queue a request's items, all or none; raises QueueFull (429) or NotReady (503)."""
-        if not self._accepting:
-            raise NotReady("the server is shutting down; retry on another replica", code="draining")
-        if len(items) > self.max_queue:
-            raise BadRequest(f"this request has {len(items)} items (sequences); the queue holds at most "
-                             f"{self.max_queue} (the server's --max-queue), so it can never be accepted: "
-                             f"send fewer at a time", code="too_many_items")
-        if len(self._waiting) + len(items) > self.max_queue:
-            raise QueueFull(f"the queue is full ({len(self._waiting)} of {self.max_queue} items "
-                            f"waiting, this request has {len(items)}); retry later")
+        check_room(self._accepting, len(self._waiting), len(items), self.max_queue)
         self._waiting.extend(items)
         self._arrivals += 1
         for item in items:
             self._outstanding.add(item)
             item.future.add_done_callback(lambda _, item=item: self._outstanding.discard(item))
-        self.metrics.queue_depth.labels(self.metrics.model).set(len(self._waiting))
+        self.metrics.set_work(queued=len(self._waiting))
         self._arrived.set()
 
     async def wait(self, items: list[WorkItem], timeout: float) -> list[Any]:
-        """The items' results; on timeout their work is dropped and RequestTimeout raised."""
-        try:
-            return await asyncio.wait_for(asyncio.gather(*(it.future for it in items)), timeout)
-        except asyncio.TimeoutError:
-            for it in items:
-                it.future.cancel()
-            raise RequestTimeout(f"the request took longer than the server's timeout "
-                                 f"({timeout:g} s); its work was dropped", code="timeout") from None
+        return await wait(items, timeout)
 
     @property
     def depth(self) -> int:
@@ -270,7 +280,7 @@ class Scheduler:
     def _set_running(self, n: int) -> None:
         active = self.decoder.active if self.decoder is not None else 0
         self.running = max(n, active)
-        self.metrics.running.labels(self.metrics.model).set(self.running)
+        self.metrics.set_work(running=self.running)
 
     async def _run(self, loop, batch: Batch) -> None:
         dropped = batch.filter(time.monotonic())
@@ -280,7 +290,7 @@ class Scheduler:
         self._set_running(len(batch) + (self.decoder.active if self.decoder is not None else 0))
         now = time.monotonic()
         for item in batch.items:
-            self.metrics.queue_wait.labels(self.metrics.model).observe(now - item.arrived)
+            self.metrics.observe_queue_wait(now - item.arrived)
         try:
             results = await self._step(loop, batch)
         finally:
@@ -343,7 +353,7 @@ class Scheduler:
             return None
         for i in reversed(taken):
             del self._waiting[i]
-        self.metrics.queue_depth.labels(self.metrics.model).set(len(self._waiting))
+        self.metrics.set_work(queued=len(self._waiting))
         return batch
 
     async def _next_batch(self) -> Batch:
@@ -370,12 +380,12 @@ class Scheduler:
                 await asyncio.wait_for(self._arrived.wait(), left)
             except asyncio.TimeoutError:
                 break
-        self.metrics.queue_depth.labels(self.metrics.model).set(len(self._waiting))
+        self.metrics.set_work(queued=len(self._waiting))
         return batch
 
     def _fail_dropped(self, dropped: list[WorkItem]) -> None:
         for item in dropped:
-            self.metrics.dropped.labels(self.metrics.model).inc()
+            self.metrics.observe_dropped()
             if not item.future.done():
                 item.future.set_exception(RequestTimeout(
                     "the request waited past its deadline; its work was dropped", code="timeout"))

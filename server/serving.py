@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tfb_core import (COVERAGE, LABELS, MCItem, Mode, TFBError, apply_chat, decide, encode_item, max_context,
+from tfb_core import (COVERAGE, LABELS, MCItem, Mode, TFBError, apply_chat, decide, encode_item,
                       min_calibration_size)
 
 from .engine import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
 from .limits import Tokenizing, check_chars, check_samples, max_prompt_chars
-from .loader import Loaded
+from .loader import ServedModel
 from .metrics import Metrics
 from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
                        CalibrationInfo, PredictionSet, UncertaintyOut, Usage)
@@ -32,18 +32,18 @@ CHOICES_ENDPOINT = "/v1/choices"
 class ChoicesServing:
     """``POST /v1/choices``: validate, tokenize, queue, await, answer."""
 
-    def __init__(self, loaded: Loaded, scheduler: Scheduler, settings: Settings, metrics: Metrics,
-                 tokenizer=None, tokenizing: Tokenizing | None = None):
-        self.post = loaded.post
-        self.model_id = loaded.model_id
-        self.tokenizer = tokenizer or loaded.post.tokenizer  # the event loop's (see server.app.ready)
+    def __init__(self, model: ServedModel, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+                 tokenizing: Tokenizing | None = None):
+        self.model = model
+        self.model_id = model.model_id
+        self.tokenizer = model.tokenizer
         self.tokenizing = tokenizing or Tokenizing()  # the one thread that uses it
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
-        self.context = max_context(self.post.model)
+        self.context = model.context
         self.max_chars = max_prompt_chars(self.tokenizer, self.context or 2048)
-        cfg = self.post.config
+        cfg = model.config
         self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
         self.default_mode = cfg.mode or Mode.LETTER
         self.calibration = cfg.conformal  # prediction sets and abstention, when the posterior holds one
@@ -127,7 +127,7 @@ class ChoicesServing:
         except TFBError as e:
             field = next((f for f in ("prompt", "question", "messages") if getattr(item, f) is not None), "prompt")
             raise BadRequest(f"'{where}{field}': {e}", param=f"{where}{field}", code="invalid_value") from None
-        seed = self.post.config.seed if item.seed is None else item.seed
+        seed = self.model.config.seed if item.seed is None else item.seed
         work = ChoiceWork(encoded, seed, K, deadline, loop.create_future())
         self.check_size(work, where)
         return work
@@ -135,11 +135,11 @@ class ChoicesServing:
     def length_normalize(self, item: ChoiceItem) -> bool:
         if item.length_normalize is not None:
             return item.length_normalize
-        return bool(self.post.config.length_normalize)
+        return bool(self.model.config.length_normalize)
 
     def matches_calibration(self, item: ChoiceItem, work: ChoiceWork) -> bool:
         """The request is scored as the held-out calibration was (else its guarantee does not apply)."""
-        cfg = self.post.config
+        cfg = self.model.config
         chat = item.chat if item.chat is not None else self.default_chat
         return (work.num_samples == cfg.num_samples and work.seed == cfg.seed
                 and (item.mode or self.default_mode) is (cfg.mode or Mode.LETTER)
@@ -183,12 +183,12 @@ class ChoicesServing:
         tokens = work.encoded.prompt_tokens
         return ChoiceResult(
             index=index, prediction=pred, label=LABELS[pred] if pred < len(LABELS) else str(pred),
-            choice=item.choices[pred], probs=out.probs.tolist(), temperature=self.post.config.temperature,
-            tempered=["probs"] if self.post.config.temperature != 1.0 else [],
+            choice=item.choices[pred], probs=out.probs.tolist(), temperature=self.model.config.temperature,
+            tempered=["probs"] if self.model.config.temperature != 1.0 else [],
             uncertainty=UncertaintyOut(predictive_entropy=out.predictive_entropy,
                                        expected_entropy=out.expected_entropy,
                                        mutual_information=out.mutual_information),
             samples=out.samples.tolist() if item.return_samples else None,
-            num_samples=work.num_samples, seed=work.seed, sigma=self.post.sigma, model=self.model_id,
+            num_samples=work.num_samples, seed=work.seed, sigma=self.model.sigma, model=self.model_id,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens * work.num_samples),
             **self.decision(item, work, out))

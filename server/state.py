@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from .loader import Loaded
+from .loader import Loaded, ServedModel
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .settings import Settings
@@ -22,12 +22,13 @@ class AppState:
     base_name: str
     status: Status = "loading"
     detail: str | None = None  # why not ready (a failed start-up's reason)
-    loaded: Loaded | None = None
+    model: ServedModel | None = None  # what the API serves of the posterior (once ready)
+    loaded: Loaded | None = None  # the posterior itself, when the engine runs in this process
     scheduler: Scheduler | None = None
     choices: object | None = None  # serving.ChoicesServing
     completions: object | None = None  # generating.CompletionServing
     chat: object | None = None  # generating.ChatServing
-    runner: object | None = None  # engine.ModelRunner
+    runner: object | None = None  # engine.ModelRunner, when the engine runs in this process
     started: float = field(default_factory=time.time)
     # called with the reason when start-up fails (the CLI stops the server and exits non-zero)
     on_fatal: Callable[[str], None] | None = None

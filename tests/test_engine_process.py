@@ -1,0 +1,224 @@
+"""``--engine-process``: the model, scheduler and decode loop in a process of their own.
+
+A real server of each kind on the same posterior: the engine process answers as the engine in
+the server's own process does (scoring, generation, streams, metrics); a client that leaves
+frees its rows in the engine process; the engine process exiting fails open requests and the
+server; a start-up failure there is the server's; ``tfb serve`` stops it on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+import tiny
+from server_helpers import ServerThread, bayesianized, metric, start_cli, wait_for, wait_ready
+
+K = 3
+QUESTION = {"question": "Which gas do plants absorb from the air?", "choices": ["Oxygen", "Carbon dioxide", "Helium"],
+            "return_samples": True}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine_process")
+    base = tiny.make_llama(root / "base")
+    return base, bayesianized(base, tiny.make_lora(base, root / "lora"), root / "post", sigma=0.5)
+
+
+@pytest.fixture(scope="module")
+def servers(dirs):
+    """(the engine in the server's process, the engine in its own), same posterior and settings."""
+    base, post = dirs
+    settings = dict(model=str(base), adapter=post, samples=K, device="cpu", max_wait_ms=5)
+    with ServerThread(**settings) as here, ServerThread(engine_process=True, **settings) as apart:
+        yield here, apart
+
+
+def children(pid: int) -> dict[int, str]:
+    """The child processes of ``pid`` and their command lines (Linux)."""
+    kids = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for kid in (task / "children").read_text().split():
+            kids[int(kid)] = Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return kids
+
+
+def gone(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_scoring_and_the_model_description_are_the_same(servers):
+    here, apart = servers
+    assert apart.state.runner is None and apart.state.loaded is None  # no model in the API process
+    assert httpx.get(apart.url + "/v1/posterior").json() == httpx.get(here.url + "/v1/posterior").json()
+    card, expected = (httpx.get(x.url + "/v1/models").json()["data"][0] for x in (apart, here))
+    assert {**card, "created": 0} == {**expected, "created": 0}
+    batch = {"items": [QUESTION, {**QUESTION, "mode": "sequence", "num_samples": 5},
+                       {"prompt": "2 + 2 =", "choices": ["3", "4", "5", "22"], "seed": 7}]}
+    a, b = (httpx.post(s.url + "/v1/choices", json=batch, timeout=60).json() for s in (here, apart))
+    assert len(b["items"]) == 3 and b["usage"] == a["usage"]
+    for x, y in zip(a["items"], b["items"]):
+        assert y["probs"] == pytest.approx(x["probs"], abs=1e-6)
+        assert y["uncertainty"] == pytest.approx(x["uncertainty"], abs=1e-6)
+        assert y["prediction"] == x["prediction"] and y["num_samples"] == x["num_samples"]
+    flat = [[p for row in item["samples"] for p in row] for item in (a["items"][0], b["items"][0])]
+    assert len(flat[1]) == K * 3 and flat[1] == pytest.approx(flat[0], abs=1e-6)
+
+
+def test_generation_plain_and_streamed_is_the_same(servers):
+    here, apart = servers
+    body = dict(model="post", prompt=["The capital of France is", "Once upon"], max_tokens=7, n=2,
+                temperature=0.8, seed=3, logprobs=2)
+    clients = [openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0) for s in servers]
+    a, b = (c.completions.create(**body) for c in clients)
+    assert [c.text for c in b.choices] == [c.text for c in a.choices]
+    assert b.usage == a.usage and b.usage.completion_tokens == 4 * 7
+    for x, y in zip(a.choices, b.choices):
+        ux, uy = x.model_extra["uncertainty"], y.model_extra["uncertainty"]
+        assert uy["sequence"] == pytest.approx(ux["sequence"], abs=1e-5)
+        assert [t["token"] for t in uy["tokens"]] == [t["token"] for t in ux["tokens"]]
+        assert y.logprobs.token_logprobs == pytest.approx(x.logprobs.token_logprobs, abs=1e-5)
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    plain = clients[0].chat.completions.create(model="post", messages=messages, max_tokens=6, temperature=0)
+    chunks = list(clients[1].chat.completions.create(model="post", messages=messages, max_tokens=6, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    streamed = [t for ch in chunks if ch.choices
+                for t in (ch.choices[0].model_extra.get("uncertainty") or {}).get("tokens", [])]
+    assert text == plain.choices[0].message.content
+    expected = plain.choices[0].model_extra["uncertainty"]["tokens"]
+    assert [t["token"] for t in streamed] == [t["token"] for t in expected]
+    assert [t["mutual_information"] for t in streamed] == pytest.approx(
+        [t["mutual_information"] for t in expected], abs=1e-5)
+    assert chunks[-1].usage.completion_tokens == 6 == chunks[-2].choices[0].model_extra[
+        "uncertainty"]["sequence"]["num_tokens"]
+
+
+def test_the_engine_process_metrics_reach_the_servers_metrics(servers):
+    _, apart = servers
+    before = metric(apart, "tfb_generation_tokens_total")
+    steps = metric(apart, "tfb_decode_batch_size_count")
+    r = httpx.post(apart.url + "/v1/completions", json={"model": "post", "prompt": "Hi", "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200
+    # recorded in the engine process, served by the API process's /metrics
+    wait_for(lambda: metric(apart, "tfb_generation_tokens_total") == before + 5, what="5 tokens counted")
+    assert metric(apart, "tfb_decode_batch_size_count") >= steps + 4  # 1 token from the prefill, 4 steps
+    assert metric(apart, "tfb_time_to_first_token_seconds_count") >= 1
+    assert metric(apart, "tfb_forward_duration_seconds_count") > 0 and metric(apart, "tfb_queue_wait_seconds_count") > 0
+    wait_for(lambda: metric(apart, "tfb_kv_cache_rows") == 0 and metric(apart, "tfb_requests_running") == 0,
+             what="the work gauges back to 0")
+    assert metric(apart, "tfb_ready") == 1 and metric(apart, "tfb_posterior_sigma") == pytest.approx(0.5)
+
+
+def test_a_client_that_leaves_frees_its_rows_in_the_engine_process(servers):
+    _, apart = servers
+    body = {"model": "post", "prompt": "A very long story begins", "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", f"{apart.url}/v1/completions", json=body, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break  # the client goes away
+    wait_for(lambda: metric(apart, "tfb_kv_cache_rows") == 0 and metric(apart, "tfb_requests_running") == 0,
+             timeout=20, what="the abandoned stream's rows freed in the engine process")
+    assert apart.state.scheduler.idle
+    assert metric(apart, "tfb_generation_tokens_total") < 400 + 100  # it stopped, not ran to 400
+    r = httpx.post(f"{apart.url}/v1/completions", json={"model": "post", "prompt": "x", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_concurrent_streams_each_get_their_own_tokens(servers):
+    here, apart = servers
+    prompts = [f"Story number {i}:" for i in range(6)]
+
+    def text(url: str, prompt: str) -> str:
+        out = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+                "model": "post", "prompt": prompt, "max_tokens": 5 + len(prompt) % 4, "temperature": 0, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    out += [c["text"] for c in json.loads(line[6:])["choices"]]
+        return "".join(out)
+
+    expected = [text(here.url, p) for p in prompts]
+    got = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, text(apart.url, prompts[i])))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == expected
+
+
+def test_the_engine_process_exiting_fails_open_requests_and_the_server(dirs):
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True) as s:
+        engine = s.state.scheduler.process
+        results = {}
+        body = {"model": "post", "prompt": "A very long story begins", "max_tokens": 500, "n": 4}
+
+        def long_request():
+            results["r"] = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        wait_for(lambda: metric(s, "tfb_kv_cache_rows") > 0, what="the long request decoding")
+        os.kill(engine.pid, signal.SIGKILL)
+        t.join(60)
+        r = results["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_exited", r.text
+        assert "engine process exited" in r.json()["error"]["message"]
+        health = wait_for(lambda: (h := httpx.get(s.url + "/health")).json()["status"] == "failed" and h)
+        assert health.status_code == 503 and "engine process exited" in health.json()["detail"]
+
+
+def test_a_start_up_failure_in_the_engine_process_is_the_servers(tmp_path, dirs):
+    base, _ = dirs
+    bad = tmp_path / "not_an_adapter"
+    bad.mkdir()
+    s = ServerThread(model=str(base), adapter=bad, device="cpu", engine_process=True)
+    try:
+        with pytest.raises(RuntimeError, match="start-up failed: .*not_an_adapter"):
+            s.start()  # waits for /health: 200, or the failure and its reason
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+    finally:
+        s.stop()
+
+
+def test_tfb_serve_engine_process_stops_it_on_sigterm(dirs):
+    base, post = dirs
+    proc, url = start_cli("--model", str(base), "--adapter", str(post), "--device", "cpu", "--samples", "2",
+                          "--engine-process")
+    try:
+        wait_ready(url, timeout=240, proc=proc)
+        kids = children(proc.pid)
+        engines = [pid for pid, cmd in kids.items() if "spawn_main" in cmd]
+        assert len(engines) == 1, kids  # the engine process (besides multiprocessing's resource tracker)
+        r = httpx.post(url + "/v1/choices", json=QUESTION, timeout=60)
+        assert r.status_code == 200 and r.json()["num_samples"] == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        wait_for(lambda: all(gone(pid) for pid in kids), what="the engine process gone with the server")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_engine_process_is_refused_with_ray():
+    proc, _ = start_cli("--ray", "--engine-process")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("tfb serve: error: --engine-process does not apply with --ray")
