@@ -536,7 +536,7 @@ def start_profile(args, key: str) -> list[subprocess.Popen]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
     return [subprocess.Popen([spy, "record", "--pid", str(SERVER_PID), "--duration", str(max(1, int(args.cell_s))),
-                              "--rate", "200", "--format", "raw", "--threads", "--nonblocking", *extra,
+                              "--rate", "200", "--format", "raw", "--threads", "--nonblocking", "--subprocesses", *extra,
                               "-o", str(Path(args.profile) / f"{name}.{kind}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for kind, extra in (("all", []), ("gil", ["--gil"]))]
