@@ -24,7 +24,7 @@ from .limits import Tokenizing
 from .metrics import Metrics
 from .routes import api, check_api_key, health
 from .scheduler import Scheduler
-from .engine import ModelRunner
+from .engine import ModelRunner, load_engine
 from .generating import ChatServing, CompletionServing
 from .serving import ChoicesServing
 from .settings import Settings
@@ -91,7 +91,10 @@ def start_loading(state: AppState, load) -> Callable[[], Awaitable] | None:
     if state.settings.engine_process:
         from .engine_process import start_engine_process
 
-        return start_engine_process(state, ready)
+        if load is not loader.load:
+            raise ValueError("engine_process: the engine process loads the model with server.loader.load; "
+                             "a load function of this process's cannot run there")
+        return start_engine_process(state, ready, fail)
     loop = asyncio.get_running_loop()
 
     def set_status(status: str) -> None:
@@ -100,9 +103,7 @@ def start_loading(state: AppState, load) -> Callable[[], Awaitable] | None:
     def work() -> None:
         t0 = time.perf_counter()
         try:
-            loaded = load(state.settings, set_status)
-            state.settings = loader.resolve_settings(state.settings, loaded.post)
-            runner = ModelRunner(loaded, state.metrics, state.settings.engine)
+            loaded, state.settings, runner = load_engine(state.settings, state.metrics, load, set_status)
             model = loader.ServedModel.of(loaded)
         except BaseException as e:  # any failure: one line, then the CLI exits non-zero
             log.debug("start-up failed", exc_info=True)
@@ -123,10 +124,7 @@ def failure_reason(e: BaseException) -> str:
 
 def ready_here(state: AppState, loaded: loader.Loaded, runner: ModelRunner, model: loader.ServedModel) -> None:
     """The engine loaded in this process: its scheduler starts on this event loop."""
-    s = state.settings
-    scheduler = Scheduler(runner.step, state.metrics, s.max_batch_size, s.max_batch_tokens, s.max_wait_ms,
-                          s.max_queue, decoder=runner.engine, max_kv_rows=s.max_kv_rows,
-                          admit_ratio=s.admit_ratio, admit_wait_ms=s.admit_wait_ms)
+    scheduler = Scheduler.of_settings(runner.step, state.metrics, state.settings, runner.engine)
     scheduler.start()
     state.runner, state.loaded = runner, loaded
     ready(state, model, scheduler)

@@ -109,6 +109,17 @@ class ModelRunner:
         return outputs
 
 
+def load_engine(settings, metrics: Metrics, load=None, set_status=lambda status: None
+                ) -> tuple[Loaded, object, "ModelRunner"]:
+    """Load the posterior ``settings`` describe (``load``: :func:`server.loader.load`), fill in
+    what it decides (K) and make its runner: (loaded, the settings, the runner)."""
+    from . import loader
+
+    loaded = (load or loader.load)(settings, set_status)
+    settings = loader.resolve_settings(settings, loaded.post)
+    return loaded, settings, ModelRunner(loaded, metrics, settings.engine)
+
+
 @dataclass
 class GenEvent:
     """What one step produced for one sequence."""

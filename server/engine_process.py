@@ -43,7 +43,7 @@ from tfb_core import GenSequence
 from .engine import ChoiceWork, GenWork
 from .errors import NotReady, portable
 from .metrics import Metrics
-from .scheduler import check_room, wait
+from .scheduler import check_room, until_idle, wait
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,19 +101,20 @@ async def receive(reader: asyncio.StreamReader) -> list | None:
 
 
 def to_wire(item_id: int, item) -> tuple:
-    """A work item without its future and event queue (they stay in the API process)."""
+    """(id, kind, fields): a work item without its future and event queue (they stay in the API process)."""
     if isinstance(item, ChoiceWork):
-        return ("choice", item_id, item.encoded, item.seed, item.num_samples, item.deadline, item.arrived)
-    return ("generate", item_id, item.seq, item.endpoint, item.deadline, item.index, item.events is not None,
-            item.arrived)
+        return item_id, "choice", (item.encoded, item.seed, item.num_samples, item.deadline, item.arrived)
+    return item_id, "generate", (item.seq, item.endpoint, item.deadline, item.index, item.events is not None,
+                                 item.arrived)
 
 
 def from_wire(spec: tuple, loop: asyncio.AbstractEventLoop, put: Callable[[tuple], None]):
     """The engine process's work item for ``spec``; a stream's events go to ``put``."""
-    if spec[0] == "choice":
-        _, _, encoded, seed, num_samples, deadline, arrived = spec
+    item_id, kind, fields = spec
+    if kind == "choice":
+        encoded, seed, num_samples, deadline, arrived = fields
         return ChoiceWork(encoded, seed, num_samples, deadline, loop.create_future(), arrived)
-    _, item_id, seq, endpoint, deadline, index, streamed, arrived = spec
+    seq, endpoint, deadline, index, streamed, arrived = fields
     return GenWork(seq, endpoint, deadline, loop.create_future(), EventSink(item_id, put) if streamed else None,
                    loop, index, arrived)
 
@@ -132,7 +133,8 @@ class EventSink:
 
 
 def result_to_wire(result):
-    """A finished sequence without its random generator (on the device); a scoring output as it is."""
+    """A finished sequence without its random generator (on the device) and its step's exception
+    (a failed sequence is answered with its error instead); a scoring output as it is."""
     return replace(result, generator=None, failure=None) if isinstance(result, GenSequence) else result
 
 
@@ -169,10 +171,8 @@ class EngineClient:
         self._outbox: Outbox | None = None
         self._accepting = False
         self._stopping = False
-        self._connected = asyncio.Event()
         self._dir = tempfile.mkdtemp(prefix="tfb-engine-")
         self._server: asyncio.AbstractServer | None = None
-        self._reader_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         path = os.path.join(self._dir, "engine.sock")
@@ -189,19 +189,22 @@ class EngineClient:
             writer.close()
             return
         self._outbox = Outbox(asyncio.get_running_loop(), writer)
-        self._connected.set()
-        self._reader_task = asyncio.current_task()
-        while (messages := await receive(reader)) is not None:
-            for message in messages:
-                self._handle(message)
-        self._gone()
+        try:
+            while (messages := await receive(reader)) is not None:
+                for message in messages:
+                    try:
+                        self._handle(message)
+                    except Exception:  # one bad message fails its item at most, never the reading
+                        log.exception("handling the engine process's %r message failed", message[0])
+        finally:
+            await self._gone()
 
     async def _watch(self) -> None:
         """An engine process that exits before it connects (it failed to start) is gone too."""
-        while self.process.is_alive() and not self._connected.is_set():
+        while self.process.is_alive() and self._outbox is None:
             await asyncio.sleep(0.05)
-        if not self._connected.is_set():
-            self._gone()
+        if self._outbox is None:
+            await self._gone()
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -230,21 +233,21 @@ class EngineClient:
                 self._unseen.popleft()
         elif kind == "status":
             self.on_status(message[1])
-        elif kind == "ready":
+        elif kind == "ready" and not self._stopping:
             self._accepting = True
             self.on_ready(message[1], message[2], self)
         elif kind == "failed":
             self._stopping = True  # it exits next: its reason is the one to report
             self.on_failed(message[1])
 
-    def _gone(self) -> None:
+    async def _gone(self) -> None:
         """The engine process exited: every open request fails, and so does the server."""
         self._accepting = False
         if self._stopping:
             return
         self._stopping = True
-        if self.process is not None:
-            self.process.join(2)  # reaped, for its exit code (it has closed its end: it is exiting)
+        if self.process is not None:  # reaped, for its exit code (it closed its socket: it is exiting)
+            await asyncio.to_thread(self.process.join, 2)
         code = self.process.exitcode if self.process is not None else None
         reason = f"the engine process exited (exit code {code})" if code is not None else \
             "the engine process closed its connection"
@@ -286,51 +289,50 @@ class EngineClient:
     def idle(self) -> bool:
         return not self._items
 
-    async def drain(self, poll: float = 0.02) -> None:
+    async def drain(self) -> None:
         self._accepting = False
-        while not self.idle:
-            await asyncio.sleep(poll)
+        await until_idle(self)
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Drain, then stop the engine process (at once if it is still loading)."""
+        """Drain, then stop the engine process (one still loading stops at once)."""
         if self._accepting:
             await self.drain()
-        self._stopping = True
-        if self.process is not None and self.process.is_alive():
+        self._stopping, self._accepting = True, False
+        process = self.process
+        if process is not None and process.is_alive():
             if self._outbox is not None:
                 self._outbox.put(("stop",))
-                await asyncio.get_running_loop().run_in_executor(None, self.process.join, timeout)
-            if self.process.is_alive():
-                self.process.terminate()
-                await asyncio.get_running_loop().run_in_executor(None, self.process.join, 5)
+                await asyncio.to_thread(process.join, timeout)
+            if process.is_alive():  # not connected yet, or not stopping: it ignores SIGTERM and SIGINT
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
         if self._server is not None:
             self._server.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def start_engine_process(state, ready: Callable) -> Callable[[], Any]:
+def start_engine_process(state, ready: Callable, fail: Callable) -> Callable[[], Any]:
     """Start the engine process for ``state``; ``ready(state, model, client)`` runs once it has
-    loaded. Returns what stops it."""
-    from .app import fail
+    loaded, ``fail(state, reason, when)`` if it fails. Returns what stops it."""
 
     def on_ready(model, settings, client) -> None:
         state.settings = settings
         ready(state, model, client)
 
-    def on_status(status: str) -> None:
-        state.status = status
-
     def on_failed(reason: str) -> None:
         fail(state, reason, "start-up" if state.status in ("loading", "searching") else "serving")
 
-    client = EngineClient(state.settings, state.metrics, on_ready, on_failed, on_status)
+    def on_status(status: str) -> None:
+        state.status = status
+
+    client = state.engine = EngineClient(state.settings, state.metrics, on_ready, on_failed, on_status)
 
     async def start() -> None:
         try:
             await client.start()
         except Exception as e:
             log.debug("starting the engine process failed", exc_info=True)
-            fail(state, f"the engine process could not start: {type(e).__name__}: {e}")
+            on_failed(f"the engine process could not start: {type(e).__name__}: {e}")
 
     asyncio.get_running_loop().create_task(start(), name="tfb-engine-start")
     return client.stop
@@ -341,43 +343,65 @@ def start_engine_process(state, ready: Callable) -> Callable[[], Any]:
 
 def engine_main(settings: Settings, path: str, log_level: int) -> None:
     """The engine process: load, then serve the API process's work until it stops or goes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which stops this one
+    # the API process drains and stops this one: a signal to the whole process group (Ctrl-C,
+    # a supervisor's SIGTERM) must not cut its requests
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve_engine(settings, path))
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this process when the process that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere: the closed socket stops it once it has loaded
 
 
 async def _serve_engine(settings: Settings, path: str) -> None:
     from . import loader
     from .app import failure_reason, freeze_heap
-    from .engine import ModelRunner
+    from .engine import load_engine
     from .scheduler import Scheduler
 
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(path)
+    inbox: asyncio.Queue = asyncio.Queue()  # the API process's messages; None once it has gone
+
+    async def read() -> None:
+        while (messages := await receive(reader)) is not None:
+            for message in messages:
+                inbox.put_nowait(message)
+        inbox.put_nowait(None)
+
+    loop.create_task(read(), name="tfb-engine-read")
     seen = 0  # the last submit handled
     scheduler: Scheduler | None = None
     out = Outbox(loop, writer, lambda: [("depth", seen, scheduler.depth)] if scheduler is not None else [])
+    metrics = MetricsRelay(loader.model_id(settings), out.put)
     t0 = time.perf_counter()
-
-    def load():
-        loaded = loader.load(settings, lambda status: out.put(("status", status)))
-        resolved = loader.resolve_settings(settings, loaded.post)
-        metrics = MetricsRelay(loaded.model_id, out.put)
-        return loaded, resolved, metrics, ModelRunner(loaded, metrics, resolved.engine)
-
+    loading = loop.run_in_executor(None, load_engine, settings, metrics, None,
+                                   lambda status: out.put(("status", status)))
+    first = loop.create_task(inbox.get())
+    await asyncio.wait({loading, first}, return_when=asyncio.FIRST_COMPLETED)
+    if first.done():  # stopped, or the API process gone, while loading: a load thread cannot be interrupted
+        log.info("stopped while loading")
+        os._exit(0)
+    first.cancel()
     try:
-        loaded, resolved, metrics, runner = await loop.run_in_executor(None, load)
-        model = loader.ServedModel.of(loaded)
+        loaded, resolved, runner = loading.result()
+        model = loader.ServedModel.of(loaded, copy_tokenizer=False)
     except BaseException as e:
         log.debug("start-up failed", exc_info=True)
         out.put(("failed", failure_reason(e)))
         await out.close()
         return
     log.info("engine loaded in %.1f s", time.perf_counter() - t0)
-    s = resolved
-    scheduler = Scheduler(runner.step, metrics, s.max_batch_size, s.max_batch_tokens, s.max_wait_ms, s.max_queue,
-                          decoder=runner.engine, max_kv_rows=s.max_kv_rows, admit_ratio=s.admit_ratio,
-                          admit_wait_ms=s.admit_wait_ms)
+    scheduler = Scheduler.of_settings(runner.step, metrics, resolved, runner.engine)
     scheduler.start()
     items: dict[int, Any] = {}  # id -> this process's work, until answered
 
@@ -391,29 +415,28 @@ async def _serve_engine(settings: Settings, path: str) -> None:
 
     out.put(("ready", model, resolved))
     freeze_heap()  # one model for this process's life
-    while (messages := await receive(reader)) is not None:
-        for message in messages:
-            kind = message[0]
-            if kind == "submit":
-                _, seen, specs = message
-                works = [from_wire(spec, loop, out.put) for spec in specs]
-                try:
-                    scheduler.submit(works)
-                except Exception as e:  # the API side's depth was behind: the request fails here
-                    for spec in specs:
-                        out.put(("error", spec[1], portable(e)))
-                    continue
-                for spec, work in zip(specs, works):
-                    items[spec[1]] = work
-                    work.future.add_done_callback(lambda f, item_id=spec[1]: answer(item_id, f))
-            elif kind == "cancel":
-                work = items.pop(message[1], None)
-                if work is not None:
-                    work.future.cancel()
-            elif kind == "stop":
-                await scheduler.stop()
-                await out.close()
-                return
+    while (message := await inbox.get()) is not None:
+        kind = message[0]
+        if kind == "submit":
+            _, seen, specs = message
+            works = [from_wire(spec, loop, out.put) for spec in specs]
+            try:
+                scheduler.submit(works)
+            except Exception as e:  # not expected: the API side checks against a depth at least this one's
+                for item_id, _, _ in specs:
+                    out.put(("error", item_id, portable(e)))
+                continue
+            for (item_id, _, _), work in zip(specs, works):
+                items[item_id] = work
+                work.future.add_done_callback(lambda f, item_id=item_id: answer(item_id, f))
+        elif kind == "cancel":
+            work = items.pop(message[1], None)
+            if work is not None:
+                work.future.cancel()
+        elif kind == "stop":
+            await scheduler.stop()
+            await out.close()
+            return
     log.info("the API process went away; the engine process stops")
     for work in items.values():
         work.future.cancel()

@@ -64,7 +64,7 @@ class ServedModel:
     adapter: str | None
     source: str
     tokenizer: object  # the event loop's copy: the engine decodes with the posterior's own
-    config: object  # tfb_core.PosteriorConfig
+    config: object  # tfb_core.TFBConfig
     sigma: float
     context: int | None  # the model's context length in tokens
     base_name: str
@@ -72,13 +72,15 @@ class ServedModel:
     dtype: str
 
     @classmethod
-    def of(cls, loaded: Loaded) -> "ServedModel":
+    def of(cls, loaded: Loaded, copy_tokenizer: bool = True) -> "ServedModel":
+        """``copy_tokenizer``: a copy of the posterior's (one fast tokenizer used from two threads at
+        once fails, "Already borrowed"); False when this one is sent to another process anyway."""
         from tfb_core import max_context
 
         post = loaded.post
         weight = next(post.model.parameters())
-        # one fast tokenizer used from two threads at once fails ("Already borrowed"): a copy
-        return cls(loaded.model_id, loaded.adapter, loaded.source, copy.deepcopy(post.tokenizer), post.config,
+        tokenizer = copy.deepcopy(post.tokenizer) if copy_tokenizer else post.tokenizer
+        return cls(loaded.model_id, loaded.adapter, loaded.source, tokenizer, post.config,
                    post.sigma, max_context(post.model), post.base.name, str(weight.device),
                    str(weight.dtype).removeprefix("torch."))
 

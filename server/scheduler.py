@@ -120,6 +120,12 @@ async def wait(items: list[WorkItem], timeout: float) -> list[Any]:
                              f"({timeout:g} s); its work was dropped", code="timeout") from None
 
 
+async def until_idle(scheduler, poll: float = 0.02) -> None:
+    """Wait until every item ``scheduler`` took is answered."""
+    while not scheduler.idle:
+        await asyncio.sleep(poll)
+
+
 Step = Callable[[Batch], list[Any]]
 PENDING = object()  # a step result meaning "answered later by the decode loop"
 
@@ -168,6 +174,13 @@ class Scheduler:
         self._arrivals = 0  # submits so far: the worker's decode turn ends when it changes
         self.running = 0  # items in the forward now
 
+    @classmethod
+    def of_settings(cls, step: Step, metrics: Metrics, settings, decoder: Decoder | None = None) -> "Scheduler":
+        """The scheduler that ``settings`` (``tfb serve``'s flags) describe."""
+        s = settings
+        return cls(step, metrics, s.max_batch_size, s.max_batch_tokens, s.max_wait_ms, s.max_queue, decoder=decoder,
+                   max_kv_rows=s.max_kv_rows, admit_ratio=s.admit_ratio, admit_wait_ms=s.admit_wait_ms)
+
     # --- the API of the serving layer ---------------------------------------------------------
 
     def start(self) -> None:
@@ -197,11 +210,10 @@ class Scheduler:
     def idle(self) -> bool:
         return not self._outstanding
 
-    async def drain(self, poll: float = 0.02) -> None:
+    async def drain(self) -> None:
         """Stop accepting and wait until every queued and running item is answered."""
         self._accepting = False
-        while not self.idle:
-            await asyncio.sleep(poll)
+        await until_idle(self)
 
     async def stop(self) -> None:
         await self.drain()

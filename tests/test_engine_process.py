@@ -222,3 +222,25 @@ def test_engine_process_is_refused_with_ray():
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert err.strip().splitlines()[-1].startswith("tfb serve: error: --engine-process does not apply with --ray")
+
+
+def test_a_signal_to_the_engine_process_alone_does_not_cut_its_requests(dirs):
+    """Ctrl-C or a supervisor's SIGTERM reaches the whole process group: only the API process
+    acts on it (it drains, then stops the engine process)."""
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True) as s:
+        engine = s.state.scheduler.process
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            os.kill(engine.pid, sig)
+        r = httpx.post(s.url + "/v1/choices", json=QUESTION, timeout=60)
+        assert r.status_code == 200 and engine.is_alive()
+    assert not engine.is_alive()  # stopped with the server
+
+
+def test_stopping_while_the_engine_process_loads_stops_it(dirs):
+    base, post = dirs
+    s = ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True).start(wait=False)
+    process = wait_for(lambda: s.state.engine is not None and s.state.engine.process, what="the engine started")
+    s.stop()  # most likely before it has loaded (a second or two): at once, not after a drain
+    assert not s.thread.is_alive()
+    assert process.exitcode is not None  # not left running, nor loading, after the server
