@@ -144,3 +144,21 @@ def bayesianized(model_dir: Path, adapter_dir: Path, out: Path, sigma: float = 0
     post = Posterior.from_adapter(load_base_model(model_dir, "cpu", "float32"), adapter_dir)
     post.sigma = sigma
     return post.save(out)
+
+
+def tiny_posterior(root: Path, sigma: float = 0.5) -> tuple[Path, Path]:
+    """(base model, Bayesianized adapter): a tiny random Llama and LoRA at a fixed sigma, in ``root``."""
+    import tiny
+
+    base = tiny.make_llama(root / "base")
+    return base, bayesianized(base, tiny.make_lora(base, root / "lora"), root / "post", sigma=sigma)
+
+
+def leave_stream(url: str, body: dict, events: int = 3) -> None:
+    """Stream ``body`` to ``url`` and go away after ``events`` server-sent events."""
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= events:
+                return

@@ -18,8 +18,7 @@ import httpx
 import openai
 import pytest
 
-import tiny
-from server_helpers import ServerThread, bayesianized, metric, start_cli, wait_for, wait_ready
+from server_helpers import ServerThread, leave_stream, metric, start_cli, tiny_posterior, wait_for, wait_ready
 
 K = 3
 QUESTION = {"question": "Which gas do plants absorb from the air?", "choices": ["Oxygen", "Carbon dioxide", "Helium"],
@@ -28,9 +27,7 @@ QUESTION = {"question": "Which gas do plants absorb from the air?", "choices": [
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine_process")
-    base = tiny.make_llama(root / "base")
-    return base, bayesianized(base, tiny.make_lora(base, root / "lora"), root / "post", sigma=0.5)
+    return tiny_posterior(tmp_path_factory.mktemp("engine_process"))
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +120,7 @@ def test_the_engine_process_metrics_reach_the_servers_metrics(servers):
 def test_a_client_that_leaves_frees_its_rows_in_the_engine_process(servers):
     _, apart = servers
     body = {"model": "post", "prompt": "A very long story begins", "max_tokens": 400, "stream": True}
-    with httpx.stream("POST", f"{apart.url}/v1/completions", json=body, timeout=60) as r:
-        seen = 0
-        for line in r.iter_lines():
-            seen += line.startswith("data: ")
-            if seen >= 3:
-                break  # the client goes away
+    leave_stream(f"{apart.url}/v1/completions", body)  # the client goes away after 3 events
     wait_for(lambda: metric(apart, "tfb_kv_cache_rows") == 0 and metric(apart, "tfb_requests_running") == 0,
              timeout=20, what="the abandoned stream's rows freed in the engine process")
     assert apart.state.scheduler.idle

@@ -12,19 +12,16 @@ import httpx
 import pytest
 import torch
 
-import tiny
 from poisoned_serve import NAN_WORD, RAISE_WORD, poison_decode, poison_embeddings  # prompts holding these poison the forward
 from server import loader
-from server_helpers import ServerThread, bayesianized, metric, wait_for
+from server_helpers import ServerThread, metric, tiny_posterior, wait_for
 
 K = 3
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel")
-    base = tiny.make_llama(root / "base")
-    return base, bayesianized(base, tiny.make_lora(base, root / "lora"), root / "post", sigma=0.5)
+    return tiny_posterior(tmp_path_factory.mktemp("rel"))
 
 
 @pytest.fixture(scope="module")

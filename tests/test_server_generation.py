@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny
-from server_helpers import ServerThread, bayesianized, metric, wait_for
+from server_helpers import ServerThread, bayesianized, leave_stream, metric, wait_for
 from tfb_core.errors import TFBError
 from tfb_core.generation import SamplingParams, generate
 from tfb_core.models import load_base_model
@@ -164,12 +164,7 @@ def test_eight_concurrent_streams_are_batched_and_get_their_own_tokens(srv, clie
 
 def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
     body = {"model": model_id, "prompt": "A very long story begins", "max_tokens": 400, "stream": True}
-    with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
-        seen = 0
-        for line in r.iter_lines():
-            seen += line.startswith("data: ")
-            if seen >= 3:
-                break  # the client goes away
+    leave_stream(f"{srv.url}/v1/completions", body)  # the client goes away after 3 events
     wait_for(lambda: metric(srv, "tfb_requests_running") == 0 and metric(srv, "tfb_kv_cache_rows") == 0,
              timeout=20, what="the abandoned stream's slot freed")
     assert srv.state.runner.engine.decoder.batch is None  # no KV cache held (an idle EagerDecoder)
