@@ -84,8 +84,28 @@ class Outbox:
             items, self._items, self._scheduled = self._items, [], False
         if self.writer.is_closing():
             return
-        data = pickle.dumps(items + self.extra(), protocol=pickle.HIGHEST_PROTOCOL)
+        items += self.extra()
+        try:
+            data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # one message that does not pickle costs only itself (its item fails)
+            items = [m for m in map(_pickled, items) if m is not None]
+            data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
         self.writer.write(HEADER.pack(len(data)) + data)
+
+
+def _pickled(message: tuple) -> tuple | None:
+    """``message`` if it pickles, else what stands for it: its item's error, a failed start-up,
+    or nothing (a metric call)."""
+    try:
+        pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        return message
+    except Exception as e:
+        log.exception("a %r message does not pickle", message[0])
+        if message[0] in ("done", "error", "event"):
+            return "error", message[1], portable(e)
+        if message[0] == "ready":
+            return "failed", f"the engine's description does not pickle: {type(e).__name__}: {e}"
+        return None
 
 
 async def receive(reader: asyncio.StreamReader) -> list | None:
@@ -189,15 +209,29 @@ class EngineClient:
             writer.close()
             return
         self._outbox = Outbox(asyncio.get_running_loop(), writer)
+        self._server.close()  # the one connection is made: the socket's file is not needed
+        shutil.rmtree(self._dir, ignore_errors=True)
         try:
             while (messages := await receive(reader)) is not None:
                 for message in messages:
                     try:
                         self._handle(message)
-                    except Exception:  # one bad message fails its item at most, never the reading
+                    except Exception as e:  # never the end of the reading
                         log.exception("handling the engine process's %r message failed", message[0])
+                        self._failed_handling(message, e)
         finally:
+            writer.close()
             await self._gone()
+
+    def _failed_handling(self, message: tuple, error: Exception) -> None:
+        """A message that could not be handled fails what waits for it: its item, or the start-up."""
+        if message[0] == "ready":
+            self._stopping = True
+            self.on_failed(f"the server could not start serving: {type(error).__name__}: {error}")
+        elif message[0] in ("done", "error", "event"):
+            work = self._items.pop(message[1], None)
+            if work is not None and not work.future.done():
+                work.future.set_exception(portable(error))
 
     async def _watch(self) -> None:
         """An engine process that exits before it connects (it failed to start) is gone too."""
@@ -246,7 +280,7 @@ class EngineClient:
         if self._stopping:
             return
         self._stopping = True
-        if self.process is not None:  # reaped, for its exit code (it closed its socket: it is exiting)
+        if self.process is not None:  # reaped, for its exit code (it closed its socket: it is most likely exiting)
             await asyncio.to_thread(self.process.join, 2)
         code = self.process.exitcode if self.process is not None else None
         reason = f"the engine process exited (exit code {code})" if code is not None else \
@@ -260,8 +294,9 @@ class EngineClient:
     # --- the scheduler's calls ------------------------------------------------------------------
 
     def submit(self, items: list) -> None:
-        """Send a request's items, all or none; raises QueueFull (429) or NotReady (503) here,
-        from the engine's queue depth as last reported plus what was sent since."""
+        """Send a request's items, all or none; raises here, as :func:`check_room` does: QueueFull
+        (429, from the engine's queue depth as last reported plus what was sent since), NotReady
+        (503), or BadRequest (more items than the queue holds)."""
         check_room(self._accepting, self.depth, len(items), self.max_queue)
         number = next(self._submits)
         specs = []
@@ -345,21 +380,27 @@ def engine_main(settings: Settings, path: str, log_level: int) -> None:
     """The engine process: load, then serve the API process's work until it stops or goes."""
     # the API process drains and stops this one: a signal to the whole process group (Ctrl-C,
     # a supervisor's SIGTERM) must not cut its requests
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # (a handler, not SIG_IGN: an ignored signal stays ignored in the processes this one starts)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _ignore)
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve_engine(settings, path))
 
 
+def _ignore(signum, frame) -> None:
+    pass
+
+
 def _die_with_parent() -> None:
-    """On Linux, have the kernel kill this process when the process that started it dies."""
+    """On Linux, have the kernel kill this process when the thread that started it ends (the
+    server's event loop: it ends with the server, after stopping this process)."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass  # elsewhere: the closed socket stops it once it has loaded
+        pass  # elsewhere: the closed socket stops it
 
 
 async def _serve_engine(settings: Settings, path: str) -> None:
@@ -373,12 +414,16 @@ async def _serve_engine(settings: Settings, path: str) -> None:
     inbox: asyncio.Queue = asyncio.Queue()  # the API process's messages; None once it has gone
 
     async def read() -> None:
-        while (messages := await receive(reader)) is not None:
-            for message in messages:
-                inbox.put_nowait(message)
-        inbox.put_nowait(None)
+        try:
+            while (messages := await receive(reader)) is not None:
+                for message in messages:
+                    inbox.put_nowait(message)
+        except Exception:  # a message that does not unpickle: the API process is not one to talk to
+            log.exception("reading the API process's messages failed; the engine process stops")
+        finally:
+            inbox.put_nowait(None)
 
-    loop.create_task(read(), name="tfb-engine-read")
+    reading = loop.create_task(read(), name="tfb-engine-read")  # noqa: F841 (held: tasks are weakly kept)
     seen = 0  # the last submit handled
     scheduler: Scheduler | None = None
     out = Outbox(loop, writer, lambda: [("depth", seen, scheduler.depth)] if scheduler is not None else [])
