@@ -289,17 +289,17 @@ class EngineBench:
     """The server's worker side, in this process: its loader, ModelRunner and serving classes."""
 
     def __init__(self, settings, clock, steps: int, traffic: Traffic):
-        from server.engine import ModelRunner
+        from server.engine import load_engine
         from server.generating import ChatServing, CompletionServing
-        from server.loader import ServedModel, load
+        from server.loader import ServedModel, model_id
         from server.metrics import Metrics
         from server.serving import ChoicesServing
 
         t0 = time.perf_counter()
-        self.settings, self.clock, self.steps = settings, clock, steps
-        self.loaded = load(settings)
+        self.clock, self.steps = clock, steps
+        self.loaded, settings, self.runner = load_engine(settings, Metrics(model_id(settings)))
+        self.settings = settings
         self.traffic = Traffic(traffic.question, traffic.max_tokens, self.loaded.model_id)
-        self.runner = ModelRunner(self.loaded, Metrics(self.loaded.model_id), settings.engine)
         model = ServedModel.of(self.loaded)  # as server.app.ready_here does
         self.choices = ChoicesServing(model, None, settings, self.runner.metrics)
         self.completions, self.chat = (cls(model, None, settings, self.runner.metrics)

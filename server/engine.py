@@ -27,7 +27,7 @@ from tfb_core import (Decoder, Encoded, GenSequence, TokenInfo, choice_probs, de
                       make_decoder, make_prefill, resolve_engine, safe_text)
 
 from .errors import BadRequest, as_api_error
-from .loader import Loaded, temperature
+from .loader import Loaded, load, resolve_settings, temperature
 from .metrics import Metrics, Timer
 from .scheduler import PENDING, Batch
 
@@ -109,14 +109,12 @@ class ModelRunner:
         return outputs
 
 
-def load_engine(settings, metrics: Metrics, load=None, set_status=lambda status: None
-                ) -> tuple[Loaded, object, "ModelRunner"]:
-    """Load the posterior ``settings`` describe (``load``: :func:`server.loader.load`), fill in
-    what it decides (K) and make its runner: (loaded, the settings, the runner)."""
-    from . import loader
-
-    loaded = (load or loader.load)(settings, set_status)
-    settings = loader.resolve_settings(settings, loaded.post)
+def load_engine(settings, metrics: Metrics, load=load, set_status=lambda status: None
+                ) -> tuple[Loaded, object, ModelRunner]:
+    """Load the posterior ``settings`` describe, fill in what it decides (K) and make its
+    runner: (loaded, the settings, the runner)."""
+    loaded = load(settings, set_status)
+    settings = resolve_settings(settings, loaded.post)
     return loaded, settings, ModelRunner(loaded, metrics, settings.engine)
 
 

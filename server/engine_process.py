@@ -429,7 +429,7 @@ async def _serve_engine(settings: Settings, path: str) -> None:
     out = Outbox(loop, writer, lambda: [("depth", seen, scheduler.depth)] if scheduler is not None else [])
     metrics = MetricsRelay(loader.model_id(settings), out.put)
     t0 = time.perf_counter()
-    loading = loop.run_in_executor(None, load_engine, settings, metrics, None,
+    loading = loop.run_in_executor(None, load_engine, settings, metrics, loader.load,
                                    lambda status: out.put(("status", status)))
     first = loop.create_task(inbox.get())
     await asyncio.wait({loading, first}, return_when=asyncio.FIRST_COMPLETED)
