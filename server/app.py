@@ -37,13 +37,14 @@ def build_app(settings: Settings | None = None,
               load: Callable[[Settings, Callable[[str], None]], loader.Loaded] = loader.load) -> FastAPI:
     """The FastAPI app serving ``settings`` (default: read from ``TFB_*`` now)."""
     settings = settings or Settings()
+    separate = in_engine_process(settings, load)
     model_id = loader.model_id(settings)
     state = AppState(settings=settings, metrics=Metrics(model_id), model_id=model_id,
                      base_name=settings.model or "smollm2-135m")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        stop = start_loading(state, load)
+        stop = start_loading(state, load, separate)
         yield
         if state.scheduler is not None:
             await state.scheduler.stop()
@@ -84,16 +85,25 @@ def drained_gauges(metrics: Metrics) -> str:
             f"{value('tfb_kv_cache_rows')} KV rows")
 
 
-def start_loading(state: AppState, load) -> Callable[[], Awaitable] | None:
-    """Start the engine: in this process, loading in a daemon thread (on success the scheduler
-    starts on this event loop), or with ``--engine-process`` in a process of its own (returns
-    what stops it)."""
-    if state.settings.engine_process:
+def in_engine_process(settings: Settings, load) -> bool:
+    """Whether the engine runs in a process of its own: ``settings.engine_process`` (the
+    default), unless the caller loads the model itself (``build_app(settings, load)``, as each
+    Ray Serve replica does), which only this process can run."""
+    if load is loader.load:
+        return settings.engine_process
+    if settings.engine_process and "engine_process" in settings.model_fields_set:
+        raise ValueError("engine_process: the engine process loads the model with server.loader.load; "
+                         "a load function of this process's cannot run there")
+    return False
+
+
+def start_loading(state: AppState, load, separate: bool) -> Callable[[], Awaitable] | None:
+    """Start the engine: in a process of its own if ``separate`` (returns what stops it), else
+    in this process, loading in a daemon thread (on success the scheduler starts on this event
+    loop)."""
+    if separate:
         from .engine_process import start_engine_process
 
-        if load is not loader.load:
-            raise ValueError("engine_process: the engine process loads the model with server.loader.load; "
-                             "a load function of this process's cannot run there")
         return start_engine_process(state, ready, fail)
     loop = asyncio.get_running_loop()
 

@@ -102,9 +102,10 @@ class Settings(BaseSettings):
     admit_wait_ms: float = Field(100.0, ge=0, description="the longest a generation request waits to join "
                                  "running sequences in a group (see --admit-ratio)")
     max_queue: int = Field(256, ge=1, description="the most items waiting; more get 429")
-    engine_process: bool = Field(False, description="run the model, its scheduler and its decode loop in a "
+    engine_process: bool = Field(True, description="run the model, its scheduler and its decode loop in a "
                                  "process of their own, apart from HTTP, tokenizing and streaming (each then "
-                                 "has a Python interpreter lock of its own); not with --ray")
+                                 "has a Python interpreter lock of its own); --no-engine-process: all in one "
+                                 "process. Ray Serve replicas always run their engine in-process")
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request fails (504) "
                                    "and its work is dropped")
 

@@ -50,8 +50,11 @@ def poisoned_load(settings, set_status):
     return poison_decode(poison_embeddings(real_load(settings, set_status)))
 
 
-if __name__ == "__main__":  # (imported by the test for its constants: no patching then)
+if __name__ in ("__main__", "__mp_main__"):  # (imported by the test for its constants: no patching then)
+    # __mp_main__: the engine process (multiprocessing's spawn runs this file there first), which
+    # loads the model with loader.load: the poisoned model is the one served
     loader.load = poisoned_load  # before server.app binds it as build_app's default
+if __name__ == "__main__":
     import server.app
     from server.cli import main
 

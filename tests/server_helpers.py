@@ -83,7 +83,9 @@ def wait_ready(url: str, timeout: float = 120, proc: subprocess.Popen | None = N
 
 
 class ServerThread:
-    """``build_app(settings)`` under a real uvicorn.Server in a thread."""
+    """``build_app(settings)`` under a real uvicorn.Server in a thread. Its engine runs in this
+    process (so a test can reach its scheduler and runner) unless ``engine_process=True``;
+    tests/test_engine_process.py checks that the two layouts answer the same."""
 
     def __init__(self, settings=None, load=None, **overrides):
         import uvicorn
@@ -92,6 +94,7 @@ class ServerThread:
         from server.settings import Settings
 
         self.port = free_port()
+        overrides.setdefault("engine_process", False)
         settings = settings or Settings(port=self.port, **overrides)
         self.app = build_app(settings, load) if load else build_app(settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",

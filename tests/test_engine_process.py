@@ -189,10 +189,9 @@ def test_a_start_up_failure_in_the_engine_process_is_the_servers(tmp_path, dirs)
         s.stop()
 
 
-def test_tfb_serve_engine_process_stops_it_on_sigterm(dirs):
+def test_tfb_serve_runs_the_engine_process_by_default_and_stops_it_on_sigterm(dirs):
     base, post = dirs
-    proc, url = start_cli("--model", str(base), "--adapter", str(post), "--device", "cpu", "--samples", "2",
-                          "--engine-process")
+    proc, url = start_cli("--model", str(base), "--adapter", str(post), "--device", "cpu", "--samples", "2")
     try:
         wait_ready(url, timeout=240, proc=proc)
         kids = children(proc.pid)

@@ -113,10 +113,11 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and "--samples / TFB_SAMPLES" in err.strip().splitlines()[-1]
 
 
-def test_failed_load_exits_1_with_the_reason(llama_dir, lora_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["--engine-process", "--no-engine-process"])
+def test_failed_load_exits_1_with_the_reason(llama_dir, lora_dir, tmp_path, layout):
     post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
     (post / "tfb_posterior.safetensors").write_bytes(b"corrupt")
-    proc, _ = start_cli("--model", str(llama_dir), "--adapter", str(post), "--device", "cpu")
+    proc, _ = start_cli("--model", str(llama_dir), "--adapter", str(post), "--device", "cpu", layout)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]
