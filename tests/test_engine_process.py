@@ -264,3 +264,17 @@ def test_a_full_queue_is_a_429_from_the_api_process(dirs):
             t.join(120)
         assert done == [200, 200]  # the queued ones ran once the rows were free
         wait_for(lambda: s.state.scheduler.depth == 0, what="the queue empty again")
+
+
+def test_a_load_function_of_the_callers_runs_in_process_and_an_explicit_engine_process_is_refused(monkeypatch):
+    """``build_app(settings, load)``: only ``server.loader.load`` can run in the engine process."""
+    from server.app import build_app, in_engine_process
+    from server.loader import load
+    from server.settings import Settings
+
+    monkeypatch.delenv("TFB_ENGINE_PROCESS", raising=False)
+    mine = lambda settings, set_status: None  # noqa: E731
+    assert in_engine_process(Settings(), load) and not in_engine_process(Settings(engine_process=False), load)
+    assert not in_engine_process(Settings(), mine)  # the default: in-process
+    with pytest.raises(ValueError, match="cannot run there"):
+        build_app(Settings(engine_process=True), mine)
