@@ -150,6 +150,7 @@ def ms(x: float | None) -> float | None:
 TOKEN_MARK = b'"tokens":[{'  # a server-sent event that carries a token (not the role or last chunk)
 ERROR_MARK = b'data: {"error"'  # the error event (server.generating._sse_error)
 USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
+APP_TIMING = re.compile(r"\bapp;dur=([0-9.]+)")  # the server's own time (server.app.ServerTimingMiddleware)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Cell:
     K: int
     concurrency: int
     done: list[tuple[float, float, int]] = field(default_factory=list)  # answered: (sent, ended, new tokens)
+    app_ms: list[tuple[float, float]] = field(default_factory=list)  # (ended, the server's Server-Timing app;dur)
     token_times: list[float] = field(default_factory=list)  # arrival of every streamed token
     ttft: list[tuple[float, float]] = field(default_factory=list)  # (sent, time to its first token)
     itl: list[tuple[float, float]] = field(default_factory=list)  # (arrival, gap since the token before)
@@ -181,7 +183,11 @@ async def one_request(client, url: str, w: Workload, body: dict, cell: Cell) -> 
         if r.status_code != 200:
             return cell.fail(r.status_code, r.text)
         m = USAGE.search(r.content) if w.generates else None
-        cell.done.append((t0, time.perf_counter(), int(m.group(1)) if m else 0))
+        t1 = time.perf_counter()
+        cell.done.append((t0, t1, int(m.group(1)) if m else 0))
+        timing = APP_TIMING.search(r.headers.get("server-timing", ""))
+        if timing:
+            cell.app_ms.append((t1, float(timing.group(1))))
         return
     times: list[float] = []
     try:
@@ -257,6 +263,7 @@ def summarize(cell: Cell, start: float, end: float, client_cpu_s: float) -> dict
     tokens = sum(map(inside, cell.token_times)) if w.stream else sum(n for *_, n in done)
     ttft = [x for t0, x in cell.ttft if inside(t0)]
     itl = [x for t, x in cell.itl if inside(t)]
+    app = [x / 1000 for t, x in cell.app_ms if inside(t)]
     return {
         "workload": w.name, "endpoint": w.endpoint, "mode": w.mode, "stream": w.stream, "K": cell.K,
         "concurrency": cell.concurrency, "requests": len(lat), "errors": cell.errors, "codes": cell.codes,
@@ -266,6 +273,7 @@ def summarize(cell: Cell, start: float, end: float, client_cpu_s: float) -> dict
         "tokens": tokens if w.generates else None,
         "tokens_per_request": round(sum(n for *_, n in done) / len(done), 1) if done and w.generates else None,
         "p50_ms": ms(pct(lat, .5)), "p95_ms": ms(pct(lat, .95)),
+        "app_p50_ms": ms(pct(app, .5)),  # in the server: from the request reaching the app to its response
         "ttft_p50_ms": ms(pct(ttft, .5)), "ttft_p95_ms": ms(pct(ttft, .95)),
         "itl_p50_ms": ms(pct(itl, .5)), "itl_p95_ms": ms(pct(itl, .95)),
         "itl_n": len(itl),
@@ -649,12 +657,14 @@ def ratios(row: dict) -> dict:
     x_engine: the engine's throughput over the server's: req/s for choices (the batch the
     scheduler forms), tok/s for text (the cell's streams admitted together, then decoded to
     max_tokens: ``EngineBench.generation_cell``); latency_x (one client): the server's p50 over
-    the engine's time for one request; itl_x: the server's inter-token p50 over the engine's
-    worker step at that many streams; ttft_x: the server's TTFT p50 over the engine's prefill +
-    join of one stream.
+    the engine's time for one request, and over_ms / app_over_ms the milliseconds over it, of the
+    client's p50 and of the server's own (Server-Timing) p50; itl_x: the server's inter-token p50
+    over the engine's worker step at that many streams; ttft_x: the server's TTFT p50 over the
+    engine's prefill + join of one stream.
     """
     e = row.get("engine")
-    out = {"x_engine": None, "latency_x": None, "itl_x": None, "ttft_x": None}
+    out = {"x_engine": None, "latency_x": None, "over_ms": None, "app_over_ms": None, "itl_x": None,
+           "ttft_x": None}
     if not e:
         return out
     if row["tok_s"] is not None:
@@ -665,11 +675,18 @@ def ratios(row: dict) -> dict:
         out["x_engine"] = _div(e["req_s"], row["req_s"])
     if row["concurrency"] == 1:
         out["latency_x"] = _div(row["p50_ms"], e["latency_ms"])
+        if row["tok_s"] is None:
+            out["over_ms"] = _minus(row["p50_ms"], e["latency_ms"])
+            out["app_over_ms"] = _minus(row.get("app_p50_ms"), e["latency_ms"])
     return out
 
 
 def _div(a, b):
     return round(a / b, 2) if a and b else None
+
+
+def _minus(a, b):
+    return round(a - b, 2) if a is not None and b is not None else None
 
 
 def _f(x, nd=1) -> str:
@@ -689,6 +706,9 @@ def format_row(r: dict) -> str:
     elif e:
         eng = f"{e['forward_ms']:.1f} ms / {e['items_per_forward']} items = {e['req_s']:,.1f} req/s"
         ratio = f"{_f(r['x_engine'], 2)}x req/s" + (f", p50 {_f(r['latency_x'], 2)}x" if r["latency_x"] else "")
+        if r.get("over_ms") is not None:
+            ratio += f", {r['over_ms']:+.1f} ms" + (f" (in the server {r['app_over_ms']:+.1f})"
+                                                   if r.get("app_over_ms") is not None else "")
     else:
         eng, ratio = "-", "-"
     ttft = f"{_f(r['ttft_p50_ms'], 0)} / {_f(r['ttft_p95_ms'], 0)}" if r["stream"] else "-"

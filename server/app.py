@@ -71,6 +71,7 @@ def build_app(settings: Settings | None = None,
     app.add_middleware(MetricsMiddleware, metrics=state.metrics,
                        known_paths={r.path for r in [*health.routes, *api.routes]}
                        | {"/openapi.json", "/docs", "/redoc"})
+    app.add_middleware(ServerTimingMiddleware)
     if settings.access_log:
         app.add_middleware(AccessLogMiddleware)
     return app
@@ -197,6 +198,28 @@ class MetricsMiddleware:
             self.metrics.observe_request(endpoint if endpoint in self.known_paths else "other", outcome, seconds)
 
         await observed(self.app, scope, receive, send, done)
+
+
+class ServerTimingMiddleware:
+    """``Server-Timing: app;dur=MS`` on every response: the milliseconds from the request
+    reaching the app to its response starting (a stream: its headers), so a client can tell the
+    server's time from the network's and its own (browsers' developer tools show it)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+
+        async def send_timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                timing = f"app;dur={(time.perf_counter() - t0) * 1000:.2f}".encode()
+                message = {**message, "headers": [*message.get("headers", ()), (b"server-timing", timing)]}
+            await send(message)
+
+        await self.app(scope, receive, send_timed)
 
 
 class AuthMiddleware:

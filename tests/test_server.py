@@ -7,6 +7,7 @@ the whole module; answers are checked against tfb_core's direct call.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -261,6 +262,29 @@ def test_metrics_move_with_traffic(client):
     assert after[("tfb_weight_samples", (("model", "post"),))] == 4
     assert after[("tfb_queue_depth", (("model", "post"),))] == 0
     assert any(k[0] == "tfb_model_info" for k in after)
+
+
+def test_server_timing_is_the_apps_time_forward_included(client, srv):
+    """``Server-Timing: app;dur=MS`` on answers, errors and streams: at least the request's own
+    forward (from /metrics), at most what the client waited."""
+    def timed(send) -> tuple[httpx.Response, float, float]:
+        before = scrape(client)
+        t0 = time.perf_counter()
+        r = send()
+        waited = (time.perf_counter() - t0) * 1000
+        forward = metric(client, "tfb_forward_duration_seconds_sum") - metric(before, "tfb_forward_duration_seconds_sum")
+        return r, forward * 1000, waited
+
+    for send in (lambda: client.post("/v1/choices", json={**OK, "num_samples": 16}),
+                 lambda: client.post("/v1/choices", json={"question": "q"}),  # 400
+                 lambda: httpx.post(srv.url + "/v1/choices", json=OK)):  # 401, no key
+        r, forward_ms, waited_ms = timed(send)
+        name, dur = r.headers["server-timing"].split(";dur=")
+        assert name == "app" and forward_ms <= float(dur) <= waited_ms, (r.status_code, forward_ms, dur, waited_ms)
+        assert (forward_ms > 0) == (r.status_code == 200)
+    with client.stream("POST", "/v1/completions", json={"model": "post", "prompt": "Hi", "max_tokens": 2,
+                                                       "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["server-timing"].startswith("app;dur=")
 
 
 def test_openapi_documents_requests_responses_errors(client):
