@@ -23,6 +23,8 @@ fails with a 503 and the server reports itself failed (``/health`` 503, ``tfb se
 from __future__ import annotations
 
 import asyncio
+import copyreg
+import io
 import itertools
 import logging
 import multiprocessing
@@ -37,6 +39,8 @@ import time
 from collections import deque
 from dataclasses import replace
 from typing import Any, Callable
+
+import torch
 
 from tfb_core import GenSequence
 
@@ -86,18 +90,41 @@ class Outbox:
             return
         items += self.extra()
         try:
-            data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+            data = dumps(items)
         except Exception:  # one message that does not pickle costs only itself (its item fails)
             items = [m for m in map(_pickled, items) if m is not None]
-            data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+            data = dumps(items)
         self.writer.write(HEADER.pack(len(data)) + data)
+
+
+def _tensor_as_array(t: torch.Tensor):
+    """A CPU tensor pickled as its numpy array: torch's own reduction goes through
+    ``torch.load`` and costs several times more each way, and every answer carries small
+    tensors (its per-sample probabilities). Other tensors (on a device, bfloat16) as torch does."""
+    if t.device.type == "cpu" and t.layout is torch.strided and not t.requires_grad and t.dtype is not torch.bfloat16:
+        try:
+            return torch.from_numpy, (t.numpy(),)
+        except (RuntimeError, TypeError):  # a lazy negation or conjugation, a dtype numpy lacks
+            pass
+    return t.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
+class _Pickler(pickle.Pickler):
+    dispatch_table = {**copyreg.dispatch_table, torch.Tensor: _tensor_as_array}
+
+
+def dumps(obj) -> bytes:
+    """``obj`` pickled for the other process (:func:`receive` loads it)."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 def _pickled(message: tuple) -> tuple | None:
     """``message`` if it pickles, else what stands for it: its item's error, a failed start-up,
     or nothing (a metric call)."""
     try:
-        pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        dumps(message)
         return message
     except Exception as e:
         log.exception("a %r message does not pickle", message[0])

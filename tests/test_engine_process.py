@@ -278,3 +278,21 @@ def test_a_load_function_of_the_callers_runs_in_process_and_an_explicit_engine_p
     assert not in_engine_process(Settings(), mine)  # the default: in-process
     with pytest.raises(ValueError, match="cannot run there"):
         build_app(Settings(engine_process=True), mine)
+
+
+def test_messages_carry_tensors_exactly():
+    """Tensors cross between the processes as numpy arrays where numpy holds their dtype (a view
+    carries only itself), else as torch pickles them: the same values, dtype and shape."""
+    import pickle
+
+    import torch
+
+    from server.engine_process import dumps
+
+    whole = torch.randn(64, 4, dtype=torch.float64)
+    tensors = [whole[3:5], torch.rand(10, 4), torch.arange(6).reshape(2, 3).t(), torch.randn(3).bfloat16(),
+               torch.randn(4)._neg_view(), torch.tensor(2.5), torch.zeros(0, 4)]
+    back = pickle.loads(dumps([("done", i, t) for i, t in enumerate(tensors)]))
+    for (_, _, b), t in zip(back, tensors):
+        assert b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t)
+    assert len(dumps(whole[3:5])) < len(dumps(whole)) < len(pickle.dumps(whole[3:5]))  # torch: all its storage
