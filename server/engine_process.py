@@ -98,10 +98,12 @@ class Outbox:
 
 
 def _tensor_as_array(t: torch.Tensor):
-    """A CPU tensor pickled as its numpy array: torch's own reduction goes through
-    ``torch.load`` and costs several times more each way, and every answer carries small
-    tensors (its per-sample probabilities). Other tensors (on a device, bfloat16) as torch does."""
-    if t.device.type == "cpu" and t.layout is torch.strided and not t.requires_grad and t.dtype is not torch.bfloat16:
+    """A tensor pickled as its numpy array: torch's own reduction goes through ``torch.load``
+    and costs several times more each way, and every answer carries small tensors (its
+    per-sample probabilities). It crosses on the CPU: the API process never touches the GPU.
+    A dtype numpy lacks (bfloat16) or a sparse tensor crosses as torch pickles it."""
+    t = t.detach().cpu()
+    if t.layout is torch.strided and t.dtype is not torch.bfloat16:
         try:
             return torch.from_numpy, (t.numpy(),)
         except (RuntimeError, TypeError):  # a lazy negation or conjugation, a dtype numpy lacks
