@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -92,7 +93,7 @@ def in_engine_process(settings: Settings, load) -> bool:
     Ray Serve replica does), which only this process can run."""
     if load is loader.load:
         return settings.engine_process
-    if settings.engine_process and "engine_process" in settings.model_fields_set:
+    if settings.engine_process and settings.given("engine_process"):
         raise ValueError("engine_process: the engine process loads the model with server.loader.load; "
                          "a load function of this process's cannot run there")
     return False
@@ -172,7 +173,8 @@ def freeze_heap() -> None:
     builds many apps (the tests): frozen objects are never collected."""
     gc.collect()
     gc.freeze()
-    log.info("%d start-up objects frozen out of the garbage collector's scans", gc.get_freeze_count())
+    log.info("%d start-up objects frozen out of the garbage collector's scans (process %d)", gc.get_freeze_count(),
+             os.getpid())
 
 
 def fail(state: AppState, reason: str, when: str = "start-up") -> None:
@@ -201,9 +203,10 @@ class MetricsMiddleware:
 
 
 class ServerTimingMiddleware:
-    """``Server-Timing: app;dur=MS`` on every response: the milliseconds from the request
-    reaching the app to its response starting (a stream: its headers), so a client can tell the
-    server's time from the network's and its own (browsers' developer tools show it)."""
+    """``Server-Timing: app;dur=MS`` on each response the app makes: the milliseconds from the
+    request reaching the app (reading its body included) to its response starting (a stream:
+    its headers), so a client can tell the server's time from the network's and its own
+    (browsers' developer tools show it)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app

@@ -116,9 +116,9 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     """``tfb serve --ray``: the same settings, served by Ray Serve replicas (server/ray_serve.py)."""
     if args.replicas is not None and args.autoscale is not None:
         raise TFBError("--replicas and --autoscale exclude each other")
-    if settings.engine_process and "engine_process" in settings.model_fields_set:
-        raise TFBError("--engine-process does not apply with --ray: each Ray Serve replica is a process "
-                       "of its own already, and runs its engine in it")
+    if settings.engine_process and settings.given("engine_process"):
+        raise TFBError("--engine-process / TFB_ENGINE_PROCESS does not apply with --ray: each Ray Serve "
+                       "replica is a process of its own already, and runs its engine in it")
     try:
         import ray.serve  # noqa: F401
     except ImportError:

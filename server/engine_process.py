@@ -36,7 +36,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import ChainMap, deque
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -52,6 +52,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 HEADER = struct.Struct("!I")  # a message's length in bytes
+SOCKET = "engine.sock"
+MAX_SOCKET_PATH = 100  # bytes; Linux allows 107 (sun_path)
 
 
 class Outbox:
@@ -102,7 +104,7 @@ def _tensor_as_array(t: torch.Tensor):
     and costs several times more each way, and every answer carries small tensors (its
     per-sample probabilities). It crosses on the CPU: the API process never touches the GPU.
     A dtype numpy lacks (bfloat16) or a sparse tensor crosses as torch pickles it."""
-    t = t.detach().cpu()
+    t = t.detach().cpu().resolve_conj().resolve_neg()
     if t.layout is torch.strided and t.dtype is not torch.bfloat16:
         try:
             return torch.from_numpy, (t.numpy(),)
@@ -112,7 +114,7 @@ def _tensor_as_array(t: torch.Tensor):
 
 
 class _Pickler(pickle.Pickler):
-    dispatch_table = {**copyreg.dispatch_table, torch.Tensor: _tensor_as_array}
+    dispatch_table = ChainMap({torch.Tensor: _tensor_as_array}, copyreg.dispatch_table)  # copyreg's, live
 
 
 def dumps(obj) -> bytes:
@@ -220,11 +222,12 @@ class EngineClient:
         self._outbox: Outbox | None = None
         self._accepting = False
         self._stopping = False
-        self._dir = tempfile.mkdtemp(prefix="tfb-engine-")
+        self._dir: str | None = None
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        path = os.path.join(self._dir, "engine.sock")
+        self._dir = socket_dir()
+        path = os.path.join(self._dir, SOCKET)
         self._server = await asyncio.start_unix_server(self._connect, path)
         self.process = multiprocessing.get_context("spawn").Process(
             target=engine_main, args=(self.settings, path, logging.getLogger().level), name="tfb-engine",
@@ -239,7 +242,7 @@ class EngineClient:
             return
         self._outbox = Outbox(asyncio.get_running_loop(), writer)
         self._server.close()  # the one connection is made: the socket's file is not needed
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._remove_dir()
         try:
             while (messages := await receive(reader)) is not None:
                 for message in messages:
@@ -372,7 +375,25 @@ class EngineClient:
                 await asyncio.to_thread(process.join, 5)
         if self._server is not None:
             self._server.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._remove_dir()
+
+    def _remove_dir(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def socket_dir() -> str:
+    """A private directory (mode 0700) for the engine's socket: in the temporary directory
+    ($TMPDIR), or in /tmp where that path is too long for a Unix socket's (107 bytes)."""
+    try:
+        where = tempfile.mkdtemp(prefix="tfb-engine-")
+        if len(os.path.join(where, SOCKET).encode()) <= MAX_SOCKET_PATH:
+            return where
+        os.rmdir(where)
+        return tempfile.mkdtemp(prefix="tfb-engine-", dir="/tmp")
+    except OSError as e:
+        raise OSError(f"no directory for its socket ({e}): set TMPDIR to a writable directory, or serve "
+                      f"with --no-engine-process") from None
 
 
 def start_engine_process(state, ready: Callable, fail: Callable) -> Callable[[], Any]:

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request fails (504) "
                                    "and its work is dropped")
 
+    def given(self, name: str) -> bool:
+        """Whether ``name`` was set (a flag, a ``TFB_*`` variable, an argument), not defaulted."""
+        return name in self.model_fields_set
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, v):

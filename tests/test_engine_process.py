@@ -212,7 +212,7 @@ def test_engine_process_is_refused_with_ray():
     proc, _ = start_cli("--ray", "--engine-process")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert err.strip().splitlines()[-1].startswith("tfb serve: error: --engine-process does not apply with --ray")
+    assert err.strip().splitlines()[-1].startswith("tfb serve: error: --engine-process / TFB_ENGINE_PROCESS does not apply with --ray")
 
 
 def test_a_signal_to_the_engine_process_alone_does_not_cut_its_requests(dirs):
@@ -296,3 +296,24 @@ def test_messages_carry_tensors_exactly():
     for (_, _, b), t in zip(back, tensors):
         assert b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t.detach()) and not b.requires_grad
     assert len(dumps(whole[3:5])) < len(dumps(whole)) < len(pickle.dumps(whole[3:5]))  # torch: all its storage
+
+
+def test_the_sockets_directory_is_private_and_short_enough(tmp_path, monkeypatch):
+    """In $TMPDIR, mode 0700; where $TMPDIR's path is too long for a Unix socket, in /tmp; where
+    there is none to be had, a message that says what to do."""
+    import tempfile
+
+    from server.engine_process import MAX_SOCKET_PATH, SOCKET, socket_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    here = socket_dir()
+    assert Path(here).parent == tmp_path and Path(here).stat().st_mode & 0o777 == 0o700
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    short = socket_dir()
+    assert Path(short).parent == Path("/tmp") and len(str(Path(short) / SOCKET)) <= MAX_SOCKET_PATH
+    Path(short).rmdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with pytest.raises(OSError, match="set TMPDIR to a writable directory, or serve with --no-engine-process"):
+        socket_dir()
