@@ -32,7 +32,9 @@ def test_smoke_run_writes_server_and_engine_rows(tmp_path):
         assert c["errors"] == 0, c["first_error"]
         assert c["engine"] is not None and c["x_engine"] is not None and c["x_engine"] > 0
         assert c["client_cpu_s"] >= 0
-    assert cells["choices-letter"]["requests"] >= 1 and cells["choices-letter"]["p50_ms"] > 0
+    choices = cells["choices-letter"]
+    assert choices["requests"] >= 1 and choices["p50_ms"] > 0
+    assert 0 < choices["app_p50_ms"] <= choices["p50_ms"]  # the server's own time (Server-Timing), within the client's
     stream = cells["chat-stream"]
     assert stream["tokens"] >= 1 and stream["ttft_p50_ms"] > 0  # tokens counted from the SSE events
     assert stream["engine"]["step_ms"] > 0 and stream["engine"]["rows"] == 2 * 2  # 2 streams x K = 2
