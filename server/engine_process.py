@@ -108,7 +108,7 @@ def _tensor_as_array(t: torch.Tensor):
     if t.layout is torch.strided and t.dtype is not torch.bfloat16:
         try:
             return torch.from_numpy, (t.numpy(),)
-        except (RuntimeError, TypeError):  # a lazy negation or conjugation, a dtype numpy lacks
+        except (RuntimeError, TypeError):  # a dtype numpy lacks
             pass
     return t.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
 

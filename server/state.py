@@ -24,12 +24,12 @@ class AppState:
     detail: str | None = None  # why not ready (a failed start-up's reason)
     model: ServedModel | None = None  # what the API serves of the posterior (once ready)
     loaded: Loaded | None = None  # the posterior itself, when the engine runs in this process
-    scheduler: Scheduler | None = None  # or, with --engine-process, its EngineClient (the same calls)
+    scheduler: Scheduler | None = None  # or, the engine in its own process (the default), its EngineClient
     choices: object | None = None  # serving.ChoicesServing
     completions: object | None = None  # generating.CompletionServing
     chat: object | None = None  # generating.ChatServing
     runner: object | None = None  # engine.ModelRunner, when the engine runs in this process
-    engine: object | None = None  # engine_process.EngineClient, with --engine-process (from its start)
+    engine: object | None = None  # engine_process.EngineClient, the engine in its own process (from its start)
     started: float = field(default_factory=time.time)
     # called with the reason when start-up fails (the CLI stops the server and exits non-zero)
     on_fatal: Callable[[str], None] | None = None
