@@ -313,3 +313,39 @@ def test_an_idle_decoder_keeps_a_wide_burst_s_rows_but_not_at_a_new_length(post)
         dec.step()
         dec.filter()
     assert_same([generate(post, [s.prompt_ids], s.params)[0] for s in (narrow, long)], [narrow, long])
+
+
+@pytest.mark.parametrize("through", ["admit", "join"])
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_sequence_whose_cache_went_nan_leaves_no_nan_for_the_next_in_its_rows(post, through, when):
+    """A sequence whose forward made NaN (its keys and values too: at prefill, or at a decode
+    step) ends with an error while another runs on; the next sequence prefilled into its rows
+    with a shorter prompt never reads the NaN columns past its own (0 x NaN is NaN in the
+    attention's weighted sum): both decode as alone."""
+    post.sigma = 0.5
+    tok = post.tokenizer
+    nan_id = tok(" quokka", add_special_tokens=False).input_ids[-1]
+    hook = post.model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: out.masked_fill((args[0] == nan_id)[..., None], float("nan")))
+    words = "one two three four five six seven eight nine ten" + (" quokka" if when == "prefill" else "")
+    other = GenSequence(tok("The capital of France is").input_ids,
+                        SamplingParams(max_tokens=12, num_samples=2, ignore_eos=True))
+    long = GenSequence(tok(words).input_ids, SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True))
+    short = GenSequence(tok("Hi").input_ids, SamplingParams(max_tokens=6, num_samples=2, ignore_eos=True))
+    try:
+        alone = [generate(post, [s.prompt_ids], s.params)[0] for s in (other, short)]
+        dec = StaticDecoder(post)
+        enter = dec.admit if through == "admit" else (lambda seqs: dec.join(DecodeBatch.prefill(post, seqs)))
+        enter([other, long])
+        if when == "decode":
+            dec.tok[2:4] = nan_id  # its rows are fed the poisoned token: its next keys and values are NaN
+            dec.step()
+        assert dec.filter() == [long] and long.finish_reason == "error"
+        enter([short])  # into the rows the NaN sequence held
+        while dec.seqs:
+            dec.step()
+            dec.filter()
+    finally:
+        hook.remove()
+    assert [s.finish_reason for s in (other, short)] == ["length", "length"], (other.error, short.error)
+    assert_same(alone, [other, short])

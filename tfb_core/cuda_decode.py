@@ -128,6 +128,7 @@ class StaticDecoder(Graphed):
                 self.vc[i][r, :, :T] = take(layer.values)
             self._set_rows(r, take(batch.mask), take(batch.positions), take(batch.last))
         except BaseException:  # the rows past the active ones stay harmless
+            self._clear_cache(r.start, r.stop)
             self._reset_rows(self.n, self.rows_cap)
             raise
         self._add(seqs, ends)
@@ -156,6 +157,7 @@ class StaticDecoder(Graphed):
             mask = mask.to(self.device)
             self._set_rows(r, mask, mask.sum(-1), choose_tokens(self.post, seqs, logits))
         except BaseException:  # the rows past the active ones stay harmless
+            self._clear_cache(r.start, r.stop)
             self._reset_rows(self.n, self.rows_cap)
             restore_sequences(seqs, saved)
             raise
@@ -232,6 +234,8 @@ class StaticDecoder(Graphed):
             with torch.no_grad():
                 for buf in self.kc + self.vc + [self.bias, self.col, self.pos, self.tok, self.slots]:
                     buf[dst] = buf.index_select(0, idx)
+        if any(s.finish_reason == "error" for s in done):  # its rows may hold NaN keys and values
+            self._clear_cache(len(keep), self.n)
         self._reset_rows(len(keep), self.n)
         self.seqs, self.ends, self.n = kept, ends, len(keep)
         return done
@@ -440,6 +444,15 @@ class StaticDecoder(Graphed):
         self.bias[start:stop, 0] = 0.0
         for buf in (self.col, self.pos, self.tok, self.slots):
             buf[start:stop] = 0
+
+    @torch.no_grad()
+    def _clear_cache(self, start: int, stop: int) -> None:
+        """Zero the keys and values of rows ``[start, stop)``: a later sequence prefilled there
+        with a shorter prompt masks the columns past its own, but a masked NaN still makes NaN
+        (0 x NaN in the attention's weighted sum). Only after a sequence failed: finite stale
+        values are harmless."""
+        for buf in self.kc + self.vc:
+            buf[start:stop].zero_()
 
     def _assign_samples(self, seqs: Seq[GenSequence]) -> None:
         """Give every weight sample of ``seqs`` a noise buffer slot. A sample whose sequences
