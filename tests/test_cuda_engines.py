@@ -10,7 +10,8 @@ Skipped without CUDA; run on a GPU machine with ``pytest -m cuda tests/test_cuda
   ``DecodeBatch``), for mixed K, weight seeds, sampling and sequences joining mid-flight;
 - scoring: :class:`~tfb_core.cuda_prefill.PrefillEngine` (graphed from a shape's second
   forward) gives :func:`~tfb_core.scoring.choice_probs`' eager probabilities in letter and
-  sequence mode.
+  sequence mode;
+- isolation: a sequence that went NaN leaves nothing in its graphed KV rows for the next.
 
 float32 is compared tightly (the same maths in another kernel order); bfloat16 more loosely,
 and by probabilities rather than by tokens (a near tie may round either way).
@@ -140,3 +141,38 @@ def test_admit_through_the_graphed_prefill_engine_matches_the_eager_engine(post)
     alone = [generate(post, [p], params)[0] for p in ps]
     for seqs in rounds:
         assert_same_generation(alone, seqs, dtype)
+
+
+def test_a_nan_sequence_s_graphed_rows_leave_no_nan_for_the_next_in_them(post):
+    """On the graphed decoder (through the graphed prefill engine): a sequence fed a NaN token
+    at a decode step ends with an error while another runs on; a shorter prompt admitted into
+    its rows decodes as alone (its rows were zeroed in place, under the captured graphs)."""
+    from tfb_core.cuda_decode import StaticDecoder
+    from tfb_core.cuda_prefill import PrefillEngine
+
+    dtype = next(post.model.parameters()).dtype
+    tok = post.tokenizer
+    nan_id = tok(" quokka", add_special_tokens=False).input_ids[-1]
+    other = GenSequence(tok("The capital of France is").input_ids,
+                        SamplingParams(max_tokens=12, num_samples=2, ignore_eos=True))
+    long = GenSequence(tok("one two three four five six seven eight nine ten").input_ids,
+                       SamplingParams(max_tokens=6, num_samples=2, ignore_eos=True))
+    short = GenSequence(tok("Hi").input_ids, SamplingParams(max_tokens=8, num_samples=2, ignore_eos=True))
+    alone = [generate(post, [s.prompt_ids], s.params)[0] for s in (other, short)]
+    hook = post.model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: out.masked_fill((args[0] == nan_id)[..., None], float("nan")))
+    try:
+        dec = StaticDecoder(post, prefill=PrefillEngine(post)).admit([other, long])
+        dec.step()  # captures the graph for 4 rows
+        dec.tok[2:4] = nan_id  # the long sequence's rows are fed the poisoned token
+        dec.step()
+        assert dec.filter() == [long] and long.finish_reason == "error"
+        dec.admit([short])
+        while dec.seqs:
+            dec.step()
+            dec.filter()
+    finally:
+        hook.remove()
+    assert dec.graphed, f"no CUDA graph was captured ({dec.capture_error})"
+    assert [s.finish_reason for s in (other, short)] == ["length", "length"], (other.error, short.error)
+    assert_same_generation(alone, [other, short], dtype)
