@@ -186,26 +186,37 @@ class GenerationEngine:
         return self.decoder.kv_rows if self.decoder is not None else 0
 
     def admit(self, works: list[GenWork]) -> list:
-        """Prefill new sequences in one forward and join them to the running batch."""
+        """Prefill new sequences in one forward and join them to the running batch. One result
+        per work, a cancelled one (skipped) included: the scheduler pairs them with its items.
+
+        Raises only while nothing joined (the scheduler then reruns each work alone); once the
+        sequences joined, a failure of the batch's own bookkeeping fails every running request,
+        as after a failed step, rather than letting a rerun join them twice."""
+        results = [PENDING] * len(works)
         works = [w for w in works if not w.cancelled]
-        if works:
+        if not works:
+            return results
+        for w in works:
+            self.works[id(w.seq)] = w
+        seqs = [w.seq for w in works]
+        try:
+            self._decoder().admit(seqs)
+        except Exception:  # all or nothing: the scheduler reruns each request alone
             for w in works:
-                self.works[id(w.seq)] = w
-            seqs = [w.seq for w in works]
-            try:
-                self._decoder().admit(seqs)
-            except Exception:  # all or nothing: the scheduler reruns each request alone
-                for w in works:
-                    self.works.pop(id(w.seq), None)
-                raise
-            try:
-                self._emit(seqs)
-            except Exception as e:  # admitted, but their first tokens could not be sent: they alone fail
-                log.exception("sending the first tokens of %d new sequences failed", len(seqs))
-                for s in seqs:
-                    s.finish_reason, s.failure = "error", e
+                self.works.pop(id(w.seq), None)
+            raise
+        try:
+            self._emit(seqs)
+        except Exception as e:  # admitted, but their first tokens could not be sent: they alone fail
+            log.exception("sending the first tokens of %d new sequences failed", len(seqs))
+            for s in seqs:
+                s.finish_reason, s.failure = "error", e
+        try:
             self._retire()
-        return [PENDING] * len(works)
+        except Exception as e:
+            log.exception("dropping finished sequences after %d joined failed", len(seqs))
+            self.fail(as_api_error(e))
+        return results
 
     def step(self) -> None:
         """One decode step for every active sequence (after dropping cancelled ones). A failed

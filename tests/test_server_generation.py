@@ -387,3 +387,103 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_frees_its_work
     body = json.loads(event.removeprefix("data: "))
     assert body["error"]["code"] == "timeout" and reported[-1] == "504"
     assert all(w.future.cancelled() for w in works)
+
+
+def engine_and_scheduler(post):
+    """The server's real generation engine (eager) behind its real scheduler, no HTTP."""
+    from server.engine import GenerationEngine
+    from server.metrics import Metrics
+    from server.scheduler import Scheduler
+
+    metrics = Metrics("m")
+    engine = GenerationEngine(post, metrics, "eager")
+    return engine, Scheduler(lambda batch: engine.admit(batch.items), metrics, max_batch_size=8, max_wait_ms=50,
+                             decoder=engine)
+
+
+def gen_works(post, loop, texts: list[str], params: SamplingParams) -> list:
+    from server.engine import GenWork
+    from tfb_core.generation import GenSequence
+
+    return [GenWork(GenSequence(post.tokenizer(t).input_ids, params), "/v1/completions", time.monotonic() + 60,
+                    loop.create_future(), None, loop) for t in texts]
+
+
+def test_a_request_cancelled_while_its_failed_batch_is_rerun_leaves_the_others_their_own_outcomes(core):
+    """Three requests' joint prefill fails, and the first one's client leaves meanwhile; rerun
+    one by one, the second decodes its own tokens and the third gets its own error (every item
+    has its own result, a cancelled one included: none takes its neighbour's)."""
+    import asyncio
+
+    params = SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True)
+    texts = ["Once upon a time", "The capital of France is", "1 2 3"]
+    alone = generate(core, [core.tokenizer(texts[1]).input_ids], params)[0]
+    engine, sched = engine_and_scheduler(core)
+    decoder = engine._decoder()
+    real_admit = decoder.admit
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b, c = works = gen_works(core, loop, texts, params)
+
+        def admit(seqs):  # on the worker thread
+            if len(seqs) > 1:
+                loop.call_soon_threadsafe(a.future.cancel)  # the client left during the failed forward
+                raise RuntimeError("the joint prefill failed")
+            if seqs[0] is c.seq:
+                raise ValueError("this request's own failure")
+            return real_admit(seqs)
+
+        decoder.admit = admit
+        sched.start()
+        sched.submit(works)
+        out = await asyncio.wait_for(asyncio.gather(b.future, c.future, return_exceptions=True), 30)
+        await sched.stop()
+        return out
+
+    got_b, got_c = asyncio.run(main())
+    assert not isinstance(got_b, Exception), got_b
+    assert got_b.token_ids == alone.token_ids
+    assert isinstance(got_c, ValueError) and str(got_c) == "this request's own failure"
+
+
+def test_bookkeeping_that_fails_after_a_join_fails_the_running_requests_once_and_the_engine_goes_on(core):
+    """When dropping finished sequences raises right after new ones joined, the joined ones are
+    not admitted again (the scheduler's item-by-item rerun is for a failed prefill): every running
+    request gets the error once, the engine starts afresh, and the next request decodes as alone."""
+    import asyncio
+
+    params = SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True)
+    texts = ["Once upon a time", "The capital of France is"]
+    alone = generate(core, [core.tokenizer(texts[0]).input_ids], params)[0]
+    engine, sched = engine_and_scheduler(core)
+    decoder = engine._decoder()
+    admitted = []
+    real_admit = decoder.admit
+
+    def admit(seqs):
+        admitted.extend(seqs)
+        return real_admit(seqs)
+
+    def filter_fails():
+        del decoder.filter  # once
+        raise RuntimeError("out of memory while packing the rows")
+
+    decoder.admit, decoder.filter = admit, filter_fails
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched.start()
+        works = gen_works(core, loop, texts, params)
+        sched.submit(works)
+        first = await asyncio.wait_for(asyncio.gather(*(w.future for w in works), return_exceptions=True), 30)
+        [again] = gen_works(core, loop, texts[:1], params)
+        sched.submit([again])
+        second = await asyncio.wait_for(again.future, 30)
+        await sched.stop()
+        return works, first, second
+
+    works, first, second = asyncio.run(main())
+    assert len(admitted) == 2 and {id(s) for s in admitted} == {id(w.seq) for w in works}  # each joined once
+    assert all(isinstance(r, RuntimeError) and str(r) == "out of memory while packing the rows" for r in first), first
+    assert second.token_ids == alone.token_ids
