@@ -315,6 +315,29 @@ def test_an_idle_decoder_keeps_a_wide_burst_s_rows_but_not_at_a_new_length(post)
     assert_same([generate(post, [s.prompt_ids], s.params)[0] for s in (narrow, long)], [narrow, long])
 
 
+def test_an_idle_decoder_gives_back_a_burst_of_weight_seeds_noise_slots(post):
+    """After requests with many weight seeds leave, a request with one seed does not step over
+    their noise slots (every slot costs each step time): past KEPT_SLOTS (64) the slots shrink
+    back to its need."""
+    post.sigma = 0.5
+    ps = prompts(post.tokenizer)
+    dec = StaticDecoder(post)
+    burst = [GenSequence(ps[i % 3], SamplingParams(max_tokens=2, num_samples=2, weight_seed=i, ignore_eos=True))
+             for i in range(40)]
+    dec.admit(burst)
+    assert dec.samples_cap == 128  # 80 samples
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    one = GenSequence(ps[1], SamplingParams(max_tokens=4, num_samples=2, weight_seed=5, ignore_eos=True))
+    dec.admit([one])
+    assert dec.samples_cap == 2
+    while dec.seqs:
+        dec.step()
+        dec.filter()
+    assert_same([generate(post, [s.prompt_ids], s.params)[0] for s in burst[:3] + [one]], burst[:3] + [one])
+
+
 @pytest.mark.parametrize("through", ["admit", "join"])
 @pytest.mark.parametrize("when", ["prefill", "decode"])
 def test_a_sequence_whose_cache_went_nan_leaves_no_nan_for_the_next_in_its_rows(post, through, when):

@@ -43,6 +43,12 @@ from .rows import pad, positions, sample_map
 from .models import max_context
 
 
+# noise slots an idle decoder keeps whatever the next request needs (so K = 1 and K = 16 in
+# turn keep one set of buffers and graphs): a step reads them all, 64 x r x n numbers per TFB
+# layer, 4 MB a layer at r = 8 and the 8B shape in bf16, ~2% of the weights a step reads
+KEPT_SLOTS = 64
+
+
 class StaticDecoder(Graphed):
     """A continuous decode batch over a static KV cache, its step replayed from CUDA graphs: a
     :class:`~tfb_core.generation.Decoder` (:func:`tfb_core.engines.make_decoder` picks it).
@@ -428,9 +434,13 @@ class StaticDecoder(Graphed):
         step; or when they must grow in columns anyway and their rows are over 4x what it needs
         (a wide burst's rows are not reallocated at a new length). Rows alone do not shrink them:
         spare rows cost memory, not time (a step runs the active rows' bucket), and keeping them
-        keeps the captured graphs across a load that rises and falls."""
+        keeps the captured graphs across a load that rises and falls. Noise slots over 4x what
+        it needs, and over ``KEPT_SLOTS``, drop them too: unlike rows, every step reads every
+        slot (the noise term is one product over all of them), so a burst of many weight seeds
+        would slow every later step."""
         length = self.bucket * math.ceil(max(length, 1) / self.bucket)
-        if self.length > 4 * length or (length > self.length and self.rows_cap > 4 * rows):
+        if self.length > 4 * length or (length > self.length and self.rows_cap > 4 * rows) \
+                or self.samples_cap > max(4 * pow2(samples), KEPT_SLOTS):
             self._drop_graphs()
             self.kc = self.vc = self.noise = []
             self.rows_cap = self.length = self.samples_cap = 0
