@@ -143,7 +143,9 @@ def test_rules_load_evaluate_and_name_live_metrics(stack):
     assert prom.wait_for('tfb:mutual_information:p90_1h{endpoint="/v1/choices"}', timeout=15)
     alerts = {r["name"]: r for r in loaded if r["type"] == "alerting"}
     assert {"TfbHighErrorRate", "TfbQueueSaturated", "TfbMutualInformationDrift"} <= set(alerts)
-    assert all(a["state"] == "inactive" for a in alerts.values()), {n: a["state"] for n, a in alerts.items()}
+    # none fires; TfbDown may be pending after one scrape slower than its 1 s timeout (a loaded machine)
+    states = {n: a["state"] for n, a in alerts.items()}
+    assert all(s == "inactive" or (n == "TfbDown" and s == "pending") for n, s in states.items()), states
 
 
 def test_mi_threshold_script_against_the_live_server(stack, tmp_path):

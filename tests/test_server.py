@@ -313,7 +313,7 @@ def test_posterior_chat_and_temperature_are_honoured(llama_dir, lora_dir, tmp_pa
     body = {**OK, "num_samples": 3, "return_samples": True}
     with ServerThread(model=str(llama_dir), adapter=post, device="cpu") as s:
         info = httpx.get(s.url + "/v1/posterior").json()
-        a = httpx.post(s.url + "/v1/choices", json=body).json()
+        a = httpx.post(s.url + "/v1/choices", json=body, timeout=60).json()
     assert info["chat"] is True and info["temperature"] == 2.0
     enc = encode_item(core_post.tokenizer, MCItem(choices=OK["choices"], question=OK["question"]),
                       "letter", chat=True)
@@ -329,7 +329,7 @@ def test_one_access_log_line_per_request_and_the_flag_turns_it_off(llama_dir, po
         with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", samples=3) as s:
             caplog.clear()
             body = {"items": [item(0), {**item(1), "num_samples": 5}]}
-            assert httpx.post(s.url + "/v1/choices", json=body).status_code == 200
+            assert httpx.post(s.url + "/v1/choices", json=body, timeout=60).status_code == 200
             assert httpx.get(s.url + "/v1/nope").status_code == 404
             lines = [r.getMessage() for r in caplog.records if r.name == "tfb.access"]
         assert len(lines) == 2, lines
@@ -339,7 +339,7 @@ def test_one_access_log_line_per_request_and_the_flag_turns_it_off(llama_dir, po
         assert lines[1].split()[:3] == ["GET", "/v1/nope", "404"] and lines[1].endswith("items=- K=-")
         caplog.clear()
         with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", access_log=False) as s:
-            assert httpx.post(s.url + "/v1/choices", json=item(0)).status_code == 200
+            assert httpx.post(s.url + "/v1/choices", json=item(0), timeout=60).status_code == 200
         assert not [r for r in caplog.records if r.name == "tfb.access"]
 
 

@@ -31,7 +31,7 @@ def test_startup_search_is_cached_and_a_restart_skips_it(llama_dir, lora_dir, ca
                     samples=4, eps=0.05)
     with ServerThread(**settings) as srv:
         first = httpx.get(srv.url + "/v1/posterior").json()
-        answer = httpx.post(srv.url + "/v1/choices", json=OK).json()
+        answer = httpx.post(srv.url + "/v1/choices", json=OK, timeout=60).json()
     assert first["source"] == "searched" and first["search_trace"] and first["sigma"] > 0
     assert first["criterion"] == "nll" and first["eps"] == 0.05 and first["calibration_sha256"]
     saved = list((tmp_path / "cache" / "posteriors").iterdir())
@@ -45,7 +45,7 @@ def test_startup_search_is_cached_and_a_restart_skips_it(llama_dir, lora_dir, ca
     monkeypatch.setattr(search, "search_sigma", no_search)
     with ServerThread(**settings) as srv:
         again = httpx.get(srv.url + "/v1/posterior").json()
-        assert httpx.post(srv.url + "/v1/choices", json=OK).json()["probs"] == pytest.approx(answer["probs"], abs=1e-6)
+        assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=60).json()["probs"] == pytest.approx(answer["probs"], abs=1e-6)
     assert again["source"] == "cached search" and again["sigma"] == first["sigma"]
 
     # other search settings: another key, so it searches again (here: into --posterior-out)

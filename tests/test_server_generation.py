@@ -169,7 +169,7 @@ def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
              timeout=20, what="the abandoned stream's slot freed")
     assert srv.state.runner.engine.decoder.batch is None  # no KV cache held (an idle EagerDecoder)
     # the server still answers
-    r = httpx.post(f"{srv.url}/v1/completions", json={"model": model_id, "prompt": "x", "max_tokens": 2})
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": model_id, "prompt": "x", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
 
 
@@ -196,7 +196,7 @@ def test_bad_generation_input_gets_4xx(srv, model_id, path, body, status, param)
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     if param is not None:
         assert err["param"] == param
-    ok = httpx.post(f"{srv.url}/v1/completions", json={"model": model_id, "prompt": "x", "max_tokens": 1})
+    ok = httpx.post(f"{srv.url}/v1/completions", json={"model": model_id, "prompt": "x", "max_tokens": 1}, timeout=60)
     assert ok.status_code == 200
 
 
@@ -251,7 +251,7 @@ def test_failed_prefill_ends_the_stream_at_once(small, monkeypatch, error, statu
     model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
     body = {"model": model, "max_tokens": 4, **extra}
     data, seconds = sse(f"{small.url}{path}", {**body, "stream": True})
-    assert seconds < REQUEST_TIMEOUT / 4
+    assert seconds < REQUEST_TIMEOUT / 2  # not held to the request's timeout
     err = json.loads(data[-1])["error"]
     # a user error's text is the answer; an internal one's is sanitized like the HTTP 500 (its type only)
     expected = str(error) if status == 400 else f"internal error: {type(error).__name__}"
@@ -272,12 +272,12 @@ def test_failed_decode_step_ends_the_stream_with_its_error(small, monkeypatch):
     model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
     data, seconds = sse(f"{small.url}/v1/completions",
                         {"model": model, "prompt": "Hello", "max_tokens": 4, "stream": True})
-    assert seconds < REQUEST_TIMEOUT / 4
+    assert seconds < REQUEST_TIMEOUT / 2  # not held to the request's timeout
     assert json.loads(data[0])["choices"][0]["text"] is not None  # the prefill's token was sent
     err = json.loads(data[-1])["error"]
     assert err["message"] == "internal error: RuntimeError" and err["type"] == "server_error"
     monkeypatch.undo()
-    r = httpx.post(f"{small.url}/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2})
+    r = httpx.post(f"{small.url}/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
 
 

@@ -232,7 +232,9 @@ def test_request_past_timeout_is_504_and_server_keeps_serving(llama_dir, post_di
         srv.state.scheduler.step = fast
         release.set()
         wait_for(lambda: srv.state.scheduler.idle, what="the held forward finished")
-        assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=30).status_code == 200
+        # it goes on serving (under a 0.3 s timeout a loaded machine may still answer 504 at first)
+        wait_for(lambda: httpx.post(srv.url + "/v1/choices", json=OK, timeout=30).status_code == 200,
+                 what="a 200 after the timeouts")
         assert metric(srv, "tfb_dropped_items_total") >= 1  # queued work was dropped, not run
 
 
@@ -254,7 +256,7 @@ def test_health_503_while_loading_then_200(llama_dir, post_dir):
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
         release.set()
         wait_for(lambda: httpx.get(srv.url + "/health").status_code == 200, what="/health 200 after loading")
-        assert httpx.post(srv.url + "/v1/choices", json=OK).status_code == 200
+        assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=60).status_code == 200
     finally:
         release.set()
         srv.stop()
