@@ -343,12 +343,14 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     probs = torch.softmax(logits, -1)  # (rows, V)
     Ks = [s.params.num_samples for s in seqs]
     S, dev = len(Ks), probs.device
-    if len(set(Ks)) == 1:  # rows b*K + k: a view
+    same_k = len(set(Ks)) == 1
+    if same_k:  # rows b*K + k: a view
         pk = probs.view(S, Ks[0], -1)
         p, ee = pk.mean(1), entropy(pk).mean(1)  # (S, V), (S,)
     else:
-        seg = torch.arange(S, device=dev).repeat_interleave(torch.tensor(Ks, device=dev), output_size=sum(Ks))
-        k = torch.tensor(Ks, device=dev, dtype=probs.dtype)
+        counts = torch.tensor(Ks, device=dev)
+        seg = torch.arange(S, device=dev).repeat_interleave(counts, output_size=sum(Ks))
+        k = counts.to(probs.dtype)
         p = torch.zeros(S, probs.shape[1], device=dev, dtype=probs.dtype).index_add_(0, seg, probs) / k[:, None]
         ee = torch.zeros(S, device=dev, dtype=probs.dtype).index_add_(0, seg, entropy(probs)) / k
     pe = entropy(p)
@@ -386,9 +388,9 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
         s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top))
         update_finish(decode, s, eos, limit)
     # the output's size given: the device need not be asked for it (a sync) in the middle of the step
-    if len(set(Ks)) == 1:
+    if same_k:
         return tokens.repeat_interleave(Ks[0])
-    return tokens.repeat_interleave(torch.tensor(Ks, device=dev), output_size=sum(Ks))
+    return tokens.repeat_interleave(counts, output_size=sum(Ks))
 
 
 def update_finish(decode: Callable[[list[int]], str], s: GenSequence, eos: set[int], limit: int | None) -> None:
