@@ -173,6 +173,12 @@ class ChoiceResult(BaseModel):
     tempered: list[str] = Field(..., description="which fields the temperature changed: ['probs'] or []; "
                                 "uncertainty and samples are always the untempered weight samples'")
     uncertainty: UncertaintyOut
+    confidence: float = Field(..., ge=0, le=1, description="the probability that the prediction is right: "
+                              "the posterior's learned confidence model (fitted on labelled calibration "
+                              "items), or the tempered maximum probability without one")
+    confidence_model: str = Field(..., description="what 'confidence' is: 'logistic' or 'platt' (learned from "
+                                  "labelled calibration items, see /v1/posterior), or 'max_prob' (the tempered "
+                                  "maximum probability: no labelled calibration, or it predicted no better)")
     samples: list[list[float]] | None = Field(None, description="per weight sample, the untempered choice "
                                               "probabilities (K x C), when return_samples")
     prediction_set: PredictionSet | None = Field(None, description="the choices that hold the answer with "
@@ -180,9 +186,10 @@ class ChoiceResult(BaseModel):
                                                  "calibration only)")
     abstain: bool | None = Field(None, description="true: do not act on this answer (a posterior with a "
                                  "held-out calibration only)")
-    abstain_reasons: list[str] | None = Field(None, description="why: the prediction set is not one choice, "
-                                              "or the uncertainty is above the threshold certified for the "
-                                              "server's error-rate target")
+    abstain_reasons: list[str] | None = Field(None, description="why: the confidence is below (or the "
+                                              "uncertainty above) the threshold certified for the server's "
+                                              "error-rate target, or none is certified; with "
+                                              "--abstain-on-set, the prediction set is not one choice")
     num_samples: int
     seed: int
     sigma: float
@@ -229,8 +236,11 @@ class CalibrationInfo(BaseModel):
     abstain_on: str
     max_risk: float = Field(..., description="the error rate answered items may have")
     delta: float = Field(..., description="the certificate's confidence is 1 - delta")
-    threshold: float | None = Field(..., description="abstain above this uncertainty; null: none is "
-                                    "certified for max_risk, so every answer abstains")
+    threshold: float | None = Field(..., description="abstain above this uncertainty (for abstain_on "
+                                    "'confidence': below this confidence); null: none is certified for "
+                                    "max_risk, so every answer abstains")
+    abstain_on_set: bool = Field(False, description="also abstain when the default-coverage prediction set "
+                                 "holds more than one choice")
     risk_bound: float = Field(..., description="upper confidence bound on the answered calibration items' "
                               "error rate at the threshold")
     answered: float = Field(..., description="fraction of the calibration items the threshold answers")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tfb_core import (COVERAGE, LABELS, MCItem, Mode, TFBError, apply_chat, decide, encode_item,
+from tfb_core import (COVERAGE, LABELS, MCItem, Metric, Mode, TFBError, apply_chat, decide, encode_item,
                       min_calibration_size)
 
 from .engine import ChoiceOutput, ChoiceWork
@@ -47,17 +47,27 @@ class ChoicesServing:
         self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
         self.default_mode = cfg.mode or Mode.LETTER
         self.calibration = cfg.conformal  # prediction sets and abstention, when the posterior holds one
+        self.confidence = cfg.confidence_model  # the learned P(right), or the tempered max p
+        for flag, given in (("--max-risk", settings.max_risk is not None), ("--abstain-on-set", settings.abstain_on_set),
+                            ("--coverage", settings.coverage is not None)):
+            if given and self.calibration is None:
+                raise TFBError(f"{flag} needs a posterior with a held-out labelled calibration, and this one has "
+                               f"none: run tfb bayesianize with an 'answer' on every calibration item")
         self.risk = self.calibration.risk_threshold(settings.max_risk) if self.calibration else None
+        self.abstain_on_set = settings.abstain_on_set or bool(self.calibration and self.calibration.abstain_on_set)
         self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration else COVERAGE)
 
     def calibration_info(self) -> CalibrationInfo | None:
         cal, risk = self.calibration, self.risk
         if cal is None:
             return None
+        threshold = risk.threshold
+        if threshold is not None and cal.abstain_on == Metric.CONFIDENCE.value:
+            threshold = 1.0 - threshold  # the lowest confidence answered
         return CalibrationInfo(size=cal.n, score=cal.score, coverage=self.default_coverage,
                                abstain_on=cal.abstain_on, max_risk=risk.max_risk, delta=risk.delta,
-                               threshold=risk.threshold, risk_bound=risk.risk_bound,
-                               answered=risk.accepted / risk.n)
+                               threshold=threshold, risk_bound=risk.risk_bound,
+                               answered=risk.accepted / risk.n, abstain_on_set=self.abstain_on_set)
 
     def check_coverage(self, coverage: float, param: str) -> None:
         """400 when the held-out calibration is too small for ``coverage``."""
@@ -145,14 +155,15 @@ class ChoicesServing:
                 and (item.mode or self.default_mode) is (cfg.mode or Mode.LETTER)
                 and self.length_normalize(item) == bool(cfg.length_normalize) and chat == bool(cfg.chat))
 
-    def decision(self, item: ChoiceItem, work: ChoiceWork, out: ChoiceOutput) -> dict:
+    def decision(self, item: ChoiceItem, work: ChoiceWork, out: ChoiceOutput, confidence: float) -> dict:
         """``prediction_set``, ``abstain`` and ``abstain_reasons`` of an answer (calibrated posteriors)."""
         if self.calibration is None:
             return {}
         cal = self.calibration
         coverage = item.coverage or self.default_coverage
         d = decide(cal, out.probs, {"mutual_information": out.mutual_information,
-                                    "predictive_entropy": out.predictive_entropy}, coverage, self.risk)
+                                    "predictive_entropy": out.predictive_entropy, "confidence": confidence},
+                   coverage, self.risk, self.abstain_on_set)
         self.metrics.observe_decision(len(d.indices), d.kinds)
         matches = self.matches_calibration(item, work)
         guarantee = (f"P(answer in set) >= {coverage:g} over items exchangeable with the {cal.n} held-out "
@@ -181,6 +192,7 @@ class ChoicesServing:
                                          out.expected_entropy, out.mutual_information)
         pred = int(out.probs.argmax())
         tokens = work.encoded.prompt_tokens
+        confidence = float(self.confidence.of(out.samples[None], self.model.config.temperature)[0])
         return ChoiceResult(
             index=index, prediction=pred, label=LABELS[pred] if pred < len(LABELS) else str(pred),
             choice=item.choices[pred], probs=out.probs.tolist(), temperature=self.model.config.temperature,
@@ -188,7 +200,8 @@ class ChoicesServing:
             uncertainty=UncertaintyOut(predictive_entropy=out.predictive_entropy,
                                        expected_entropy=out.expected_entropy,
                                        mutual_information=out.mutual_information),
+            confidence=confidence, confidence_model=self.confidence.model,
             samples=out.samples.tolist() if item.return_samples else None,
             num_samples=work.num_samples, seed=work.seed, sigma=self.model.sigma, model=self.model_id,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens * work.num_samples),
-            **self.decision(item, work, out))
+            **self.decision(item, work, out, confidence))

@@ -62,8 +62,10 @@ class Settings(BaseSettings):
     # prediction sets and abstention (a posterior with a held-out calibration) ------------------
     coverage: float | None = Field(None, gt=0, lt=1, description="/v1/choices prediction sets' default "
                                    "coverage (default: the posterior's, 0.9)")
-    max_risk: float | None = Field(None, gt=0, lt=1, description="abstain unless the uncertainty is below "
+    max_risk: float | None = Field(None, gt=0, lt=1, description="abstain unless the confidence is above "
                                    "the threshold certified for this error rate (default: the posterior's)")
+    abstain_on_set: bool = Field(False, description="also abstain when the default-coverage prediction set "
+                                 "holds more than one choice (default: what the posterior records)")
 
     # HTTP ------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="the address to listen on")
@@ -138,7 +140,8 @@ class Settings(BaseSettings):
                             length_normalize=self.length_normalize, gold_labels=self.gold_labels,
                             chat=bool(self.chat), holdout=self.holdout,
                             coverage=self.coverage or SearchConfig.default("coverage"),
-                            max_risk=self.max_risk or SearchConfig.default("max_risk"))
+                            max_risk=self.max_risk or SearchConfig.default("max_risk"),
+                            abstain_on_set=self.abstain_on_set)
 
     @property
     def is_demo(self) -> bool:

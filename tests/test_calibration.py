@@ -140,7 +140,7 @@ def test_fit_posterior_records_a_held_out_calibration(fitted, labelled, llama_di
     loaded = Posterior.load(fresh_base(llama_dir), out)
     cfg, cal = loaded.config, loaded.config.conformal
     assert result.criterion == cfg.criterion == "cv-nll"  # auto: every item has an answer
-    assert cfg.format_version == 2 and cfg.temperature == result.temperature and cfg.temperature != 1.0
+    assert cfg.format_version == 3 and cfg.temperature == result.temperature and cfg.temperature != 1.0
     assert cal.n == N_HELD == round(N_ITEMS * HOLDOUT) and cal.score == "lac" and cal.max_risk == MAX_RISK
     fit_idx, held_idx = holdout_split(N_ITEMS, HOLDOUT, seed=0)
     assert sorted(fit_idx + held_idx) == list(range(N_ITEMS)) and len(held_idx) == N_HELD
@@ -180,11 +180,14 @@ def cal_srv(llama_dir, fitted):
 
 @pytest.fixture(scope="module")
 def stored(fitted):
-    """The calibration as written in tfb_config.json, and the threshold recomputed from it."""
-    cal = json.loads((fitted[0] / TFB_CONFIG_NAME).read_text())["calibration"]
-    theta, _, _ = sgr_reference(np.array(cal["mutual_information"]), np.array(cal["correct"]),
-                                            cal["max_risk"], cal["delta"])
-    return cal, theta
+    """The calibration and confidence as written in tfb_config.json, and the threshold recomputed
+    from them (on 1 - confidence, the default abstention score)."""
+    cfg = json.loads((fitted[0] / TFB_CONFIG_NAME).read_text())
+    cal = cfg["calibration"]
+    assert cal["abstain_on"] == "confidence" and cal["abstain_on_set"] is False
+    theta, _, _ = sgr_reference(1 - np.array(cal["confidence"]), np.array(cal["correct"]),
+                                cal["max_risk"], cal["delta"])
+    return cal, theta, cfg["confidence"]
 
 
 def quantile(scores: list[float], coverage: str) -> float:
@@ -197,6 +200,22 @@ def expected_set(probs: list[float], q: float) -> list[int]:
     return sorted(members, key=lambda c: -probs[c])
 
 
+def np_confidence(conf: dict, samples: np.ndarray, temperature: float) -> float:
+    """The recorded confidence model applied to one answer's samples (K, C), in numpy."""
+    avg = np_tempered_average(samples[None], temperature)[0]
+    top = np.sort(avg)[::-1]
+    raw = samples.mean(0)
+    pe = np_entropy(raw[None])[0]
+    ee = np_entropy(samples).mean()
+    feats = {"log_max_prob": np.log(top[0]), "margin": top[0] - top[1], "predictive_entropy": pe,
+             "expected_entropy": ee, "mutual_information": max(pe - ee, 0.0),
+             "agreement": float((samples.argmax(-1) == avg.argmax()).mean())}
+    if conf["model"] == "max_prob":
+        return float(top[0])
+    z = (np.array([feats[f] for f in conf["features"]]) - conf["mean"]) / np.array(conf["scale"])
+    return float(1 / (1 + np.exp(-(z @ np.array(conf["coef"]) + conf["intercept"]))))
+
+
 def scrape(url: str) -> dict:
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
@@ -207,15 +226,17 @@ def scrape(url: str) -> dict:
 
 
 def test_served_sets_and_abstention(cal_srv, stored, fitted):
-    cal, theta = stored
+    cal, theta, conf_model = stored
     posterior = httpx.get(cal_srv.url + "/v1/posterior").json()
     recorded = json.loads((fitted[0] / TFB_CONFIG_NAME).read_text())
     assert posterior["length_normalize"] is False and posterior["temperature"] == recorded["temperature"]
     info = posterior["calibration"]
     assert info["size"] == N_HELD and info["coverage"] == 0.9 and info["max_risk"] == MAX_RISK
-    assert info["threshold"] == theta  # None would mean: abstain on everything
+    assert info["abstain_on"] == "confidence" and info["abstain_on_set"] is False
+    # the lowest confidence answered (None would mean: abstain on everything)
+    assert info["threshold"] == (None if theta is None else pytest.approx(1 - theta))
     coverages = ["0.5", "0.9", "0.8"]  # 0.9: the posterior's default, not sent
-    items = [{"question": it.question, "choices": it.choices,
+    items = [{"question": it.question, "choices": it.choices, "return_samples": True,
               **({"coverage": float(coverages[i % 3])} if i % 3 != 1 else {})}
              for i, it in enumerate(mc_items(18, seed=11))]
     before = scrape(cal_srv.url)
@@ -223,7 +244,7 @@ def test_served_sets_and_abstention(cal_srv, stored, fitted):
     after = scrape(cal_srv.url)
     assert r.status_code == 200, r.text
     answers = r.json()["items"]
-    sizes, not_single, uncertain = [], 0, 0
+    sizes, below = [], 0
     for i, a in enumerate(answers):
         coverage = coverages[i % 3]
         q = quantile(cal["scores"], coverage)
@@ -232,18 +253,21 @@ def test_served_sets_and_abstention(cal_srv, stored, fitted):
         assert s["labels"] == ["ABCD"[i] for i in s["indices"]]
         assert s["coverage"] == float(coverage) and s["calibration_size"] == N_HELD and s["score"] == "lac"
         assert s["matches_calibration"] is True and f"{N_HELD} held-out" in s["guarantee"]
-        mi = a["uncertainty"]["mutual_information"]
-        above = theta is None or mi > theta
-        assert a["abstain"] == (len(s["indices"]) != 1 or above)
+        # the served confidence is the recorded model on the answer's own samples
+        assert a["confidence_model"] == conf_model["model"]
+        conf = np_confidence(conf_model, np.array(a["samples"]), recorded["temperature"])
+        assert a["confidence"] == pytest.approx(conf, abs=1e-6)
+        unsure = theta is None or 1 - a["confidence"] > theta
+        # abstention rests on the confidence alone: a set of several choices is no reason by default
+        assert a["abstain"] == unsure
         reasons = a["abstain_reasons"]
-        set_reason = any(r.startswith(f"the {coverage} prediction set holds") for r in reasons)
-        mi_reason = any(r.startswith("mutual_information") and "above" in r for r in reasons)
-        assert set_reason == (len(s["indices"]) != 1) and mi_reason == (theta is not None and above)
+        assert not any("prediction set holds" in r for r in reasons)
+        assert any(r.startswith("confidence") and "below" in r for r in reasons) == (theta is not None and unsure)
         sizes.append(len(s["indices"]))
-        not_single += len(s["indices"]) != 1
-        uncertain += theta is not None and mi > theta
-    # the items exercise every branch: answered, abstained on the set, abstained on MI
-    assert not all(a["abstain"] for a in answers) and not_single and uncertain, (sizes, theta)
+        below += theta is not None and unsure
+    # the items exercise both branches: answered and abstained on the confidence
+    assert theta is not None and 0 < below < len(answers), (theta, [a["confidence"] for a in answers])
+    assert any(n != 1 for n in sizes), sizes
 
     def delta(name, reason=None):
         return after.get((name, reason), 0.0) - before.get((name, reason), 0.0)
@@ -251,9 +275,26 @@ def test_served_sets_and_abstention(cal_srv, stored, fitted):
     assert delta("tfb_prediction_set_size_count") == len(items)
     assert delta("tfb_prediction_set_size_sum") == sum(sizes)
     assert delta("tfb_calibrated_answers_total") == len(items)
-    assert delta("tfb_abstentions_total", "set") == not_single
-    assert delta("tfb_abstentions_total", "uncertainty") == uncertain
-    assert delta("tfb_abstentions_total", "uncertified") == (len(items) if theta is None else 0)
+    assert delta("tfb_abstentions_total", "set") == 0
+    assert delta("tfb_abstentions_total", "uncertainty") == below
+    assert delta("tfb_abstentions_total", "uncertified") == 0
+
+
+def test_abstain_on_set_is_opt_in(llama_dir, fitted, stored):
+    """--abstain-on-set adds the set rule: abstain when the default-coverage set is not one choice."""
+    cal, theta, _ = stored
+    q = quantile(cal["scores"], "0.9")
+    body = {"items": [{"question": it.question, "choices": it.choices} for it in mc_items(12, seed=11)]}
+    with ServerThread(model=str(llama_dir), adapter=fitted[0], device="cpu", samples=K, abstain_on_set=True) as s:
+        assert httpx.get(s.url + "/v1/posterior").json()["calibration"]["abstain_on_set"] is True
+        answers = httpx.post(s.url + "/v1/choices", json=body, timeout=60).json()["items"]
+    several = 0
+    for a in answers:
+        n = len(expected_set(a["probs"], q))
+        several += n != 1
+        assert any(r.startswith("the 0.9 prediction set holds") for r in a["abstain_reasons"]) == (n != 1)
+        assert a["abstain"] == (n != 1 or 1 - a["confidence"] > theta)
+    assert several, "pick items whose sets hold several choices"
 
 
 @pytest.mark.parametrize("change", [{"num_samples": K + 1}, {"seed": 1}, {"length_normalize": True}])
@@ -292,7 +333,7 @@ def test_coverage_needing_more_scores_than_stored_is_400_naming_the_minimum(cal_
 
 
 def test_tfb_eval_coverage_reports_recountable_sets(cal_srv, fitted, stored, llama_dir, tmp_path, capsys):
-    cal, theta = stored
+    cal, theta, _ = stored
     items = mc_items(16, seed=21)
     data, out = tmp_path / "eval.jsonl", tmp_path / "report.json"
     write_jsonl(items, data)
@@ -314,9 +355,12 @@ def test_tfb_eval_coverage_reports_recountable_sets(cal_srv, fitted, stored, lla
         assert got["size"] == pytest.approx(sum(map(len, sets)) / len(sets), abs=1e-12)
         assert got["singletons"] == pytest.approx(sum(len(s) == 1 for s in sets) / len(sets), abs=1e-12)
     a = report["abstention"]
-    assert a["threshold"] == theta and a["calibration_n"] == N_HELD and a["max_risk"] == MAX_RISK
-    answered = [x for x in answers if theta is not None and x["uncertainty"]["mutual_information"] <= theta]
+    assert a["metric"] == "confidence" and report["confidence_model"] == answers[0]["confidence_model"]
+    assert a["threshold"] == pytest.approx(theta) and a["calibration_n"] == N_HELD and a["max_risk"] == MAX_RISK
+    answered = [x for x in answers if not x["abstain"]]
     assert a["threshold_rule"]["coverage"] == pytest.approx(len(answered) / len(items), abs=1e-12)
+    wrong = sum(x["prediction"] != label for x, label in zip(answers, y) if not x["abstain"])
+    assert a["threshold_rule"]["risk"] == (pytest.approx(wrong / len(answered)) if answered else None)
 
 
 # --- 4. the reference preset and the two-sided nll on the tiny posterior -----------------------------
@@ -468,5 +512,5 @@ def test_format_version_1_loads_with_a_warning(tempered_dirs, tmp_path, llama_di
     assert len(lines) == 1, caplog.text
     assert str(path) in lines[0] and "2.5" in lines[0]
     assert "model average, softmax(log(mean_k p_k) / T)" in lines[0] and "untempered" in lines[0]
-    assert loaded.config.temperature == T_HOT and loaded.config.format_version == 2
+    assert loaded.config.temperature == T_HOT and loaded.config.format_version == 3
     assert loaded.config.length_normalize is False and loaded.config.conformal is None

@@ -346,7 +346,8 @@ def test_no_certifiable_threshold_abstains_on_everything():
 
 def test_decide_hand_computed():
     """Set at coverage 0.8 of 9 scores 0.1..0.9: the 8th, q = 0.8; all 60 items correct, so a
-    threshold is certified; abstain exactly when the set is not one choice or MI is above it."""
+    threshold is certified; abstain exactly when MI is above it, and with abstain_on_set also
+    when the set is not one choice."""
     u = np.linspace(0.001, 0.06, 60)
     cal = Calibration(score="lac", scores=[0.1 * i for i in range(1, 10)], mutual_information=list(u),
                       predictive_entropy=list(u), correct=[True] * 60, max_risk=0.2)
@@ -363,8 +364,12 @@ def test_decide_hand_computed():
         d = decide(cal, probs, {"mutual_information": mi, "predictive_entropy": mi}, coverage=0.8)
         assert d.indices == expected and d.threshold == q
         assert (len(expected) == 1) == single
-        assert d.abstain == (len(expected) != 1 or mi > theta)
+        assert d.abstain == (mi > theta) and not any("prediction set" in r for r in d.reasons)
         assert any("above" in r for r in d.reasons) == (mi > theta)
+        d = decide(cal, probs, {"mutual_information": mi, "predictive_entropy": mi}, coverage=0.8,
+                   abstain_on_set=True)
+        assert d.abstain == (len(expected) != 1 or mi > theta)
+        assert any("prediction set holds" in r for r in d.reasons) == (len(expected) != 1)
 
 
 # --- 4. cv-nll and the two-sided nll ------------------------------------------------------------

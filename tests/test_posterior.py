@@ -312,7 +312,7 @@ def test_sigma_must_be_nonnegative(post):
 
 
 @pytest.mark.parametrize("changes,problem", [
-    ({"format_version": 3}, "format_version 3 is not supported"),
+    ({"format_version": 4}, "format_version 4 is not supported"),
     ({"sigma": -0.1}, "sigma must be a finite number >= 0"),
     ({"sigma": "0.1"}, "sigma must be a finite number >= 0"),
     ({"temperature": 0}, "temperature must be a finite number > 0"),

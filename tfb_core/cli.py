@@ -246,7 +246,8 @@ def _run_eval(args) -> int:
                       chat=cfg.chat if args.chat is None else args.chat,
                       temperature=cfg.temperature if args.temperature is None else args.temperature,
                       length_normalize=cfg.length_normalize if args.length_normalize is None else args.length_normalize,
-                      ood_items=ood, batch_size=args.batch_size, calibration=calibration, max_risk=args.max_risk)
+                      ood_items=ood, batch_size=args.batch_size, calibration=calibration, max_risk=args.max_risk,
+                      confidence=cfg.confidence_model if cfg.confidence is not None else None)
     print(format_table(report))
     if args.per_item:
         report["items"] = per_item(report, items)

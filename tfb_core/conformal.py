@@ -10,7 +10,8 @@ temperature, scored exactly as traffic is served (same K, seed, scoring and temp
   the set ``{c : score_c <= q}`` holds the true answer with probability >= ``coverage``
   (marginally), IF the traffic is exchangeable with the calibration items. Under a shift it
   can cover far less: calibrated on ARC-Easy, the demo's 0.9 sets covered 72% of ARC-Challenge.
-- Abstention: answer only when an uncertainty score (MI or PE) is at most a threshold chosen
+- Abstention: answer only when an uncertainty score (1 - the learned confidence of
+  :mod:`tfb_core.confidence` by default; MI or PE) is at most a threshold chosen
   so that a binomial upper confidence bound on the error rate of the accepted calibration
   items is <= ``max_risk`` (Selection with Guaranteed Risk, Geifman & El-Yaniv 2017: a binary
   search over the sorted scores with the confidence split over its steps; the search moves
@@ -185,6 +186,8 @@ class Calibration:
     max_risk: float = MAX_RISK
     delta: float = DELTA
     items_sha256: str | None = None  # of the items it was computed on
+    confidence: list[float] | None = None  # per item: the learned confidence (None: not fitted)
+    abstain_on_set: bool = False  # also abstain when the default-coverage set holds several choices
 
     @property
     def n(self) -> int:
@@ -205,6 +208,12 @@ class Calibration:
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                    for v in lists[:3] for x in v) or not all(isinstance(x, bool) for x in cal.correct):
             raise TFBError(f"{where}: 'calibration' lists must hold finite numbers (correct: booleans)")
+        if cal.confidence is not None and (not isinstance(cal.confidence, list) or len(cal.confidence) != cal.n
+                                           or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      and 0 <= x <= 1 for x in cal.confidence)):
+            raise TFBError(f"{where}: 'calibration.confidence' must list one number in [0, 1] per item")
+        if not isinstance(cal.abstain_on_set, bool):
+            raise TFBError(f"{where}: 'calibration.abstain_on_set' must be true or false")
         if cal.scores != sorted(cal.scores):
             raise TFBError(f"{where}: 'calibration.scores' must be sorted ascending")
         for check in (lambda: parse_score(cal.score), lambda: parse_metric(cal.abstain_on)):
@@ -212,6 +221,8 @@ class Calibration:
                 check()
             except TFBError as e:
                 raise TFBError(f"{where}: 'calibration': {e}") from None
+        if parse_metric(cal.abstain_on) is Metric.CONFIDENCE and cal.confidence is None:
+            raise TFBError(f"{where}: 'calibration' abstains on confidence but records none")
         for name in ("coverage", "max_risk", "delta"):
             value = getattr(cal, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
@@ -222,7 +233,14 @@ class Calibration:
         return asdict(self)
 
     def uncertainty(self, metric: Metric | str | None = None) -> torch.Tensor:
-        return torch.tensor(getattr(self, parse_metric(metric or self.abstain_on).value), dtype=torch.float64)
+        """Per item, the score a threshold is put on (accept at or below it): 1 - confidence, MI or PE."""
+        metric = parse_metric(metric or self.abstain_on)
+        if metric is Metric.CONFIDENCE:
+            if self.confidence is None:
+                raise TFBError("this calibration records no confidence; abstain on mutual_information "
+                               "or predictive_entropy, or refit it with tfb bayesianize")
+            return 1.0 - torch.tensor(self.confidence, dtype=torch.float64)
+        return torch.tensor(getattr(self, metric.value), dtype=torch.float64)
 
     def risk_threshold(self, max_risk: float | None = None, metric: Metric | str | None = None,
                        delta: float | None = None) -> RiskThreshold:
@@ -232,16 +250,21 @@ class Calibration:
 
 
 def calibrate(sample_probs: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-              score: Score | str = Score.LAC, **settings) -> Calibration:
-    """The calibration evidence of held-out items: sample_probs (N, K, C), labels (N,)."""
+              score: Score | str = Score.LAC, confidence=None, **settings) -> Calibration:
+    """The calibration evidence of held-out items: sample_probs (N, K, C), labels (N,).
+
+    confidence : tfb_core.confidence.Confidence, default=None
+        The fitted confidence model (fitted on other items); its value per item is recorded.
+    """
     from .uncertainty import decompose
 
     u = decompose(sample_probs.double(), temperature)
     s = nonconformity(u.probs, labels, score)
+    conf = None if confidence is None else confidence.of(sample_probs, temperature).tolist()
     return Calibration(score=parse_score(score).value, scores=sorted(s.tolist()),
                        mutual_information=u.mutual_information.tolist(),
                        predictive_entropy=u.predictive_entropy.tolist(),
-                       correct=(u.probs.argmax(-1) == labels).tolist(), **settings)
+                       correct=(u.probs.argmax(-1) == labels).tolist(), confidence=conf, **settings)
 
 
 @dataclass
@@ -257,25 +280,33 @@ class Decision:
 
 
 def decide(cal: Calibration, probs: torch.Tensor, uncertainty: dict[str, float], coverage: float | None = None,
-           risk: RiskThreshold | None = None) -> Decision:
+           risk: RiskThreshold | None = None, abstain_on_set: bool | None = None) -> Decision:
     """The prediction set of one answer (probs (C,)) at ``coverage`` and whether to abstain:
-    when the set is not a single choice, or the uncertainty is above the risk threshold."""
+    when its score (``uncertainty[cal.abstain_on]``: ``confidence``, MI or PE) is past the
+    threshold certified for the risk target, or none is certified; and, with
+    ``abstain_on_set`` (default: the calibration's), when the set is not a single choice."""
     coverage = cal.coverage if coverage is None else coverage
+    abstain_on_set = cal.abstain_on_set if abstain_on_set is None else abstain_on_set
     q = threshold(cal.scores, coverage)
     indices = prediction_set(probs, q, cal.score)
     reasons, kinds = [], []
-    if len(indices) != 1:
+    if abstain_on_set and len(indices) != 1:
         reasons.append(f"the {coverage:g} prediction set holds {len(indices)} choices")
         kinds.append("set")
     risk = risk or cal.risk_threshold()
-    value = uncertainty[cal.abstain_on]
+    metric = parse_metric(cal.abstain_on)
+    value = uncertainty[metric.value]
     if risk.threshold is None:
         kinds.append("uncertified")
-        reasons.append(f"no {cal.abstain_on} threshold certifies an error rate <= {risk.max_risk:g} "
+        reasons.append(f"no {metric.value} threshold certifies an error rate <= {risk.max_risk:g} "
                        f"on the {risk.n} calibration items")
-    elif value > risk.threshold:
+    elif metric is Metric.CONFIDENCE and 1.0 - value > risk.threshold:
         kinds.append("uncertainty")
-        reasons.append(f"{cal.abstain_on} {value:.4g} is above {risk.threshold:.4g}, the threshold "
+        reasons.append(f"confidence {value:.4g} is below {1.0 - risk.threshold:.4g}, the lowest certified "
+                       f"for an error rate <= {risk.max_risk:g}")
+    elif metric is not Metric.CONFIDENCE and value > risk.threshold:
+        kinds.append("uncertainty")
+        reasons.append(f"{metric.value} {value:.4g} is above {risk.threshold:.4g}, the threshold "
                        f"certified for an error rate <= {risk.max_risk:g}")
     return Decision(indices, coverage, q, bool(reasons), reasons, kinds)
 

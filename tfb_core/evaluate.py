@@ -16,17 +16,20 @@ from typing import Sequence
 
 import torch
 
+from .confidence import Confidence, log_loss
 from .conformal import Calibration, decide, prediction_set, threshold
 from .data import MCItem
+from .options import Metric
 from .scoring import parse_mode, score_items
-from .uncertainty import (accuracy, auroc, brier, decompose, ece, fit_temperature, nll, reliability,
-                          risk_coverage, temper)
+from .uncertainty import (accuracy, auroc, binary_ece, brier, decompose, ece, fit_temperature, nll,
+                          reliability, risk_coverage, temper)
 
 __all__ = ["evaluate", "metrics", "ood_metrics", "set_metrics", "fit_temperature", "temper", "score_mixed",
            "per_item"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier", "mean_pe", "mean_mi", "aurc_mi", "aurc_pe",
-               "auroc_err_mi", "auroc_err_pe", "auroc_err_maxprob")
+               "auroc_err_mi", "auroc_err_pe", "auroc_err_maxprob", "auroc_err_confidence", "ece_confidence",
+               "log_loss_confidence", "aurc_confidence")
 
 
 def score_mixed(post, items: Sequence[MCItem], mode: str = "letter", num_samples: int = 1,
@@ -51,18 +54,26 @@ def score_mixed(post, items: Sequence[MCItem], mode: str = "letter", num_samples
     return out
 
 
-def metrics(sample_probs: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> dict:
+def metrics(sample_probs: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+            confidence: Confidence | None = None) -> dict:
     """Every metric of ``METRIC_KEYS`` for per-sample probabilities (N, K, C) and labels (N,).
 
     acc is a fraction, ece x100 (15 bins); PE and MI in nats; aurc_* the area under the
-    risk-coverage curve when rejecting by MI / PE (lower is better); auroc_err_* how well a
-    score ranks wrong answers above right ones (max-probability ranks by 1 - max p). The
-    temperature tempers the model average (ACC, ECE, NLL, Brier, max p), never PE or MI.
+    risk-coverage curve when rejecting by MI / PE / confidence (lower is better); auroc_err_*
+    how well a score ranks wrong answers above right ones (max-probability ranks by 1 - max p,
+    confidence by 1 - confidence). The temperature tempers the model average (ACC, ECE, NLL,
+    Brier, max p), never PE or MI. ``confidence`` (default: the tempered max p) is scored by
+    its AUROC, ECE and log loss as P(the prediction is right).
     """
     u = decompose(sample_probs.double(), temperature)
     p = u.probs
     wrong = p.argmax(-1) != labels
+    conf = (confidence or Confidence()).of(sample_probs, temperature)
     return {
+        "auroc_err_confidence": auroc(-conf, wrong),
+        "ece_confidence": binary_ece(conf, ~wrong),
+        "log_loss_confidence": log_loss(conf, (~wrong).double()),
+        "aurc_confidence": risk_coverage(-conf, ~wrong)[2],
         "acc": accuracy(p, labels),
         "ece": ece(p, labels),
         "nll": nll(p, labels),
@@ -126,19 +137,25 @@ def set_metrics(probs: torch.Tensor, labels: torch.Tensor, cal: Calibration,
 
 
 def abstention_metrics(sample_probs: torch.Tensor, labels: torch.Tensor, cal: Calibration,
-                       temperature: float = 1.0, max_risk: float | None = None) -> dict:
+                       temperature: float = 1.0, max_risk: float | None = None,
+                       confidence: Confidence | None = None) -> dict:
     """Risk (error rate among answered) and coverage (fraction answered) of the abstention rule.
 
-    ``threshold``: answer when the calibrated uncertainty is at most the certified threshold;
-    ``with_sets``: also abstain when the prediction set at the calibration's coverage is not a
-    single choice (what /v1/choices returns as ``abstain``).
+    ``threshold``: answer when the calibrated score (confidence, MI or PE) passes the
+    certified threshold (what /v1/choices returns as ``abstain``); ``with_sets``: also abstain
+    when the prediction set at the calibration's coverage is not a single choice (``--abstain-on-set``).
     """
     u = decompose(sample_probs.double(), temperature)
     rule = cal.risk_threshold(max_risk)
-    values = getattr(u, cal.abstain_on)
+    conf = (confidence or Confidence()).of(sample_probs, temperature)
+    scores = {Metric.MI.value: u.mutual_information, Metric.PE.value: u.predictive_entropy,
+              Metric.CONFIDENCE.value: conf}
+    values = scores[cal.abstain_on]
+    doubt = 1.0 - values if cal.abstain_on == Metric.CONFIDENCE.value else values
     correct = u.probs.argmax(-1) == labels
-    accept = values <= rule.threshold if rule.threshold is not None else torch.zeros_like(correct)
-    decisions = [decide(cal, p, {cal.abstain_on: float(v)}, risk=rule) for p, v in zip(u.probs, values)]
+    accept = doubt <= rule.threshold if rule.threshold is not None else torch.zeros_like(correct)
+    decisions = [decide(cal, p, {k: float(v[i]) for k, v in scores.items()}, risk=rule, abstain_on_set=True)
+                 for i, p in enumerate(u.probs)]
     accept_sets = torch.tensor([not d.abstain for d in decisions])
 
     def summary(mask: torch.Tensor) -> dict:
@@ -155,7 +172,7 @@ def evaluate(post, items: Sequence[MCItem], mode: str = "letter", num_samples: i
              temperature: float = 1.0, ood_items: Sequence[MCItem] | None = None,
              batch_size: int = 8, progress: bool = True, length_normalize: bool = False,
              calibration: Calibration | None = None, coverages: Sequence[float] = COVERAGES,
-             max_risk: float | None = None) -> dict:
+             max_risk: float | None = None, confidence: Confidence | None = None) -> dict:
     """Score ``items`` with the deterministic adapter and with the posterior; the JSON report.
 
     Returns ``{"n", "deterministic", "tfb", "tfb_tempered", "sets", "abstention", "ood", ...}``
@@ -172,6 +189,8 @@ def evaluate(post, items: Sequence[MCItem], mode: str = "letter", num_samples: i
     tfb = score_mixed(post, items, num_samples=num_samples, sigma=sigma, desc=f"TFB K={num_samples}", **common)
     report = {"n": len(items), "deterministic": metrics(det, labels), "tfb": metrics(tfb, labels),
               "tfb_tempered": metrics(tfb, labels, temperature) if temperature != 1.0 else None,
+              "tfb_confidence": metrics(tfb, labels, temperature, confidence) if confidence else None,
+              "confidence_model": (confidence or Confidence()).model,
               "sets": None, "abstention": None, "ood": None,
               "sigma": float(sigma), "samples": int(num_samples), "mode": parse_mode(mode).value,
               "chat": bool(chat), "seed": int(seed), "temperature": float(temperature),
@@ -179,7 +198,7 @@ def evaluate(post, items: Sequence[MCItem], mode: str = "letter", num_samples: i
     if calibration is not None:
         served = decompose(tfb.double(), temperature).probs
         report["sets"] = set_metrics(served, labels, calibration, coverages, valid=tfb.amax(1) > 0)
-        report["abstention"] = abstention_metrics(tfb, labels, calibration, temperature, max_risk)
+        report["abstention"] = abstention_metrics(tfb, labels, calibration, temperature, max_risk, confidence)
     raw = {"labels": labels, "deterministic": det, "tfb": tfb}
     if ood_items:
         ood = score_mixed(post, ood_items, num_samples=num_samples, sigma=sigma, desc="OOD", **common)
@@ -212,14 +231,18 @@ def format_table(report: dict) -> str:
             ("Brier", "brier", 1), ("mean PE (nats)", "mean_pe", 1), ("mean MI (nats)", "mean_mi", 1),
             ("AURC by MI", "aurc_mi", 1), ("AURC by PE", "aurc_pe", 1),
             ("AUROC wrong: MI", "auroc_err_mi", 1), ("AUROC wrong: PE", "auroc_err_pe", 1),
-            ("AUROC wrong: max p", "auroc_err_maxprob", 1)]
+            ("AUROC wrong: max p", "auroc_err_maxprob", 1), ("AUROC wrong: conf.", "auroc_err_confidence", 1),
+            ("ECE of confidence", "ece_confidence", 1), ("AURC by confidence", "aurc_confidence", 1)]
     columns = [("deterministic", "deterministic"), ("TFB", "tfb")]
     if report.get("tfb_tempered"):
         columns.append((f"TFB + T={report['temperature']:.3g}", "tfb_tempered"))
+    if report.get("tfb_confidence"):
+        columns.append((f"+ {report['confidence_model']}", "tfb_confidence"))
     head = (f"n={report['n']} mode={report['mode']} chat={report.get('chat', False)} "
             f"length_normalize={report.get('length_normalize', False)} sigma={report['sigma']:.4g} "
             f"K={report['samples']} (deterministic: sigma 0, K 1, no temperature; T tempers the model "
-            f"average only, PE and MI are the samples')")
+            f"average only, PE and MI are the samples'; confidence: the tempered max p, or the learned "
+            f"model in the last column)")
     lines = [head, f"{'metric':<22}" + "".join(f"{name:>17}" for name, _ in columns)]
     for label, key, scale in rows:
         lines.append(f"{label:<22}" + "".join(f"{_fmt(report[col][key], scale):>17}" for _, col in columns))
@@ -230,8 +253,12 @@ def format_table(report: dict) -> str:
                          f"singletons {m['singletons'] * 100:.1f}%"))
     if report.get("abstention"):
         a = report["abstention"]
-        rule = (f"{a['metric']} <= {a['threshold']:.4g}" if a["threshold"] is not None
-                else "no certified threshold (abstain on every answer)")
+        if a["threshold"] is None:
+            rule = "no certified threshold (abstain on every answer)"
+        elif a["metric"] == "confidence":
+            rule = f"confidence >= {1 - a['threshold']:.4g}"
+        else:
+            rule = f"{a['metric']} <= {a['threshold']:.4g}"
         for name, key in (("threshold", "threshold_rule"), ("threshold + singleton set", "with_sets")):
             m = a[key]
             risk = "n/a" if m["risk"] is None else f"{m['risk'] * 100:.1f}%"

@@ -5,9 +5,12 @@
    the temperature together) when every item has an answer, else the paper's ``nll``.
 3. The temperature of the model average, fitted on the fitting items when they are labelled
    (``cv-nll`` fits it with sigma).
-4. On the held-out items, scored exactly as traffic will be (same K, seed, scoring, T): the
-   conformal scores and the per-item uncertainty and correctness (:mod:`tfb_core.conformal`),
-   from which prediction sets at any coverage and an abstention threshold at any risk follow.
+4. The learned confidence (:mod:`tfb_core.confidence`), cross-fitted on the labelled fitting
+   items at the chosen sigma and T.
+5. On the held-out items, scored exactly as traffic will be (same K, seed, scoring, T): the
+   conformal scores and the per-item uncertainty, confidence and correctness
+   (:mod:`tfb_core.conformal`), from which prediction sets at any coverage and an abstention
+   threshold at any risk follow.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from .confidence import fit_confidence
 from .conformal import calibrate, holdout_split
 from .data import MCItem
 from .errors import TFBError
@@ -80,21 +84,28 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
              len(fit_items), " and T" if missing is None and cfg.temperature else "", len(held_idx))
     result = post.search(fit_items, criterion=crit, progress=progress, **common, **search)
     post.config.length_normalize = cfg.length_normalize
+    labelled = unlabelled(fit_items) is None
+    fit_probs = score_items(post, fit_items, desc="fitting items", **common) if labelled else None
+    fit_labels = torch.tensor([it.answer for it in fit_items]) if labelled else None
     if result.temperature is None:
         post.config.temperature = 1.0
-        if cfg.temperature and unlabelled(fit_items) is None:
-            probs = score_items(post, fit_items, desc="temperature", **common).mean(1)
-            post.config.temperature = fit_temperature(probs, torch.tensor([it.answer for it in fit_items]))
+        if cfg.temperature and labelled:
+            post.config.temperature = fit_temperature(fit_probs.mean(1), fit_labels)
     elif not cfg.temperature:
         post.config.temperature = 1.0
     log.info("calibration: sigma = %.6g, T = %.4g", post.sigma, post.config.temperature)
+    confidence = fit_confidence(fit_probs, fit_labels, post.config.temperature, seed=cfg.seed) if labelled else None
+    post.config.confidence = None if confidence is None else confidence.to_dict()
+    if confidence is not None:
+        log.info("calibration: confidence %s (cross-fitted log loss %s on %d fitting items)", confidence.model,
+                 ", ".join(f"{k} {v:.4f}" for k, v in confidence.cv_log_loss.items()) or "-", confidence.n)
     post.config.calibration = None
     if held_idx:
         held = [items[i] for i in held_idx]
         sample_probs = score_items(post, held, desc="held-out calibration", **common)
         cal = calibrate(sample_probs, torch.tensor([it.answer for it in held]), post.config.temperature,
-                        cfg.score, coverage=cfg.coverage, abstain_on=cfg.abstain_on.value,
-                        max_risk=cfg.max_risk, delta=delta)
+                        cfg.score, confidence=confidence, coverage=cfg.coverage, abstain_on=cfg.abstain_on.value,
+                        max_risk=cfg.max_risk, delta=delta, abstain_on_set=cfg.abstain_on_set)
         post.config.calibration = cal.to_dict()
         rule = cal.risk_threshold()
         log.info("calibration: %d held-out items; %s threshold for risk <= %g: %s", cal.n, cal.abstain_on,

@@ -85,6 +85,7 @@ class Metric(str, Enum):
 
     MI = "mutual_information"  #: the samples' disagreement: epistemic uncertainty
     PE = "predictive_entropy"  #: the model average's entropy: total uncertainty
+    CONFIDENCE = "confidence"  #: the learned P(right) (tfb_core.confidence); the threshold is on 1 - it
 
     def __str__(self) -> str:
         return self.value
@@ -159,9 +160,13 @@ class SearchConfig:
                                  "answer, else 0)", check=_fraction)
     coverage: float = _opt(COVERAGE, "default coverage of prediction sets", check=_open_fraction)
     score: Score = _opt(Score.LAC, "prediction sets' nonconformity score", flag="--conformal-score")
-    abstain_on: Metric = _opt(Metric.MI, "the uncertainty abstention thresholds")
+    abstain_on: Metric = _opt(Metric.CONFIDENCE, "what abstention thresholds: confidence (the learned "
+                              "P(right), fitted on the labelled fitting items), mutual_information or "
+                              "predictive_entropy")
     max_risk: float = _opt(MAX_RISK, "abstention: the error rate the answered items may have, "
                            "certified with confidence 0.95 on the held-out items", check=_open_fraction)
+    abstain_on_set: bool = _opt(False, "also abstain when the default-coverage prediction set holds more "
+                                "than one choice")
     temperature: bool = _opt(True, "do not fit a temperature", flag="--no-temperature")
     batch_size: int = _opt(BATCH_SIZE, "items per forward", check=_at_least_one)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, load_adapter, read_json
 from .conformal import Calibration
+from .confidence import Confidence
 from .errors import TFBError
 from .models import BaseModel
 from .options import NUM_SAMPLES, SEED, Criterion, Mode, parse_criterion, parse_mode
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 #: 2: the temperature divides the log of the model average (v1: every sample's logits);
 #: length_normalize and the held-out calibration (conformal sets, abstention) are recorded
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: the learned confidence (a version-2 directory loads without it)
+READABLE_VERSIONS = (1, 2, 3)
 POSTERIOR_NAME = "tfb_posterior.safetensors"
 TFB_CONFIG_NAME = "tfb_config.json"
 
@@ -71,6 +72,7 @@ class TFBConfig:
     noise: str = "weight noise s * B' E with E_ij ~ N(0, (sigma / d_i)^2); s from the adapter config"
     files_sha256: dict = field(default_factory=dict)
     calibration: dict | None = None  # conformal.Calibration of held-out labelled items
+    confidence: dict | None = None  # confidence.Confidence fitted on the labelled fitting items
 
     def __post_init__(self):
         self.criterion = None if self.criterion is None else parse_criterion(self.criterion)
@@ -89,6 +91,11 @@ class TFBConfig:
     def conformal(self) -> Calibration | None:
         """The held-out calibration (prediction sets, abstention), or None."""
         return Calibration.from_dict(self.calibration) if self.calibration is not None else None
+
+    @property
+    def confidence_model(self) -> Confidence:
+        """The learned confidence, or the tempered maximum probability when none was fitted."""
+        return Confidence.from_dict(self.confidence) if self.confidence is not None else Confidence()
 
 
 class Posterior:
@@ -291,6 +298,8 @@ def read_tfb_config(directory: Path) -> TFBConfig:
         raise TFBError(f"{path}: 'length_normalize' must be true or false, got {data['length_normalize']!r}")
     if data.get("calibration") is not None:
         Calibration.from_dict(data["calibration"], str(path))
+    if data.get("confidence") is not None:
+        Confidence.from_dict(data["confidence"], str(path))
     if version == 1:
         log.warning("%s: format version 1 divided every weight sample's logits by its temperature "
                     "%.4g; tfb now applies it to the model average, softmax(log(mean_k p_k) / T), and "

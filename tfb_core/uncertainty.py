@@ -105,8 +105,12 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """Expected calibration error x100: equal-width bins on the top-label confidence."""
     conf, pred = probs.max(-1)
-    correct = (pred == labels).double()
-    conf = conf.double()
+    return binary_ece(conf, pred == labels, bins)
+
+
+def binary_ece(conf: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
+    """ECE x100 of a confidence (N,) in [0, 1] that a prediction is right, against ``correct`` (N,)."""
+    conf, correct = conf.double(), correct.double()
     # bin b holds conf in (b/bins, (b+1)/bins]; conf = 0 goes to bin 0
     idx = (torch.ceil(conf * bins) - 1).clamp(0, bins - 1).long()
     total = torch.zeros(bins, dtype=torch.float64)
@@ -116,7 +120,7 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
         if mask.any():
             total[b] = mask.sum()
             gap[b] = (conf[mask].mean() - correct[mask].mean()).abs()
-    return (100.0 * (total * gap).sum() / len(labels)).item()
+    return (100.0 * (total * gap).sum() / len(conf)).item()
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
