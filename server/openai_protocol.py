@@ -182,6 +182,9 @@ class SequenceUncertainty(BaseModel):
     max_expected_entropy: float
     mean_mutual_information: float
     max_mutual_information: float
+    sequence_mutual_information: float = Field(..., description="the K weight samples' disagreement about "
+                                               "the whole text: log(mean_k p_k(text)) - mean_k log p_k(text), "
+                                               "in nats (0 at K = 1)")
 
 
 class GenerationUncertainty(BaseModel):

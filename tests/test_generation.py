@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from tiny import prompts
 from tfb_core.generation import (DecodeBatch, GenSequence, SamplingParams, TokenInfo, generate, safe_text,
-                                 text_decoder, update_finish)
+                                 sequence_mutual_information, text_decoder, update_finish)
 from tfb_core.sampling import row_std, standard_normal
 from tfb_core.uncertainty import entropy
 
@@ -73,8 +73,26 @@ def test_k_sample_decoding_equals_k_separate_models(llama_dir, lora_dir, post):
         assert info.predictive_entropy == pytest.approx(pe, abs=1e-4)
         assert info.expected_entropy == pytest.approx(ee, abs=1e-4)
         assert info.mutual_information == pytest.approx(pe - ee, abs=1e-4)
+        # each sample's own log-probability of the emitted token
+        assert info.sample_logprobs == pytest.approx(torch.log(pk[:, token]).tolist(), abs=1e-4)
         ids.append(token)
     assert any(t.mutual_information > 1e-3 for t in got.tokens)  # the samples do differ
+    # the sequence's own MI: the samples' log-likelihoods of the whole text, from the explicit models
+    L = torch.tensor([t.sample_logprobs for t in got.tokens], dtype=torch.float64).sum(0)
+    assert got.summary()["sequence_mutual_information"] == pytest.approx(
+        float(torch.log(torch.exp(L).mean()) - L.mean()), abs=1e-6)
+
+
+def test_sequence_mutual_information_hand_computed():
+    """K = 3 samples, two tokens: per-sample log-likelihoods L = (log .5 + log .4, log .2 + log .5,
+    log .9 + log .1) = log (.2, .1, .09); MI = log(mean p) - mean log p."""
+    rows = [(math.log(0.5), math.log(0.2), math.log(0.9)), (math.log(0.4), math.log(0.5), math.log(0.1))]
+    p = [0.2, 0.1, 0.09]
+    expected = math.log(sum(p) / 3) - sum(math.log(x) for x in p) / 3
+    assert sequence_mutual_information(rows) == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx(0.0664, abs=1e-4)
+    assert sequence_mutual_information([(math.log(0.3),) * 3] * 2) == pytest.approx(0.0, abs=1e-12)
+    assert sequence_mutual_information([]) == 0.0
 
 
 def test_joining_between_steps_gives_each_sequence_its_own_tokens(post):

@@ -207,6 +207,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write reliability diagrams and MI histograms (PNG) here")
     p.add_argument("--limit", type=int, default=None, help="the first N items (and N OOD items)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--generate", action="store_true",
+                   help="free-text QA instead of multiple choice: --data is a JSONL file of "
+                        "{\"question\", \"answers\": [...]} lines or a built-in set (trivia_qa, nq_open, sciq, "
+                        "squad); greedy answers, their accuracy, and how well each sequence-level score "
+                        "flags the wrong ones (AUROC, AURC, PRR)")
+    p.add_argument("--max-tokens", type=int, default=16, help="--generate: the longest answer in tokens")
 
 
 def _run_eval(args) -> int:
@@ -218,6 +224,8 @@ def _run_eval(args) -> int:
 
     if args.per_item and not args.json:
         raise TFBError("--per-item needs --json FILE")
+    if args.generate:
+        return _run_eval_generate(args)
     if args.model is None and args.adapter is None:
         args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
     elif args.adapter is None:
@@ -255,6 +263,42 @@ def _run_eval(args) -> int:
         write_json(report, args.json)
     if args.plot:
         plot(report, args.plot)
+    return 0
+
+
+def _run_eval_generate(args) -> int:
+    from .demo import DEMO_MODEL, DEMO_POSTERIOR
+    from .evaluate import write_json
+    from .models import load_base_model
+    from .posterior import load_posterior
+    from .qa import evaluate_generation, format_generation, load_qa
+
+    unused = [f for f, v in (("--coverage", args.coverage), ("--ood", args.ood), ("--plot", args.plot),
+                             ("--mode", args.mode), ("--temperature", args.temperature),
+                             ("--length-normalize", args.length_normalize), ("--max-risk", args.max_risk))
+              if v not in (None, False)]
+    if unused:
+        raise TFBError(f"--generate scores free-text answers; {', '.join(unused)} apply to multiple choice only")
+    if args.max_tokens < 1:
+        raise TFBError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.model is None and args.adapter is None:
+        args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
+    elif args.adapter is None:
+        raise TFBError("--adapter is required with --model")
+    items = load_qa(args.data, args.limit)
+    post = load_posterior(load_base_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype),
+                          args.adapter)
+    if args.sigma is not None:
+        post.sigma = args.sigma
+    report = evaluate_generation(post, items, num_samples=args.samples or post.config.num_samples,
+                                 max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                 chat=post.config.chat if args.chat is None else args.chat, seed=args.seed,
+                                 progress=True)
+    print(format_generation(report))
+    if not args.per_item:
+        report.pop("items")
+    if args.json:
+        write_json(report, args.json)
     return 0
 
 

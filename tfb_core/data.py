@@ -112,10 +112,20 @@ def misspelt_field(name: str, data: dict) -> str | None:
 
 def read_jsonl(path: str | Path) -> list[MCItem]:
     """Read a calibration/evaluation file; errors name the file and the line."""
+    items = read_records(path, item_from_dict)
+    extra = dict.fromkeys(k for it in items for k in it.metadata)
+    if extra:
+        log.warning("%s: field(s) %s are not used by tfb; kept as each item's metadata", path,
+                    ", ".join(repr(k) for k in extra))
+    return items
+
+
+def read_records(path: str | Path, parse) -> list:
+    """``parse(obj)`` of every non-empty line of a JSONL file; errors name the file and the line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise TFBError(f"{path}: no such file")
-    items, extra = [], {}
+    items = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:  # decoded per line, so that a bad byte is reported with its line
@@ -125,17 +135,13 @@ def read_jsonl(path: str | Path) -> list[MCItem]:
             if not line.strip():
                 continue
             try:
-                items.append(item_from_dict(json.loads(line)))
+                items.append(parse(json.loads(line)))
             except json.JSONDecodeError as e:
                 raise TFBError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
             except TFBError as e:
                 raise TFBError(f"{path}, line {lineno}: {e}") from None
-            extra.update(dict.fromkeys(items[-1].metadata))
     if not items:
         raise TFBError(f"{path}: no items")
-    if extra:
-        log.warning("%s: field(s) %s are not used by tfb; kept as each item's metadata", path,
-                    ", ".join(repr(k) for k in extra))
     return items
 
 

@@ -69,6 +69,7 @@ class TokenInfo:
     expected_entropy: float
     mutual_information: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
+    sample_logprobs: tuple[float, ...] = ()  # log p_k(token) under each of the K weight samples
 
 
 @dataclass
@@ -98,14 +99,31 @@ class GenSequence:
         return [t.token_id for t in self.tokens]
 
     def summary(self) -> dict:
-        """Mean and max of each uncertainty over the generated tokens, and the total logprob."""
+        """Mean and max of each uncertainty over the generated tokens, the total logprob, and
+        the sequence's own mutual information (:func:`sequence_mutual_information`)."""
         out = {"num_tokens": len(self.tokens),
                "total_logprob": float(sum(t.logprob for t in self.tokens))}
         for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
             values = [getattr(t, name) for t in self.tokens]
             out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
             out[f"max_{name}"] = float(max(values)) if values else 0.0
+        out["sequence_mutual_information"] = sequence_mutual_information(
+            [t.sample_logprobs for t in self.tokens])
         return out
+
+
+def sequence_mutual_information(sample_logprobs: Seq[Seq[float]]) -> float:
+    """The K weight samples' disagreement about a whole emitted sequence, in nats.
+
+    With ``L_k = sum_t log p_k(y_t | y_<t, x)`` the log-likelihood of the sequence under sample
+    k: ``log(mean_k exp(L_k)) - mean_k L_k`` (>= 0 by Jensen; 0 when the samples agree on the
+    sequence's probability, whatever it is). ``sample_logprobs``: per token, its K values.
+    """
+    rows = [r for r in sample_logprobs if len(r)]
+    if not rows:
+        return 0.0
+    L = torch.tensor(rows, dtype=torch.float64).sum(0)  # (K,)
+    return max(float(torch.logsumexp(L, 0) - math.log(len(L)) - L.mean()), 0.0)
 
 
 class DecodeBatch:
@@ -367,12 +385,20 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
         drawn = sample_tokens(p[idx], [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
         tokens[idx] = torch.where(finite[idx], drawn, tokens[idx])
     logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
+    # the output's size given: the device need not be asked for it (a sync) in the middle of the step
+    rows_out = tokens.repeat_interleave(Ks[0]) if same_k else tokens.repeat_interleave(counts, output_size=sum(Ks))
+    sample_lp = torch.log(probs.gather(1, rows_out[:, None]).squeeze(1).clamp_min(1e-45))  # (rows,)
     n_top = max((s.params.top_logprobs for s in seqs), default=0)
     top_v, top_i = p.topk(n_top) if n_top else (p[:, :0], tokens[:, None][:, :0])
-    stats = torch.stack([pe, ee, logp, finite.to(pe.dtype)]).double().cpu()  # the one sync of the step
+    host = torch.cat([torch.stack([pe, ee, logp, finite.to(pe.dtype)]).flatten(),
+                      sample_lp.to(pe.dtype)]).double().cpu()  # the one sync of the step
+    stats, per_row = host[:4 * S].view(4, S), host[4 * S:].tolist()
     token_ids, top_v, top_i = tokens.cpu().tolist(), top_v.double().cpu(), top_i.cpu()
     eos, limit, decode = _eos_ids(post.tokenizer, post.model), max_context(post.model), text_decoder(post.tokenizer)
     rows = stats.tolist()
+    starts = [0]
+    for k in Ks:
+        starts.append(starts[-1] + k)
     for i, s in enumerate(seqs):
         if s.finished:
             continue
@@ -385,12 +411,10 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
         n = s.params.top_logprobs
         top = [(int(t), math.log(max(v, 1e-45))) for v, t in zip(top_v[i, :n].tolist(), top_i[i, :n].tolist())] \
             if n else []
-        s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top))
+        s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top,
+                                  tuple(per_row[starts[i]:starts[i + 1]])))
         update_finish(decode, s, eos, limit)
-    # the output's size given: the device need not be asked for it (a sync) in the middle of the step
-    if same_k:
-        return tokens.repeat_interleave(Ks[0])
-    return tokens.repeat_interleave(counts, output_size=sum(Ks))
+    return rows_out
 
 
 def update_finish(decode: Callable[[list[int]], str], s: GenSequence, eos: set[int], limit: int | None) -> None:
