@@ -33,8 +33,13 @@ class Settings(BaseSettings):
                                  "LoRA directory (needs --calibration); default: the built-in demo")
     calibration: Path | None = Field(None, description="calibration JSONL: run the variance search at "
                                      "start-up for a plain LoRA adapter")
-    posterior_out: Path | None = Field(None, description="where the start-up search saves its result "
-                                       "(default: a cache directory keyed by the inputs' hashes)")
+    posterior_out: Path | None = Field(None, description="where the start-up search saves its result: a "
+                                       "new or empty directory, or one holding that search's result for these "
+                                       "inputs, loaded instead of searching again (default: a cache directory "
+                                       "keyed by the inputs' hashes)")
+    force: bool = Field(False, description="let the start-up search replace a --posterior-out that holds "
+                        "another tfb output (never a directory holding anything else, an input, or the "
+                        "current directory)")
     samples: int | None = Field(None, ge=1, description="K weight samples per answer unless a request asks "
                                 "otherwise (default: the posterior's, 10 unless tfb bayesianize was told "
                                 "otherwise; prediction sets are calibrated at that K)")

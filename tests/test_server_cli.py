@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -178,30 +179,56 @@ def test_startup_search_runs_in_float32_and_serves_the_dtype_asked(llama_dir, lo
     assert torch.equal(got, choice_probs(restart.post, [enc], [(0, 4)])[0])
 
 
-def test_posterior_out_is_never_overwritten(llama_dir, lora_dir, calibration, tmp_path):
-    from server.loader import preflight
+def test_posterior_out_follows_the_rule_of_every_output(llama_dir, lora_dir, calibration, tmp_path, monkeypatch):
+    """``--posterior-out``: a user's directory is refused with or without --force (at once, as a
+    real ``tfb serve``: one line, exit 2, files intact); a previous posterior for other inputs
+    only with --force; an input or the current directory never (tfb_core.artifacts' rule)."""
+    import hashlib
+
+    from server.loader import load, preflight
     from server.settings import Settings
     from tfb_core.errors import TFBError
+
+    def snapshot(root):
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    proc, _ = start_cli("--model", str(llama_dir), "--adapter", str(lora_dir), "--calibration", str(calibration),
-                        "--device", "cpu", "--posterior-out", str(other))
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:  # it started serving instead of refusing
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 2
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"tfb serve: error: --posterior-out {other} exists") and "overwrite" in last
+    for extra in ([], ["--force"]):
+        proc, _ = start_cli("--model", str(llama_dir), "--adapter", str(lora_dir), "--calibration",
+                            str(calibration), "--device", "cpu", "--posterior-out", str(other), *extra)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:  # it started serving instead of refusing
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 2
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"tfb serve: error: --posterior-out {other} is not empty") and "--force" in last
+        assert "Started server process" not in err  # refused before the engine started
     assert (other / "notes.txt").read_text() == "mine"
 
-    # a posterior, but not the start-up search's for these inputs
+    common = dict(model=str(llama_dir), adapter=lora_dir, calibration=calibration, device="cpu", samples=4, eps=0.05)
+    # a posterior, but not the start-up search's for these inputs: only with --force
     post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
-    settings = Settings(model=str(llama_dir), adapter=lora_dir, calibration=calibration, device="cpu",
-                        posterior_out=post)
-    with pytest.raises(TFBError, match=f"--posterior-out {post} exists"):
-        preflight(settings)
+    before = snapshot(post)
+    with pytest.raises(TFBError, match=f"--posterior-out {post} already holds a Bayesianized adapter: pass --force"):
+        preflight(Settings(**common, posterior_out=post))
+    assert snapshot(post) == before
+    replaced = load(Settings(**common, posterior_out=post, force=True))
+    assert replaced.source == "searched" and snapshot(post) != before
+    assert load(Settings(**common, posterior_out=post)).source == "cached search"  # its own result: loaded
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    # an input, the directory holding the calibration, the current directory: never
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inputs = snapshot(lora_dir) | snapshot(calibration.parent)
+    for out, says in ((lora_dir, "is the input --adapter"), (calibration.parent, "contains the input --calibration"),
+                      (Path("."), "is the current directory")):
+        with pytest.raises(TFBError, match=f"--posterior-out {out} {says}"):
+            preflight(Settings(**common, posterior_out=out, force=True))
+    assert snapshot(lora_dir) | snapshot(calibration.parent) == inputs and not any(here.iterdir())

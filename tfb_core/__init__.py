@@ -27,6 +27,8 @@ _EXPORTS = {
     "DEMO_MODEL": "demo", "DEMO_POSTERIOR": "demo", "DEMO_ADAPTER": "demo",
     "Posterior": "posterior", "TFBConfig": "posterior", "load_posterior": "posterior",
     "is_bayesianized": "posterior",
+    # where outputs are written: one rule for every output directory and report file
+    "check_output_dir": "artifacts", "write_output_dir": "artifacts", "SERVE_KEY_NAME": "artifacts",
     # data
     "MCItem": "data", "read_jsonl": "data", "write_jsonl": "data", "LABELS": "data",
     # options: enums, defaults, the search's config
