@@ -73,7 +73,11 @@ class Settings(BaseSettings):
     # HTTP ------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="the address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every endpoint but "
+                                "/health; prefer TFB_API_KEY or --api-key-file: other local users can read a "
+                                "flag's value (ps, /proc/PID/cmdline)")
+    api_key_file: Path | None = Field(None, description="read the API key from this file (surrounding "
+                                      "whitespace stripped; a missing or empty file is a start-up error)")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
     max_items: int = Field(64, ge=1, description="the most items in one /v1/choices request")
@@ -127,6 +131,26 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_api_key_file(cls, data):
+        """--api-key-file: the key is read here, once; ``api_key`` then holds it."""
+        path = data.get("api_key_file") if isinstance(data, dict) else None
+        if path in (None, ""):
+            return data
+        if data.get("api_key") not in (None, ""):
+            raise ValueError("give the API key once: --api-key / TFB_API_KEY or --api-key-file / "
+                             "TFB_API_KEY_FILE, not both")
+        try:
+            key = Path(path).expanduser().read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file {path}: cannot read it: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--api-key-file {path}: not a text file") from None
+        if not key:
+            raise ValueError(f"--api-key-file {path} is empty: write the key into it")
+        return {**data, "api_key": key}
 
     @model_validator(mode="after")
     def _check(self):

@@ -232,3 +232,34 @@ def test_posterior_out_follows_the_rule_of_every_output(llama_dir, lora_dir, cal
         with pytest.raises(TFBError, match=f"--posterior-out {out} {says}"):
             preflight(Settings(**common, posterior_out=out, force=True))
     assert snapshot(lora_dir) | snapshot(calibration.parent) == inputs and not any(here.iterdir())
+
+
+def test_api_key_file(llama_dir, lora_dir, tmp_path, capsys):
+    """``--api-key-file``: the key is read once, whitespace stripped; a missing or empty file, or a
+    key given twice, is a one-line start-up error naming it; --help says to prefer it."""
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
+    key_file = tmp_path / "key"
+    key_file.write_text("  s3cret-from-a-file \n")
+    with ServerThread(model=str(llama_dir), adapter=post, device="cpu", samples=2, api_key_file=key_file) as srv:
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 401
+        ok = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret-from-a-file"})
+        assert ok.status_code == 200, ok.text
+
+    (tmp_path / "empty").write_text(" \n")
+    for args, env, says in (
+            (["--api-key-file", str(tmp_path / "missing")], {}, f"--api-key-file {tmp_path / 'missing'}: cannot read it"),
+            ([], {"TFB_API_KEY_FILE": str(tmp_path / "empty")}, f"--api-key-file {tmp_path / 'empty'} is empty"),
+            (["--api-key-file", str(key_file), "--api-key", "k"], {}, "not both")):
+        proc, _ = start_cli(*args, env=env)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tfb serve: error: ") and says in lines[0], err
+
+    from server.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "prefer TFB_API_KEY or --api-key-file" in help_text and "/proc/PID/cmdline" in help_text
