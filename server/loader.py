@@ -112,12 +112,19 @@ def public_name(value: str | None, show_paths: bool = False) -> str | None:
 
 
 def preflight(settings: Settings) -> None:
-    """Cheap checks before binding the port: bad paths fail at once with one clear line."""
+    """Cheap checks before binding the port: bad paths and an unknown model fail at once with one
+    clear line, before the engine starts."""
     from tfb_core import check_adapter_dir
+    from tfb_core import check_model
     from tfb_core import is_bayesianized
 
     if settings.adapter is None:
         return
+    if settings.model is not None:
+        try:
+            check_model(settings.model)
+        except TFBError as e:
+            raise TFBError(f"--model: {e}") from None
     adapter = Path(settings.adapter).expanduser()
     if not adapter.is_dir():
         raise TFBError(f"--adapter {adapter}: no such directory")

@@ -263,3 +263,41 @@ def test_api_key_file(llama_dir, lora_dir, tmp_path, capsys):
         main(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "prefer TFB_API_KEY or --api-key-file" in help_text and "/proc/PID/cmdline" in help_text
+
+
+def test_an_unknown_model_fails_at_once(llama_dir, lora_dir, tmp_path):
+    """Before the engine process starts (it used to fail there, ~12 s later, exit 1)."""
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
+    proc, _ = start_cli("--model", "no-such-model", "--adapter", str(post), "--device", "cpu")
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == [
+        "tfb serve: error: --model: base model 'no-such-model' is neither a directory nor a built-in model; "
+        "built-ins: smollm2-135m"]
+
+
+def test_a_port_in_use_is_one_line_naming_it(tmp_path):
+    """Exit 2 naming host:port and --port / TFB_PORT, before the model loads (it was uvicorn's
+    [Errno 98] after the engine had started, exit 3)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, _ = start_cli("--port", str(port))  # the demo: no flag but the port
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == [
+        f"tfb serve: error: 127.0.0.1:{port} is already in use (another server?): stop it, or choose another "
+        f"--port / TFB_PORT"]

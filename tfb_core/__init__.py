@@ -23,6 +23,7 @@ import importlib
 _EXPORTS = {
     # models and the posterior, where they come from and are cached
     "BaseModel": "models", "load_base_model": "models", "resolve_model_dir": "models", "cache_dir": "models",
+    "check_model": "models",
     "default_device": "models", "check_adapter_dir": "adapter", "sha256_file": "posterior",
     "DEMO_MODEL": "demo", "DEMO_POSTERIOR": "demo", "DEMO_ADAPTER": "demo",
     "Posterior": "posterior", "TFBConfig": "posterior", "load_posterior": "posterior",

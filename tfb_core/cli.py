@@ -115,7 +115,7 @@ def _run_bayesianize(args) -> int:
     from .artifacts import check_output_dir
     from .data import read_jsonl
     from .fit import fit_posterior
-    from .models import load_base_model
+    from .models import check_model, load_base_model
     from .posterior import Posterior
 
     config = search_config(args)  # bad values fail before the model loads
@@ -123,6 +123,7 @@ def _run_bayesianize(args) -> int:
         raise TFBError("--calibration FILE is required unless --sigma is given")
     if args.sigma is not None and args.sigma < 0:
         raise TFBError(f"--sigma must be >= 0, got {args.sigma}")
+    check_model(args.model)
     inputs = [("--adapter", args.adapter), ("--calibration", args.calibration), ("--model", args.model)]
     check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
     items = read_jsonl(args.calibration) if args.calibration else None
@@ -178,10 +179,11 @@ def _run_finetune(args) -> int:
     from . import benchmarks
     from .artifacts import check_output_dir
     from .finetune import FinetuneConfig, finetune
-    from .models import load_base_model
+    from .models import check_model, load_base_model
 
     names = [name.strip() for name in args.data.split(",") if name.strip()]
     inputs = [("--model", args.model), *(("--data", name) for name in names), ("--heldout", args.heldout)]
+    check_model(args.model)
     check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
     items = [it for name in names for it in benchmarks.load(name)]
     items = items[:args.limit] if args.limit else items
@@ -232,7 +234,7 @@ def _run_eval(args) -> int:
     from .artifacts import check_output_file
     from .demo import DEMO_MODEL, DEMO_POSTERIOR
     from .evaluate import evaluate, format_table, per_item, plot, write_json
-    from .models import load_base_model
+    from .models import check_model, load_base_model
     from .posterior import load_posterior
 
     if args.per_item and not args.json:
@@ -242,6 +244,7 @@ def _run_eval(args) -> int:
     elif args.adapter is None:
         raise TFBError("--adapter is required with --model")
     args.model = args.model or DEFAULT_MODEL
+    check_model(args.model)
     inputs = [("--model", args.model), ("--adapter", args.adapter), ("--data", args.data), ("--ood", args.ood)]
     outputs = {flag: check_output_file(path, inputs=inputs, flag=flag)
                for flag, path in (("--json", args.json), ("--plot", args.plot)) if path}
