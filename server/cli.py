@@ -98,6 +98,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if getattr(args, "replicas", None) is not None or getattr(args, "autoscale", None) is not None:
         raise TFBError("--replicas and --autoscale need --ray")
     loader.preflight(settings)  # bad paths: one line, exit 2, before the port is bound
+    check_port(settings.host, settings.port)  # before the engine starts, not after it loaded
     app = build_app(settings)
     state = app.state.tfb
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -110,6 +111,33 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"tfb serve: error: {state.detail}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """A :class:`TFBError` naming ``host:port`` when the server could not listen there (in use,
+    not an address of this machine, a privileged port), found by binding it as uvicorn will
+    (every address ``host`` resolves to, ``SO_REUSEADDR``), then letting it go."""
+    import errno
+    import socket
+
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = set(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
+    except socket.gaierror as e:
+        raise TFBError(f"--host {host} (TFB_HOST): {e.strerror}") from None
+    for family, kind, proto, _, address in sorted(infos, key=str):
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise TFBError(f"{where} is already in use (another server?): stop it, or choose "
+                                   f"another --port / TFB_PORT") from None
+                raise TFBError(f"cannot listen on {where}: {e.strerror or e} (--host / TFB_HOST, "
+                               f"--port / TFB_PORT)") from None
 
 
 def run_ray(args: argparse.Namespace, settings) -> int:

@@ -11,9 +11,11 @@
   device type); a restart with the same inputs loads it instead of searching again. Either way
   the result is then loaded in the serving dtype, so a search and a restart serve the same
   model. The serving dtype is not in the key: the saved posterior is the same for every dtype.
-  ``--posterior-out`` is never overwritten unless it is empty or holds the result for the same
-  inputs. Servers that share the cache directory (Ray Serve replicas, Kubernetes pods on one
-  volume) search one at a time under a file lock in ``<cache>/locks``: the first searches, the
+  ``--posterior-out`` follows the rule of every tfb output directory (``tfb_core.artifacts``):
+  new or empty, or holding a previous tfb output with ``--force``; never an input or the current
+  directory; a directory holding this search's result for the same inputs is loaded. Servers
+  that share the cache directory (Ray Serve replicas, Kubernetes pods on one volume) search one
+  at a time under a file lock in ``<cache>/locks``: the first searches, the
   others wait and then load its result.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from tfb_core import DEMO_MODEL
+from tfb_core import SERVE_KEY_NAME
 from tfb_core import TFBError
 
 from .settings import Settings
@@ -40,7 +43,6 @@ DEFAULT_SAMPLES = 10  # K of a start-up search when --samples is not given
 PLACEHOLDER_SEED = 1234
 PLACEHOLDER_SIGMA = 0.02
 PLACEHOLDER_VERSION = 1
-SERVE_KEY_NAME = "tfb_serve_key.json"
 SEARCH_DTYPE = "float32"  # docs/method.md §4
 
 
@@ -110,12 +112,19 @@ def public_name(value: str | None, show_paths: bool = False) -> str | None:
 
 
 def preflight(settings: Settings) -> None:
-    """Cheap checks before binding the port: bad paths fail at once with one clear line."""
+    """Cheap checks before binding the port: bad paths and an unknown model fail at once with one
+    clear line, before the engine starts."""
     from tfb_core import check_adapter_dir
+    from tfb_core import check_model
     from tfb_core import is_bayesianized
 
     if settings.adapter is None:
         return
+    if settings.model is not None:
+        try:
+            check_model(settings.model)
+        except TFBError as e:
+            raise TFBError(f"--model: {e}") from None
     adapter = Path(settings.adapter).expanduser()
     if not adapter.is_dir():
         raise TFBError(f"--adapter {adapter}: no such directory")
@@ -135,14 +144,20 @@ def preflight(settings: Settings) -> None:
 
 
 def _check_posterior_out(settings: Settings, adapter: Path) -> None:
-    """``--posterior-out`` may be missing, empty, or hold the result for these very inputs."""
+    """``--posterior-out`` holds the result for these very inputs (it is loaded), or the start-up
+    search may write it (``tfb_core.artifacts``' rule)."""
+    from tfb_core import check_output_dir
+
     out = Path(settings.posterior_out).expanduser()
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    stored = _stored_key(out) if out.is_dir() else None
+    if stored is not None and stored == _key(settings, adapter):
         return
-    if _stored_key(out) != _key(settings, adapter):
-        raise TFBError(f"--posterior-out {out} exists and does not hold the start-up search's result "
-                       f"for these inputs; refusing to overwrite it: remove it, or choose a new or "
-                       f"empty directory")
+    check_output_dir(out, force=settings.force, inputs=_inputs(settings), flag="--posterior-out")
+
+
+def _inputs(settings: Settings) -> list[tuple[str, Path | str | None]]:
+    """What ``tfb serve`` reads, never written over."""
+    return [("--adapter", settings.adapter), ("--calibration", settings.calibration), ("--model", settings.model)]
 
 
 def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None) -> Loaded:
@@ -169,6 +184,9 @@ def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
     key = _key(settings, adapter)
     out = Path(settings.posterior_out).expanduser() if settings.posterior_out else \
         cache_dir() / "posteriors" / key[:32]
+    # tfb's own cache may be replaced (a result without its key: a search that died half-way)
+    force, flag = (settings.force, "--posterior-out") if settings.posterior_out else \
+        (True, "the start-up search's cache directory")
     # servers sharing the cache directory (Ray replicas, Kubernetes pods) search one at a time:
     # the first searches and saves, the next find its result here
     with _lock(cache_dir() / "locks" / (hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:32] + ".lock")):
@@ -177,7 +195,7 @@ def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
             source = "cached search"
         else:
             set_status("searching")
-            _search(settings, adapter, out, key)
+            _search(settings, adapter, out, key, force, flag)
             source = "searched"
     # served exactly as a restart serves it: a float32 model cast with .to() would also cast
     # buffers that loading in the serving dtype keeps in float32 (e.g. the rotary inv_freq)
@@ -194,9 +212,10 @@ def _lock(path: Path):
         yield
 
 
-def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
+def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool, flag: str) -> None:
     """Run the variance search in float32 (docs/method.md §4) and save its result to ``out``."""
     from tfb_core import Criterion, Posterior, fit_posterior, load_base_model, read_jsonl, resolve_criterion, unlabelled
+    from tfb_core import write_output_dir
 
     calibration = Path(settings.calibration).expanduser()
     items = read_jsonl(calibration)
@@ -214,8 +233,12 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str) -> None:
     result = fit_posterior(post, items, settings.search_config(), progress=False)
     post.config.chat = bool(settings.chat)
     log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
-    post.save(out, calibration_file=calibration)
-    (out / SERVE_KEY_NAME).write_text(json.dumps({"key": key}))
+
+    def write(tmp: Path) -> None:  # the key with the result, in one rename
+        post.write_files(tmp, calibration_file=calibration)
+        (tmp / SERVE_KEY_NAME).write_text(json.dumps({"key": key}))
+
+    write_output_dir(out, write, force=force, inputs=_inputs(settings), flag=flag)
     log.info("start-up search: saved to %s (a restart with the same inputs loads it)", out)
 
 
@@ -350,5 +373,5 @@ def placeholder_posterior(base) -> Path:
     post = Posterior.from_adapter(BaseModel(fresh, base.tokenizer, base.name, base.path), adapter,
                                   seed=0, mode=Mode.LETTER)
     post.sigma = PLACEHOLDER_SIGMA
-    post.save(posterior)
+    post.save(posterior, force=True)  # tfb's own cache
     return posterior

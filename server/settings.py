@@ -33,8 +33,13 @@ class Settings(BaseSettings):
                                  "LoRA directory (needs --calibration); default: the built-in demo")
     calibration: Path | None = Field(None, description="calibration JSONL: run the variance search at "
                                      "start-up for a plain LoRA adapter")
-    posterior_out: Path | None = Field(None, description="where the start-up search saves its result "
-                                       "(default: a cache directory keyed by the inputs' hashes)")
+    posterior_out: Path | None = Field(None, description="where the start-up search saves its result: a "
+                                       "new or empty directory, or one holding that search's result for these "
+                                       "inputs, loaded instead of searching again (default: a cache directory "
+                                       "keyed by the inputs' hashes)")
+    force: bool = Field(False, description="let the start-up search replace a --posterior-out that holds "
+                        "another tfb output (never a directory holding anything else, an input, or the "
+                        "current directory)")
     samples: int | None = Field(None, ge=1, description="K weight samples per answer unless a request asks "
                                 "otherwise (default: the posterior's, 10 unless tfb bayesianize was told "
                                 "otherwise; prediction sets are calibrated at that K)")
@@ -70,7 +75,11 @@ class Settings(BaseSettings):
     # HTTP ------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="the address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every endpoint but "
+                                "/health; prefer TFB_API_KEY or --api-key-file: other local users can read a "
+                                "flag's value (ps, /proc/PID/cmdline)")
+    api_key_file: Path | None = Field(None, description="read the API key from this file (surrounding "
+                                      "whitespace stripped; a missing or empty file is a start-up error)")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
     max_items: int = Field(64, ge=1, description="the most items in one /v1/choices request")
@@ -124,6 +133,26 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_api_key_file(cls, data):
+        """--api-key-file: the key is read here, once; ``api_key`` then holds it."""
+        path = data.get("api_key_file") if isinstance(data, dict) else None
+        if path in (None, ""):
+            return data
+        if data.get("api_key") not in (None, ""):
+            raise ValueError("give the API key once: --api-key / TFB_API_KEY or --api-key-file / "
+                             "TFB_API_KEY_FILE, not both")
+        try:
+            key = Path(path).expanduser().read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file {path}: cannot read it: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--api-key-file {path}: not a text file") from None
+        if not key:
+            raise ValueError(f"--api-key-file {path} is empty: write the key into it")
+        return {**data, "api_key": key}
 
     @model_validator(mode="after")
     def _check(self):

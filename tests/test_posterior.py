@@ -288,14 +288,17 @@ def test_save_is_atomic_and_overwrites(tmp_path, post):
         post.save(out)
         first = dir_digest(out)
         post.sigma = 2 * SIGMA
-        post.save(out)  # overwrite an existing directory
+        with pytest.raises(TFBError, match="already holds a Bayesianized adapter: pass --force"):
+            post.save(out)
+        assert dir_digest(out) == first
+        post.save(out, force=True)  # replace a previous posterior
         assert json.loads((out / TFB_CONFIG_NAME).read_text())["sigma"] == 2 * SIGMA
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bayes"]  # nothing left aside
         second = dir_digest(out)
         assert second != first
         # a save that fails half-way (its calibration file is missing) leaves the old directory
         with pytest.raises(OSError):
-            post.save(out, calibration_file=tmp_path / "missing.jsonl")
+            post.save(out, calibration_file=tmp_path / "missing.jsonl", force=True)
         assert dir_digest(out) == second
         with pytest.raises(OSError):
             post.save(tmp_path / "new", calibration_file=tmp_path / "missing.jsonl")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -178,30 +179,125 @@ def test_startup_search_runs_in_float32_and_serves_the_dtype_asked(llama_dir, lo
     assert torch.equal(got, choice_probs(restart.post, [enc], [(0, 4)])[0])
 
 
-def test_posterior_out_is_never_overwritten(llama_dir, lora_dir, calibration, tmp_path):
-    from server.loader import preflight
+def test_posterior_out_follows_the_rule_of_every_output(llama_dir, lora_dir, calibration, tmp_path, monkeypatch):
+    """``--posterior-out``: a user's directory is refused with or without --force (at once, as a
+    real ``tfb serve``: one line, exit 2, files intact); a previous posterior for other inputs
+    only with --force; an input or the current directory never (tfb_core.artifacts' rule)."""
+    import hashlib
+
+    from server.loader import load, preflight
     from server.settings import Settings
     from tfb_core.errors import TFBError
+
+    def snapshot(root):
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    proc, _ = start_cli("--model", str(llama_dir), "--adapter", str(lora_dir), "--calibration", str(calibration),
-                        "--device", "cpu", "--posterior-out", str(other))
+    for extra in ([], ["--force"]):
+        proc, _ = start_cli("--model", str(llama_dir), "--adapter", str(lora_dir), "--calibration",
+                            str(calibration), "--device", "cpu", "--posterior-out", str(other), *extra)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:  # it started serving instead of refusing
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 2
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"tfb serve: error: --posterior-out {other} is not empty") and "--force" in last
+        assert "Started server process" not in err  # refused before the engine started
+    assert (other / "notes.txt").read_text() == "mine"
+
+    common = dict(model=str(llama_dir), adapter=lora_dir, calibration=calibration, device="cpu", samples=4, eps=0.05)
+    # a posterior, but not the start-up search's for these inputs: only with --force
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
+    before = snapshot(post)
+    with pytest.raises(TFBError, match=f"--posterior-out {post} already holds a Bayesianized adapter: pass --force"):
+        preflight(Settings(**common, posterior_out=post))
+    assert snapshot(post) == before
+    replaced = load(Settings(**common, posterior_out=post, force=True))
+    assert replaced.source == "searched" and snapshot(post) != before
+    assert load(Settings(**common, posterior_out=post)).source == "cached search"  # its own result: loaded
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    # an input, the directory holding the calibration, the current directory: never
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inputs = snapshot(lora_dir) | snapshot(calibration.parent)
+    for out, says in ((lora_dir, "is the input --adapter"), (calibration.parent, "contains the input --calibration"),
+                      (Path("."), "is the current directory")):
+        with pytest.raises(TFBError, match=f"--posterior-out {out} {says}"):
+            preflight(Settings(**common, posterior_out=out, force=True))
+    assert snapshot(lora_dir) | snapshot(calibration.parent) == inputs and not any(here.iterdir())
+
+
+def test_api_key_file(llama_dir, lora_dir, tmp_path, capsys):
+    """``--api-key-file``: the key is read once, whitespace stripped; a missing or empty file, or a
+    key given twice, is a one-line start-up error naming it; --help says to prefer it."""
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
+    key_file = tmp_path / "key"
+    key_file.write_text("  s3cret-from-a-file \n")
+    with ServerThread(model=str(llama_dir), adapter=post, device="cpu", samples=2, api_key_file=key_file) as srv:
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 401
+        ok = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret-from-a-file"})
+        assert ok.status_code == 200, ok.text
+
+    (tmp_path / "empty").write_text(" \n")
+    for args, env, says in (
+            (["--api-key-file", str(tmp_path / "missing")], {}, f"--api-key-file {tmp_path / 'missing'}: cannot read it"),
+            ([], {"TFB_API_KEY_FILE": str(tmp_path / "empty")}, f"--api-key-file {tmp_path / 'empty'} is empty"),
+            (["--api-key-file", str(key_file), "--api-key", "k"], {}, "not both")):
+        proc, _ = start_cli(*args, env=env)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tfb serve: error: ") and says in lines[0], err
+
+    from server.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "prefer TFB_API_KEY or --api-key-file" in help_text and "/proc/PID/cmdline" in help_text
+
+
+def test_an_unknown_model_fails_at_once(llama_dir, lora_dir, tmp_path):
+    """Before the engine process starts (it used to fail there, ~12 s later, exit 1)."""
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
+    proc, _ = start_cli("--model", "no-such-model", "--adapter", str(post), "--device", "cpu")
     try:
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:  # it started serving instead of refusing
+        if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 2
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"tfb serve: error: --posterior-out {other} exists") and "overwrite" in last
-    assert (other / "notes.txt").read_text() == "mine"
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == [
+        "tfb serve: error: --model: base model 'no-such-model' is neither a directory nor a built-in model; "
+        "built-ins: smollm2-135m"]
 
-    # a posterior, but not the start-up search's for these inputs
-    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
-    settings = Settings(model=str(llama_dir), adapter=lora_dir, calibration=calibration, device="cpu",
-                        posterior_out=post)
-    with pytest.raises(TFBError, match=f"--posterior-out {post} exists"):
-        preflight(settings)
+
+def test_a_port_in_use_is_one_line_naming_it(tmp_path):
+    """Exit 2 naming host:port and --port / TFB_PORT, before the model loads (it was uvicorn's
+    [Errno 98] after the engine had started, exit 3)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, _ = start_cli("--port", str(port))  # the demo: no flag but the port
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == [
+        f"tfb serve: error: 127.0.0.1:{port} is already in use (another server?): stop it, or choose another "
+        f"--port / TFB_PORT"]

@@ -23,10 +23,13 @@ import importlib
 _EXPORTS = {
     # models and the posterior, where they come from and are cached
     "BaseModel": "models", "load_base_model": "models", "resolve_model_dir": "models", "cache_dir": "models",
+    "check_model": "models",
     "default_device": "models", "check_adapter_dir": "adapter", "sha256_file": "posterior",
     "DEMO_MODEL": "demo", "DEMO_POSTERIOR": "demo", "DEMO_ADAPTER": "demo",
     "Posterior": "posterior", "TFBConfig": "posterior", "load_posterior": "posterior",
     "is_bayesianized": "posterior",
+    # where outputs are written: one rule for every output directory and report file
+    "check_output_dir": "artifacts", "write_output_dir": "artifacts", "SERVE_KEY_NAME": "artifacts",
     # data
     "MCItem": "data", "read_jsonl": "data", "write_jsonl": "data", "LABELS": "data",
     # options: enums, defaults, the search's config

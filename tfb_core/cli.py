@@ -93,18 +93,29 @@ def check_labels(items, path, args) -> None:
                        f"every calibration item; {where}")
 
 
+FORCE_HELP = ("replace --out when it holds a previous tfb output (never a directory holding anything "
+              "else, an input, or the current directory)")
+
+
+def add_out_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, help=f"the {what} directory to write: new or empty (written "
+                   f"atomically), or a previous tfb output with --force")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+
+
 def _add_bayesianize(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--calibration", help="calibration JSONL (question/prompt, choices, optional answer)")
-    p.add_argument("--out", required=True, help="the Bayesianized adapter directory to write")
+    add_out_arguments(p, "Bayesianized adapter")
     p.add_argument("--sigma", type=float, default=None, help="skip the search and use this sigma")
     add_search_arguments(p)
 
 
 def _run_bayesianize(args) -> int:
+    from .artifacts import check_output_dir
     from .data import read_jsonl
     from .fit import fit_posterior
-    from .models import load_base_model
+    from .models import check_model, load_base_model
     from .posterior import Posterior
 
     config = search_config(args)  # bad values fail before the model loads
@@ -112,6 +123,9 @@ def _run_bayesianize(args) -> int:
         raise TFBError("--calibration FILE is required unless --sigma is given")
     if args.sigma is not None and args.sigma < 0:
         raise TFBError(f"--sigma must be >= 0, got {args.sigma}")
+    check_model(args.model)
+    inputs = [("--adapter", args.adapter), ("--calibration", args.calibration), ("--model", args.model)]
+    check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
     items = read_jsonl(args.calibration) if args.calibration else None
     if items is not None and args.sigma is None:
         check_labels(items, args.calibration, args)
@@ -125,7 +139,7 @@ def _run_bayesianize(args) -> int:
         result = fit_posterior(post, items, config)
         for point in result.trace:
             logging.info("sigma=%.6g value=%.6g feasible=%s", point.sigma, point.value, point.feasible)
-    out = post.save(args.out, calibration_file=args.calibration)
+    out = post.save(args.out, calibration_file=args.calibration, force=args.force, inputs=inputs, flag="--out")
     cal = post.config.conformal
     print(json.dumps({"out": str(out), "sigma": post.sigma, "criterion": post.config.criterion,
                       "temperature": post.config.temperature, "eps": post.config.eps,
@@ -146,7 +160,7 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="training items: JSONL files or built-in names, comma-separated (e.g. arc_easy:test,arc_challenge:test)")
     p.add_argument("--heldout", default=None, help="items scored after every epoch (file or built-in name)")
-    p.add_argument("--out", required=True, help="the adapter directory to write")
+    add_out_arguments(p, "adapter")
     p.add_argument("--mode", default=Mode.LETTER.value, choices=[m.value for m in Mode])
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--rank", type=int, default=4)
@@ -163,17 +177,22 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
 
 def _run_finetune(args) -> int:
     from . import benchmarks
+    from .artifacts import check_output_dir
     from .finetune import FinetuneConfig, finetune
-    from .models import load_base_model
+    from .models import check_model, load_base_model
 
-    items = [it for name in args.data.split(",") if name for it in benchmarks.load(name.strip())]
+    names = [name.strip() for name in args.data.split(",") if name.strip()]
+    inputs = [("--model", args.model), *(("--data", name) for name in names), ("--heldout", args.heldout)]
+    check_model(args.model)
+    check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
+    items = [it for name in names for it in benchmarks.load(name)]
     items = items[:args.limit] if args.limit else items
     heldout = benchmarks.load(args.heldout) if args.heldout else None
     cfg = FinetuneConfig(mode=args.mode, chat=args.chat, rank=args.rank, alpha=args.alpha,
                          targets=[t for t in args.targets.split(",") if t], lr=args.lr, epochs=args.epochs,
                          batch_size=args.batch_size, seed=args.seed, time_budget_s=args.time_budget)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype)
-    history = finetune(base, items, args.out, cfg, heldout=heldout)
+    history = finetune(base, items, args.out, cfg, heldout=heldout, force=args.force, inputs=inputs, flag="--out")
     print(json.dumps({"out": args.out, "epochs": [h.__dict__ for h in history]}))
     return 0
 
@@ -200,7 +219,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-risk", type=float, default=None, help="abstention target (default: the posterior's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ood", default=None, help="out-of-distribution items (file or built-in name)")
-    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--json", default=None, help="write the report as JSON here (a previous file is replaced; "
+                   "never an input)")
     p.add_argument("--per-item", action="store_true",
                    help="with --json: add each item's id, prediction, probabilities, PE, MI and metadata "
                         "(the JSONL file's other fields)")
@@ -217,9 +237,10 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def _run_eval(args) -> int:
     from . import benchmarks
+    from .artifacts import check_output_file
     from .demo import DEMO_MODEL, DEMO_POSTERIOR
     from .evaluate import evaluate, format_table, per_item, plot, write_json
-    from .models import load_base_model
+    from .models import check_model, load_base_model
     from .posterior import load_posterior
 
     if args.per_item and not args.json:
@@ -231,6 +252,12 @@ def _run_eval(args) -> int:
     elif args.adapter is None:
         raise TFBError("--adapter is required with --model")
     args.model = args.model or DEFAULT_MODEL
+    check_model(args.model)
+    inputs = [("--model", args.model), ("--adapter", args.adapter), ("--data", args.data), ("--ood", args.ood)]
+    outputs = {flag: check_output_file(path, inputs=inputs, flag=flag)
+               for flag, path in (("--json", args.json), ("--plot", args.plot)) if path}
+    if len(set(outputs.values())) < len(outputs):
+        raise TFBError(f"--json and --plot name the same file, {args.json}; name two files")
     items = benchmarks.load(args.data, args.limit)
     ood = benchmarks.load(args.ood, args.limit) if args.ood else None
     base = load_base_model(args.model, device=args.device, dtype=args.dtype)
@@ -260,9 +287,9 @@ def _run_eval(args) -> int:
     if args.per_item:
         report["items"] = per_item(report, items)
     if args.json:
-        write_json(report, args.json)
+        write_json(report, args.json, inputs=inputs, flag="--json")
     if args.plot:
-        plot(report, args.plot)
+        plot(report, args.plot, inputs=inputs, flag="--plot")
     return 0
 
 

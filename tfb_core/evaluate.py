@@ -12,10 +12,12 @@ gets its prediction sets' coverage and size, and its abstention's risk and cover
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .artifacts import Inputs, write_output_file
 from .confidence import Confidence, log_loss
 from .conformal import Calibration, decide, prediction_set, threshold
 from .data import MCItem
@@ -275,14 +277,21 @@ def _fmt(x: float, scale: float) -> str:
     return "nan" if x is None or x != x else f"{x * scale:.4f}" if scale == 1 else f"{x * scale:.2f}"
 
 
-def write_json(report: dict, path) -> None:
+def write_json(report: dict, path, *, inputs: Inputs = (), flag: str = "output file") -> None:
+    """The report as JSON, written to a temporary file beside ``path`` and renamed (never over an
+    input: :func:`tfb_core.artifacts.write_output_file`)."""
     clean = {k: v for k, v in report.items() if not k.startswith("_")}
-    with open(path, "w") as f:
-        json.dump(clean, f, indent=2, allow_nan=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(clean, f, indent=2, allow_nan=True)
+
+    write_output_file(path, write, inputs=inputs, flag=flag)
 
 
-def plot(report: dict, path) -> None:
-    """Reliability diagrams of both and MI histograms in and out of distribution (PNG)."""
+def plot(report: dict, path, *, inputs: Inputs = (), flag: str = "output file") -> None:
+    """Reliability diagrams of both and MI histograms in and out of distribution (PNG), written
+    like :func:`write_json`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,5 +324,7 @@ def plot(report: dict, path) -> None:
     ax.set(xlabel="mutual information (nats)", ylabel="density", title="TFB epistemic uncertainty (MI)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_output_file(path, lambda tmp: fig.savefig(tmp, dpi=110), inputs=inputs, flag=flag)
+    finally:
+        plt.close(fig)

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts import FINETUNE_LOG_NAME, Inputs, check_output_dir, write_output_dir
 from .data import MCItem
 from .errors import TFBError
 from .scoring import Encoded, Mode, encode_item, max_context, parse_mode, right_pad
@@ -127,7 +128,8 @@ def heldout_metrics(model, encoded: Sequence[Encoded], labels: Sequence[int], ba
 
 
 def finetune(base, items: Sequence[MCItem], out: str | Path, config: FinetuneConfig | None = None,
-             heldout: Sequence[MCItem] | None = None, progress: bool = True) -> list[EpochLog]:
+             heldout: Sequence[MCItem] | None = None, progress: bool = True, *, force: bool = False,
+             inputs: Inputs = (), flag: str = "output directory") -> list[EpochLog]:
     """Train a LoRA on ``base`` (a :class:`tfb_core.models.BaseModel`) and save it to ``out``.
 
     Parameters
@@ -137,6 +139,9 @@ def finetune(base, items: Sequence[MCItem], out: str | Path, config: FinetuneCon
     config : FinetuneConfig, default=FinetuneConfig()
     heldout : sequence of MCItem, default=None
         Scored (accuracy, NLL) after every epoch.
+    force, inputs : default=False, ()
+        ``out`` must be new or empty, or hold a previous tfb output with ``force``, and never
+        overlap an input (the rule of :mod:`tfb_core.artifacts`); checked before training.
 
     Returns the per-epoch log; ``out`` holds a peft adapter directory plus ``finetune.json``.
     The base model is modified in place (peft wraps its layers).
@@ -145,6 +150,7 @@ def finetune(base, items: Sequence[MCItem], out: str | Path, config: FinetuneCon
 
     cfg = config or FinetuneConfig()
     mode = parse_mode(cfg.mode)
+    check_output_dir(out, force=force, inputs=inputs, flag=flag)
     if not items:
         raise TFBError("no training items")
     if any(it.answer is None for it in items):
@@ -213,9 +219,12 @@ def finetune(base, items: Sequence[MCItem], out: str | Path, config: FinetuneCon
     bar.close()
     if stop:
         log.warning("time budget of %.0f s reached after %d of %d steps", cfg.time_budget_s, step, total)
-    out = Path(out).expanduser()
-    model.save_pretrained(out)
-    (out / "finetune.json").write_text(json.dumps(
-        {"config": asdict(cfg), "train_items": len(enc), "steps": step, "planned_steps": total,
-         "history": [asdict(h) for h in history]}, indent=2))
+    record = {"config": asdict(cfg), "train_items": len(enc), "steps": step, "planned_steps": total,
+              "history": [asdict(h) for h in history]}
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        (tmp / FINETUNE_LOG_NAME).write_text(json.dumps(record, indent=2))
+
+    write_output_dir(out, write, force=force, inputs=inputs, flag=flag)
     return history

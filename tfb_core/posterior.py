@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, load_adapter, read_json
+from .artifacts import POSTERIOR_NAME, TFB_CONFIG_NAME, Inputs, write_output_dir
 from .conformal import Calibration
 from .confidence import Confidence
 from .errors import TFBError
@@ -34,8 +32,6 @@ log = logging.getLogger(__name__)
 #: length_normalize and the held-out calibration (conformal sets, abstention) are recorded
 FORMAT_VERSION = 3  # 3: the learned confidence (a version-2 directory loads without it)
 READABLE_VERSIONS = (1, 2, 3)
-POSTERIOR_NAME = "tfb_posterior.safetensors"
-TFB_CONFIG_NAME = "tfb_config.json"
 
 
 def bayesianize_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,32 +214,46 @@ class Posterior:
 
     # the artifact -------------------------------------------------------------------------
 
-    def save(self, directory: str | Path, calibration_file: str | Path | None = None) -> Path:
-        """Write the Bayesianized adapter directory atomically (temp dir, then rename)."""
+    def save(self, directory: str | Path, calibration_file: str | Path | None = None, *, force: bool = False,
+             inputs: Inputs = (), flag: str = "output directory") -> Path:
+        """Write the Bayesianized adapter directory atomically (temp dir, then rename).
+
+        Parameters
+        ----------
+        directory : path
+            New or empty; one holding a previous tfb output only with ``force`` (the rule of
+            :mod:`tfb_core.artifacts`).
+        calibration_file : path, default=None
+            Its sha256 is recorded; it is an input, never overwritten.
+        force : bool, default=False
+            Replace a previous tfb output (never a directory holding anything else).
+        inputs : iterable of (flag, path), default=()
+            The command's other inputs (the adapter, the base model), never overwritten.
+        flag : str, default="output directory"
+            What error messages call ``directory`` (``--out``).
+        """
+        inputs = [("--calibration", calibration_file), *inputs]
+        return write_output_dir(directory, lambda tmp: self.write_files(tmp, calibration_file),
+                                force=force, inputs=inputs, flag=flag)
+
+    def write_files(self, directory: Path, calibration_file: str | Path | None = None) -> None:
+        """The artifact's files, into the existing directory ``directory`` (no checks: :meth:`save`
+        calls it on a temporary directory)."""
         from safetensors.torch import save_file
 
-        directory = Path(directory).expanduser()
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            weights, stds = {}, {}
-            for layer in self.layers:
-                weights[f"base_model.model.{layer.name}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
-                weights[f"base_model.model.{layer.name}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
-                stds[f"{layer.name}.d"] = layer.d.detach().float().cpu().contiguous()
-            save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-            save_file(stds, tmp / POSTERIOR_NAME, metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.adapter_config, indent=2))
-            if calibration_file is not None:
-                self.config.calibration_sha256 = sha256_file(calibration_file)
-            self.config.files_sha256 = {name: sha256_file(tmp / name)
-                                        for name in (CONFIG_NAME, WEIGHTS_NAME, POSTERIOR_NAME)}
-            (tmp / TFB_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        weights, stds = {}, {}
+        for layer in self.layers:
+            weights[f"base_model.model.{layer.name}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
+            weights[f"base_model.model.{layer.name}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
+            stds[f"{layer.name}.d"] = layer.d.detach().float().cpu().contiguous()
+        save_file(weights, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(stds, directory / POSTERIOR_NAME, metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(self.adapter_config, indent=2))
+        if calibration_file is not None:
+            self.config.calibration_sha256 = sha256_file(calibration_file)
+        self.config.files_sha256 = {name: sha256_file(directory / name)
+                                    for name in (CONFIG_NAME, WEIGHTS_NAME, POSTERIOR_NAME)}
+        (directory / TFB_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
 
 
 def load_posterior(base: BaseModel, adapter_dir: str | Path) -> Posterior:
@@ -345,19 +355,3 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Rename ``tmp`` to ``directory``; an existing directory is moved aside, then removed."""
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-        os.replace(directory, old / "d")
-        try:
-            os.replace(tmp, directory)
-        except BaseException:
-            os.replace(old / "d", directory)  # put the old one back
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)

@@ -55,7 +55,7 @@ def main() -> None:
     cfg.criterion, cfg.eps, cfg.temperature, cfg.length_normalize = "cv-nll", None, t, LENGTH_NORMALIZE
     cfg.search_trace = [asdict(x) for x in trace]
     cfg.calibration = cal.to_dict()
-    post.save(DEMO_POSTERIOR, calibration_file=data / "cal.jsonl")
+    post.save(DEMO_POSTERIOR, calibration_file=data / "cal.jsonl", force=True)  # the shipped one, rebuilt
     first = torch.arange(4)
     recorded = {"data": "arc_easy:cal", "limit": 4, "sigma": sigma, "temperature": t, "samples": K, "seed": SEED,
                 "source": "bench/quality/results/scores_*.pt (H200, float32)",

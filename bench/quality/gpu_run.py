@@ -84,7 +84,8 @@ def main() -> None:
         cfg.time_budget_s = args.train_budget
         t = time.perf_counter()
         base = load_base_model(args.model, device=device, dtype=TRAIN_DTYPE)
-        history = finetune(base, data["train"], adapters / name, cfg, heldout=data["cal"], progress=False)
+        history = finetune(base, data["train"], adapters / name, cfg, heldout=data["cal"], progress=False,
+                           force=True)  # this script's own output of an earlier run
         results["train"][name] = {"config": asdict(cfg), "history": [asdict(h) for h in history],
                                   "seconds": round(time.perf_counter() - t, 1)}
         print(f"[{time.perf_counter() - t0:.0f}s] trained {name}: {history[-1]}", flush=True)
