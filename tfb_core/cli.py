@@ -294,9 +294,10 @@ def _run_eval(args) -> int:
 
 
 def _run_eval_generate(args) -> int:
+    from .artifacts import check_output_file
     from .demo import DEMO_MODEL, DEMO_POSTERIOR
     from .evaluate import write_json
-    from .models import load_base_model
+    from .models import check_model, load_base_model
     from .posterior import load_posterior
     from .qa import evaluate_generation, format_generation, load_qa
 
@@ -312,9 +313,13 @@ def _run_eval_generate(args) -> int:
         args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
     elif args.adapter is None:
         raise TFBError("--adapter is required with --model")
+    args.model = args.model or DEFAULT_MODEL
+    check_model(args.model)
+    inputs = [("--model", args.model), ("--adapter", args.adapter), ("--data", args.data)]
+    if args.json:
+        check_output_file(args.json, inputs=inputs, flag="--json")
     items = load_qa(args.data, args.limit)
-    post = load_posterior(load_base_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype),
-                          args.adapter)
+    post = load_posterior(load_base_model(args.model, device=args.device, dtype=args.dtype), args.adapter)
     if args.sigma is not None:
         post.sigma = args.sigma
     report = evaluate_generation(post, items, num_samples=args.samples or post.config.num_samples,
@@ -325,7 +330,7 @@ def _run_eval_generate(args) -> int:
     if not args.per_item:
         report.pop("items")
     if args.json:
-        write_json(report, args.json)
+        write_json(report, args.json, inputs=inputs, flag="--json")
     return 0
 
 
