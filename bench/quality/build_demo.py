@@ -1,25 +1,31 @@
-"""Rebuild the demo posterior (tfb_core/demo/posterior) from the H200 scores of gpu_scores.py.
+"""Rebuild the demo (tfb_core/demo/adapter and posterior) from one GPU run of ``gpu_demo.py``.
 
-    python bench/quality/build_demo.py DATA_DIR
+    python bench/quality/build_demo.py DATA_DIR [bench/quality/results/demo]
 
-What ``tfb bayesianize --criterion cv-nll`` does, with the calibration split's scores read from
-``results/scores_*.pt`` instead of re-scored on the CPU (a 200-question x 13-sigma K = 10 pass
-takes hours there): the seeded half of ``arc_easy:cal`` chooses sigma and T (cv-nll), the
-other half is the held-out calibration (prediction sets, abstention). Summed scores
-(``length_normalize`` false): see bench/quality/README.md for why. The same run on a GPU:
+The folder holds ``adapter.tar`` (the LoRA trained on ``arc_easy:train`` + ``arc_challenge:train``)
+and ``scores_*.pt`` (its per-sample scores of every set over a sigma grid). What
+``tfb bayesianize`` does on ``DATA_DIR/pool.jsonl`` (the 900-question calibration pool), with the
+pool's scores read from the scores instead of computed again (a 900-question x 8-sigma K = 10
+pass takes hours on a CPU): a seeded half chooses sigma and T (``cv-nll``, summed scores) and
+fits the confidence model (cross-fitted); the other half is the held-out calibration of
+prediction sets and abstention (``bench/quality/decisions.py`` computes the same). The same on
+a GPU:
 
-    tfb bayesianize --adapter tfb_core/demo/adapter --calibration DATA_DIR/cal.jsonl --mode sequence \\
-        --criterion cv-nll --sigma-grid 0,0.001625,0.003,0.006,0.01,0.015,0.02,0.025,0.03,0.04,0.05,0.06,0.08 \\
-        --samples 10 --seed 0 --out tfb_core/demo/posterior
+    tfb bayesianize --adapter tfb_core/demo/adapter --calibration DATA_DIR/pool.jsonl --mode sequence \\
+        --criterion cv-nll --sigma-grid 0,0.003,0.006,0.01,0.015,0.02,0.03,0.04 --samples 10 --seed 0 \\
+        --max-risk 0.2 --out tfb_core/demo/posterior --force
 
-Also writes ``tfb_core/demo/recorded.json`` (figures of the first 4 calibration questions, from
-the same scores) for tests/test_demo.py.
+Also writes ``tfb_core/demo/recorded.json`` (figures of the first 4 pool questions, from the same
+scores) for tests/test_demo.py.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tarfile
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,41 +35,53 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from analyze import load, probabilities  # noqa: E402
+from decisions import fit_demo, load, probabilities  # noqa: E402
 from tfb_core.conformal import calibrate, holdout_split  # noqa: E402
 from tfb_core.demo import DEMO_ADAPTER, DEMO_MODEL, DEMO_POSTERIOR  # noqa: E402
 from tfb_core.evaluate import metrics  # noqa: E402
 from tfb_core.models import load_base_model  # noqa: E402
 from tfb_core.posterior import Posterior  # noqa: E402
-from tfb_core.search import select_sigma_temperature  # noqa: E402
 
-LENGTH_NORMALIZE, MAX_ACC_DROP, HOLDOUT, SEED, K = False, 0.01, 0.5, 0, 10
+HOLDOUT, SEED, K = 0.5, 0, 10
+MAX_RISK = 0.2  # the demo's abstention target: bench/quality/README.md says why
 
 
 def main() -> None:
     data = Path(sys.argv[1])
-    scores, labels = load(Path(__file__).parent / "results")
-    p = probabilities(scores, LENGTH_NORMALIZE)
-    y = labels["cal"]
+    folder = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent / "results" / "demo"
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(folder / "adapter.tar") as tar:
+        tar.extractall(tmp, filter="data")
+        config = json.loads((Path(tmp) / "adapter" / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = DEMO_MODEL
+        (Path(tmp) / "adapter" / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if DEMO_ADAPTER.exists():
+            shutil.rmtree(DEMO_ADAPTER)
+        shutil.copytree(Path(tmp) / "adapter", DEMO_ADAPTER)
+    scores, labels = load(folder)
+    p = probabilities(scores)
+    y = labels["pool"]
     fit, held = holdout_split(len(y), HOLDOUT, SEED)
-    sigma, t, trace = select_sigma_temperature({s: p[s]["cal"][fit].mean(1) for s in p}, y[fit], MAX_ACC_DROP)
-    cal = calibrate(p[sigma]["cal"][held], y[held], t, "lac", coverage=0.9, max_risk=0.1)
+    fitted = fit_demo(p, y, fit)
+    sigma, t, conf = fitted["sigma"], fitted["T"], fitted["confidence"]
+    cal = calibrate(p[sigma]["pool"][held], y[held], t, "lac", confidence=conf, coverage=0.9,
+                    abstain_on="confidence", max_risk=MAX_RISK)
     post = Posterior.from_adapter(load_base_model(DEMO_MODEL, "cpu", "float32"), DEMO_ADAPTER,
                                   num_samples=K, seed=SEED, mode="sequence", chat=False)
     post.sigma = sigma
     cfg = post.config
-    cfg.criterion, cfg.eps, cfg.temperature, cfg.length_normalize = "cv-nll", None, t, LENGTH_NORMALIZE
-    cfg.search_trace = [asdict(x) for x in trace]
+    cfg.criterion, cfg.eps, cfg.temperature, cfg.length_normalize = "cv-nll", None, t, False
+    cfg.search_trace = [asdict(x) for x in fitted["trace"]]
     cfg.calibration = cal.to_dict()
-    post.save(DEMO_POSTERIOR, calibration_file=data / "cal.jsonl", force=True)  # the shipped one, rebuilt
+    cfg.confidence = conf.to_dict()
+    post.save(DEMO_POSTERIOR, calibration_file=data / "pool.jsonl", force=True)  # the shipped one, rebuilt
     first = torch.arange(4)
-    recorded = {"data": "arc_easy:cal", "limit": 4, "sigma": sigma, "temperature": t, "samples": K, "seed": SEED,
-                "source": "bench/quality/results/scores_*.pt (H200, float32)",
-                "deterministic": metrics(p[0.0]["cal"][first], y[first]),
-                "tfb": metrics(p[sigma]["cal"][first], y[first]),
-                "tfb_tempered": metrics(p[sigma]["cal"][first], y[first], t)}
+    recorded = {"data": "pool", "limit": 4, "sigma": sigma, "temperature": t, "samples": K, "seed": SEED,
+                "source": "bench/quality/results/demo/scores_*.pt (GPU, float32)",
+                "deterministic": metrics(p[0.0]["pool"][first], y[first]),
+                "tfb": metrics(p[sigma]["pool"][first], y[first]),
+                "tfb_tempered": metrics(p[sigma]["pool"][first], y[first], t)}
     (DEMO_POSTERIOR.parent / "recorded.json").write_text(json.dumps(recorded, indent=2) + "\n")
-    print(json.dumps({"sigma": sigma, "temperature": t, "held_out": cal.n,
+    print(json.dumps({"sigma": sigma, "temperature": t, "held_out": cal.n, "confidence": conf.model,
                       "threshold": asdict(cal.risk_threshold())}))
 
 
