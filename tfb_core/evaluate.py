@@ -1,4 +1,4 @@
-"""``tfb eval``: the deterministic adapter and the TFB posterior side by side (docs/method.md §6).
+"""``tfb eval``: the deterministic adapter and the TFB posterior side by side (docs/method.md §7).
 
 Scored on the same items: the deterministic adapter is sigma = 0 with K = 1 (the MLE
 baseline, never tempered), the posterior is its sigma with K weight samples, first as it is and

@@ -7,7 +7,7 @@ of the line. An answer is right when, after SQuAD's normalisation (lower case, n
 no articles ``a an the``, single spaces), it equals one of the item's answers or contains one
 as a whole-word span (``contained match``).
 
-Scores, each higher = more likely wrong (docs/method.md):
+Scores, each higher = more likely wrong (docs/method.md §6):
 
 - ``mean_nll`` / ``total_nll``: the model average's negative log-likelihood of the answer, per
   token and in all;

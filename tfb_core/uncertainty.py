@@ -1,4 +1,4 @@
-"""Uncertainty of a model average and calibration metrics (docs/method.md §2, §6). All in nats.
+"""Uncertainty of a model average and calibration metrics (docs/method.md §2, §7). All in nats.
 
 Per-sample probabilities have shape (N, K, C): N predictions, K weight samples, C classes.
 """
