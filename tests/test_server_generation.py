@@ -152,8 +152,13 @@ def test_eight_concurrent_streams_are_batched_and_get_their_own_tokens(srv, clie
         results[i] = (text, chunks[-1].usage.completion_tokens)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    srv.state.scheduler.pause()  # all eight queue, then start together (not one by one as they come)
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: srv.state.scheduler.depth == 8, what="the eight streams queued")
+    finally:
+        srv.state.scheduler.resume()
     for t in threads:
         t.join(120)
     assert [results[i][0] for i in range(8)] == expected
