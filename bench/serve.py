@@ -220,21 +220,28 @@ async def drive(client, url: str, traffic: Traffic, w: Workload, K: int, conc: i
     answer (the first requests come as one burst, unlike later ones: waited for at most
     ``grace_s``), and counts what happens inside it: requests answered (their latency and new
     tokens), streamed tokens arriving, the time to first token of requests sent, inter-token
-    gaps ending. Requests in flight when it closes are cut."""
+    gaps ending. It stays open past ``seconds`` until a request sent inside it has ended (on a
+    slow or loaded machine a window of ``seconds`` may otherwise see no whole request: no
+    latency, no time to first token). Requests in flight when it closes are cut."""
     cell = Cell(w, K, conc)
     ramp = min(1.0, seconds / 8)  # start the clients spread out, not as one burst
     answered = [asyncio.Event() for _ in range(conc)]
+    window: list[float] = []  # its start, once open
+    one_inside = asyncio.Event()  # a request sent inside the window has ended
     inflight = [0]
 
     async def client_loop(i: int) -> None:
         await asyncio.sleep(ramp * i / conc)
         while True:
             inflight[0] += 1
+            sent = time.perf_counter()
             try:
                 await one_request(client, url, w, traffic.body(w, K, rng.randrange(10**9)), cell)
             finally:
                 inflight[0] -= 1
             answered[i].set()
+            if window and sent >= window[0]:
+                one_inside.set()
 
     cpu0 = time.process_time()
     tasks = [asyncio.ensure_future(client_loop(i)) for i in range(conc)]
@@ -243,7 +250,12 @@ async def drive(client, url: str, traffic: Traffic, w: Workload, K: int, conc: i
     except asyncio.TimeoutError:
         pass
     start = time.perf_counter()
+    window.append(start)
     await asyncio.sleep(seconds)
+    # every request ends (answered, failed, or at the client's timeout); a client that died ends it too
+    inside = asyncio.ensure_future(one_inside.wait())
+    await asyncio.wait([inside, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    inside.cancel()
     end = time.perf_counter()
     cell.cancelled = inflight[0]
     for t in tasks:

@@ -6,8 +6,9 @@ JSON, tokenizing, server-sent events) and the worker thread that launches the mo
 take turns, and at many streams each waits for the other. Here they are two processes:
 
 - the API process keeps HTTP, tokenizing and streaming. :class:`EngineClient` takes the
-  scheduler's calls (``submit``, ``wait``, ``depth``, ``idle``, ``drain``, ``stop``), sends
-  each work item over a Unix socket as plain data, and keeps its futures and event queues;
+  scheduler's calls (``submit``, ``wait``, ``depth``, ``idle``, ``drain``, ``stop``, ``pause``,
+  ``resume``), sends each work item over a Unix socket as plain data, and keeps its futures
+  and event queues;
 - the engine process (:func:`engine_main`) loads the posterior and runs the same
   :class:`~server.scheduler.Scheduler` and :class:`~server.engine.ModelRunner` on an event
   loop of its own. Once per turn of that loop it sends one message holding each stream's
@@ -348,6 +349,14 @@ class EngineClient:
     async def wait(self, items: list, timeout: float) -> list:
         return await wait(items, timeout)
 
+    def pause(self) -> None:
+        """The engine's :meth:`Scheduler.pause <server.scheduler.Scheduler.pause>`, in order with
+        the work sent before and after (from any thread)."""
+        self._outbox.put(("pause",))
+
+    def resume(self) -> None:
+        self._outbox.put(("resume",))
+
     @property
     def depth(self) -> int:
         return self._depth + sum(n for _, n in self._unseen)
@@ -528,6 +537,10 @@ async def _serve_engine(settings: Settings, path: str) -> None:
             work = items.pop(message[1], None)
             if work is not None:
                 work.future.cancel()
+        elif kind == "pause":
+            scheduler.pause()
+        elif kind == "resume":
+            scheduler.resume()
         elif kind == "stop":
             await scheduler.stop()
             await out.close()

@@ -172,6 +172,8 @@ class Scheduler:
         self._accepting = False
         self._outstanding: set[WorkItem] = set()  # submitted, not yet answered
         self._arrivals = 0  # submits so far: the worker's decode turn ends when it changes
+        self._paused = False  # take no work and run no step until resume()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self.running = 0  # items in the forward now
 
     @classmethod
@@ -184,6 +186,7 @@ class Scheduler:
     # --- the API of the serving layer ---------------------------------------------------------
 
     def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
         self._arrived = asyncio.Event()
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="tfb-scheduler")
@@ -201,6 +204,22 @@ class Scheduler:
 
     async def wait(self, items: list[WorkItem], timeout: float) -> list[Any]:
         return await wait(items, timeout)
+
+    def pause(self) -> None:
+        """Take no more work and run no more steps (decode steps included) until :meth:`resume`;
+        work submitted meanwhile waits in the queue (429 once it is full). A batch already taken
+        and the decode step running finish. From any thread: tests use it to fill the queue or
+        hold sequences where they are, instead of racing a long request."""
+        self._paused = True
+        self._wake()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._event_loop is not None:
+            self._event_loop.call_soon_threadsafe(self._arrived.set)
 
     @property
     def depth(self) -> int:
@@ -230,6 +249,9 @@ class Scheduler:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while self._paused:
+                self._arrived.clear()
+                await self._arrived.wait()
             decoding = self.decoder is not None and self.decoder.active > 0
             batch = self._take_waiting() if decoding else await self._next_batch()
             arrivals = self._arrivals  # work submitted from here on ends the next decode turn
@@ -251,14 +273,14 @@ class Scheduler:
         """Decode steps back to back on the worker thread (the event loop is not between one
         step and the next), until new work was submitted (``arrivals`` changed: the loop takes
         it between steps), a sequence left while work waits (it may fit the KV rows now),
-        ``steps`` steps ran, the time ``until`` passed (held generation work is due), or no
-        sequence is active."""
+        ``steps`` steps ran, the time ``until`` passed (held generation work is due), the
+        scheduler was paused, or no sequence is active."""
         active, done = self.decoder.active, 0
         while self.decoder.active > 0:
             self.decoder.step()
             done += 1
             if self._arrivals != arrivals or (self._waiting and self.decoder.active < active) or done == steps \
-                    or time.monotonic() >= until:
+                    or time.monotonic() >= until or self._paused:
                 return
 
     def _runnable_waiting(self) -> bool:
@@ -370,7 +392,7 @@ class Scheduler:
 
     async def _next_batch(self) -> Batch:
         """Wait for an item, then coalesce up to the size / token budget or ``max_wait``."""
-        while not self._waiting:
+        while not self._waiting or self._paused:
             self._arrived.clear()
             await self._arrived.wait()
         first = self._waiting.popleft()

