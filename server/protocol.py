@@ -176,7 +176,7 @@ class ChoiceResult(BaseModel):
     confidence: float = Field(..., ge=0, le=1, description="the probability that the prediction is right: "
                               "the posterior's learned confidence model (fitted on labelled calibration "
                               "items), or the tempered maximum probability without one")
-    confidence_model: str = Field(..., description="what 'confidence' is: 'logistic' or 'platt' (learned from "
+    confidence_model: str = Field(..., description="what 'confidence' is: 'logistic' (learned from "
                                   "labelled calibration items, see /v1/posterior), or 'max_prob' (the tempered "
                                   "maximum probability: no labelled calibration, or it predicted no better)")
     samples: list[list[float]] | None = Field(None, description="per weight sample, the untempered choice "
@@ -265,6 +265,9 @@ class PosteriorInfo(BaseModel):
     length_normalize: bool = Field(False, description="sequence mode: choices scored by mean log-prob per token")
     calibration: CalibrationInfo | None = Field(None, description="prediction sets and abstention (null: "
                                                 "no held-out calibration)")
+    confidence: dict = Field(..., description="the model behind each answer's 'confidence': 'model' "
+                             "(max_prob or logistic), its 'features', standardisation and coefficients, and "
+                             "each candidate's cross-fitted log loss on the labelled fitting items")
     search_trace: list[SearchPointOut]
     calibration_sha256: str | None
     source: str = Field(..., description="how the posterior was obtained: loaded, searched, "

@@ -231,6 +231,7 @@ def test_served_sets_and_abstention(cal_srv, stored, fitted):
     info = posterior["calibration"]
     assert info["size"] == N_HELD and info["coverage"] == 0.9 and info["max_risk"] == MAX_RISK
     assert info["abstain_on"] == "confidence" and info["abstain_on_set"] is False
+    assert posterior["confidence"] == recorded["confidence"]
     # the lowest confidence answered (None would mean: abstain on everything)
     assert info["threshold"] == (None if theta is None else pytest.approx(1 - theta))
     coverages = ["0.5", "0.9", "0.8"]  # 0.9: the posterior's default, not sent

@@ -81,7 +81,8 @@ def test_fit_confidence_picks_by_cross_fitted_log_loss_and_refits_on_all():
     t = 1.3
     conf = fit_confidence(sp, y, t, folds=5, seed=7)
     assert set(conf.cv_log_loss) == set(CANDIDATES) and conf.n == 200
-    assert conf.model == min(conf.cv_log_loss, key=conf.cv_log_loss.get)
+    best = min(conf.cv_log_loss, key=conf.cv_log_loss.get)
+    assert (conf.model, conf.features) == (("max_prob", []) if best == "max_prob" else ("logistic", list(CANDIDATES[best])))
     # the cross-fitted log loss of each candidate, recomputed with the same folds
     x = np_features(sp.numpy(), t)
     right = (sp.numpy().mean(1).argmax(-1) == y.numpy()).astype(float)
@@ -123,7 +124,7 @@ def test_signal_in_the_samples_is_learned():
     right = torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(2 - 6 * mi)
     y = torch.where(right, pred, (pred + 1) % 3)
     conf = fit_confidence(sp[:400], y[:400])
-    assert conf.model == "logistic"
+    assert conf.model == "logistic" and "mutual_information" in conf.features
     test_wrong = (pred[400:] != y[400:]).numpy()
     from tfb_core.uncertainty import auroc
 
@@ -148,7 +149,7 @@ def test_a_confidence_round_trips_and_bad_records_name_the_field():
     again = Confidence.from_dict(conf.to_dict())
     torch.testing.assert_close(again.of(sp), conf.of(sp))
     bad = {**conf.to_dict(), "model": "logistic", "features": ["log_max_prob"], "mean": [0.0], "scale": [0.0],
-           "coef": [1.0]}
+           "coef": [1.0]}  # a zero scale
     with pytest.raises(TFBError, match="tfb_config.json: 'confidence'"):
         Confidence.from_dict(bad)
     with pytest.raises(TFBError, match="'confidence.model' must be one of"):

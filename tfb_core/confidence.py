@@ -8,16 +8,18 @@ Per item, from the K weight samples' choice probabilities ``(K, C)`` and the tem
   (:func:`tfb_core.uncertainty.decompose`);
 - ``agreement``: the share of the K samples whose own argmax is the prediction.
 
-Three candidate models, chosen by cross-fitted log loss on the labelled fitting items (never
-on the held-out calibration items, which later certify the abstention threshold):
+Candidate models, chosen by cross-fitted log loss on the labelled fitting items (never on
+the held-out calibration items, which later certify the abstention threshold):
 
 - ``max_prob``: the tempered maximum probability as it is (nothing fitted; also what an
   unlabelled posterior serves);
-- ``platt``: a logistic regression on ``log_max_prob`` alone;
-- ``logistic``: a logistic regression on every feature (standardised, L2 penalty 1).
+- a logistic regression on one feature (``log_max_prob``: Platt scaling; ``margin``,
+  ``predictive_entropy``, ...): the best single score, calibrated;
+- ``all``: a logistic regression on every feature (standardised, L2 penalty 1).
 
-The chosen model, its coefficients and every candidate's cross-fitted log loss are recorded
-in ``tfb_config.json`` (``confidence``).
+The chosen model (``model``: ``max_prob`` or ``logistic``, with its ``features``), its
+coefficients and every candidate's cross-fitted log loss are recorded in ``tfb_config.json``
+(``confidence``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .errors import TFBError
 
 FEATURES = ("log_max_prob", "margin", "predictive_entropy", "expected_entropy", "mutual_information",
             "agreement")
-CANDIDATES = {"max_prob": (), "platt": ("log_max_prob",), "logistic": FEATURES}
+CANDIDATES = {"max_prob": (), **{f: (f,) for f in FEATURES}, "all": FEATURES}  # name -> its features
+MODELS = ("max_prob", "logistic")
 FOLDS, L2 = 5, 1.0
 
 
@@ -53,7 +56,7 @@ def features(sample_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tens
 class Confidence:
     """A fitted confidence model; ``conf(features)`` -> (N,) probabilities that the prediction is right."""
 
-    model: str = "max_prob"  # a key of CANDIDATES
+    model: str = "max_prob"  # one of MODELS
     features: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)  # standardisation of each feature
     scale: list[float] = field(default_factory=list)
@@ -85,8 +88,8 @@ class Confidence:
             conf = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except TypeError as e:
             raise TFBError(f"{where}: 'confidence' is malformed: {e}") from None
-        if conf.model not in CANDIDATES:
-            raise TFBError(f"{where}: 'confidence.model' must be one of {', '.join(CANDIDATES)}, got {conf.model!r}")
+        if conf.model not in MODELS:
+            raise TFBError(f"{where}: 'confidence.model' must be one of {', '.join(MODELS)}, got {conf.model!r}")
         if conf.model != "max_prob":
             k = len(conf.features)
             if (not conf.features or any(f not in FEATURES for f in conf.features)
@@ -132,9 +135,7 @@ def _fit_candidate(name: str, x: torch.Tensor, y: torch.Tensor) -> Confidence:
     if name == "max_prob":
         return Confidence(model="max_prob", n=len(y))
     cols = [FEATURES.index(f) for f in CANDIDATES[name]]
-    conf = fit_logistic(x[:, cols], y, CANDIDATES[name])
-    conf.model = name
-    return conf
+    return fit_logistic(x[:, cols], y, CANDIDATES[name])
 
 
 def fit_confidence(sample_probs: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,

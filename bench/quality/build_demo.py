@@ -75,7 +75,8 @@ def main() -> None:
     cfg.confidence = conf.to_dict()
     post.save(DEMO_POSTERIOR, calibration_file=data / "pool.jsonl", force=True)  # the shipped one, rebuilt
     first = torch.arange(4)
-    recorded = {"data": "pool", "limit": 4, "sigma": sigma, "temperature": t, "samples": K, "seed": SEED,
+    # the pool file starts with arc_easy:pool, so its first 4 questions are arc_easy:pool's
+    recorded = {"data": "arc_easy:pool", "limit": 4, "sigma": sigma, "temperature": t, "samples": K, "seed": SEED,
                 "source": "bench/quality/results/demo/scores_*.pt (GPU, float32)",
                 "deterministic": metrics(p[0.0]["pool"][first], y[first]),
                 "tfb": metrics(p[sigma]["pool"][first], y[first]),
