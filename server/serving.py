@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tfb_core import (COVERAGE, LABELS, MCItem, Mode, TFBError, apply_chat, decide, encode_item,
-                      min_calibration_size)
+from tfb_core import (COVERAGE, LABELS, MCItem, Mode, TFBError, apply_chat, covers, decide, encode_item,
+                      max_coverage, min_calibration_size)
 
 from .engine import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
@@ -60,13 +60,12 @@ class ChoicesServing:
                                answered=risk.accepted / risk.n)
 
     def check_coverage(self, coverage: float, param: str) -> None:
-        """400 when the held-out calibration is too small for ``coverage``."""
-        need = min_calibration_size(coverage)
-        if need > self.calibration.n:
-            raise BadRequest(f"'{param}' {coverage:g} needs at least {need} held-out calibration items; this "
-                             f"posterior has {self.calibration.n}: ask for a coverage of at most "
-                             f"{self.calibration.n / (self.calibration.n + 1):.4g}", param=param,
-                             code="invalid_value")
+        """400 when the held-out calibration is too small for ``coverage`` (O(1), whatever the coverage)."""
+        n = self.calibration.n
+        if not covers(n, coverage):
+            raise BadRequest(f"'{param}' {coverage!r} needs at least {min_calibration_size(coverage)} held-out "
+                             f"calibration items; this posterior has {n}: ask for a coverage of at most "
+                             f"{max_coverage(n)!r}", param=param, code="invalid_value")
 
     async def create(self, request: ChoiceItem | ChoicesBatchRequest
                      ) -> ChoiceResult | ChoicesBatchResponse:
@@ -155,7 +154,7 @@ class ChoicesServing:
                                     "predictive_entropy": out.predictive_entropy}, coverage, self.risk)
         self.metrics.observe_decision(len(d.indices), d.kinds)
         matches = self.matches_calibration(item, work)
-        guarantee = (f"P(answer in set) >= {coverage:g} over items exchangeable with the {cal.n} held-out "
+        guarantee = (f"P(answer in set) >= {coverage!r} over items exchangeable with the {cal.n} held-out "
                      f"calibration items (marginal, not per question; under a shift in the questions it "
                      f"can cover less)" if matches else
                      "none: this request's settings differ from the calibration's")

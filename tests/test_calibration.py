@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
 import threading
 import time
 from dataclasses import replace
+from fractions import Fraction
 
 import httpx
 import numpy as np
@@ -289,6 +291,19 @@ def test_coverage_needing_more_scores_than_stored_is_400_naming_the_minimum(cal_
     ok = httpx.post(cal_srv.url + "/v1/choices", json={"question": "q?", "choices": ["a", "b"], "coverage": 0.95},
                     timeout=60)
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("coverage", [0.9999999, 0.99999999, 0.9999999999999999])
+def test_a_coverage_near_1_is_refused_at_once_with_its_digits(cal_srv, coverage):
+    """The minimum calibration size was searched one n at a time on the event loop: 15 s at 8
+    nines, never at 16 (and SIGTERM waited for it); the message printed 0.9999999 as 1."""
+    r = httpx.post(cal_srv.url + "/v1/choices", json={"question": "q?", "choices": ["a", "b"], "coverage": coverage},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    need = math.ceil((Fraction(coverage) - Fraction(1e-9)) / (1 - Fraction(coverage)))
+    message = r.json()["error"]["message"]
+    assert message == (f"'coverage' {coverage!r} needs at least {need} held-out calibration items; this posterior "
+                       f"has {N_HELD}: ask for a coverage of at most 0.95")
 
 
 def test_tfb_eval_coverage_reports_recountable_sets(cal_srv, fitted, stored, llama_dir, tmp_path, capsys):
