@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -87,6 +88,13 @@ class ServedModel:
     @property
     def temperature(self) -> float:
         return temperature(self.config)
+
+    @functools.cached_property
+    def token_bound(self):
+        """The fewest tokens a text's characters can take (:class:`server.limits.TokenBound`), worked out once."""
+        from .limits import TokenBound
+
+        return TokenBound.of(self.tokenizer)
 
 
 def temperature(config) -> float:

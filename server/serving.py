@@ -18,12 +18,12 @@ from tfb_core import (COVERAGE, LABELS, MCItem, Mode, TFBError, apply_chat, cove
 
 from .engine import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
-from .limits import Tokenizing, check_chars, check_samples, max_prompt_chars
+from .limits import Tokenizing, check_chars, check_samples
 from .loader import ServedModel
 from .metrics import Metrics
 from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
                        CalibrationInfo, PredictionSet, UncertaintyOut, Usage)
-from .scheduler import Scheduler
+from .scheduler import Scheduler, check_room
 from .settings import Settings
 
 CHOICES_ENDPOINT = "/v1/choices"
@@ -42,7 +42,7 @@ class ChoicesServing:
         self.settings = settings
         self.metrics = metrics
         self.context = model.context
-        self.max_chars = max_prompt_chars(self.tokenizer, self.context or 2048)
+        self.bound = model.token_bound
         cfg = model.config
         self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
         self.default_mode = cfg.mode or Mode.LETTER
@@ -76,6 +76,7 @@ class ChoicesServing:
                              f"are allowed in one request", param="items")
         for i, item in enumerate(items):
             self.check(item, f"items.{i}." if batch else "")
+        check_room(True, self.scheduler.depth, len(items), self.settings.max_queue)  # before tokenizing; submit rechecks
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout
         work = await self.tokenizing.run(lambda: [self.prepare(item, f"items.{i}." if batch else "", loop, deadline)
@@ -105,10 +106,29 @@ class ChoicesServing:
                                  f"gives no prediction sets; make one with tfb bayesianize on labelled "
                                  f"calibration items", param=f"{where}coverage", code="invalid_value")
             self.check_coverage(item.coverage, f"{where}coverage")
-        text = item.prompt or item.question or "".join(m.content for m in item.messages or [])
+        self.check_chars(item, where, mode)
+
+    def check_chars(self, item: ChoiceItem, where: str, mode: Mode) -> None:
+        """The item's size from its characters, before tokenizing (linear in its text): its longest
+        row (the prompt, which in letter mode lists every choice of a question; in sequence mode
+        the prompt and a choice) must fit the context, and its rows x that row the item's budget."""
         field = next(f for f in ("prompt", "question", "messages") if getattr(item, f) is not None)
-        check_chars(len(text) + max(len(c) for c in item.choices), self.max_chars, f"{where}{field}",
-                    self.context or 2048)
+        chars = len(item.prompt or item.question or "") + sum(len(m.content) for m in item.messages or [])
+        sequences = 1
+        if mode is Mode.SEQUENCE:  # a row per choice: the prompt, then the choice (tokenized apart)
+            chars, sequences = chars + max(len(c) for c in item.choices), len(item.choices)
+        elif item.question is not None:  # one row, listing every choice
+            chars += sum(len(c) for c in item.choices)
+        what = " with its choices" if mode is Mode.SEQUENCE or item.question is not None else ""
+        check_chars(chars, self.bound, f"{where}{field}", self.context or 2048, what)
+        K = item.num_samples or self.settings.samples
+        tokens, limit = self.bound.min_tokens(chars), self.settings.item_token_limit
+        if sequences * K * tokens > limit:
+            what = f"'{where[:-1]}'" if where else "the item"
+            raise BadRequest(f"{what} needs {sequences * K} rows ({sequences} sequence(s) x {K} samples) of at "
+                             f"least {tokens} tokens ({chars} characters) = at least {sequences * K * tokens} "
+                             f"padded tokens; at most {limit} are allowed per item: use fewer choices or "
+                             f"samples, or a shorter prompt", param=where[:-1] or None, code="item_too_large")
 
     def prepare(self, item: ChoiceItem, where: str, loop, deadline: float) -> ChoiceWork:
         """Tokenize the item (on the tokenizing thread, after :meth:`check`) and check its size."""

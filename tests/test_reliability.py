@@ -14,6 +14,7 @@ import torch
 
 from poisoned_serve import NAN_WORD, RAISE_WORD, poison_decode, poison_embeddings  # prompts holding these poison the forward
 from server import loader
+from server.limits import TokenBound
 from server_helpers import ServerThread, metric, tiny_posterior, wait_for
 
 K = 3
@@ -218,6 +219,130 @@ def test_huge_bodies_are_refused_in_linear_time_and_health_stays_up(srv):
     r = httpx.post(f"{srv.url}/v1/choices", json={"question": "q", "choices": [str(i) for i in range(65)],
                                                   "mode": "sequence"}, timeout=60)
     assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("text", ["#" * 6000, " " * 6000, ("\n" + " " * 80) * 80, "ab" * 3000, "\U0001F600" * 2000,
+                                  "".join(chr(0x4E00 + i) for i in range(3000)), "e\u0301" * 3000,
+                                  "".join(chr(32 + (i * 7919) % 5000) for i in range(6000))])
+def test_no_text_takes_fewer_tokens_than_its_characters_bound(tok, text):
+    """The bound checked before tokenizing: ceil(characters / longest vocabulary entry) tokens at
+    least (SmolLM2's byte-level BPE: 81 characters), on texts made of its longest tokens."""
+    bound = TokenBound.of(tok)
+    assert bound.chars_per_token == max(len(t) for t in tok.get_vocab())
+    assert len(tok(text, add_special_tokens=False).input_ids) >= bound.min_tokens(len(text))
+
+
+def fast_tokenizer(normalizer=None, pre_tokenizer=None, model=None):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(model or models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    if normalizer is not None:
+        t.normalizer = normalizer
+    if pre_tokenizer is not None:
+        t.pre_tokenizer = pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=t)
+
+
+def test_a_tokenizer_that_may_drop_or_merge_characters_gets_the_bound_it_allows():
+    """Composition (NFC: at most 4 characters into one, U+1F82) multiplies the bound; a
+    normalizer or pre-tokenizer that drops characters, or a whole unknown word as one token,
+    allows none: such texts are checked after tokenizing only."""
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    assert TokenBound.of(fast_tokenizer()).chars_per_token == 2  # "ab"
+    assert TokenBound.of(fast_tokenizer(normalizers.NFC())).chars_per_token == 8
+    keep = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    assert TokenBound.of(fast_tokenizer(keep, pre_tokenizers.ByteLevel())).chars_per_token == 2
+    for dropping in (dict(normalizer=normalizers.Strip()), dict(normalizer=normalizers.BertNormalizer()),
+                     dict(normalizer=normalizers.Replace("ab", "c")), dict(pre_tokenizer=pre_tokenizers.Whitespace()),
+                     dict(model=models.WordPiece({"a": 0, "[UNK]": 1}, unk_token="[UNK]")),
+                     dict(model=models.BPE({"a": 0, "<unk>": 1}, [], unk_token="<unk>", fuse_unk=True))):
+        bound = TokenBound.of(fast_tokenizer(**dropping))
+        assert bound.chars_per_token is None and bound.min_tokens(10 ** 6) == 0, dropping
+
+
+class HealthProbe:
+    """GET /health in a loop on a connection of its own, each answer's latency recorded, until stopped."""
+
+    def __init__(self, url: str):
+        self.url, self.latencies, self.statuses = url, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=120) as client:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                self.statuses.append(client.get(f"{self.url}/health").status_code)
+                self.latencies.append(time.perf_counter() - t0)
+
+    def __enter__(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # two more answers after the caller's work: the probe covered all of it
+        n = len(self.latencies)
+        wait_for(lambda: len(self.latencies) >= n + 2 or not self._thread.is_alive(), 150, "two more /health answers")
+        self._stop.set()
+        self._thread.join(150)
+
+
+@pytest.fixture(scope="module")
+def calibrated(dirs, tmp_path_factory):
+    """The tiny posterior with a held-out calibration of 19 items (made-up scores: only its size matters here)."""
+    import shutil
+
+    from tfb_core.conformal import Calibration
+    from tfb_core.posterior import TFB_CONFIG_NAME
+
+    out = tmp_path_factory.mktemp("calibrated") / "post"
+    shutil.copytree(dirs[1], out)
+    config = json.loads((out / TFB_CONFIG_NAME).read_text())
+    config["calibration"] = Calibration("lac", [i / 20 for i in range(19)], [0.01] * 19, [0.5] * 19,
+                                        [True] * 19).to_dict()
+    (out / TFB_CONFIG_NAME).write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cal_srv(calibrated, dirs):
+    with ServerThread(model=str(dirs[0]), adapter=calibrated, samples=K) as s:
+        yield s
+
+
+LETTERS = [chr(ord("A") + i) * 38_000 for i in range(26)]  # 988,000 characters: under --max-body-bytes
+HOSTILE = {  # /v1/choices body, its error code, a phrase of the check that refuses it before tokenizing
+    "26 choices of 38,000 characters, letter mode: the prompt lists them all":
+        ({"question": "Which?", "choices": LETTERS}, "context_length_exceeded", "'question' with its choices is 988006"),
+    "64 choices of 15,000 characters, sequence mode: 192 rows past the item's token budget":
+        ({"question": "Which?", "choices": [f"{i:02d}" + "x" * 15_000 for i in range(64)], "mode": "sequence"},
+         "item_too_large", "of at least 186 tokens"),
+    "coverage 0.9999999999999999: its calibration size in closed form":
+        ({"question": "Which?", "choices": ["a", "b"], "coverage": 0.9999999999999999}, "invalid_value",
+         "'coverage' 0.9999999999999999 needs at least 9007199245733792 "),
+}
+
+
+@pytest.mark.parametrize("what", list(HOSTILE))
+def test_a_hostile_body_is_refused_before_any_work_while_health_answers(cal_srv, what):
+    """The hostile /v1/choices body gets its 400 from a check made before tokenizing (its message
+    says which), while another client's /health keeps answering: at most 0.5 s above its worst
+    latency measured just before (issue 25: the letter item was tokenized in full, 247,222
+    tokens, 8.4 s; the coverage searched 10^16 sizes on the event loop, forever)."""
+    body, code, phrase = HOSTILE[what]
+    data = json.dumps(body).encode()
+    with HealthProbe(cal_srv.url) as baseline:
+        wait_for(lambda: len(baseline.latencies) >= 20, 120, "20 /health answers")
+    with HealthProbe(cal_srv.url) as probe:
+        r = httpx.post(f"{cal_srv.url}/v1/choices", content=data, headers={"content-type": "application/json"},
+                       timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["code"] == code and phrase in error["message"], error
+    assert set(probe.statuses) == {200}
+    assert max(probe.latencies) <= max(baseline.latencies) + 0.5, (probe.latencies, baseline.latencies)
 
 
 def test_generation_kv_rows_are_bounded_per_request_and_overall(srv):
