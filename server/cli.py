@@ -90,6 +90,7 @@ def settings_from_args(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     from . import loader
     from .app import build_app, freeze_heap
+    from .connections import raise_open_file_limit, uvicorn_config
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
@@ -98,10 +99,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if getattr(args, "replicas", None) is not None or getattr(args, "autoscale", None) is not None:
         raise TFBError("--replicas and --autoscale need --ray")
     loader.preflight(settings)  # bad paths: one line, exit 2, before the port is bound
+    raise_open_file_limit()
     app = build_app(settings)
     state = app.state.tfb
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.log_level == "debug", lifespan="on")
+    config = uvicorn_config(app, settings, log_level=settings.log_level, access_log=settings.log_level == "debug",
+                            lifespan="on")
     server = DrainingServer(config, state)
     state.on_fatal = lambda reason: setattr(server, "should_exit", True)
     state.on_ready = freeze_heap

@@ -15,7 +15,7 @@ import torch
 from poisoned_serve import NAN_WORD, RAISE_WORD, poison_decode, poison_embeddings  # prompts holding these poison the forward
 from server import loader
 from server.limits import TokenBound
-from server_helpers import ServerThread, metric, tiny_posterior, wait_for
+from server_helpers import ServerThread, metric, start_cli, tiny_posterior, wait_for, wait_ready
 
 K = 3
 
@@ -263,18 +263,23 @@ def test_a_tokenizer_that_may_drop_or_merge_characters_gets_the_bound_it_allows(
 
 
 class HealthProbe:
-    """GET /health in a loop on a connection of its own, each answer's latency recorded, until stopped."""
+    """GET /health in a loop, each answer's latency recorded, until stopped: on one kept-alive
+    connection, or with ``fresh`` on a new connection each time (which the server must accept)."""
 
-    def __init__(self, url: str):
-        self.url, self.latencies, self.statuses = url, [], []
+    def __init__(self, url: str, fresh: bool = False):
+        self.url, self.fresh, self.latencies, self.statuses = url, fresh, [], []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=120) as client:
+        with httpx.Client(timeout=60) as client:
             while not self._stop.is_set():
                 t0 = time.perf_counter()
-                self.statuses.append(client.get(f"{self.url}/health").status_code)
+                try:
+                    r = httpx.get(f"{self.url}/health", timeout=60) if self.fresh else client.get(f"{self.url}/health")
+                    self.statuses.append(r.status_code)
+                except httpx.HTTPError as e:
+                    self.statuses.append(type(e).__name__)
                 self.latencies.append(time.perf_counter() - t0)
 
     def __enter__(self) -> "HealthProbe":
@@ -533,3 +538,118 @@ def test_scoring_goes_past_generation_waiting_for_kv_rows(srv):
     first.join(120)
     second.join(120)
     assert results["first"].status_code == 200 and results["second"].status_code == 200
+
+
+# --- connections: half-sent requests, clients that stop reading (issue 25) ------------------------
+
+
+def low_open_file_limit() -> None:
+    """In the server's process: 256 file descriptors, soft and hard (it cannot raise them)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+def half_sent(url: str, i: int):
+    """A connection that sends half a request: half a head, or a head and 10 of its 1,000 body bytes."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    if i % 2:
+        sock.sendall(b"POST /v1/choices HTTP/1.1\r\nHost: x\r\nContent-Ty")
+    else:
+        sock.sendall(b"POST /v1/choices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"question\"")
+    return sock
+
+
+def closed_with(sock, deadline: float) -> bytes | None:
+    """What the server sent before closing ``sock``; None if it is still open at ``deadline``."""
+    data = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    return None
+
+
+def test_half_sent_requests_past_the_open_file_limit_are_closed_and_health_answers(dirs, tmp_path):
+    """300 connections that send half a request to a server limited to 256 file descriptors
+    (issue 25: 1,100 half-sent ones at 1,024 made every other request and /health fail, and
+    they stayed open for good): new connections keep being accepted (each closes the oldest
+    one still sending, 503), /health answers within 0.5 s of its baseline on a new connection
+    each time, and every half-sent request is answered 408 or 503 and closed, within the
+    read timeout (3 s here) for those not closed first."""
+    base, post = dirs
+    log = open(tmp_path / "server.log", "w")
+    proc, url = start_cli("--model", str(base), "--adapter", str(post), "--samples", "3", "--read-timeout", "3",
+                          "--no-access-log", preexec_fn=low_open_file_limit, stdout=log, stderr=log)
+    socks = []
+    try:
+        wait_ready(url, proc=proc)
+        with HealthProbe(url, fresh=True) as baseline:
+            wait_for(lambda: len(baseline.latencies) >= 20, 120, "20 /health answers")
+        with HealthProbe(url, fresh=True) as probe:
+            t0 = time.monotonic()
+            socks = [half_sent(url, i) for i in range(300)]
+            answers = [closed_with(s, t0 + 60) for s in socks]
+        waited = time.monotonic() - t0
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+    assert all(a is not None for a in answers), f"{sum(a is None for a in answers)} half-sent connections still open"
+    statuses = [a.split(b" ", 2)[1] for a in answers]
+    assert set(statuses) <= {b"408", b"503"} and statuses.count(b"503") >= 300 - 256, statuses
+    assert b"--read-timeout" in next(a for a in answers if b" 408 " in a)
+    assert waited < 3 + 30  # the read timeout, and generous room for a loaded machine
+    assert set(probe.statuses) == {200}, probe.statuses
+    assert max(probe.latencies) <= max(baseline.latencies) + 0.5, (max(probe.latencies), max(baseline.latencies))
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_rows(tmp_path):
+    """A client that opens a stream with a small receive buffer and never reads (issue 25: 192
+    of them held 384 KV rows until they disconnected): once the connection's buffers are full
+    for --stream-stall-timeout (1 s here), the stream is cut, its 16 rows are freed long before
+    its 2,000 tokens, it is counted as stalled, and its connection is closed; another client
+    is served meanwhile."""
+    import socket
+
+    import tiny
+    from server_helpers import bayesianized
+
+    base = tiny.make_llama(tmp_path / "base", max_position_embeddings=4096)  # room for a long stream
+    post = bayesianized(base, tiny.make_lora(base, tmp_path / "lora"), tmp_path / "post", sigma=0.5)
+    with ServerThread(model=str(base), adapter=post, samples=2, stream_stall_timeout=1) as s:
+        model = model_of(s)
+        # ~18 KB a step (8 choices x 20 alternatives each): the buffers fill within a few hundred steps
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Talk."}], "n": 8,
+                           "max_tokens": 2000, "logprobs": True, "top_logprobs": 20, "temperature": 1.0,
+                           "seed": 1, "stream": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 16, 60, "the stream's 8 x 2 rows")
+            other = httpx.post(f"{s.url}/v1/chat/completions", timeout=60, json={
+                "model": model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4})
+            assert other.status_code == 200, other.text
+            wait_for(lambda: metric(s, "tfb_requests_total", endpoint="/v1/chat/completions", status="stalled") == 1,
+                     240, "the stream counted as stalled")
+            wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 0, 60, "its rows freed")
+            assert metric(s, "tfb_generation_tokens_total") < 8 * 2000 / 2  # cut, not generated to its end
+            assert closed_with(sock, time.monotonic() + 60) is not None  # what it had sent, then closed
+        finally:
+            sock.close()
