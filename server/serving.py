@@ -157,10 +157,12 @@ class ChoicesServing:
         return bool(self.model.config.length_normalize)
 
     def matches_calibration(self, item: ChoiceItem, work: ChoiceWork) -> bool:
-        """The request is scored as the held-out calibration was (else its guarantee does not apply)."""
+        """The request is scored as the held-out calibration was (else its guarantee does not
+        apply): a question (rendered with the calibration's template; a raw prompt or chat
+        messages are not), with the same K, seed, mode, normalization and chat flag."""
         cfg = self.model.config
         chat = item.chat if item.chat is not None else self.default_chat
-        return (work.num_samples == cfg.num_samples and work.seed == cfg.seed
+        return (item.question is not None and work.num_samples == cfg.num_samples and work.seed == cfg.seed
                 and (item.mode or self.default_mode) is (cfg.mode or Mode.LETTER)
                 and self.length_normalize(item) == bool(cfg.length_normalize) and chat == bool(cfg.chat))
 

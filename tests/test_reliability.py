@@ -440,6 +440,52 @@ def test_a_non_stream_client_that_leaves_ends_its_work(srv):
 # --- access and leaks (G, H) ----------------------------------------------------------------------
 
 
+def duplicate_sockets(pid: int) -> list[int]:
+    """Duplicates, in this process, of process ``pid``'s sockets (pidfd_getfd, Linux 5.6+): as a
+    process it forked would hold them, so they stay open when it dies."""
+    import ctypes
+    import os
+
+    libc, pidfd, fds = ctypes.CDLL(None, use_errno=True), os.pidfd_open(pid), []
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                fd = libc.syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+                if fd < 0:
+                    pytest.skip(f"pidfd_getfd is not allowed here (errno {ctypes.get_errno()})")
+                fds.append(fd)
+    finally:
+        os.close(pidfd)
+    return fds
+
+
+def test_health_is_503_once_the_engine_process_has_exited(dirs):
+    """Checked against the engine process itself, not only through its connection (issue 25:
+    /health answered 200 after the engine process died): here a copy of its sockets outlives it,
+    as in a process it forked, so its connection never closes. HEAD /health too."""
+    import multiprocessing
+    import os
+    import signal
+
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=K, engine_process=True) as s:
+        (engine,) = [p for p in multiprocessing.active_children() if p.name == "tfb-engine"]
+        assert httpx.head(f"{s.url}/health").status_code == 200
+        held = duplicate_sockets(engine.pid)
+        try:
+            os.kill(engine.pid, signal.SIGKILL)
+            os.waitid(os.P_PID, engine.pid, os.WEXITED | os.WNOWAIT)  # dead (not reaped here)
+            get, head = httpx.get(f"{s.url}/health"), httpx.head(f"{s.url}/health")
+            answer = httpx.post(f"{s.url}/v1/choices", json={"question": "q?", "choices": ["a", "b"]}, timeout=60)
+        finally:
+            for fd in held:
+                os.close(fd)
+    assert get.status_code == 503 and get.json()["status"] == "failed", get.text
+    assert "engine process" in get.json()["detail"]
+    assert head.status_code == 503 and head.content == b""
+    assert answer.status_code == 503, answer.text
+
+
 def test_the_api_key_guards_everything_but_health_before_the_body_is_read(dirs):
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=K, api_key="s3cret") as s:
