@@ -19,6 +19,10 @@ from .protocol import SEED_MAX, Text, _Strict, valid_unicode
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_CHARS = 256  # each generated token is checked against every stop string's prefixes
+
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(valid_unicode)]
 
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1), AfterValidator(valid_unicode)]
@@ -37,8 +41,9 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="tfb: keep the k most probable tokens (0 = off)")
     n: int = Field(1, ge=1, le=MAX_N, description=f"choices per prompt (at most {MAX_N})")
-    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = Field(
-        None, description="up to 4 non-empty strings; generation ends before them")
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description=f"up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters; generation "
+        "ends before them")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="token sampling seed")
     stream: bool = False
     stream_options: StreamOptions | None = None

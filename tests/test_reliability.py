@@ -350,6 +350,21 @@ def test_a_hostile_body_is_refused_before_any_work_while_health_answers(cal_srv,
     assert max(probe.latencies) <= max(baseline.latencies) + 0.5, (probe.latencies, baseline.latencies)
 
 
+@pytest.mark.parametrize("stop", ["x" * 257, ["ok", "y" * 300]])
+def test_a_stop_string_is_at_most_256_characters(srv, stop):
+    """Every generated token is checked against each stop string's prefixes, a loop as long as
+    the shorter of the stop string and the text so far: a 200,000-character stop string made
+    that quadratic in the text (3 s over 1,500 tokens of the tiny model; about a minute over a
+    context of 8,192), on the engine's step, which every other sequence waits for."""
+    body = {"model": model_of(srv), "prompt": "Once", "max_tokens": 4, "stop": stop}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"].startswith("stop") and "at most 256 characters" in err["message"], err
+    ok = httpx.post(f"{srv.url}/v1/completions", json={**body, "stop": "z" * 256}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
 def test_generation_kv_rows_are_bounded_per_request_and_overall(srv):
     """A request that can never fit --max-kv-rows (12 here) gets 400 naming its need and the
     limit; two that fit alone but not together both run, one after the other."""
