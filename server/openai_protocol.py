@@ -41,7 +41,7 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="tfb: keep the k most probable tokens (0 = off)")
     n: int = Field(1, ge=1, le=MAX_N, description=f"choices per prompt (at most {MAX_N})")
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+    stop: StopString | Annotated[list[StopString], Field(max_length=4, fail_fast=True)] | None = Field(
         None, description=f"up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters; generation "
         "ends before them")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="token sampling seed")
@@ -98,7 +98,7 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] = Field(
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, fail_fast=True)] = Field(
         ..., description="a prompt, or a non-empty list of them")
     logprobs: int | None = Field(None, ge=0, le=5, description="the top alternatives per token (0-5)")
     echo: bool = Field(False, description="only false is supported")
@@ -131,7 +131,7 @@ class TextPart(_Strict):
 
 class ChatMessageIn(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(fail_fast=True)]
     name: Text | None = None
 
     @property
@@ -144,7 +144,7 @@ class ResponseFormat(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessageIn] = Field(..., min_length=1)
+    messages: list[ChatMessageIn] = Field(..., min_length=1, fail_fast=True)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
