@@ -70,7 +70,7 @@ def _shrink_factor(tokenizer) -> int | None:
             return None  # a run of unknown characters is one token
     elif not (model.get("type") == "Unigram" and model.get("byte_fallback")):
         return None  # WordPiece / WordLevel: a whole unknown word is one token
-    if not all(_keeps(p, KEEPING_PRE_TOKENIZERS) and p.get("behavior") != "Removed"
+    if not all(p.get("type") in KEEPING_PRE_TOKENIZERS and p.get("behavior") != "Removed"
                for p in _steps(spec.get("pre_tokenizer"), "pretokenizers")):
         return None
     factor = 1
@@ -93,10 +93,6 @@ def _steps(spec: dict | None, key: str) -> list[dict]:
     if spec.get("type") == "Sequence":
         return [s for member in spec.get(key, []) for s in _steps(member, key)]
     return [spec]
-
-
-def _keeps(step: dict, kinds: set[str]) -> bool:
-    return step.get("type") in kinds
 
 
 @functools.lru_cache(maxsize=1)

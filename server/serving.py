@@ -76,7 +76,8 @@ class ChoicesServing:
                              f"are allowed in one request", param="items")
         for i, item in enumerate(items):
             self.check(item, f"items.{i}." if batch else "")
-        check_room(True, self.scheduler.depth, len(items), self.settings.max_queue)  # before tokenizing; submit rechecks
+        # before tokenizing (submit checks again)
+        check_room(True, self.scheduler.depth, len(items), self.settings.max_queue)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout
         work = await self.tokenizing.run(lambda: [self.prepare(item, f"items.{i}." if batch else "", loop, deadline)

@@ -334,7 +334,8 @@ HOSTILE = {  # path, body, its error code, a phrase of the check that refuses it
         ("/v1/choices", {"question": "Which?", "choices": [1] * 300_000}, "invalid_value",
          "'choices.0': Input should be a valid string (got 1)"),
     "300,000 prompts that are not strings":
-        ("/v1/completions", {"model": "tfb", "prompt": [1] * 300_000}, "invalid_value", "Input should be a valid string"),
+        ("/v1/completions", {"model": "tfb", "prompt": [1] * 300_000}, "invalid_value",
+         "Input should be a valid string"),
 }
 
 

@@ -232,7 +232,8 @@ def test_a_body_without_a_json_content_type_is_a_400_saying_to_send_json(client,
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "invalid_content_type"
-    assert "'Content-Type: application/json'" in err["message"] and "application/x-www-form-urlencoded" in err["message"]
+    assert "'Content-Type: application/json'" in err["message"]
+    assert "application/x-www-form-urlencoded" in err["message"]
     ok = client.post("/v1/choices", content=json.dumps(OK), headers={"content-type": "application/json; charset=utf-8"})
     assert ok.status_code == 200, ok.text
 
