@@ -662,7 +662,8 @@ def test_half_sent_requests_past_the_open_file_limit_are_closed_and_health_answe
     base, post = dirs
     log = open(tmp_path / "server.log", "w")
     proc, url = start_cli("--model", str(base), "--adapter", str(post), "--samples", "3", "--read-timeout", "3",
-                          "--no-access-log", preexec_fn=low_open_file_limit, stdout=log, stderr=log)
+                          "--no-access-log", "--no-engine-process", preexec_fn=low_open_file_limit, stdout=log,
+                          stderr=log)
     socks = []
     try:
         wait_ready(url, proc=proc)
