@@ -7,8 +7,11 @@ environment variable ``TFB_<NAME>``; a flag given on the command line wins.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import enum
 import logging
+import os
 import signal
 import sys
 import threading
@@ -90,6 +93,7 @@ def settings_from_args(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     from . import loader
     from .app import build_app, freeze_heap
+    from .connections import raise_open_file_limit, uvicorn_config
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
@@ -99,10 +103,11 @@ def run_serve(args: argparse.Namespace) -> int:
         raise TFBError("--replicas and --autoscale need --ray")
     loader.preflight(settings)  # bad paths: one line, exit 2, before the port is bound
     check_port(settings.host, settings.port)  # before the engine starts, not after it loaded
+    raise_open_file_limit()
     app = build_app(settings)
     state = app.state.tfb
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.log_level == "debug", lifespan="on")
+    config = uvicorn_config(app, settings, log_level=settings.log_level, access_log=settings.log_level == "debug",
+                            lifespan="on")
     server = DrainingServer(config, state)
     state.on_fatal = lambda reason: setattr(server, "should_exit", True)
     state.on_ready = freeze_heap
@@ -158,14 +163,24 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     return run(settings, args.replicas or 1, autoscale, args.metrics_port)
 
 
+LOOP_STUCK_S = 10.0  # after a stop signal, an event loop that answers nothing this long is stuck
+
+
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose SIGTERM drains: new requests get 503, in-flight ones finish, exit 0."""
+    """uvicorn.Server whose SIGTERM drains: new requests get 503, in-flight ones finish, exit 0.
+    Whatever holds the event loop, a stop signal stops the process (:func:`watch_loop`)."""
 
     def __init__(self, config: uvicorn.Config, state):
         super().__init__(config)
         self.state = state
+        self._watching = False
 
     def handle_exit(self, sig, frame) -> None:
+        if not self._watching:  # a Python signal handler: it runs even while the event loop is held
+            self._watching = True
+            with contextlib.suppress(RuntimeError):
+                threading.Thread(target=watch_loop, args=(asyncio.get_running_loop(),), name="tfb-stop-watch",
+                                 daemon=True).start()
         if sig != signal.SIGTERM:
             return super().handle_exit(sig, frame)
         # not recorded in uvicorn's captured signals: it would re-raise SIGTERM at exit
@@ -180,6 +195,24 @@ class DrainingServer(uvicorn.Server):
         while self.state.scheduler is not None and not self.state.scheduler.idle:
             time.sleep(0.02)
         self.should_exit = True  # uvicorn then waits for open responses to be sent
+
+
+def watch_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """After a stop signal: ask the event loop to answer, every second; if it answers nothing for
+    LOOP_STUCK_S (work holding it, which nothing should do), exit at once without draining, with
+    exit code 1, rather than never (the engine process dies with this one)."""
+    while True:
+        answered = threading.Event()
+        try:
+            loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:  # the loop is closed: the server is exiting anyway
+            return
+        if not answered.wait(LOOP_STUCK_S):
+            log.error("the event loop answered nothing for %g s after the stop signal: exiting without "
+                      "draining", LOOP_STUCK_S)
+            logging.shutdown()
+            os._exit(1)
+        time.sleep(1.0)
 
 
 register_command("serve", "serve the posterior over HTTP (/v1/choices, /metrics, ...)",

@@ -362,6 +362,12 @@ class EngineClient:
         return self._depth + sum(n for _, n in self._unseen)
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine process is running (False once it has exited, before its closed
+        connection is handled)."""
+        return self.process is not None and self.process.is_alive()
+
+    @property
     def idle(self) -> bool:
         return not self._items
 

@@ -148,6 +148,12 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
         status, body, headers = public_error(exc)
         return JSONResponse(body, status_code=status, headers=headers)
     if isinstance(exc, RequestValidationError):
+        content_type = request.headers.get("content-type")
+        if content_type is not None and not _is_json(content_type):
+            return error_response(400, f"the body must be JSON sent with the header 'Content-Type: "
+                                  f"application/json'; this request's Content-Type is {content_type!r} (curl -d "
+                                  f"sends application/x-www-form-urlencoded: add -H 'Content-Type: "
+                                  f"application/json')", "invalid_request_error", code="invalid_content_type")
         message, param = _validation_message(exc.errors())
         return error_response(400, message, "invalid_request_error", param, code="invalid_value")
     if isinstance(exc, StarletteHTTPException):
@@ -157,6 +163,12 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s %s", request.method, request.url.path)
     status, body, _ = public_error(exc)
     return JSONResponse(body, status_code=status)
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json or application/*+json (what FastAPI parses as JSON)."""
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:

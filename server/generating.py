@@ -20,7 +20,7 @@ from tfb_core import GenSequence, TFBError, TokenInfo, apply_chat
 
 from .engine import GenWork
 from .errors import BadRequest, NotFound, RequestTimeout, sse_error
-from .limits import Tokenizing, check_chars, check_samples, max_prompt_chars
+from .limits import Tokenizing, check_chars, check_samples
 from .loader import ServedModel
 from .metrics import Metrics
 from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -28,7 +28,7 @@ from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, 
                               ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
                               CompletionResponse, CompletionUsage, GenerationUncertainty,
                               SequenceUncertainty, TokenUncertainty, TopLogprob)
-from .scheduler import Scheduler
+from .scheduler import Scheduler, check_room
 from .settings import Settings
 
 COMPLETIONS_ENDPOINT = "/v1/completions"
@@ -73,7 +73,7 @@ class GenerationServing:
         self.settings = settings
         self.metrics = metrics
         self.context = model.context or 2048
-        self.max_chars = max_prompt_chars(self.tokenizer, self.context)
+        self.bound = model.token_bound
         self._pieces: dict[int, str] = {}  # token id -> its text (at most the vocabulary)
 
     # --- what a subclass says --------------------------------------------------------------
@@ -129,7 +129,7 @@ class GenerationServing:
                              f"num_samples={K}); at most {self.settings.max_kv_rows} are allowed (the "
                              f"server's --max-kv-rows): ask for fewer prompts, n or num_samples",
                              param="num_samples", code="too_many_kv_rows")
-        check_chars(self.prompt_chars(request), self.max_chars, self.param, self.context)
+        check_chars(self.prompt_chars(request), self.bound, self.param, self.context)
 
     def prepare(self, request, loop: asyncio.AbstractEventLoop) -> tuple[list[GenWork], list[list[int]]]:
         """Tokenize and make one work per sequence (on the tokenizing thread, after :meth:`check`)."""
@@ -161,6 +161,7 @@ class GenerationServing:
         """The response, or with ``stream`` its server-sent events; ``report(status)`` tells the
         metrics how a stream ended ("200", an error's status, or "client_closed")."""
         self.check(request)
+        check_room(True, self.scheduler.depth, self.prompt_count(request) * request.n, self.settings.max_queue)
         works, prompts = await self.tokenizing.run(self.prepare, request, asyncio.get_running_loop())
         self.scheduler.submit(works)  # all or none: a 429 or 503 counts no prompt tokens
         self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -89,6 +90,13 @@ class ServedModel:
     @property
     def temperature(self) -> float:
         return temperature(self.config)
+
+    @functools.cached_property
+    def token_bound(self):
+        """The fewest tokens a text's characters can take (:class:`server.limits.TokenBound`), worked out once."""
+        from .limits import TokenBound
+
+        return TokenBound.of(self.tokenizer)
 
 
 def temperature(config) -> float:
@@ -244,15 +252,15 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool,
 
 def resolve_settings(settings: Settings, post) -> Settings:
     """``settings`` with what the loaded posterior decides filled in (K), checked against it."""
-    from tfb_core import min_calibration_size
+    from tfb_core import covers, min_calibration_size
 
     samples = settings.samples or post.config.num_samples
     if samples > settings.max_samples:
         raise TFBError(f"the posterior's K ({samples}) is above --max-samples ({settings.max_samples}); "
                        f"pass --samples or a larger --max-samples")
     cal = post.config.conformal
-    if settings.coverage is not None and cal is not None and min_calibration_size(settings.coverage) > cal.n:
-        raise TFBError(f"--coverage {settings.coverage:g} needs at least "
+    if settings.coverage is not None and cal is not None and not covers(cal.n, settings.coverage):
+        raise TFBError(f"--coverage {settings.coverage!r} needs at least "
                        f"{min_calibration_size(settings.coverage)} held-out calibration items; the "
                        f"posterior has {cal.n}")
     return settings.model_copy(update={"samples": samples})

@@ -19,6 +19,10 @@ from .protocol import SEED_MAX, Text, _Strict, valid_unicode
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_CHARS = 256  # each generated token is checked against every stop string's prefixes
+
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(valid_unicode)]
 
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1), AfterValidator(valid_unicode)]
@@ -37,8 +41,9 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="tfb: keep the k most probable tokens (0 = off)")
     n: int = Field(1, ge=1, le=MAX_N, description=f"choices per prompt (at most {MAX_N})")
-    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = Field(
-        None, description="up to 4 non-empty strings; generation ends before them")
+    stop: StopString | Annotated[list[StopString], Field(max_length=4, fail_fast=True)] | None = Field(
+        None, description=f"up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters; generation "
+        "ends before them")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="token sampling seed")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -93,7 +98,7 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] = Field(
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, fail_fast=True)] = Field(
         ..., description="a prompt, or a non-empty list of them")
     logprobs: int | None = Field(None, ge=0, le=5, description="the top alternatives per token (0-5)")
     echo: bool = Field(False, description="only false is supported")
@@ -126,7 +131,7 @@ class TextPart(_Strict):
 
 class ChatMessageIn(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(fail_fast=True)]
     name: Text | None = None
 
     @property
@@ -139,7 +144,7 @@ class ResponseFormat(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessageIn] = Field(..., min_length=1)
+    messages: list[ChatMessageIn] = Field(..., min_length=1, fail_fast=True)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -33,7 +33,9 @@ SEED_MAX = 2**63 - 1
 
 
 class _Strict(BaseModel):
-    # strict: 16 is an integer, "16" and true are not
+    # strict: 16 is an integer, "16" and true are not. Every list of a request fails fast: one
+    # error, not one per entry (300,000 bad entries in a 1 MB body made 300,000 errors, 2-3 s
+    # of the event loop's time to build).
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
@@ -59,8 +61,8 @@ class ChoiceItem(_Strict):
         "sequence: the likelihood of each choice's text (default: the posterior's mode, else letter)")
     prompt: NonBlank | None = Field(None, description="a pre-formatted prompt, used as it is")
     question: NonBlank | None = Field(None, description="a question; the server formats the prompt")
-    messages: list[ChatMessage] | None = Field(None, min_length=1, description="chat turns")
-    choices: list[NonEmptyStr] = Field(..., min_length=2, json_schema_extra={"uniqueItems": True},
+    messages: list[ChatMessage] | None = Field(None, min_length=1, fail_fast=True, description="chat turns")
+    choices: list[NonEmptyStr] = Field(..., min_length=2, fail_fast=True, json_schema_extra={"uniqueItems": True},
                                        description="two or more distinct answers (at most 26 in letter "
                                        "mode, the server's --max-choices in sequence mode)")
     num_samples: int | None = Field(None, ge=1, description="K weight samples (default: the server's)")
@@ -114,7 +116,7 @@ class ChoiceItem(_Strict):
 class ChoicesBatchRequest(_Strict):
     """Several questions in one call; they are scored together."""
 
-    items: list[ChoiceItem] = Field(..., min_length=1)
+    items: list[ChoiceItem] = Field(..., min_length=1, fail_fast=True)
 
 
 def _request_kind(value: Any) -> str:

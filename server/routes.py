@@ -45,12 +45,21 @@ def check_api_key(key: str | None, authorization: str) -> None:
         raise Unauthorized("invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def serving_status(state: AppState) -> tuple[str, str | None]:
+    """(status, detail): the state's, but "failed" as soon as the engine process is no longer
+    alive, before its closed connection is handled."""
+    engine = state.engine
+    if state.status == "ready" and engine is not None and not engine.alive:
+        return "failed", "the engine process has exited"
+    return state.status, state.detail
+
+
 async def require_ready(request: Request) -> AppState:
     state = get_state(request)
-    if state.status != "ready":
-        raise NotReady(f"the server is {state.status}" + (f": {state.detail}" if state.detail else "")
-                       + "; retry when GET /health answers 200", code=state.status,
-                       headers={"Retry-After": "1"})
+    status, detail = serving_status(state)
+    if status != "ready":
+        raise NotReady(f"the server is {status}" + (f": {detail}" if detail else "")
+                       + "; retry when GET /health answers 200", code=status, headers={"Retry-After": "1"})
     return state
 
 
@@ -62,10 +71,17 @@ api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 @health.get("/health", response_model=Health, responses={503: {"model": Health}})
 async def get_health(request: Request) -> JSONResponse:
-    """200 when ready; 503 while loading, searching, draining, or after a failed start-up."""
-    state = get_state(request)
-    body = Health(status=state.status, detail=state.detail).model_dump(exclude_none=True)
-    return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+    """200 when ready; 503 while loading, searching, draining, after a failed start-up, or once
+    the engine process has exited."""
+    status, detail = serving_status(get_state(request))
+    body = Health(status=status, detail=detail).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+
+@health.head("/health", include_in_schema=False)
+async def head_health(request: Request) -> JSONResponse:
+    """The status code of GET /health, without its body (load balancers that probe with HEAD)."""
+    return await get_health(request)
 
 
 @api.post("/v1/choices", response_model=ChoiceResult | ChoicesBatchResponse, response_model_exclude_none=True,

@@ -13,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tfb_core import (COVERAGE, LABELS, MCItem, Metric, Mode, TFBError, apply_chat, decide, encode_item,
-                      min_calibration_size)
+from tfb_core import (COVERAGE, LABELS, MCItem, Metric, Mode, TFBError, apply_chat, covers, decide,
+                      encode_item, max_coverage, min_calibration_size)
 
 from .engine import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
-from .limits import Tokenizing, check_chars, check_samples, max_prompt_chars
+from .limits import Tokenizing, check_chars, check_samples
 from .loader import ServedModel
 from .metrics import Metrics
 from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
                        CalibrationInfo, PredictionSet, UncertaintyOut, Usage)
-from .scheduler import Scheduler
+from .scheduler import Scheduler, check_room
 from .settings import Settings
 
 CHOICES_ENDPOINT = "/v1/choices"
@@ -42,7 +42,7 @@ class ChoicesServing:
         self.settings = settings
         self.metrics = metrics
         self.context = model.context
-        self.max_chars = max_prompt_chars(self.tokenizer, self.context or 2048)
+        self.bound = model.token_bound
         cfg = model.config
         self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
         self.default_mode = cfg.mode or Mode.LETTER
@@ -70,13 +70,12 @@ class ChoicesServing:
                                answered=risk.accepted / risk.n, abstain_on_set=self.abstain_on_set)
 
     def check_coverage(self, coverage: float, param: str) -> None:
-        """400 when the held-out calibration is too small for ``coverage``."""
-        need = min_calibration_size(coverage)
-        if need > self.calibration.n:
-            raise BadRequest(f"'{param}' {coverage:g} needs at least {need} held-out calibration items; this "
-                             f"posterior has {self.calibration.n}: ask for a coverage of at most "
-                             f"{self.calibration.n / (self.calibration.n + 1):.4g}", param=param,
-                             code="invalid_value")
+        """400 when the held-out calibration is too small for ``coverage`` (O(1), whatever the coverage)."""
+        n = self.calibration.n
+        if not covers(n, coverage):
+            raise BadRequest(f"'{param}' {coverage!r} needs at least {min_calibration_size(coverage)} held-out "
+                             f"calibration items; this posterior has {n}: ask for a coverage of at most "
+                             f"{max_coverage(n)!r}", param=param, code="invalid_value")
 
     async def create(self, request: ChoiceItem | ChoicesBatchRequest
                      ) -> ChoiceResult | ChoicesBatchResponse:
@@ -87,6 +86,8 @@ class ChoicesServing:
                              f"are allowed in one request", param="items")
         for i, item in enumerate(items):
             self.check(item, f"items.{i}." if batch else "")
+        # before tokenizing (submit checks again)
+        check_room(True, self.scheduler.depth, len(items), self.settings.max_queue)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout
         work = await self.tokenizing.run(lambda: [self.prepare(item, f"items.{i}." if batch else "", loop, deadline)
@@ -116,10 +117,29 @@ class ChoicesServing:
                                  f"gives no prediction sets; make one with tfb bayesianize on labelled "
                                  f"calibration items", param=f"{where}coverage", code="invalid_value")
             self.check_coverage(item.coverage, f"{where}coverage")
-        text = item.prompt or item.question or "".join(m.content for m in item.messages or [])
+        self.check_chars(item, where, mode)
+
+    def check_chars(self, item: ChoiceItem, where: str, mode: Mode) -> None:
+        """The item's size from its characters, before tokenizing (linear in its text): its longest
+        row (the prompt, which in letter mode lists every choice of a question; in sequence mode
+        the prompt and a choice) must fit the context, and its rows x that row the item's budget."""
         field = next(f for f in ("prompt", "question", "messages") if getattr(item, f) is not None)
-        check_chars(len(text) + max(len(c) for c in item.choices), self.max_chars, f"{where}{field}",
-                    self.context or 2048)
+        chars = len(item.prompt or item.question or "") + sum(len(m.content) for m in item.messages or [])
+        sequences = 1
+        if mode is Mode.SEQUENCE:  # a row per choice: the prompt, then the choice (tokenized apart)
+            chars, sequences = chars + max(len(c) for c in item.choices), len(item.choices)
+        elif item.question is not None:  # one row, listing every choice
+            chars += sum(len(c) for c in item.choices)
+        what = " with its choices" if mode is Mode.SEQUENCE or item.question is not None else ""
+        check_chars(chars, self.bound, f"{where}{field}", self.context or 2048, what)
+        K = item.num_samples or self.settings.samples
+        tokens, limit = self.bound.min_tokens(chars), self.settings.item_token_limit
+        if sequences * K * tokens > limit:
+            what = f"'{where[:-1]}'" if where else "the item"
+            raise BadRequest(f"{what} needs {sequences * K} rows ({sequences} sequence(s) x {K} samples) of at "
+                             f"least {tokens} tokens ({chars} characters) = at least {sequences * K * tokens} "
+                             f"padded tokens; at most {limit} are allowed per item: use fewer choices or "
+                             f"samples, or a shorter prompt", param=where[:-1] or None, code="item_too_large")
 
     def prepare(self, item: ChoiceItem, where: str, loop, deadline: float) -> ChoiceWork:
         """Tokenize the item (on the tokenizing thread, after :meth:`check`) and check its size."""
@@ -148,10 +168,12 @@ class ChoicesServing:
         return bool(self.model.config.length_normalize)
 
     def matches_calibration(self, item: ChoiceItem, work: ChoiceWork) -> bool:
-        """The request is scored as the held-out calibration was (else its guarantee does not apply)."""
+        """The request is scored as the held-out calibration was (else its guarantee does not
+        apply): a question (rendered with the calibration's template; a raw prompt or chat
+        messages are not), with the same K, seed, mode, normalization and chat flag."""
         cfg = self.model.config
         chat = item.chat if item.chat is not None else self.default_chat
-        return (work.num_samples == cfg.num_samples and work.seed == cfg.seed
+        return (item.question is not None and work.num_samples == cfg.num_samples and work.seed == cfg.seed
                 and (item.mode or self.default_mode) is (cfg.mode or Mode.LETTER)
                 and self.length_normalize(item) == bool(cfg.length_normalize) and chat == bool(cfg.chat))
 
@@ -166,7 +188,7 @@ class ChoicesServing:
                    coverage, self.risk, self.abstain_on_set)
         self.metrics.observe_decision(len(d.indices), d.kinds)
         matches = self.matches_calibration(item, work)
-        guarantee = (f"P(answer in set) >= {coverage:g} over items exchangeable with the {cal.n} held-out "
+        guarantee = (f"P(answer in set) >= {coverage!r} over items exchangeable with the {cal.n} held-out "
                      f"calibration items (marginal, not per question; under a shift in the questions it "
                      f"can cover less)" if matches else
                      "none: this request's settings differ from the calibration's")

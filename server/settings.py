@@ -82,6 +82,13 @@ class Settings(BaseSettings):
                                       "whitespace stripped; a missing or empty file is a start-up error)")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
+    read_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a whole request (head and "
+                                "body) from its connection or its previous response; a slower one gets 408 and "
+                                "its connection is closed")
+    stream_stall_timeout: float = Field(30.0, gt=0, description="seconds a response (a stream's included) may "
+                                        "wait on a client that reads nothing (its connection's buffers full); "
+                                        "then it is cut, its work dropped (a stream's KV rows freed), counted as "
+                                        "status stalled in tfb_requests_total")
     max_items: int = Field(64, ge=1, description="the most items in one /v1/choices request")
     max_choices: int = Field(64, ge=2, description="the most choices of one /v1/choices item (sequence "
                              "mode runs one row per choice x K)")

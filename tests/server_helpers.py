@@ -91,6 +91,7 @@ class ServerThread:
         import uvicorn
 
         from server.app import build_app
+        from server.connections import uvicorn_config
         from server.settings import Settings
 
         self.port = free_port()
@@ -99,9 +100,8 @@ class ServerThread:
         if not settings.given("engine_process"):
             settings = settings.model_copy(update={"engine_process": False})
         self.app = build_app(settings, load) if load else build_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on")
-        self.server = uvicorn.Server(config)
+        settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning", lifespan="on"))
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -129,15 +129,17 @@ class ServerThread:
         self.stop()
 
 
-def start_cli(*args: str, env: dict | None = None, script: Path | None = None) -> tuple[subprocess.Popen, str]:
+def start_cli(*args: str, env: dict | None = None, script: Path | None = None,
+              **popen) -> tuple[subprocess.Popen, str]:
     """``tfb serve ARGS --port P`` as a real subprocess (through ``script`` instead of
-    ``python -m server.cli`` when given); returns (process, base url)."""
+    ``python -m server.cli`` when given; ``popen``: more arguments of subprocess.Popen);
+    returns (process, base url)."""
     port = free_port()
     entry = [str(script)] if script is not None else ["-m", "server.cli"]
     cmd = [sys.executable, *entry, "serve", "--port", str(port), *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, **popen)
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
 from dataclasses import replace
+from fractions import Fraction
 
 import httpx
 import numpy as np
@@ -306,6 +308,33 @@ def test_other_settings_than_the_calibration_carry_no_guarantee(cal_srv, change)
     assert other["prediction_set"]["guarantee"].startswith("none")
 
 
+@pytest.mark.parametrize("fields, matches", [
+    ({"question": "Which one?"}, True), ({"question": "Which one?", "chat": False}, True),
+    ({"question": "Which one?", "chat": True}, False), ({"prompt": "Question: Which one?\nAnswer:"}, False),
+    ({"messages": [{"role": "user", "content": "Which one?"}]}, False)])
+def test_only_a_question_scored_as_calibrated_matches_the_calibration(cal_srv, fields, matches):
+    """The calibration rendered questions with its template, without chat: a raw prompt or chat
+    messages, or the chat flag the other way, carry no guarantee (issue 25: messages and
+    prompts were said to match)."""
+    r = httpx.post(cal_srv.url + "/v1/choices", json={**fields, "choices": ["a", "b", "c"]}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["prediction_set"]["matches_calibration"] is matches
+
+
+def test_a_question_with_the_chat_flag_of_a_chat_calibration_matches_it(llama_dir, fitted, tmp_path):
+    """The same posterior recorded as calibrated with chat: a question matches with chat (its
+    default, or asked), not without."""
+    chat = tmp_path / "chat"
+    shutil.copytree(fitted[0], chat)
+    config = json.loads((chat / TFB_CONFIG_NAME).read_text())
+    (chat / TFB_CONFIG_NAME).write_text(json.dumps({**config, "chat": True}))
+    body = {"question": "Which one?", "choices": ["a", "b", "c"]}
+    with ServerThread(model=str(llama_dir), adapter=chat, device="cpu", samples=K) as s:
+        answers = [httpx.post(s.url + "/v1/choices", json={**body, **extra}, timeout=60).json()
+                   for extra in ({}, {"chat": True}, {"chat": False})]
+    assert [a["prediction_set"]["matches_calibration"] for a in answers] == [True, True, False]
+
+
 @pytest.mark.parametrize("coverage", [0, 1, 1.5, -0.2])
 def test_coverage_outside_0_1_is_400(cal_srv, coverage):
     body = {"question": "q?", "choices": ["a", "b"], "coverage": coverage}
@@ -329,6 +358,19 @@ def test_coverage_needing_more_scores_than_stored_is_400_naming_the_minimum(cal_
     ok = httpx.post(cal_srv.url + "/v1/choices", json={"question": "q?", "choices": ["a", "b"], "coverage": 0.95},
                     timeout=60)
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("coverage", [0.9999999, 0.99999999, 0.9999999999999999])
+def test_a_coverage_near_1_is_refused_at_once_with_its_digits(cal_srv, coverage):
+    """The minimum calibration size was searched one n at a time on the event loop: 15 s at 8
+    nines, never at 16 (and SIGTERM waited for it); the message printed 0.9999999 as 1."""
+    r = httpx.post(cal_srv.url + "/v1/choices", json={"question": "q?", "choices": ["a", "b"], "coverage": coverage},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    need = math.ceil((Fraction(coverage) - Fraction(1e-9)) / (1 - Fraction(coverage)))
+    message = r.json()["error"]["message"]
+    assert message == (f"'coverage' {coverage!r} needs at least {need} held-out calibration items; this posterior "
+                       f"has {N_HELD}: ask for a coverage of at most 0.95")
 
 
 def test_tfb_eval_coverage_reports_recountable_sets(cal_srv, fitted, stored, llama_dir, tmp_path, capsys):

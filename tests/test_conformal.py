@@ -15,14 +15,17 @@ Every reference is computed here (numpy, fractions, math.comb), never by the cod
 from __future__ import annotations
 
 import math
+import random
+import re
+import time
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from tfb_core.conformal import (Calibration, binomial_upper, choice_nonconformity, decide, min_calibration_size,
-                                nonconformity, prediction_set, risk_threshold, threshold)
+from tfb_core.conformal import (Calibration, binomial_upper, choice_nonconformity, covers, decide, max_coverage,
+                                min_calibration_size, nonconformity, prediction_set, risk_threshold, threshold)
 from tfb_core.errors import TFBError
 from tfb_core.search import Criterion, criterion_value, cv_nll, folds_of, select_sigma_temperature
 from tfb_core.uncertainty import decompose, fit_temperature, temper
@@ -166,6 +169,56 @@ def test_min_calibration_size(coverage):
     expected = next(n for n in range(1, 10_000) if rank(n, coverage) <= n)
     assert min_calibration_size(float(coverage)) == expected
     assert min_calibration_size(0.9) == 9 and min_calibration_size(0.95) == 19
+
+
+def loop_min_size(coverage: float) -> int:
+    """The search min_calibration_size once ran (1/(1 - coverage) steps), its rank in floats."""
+    n = 1
+    while math.ceil((n + 1) * coverage - 1e-9) > n:
+        n += 1
+    return n
+
+
+def near_one() -> list[float]:
+    """1 - 10^-k and its float neighbours, for k up to 6 (the loop takes up to 10^6 steps)."""
+    out = []
+    for k in range(1, 7):
+        c = 1 - 10.0 ** -k
+        out += [c, math.nextafter(c, 0), math.nextafter(c, 1), float(f"0.{'9' * k}")]
+    return out
+
+
+def test_min_calibration_size_is_the_loops_answer_in_closed_form():
+    rng = random.Random(0)
+    coverages = ([i / 1000 for i in range(1, 1000)] + [rng.random() for _ in range(2000)]
+                 + [1 - (0.1 + rng.random()) * 1e-3 for _ in range(200)] + near_one())
+    for c in coverages:
+        n = min_calibration_size(c)
+        assert n == loop_min_size(c), c
+        assert covers(n, c) and (n == 1 or not covers(n - 1, c))  # what threshold() decides
+
+
+@pytest.mark.parametrize("nines", range(7, 17))
+def test_min_calibration_size_near_one_is_exact_and_immediate(nines):
+    """0.9999999 ... 0.9999999999999999 (the float nearest 1 - 10^-16 is 1 - 2^-53 x 1): the loop
+    took 15 s at 8 nines and never ended at 16; the closed form is the exact rational answer."""
+    c = float("0." + "9" * nines)
+    t0 = time.perf_counter()
+    n = min_calibration_size(c)
+    assert time.perf_counter() - t0 < 0.01
+    exact, m = Fraction(c), Fraction(1e-9)
+    assert (n + 1) * exact - m <= n < n * exact - m + 1  # the least n, in exact arithmetic
+    assert covers(n, c) and not covers(n - 1, c)  # what threshold() decides
+    with pytest.raises(TFBError, match=re.escape(f"coverage {c!r} needs at least {n} calibration scores")):
+        threshold([0.1] * 19, c)
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 19, 99, 2999, 10 ** 5, 123_456])
+def test_max_coverage_is_served_and_close_to_the_largest(n):
+    c = max_coverage(n)
+    assert covers(n, c) and min_calibration_size(c) <= n
+    assert 1 - c <= 1.1 * (1 - n / (n + 1)) + 1e-12  # two significant digits of 1 - c, rounded down
+    assert len(repr(c)) <= 12
 
 
 @pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, float("nan"), True, "0.9"])

@@ -14,7 +14,8 @@ import torch
 
 from poisoned_serve import NAN_WORD, RAISE_WORD, poison_decode, poison_embeddings  # prompts holding these poison the forward
 from server import loader
-from server_helpers import ServerThread, metric, tiny_posterior, wait_for
+from server.limits import TokenBound
+from server_helpers import ServerThread, metric, start_cli, tiny_posterior, wait_for, wait_ready
 
 K = 3
 
@@ -220,6 +221,160 @@ def test_huge_bodies_are_refused_in_linear_time_and_health_stays_up(srv):
     assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("text", ["#" * 6000, " " * 6000, ("\n" + " " * 80) * 80, "ab" * 3000, "\U0001F600" * 2000,
+                                  "".join(chr(0x4E00 + i) for i in range(3000)), "e\u0301" * 3000,
+                                  "".join(chr(32 + (i * 7919) % 5000) for i in range(6000))])
+def test_no_text_takes_fewer_tokens_than_its_characters_bound(tok, text):
+    """The bound checked before tokenizing: ceil(characters / longest vocabulary entry) tokens at
+    least (SmolLM2's byte-level BPE: 81 characters), on texts made of its longest tokens."""
+    bound = TokenBound.of(tok)
+    assert bound.chars_per_token == max(len(t) for t in tok.get_vocab())
+    assert len(tok(text, add_special_tokens=False).input_ids) >= bound.min_tokens(len(text))
+
+
+def fast_tokenizer(normalizer=None, pre_tokenizer=None, model=None):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(model or models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    if normalizer is not None:
+        t.normalizer = normalizer
+    if pre_tokenizer is not None:
+        t.pre_tokenizer = pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=t)
+
+
+def test_a_tokenizer_that_may_drop_or_merge_characters_gets_the_bound_it_allows():
+    """Composition (NFC: at most 4 characters into one, U+1F82) multiplies the bound; a
+    normalizer or pre-tokenizer that drops characters, or a whole unknown word as one token,
+    allows none: such texts are checked after tokenizing only."""
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    assert TokenBound.of(fast_tokenizer()).chars_per_token == 2  # "ab"
+    assert TokenBound.of(fast_tokenizer(normalizers.NFC())).chars_per_token == 8
+    keep = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    assert TokenBound.of(fast_tokenizer(keep, pre_tokenizers.ByteLevel())).chars_per_token == 2
+    for dropping in (dict(normalizer=normalizers.Strip()), dict(normalizer=normalizers.BertNormalizer()),
+                     dict(normalizer=normalizers.Replace("ab", "c")), dict(pre_tokenizer=pre_tokenizers.Whitespace()),
+                     dict(model=models.WordPiece({"a": 0, "[UNK]": 1}, unk_token="[UNK]")),
+                     dict(model=models.BPE({"a": 0, "<unk>": 1}, [], unk_token="<unk>", fuse_unk=True))):
+        bound = TokenBound.of(fast_tokenizer(**dropping))
+        assert bound.chars_per_token is None and bound.min_tokens(10 ** 6) == 0, dropping
+
+
+class HealthProbe:
+    """GET /health in a loop, each answer's latency recorded, until stopped: on one kept-alive
+    connection, or with ``fresh`` on a new connection each time (which the server must accept)."""
+
+    def __init__(self, url: str, fresh: bool = False):
+        self.url, self.fresh, self.latencies, self.statuses = url, fresh, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    r = httpx.get(f"{self.url}/health", timeout=60) if self.fresh else client.get(f"{self.url}/health")
+                    self.statuses.append(r.status_code)
+                except httpx.HTTPError as e:
+                    self.statuses.append(type(e).__name__)
+                self.latencies.append(time.perf_counter() - t0)
+
+    def __enter__(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # two more answers after the caller's work: the probe covered all of it
+        n = len(self.latencies)
+        wait_for(lambda: len(self.latencies) >= n + 2 or not self._thread.is_alive(), 150, "two more /health answers")
+        self._stop.set()
+        self._thread.join(150)
+
+
+@pytest.fixture(scope="module")
+def calibrated(dirs, tmp_path_factory):
+    """The tiny posterior with a held-out calibration of 19 items (made-up scores: only its size matters here)."""
+    import shutil
+
+    from tfb_core.conformal import Calibration
+    from tfb_core.posterior import TFB_CONFIG_NAME
+
+    out = tmp_path_factory.mktemp("calibrated") / "post"
+    shutil.copytree(dirs[1], out)
+    config = json.loads((out / TFB_CONFIG_NAME).read_text())
+    config["calibration"] = Calibration("lac", [i / 20 for i in range(19)], [0.01] * 19, [0.5] * 19,
+                                        [True] * 19).to_dict()
+    (out / TFB_CONFIG_NAME).write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cal_srv(calibrated, dirs):
+    with ServerThread(model=str(dirs[0]), adapter=calibrated, samples=K) as s:
+        yield s
+
+
+LETTERS = [chr(ord("A") + i) * 38_000 for i in range(26)]  # 988,000 characters: under --max-body-bytes
+HOSTILE = {  # path, body, its error code, a phrase of the check that refuses it before any work
+    "26 choices of 38,000 characters, letter mode: the prompt lists them all":
+        ("/v1/choices", {"question": "Which?", "choices": LETTERS}, "context_length_exceeded",
+         "'question' with its choices is 988006"),
+    "64 choices of 15,000 characters, sequence mode: 192 rows past the item's token budget":
+        ("/v1/choices", {"question": "Which?", "choices": [f"{i:02d}" + "x" * 15_000 for i in range(64)],
+                         "mode": "sequence"}, "item_too_large", "of at least 186 tokens"),
+    "coverage 0.9999999999999999: its calibration size in closed form":
+        ("/v1/choices", {"question": "Which?", "choices": ["a", "b"], "coverage": 0.9999999999999999}, "invalid_value",
+         "'coverage' 0.9999999999999999 needs at least 9007199245733792 "),
+    "300,000 items that are not objects: one error, not 300,000":
+        ("/v1/choices", {"items": [1] * 300_000}, "invalid_value", "'items.0': Input should be a valid dictionary"),
+    "300,000 choices that are not strings":
+        ("/v1/choices", {"question": "Which?", "choices": [1] * 300_000}, "invalid_value",
+         "'choices.0': Input should be a valid string (got 1)"),
+    "300,000 prompts that are not strings":
+        ("/v1/completions", {"model": "tfb", "prompt": [1] * 300_000}, "invalid_value",
+         "Input should be a valid string"),
+}
+
+
+@pytest.mark.parametrize("what", list(HOSTILE))
+def test_a_hostile_body_is_refused_before_any_work_while_health_answers(cal_srv, what):
+    """The hostile body gets its 400 from a check made before tokenizing (its message says which,
+    and names one error), while another client's /health keeps answering: at most 0.5 s above
+    its worst latency measured just before (issue 25: the letter item was tokenized in full,
+    247,222 tokens, 8.4 s; the coverage searched 10^16 sizes on the event loop, forever; 300,000
+    bad list entries made as many validation errors, 2-3 s of the event loop)."""
+    path, body, code, phrase = HOSTILE[what]
+    data = json.dumps(body).encode()
+    with HealthProbe(cal_srv.url) as baseline:
+        wait_for(lambda: len(baseline.latencies) >= 20, 120, "20 /health answers")
+    with HealthProbe(cal_srv.url) as probe:
+        r = httpx.post(f"{cal_srv.url}{path}", content=data, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["code"] == code and phrase in error["message"], error
+    assert error["message"].count("Input should") <= 2, error  # an error per union member at most, not per entry
+    assert set(probe.statuses) == {200}
+    assert max(probe.latencies) <= max(baseline.latencies) + 0.5, (probe.latencies, baseline.latencies)
+
+
+@pytest.mark.parametrize("stop", ["x" * 257, ["ok", "y" * 300]])
+def test_a_stop_string_is_at_most_256_characters(srv, stop):
+    """Every generated token is checked against each stop string's prefixes, a loop as long as
+    the shorter of the stop string and the text so far: a 200,000-character stop string made
+    that quadratic in the text (3 s over 1,500 tokens of the tiny model; about a minute over a
+    context of 8,192), on the engine's step, which every other sequence waits for."""
+    body = {"model": model_of(srv), "prompt": "Once", "max_tokens": 4, "stop": stop}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"].startswith("stop") and "at most 256 characters" in err["message"], err
+    ok = httpx.post(f"{srv.url}/v1/completions", json={**body, "stop": "z" * 256}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
 def test_generation_kv_rows_are_bounded_per_request_and_overall(srv):
     """A request that can never fit --max-kv-rows (12 here) gets 400 naming its need and the
     limit; two that fit alone but not together both run, one after the other."""
@@ -308,6 +463,52 @@ def test_a_non_stream_client_that_leaves_ends_its_work(srv):
 
 
 # --- access and leaks (G, H) ----------------------------------------------------------------------
+
+
+def duplicate_sockets(pid: int) -> list[int]:
+    """Duplicates, in this process, of process ``pid``'s sockets (pidfd_getfd, Linux 5.6+): as a
+    process it forked would hold them, so they stay open when it dies."""
+    import ctypes
+    import os
+
+    libc, pidfd, fds = ctypes.CDLL(None, use_errno=True), os.pidfd_open(pid), []
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                fd = libc.syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+                if fd < 0:
+                    pytest.skip(f"pidfd_getfd is not allowed here (errno {ctypes.get_errno()})")
+                fds.append(fd)
+    finally:
+        os.close(pidfd)
+    return fds
+
+
+def test_health_is_503_once_the_engine_process_has_exited(dirs):
+    """Checked against the engine process itself, not only through its connection (issue 25:
+    /health answered 200 after the engine process died): here a copy of its sockets outlives it,
+    as in a process it forked, so its connection never closes. HEAD /health too."""
+    import multiprocessing
+    import os
+    import signal
+
+    base, post = dirs
+    with ServerThread(model=str(base), adapter=post, samples=K, engine_process=True) as s:
+        (engine,) = [p for p in multiprocessing.active_children() if p.name == "tfb-engine"]
+        assert httpx.head(f"{s.url}/health").status_code == 200
+        held = duplicate_sockets(engine.pid)
+        try:
+            os.kill(engine.pid, signal.SIGKILL)
+            os.waitid(os.P_PID, engine.pid, os.WEXITED | os.WNOWAIT)  # dead (not reaped here)
+            get, head = httpx.get(f"{s.url}/health"), httpx.head(f"{s.url}/health")
+            answer = httpx.post(f"{s.url}/v1/choices", json={"question": "q?", "choices": ["a", "b"]}, timeout=60)
+        finally:
+            for fd in held:
+                os.close(fd)
+    assert get.status_code == 503 and get.json()["status"] == "failed", get.text
+    assert "engine process" in get.json()["detail"]
+    assert head.status_code == 503 and head.content == b""
+    assert answer.status_code == 503, answer.text
 
 
 def test_the_api_key_guards_everything_but_health_before_the_body_is_read(dirs):
@@ -408,3 +609,119 @@ def test_scoring_goes_past_generation_waiting_for_kv_rows(srv):
     first.join(120)
     second.join(120)
     assert results["first"].status_code == 200 and results["second"].status_code == 200
+
+
+# --- connections: half-sent requests, clients that stop reading (issue 25) ------------------------
+
+
+def low_open_file_limit() -> None:
+    """In the server's process: 256 file descriptors, soft and hard (it cannot raise them)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+def half_sent(url: str, i: int):
+    """A connection that sends half a request: half a head, or a head and 10 of its 1,000 body bytes."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    if i % 2:
+        sock.sendall(b"POST /v1/choices HTTP/1.1\r\nHost: x\r\nContent-Ty")
+    else:
+        sock.sendall(b"POST /v1/choices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"question\"")
+    return sock
+
+
+def closed_with(sock, deadline: float) -> bytes | None:
+    """What the server sent before closing ``sock``; None if it is still open at ``deadline``."""
+    data = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    return None
+
+
+def test_half_sent_requests_past_the_open_file_limit_are_closed_and_health_answers(dirs, tmp_path):
+    """300 connections that send half a request to a server limited to 256 file descriptors
+    (issue 25: 1,100 half-sent ones at 1,024 made every other request and /health fail, and
+    they stayed open for good): new connections keep being accepted (each closes the oldest
+    one still sending, 503), /health answers within 0.5 s of its baseline on a new connection
+    each time, and every half-sent request is answered 408 or 503 and closed, within the
+    read timeout (3 s here) for those not closed first."""
+    base, post = dirs
+    log = open(tmp_path / "server.log", "w")
+    proc, url = start_cli("--model", str(base), "--adapter", str(post), "--samples", "3", "--read-timeout", "3",
+                          "--no-access-log", "--no-engine-process", preexec_fn=low_open_file_limit, stdout=log,
+                          stderr=log)
+    socks = []
+    try:
+        wait_ready(url, proc=proc)
+        with HealthProbe(url, fresh=True) as baseline:
+            wait_for(lambda: len(baseline.latencies) >= 20, 120, "20 /health answers")
+        with HealthProbe(url, fresh=True) as probe:
+            t0 = time.monotonic()
+            socks = [half_sent(url, i) for i in range(300)]
+            answers = [closed_with(s, t0 + 60) for s in socks]
+        waited = time.monotonic() - t0
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+    assert all(a is not None for a in answers), f"{sum(a is None for a in answers)} half-sent connections still open"
+    statuses = [a.split(b" ", 2)[1] for a in answers]
+    assert set(statuses) <= {b"408", b"503"} and statuses.count(b"503") >= 300 - 256, statuses
+    assert b"--read-timeout" in next(a for a in answers if b" 408 " in a)
+    assert waited < 3 + 30  # the read timeout, and generous room for a loaded machine
+    assert set(probe.statuses) == {200}, probe.statuses
+    assert max(probe.latencies) <= max(baseline.latencies) + 0.5, (max(probe.latencies), max(baseline.latencies))
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_rows(tmp_path):
+    """A client that opens a stream with a small receive buffer and never reads (issue 25: 192
+    of them held 384 KV rows until they disconnected): once the connection's buffers are full
+    for --stream-stall-timeout (1 s here), the stream is cut, its 16 rows are freed long before
+    its 2,000 tokens, it is counted as stalled, and its connection is closed; another client
+    is served meanwhile."""
+    import socket
+
+    import tiny
+    from server_helpers import bayesianized
+
+    base = tiny.make_llama(tmp_path / "base", max_position_embeddings=4096)  # room for a long stream
+    post = bayesianized(base, tiny.make_lora(base, tmp_path / "lora"), tmp_path / "post", sigma=0.5)
+    with ServerThread(model=str(base), adapter=post, samples=2, stream_stall_timeout=1) as s:
+        model = model_of(s)
+        # ~18 KB a step (8 choices x 20 alternatives each): the buffers fill within a few hundred steps
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Talk."}], "n": 8,
+                           "max_tokens": 2000, "logprobs": True, "top_logprobs": 20, "temperature": 1.0,
+                           "seed": 1, "stream": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 16, 60, "the stream's 8 x 2 rows")
+            other = httpx.post(f"{s.url}/v1/chat/completions", timeout=60, json={
+                "model": model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4})
+            assert other.status_code == 200, other.text
+            wait_for(lambda: metric(s, "tfb_requests_total", endpoint="/v1/chat/completions", status="stalled") == 1,
+                     240, "the stream counted as stalled")
+            wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 0, 60, "its rows freed")
+            assert metric(s, "tfb_generation_tokens_total") < 8 * 2000 / 2  # cut, not generated to its end
+            assert closed_with(sock, time.monotonic() + 60) is not None  # what it had sent, then closed
+        finally:
+            sock.close()

@@ -47,6 +47,21 @@ def test_letter_prompt_and_single_token_labels(tok, items):
             assert tok(text + " " + "ABCD"[i]).input_ids == enc.sequences[0] + [label]
 
 
+def test_a_letter_prompt_past_the_context_is_refused_before_its_labels_are_tokenized(tok):
+    """The labels are found by tokenizing the prompt again once per label (27 times with 26
+    choices): a prompt that cannot fit is refused after the first."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return tok(*args, **kwargs)
+
+    item = MCItem(choices=[f"choice {i} " * 50 for i in range(26)], question="Which?")
+    with pytest.raises(TFBError, match="the prompt is .* tokens long; the model's context is 100 tokens"):
+        encode_item(counting, item, "letter", max_length=100)
+    assert len(calls) == 1
+
+
 def test_letter_labels_after_a_chat_prompt(tok, items):
     enc = encode_item(tok, items[0], "letter", chat=True)
     text = tok.apply_chat_template([{"role": "user", "content": paper_prompt(items[0])}],

@@ -220,6 +220,30 @@ def test_api_key_required_except_health(srv, headers):
     assert httpx.get(srv.url + "/health").status_code == 200
 
 
+@pytest.mark.parametrize("send", ["curl -d", "form fields"])
+def test_a_body_without_a_json_content_type_is_a_400_saying_to_send_json(client, send):
+    """``curl -d '{...}'`` sends application/x-www-form-urlencoded: the 400 says what to send
+    (issue 25: "Input should be a valid dictionary or object to extract fields from")."""
+    if send == "curl -d":
+        r = client.post("/v1/choices", content=json.dumps(OK),
+                        headers={"content-type": "application/x-www-form-urlencoded"})
+    else:
+        r = client.post("/v1/choices", data={"question": "q", "choices": "a"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_content_type"
+    assert "'Content-Type: application/json'" in err["message"]
+    assert "application/x-www-form-urlencoded" in err["message"]
+    ok = client.post("/v1/choices", content=json.dumps(OK), headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_head_health_answers_like_get(srv):
+    """Load balancers that probe with HEAD (issue 25: 405)."""
+    r = httpx.head(srv.url + "/health")
+    assert r.status_code == 200 and r.content == b""
+
+
 def test_unknown_path_is_shaped_404(client):
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

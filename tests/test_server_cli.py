@@ -4,6 +4,7 @@ subprocess (env settings, SIGTERM drain), and failed start-ups."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from pathlib import Path
@@ -92,6 +93,50 @@ def test_demo_end_to_end_env_settings_and_sigterm_drain():
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_sigterm_stops_a_server_whose_event_loop_is_held(tmp_path):
+    """A request that holds the event loop (issue 25: a coverage of 0.9999999999999999 searched
+    forever on it, and SIGTERM did not stop the server): after SIGTERM the loop answers nothing
+    for the stuck timeout (2 s in tests/stuck_serve.py, 10 s otherwise), and the process exits 1
+    without draining, its engine process with it."""
+    import tiny
+    from pathlib import Path
+
+    base = tiny.make_llama(tmp_path / "base")
+    post = bayesianized(base, tiny.make_lora(base, tmp_path / "lora"), tmp_path / "post")
+    script = Path(__file__).parent / "stuck_serve.py"
+    proc, url = start_cli("--model", str(base), "--adapter", str(post), "--samples", "2", script=script)
+    try:
+        wait_ready(url, proc=proc)
+        threading.Thread(target=_get_quietly, args=(url + "/hold",), daemon=True).start()
+        wait_for(lambda: _held(url), 60, "the event loop held")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 1
+        log = proc.communicate()[1]
+        assert "the event loop answered nothing for 2 s after the stop signal" in log
+        engine = int(re.search(r"engine process (\d+) started", log).group(1))
+        wait_for(lambda: not Path(f"/proc/{engine}").exists() or "Z" in Path(f"/proc/{engine}/stat").read_text()
+                 .split(")")[-1].split()[0], 30, "the engine process gone")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _get_quietly(url: str) -> None:
+    try:
+        httpx.get(url, timeout=600)
+    except httpx.HTTPError:  # the server exits under it
+        pass
+
+
+def _held(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=0.5)
+        return False
+    except httpx.TimeoutException:
+        return True
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -47,12 +48,28 @@ def nonconformity(probs: torch.Tensor, labels: torch.Tensor, score: Score | str 
 
 
 def min_calibration_size(coverage: float) -> int:
-    """The fewest calibration scores that give a finite threshold at ``coverage``."""
+    """The fewest calibration scores that give a finite threshold at ``coverage``, in closed form:
+    ``n`` scores suffice when the rank ``ceil((n + 1) c - m)`` is at most ``n`` (``m``: the
+    rank's margin), that is when ``n >= (c - m) / (1 - c)``; computed exactly, as the rank is."""
     _check_coverage(coverage)
-    n = 1
-    while _rank(n, coverage) > n:
-        n += 1
-    return n
+    c = Fraction(coverage)
+    return max(1, math.ceil((c - Fraction(RANK_MARGIN)) / (1 - c)))
+
+
+def covers(n: int, coverage: float) -> bool:
+    """Whether ``n`` calibration scores give a finite threshold at ``coverage`` (O(1))."""
+    return _rank(n, coverage) <= n
+
+
+def max_coverage(n: int) -> float:
+    """A round coverage that ``n`` calibration scores serve, close to the largest, n / (n + 1)
+    (two significant digits of 1 - coverage, rounded down; for messages)."""
+    best = n / (n + 1)
+    digits = max(2, math.ceil(-math.log10(1 - best)) + 1)
+    c = math.floor(best * 10 ** digits) / 10 ** digits
+    while c > 0 and not covers(n, c):
+        c -= 10 ** -digits
+    return round(c, digits)
 
 
 def threshold(sorted_scores, coverage: float) -> float:
@@ -61,7 +78,7 @@ def threshold(sorted_scores, coverage: float) -> float:
     n = len(sorted_scores)
     k = _rank(n, coverage)
     if k > n:
-        raise TFBError(f"coverage {coverage:g} needs at least {min_calibration_size(coverage)} "
+        raise TFBError(f"coverage {float(coverage)!r} needs at least {min_calibration_size(coverage)} "
                        f"calibration scores; this posterior has {n}")
     return float(sorted_scores[k - 1])
 
@@ -77,8 +94,14 @@ def prediction_set(probs: torch.Tensor, q: float, score: Score | str = Score.LAC
     return sorted(keep, key=lambda c: -float(probs[c]))
 
 
+RANK_MARGIN = 1e-9  # (n + 1) * 0.9 must not round up a whole rank
+
+
 def _rank(n: int, coverage: float) -> int:
-    return math.ceil((n + 1) * coverage - 1e-9)  # 1e-9: (n + 1) * 0.9 must not round up a whole rank
+    """``ceil((n + 1) * coverage - RANK_MARGIN)`` in exact arithmetic (the float ``coverage`` as
+    the fraction it is): at a million scores and more, a float product's rounding is larger than
+    the margin, and the least ``n`` that suffices would move with it."""
+    return math.ceil((n + 1) * Fraction(coverage) - Fraction(RANK_MARGIN))
 
 
 def _check_coverage(coverage: float) -> None:
@@ -291,7 +314,7 @@ def decide(cal: Calibration, probs: torch.Tensor, uncertainty: dict[str, float],
     indices = prediction_set(probs, q, cal.score)
     reasons, kinds = [], []
     if abstain_on_set and len(indices) != 1:
-        reasons.append(f"the {coverage:g} prediction set holds {len(indices)} choices")
+        reasons.append(f"the {float(coverage)!r} prediction set holds {len(indices)} choices")
         kinds.append("set")
     risk = risk or cal.risk_threshold()
     metric = parse_metric(cal.abstain_on)

@@ -79,6 +79,8 @@ def encode_item(tokenizer, item: MCItem, mode: Mode | str = Mode.LETTER, chat: b
     text = prompt_text if prompt_text is not None else render_prompt(tokenizer, item, mode, chat)
     special = not (chat or prompt_text is not None)  # a chat template carries its own specials
     prompt_ids = tokenizer(text, add_special_tokens=special).input_ids
+    if max_length is not None and len(prompt_ids) > max_length:  # before it is tokenized again per label
+        raise TFBError(f"the prompt is {len(prompt_ids)} tokens long; the model's context is {max_length} tokens")
     sep = "" if text[-1:].isspace() else " "
     if mode is Mode.LETTER:
         labels = _label_tokens(tokenizer, text, prompt_ids, LABELS[:len(item.choices)], sep, special)
