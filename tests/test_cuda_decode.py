@@ -372,3 +372,16 @@ def test_a_sequence_whose_cache_went_nan_leaves_no_nan_for_the_next_in_its_rows(
         hook.remove()
     assert [s.finish_reason for s in (other, short)] == ["length", "length"], (other.error, short.error)
     assert_same(alone, [other, short])
+
+
+def test_a_decoder_made_before_sigma_changed_refuses_to_run(post):
+    """Its noise buffers hold the old sigma's draws: a silent sigma-0 run would report MI 0."""
+    old = post.sigma
+    try:
+        post.sigma = 0.0
+        decoder = make_decoder(post, "static")
+        post.sigma = 0.05
+        with pytest.raises(TFBError, match="sigma changed from 0 to 0.05"):
+            generate(post, [[1, 2, 3]], SamplingParams(max_tokens=2, num_samples=2), decoder)
+    finally:
+        post.sigma = old

@@ -40,6 +40,7 @@ from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_prompt, attenti
 from .generation import (DecodeBatch, GenSequence, check_prompts, choose_tokens, pad_token, restore_sequences,
                          save_sequences, split_finished)
 from .rows import pad, positions, sample_map
+from .errors import TFBError
 from .models import max_context
 
 
@@ -148,6 +149,9 @@ class StaticDecoder(Graphed):
         written into its own cache row, every sequence's first token chosen. A sequence that
         finished at its first token holds its rows until the next :meth:`filter` returns it.
         All or nothing: if it raises, the active rows and ``seqs`` are as they were."""
+        if self.post.sigma != self.sigma:  # its noise buffers hold the old sigma's draws
+            raise TFBError(f"the posterior's sigma changed from {self.sigma:g} to {self.post.sigma:g} since this "
+                           f"decoder was made; make a new one (tfb_core.make_decoder)")
         check_prompts(self.post, seqs)
         rows = [s.prompt_ids for s in seqs for _ in range(s.params.num_samples)]
         m, T = len(rows), max(len(r) for r in rows)

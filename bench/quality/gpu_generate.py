@@ -47,11 +47,11 @@ def main() -> None:
     sets = {p.stem.removeprefix("qa_"): load_qa(str(p), args.limit) for p in sorted(Path(args.data).glob("qa_*.jsonl"))}
     post = Posterior.from_adapter(load_base_model(DEMO_MODEL, device=device, dtype="float32"),
                                   Path(os.environ.get("ADAPTER", DEMO_ADAPTER)), seed=SEED)
-    decoder = make_decoder(post)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": str(torch.__version__),
               "K": K, "seed": SEED, "runs": {}}
     for sigma in (float(s) for s in args.sigmas.split(",")):
         post.sigma = sigma
+        decoder = make_decoder(post)  # the static engine's noise buffers take sigma when made
         for name, items in sets.items():
             t = time.perf_counter()
             report = evaluate_generation(post, items, num_samples=1 if sigma == 0 else K, max_tokens=args.max_tokens,
