@@ -1,7 +1,7 @@
 """The shipped demo: it loads, records its mode, and reproduces its recorded calibration figures.
 
 `tfb_core/demo/recorded.json` holds the figures of the first 4 calibration questions
-(`arc_easy:cal`) as measured on the H200 in float32 (bench/quality). Here they are recomputed
+(`arc_easy:pool`) as measured on the GPU in float32 (bench/quality). Here they are recomputed
 on the CPU in float32 through `tfb eval`; tolerance: NLL/Brier 1e-3 absolute, ECE 0.1 (x100),
 accuracy exact.
 """
@@ -25,8 +25,11 @@ def test_demo_files_are_small_and_present():
     cfg = json.loads((DEMO_POSTERIOR / "tfb_config.json").read_text())
     assert cfg["mode"] in ("letter", "sequence") and isinstance(cfg["chat"], bool)
     assert cfg["sigma"] > 0 and cfg["temperature"] > 0
-    assert cfg["format_version"] == 2 and cfg["length_normalize"] is False
-    assert len(cfg["calibration"]["scores"]) == 100  # the held-out half of arc_easy:cal
+    assert cfg["format_version"] == 3 and cfg["length_normalize"] is False
+    assert len(cfg["calibration"]["scores"]) == 450  # the held-out half of the 900-question pool
+    cal = cfg["calibration"]
+    assert cal["abstain_on"] == "confidence" and len(cal["confidence"]) == 450 and cal["max_risk"] == 0.35
+    assert cfg["confidence"]["model"] == "logistic" and cfg["confidence"]["n"] == 450
 
 
 @needs_demo
