@@ -2,8 +2,9 @@
 
     python bench/quality/build_demo.py DATA_DIR [bench/quality/results/demo]
 
-The folder holds ``adapter.tar`` (the LoRA trained on ``arc_easy:train`` + ``arc_challenge:train``)
-and ``scores_*.pt`` (its per-sample scores of every set over a sigma grid). What
+The folder holds ``scores_*.pt`` (the demo adapter's per-sample scores of every set over a sigma grid) and, straight from a GPU
+run, ``adapter.tar`` (the LoRA trained on ``arc_easy:train`` + ``arc_challenge:train``, installed
+as ``tfb_core/demo/adapter``; the repository keeps the installed copy only). What
 ``tfb bayesianize`` does on ``DATA_DIR/pool.jsonl`` (the 900-question calibration pool), with the
 pool's scores read from the scores instead of computed again (a 900-question x 8-sigma K = 10
 pass takes hours on a CPU): a seeded half chooses sigma and T (``cv-nll``, summed scores) and
@@ -45,18 +46,25 @@ from tfb_core.posterior import Posterior  # noqa: E402
 HOLDOUT, SEED, K = 0.5, 0, 10
 
 
-def main() -> None:
-    data = Path(sys.argv[1])
-    folder = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent / "results" / "demo"
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(folder / "adapter.tar") as tar:
+def install_adapter(tar_path: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(tar_path) as tar:
         tar.extractall(tmp, filter="data")
         config = json.loads((Path(tmp) / "adapter" / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = DEMO_MODEL
         (Path(tmp) / "adapter" / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (Path(tmp) / "adapter" / "README.md").unlink(missing_ok=True)  # peft's empty model card
         if DEMO_ADAPTER.exists():
             shutil.rmtree(DEMO_ADAPTER)
         shutil.copytree(Path(tmp) / "adapter", DEMO_ADAPTER)
+
+
+def main() -> None:
+    data = Path(sys.argv[1])
+    folder = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent / "results" / "demo"
+    if (folder / "adapter.tar").is_file():  # a new GPU run: its adapter becomes the demo's
+        install_adapter(folder / "adapter.tar")
     scores, labels = load(folder)
+
     p = probabilities(scores)
     y = labels["pool"]
     fit, held = holdout_split(len(y), HOLDOUT, SEED)
