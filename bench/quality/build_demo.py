@@ -2,19 +2,18 @@
 
     python bench/quality/build_demo.py DATA_DIR [bench/quality/results/demo]
 
-The folder holds ``scores_*.pt`` (the demo adapter's per-sample scores of every set over a sigma grid) and, straight from a GPU
-run, ``adapter.tar`` (the LoRA trained on ``arc_easy:train`` + ``arc_challenge:train``, installed
+The folder holds ``scores_*.pt`` (the demo adapter's per-sample scores of every set over a
+sigma grid) and, straight from a GPU run, ``adapter.tar`` (the LoRA trained on ``arc_easy:train`` + ``arc_challenge:train``, installed
 as ``tfb_core/demo/adapter``; the repository keeps the installed copy only). What
 ``tfb bayesianize`` does on ``DATA_DIR/pool.jsonl`` (the 900-question calibration pool), with the
 pool's scores read from the scores instead of computed again (a 900-question x 8-sigma K = 10
-pass takes hours on a CPU): a seeded half chooses sigma and T (``cv-nll``, summed scores) and
-fits the confidence model (cross-fitted); the other half is the held-out calibration of
-prediction sets and abstention (``bench/quality/decisions.py`` computes the same). The same on
-a GPU:
+pass takes hours on a CPU): a seeded half fits T at the demo's sigma (0.01, set by hand:
+tfb_core/demo/README.md says why; cv-nll's trace is recorded) and the confidence model
+(cross-fitted); the other half is the held-out calibration of prediction sets and abstention
+(``bench/quality/decisions.py`` computes the same). The same on a GPU:
 
     tfb bayesianize --adapter tfb_core/demo/adapter --calibration DATA_DIR/pool.jsonl --mode sequence \\
-        --criterion cv-nll --sigma-grid 0,0.003,0.006,0.01,0.015,0.02,0.03,0.04 --samples 10 --seed 0 \\
-        --max-risk 0.2 --out tfb_core/demo/posterior --force
+        --sigma 0.01 --samples 10 --seed 0 --max-risk 0.35 --out tfb_core/demo/posterior --force
 
 Also writes ``tfb_core/demo/recorded.json`` (figures of the first 4 pool questions, from the same
 scores) for tests/test_demo.py.
