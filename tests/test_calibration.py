@@ -169,6 +169,20 @@ def test_fit_posterior_records_a_held_out_calibration(fitted, labelled, llama_di
     assert cfg.sigma == min(feasible, key=lambda s: (values[s], -s))
 
 
+def test_the_confidence_never_sees_the_held_out_half(llama_dir, lora_dir, labelled, fitted):
+    """Change every held-out item's answer: the confidence model (fitted, cross-fitted, on the
+    fitting half) is the same to the last bit; only the held-out evidence moves."""
+    _, held_idx = holdout_split(N_ITEMS, HOLDOUT, seed=0)
+    flipped = [replace(it, answer=(it.answer + 1) % len(it.choices)) if i in held_idx else it
+               for i, it in enumerate(labelled)]
+    p = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
+    fit_posterior(p, flipped, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID, max_risk=MAX_RISK,
+                  progress=False)
+    original = json.loads((fitted[0] / TFB_CONFIG_NAME).read_text())
+    assert p.config.confidence == original["confidence"] and original["confidence"]["n"] == N_ITEMS - N_HELD
+    assert p.config.calibration["correct"] != original["calibration"]["correct"]
+
+
 # --- prediction sets and abstention over HTTP -----------------------------------------------------
 
 
