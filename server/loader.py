@@ -224,8 +224,10 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool,
         flag = "--holdout" if settings.holdout else "--criterion cv-nll"
         raise TFBError(f"{flag} needs an 'answer' on every calibration item; {calibration}: item "
                        f"{missing + 1} has none")
-    log.info("start-up search: %d calibration items from %s, criterion %s <= %g, K=%d, in %s (key %s)",
-             len(items), calibration, settings.criterion, settings.eps, settings.samples or DEFAULT_SAMPLES,
+    criterion = resolve_criterion(settings.criterion, items)
+    tolerance = f" <= {settings.eps:g}" if criterion in (Criterion.NLL, Criterion.ACCURACY) else ""
+    log.info("start-up search: %d calibration items from %s, criterion %s%s, K=%d, in %s (key %s)",
+             len(items), calibration, criterion.value, tolerance, settings.samples or DEFAULT_SAMPLES,
              SEARCH_DTYPE, key[:12])
     base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
     post = Posterior.from_adapter(base, adapter, num_samples=settings.samples or DEFAULT_SAMPLES, seed=settings.seed,
@@ -233,6 +235,7 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool,
     result = fit_posterior(post, items, settings.search_config(), progress=False)
     post.config.chat = bool(settings.chat)
     log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
+    log_report(post.config.fit_report)
 
     def write(tmp: Path) -> None:  # the key with the result, in one rename
         post.write_files(tmp, calibration_file=calibration)
@@ -240,6 +243,15 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool,
 
     write_output_dir(out, write, force=force, inputs=_inputs(settings), flag=flag)
     log.info("start-up search: saved to %s (a restart with the same inputs loads it)", out)
+
+
+def log_report(report: dict | None) -> None:
+    """The fitting report's table in the log: a warning when it warns, else info."""
+    from tfb_core import FitReport
+
+    if report:
+        report = FitReport.from_dict(report)
+        log.log(logging.WARNING if report.warnings else logging.INFO, "start-up search:\n%s", report.table())
 
 
 def resolve_settings(settings: Settings, post) -> Settings:

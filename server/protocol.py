@@ -266,6 +266,11 @@ class PosteriorInfo(BaseModel):
     calibration: CalibrationInfo | None = Field(None, description="prediction sets and abstention (null: "
                                                 "no held-out calibration)")
     search_trace: list[SearchPointOut]
+    fit_report: dict[str, Any] | None = Field(None, description="what tfb bayesianize or the start-up search "
+                                              "measured: sigma's place in its grid, T, cross-fitted NLL and "
+                                              "accuracy, the held-out sets' coverage and size, the certified "
+                                              "risk, warnings and a verdict (tfb_core/report.py); null: not "
+                                              "recorded")
     calibration_sha256: str | None
     source: str = Field(..., description="how the posterior was obtained: loaded, searched, "
                         "cached search, demo or placeholder")

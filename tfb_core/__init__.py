@@ -51,7 +51,7 @@ _EXPORTS = {
     # fitting a posterior and its conformal calibration
     "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit",
     "Calibration": "conformal", "calibrate": "conformal", "decide": "conformal",
-    "min_calibration_size": "conformal",
+    "min_calibration_size": "conformal", "FitReport": "report",
     "TFBError": "errors",
 }
 

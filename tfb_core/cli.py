@@ -140,10 +140,16 @@ def _run_bayesianize(args) -> int:
         for point in result.trace:
             logging.info("sigma=%.6g value=%.6g feasible=%s", point.sigma, point.value, point.feasible)
     out = post.save(args.out, calibration_file=args.calibration, force=args.force, inputs=inputs, flag="--out")
-    cal = post.config.conformal
+    cal, report = post.config.conformal, post.config.fit_report
     print(json.dumps({"out": str(out), "sigma": post.sigma, "criterion": post.config.criterion,
                       "temperature": post.config.temperature, "eps": post.config.eps,
-                      "held_out": cal.n if cal else 0, "modules": len(post.layers)}))
+                      "held_out": cal.n if cal else 0, "modules": len(post.layers),
+                      "verdict": report["verdict"] if report else None,
+                      "warnings": report["warnings"] if report else []}), flush=True)
+    if report:  # the human's table last, on stderr: stdout's last line stays the JSON above
+        from .report import FitReport
+
+        print(FitReport.from_dict(report).table(), file=sys.stderr)
     return 0
 
 

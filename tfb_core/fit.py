@@ -11,6 +11,9 @@
    conformal scores and the per-item uncertainty, confidence and correctness
    (:mod:`tfb_core.conformal`), from which prediction sets at any coverage and an abstention
    threshold at any risk follow.
+6. The fitting report (:mod:`tfb_core.report`): where sigma sits in its grid, the cross-fitted
+   NLL and accuracy at sigma 0 and at sigma, the held-out sets' coverage and size, the certified
+   risk, and warnings that say what to do; recorded as ``fit_report``.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from typing import Sequence
 import torch
 
 from .confidence import fit_confidence
-from .conformal import calibrate, holdout_split
+from .conformal import Calibration, calibrate, holdout_split
 from .data import MCItem
 from .errors import TFBError
 from .options import DELTA, HOLDOUT, SearchConfig
+from .report import RISKS, FitReport, assess, held_out_needed
 from .scoring import score_items
-from .search import LABELLED, Criterion, SearchResult, parse_criterion
-from .uncertainty import fit_temperature
+from .search import LABELLED, Criterion, SearchResult, cv_nll, parse_criterion
+from .uncertainty import accuracy, decompose, fit_temperature, nll
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +104,97 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
         log.info("calibration: confidence %s (cross-fitted log loss %s on %d fitting items)", confidence.model,
                  ", ".join(f"{k} {v:.4f}" for k, v in confidence.cv_log_loss.items()) or "-", confidence.n)
     post.config.calibration = None
+    report = FitReport(sigma=post.sigma, temperature=post.config.temperature, mode=cfg.mode.value,
+                       length_normalize=cfg.length_normalize, criterion=crit.value, mode_choice="given",
+                       calibration_items=len(items), fit_items=len(fit_items), labelled=labelled,
+                       coverage=cfg.coverage, max_risk=cfg.max_risk, delta=delta, num_samples=cfg.num_samples,
+                       confidence_model=None if confidence is None else confidence.model,
+                       **grid_place(result), **chance_of(fit_items))
+    if labelled:
+        p0 = sigma0_probs(result, post, fit_items, common)
+        report_fit_numbers(report, result, p0, fit_probs.mean(1), fit_labels, cfg.seed)
     if held_idx:
         held = [items[i] for i in held_idx]
         sample_probs = score_items(post, held, desc="held-out calibration", **common)
-        cal = calibrate(sample_probs, torch.tensor([it.answer for it in held]), post.config.temperature,
+        labels = torch.tensor([it.answer for it in held])
+        cal = calibrate(sample_probs, labels, post.config.temperature,
                         cfg.score, confidence=confidence, coverage=cfg.coverage, abstain_on=cfg.abstain_on.value,
                         max_risk=cfg.max_risk, delta=delta, abstain_on_set=cfg.abstain_on_set)
         post.config.calibration = cal.to_dict()
         rule = cal.risk_threshold()
         log.info("calibration: %d held-out items; %s threshold for risk <= %g: %s", cal.n, cal.abstain_on,
                  cfg.max_risk, "none certified" if rule.threshold is None else f"{rule.threshold:.4g}")
+        report_held_out(report, cal, sample_probs, labels, post.config.temperature)
+    post.config.fit_report = assess(report).to_dict()
+    result.report = report
     return result
+
+
+# --- the report's numbers ---------------------------------------------------------------------------
+
+
+def grid_place(result: SearchResult) -> dict:
+    """The evaluated sigmas, the chosen one's index in them (cv-nll's grid) and the edge it sits at."""
+    grid = sorted({p.sigma for p in result.trace})
+    if result.criterion == Criterion.CV_NLL.value:
+        index = grid.index(result.sigma)
+        positive = [s for s in grid if s > 0]
+        edge = None
+        if result.sigma > 0 and result.sigma == positive[-1] and len(positive) > 1:
+            edge = "top"
+        elif result.sigma > 0 and result.sigma == positive[0] and len(positive) > 1:
+            edge = "bottom"
+        return dict(grid=grid, grid_index=index, edge=edge)
+    # bisection: at the top when no evaluated sigma above the chosen one was rejected
+    above = [p for p in result.trace if p.sigma > result.sigma]
+    edge = "top" if result.sigma > 0 and not any(not p.feasible for p in above) else None
+    return dict(grid=grid, grid_index=None, edge=edge)
+
+
+def chance_of(items: Sequence[MCItem]) -> dict:
+    """Chance accuracy (the mean of 1 / choices) and the choice counts as text."""
+    counts = [len(it.choices) for it in items]
+    lo, hi = min(counts), max(counts)
+    return dict(chance=sum(1 / c for c in counts) / len(counts), choices=f"{lo}" if lo == hi else f"{lo}-{hi}")
+
+
+def sigma0_probs(result: SearchResult, post, items, common: dict) -> torch.Tensor:
+    """The fitting items' model average at sigma 0 (K = 1): (N, C)."""
+    return score_items(post, items, **{**common, "num_samples": 1}, sigma=0.0, desc="sigma=0")[:, 0].double()
+
+
+def crossfit_nll(probs: torch.Tensor, labels: torch.Tensor, seed: int, folds: int = 5) -> float:
+    """5-fold cross-fitted NLL (T fitted on the other folds); the plain NLL under 2 x folds items."""
+    if len(labels) < 2 * folds:
+        return nll(probs, labels)
+    return cv_nll(probs, labels, folds, seed)
+
+
+def report_fit_numbers(report: FitReport, result: SearchResult, p0: torch.Tensor, avg: torch.Tensor,
+                       labels: torch.Tensor, seed: int) -> None:
+    """Cross-fitted NLL and accuracy at sigma 0 and at sigma: cv-nll's own trace when it ran, else
+    computed the same way from the model averages ``p0`` and ``avg`` (N, C)."""
+    trace = {p.sigma: p for p in result.trace} if result.criterion == Criterion.CV_NLL.value else {}
+    if 0.0 in trace and report.sigma in trace:
+        report.nll_0, report.accuracy_0 = trace[0.0].value, trace[0.0].accuracy
+        report.nll_sigma, report.accuracy_sigma = trace[report.sigma].value, trace[report.sigma].accuracy
+        return
+    report.nll_0, report.accuracy_0 = crossfit_nll(p0, labels, seed), accuracy(p0, labels)
+    report.nll_sigma, report.accuracy_sigma = crossfit_nll(avg.double(), labels, seed), accuracy(avg, labels)
+
+
+def report_held_out(report: FitReport, cal: Calibration, sample_probs: torch.Tensor, labels: torch.Tensor,
+                    temperature: float) -> None:
+    """The held-out items' set coverage and size at the default coverage (as ``tfb eval --coverage``
+    counts them), the smallest certified risk of :data:`RISKS` and the share answered at max_risk."""
+    from .evaluate import set_metrics
+
+    report.held_out = cal.n
+    probs = decompose(sample_probs.double(), temperature).probs
+    sets = set_metrics(probs, labels, cal, [cal.coverage], valid=sample_probs.amax(1) > 0)[f"{cal.coverage:g}"]
+    if sets is not None:
+        report.set_coverage, report.set_size = sets["coverage"], sets["size"]
+    report.certified_risk = next((r for r in RISKS if cal.risk_threshold(r).threshold is not None), None)
+    rule = cal.risk_threshold()
+    report.answered = rule.accepted / rule.n if rule.threshold is not None else 0.0
+    report.held_out_needed = held_out_needed(cal.max_risk, cal.delta)
