@@ -214,16 +214,12 @@ def _lock(path: Path):
 
 def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool, flag: str) -> None:
     """Run the variance search in float32 (docs/method.md §4) and save its result to ``out``."""
-    from tfb_core import Criterion, Posterior, fit_posterior, load_base_model, read_jsonl, resolve_criterion, unlabelled
-    from tfb_core import write_output_dir
+    from tfb_core import Criterion, Posterior, check_calibration, fit_posterior, load_base_model, read_jsonl
+    from tfb_core import resolve_criterion, write_output_dir
 
     calibration = Path(settings.calibration).expanduser()
     items = read_jsonl(calibration)
-    missing = unlabelled(items)
-    if missing is not None and (resolve_criterion(settings.criterion, items) is Criterion.CV_NLL or settings.holdout):
-        flag = "--holdout" if settings.holdout else "--criterion cv-nll"
-        raise TFBError(f"{flag} needs an 'answer' on every calibration item; {calibration}: item "
-                       f"{missing + 1} has none")
+    check_calibration(items, calibration, settings.search_config())
     criterion = resolve_criterion(settings.criterion, items)
     tolerance = f" <= {settings.eps:g}" if criterion in (Criterion.NLL, Criterion.ACCURACY) else ""
     log.info("start-up search: %d calibration items from %s, criterion %s%s, K=%d, in %s (key %s)",
@@ -231,7 +227,7 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool,
              SEARCH_DTYPE, key[:12])
     base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
     post = Posterior.from_adapter(base, adapter, num_samples=settings.samples or DEFAULT_SAMPLES, seed=settings.seed,
-                                  mode=settings.mode)
+                                  mode=settings.mode, length_normalize=bool(settings.length_normalize))
     result = fit_posterior(post, items, settings.search_config(), progress=False)
     post.config.chat = bool(settings.chat)
     log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))

@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     eps: float = _search("eps", gt=0)
     max_acc_drop: float = _search("max_acc_drop", ge=0, lt=1)
     seed: int = _search("seed", ge=0)
-    mode: Mode = _search("mode")
-    length_normalize: bool = _search("length_normalize")
+    mode: Mode | None = _search("mode")
+    length_normalize: bool | None = _search("length_normalize")
     gold_labels: bool = _search("gold_labels")
     holdout: float | None = _search("holdout", ge=0, lt=1)
 

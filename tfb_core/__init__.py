@@ -49,7 +49,7 @@ _EXPORTS = {
     "Uncertainty": "uncertainty", "decompose": "uncertainty", "temper": "uncertainty",
     "fit_temperature": "uncertainty",
     # fitting a posterior and its conformal calibration
-    "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit",
+    "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit", "check_calibration": "fit",
     "Calibration": "conformal", "calibrate": "conformal", "decide": "conformal",
     "min_calibration_size": "conformal", "FitReport": "report",
     "TFBError": "errors",

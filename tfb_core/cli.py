@@ -48,9 +48,13 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):  # --x turns on a False default, --no-x turns off a True one
             p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=f.metadata["help"])
             continue
+        if kind is bool:  # None: chosen by tfb; --x / --no-x decide
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f.metadata["help"])
+            continue
         kw: dict = dict(dest=f.name, default=default)
-        if isinstance(default, enum.Enum):
-            kw.update(default=default.value, choices=[m.value for m in type(default)])
+        if isinstance(default, enum.Enum) or (isinstance(kind, type) and issubclass(kind, enum.Enum)):
+            kw.update(default=getattr(default, "value", default), choices=[m.value for m in kind])
         elif typing.get_origin(kind) is tuple:
             kw.update(type=_floats)
         else:
@@ -77,22 +81,6 @@ def search_config(args):
     return SearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)})
 
 
-def check_labels(items, path, args) -> None:
-    """A labelled criterion or a holdout on a file without answers: an error naming both."""
-    from .fit import resolve_criterion, unlabelled
-    from .options import Criterion
-
-    missing = unlabelled(items)
-    if missing is None:
-        return
-    where = f"{path}: item {missing + 1} has no 'answer'"
-    if resolve_criterion(args.criterion, items) is Criterion.CV_NLL:
-        raise TFBError(f"--criterion cv-nll needs an 'answer' on every calibration item; {where}")
-    if args.holdout:
-        raise TFBError(f"--holdout {args.holdout:g} (prediction sets, abstention) needs an 'answer' on "
-                       f"every calibration item; {where}")
-
-
 FORCE_HELP = ("replace --out when it holds a previous tfb output (never a directory holding anything "
               "else, an input, or the current directory)")
 
@@ -114,7 +102,7 @@ def _add_bayesianize(p: argparse.ArgumentParser) -> None:
 def _run_bayesianize(args) -> int:
     from .artifacts import check_output_dir
     from .data import read_jsonl
-    from .fit import fit_posterior
+    from .fit import check_calibration, fit_posterior
     from .models import check_model, load_base_model
     from .posterior import Posterior
 
@@ -128,11 +116,11 @@ def _run_bayesianize(args) -> int:
     check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
     items = read_jsonl(args.calibration) if args.calibration else None
     if items is not None and args.sigma is None:
-        check_labels(items, args.calibration, args)
+        check_calibration(items, args.calibration, config)
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
     post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,
-                                  mode=config.mode, chat=config.chat, length_normalize=config.length_normalize)
+                                  mode=config.mode, chat=config.chat, length_normalize=bool(config.length_normalize))
     if args.sigma is not None:
         post.sigma = args.sigma
     else:

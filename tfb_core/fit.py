@@ -26,10 +26,10 @@ import torch
 
 from .confidence import fit_confidence
 from .conformal import Calibration, calibrate, holdout_split
-from .data import MCItem
+from .data import LABELS, MCItem
 from .errors import TFBError
-from .options import DELTA, HOLDOUT, SearchConfig
-from .report import RISKS, FitReport, assess, held_out_needed
+from .options import DELTA, HOLDOUT, Mode, SearchConfig
+from .report import RISKS, FitReport, ModeScore, assess, held_out_needed, near_chance
 from .scoring import score_items
 from .search import LABELLED, Criterion, SearchResult, cv_nll, parse_criterion
 from .uncertainty import accuracy, decompose, fit_temperature, nll
@@ -52,12 +52,34 @@ def unlabelled(items: Sequence[MCItem]) -> int | None:
     return next((i for i, it in enumerate(items) if it.answer is None), None)
 
 
+def check_calibration(items: Sequence[MCItem], path, config: SearchConfig, sigma: float | None = None) -> None:
+    """What the settings ask of a calibration file, checked before any model loads; an error names
+    the flag, the file and the first line at fault.
+
+    A labelled criterion (``cv-nll``, also ``auto`` on a fully labelled file; not with a given
+    ``sigma``) or a held-out fraction needs an answer on every item; ``--mode letter`` needs
+    every item to have the same number of choices (:func:`letter_problem`).
+    """
+    missing = unlabelled(items)
+    if missing is not None:
+        at = f"{path}, {where(items, missing)} has no 'answer'"
+        if sigma is None and resolve_criterion(config.criterion, items) is Criterion.CV_NLL:
+            raise TFBError(f"--criterion cv-nll needs an 'answer' on every calibration item; {at}")
+        if config.holdout:
+            raise TFBError(f"--holdout {config.holdout:g} (prediction sets, abstention) needs an 'answer' on "
+                           f"every calibration item; {at}")
+    problem = letter_problem(items) if config.mode is Mode.LETTER else None
+    if problem:
+        raise TFBError(f"{path}, {problem}: --mode letter {LETTER_RULE.removeprefix('letter mode ')}")
+
+
 def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = None, *,
                   delta: float = DELTA, progress: bool = True, **options) -> SearchResult:
-    """Search sigma, fit T, record the held-out calibration; sets ``post.config``.
+    """Search sigma, fit T, record the held-out calibration and the fitting report; sets ``post.config``.
 
     config : SearchConfig, default=None
-        What to fit and how (:class:`SearchConfig`'s defaults when None).
+        What to fit and how (:class:`SearchConfig`'s defaults when None). Its ``mode`` None
+        (the default) chooses the scoring mode by measurement (:func:`choose_mode`).
     options : fields of :class:`SearchConfig` overriding ``config`` (``criterion="nll"``,
         ``num_samples=4``, ...), and the other keyword arguments of
         :func:`tfb_core.search.search_sigma` (``rtol``, ``folds``, ...).
@@ -75,20 +97,25 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     missing = unlabelled(items)
     if crit in LABELLED and missing is not None:
         raise TFBError(f"criterion {crit.value!r} needs an 'answer' on every calibration item; "
-                       f"item {missing + 1} has none")
+                       f"{where(items, missing)} has none")
+    if cfg.mode is Mode.LETTER and letter_problem(items):
+        raise TFBError(f"{letter_problem(items)}: {LETTER_RULE}")
     holdout = (HOLDOUT if missing is None else 0.0) if cfg.holdout is None else cfg.holdout
     if holdout > 0 and missing is not None:
         raise TFBError(f"prediction sets and abstention need an 'answer' on every calibration item; "
-                       f"item {missing + 1} has none")
+                       f"{where(items, missing)} has none")
     fit_idx, held_idx = holdout_split(len(items), holdout, cfg.seed) if holdout > 0 else (list(range(len(items))), [])
     fit_items = [items[i] for i in fit_idx]
+    labelled = unlabelled(fit_items) is None
+    mode, length_normalize, mode_choice, modes = choose_mode(post, items, fit_items, cfg, labelled)
+    asked_norm = cfg.length_normalize  # None: tfb's to choose
+    cfg = replace(cfg, mode=mode, length_normalize=length_normalize)
     common = dict(num_samples=cfg.num_samples, seed=cfg.seed, mode=cfg.mode, chat=cfg.chat,
                   length_normalize=cfg.length_normalize, batch_size=cfg.batch_size)
     log.info("calibration: %d items fit sigma%s, %d are held out for prediction sets and abstention",
              len(fit_items), " and T" if missing is None and cfg.temperature else "", len(held_idx))
     result = post.search(fit_items, criterion=crit, progress=progress, **common, **search)
     post.config.length_normalize = cfg.length_normalize
-    labelled = unlabelled(fit_items) is None
     fit_probs = score_items(post, fit_items, desc="fitting items", **common) if labelled else None
     fit_labels = torch.tensor([it.answer for it in fit_items]) if labelled else None
     if result.temperature is None:
@@ -105,14 +132,16 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
                  ", ".join(f"{k} {v:.4f}" for k, v in confidence.cv_log_loss.items()) or "-", confidence.n)
     post.config.calibration = None
     report = FitReport(sigma=post.sigma, temperature=post.config.temperature, mode=cfg.mode.value,
-                       length_normalize=cfg.length_normalize, criterion=crit.value, mode_choice="given",
-                       calibration_items=len(items), fit_items=len(fit_items), labelled=labelled,
+                       length_normalize=cfg.length_normalize, criterion=crit.value, mode_choice=mode_choice,
+                       modes=modes, calibration_items=len(items), fit_items=len(fit_items), labelled=labelled,
                        coverage=cfg.coverage, max_risk=cfg.max_risk, delta=delta, num_samples=cfg.num_samples,
                        confidence_model=None if confidence is None else confidence.model,
                        **grid_place(result), **chance_of(fit_items))
     if labelled:
         p0 = sigma0_probs(result, post, fit_items, common)
         report_fit_numbers(report, result, p0, fit_probs.mean(1), fit_labels, cfg.seed)
+        if not report.modes and near_chance(report):  # a given mode at chance: would another do better?
+            report.modes = measure_modes(post, fit_items, mode_candidates(items, asked_norm), cfg)
     if held_idx:
         held = [items[i] for i in held_idx]
         sample_probs = score_items(post, held, desc="held-out calibration", **common)
@@ -128,6 +157,71 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     post.config.fit_report = assess(report).to_dict()
     result.report = report
     return result
+
+
+# --- the scoring mode ------------------------------------------------------------------------------
+
+LETTER_RULE = ("letter mode needs the same number of choices (at most 26, labels A-Z) on every calibration "
+               "item; pass --mode sequence, or leave --mode out and tfb chooses the mode")
+
+
+def where(items: Sequence[MCItem], index: int) -> str:
+    """``line N`` of the file an item was read from, else ``item N`` (1-based)."""
+    line = items[index].line
+    return f"line {line}" if line is not None else f"item {index + 1}"
+
+
+def letter_problem(items: Sequence[MCItem]) -> str | None:
+    """Why letter mode cannot score these items alike (choice counts differ, or over 26), or None."""
+    first = len(items[0].choices)
+    for i, it in enumerate(items):
+        if len(it.choices) > len(LABELS):
+            return f"{where(items, i)} has {len(it.choices)} choices, more than the {len(LABELS)} labels A-Z"
+        if len(it.choices) != first:
+            return f"{where(items, i)} has {len(it.choices)} choices but {where(items, 0)} has {first}"
+    return None
+
+
+def mode_candidates(items: Sequence[MCItem], length_normalize: bool | None) -> list[tuple[Mode, bool]]:
+    """Letter (when :func:`letter_problem` finds nothing) and sequence, with and without length
+    normalisation unless ``length_normalize`` says which."""
+    norms = (False, True) if length_normalize is None else (length_normalize,)
+    letter = [] if letter_problem(items) else [(Mode.LETTER, False)]
+    return letter + [(Mode.SEQUENCE, n) for n in norms]
+
+
+def measure_modes(post, items: Sequence[MCItem], candidates, cfg: SearchConfig) -> list[ModeScore]:
+    """Each candidate's accuracy and cross-fitted NLL at sigma 0, K 1 on labelled ``items``."""
+    labels = torch.tensor([it.answer for it in items])
+    out = []
+    for mode, norm in candidates:
+        p0 = score_items(post, items, mode=mode, num_samples=1, seed=cfg.seed, sigma=0.0, chat=cfg.chat,
+                         length_normalize=norm, batch_size=cfg.batch_size, desc=f"{mode.value} at sigma 0")[:, 0]
+        p0 = p0.double()
+        out.append(ModeScore(mode.value, norm, accuracy(p0, labels), crossfit_nll(p0, labels, cfg.seed)))
+    return out
+
+
+def choose_mode(post, items, fit_items, cfg: SearchConfig, labelled: bool
+                ) -> tuple[Mode, bool, str, list[ModeScore]]:
+    """(mode, length_normalize, how it was chosen, the measured candidates).
+
+    ``cfg.mode`` given: it. Else, with answers on the fitting items: the candidate of
+    :func:`mode_candidates` with the highest accuracy, then the lowest cross-fitted NLL, at
+    sigma 0 (K = 1) on them. Without answers: letter (sequence when letter cannot score the items).
+    """
+    norm = cfg.length_normalize
+    if cfg.mode is not None:
+        return cfg.mode, bool(norm), "given", []
+    if not labelled:
+        if letter_problem(items):
+            return Mode.SEQUENCE, bool(norm), f"no answers to measure by; not letter: {letter_problem(items)}", []
+        return Mode.LETTER, bool(norm), "the default: no answers to measure by", []
+    modes = measure_modes(post, fit_items, mode_candidates(items, norm), cfg)
+    best = min(modes, key=lambda m: (-m.accuracy, m.nll))
+    log.info("calibration: %s mode chosen by accuracy, then cross-fitted NLL, at sigma 0: %s", best.name,
+             ", ".join(f"{m.name} {m.accuracy:.1%} / {m.nll:.4f}" for m in modes))
+    return Mode(best.mode), best.length_normalize, "measured", modes
 
 
 # --- the report's numbers ---------------------------------------------------------------------------

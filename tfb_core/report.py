@@ -190,6 +190,12 @@ def held_out_needed(max_risk: float, delta: float = DELTA) -> int:
     return n
 
 
+def near_chance(r: FitReport) -> bool:
+    """Whether the accuracy on the fitting items (at sigma, else at 0) is within the chance margin."""
+    acc = r.accuracy_sigma if r.accuracy_sigma is not None else r.accuracy_0
+    return acc is not None and r.chance is not None and acc <= r.chance + chance_margin(r.chance, r.fit_items)
+
+
 def assess(r: FitReport) -> FitReport:
     """Fill ``r.warnings`` and ``r.verdict`` from its numbers; returns ``r``."""
     warnings: list[str] = []
@@ -203,10 +209,9 @@ def assess(r: FitReport) -> FitReport:
     elif r.edge == "bottom":
         warnings.append(f"sigma {r.sigma:.4g} is at the bottom edge of the grid (its smallest sigma > 0): a "
                         f"smaller one may fit better; extend it downwards, e.g. --sigma-grid {_grid_text(_extend(r.grid, up=False))}")
-    acc = r.accuracy_sigma if r.accuracy_sigma is not None else r.accuracy_0
-    if acc is not None and r.chance is not None and acc <= r.chance + chance_margin(r.chance, r.fit_items):
+    if near_chance(r):
         serious.append("accuracy near chance")
-        warnings.append(_near_chance(r, acc))
+        warnings.append(_near_chance(r, r.accuracy_sigma if r.accuracy_sigma is not None else r.accuracy_0))
     if r.held_out and r.held_out_needed is not None and r.held_out < r.held_out_needed:
         labelled = math.ceil(r.held_out_needed * r.calibration_items / r.held_out)
         warnings.append(f"{r.held_out} held-out items cannot certify an error rate of {r.max_risk:g} even if "
