@@ -155,3 +155,59 @@ def test_a_lora_for_another_base_model_names_the_module(tmp_path, llama_dir, gpt
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "another base model: module model.layers.0.self_attn.q_proj has lora_A (4, 128)" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+# --- a given sigma keeps the calibration ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def labelled_file(tmp_path_factory, items, p0):
+    path = tmp_path_factory.mktemp("labelled") / "cal.jsonl"
+    write_jsonl(labelled_by(items, p0[("letter", False)]), path)
+    return path
+
+
+def test_a_given_sigma_still_fits_t_the_confidence_and_the_held_out_calibration(labelled_file, items, p0,
+                                                                                llama_dir, lora_dir, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "post"
+    assert bayesianize(llama_dir, lora_dir, labelled_file, out, "--sigma", "0.02", "--samples", "2") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = json.loads((out / TFB_CONFIG_NAME).read_text())
+    assert cfg["sigma"] == 0.02 and cfg["criterion"] is None and cfg["search_trace"] == []
+    assert cfg["mode"] == "letter"  # measured: the answers are letter mode's own
+    fit_idx, held_idx = holdout_split(N, 0.5, seed=0)
+    assert printed["held_out"] == len(held_idx) == len(cfg["calibration"]["scores"])
+    assert cfg["confidence"] is not None and cfg["fit_report"]["criterion"] is None
+    # T: fitted on the fitting half at the given sigma, recomputed here
+    from tfb_core.uncertainty import fit_temperature
+
+    post = Posterior.load(fresh_base(llama_dir), out)
+    fit = [labelled_by(items, p0[("letter", False)])[i] for i in fit_idx]
+    avg = score_items(post, fit, num_samples=2, seed=0).double().mean(1)
+    assert cfg["temperature"] == pytest.approx(fit_temperature(avg, torch.tensor([it.answer for it in fit])), rel=1e-6)
+    assert cfg["temperature"] != 1.0
+
+
+@pytest.mark.parametrize("flags,temperature_fitted,held_out", [
+    (["--no-temperature"], False, 15),
+    (["--holdout", "0"], True, 0),
+])
+def test_a_given_sigma_honours_no_temperature_and_holdout_0(labelled_file, llama_dir, lora_dir, tmp_path, capsys,
+                                                            flags, temperature_fitted, held_out):
+    out = tmp_path / "post"
+    assert bayesianize(llama_dir, lora_dir, labelled_file, out, "--sigma", "0.02", "--samples", "2",
+                       "--mode", "letter", *flags) == 0
+    capsys.readouterr()
+    cfg = json.loads((out / TFB_CONFIG_NAME).read_text())
+    assert (cfg["temperature"] != 1.0) == temperature_fitted
+    assert (len(cfg["calibration"]["scores"]) if cfg["calibration"] else 0) == held_out
+    assert cfg["fit_report"]["fit_items"] == N - held_out
+
+
+def test_a_given_sigma_of_0_with_labels_warns(labelled_file, llama_dir, lora_dir, tmp_path, capsys):
+    assert bayesianize(llama_dir, lora_dir, labelled_file, tmp_path / "post", "--sigma", "0", "--samples", "2",
+                       "--mode", "letter") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["warnings"][0].startswith("sigma = 0: the posterior adds no uncertainty")
+    assert "--sigma" in printed["warnings"][0] and printed["verdict"].startswith("NOT READY")

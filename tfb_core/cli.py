@@ -95,7 +95,9 @@ def _add_bayesianize(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--calibration", help="calibration JSONL (question/prompt, choices, optional answer)")
     add_out_arguments(p, "Bayesianized adapter")
-    p.add_argument("--sigma", type=float, default=None, help="skip the search and use this sigma")
+    p.add_argument("--sigma", type=float, default=None, help="skip the search and use this sigma; with "
+                   "--calibration, T, the confidence and the held-out calibration are still fitted on its "
+                   "answers (unless --no-temperature / --holdout 0)")
     add_search_arguments(p)
 
 
@@ -115,16 +117,16 @@ def _run_bayesianize(args) -> int:
     inputs = [("--adapter", args.adapter), ("--calibration", args.calibration), ("--model", args.model)]
     check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
     items = read_jsonl(args.calibration) if args.calibration else None
-    if items is not None and args.sigma is None:
-        check_calibration(items, args.calibration, config)
+    if items is not None:
+        check_calibration(items, args.calibration, config, sigma=args.sigma)
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
     post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,
                                   mode=config.mode, chat=config.chat, length_normalize=bool(config.length_normalize))
-    if args.sigma is not None:
+    if items is None:
         post.sigma = args.sigma
-    else:
-        result = fit_posterior(post, items, config)
+    else:  # with --sigma too: the mode, T, the confidence and the held-out calibration are still fitted
+        result = fit_posterior(post, items, config, sigma=args.sigma)
         for point in result.trace:
             logging.info("sigma=%.6g value=%.6g feasible=%s", point.sigma, point.value, point.feasible)
     out = post.save(args.out, calibration_file=args.calibration, force=args.force, inputs=inputs, flag="--out")

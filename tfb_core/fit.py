@@ -37,6 +37,7 @@ from .uncertainty import accuracy, decompose, fit_temperature, nll
 log = logging.getLogger(__name__)
 
 AUTO = Criterion.AUTO
+GIVEN = "given"  # SearchResult.criterion of a sigma given, not searched
 
 
 def resolve_criterion(criterion: Criterion | str, items: Sequence[MCItem]) -> Criterion:
@@ -74,12 +75,16 @@ def check_calibration(items: Sequence[MCItem], path, config: SearchConfig, sigma
 
 
 def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = None, *,
-                  delta: float = DELTA, progress: bool = True, **options) -> SearchResult:
+                  sigma: float | None = None, delta: float = DELTA, progress: bool = True,
+                  **options) -> SearchResult:
     """Search sigma, fit T, record the held-out calibration and the fitting report; sets ``post.config``.
 
     config : SearchConfig, default=None
         What to fit and how (:class:`SearchConfig`'s defaults when None). Its ``mode`` None
         (the default) chooses the scoring mode by measurement (:func:`choose_mode`).
+    sigma : float, default=None
+        Use this sigma instead of searching one; everything else is fitted as usual (the mode,
+        T, the confidence and the held-out calibration, as the config and the labels allow).
     options : fields of :class:`SearchConfig` overriding ``config`` (``criterion="nll"``,
         ``num_samples=4``, ...), and the other keyword arguments of
         :func:`tfb_core.search.search_sigma` (``rtol``, ``folds``, ...).
@@ -93,9 +98,11 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
                   sigma_grid=cfg.sigma_grid)
     if not items:
         raise TFBError("the calibration set is empty")
+    if sigma is not None and not sigma >= 0:
+        raise TFBError(f"sigma must be >= 0, got {sigma}")
     crit = resolve_criterion(cfg.criterion, items)
     missing = unlabelled(items)
-    if crit in LABELLED and missing is not None:
+    if sigma is None and crit in LABELLED and missing is not None:
         raise TFBError(f"criterion {crit.value!r} needs an 'answer' on every calibration item; "
                        f"{where(items, missing)} has none")
     if cfg.mode is Mode.LETTER and letter_problem(items):
@@ -114,7 +121,10 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
                   length_normalize=cfg.length_normalize, batch_size=cfg.batch_size)
     log.info("calibration: %d items fit sigma%s, %d are held out for prediction sets and abstention",
              len(fit_items), " and T" if missing is None and cfg.temperature else "", len(held_idx))
-    result = post.search(fit_items, criterion=crit, progress=progress, **common, **search)
+    if sigma is None:
+        result = post.search(fit_items, criterion=crit, progress=progress, **common, **search)
+    else:
+        result = given_sigma(post, sigma, cfg)
     post.config.length_normalize = cfg.length_normalize
     fit_probs = score_items(post, fit_items, desc="fitting items", **common) if labelled else None
     fit_labels = torch.tensor([it.answer for it in fit_items]) if labelled else None
@@ -132,7 +142,8 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
                  ", ".join(f"{k} {v:.4f}" for k, v in confidence.cv_log_loss.items()) or "-", confidence.n)
     post.config.calibration = None
     report = FitReport(sigma=post.sigma, temperature=post.config.temperature, mode=cfg.mode.value,
-                       length_normalize=cfg.length_normalize, criterion=crit.value, mode_choice=mode_choice,
+                       length_normalize=cfg.length_normalize, criterion=None if sigma is not None else crit.value,
+                       mode_choice=mode_choice,
                        modes=modes, calibration_items=len(items), fit_items=len(fit_items), labelled=labelled,
                        coverage=cfg.coverage, max_risk=cfg.max_risk, delta=delta, num_samples=cfg.num_samples,
                        confidence_model=None if confidence is None else confidence.model,
@@ -157,6 +168,15 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     post.config.fit_report = assess(report).to_dict()
     result.report = report
     return result
+
+
+def given_sigma(post, sigma: float, cfg: SearchConfig) -> SearchResult:
+    """No search: ``sigma`` as given, recorded as set by hand (criterion None, no trace)."""
+    post.sigma = sigma
+    post.config.criterion, post.config.eps, post.config.search_trace = None, None, []
+    post.config.num_samples, post.config.seed, post.config.mode = cfg.num_samples, cfg.seed, cfg.mode
+    return SearchResult(sigma=sigma, criterion=GIVEN, eps=cfg.eps, num_samples=cfg.num_samples, seed=cfg.seed,
+                        mode=cfg.mode.value, gold_labels=cfg.gold_labels)
 
 
 # --- the scoring mode ------------------------------------------------------------------------------
@@ -229,6 +249,8 @@ def choose_mode(post, items, fit_items, cfg: SearchConfig, labelled: bool
 
 def grid_place(result: SearchResult) -> dict:
     """The evaluated sigmas, the chosen one's index in them (cv-nll's grid) and the edge it sits at."""
+    if result.criterion == GIVEN:
+        return dict(grid=[], grid_index=None, edge=None)
     grid = sorted({p.sigma for p in result.trace})
     if result.criterion == Criterion.CV_NLL.value:
         index = grid.index(result.sigma)
