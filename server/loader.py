@@ -97,10 +97,19 @@ def temperature(config) -> float:
 
 
 def model_id(settings: Settings) -> str:
-    """The id the API reports (``/v1/models``) and the metrics' ``model`` label."""
+    """The id the API reports (``/v1/models``) and the metrics' ``model`` label: ``--served-model-name``,
+    else ``tfb-demo`` for the built-in demo, else the base model's name plus the adapter's
+    (``smollm2-135m+post``: the directories' last parts)."""
+    if settings.served_model_name:
+        return settings.served_model_name
     if settings.is_demo:
         return "tfb-demo"
-    return Path(settings.adapter).expanduser().resolve().name or "tfb"
+    return f"{_name(settings.model or DEMO_MODEL)}+{_name(settings.adapter)}"
+
+
+def _name(value) -> str:
+    """A built-in model's name, or a directory's last part (``.`` and a trailing slash resolved)."""
+    return Path(value).expanduser().resolve().name or "tfb"
 
 
 def public_name(value: str | None, show_paths: bool = False) -> str | None:

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
                                  "LoRA directory (needs --calibration); default: the built-in demo")
     calibration: Path | None = Field(None, description="calibration JSONL: run the variance search at "
                                      "start-up for a plain LoRA adapter")
+    served_model_name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^\S+$",
+                                          description="the model id the API reports (/v1/models, each "
+                                          "response's model, the metrics' model label) and requests must "
+                                          "name (vLLM's flag); default: the base model's name plus the "
+                                          "adapter's, e.g. smollm2-135m+post; the built-in demo: tfb-demo")
     posterior_out: Path | None = Field(None, description="where the start-up search saves its result: a "
                                        "new or empty directory, or one holding that search's result for these "
                                        "inputs, loaded instead of searching again (default: a cache directory "
