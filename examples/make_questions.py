@@ -1,7 +1,7 @@
 """Write labelled multiple-choice files in tfb's calibration format (README, "Calibration and
 evaluation files").
 
-    python examples/make_questions.py                  # examples/questions.jsonl (40), examples/test_questions.jsonl (20)
+    python examples/make_questions.py      # examples/questions.jsonl (40), examples/test_questions.jsonl (20)
     python examples/make_questions.py --from arc_easy:cal --out cal.jsonl   # a built-in set (make install)
 
 Without ``--from``: arithmetic questions anyone can check by hand, four choices each, seeded

@@ -67,7 +67,8 @@ def test_the_mode_is_chosen_by_accuracy_then_nll_on_the_fitting_half(post, items
     measured = {(m.mode, m.length_normalize): (m.accuracy, m.nll) for m in report.modes}
     assert measured.keys() == numbers.keys()
     for c in numbers:
-        assert measured[c][0] == pytest.approx(numbers[c][0], abs=1e-6) and measured[c][1] == pytest.approx(numbers[c][1], rel=1e-5), c
+        assert measured[c][0] == pytest.approx(numbers[c][0], abs=1e-6), c
+        assert measured[c][1] == pytest.approx(numbers[c][1], rel=1e-5), c
     assert result.mode == want[0]  # the search ran in it
 
 
@@ -105,6 +106,8 @@ def test_uneven_choices_leave_letter_out_of_the_measured_candidates(post, items,
     report = fit_posterior(post, data, **FAST).report
     assert {(m.mode, m.length_normalize) for m in report.modes} == {("sequence", False), ("sequence", True)}
     assert report.mode == "sequence"
+    assert report.mode_note == "letter not a candidate: item 4 has 3 choices but item 1 has 4"
+    assert report.mode_note in report.table()
 
 
 # --- bad calibration files: one line naming the file and the line ------------------------------------

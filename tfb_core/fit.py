@@ -115,6 +115,8 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     fit_items = [items[i] for i in fit_idx]
     labelled = unlabelled(fit_items) is None
     mode, length_normalize, mode_choice, modes = choose_mode(post, items, fit_items, cfg, labelled)
+    problem = letter_problem(items)
+    mode_note = f"letter not a candidate: {problem}" if mode_choice == "measured" and problem else ""
     asked_norm = cfg.length_normalize  # None: tfb's to choose
     cfg = replace(cfg, mode=mode, length_normalize=length_normalize)
     common = dict(num_samples=cfg.num_samples, seed=cfg.seed, mode=cfg.mode, chat=cfg.chat,
@@ -143,8 +145,8 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     post.config.calibration = None
     report = FitReport(sigma=post.sigma, temperature=post.config.temperature, mode=cfg.mode.value,
                        length_normalize=cfg.length_normalize, criterion=None if sigma is not None else crit.value,
-                       mode_choice=mode_choice,
-                       modes=modes, calibration_items=len(items), fit_items=len(fit_items), labelled=labelled,
+                       mode_choice=mode_choice, modes=modes, mode_note=mode_note, calibration_items=len(items),
+                       fit_items=len(fit_items), labelled=labelled,
                        coverage=cfg.coverage, max_risk=cfg.max_risk, delta=delta, num_samples=cfg.num_samples,
                        confidence_model=None if confidence is None else confidence.model,
                        **grid_place(result), **chance_of(fit_items))

@@ -61,6 +61,7 @@ class FitReport:
     edge: str | None = None  # "top" or "bottom" when sigma sits at an edge of the grid
     mode_choice: str = "given"  # given | measured | default (unlabelled: letter) | ...
     modes: list[ModeScore] = field(default_factory=list)  # the measured candidates
+    mode_note: str = ""  # why a mode was not a candidate (letter: uneven choice counts)
     calibration_items: int = 0
     fit_items: int = 0
     labelled: bool = False
@@ -127,8 +128,9 @@ class FitReport:
         how = {"measured": f"chosen by accuracy, then NLL, at sigma 0: {measured}"}.get(self.mode_choice)
         if how is None:
             how = self.mode_choice + (f"; measured at sigma 0: {measured}" if measured else "")
+        note = f"; {self.mode_note}" if self.mode_note else ""
         chance = f"; chance {self.chance:.1%} ({self.choices} choices)" if self.chance is not None else ""
-        return f"{name} ({how}){chance}"
+        return f"{name} ({how}{note}){chance}"
 
     def _sigma(self) -> str:
         if self.criterion is None:
@@ -208,7 +210,8 @@ def assess(r: FitReport) -> FitReport:
                         f"extend it upwards, e.g. --sigma-grid {_grid_text(_extend(r.grid, up=True))}")
     elif r.edge == "bottom":
         warnings.append(f"sigma {r.sigma:.4g} is at the bottom edge of the grid (its smallest sigma > 0): a "
-                        f"smaller one may fit better; extend it downwards, e.g. --sigma-grid {_grid_text(_extend(r.grid, up=False))}")
+                        f"smaller one may fit better; extend it downwards, e.g. --sigma-grid "
+                        f"{_grid_text(_extend(r.grid, up=False))}")
     if near_chance(r):
         serious.append("accuracy near chance")
         warnings.append(_near_chance(r, r.accuracy_sigma if r.accuracy_sigma is not None else r.accuracy_0))
@@ -251,8 +254,10 @@ def _zero_sigma(r: FitReport) -> str:
 
 
 def _near_chance(r: FitReport, acc: float) -> str:
+    margin = chance_margin(r.chance, r.fit_items)
     text = (f"accuracy {acc:.1%} in {r.mode} mode is near chance ({r.chance:.1%} with {r.choices} choices) on "
-            f"the {r.fit_items} fitting items: in this mode the adapter is guessing")
+            f"the {r.fit_items} fitting items (within {margin:.0%} of it, two standard errors of a guesser): "
+            f"the adapter may be guessing in this mode")
     better = [m for m in r.modes if (m.mode, m.length_normalize) != (r.mode, r.length_normalize)
               and m.accuracy > acc + chance_margin(r.chance, r.fit_items)]
     if better:
