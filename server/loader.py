@@ -105,10 +105,19 @@ def temperature(config) -> float:
 
 
 def model_id(settings: Settings) -> str:
-    """The id the API reports (``/v1/models``) and the metrics' ``model`` label."""
+    """The id the API reports (``/v1/models``) and the metrics' ``model`` label: ``--served-model-name``,
+    else ``tfb-demo`` for the built-in demo, else the base model's name plus the adapter's
+    (``smollm2-135m+post``: the directories' last parts)."""
+    if settings.served_model_name:
+        return settings.served_model_name
     if settings.is_demo:
         return "tfb-demo"
-    return Path(settings.adapter).expanduser().resolve().name or "tfb"
+    return f"{_name(settings.model or DEMO_MODEL)}+{_name(settings.adapter)}"
+
+
+def _name(value) -> str:
+    """A built-in model's name, or a directory's last part (``.`` and a trailing slash resolved)."""
+    return Path(value).expanduser().resolve().name or "tfb"
 
 
 def public_name(value: str | None, show_paths: bool = False) -> str | None:
@@ -222,25 +231,24 @@ def _lock(path: Path):
 
 def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool, flag: str) -> None:
     """Run the variance search in float32 (docs/method.md §4) and save its result to ``out``."""
-    from tfb_core import Criterion, Posterior, fit_posterior, load_base_model, read_jsonl, resolve_criterion, unlabelled
-    from tfb_core import write_output_dir
+    from tfb_core import Criterion, Posterior, check_calibration, fit_posterior, load_base_model, read_jsonl
+    from tfb_core import resolve_criterion, write_output_dir
 
     calibration = Path(settings.calibration).expanduser()
     items = read_jsonl(calibration)
-    missing = unlabelled(items)
-    if missing is not None and (resolve_criterion(settings.criterion, items) is Criterion.CV_NLL or settings.holdout):
-        flag = "--holdout" if settings.holdout else "--criterion cv-nll"
-        raise TFBError(f"{flag} needs an 'answer' on every calibration item; {calibration}: item "
-                       f"{missing + 1} has none")
-    log.info("start-up search: %d calibration items from %s, criterion %s <= %g, K=%d, in %s (key %s)",
-             len(items), calibration, settings.criterion, settings.eps, settings.samples or DEFAULT_SAMPLES,
+    check_calibration(items, calibration, settings.search_config())
+    criterion = resolve_criterion(settings.criterion, items)
+    tolerance = f" <= {settings.eps:g}" if criterion in (Criterion.NLL, Criterion.ACCURACY) else ""
+    log.info("start-up search: %d calibration items from %s, criterion %s%s, K=%d, in %s (key %s)",
+             len(items), calibration, criterion.value, tolerance, settings.samples or DEFAULT_SAMPLES,
              SEARCH_DTYPE, key[:12])
     base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
     post = Posterior.from_adapter(base, adapter, num_samples=settings.samples or DEFAULT_SAMPLES, seed=settings.seed,
-                                  mode=settings.mode)
+                                  mode=settings.mode, length_normalize=bool(settings.length_normalize))
     result = fit_posterior(post, items, settings.search_config(), progress=False)
     post.config.chat = bool(settings.chat)
     log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
+    log_report(post.config.fit_report)
 
     def write(tmp: Path) -> None:  # the key with the result, in one rename
         post.write_files(tmp, calibration_file=calibration)
@@ -248,6 +256,15 @@ def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool,
 
     write_output_dir(out, write, force=force, inputs=_inputs(settings), flag=flag)
     log.info("start-up search: saved to %s (a restart with the same inputs loads it)", out)
+
+
+def log_report(report: dict | None) -> None:
+    """The fitting report's table in the log: a warning when it warns, else info."""
+    from tfb_core import FitReport
+
+    if report:
+        report = FitReport.from_dict(report)
+        log.log(logging.WARNING if report.warnings else logging.INFO, "start-up search:\n%s", report.table())
 
 
 def resolve_settings(settings: Settings, post) -> Settings:

@@ -271,6 +271,11 @@ class PosteriorInfo(BaseModel):
                              "(max_prob or logistic), its 'features', standardisation and coefficients, and "
                              "each candidate's cross-fitted log loss on the labelled fitting items")
     search_trace: list[SearchPointOut]
+    fit_report: dict[str, Any] | None = Field(None, description="what tfb bayesianize or the start-up search "
+                                              "measured: sigma's place in its grid, T, cross-fitted NLL and "
+                                              "accuracy, the held-out sets' coverage and size, the certified "
+                                              "risk, warnings and a verdict (tfb_core/report.py); null: not "
+                                              "recorded")
     calibration_sha256: str | None
     source: str = Field(..., description="how the posterior was obtained: loaded, searched, "
                         "cached search, demo or placeholder")

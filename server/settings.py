@@ -33,6 +33,11 @@ class Settings(BaseSettings):
                                  "LoRA directory (needs --calibration); default: the built-in demo")
     calibration: Path | None = Field(None, description="calibration JSONL: run the variance search at "
                                      "start-up for a plain LoRA adapter")
+    served_model_name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^\S+$",
+                                          description="the model id the API reports (/v1/models, each "
+                                          "response's model, the metrics' model label) and requests must "
+                                          "name (vLLM's flag); default: the base model's name plus the "
+                                          "adapter's, e.g. smollm2-135m+post; the built-in demo: tfb-demo")
     posterior_out: Path | None = Field(None, description="where the start-up search saves its result: a "
                                        "new or empty directory, or one holding that search's result for these "
                                        "inputs, loaded instead of searching again (default: a cache directory "
@@ -59,8 +64,8 @@ class Settings(BaseSettings):
     eps: float = _search("eps", gt=0)
     max_acc_drop: float = _search("max_acc_drop", ge=0, lt=1)
     seed: int = _search("seed", ge=0)
-    mode: Mode = _search("mode")
-    length_normalize: bool = _search("length_normalize")
+    mode: Mode | None = _search("mode")
+    length_normalize: bool | None = _search("length_normalize")
     gold_labels: bool = _search("gold_labels")
     holdout: float | None = _search("holdout", ge=0, lt=1)
 

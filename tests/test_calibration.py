@@ -123,7 +123,7 @@ def fitted(tmp_path_factory, llama_dir, lora_dir, labelled):
     """fit_posterior (auto: cv-nll, every item labelled) on a fresh posterior, saved."""
     p = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
     result = fit_posterior(p, labelled, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID,
-                           max_risk=MAX_RISK, progress=False)
+                           max_risk=MAX_RISK, mode="letter", progress=False)
     out = p.save(tmp_path_factory.mktemp("fitted") / "post")
     return out, result
 
@@ -477,7 +477,7 @@ def test_bayesianize_labelled_options_need_answers(partly_labelled, tmp_path, ll
                  str(partly_labelled), "--out", str(tmp_path / "o"), "--device", "cpu"] + flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert names in err[0] and str(partly_labelled) in err[0] and "item 3" in err[0], err
+    assert names in err[0] and str(partly_labelled) in err[0] and "line 3" in err[0], err
     assert not (tmp_path / "o").exists()
 
 
@@ -499,7 +499,7 @@ def start_fails(match: str, **settings) -> None:
                                          ({"holdout": 0.5}, "--holdout")])
 def test_startup_search_labelled_options_need_answers(partly_labelled, tmp_path, llama_dir, lora_dir,
                                                       flags, names):
-    start_fails(f"{names}.*{partly_labelled}: item 3", model=str(llama_dir), adapter=lora_dir,
+    start_fails(f"{names}.*{partly_labelled}, line 3", model=str(llama_dir), adapter=lora_dir,
                 calibration=partly_labelled, posterior_out=tmp_path / "out", **flags)
     assert not (tmp_path / "out").exists()
 

@@ -195,7 +195,7 @@ def test_enums_accept_their_strings_everywhere():
     from tfb_core.posterior import TFBConfig
 
     assert Settings(criterion="cv-nll", mode="sequence").criterion is Criterion.CV_NLL
-    assert Settings().mode is Mode.LETTER and f"{Settings().criterion}" == "auto"
+    assert Settings().mode is None and f"{Settings().criterion}" == "auto"
     assert ChoiceItem(question="q", choices=["a", "b"], mode="sequence").mode is Mode.SEQUENCE
     assert TFBConfig(mode="letter", criterion="nll").mode is Mode.LETTER
     with pytest.raises(TFBError, match="unknown mode 'words'"):

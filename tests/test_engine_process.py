@@ -21,6 +21,7 @@ import pytest
 from server_helpers import ServerThread, leave_stream, metric, start_cli, tiny_posterior, wait_for, wait_ready
 
 K = 3
+MODEL = "base+post"  # the served id: the base model's name plus the adapter's (tiny_posterior's dirs)
 QUESTION = {"question": "Which gas do plants absorb from the air?", "choices": ["Oxygen", "Carbon dioxide", "Helium"],
             "return_samples": True}
 
@@ -73,7 +74,7 @@ def test_scoring_and_the_model_description_are_the_same(servers):
 
 def test_generation_plain_and_streamed_is_the_same(servers):
     here, apart = servers
-    body = dict(model="post", prompt=["The capital of France is", "Once upon"], max_tokens=7, n=2,
+    body = dict(model=MODEL, prompt=["The capital of France is", "Once upon"], max_tokens=7, n=2,
                 temperature=0.8, seed=3, logprobs=2)
     clients = [openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0) for s in servers]
     a, b = (c.completions.create(**body) for c in clients)
@@ -86,8 +87,8 @@ def test_generation_plain_and_streamed_is_the_same(servers):
         assert y.logprobs.token_logprobs == pytest.approx(x.logprobs.token_logprobs, abs=1e-5)
 
     messages = [{"role": "user", "content": "Name a colour."}]
-    plain = clients[0].chat.completions.create(model="post", messages=messages, max_tokens=6, temperature=0)
-    chunks = list(clients[1].chat.completions.create(model="post", messages=messages, max_tokens=6, temperature=0,
+    plain = clients[0].chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    chunks = list(clients[1].chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
                                                     stream=True, stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     streamed = [t for ch in chunks if ch.choices
@@ -105,7 +106,7 @@ def test_the_engine_process_metrics_reach_the_servers_metrics(servers):
     _, apart = servers
     before = metric(apart, "tfb_generation_tokens_total")
     steps = metric(apart, "tfb_decode_batch_size_count")
-    r = httpx.post(apart.url + "/v1/completions", json={"model": "post", "prompt": "Hi", "max_tokens": 5}, timeout=60)
+    r = httpx.post(apart.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 5}, timeout=60)
     assert r.status_code == 200
     # recorded in the engine process, served by the API process's /metrics
     wait_for(lambda: metric(apart, "tfb_generation_tokens_total") == before + 5, what="5 tokens counted")
@@ -119,13 +120,13 @@ def test_the_engine_process_metrics_reach_the_servers_metrics(servers):
 
 def test_a_client_that_leaves_frees_its_rows_in_the_engine_process(servers):
     _, apart = servers
-    body = {"model": "post", "prompt": "A very long story begins", "max_tokens": 400, "stream": True}
+    body = {"model": MODEL, "prompt": "A very long story begins", "max_tokens": 400, "stream": True}
     leave_stream(f"{apart.url}/v1/completions", body)  # the client goes away after 3 events
     wait_for(lambda: metric(apart, "tfb_kv_cache_rows") == 0 and metric(apart, "tfb_requests_running") == 0,
              timeout=20, what="the abandoned stream's rows freed in the engine process")
     assert apart.state.scheduler.idle
     assert metric(apart, "tfb_generation_tokens_total") < 400 + 100  # it stopped, not ran to 400
-    r = httpx.post(f"{apart.url}/v1/completions", json={"model": "post", "prompt": "x", "max_tokens": 2}, timeout=60)
+    r = httpx.post(f"{apart.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
 
 
@@ -136,7 +137,7 @@ def test_concurrent_streams_each_get_their_own_tokens(servers):
     def text(url: str, prompt: str) -> str:
         out = []
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
-                "model": "post", "prompt": prompt, "max_tokens": 5 + len(prompt) % 4, "temperature": 0, "stream": True}) as r:
+                "model": MODEL, "prompt": prompt, "max_tokens": 5 + len(prompt) % 4, "temperature": 0, "stream": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     out += [c["text"] for c in json.loads(line[6:])["choices"]]
@@ -158,7 +159,7 @@ def test_the_engine_process_exiting_fails_open_requests_and_the_server(dirs):
     with ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True) as s:
         engine = s.state.scheduler.process
         results = {}
-        body = {"model": "post", "prompt": "A very long story begins", "max_tokens": 500, "n": 4}
+        body = {"model": MODEL, "prompt": "A very long story begins", "max_tokens": 500, "n": 4}
 
         def long_request():
             results["r"] = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
@@ -246,7 +247,7 @@ def test_a_full_queue_is_a_429_from_the_api_process(dirs):
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True,
                       max_queue=2) as s:
-        short = {"model": "post", "prompt": "Hi", "max_tokens": 2}
+        short = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
         done = []
 
         def post_short():

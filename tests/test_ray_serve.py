@@ -204,7 +204,7 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path, llama_dir, lora_dir)
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == ("tfb serve: error: --ray needs Ray Serve, which is not installed: "
-                                  "pip install 'tfb[scale]' (the scale extra)")
+                                  "pip install '.[scale]' in a clone of tfb (the scale extra)")
 
 
 def test_a_failing_replica_is_reported_by_ray_with_tfbs_reason(cluster, llama_dir, lora_dir, tmp_path):

@@ -252,9 +252,9 @@ def test_unknown_path_is_shaped_404(client):
 # --- other endpoints ---------------------------------------------------------------------------
 
 
-def test_models_posterior_health(client, srv, post_dir):
+def test_models_posterior_health(client, srv, post_dir, llama_dir):
     models = client.get("/v1/models").json()
-    assert models["object"] == "list" and models["data"][0]["id"] == "post"
+    assert models["object"] == "list" and models["data"][0]["id"] == f"{llama_dir.name}+post"  # base + adapter
     assert models["data"][0]["object"] == "model"
     p = client.get("/v1/posterior").json()
     assert p["sigma"] == pytest.approx(0.05) and p["num_samples"] == 4 and p["max_samples"] == 16
@@ -263,7 +263,8 @@ def test_models_posterior_health(client, srv, post_dir):
     assert httpx.get(srv.url + "/health").json() == {"status": "ready"}
 
 
-def test_metrics_move_with_traffic(client):
+def test_metrics_move_with_traffic(client, llama_dir):
+    model = f"{llama_dir.name}+post"  # the model id: the base model's name plus the adapter's
     before = scrape(client)
     for i in range(3):
         assert client.post("/v1/choices", json=item(i)).status_code == 200
@@ -271,7 +272,7 @@ def test_metrics_move_with_traffic(client):
     after = scrape(client)
 
     def delta(name, **labels):
-        key = (name, tuple(sorted({"model": "post", **labels}.items())))
+        key = (name, tuple(sorted({"model": model, **labels}.items())))
         return after.get(key, 0) - before.get(key, 0)
 
     assert delta("tfb_requests_total", endpoint="/v1/choices", status="200") == 3
@@ -282,13 +283,13 @@ def test_metrics_move_with_traffic(client):
         assert delta(f"{name}_sum", endpoint="/v1/choices") > 0
     assert delta("tfb_prompt_tokens_total") > 0
     assert delta("tfb_forward_duration_seconds_count") >= 1
-    assert after[("tfb_posterior_sigma", (("model", "post"),))] == pytest.approx(0.05)
-    assert after[("tfb_weight_samples", (("model", "post"),))] == 4
-    assert after[("tfb_queue_depth", (("model", "post"),))] == 0
+    assert after[("tfb_posterior_sigma", (("model", model),))] == pytest.approx(0.05)
+    assert after[("tfb_weight_samples", (("model", model),))] == 4
+    assert after[("tfb_queue_depth", (("model", model),))] == 0
     assert any(k[0] == "tfb_model_info" for k in after)
 
 
-def test_server_timing_is_the_apps_time_forward_included(client, srv):
+def test_server_timing_is_the_apps_time_forward_included(client, srv, llama_dir):
     """``Server-Timing: app;dur=MS`` on answers, errors and streams: at least the request's own
     forward (from /metrics), at most what the client waited."""
     def timed(send) -> tuple[httpx.Response, float, float]:
@@ -306,8 +307,8 @@ def test_server_timing_is_the_apps_time_forward_included(client, srv):
         name, dur = r.headers["server-timing"].split(";dur=")
         assert name == "app" and forward_ms <= float(dur) <= waited_ms, (r.status_code, forward_ms, dur, waited_ms)
         assert (forward_ms > 0) == (r.status_code == 200)
-    with client.stream("POST", "/v1/completions", json={"model": "post", "prompt": "Hi", "max_tokens": 2,
-                                                       "stream": True}) as r:
+    with client.stream("POST", "/v1/completions", json={"model": f"{llama_dir.name}+post", "prompt": "Hi",
+                                                       "max_tokens": 2, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["server-timing"].startswith("app;dur=")
 
 

@@ -170,6 +170,30 @@ def test_failed_load_exits_1_with_the_reason(llama_dir, lora_dir, tmp_path, layo
     assert last.startswith("tfb serve: error: ") and "checksum mismatch" in last
 
 
+def test_served_model_name_is_the_model_id_everywhere(llama_dir, lora_dir, tmp_path):
+    from server.cli import settings_from_args
+    from tfb_core import TFBError
+    from tfb_core.cli import build_parser
+
+    post = bayesianized(llama_dir, lora_dir, tmp_path / "post")
+    with ServerThread(model=str(llama_dir), adapter=post, device="cpu", samples=2) as srv:
+        assert httpx.get(srv.url + "/v1/models").json()["data"][0]["id"] == f"{llama_dir.name}+post"
+    with ServerThread(model=str(llama_dir), adapter=post, device="cpu", samples=2, served_model_name="my-bot") as srv:
+        assert httpx.get(srv.url + "/v1/models").json()["data"][0]["id"] == "my-bot"
+        assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=60).json()["model"] == "my-bot"
+        done = httpx.post(srv.url + "/v1/completions", json={"model": "my-bot", "prompt": "Hi", "max_tokens": 2},
+                          timeout=60)
+        assert done.status_code == 200 and done.json()["model"] == "my-bot"
+        other = httpx.post(srv.url + "/v1/completions", json={"model": f"{llama_dir.name}+post", "prompt": "Hi",
+                                                              "max_tokens": 2}, timeout=60)
+        assert other.status_code == 404 and "'my-bot'" in other.json()["error"]["message"]
+        assert metric(srv, "tfb_requests_total", model="my-bot", endpoint="/v1/choices") == 1
+    parse = build_parser().parse_args
+    assert settings_from_args(parse(["serve", "--served-model-name", "a+b"])).served_model_name == "a+b"
+    with pytest.raises(TFBError, match="^--served-model-name / TFB_SERVED_MODEL_NAME: "):
+        settings_from_args(parse(["serve", "--served-model-name", "two words"]))
+
+
 def test_choice_limits_from_flags_and_env(monkeypatch):
     from server.cli import settings_from_args
     from server.settings import Settings

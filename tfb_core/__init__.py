@@ -49,9 +49,10 @@ _EXPORTS = {
     "Uncertainty": "uncertainty", "decompose": "uncertainty", "temper": "uncertainty",
     "fit_temperature": "uncertainty",
     # fitting a posterior and its conformal calibration
-    "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit",
+    "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit", "check_calibration": "fit",
     "Calibration": "conformal", "calibrate": "conformal", "decide": "conformal",
     "min_calibration_size": "conformal", "covers": "conformal", "max_coverage": "conformal",
+    "FitReport": "report",
     "TFBError": "errors",
 }
 

@@ -48,9 +48,13 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):  # --x turns on a False default, --no-x turns off a True one
             p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=f.metadata["help"])
             continue
+        if kind is bool:  # None: chosen by tfb; --x / --no-x decide
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f.metadata["help"])
+            continue
         kw: dict = dict(dest=f.name, default=default)
-        if isinstance(default, enum.Enum):
-            kw.update(default=default.value, choices=[m.value for m in type(default)])
+        if isinstance(default, enum.Enum) or (isinstance(kind, type) and issubclass(kind, enum.Enum)):
+            kw.update(default=getattr(default, "value", default), choices=[m.value for m in kind])
         elif typing.get_origin(kind) is tuple:
             kw.update(type=_floats)
         else:
@@ -77,22 +81,6 @@ def search_config(args):
     return SearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)})
 
 
-def check_labels(items, path, args) -> None:
-    """A labelled criterion or a holdout on a file without answers: an error naming both."""
-    from .fit import resolve_criterion, unlabelled
-    from .options import Criterion
-
-    missing = unlabelled(items)
-    if missing is None:
-        return
-    where = f"{path}: item {missing + 1} has no 'answer'"
-    if resolve_criterion(args.criterion, items) is Criterion.CV_NLL:
-        raise TFBError(f"--criterion cv-nll needs an 'answer' on every calibration item; {where}")
-    if args.holdout:
-        raise TFBError(f"--holdout {args.holdout:g} (prediction sets, abstention) needs an 'answer' on "
-                       f"every calibration item; {where}")
-
-
 FORCE_HELP = ("replace --out when it holds a previous tfb output (never a directory holding anything "
               "else, an input, or the current directory)")
 
@@ -107,14 +95,16 @@ def _add_bayesianize(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--calibration", help="calibration JSONL (question/prompt, choices, optional answer)")
     add_out_arguments(p, "Bayesianized adapter")
-    p.add_argument("--sigma", type=float, default=None, help="skip the search and use this sigma")
+    p.add_argument("--sigma", type=float, default=None, help="skip the search and use this sigma; with "
+                   "--calibration, T, the confidence and the held-out calibration are still fitted on its "
+                   "answers (unless --no-temperature / --holdout 0)")
     add_search_arguments(p)
 
 
 def _run_bayesianize(args) -> int:
     from .artifacts import check_output_dir
     from .data import read_jsonl
-    from .fit import fit_posterior
+    from .fit import check_calibration, fit_posterior
     from .models import check_model, load_base_model
     from .posterior import Posterior
 
@@ -127,23 +117,29 @@ def _run_bayesianize(args) -> int:
     inputs = [("--adapter", args.adapter), ("--calibration", args.calibration), ("--model", args.model)]
     check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
     items = read_jsonl(args.calibration) if args.calibration else None
-    if items is not None and args.sigma is None:
-        check_labels(items, args.calibration, args)
+    if items is not None:
+        check_calibration(items, args.calibration, config, sigma=args.sigma)
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
     post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,
-                                  mode=config.mode, chat=config.chat, length_normalize=config.length_normalize)
-    if args.sigma is not None:
+                                  mode=config.mode, chat=config.chat, length_normalize=bool(config.length_normalize))
+    if items is None:
         post.sigma = args.sigma
-    else:
-        result = fit_posterior(post, items, config)
+    else:  # with --sigma too: the mode, T, the confidence and the held-out calibration are still fitted
+        result = fit_posterior(post, items, config, sigma=args.sigma)
         for point in result.trace:
             logging.info("sigma=%.6g value=%.6g feasible=%s", point.sigma, point.value, point.feasible)
     out = post.save(args.out, calibration_file=args.calibration, force=args.force, inputs=inputs, flag="--out")
-    cal = post.config.conformal
+    cal, report = post.config.conformal, post.config.fit_report
     print(json.dumps({"out": str(out), "sigma": post.sigma, "criterion": post.config.criterion,
                       "temperature": post.config.temperature, "eps": post.config.eps,
-                      "held_out": cal.n if cal else 0, "modules": len(post.layers)}))
+                      "held_out": cal.n if cal else 0, "modules": len(post.layers),
+                      "verdict": report["verdict"] if report else None,
+                      "warnings": report["warnings"] if report else []}), flush=True)
+    if report:  # the human's table last, on stderr: stdout's last line stays the JSON above
+        from .report import FitReport
+
+        print(FitReport.from_dict(report).table(), file=sys.stderr)
     return 0
 
 

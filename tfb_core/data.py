@@ -43,6 +43,7 @@ class MCItem:
     answer: int | None = None
     id: str | int | None = None
     metadata: dict = field(default_factory=dict)  # the file's other fields; never scored
+    line: int | None = field(default=None, compare=False, repr=False)  # its line in the file read
 
     def __post_init__(self):
         check_item(self.question, self.prompt, self.choices, self.answer)
@@ -112,7 +113,10 @@ def misspelt_field(name: str, data: dict) -> str | None:
 
 def read_jsonl(path: str | Path) -> list[MCItem]:
     """Read a calibration/evaluation file; errors name the file and the line."""
-    items = read_records(path, item_from_dict)
+    lines: list[int] = []
+    items = read_records(path, item_from_dict, lines)
+    for item, lineno in zip(items, lines):
+        item.line = lineno
     extra = dict.fromkeys(k for it in items for k in it.metadata)
     if extra:
         log.warning("%s: field(s) %s are not used by tfb; kept as each item's metadata", path,
@@ -120,8 +124,11 @@ def read_jsonl(path: str | Path) -> list[MCItem]:
     return items
 
 
-def read_records(path: str | Path, parse) -> list:
-    """``parse(obj)`` of every non-empty line of a JSONL file; errors name the file and the line."""
+def read_records(path: str | Path, parse, lines: list[int] | None = None) -> list:
+    """``parse(obj)`` of every non-empty line of a JSONL file; errors name the file and the line.
+
+    ``lines``, when given, receives each record's line number (1-based).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise TFBError(f"{path}: no such file")
@@ -136,6 +143,8 @@ def read_records(path: str | Path, parse) -> list:
                 continue
             try:
                 items.append(parse(json.loads(line)))
+                if lines is not None:
+                    lines.append(lineno)
             except json.JSONDecodeError as e:
                 raise TFBError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
             except TFBError as e:

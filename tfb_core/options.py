@@ -149,10 +149,13 @@ class SearchConfig:
     num_samples: int = _opt(NUM_SAMPLES, "K weight samples", flag="--samples", check=_at_least_one)
     seed: int = _opt(SEED, "the weight draws' seed",
                      check=lambda v: None if v >= 0 else "must be >= 0")
-    mode: Mode = _opt(Mode.LETTER, "how choices are scored: letter (the label after a prompt listing "
-                      "them, the paper's) or sequence (each choice's text)")
-    length_normalize: bool = _opt(False, "sequence mode: score a choice by its mean log-probability per "
-                                  "token, not the sum")
+    mode: Mode | None = _opt(None, "how choices are scored: letter (the label after a prompt listing "
+                             "them, the paper's) or sequence (each choice's text); default: with an answer on "
+                             "every item, the one (and the length normalisation) with the best accuracy, then "
+                             "cross-fitted NLL, at sigma 0 on the fitting items; without, letter")
+    length_normalize: bool | None = _opt(None, "sequence mode: score a choice by its mean log-probability per "
+                                         "token, not the sum (default: chosen with the mode when it is measured, "
+                                         "else off)")
     chat: bool = _opt(False, "wrap each prompt in the tokenizer's chat template")
     gold_labels: bool = _opt(False, "nll / accuracy against the items' answers, not pseudo-labels")
     holdout: float | None = _opt(None, "fraction of the (labelled) calibration items held out for "
@@ -172,7 +175,7 @@ class SearchConfig:
 
     def __post_init__(self):
         self.criterion = parse_criterion(self.criterion)
-        self.mode = parse_mode(self.mode)
+        self.mode = None if self.mode is None else parse_mode(self.mode)
         self.score, self.abstain_on = parse_score(self.score), parse_metric(self.abstain_on)
         if self.sigma_grid is not None:
             self.sigma_grid = tuple(float(x) for x in self.sigma_grid)

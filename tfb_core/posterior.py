@@ -69,6 +69,7 @@ class TFBConfig:
     files_sha256: dict = field(default_factory=dict)
     calibration: dict | None = None  # conformal.Calibration of held-out labelled items
     confidence: dict | None = None  # confidence.Confidence fitted on the labelled fitting items
+    fit_report: dict | None = None  # report.FitReport of tfb bayesianize / a start-up search (optional)
 
     def __post_init__(self):
         self.criterion = None if self.criterion is None else parse_criterion(self.criterion)
@@ -310,6 +311,10 @@ def read_tfb_config(directory: Path) -> TFBConfig:
         Calibration.from_dict(data["calibration"], str(path))
     if data.get("confidence") is not None:
         Confidence.from_dict(data["confidence"], str(path))
+    if data.get("fit_report") is not None:
+        from .report import FitReport
+
+        FitReport.from_dict(data["fit_report"], str(path))
     if version == 1:
         log.warning("%s: format version 1 divided every weight sample's logits by its temperature "
                     "%.4g; tfb now applies it to the model average, softmax(log(mean_k p_k) / T), and "

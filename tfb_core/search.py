@@ -63,6 +63,7 @@ class SearchResult:
     trace: list[SearchPoint] = field(default_factory=list)
     baseline_nll: float = float("nan")
     temperature: float | None = None  # cv-nll: fitted together with sigma
+    report: object | None = None  # tfb_core.report.FitReport, when fit_posterior ran the search
 
 
 def criterion_value(criterion: Criterion, probs: torch.Tensor, targets: torch.Tensor,
