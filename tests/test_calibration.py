@@ -177,7 +177,7 @@ def test_the_confidence_never_sees_the_held_out_half(llama_dir, lora_dir, labell
                for i, it in enumerate(labelled)]
     p = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
     fit_posterior(p, flipped, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID, max_risk=MAX_RISK,
-                  progress=False)
+                  mode="letter", progress=False)
     original = json.loads((fitted[0] / TFB_CONFIG_NAME).read_text())
     assert p.config.confidence == original["confidence"] and original["confidence"]["n"] == N_ITEMS - N_HELD
     assert p.config.calibration["correct"] != original["calibration"]["correct"]
