@@ -44,7 +44,7 @@ import torch
 
 from tfb_core import GenSequence
 
-from .engine import ChoiceWork, GenWork
+from .engine import ChoiceWork, GenWork, ScoreWork
 from .errors import NotReady, portable
 from .metrics import Metrics
 from .scheduler import check_room, until_idle, wait
@@ -155,6 +155,9 @@ def to_wire(item_id: int, item) -> tuple:
     """(id, kind, fields): a work item without its future and event queue (they stay in the API process)."""
     if isinstance(item, ChoiceWork):
         return item_id, "choice", (item.encoded, item.seed, item.num_samples, item.deadline, item.arrived)
+    if isinstance(item, ScoreWork):
+        return item_id, "score", (item.prompt_ids, item.seed, item.num_samples, item.top_logprobs, item.deadline,
+                                  item.arrived)
     return item_id, "generate", (item.seq, item.endpoint, item.deadline, item.index, item.events is not None,
                                  item.arrived)
 
@@ -165,6 +168,9 @@ def from_wire(spec: tuple, loop: asyncio.AbstractEventLoop, put: Callable[[tuple
     if kind == "choice":
         encoded, seed, num_samples, deadline, arrived = fields
         return ChoiceWork(encoded, seed, num_samples, deadline, loop.create_future(), arrived)
+    if kind == "score":
+        prompt_ids, seed, num_samples, top, deadline, arrived = fields
+        return ScoreWork(prompt_ids, seed, num_samples, top, deadline, loop.create_future(), arrived)
     seq, endpoint, deadline, index, streamed, arrived = fields
     return GenWork(seq, endpoint, deadline, loop.create_future(), EventSink(item_id, put) if streamed else None,
                    loop, index, arrived)

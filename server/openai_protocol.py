@@ -4,8 +4,10 @@ The shapes are OpenAI's; every choice carries an extra ``uncertainty`` object. P
 - supported: model, prompt / messages, max_tokens (max_completion_tokens for chat),
   temperature, top_p, n, stop, seed, logprobs / top_logprobs, stream, stream_options (with
   stream only), user (accepted, not stored); tfb's own: num_samples, top_k.
+- completions only: echo (the prompt scored token by token; max_tokens 0 scores it alone), and
+  prompts given as token ids.
 - accepted only at their neutral value: presence_penalty = 0, frequency_penalty = 0,
-  best_of = n (completions), echo = false, response_format {"type": "text"}.
+  best_of = n (completions), response_format {"type": "text"}.
 - anything else (logit_bias, suffix, tools, functions, ...) is a 400 naming the field.
 """
 
@@ -15,7 +17,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
-from .protocol import SEED_MAX, Text, _Strict, valid_unicode
+from .protocol import SEED_MAX, FieldError, Text, _Strict, valid_unicode
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
@@ -32,7 +34,8 @@ class _Sampling(_Strict):
     """Fields shared by both endpoints."""
 
     model: Text = Field(..., description="the served model's id (GET /v1/models)")
-    max_tokens: int | None = Field(None, ge=1, description="tokens to generate (default 16, at most the context)")
+    max_tokens: int | None = Field(None, ge=0, description="tokens to generate (default 16, at most the context); "
+                                   "0 only with echo (completions): score the prompt alone")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy from the model average")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="tfb: keep the k most probable tokens (0 = off)")
@@ -58,7 +61,10 @@ class _Sampling(_Strict):
     def _check_common(self):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
-                raise ValueError(f"'{name}' is not supported; allowed: 0")
+                raise FieldError(name, f"'{name}' is not supported; allowed: 0")
+        if self.max_tokens == 0 and not getattr(self, "echo", False):
+            raise FieldError("max_tokens", "'max_tokens' 0 generates nothing: it is allowed only with 'echo': true on "
+                             "/v1/completions (to score the prompt); allowed here: 1 or more")
         stops = self.stop_list
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("'stop' must be up to 4 non-empty strings")
@@ -92,27 +98,45 @@ class _Sampling(_Strict):
                               weight_seed=weight_seed, top_logprobs=self.top_alternatives)
 
 
+TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] = Field(
-        ..., description="a prompt, or a non-empty list of them")
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | TokenIds \
+        | Annotated[list[TokenIds], Field(min_length=1)] = Field(
+            ..., description="a prompt, a non-empty list of them, a prompt's token ids, or a list of token-id lists")
     logprobs: int | None = Field(None, ge=0, le=5, description="the top alternatives per token (0-5)")
-    echo: bool = Field(False, description="only false is supported")
+    echo: bool = Field(False, description="return the prompt before the completion, scored token by token under "
+                       "the model average (logprobs and uncertainty; the first token has none); with max_tokens "
+                       "0, the prompt alone. Not with stream")
     best_of: int | None = Field(None, ge=1, description="only equal to n is supported")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        """One clear message for a prompt of no known shape (not a union's four)."""
+        def ids(x) -> bool:
+            return isinstance(x, list) and len(x) > 0 and all(type(i) is int for i in x)
+
+        if isinstance(v, str) or ids(v) or (isinstance(v, list) and v and (
+                all(isinstance(x, str) for x in v) or all(ids(x) for x in v))):
+            return v
+        raise ValueError("must be a non-empty string, a non-empty list of strings, a non-empty list of token ids "
+                         "(integers), or a non-empty list of such lists")
 
     @model_validator(mode="after")
     def _check(self):
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if not prompts or any(not p for p in prompts):
-            raise ValueError("'prompt' must be a non-empty string or a list of them")
-        if self.echo:
-            raise ValueError("'echo' is not supported; allowed: false")
+        if self.echo and self.stream:
+            raise FieldError("echo", "'echo' is not supported with 'stream': true; allowed: echo without stream")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("'best_of' is not supported; allowed: equal to n")
+            raise FieldError("best_of", "'best_of' is not supported; allowed: equal to n")
         return self
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: its text, or its token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
 
     @property
     def top_alternatives(self) -> int:
@@ -166,11 +190,13 @@ class ChatCompletionRequest(_Sampling):
 
 
 class TokenUncertainty(BaseModel):
+    """A token's uncertainty; an echoed prompt's first token has only its text (nothing predicts it)."""
+
     token: str
-    logprob: float = Field(..., description="log p(token) under the model average")
-    predictive_entropy: float
-    expected_entropy: float
-    mutual_information: float
+    logprob: float | None = Field(..., description="log p(token) under the model average")
+    predictive_entropy: float | None
+    expected_entropy: float | None
+    mutual_information: float | None
 
 
 class SequenceUncertainty(BaseModel):
@@ -204,8 +230,8 @@ class CompletionUsage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = Field(..., description="an echoed prompt's first token: null")
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
@@ -285,3 +311,4 @@ class ChatCompletionChunk(BaseModel):
 
 
 AnyGenerationResponse = Union[CompletionResponse, ChatCompletionResponse]
+

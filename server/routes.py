@@ -85,8 +85,7 @@ SSE = {"content": {"text/event-stream": {}}, "description": "with stream: true, 
           tags=["generation"], responses={200: SSE})
 async def create_completion(request: Request, body: CompletionRequest, state: AppState = Depends(require_ready)):
     """Text from the model average of K weight samples, with per-token uncertainty."""
-    prompts = len(body.prompt) if isinstance(body.prompt, list) else 1
-    note_work(request, prompts * body.n, body.num_samples or state.settings.samples)
+    note_work(request, len(body.prompts) * body.n, body.num_samples or state.settings.samples)
     return _answer(await unless_disconnected(request, state.completions.create(body, reporter(request))))
 
 

@@ -179,7 +179,7 @@ def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
     ("/v1/completions", {"prompt": "x", "n": 99}, 400, "n"),
     ("/v1/completions", {"prompt": ["hi"] * 40, "n": 8}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 2}}, 400, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, None),
+    ("/v1/completions", {"prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ("/v1/completions", {"prompt": ""}, 400, None),
     ("/v1/completions", {"prompt": "x", "num_samples": 10**6}, 400, "num_samples"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),

@@ -99,17 +99,20 @@ class GenSequence:
         return [t.token_id for t in self.tokens]
 
     def summary(self) -> dict:
-        """Mean and max of each uncertainty over the generated tokens, the total logprob, and
-        the sequence's own mutual information (:func:`sequence_mutual_information`)."""
-        out = {"num_tokens": len(self.tokens),
-               "total_logprob": float(sum(t.logprob for t in self.tokens))}
-        for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
-            values = [getattr(t, name) for t in self.tokens]
-            out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
-            out[f"max_{name}"] = float(max(values)) if values else 0.0
-        out["sequence_mutual_information"] = sequence_mutual_information(
-            [t.sample_logprobs for t in self.tokens])
-        return out
+        """:func:`summarize` over the generated tokens."""
+        return summarize(self.tokens)
+
+
+def summarize(tokens: Seq[TokenInfo]) -> dict:
+    """Mean and max of each uncertainty over ``tokens``, their total logprob, and the sequence's
+    own mutual information (:func:`sequence_mutual_information`)."""
+    out = {"num_tokens": len(tokens), "total_logprob": float(sum(t.logprob for t in tokens))}
+    for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
+        values = [getattr(t, name) for t in tokens]
+        out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
+        out[f"max_{name}"] = float(max(values)) if values else 0.0
+    out["sequence_mutual_information"] = sequence_mutual_information([t.sample_logprobs for t in tokens])
+    return out
 
 
 def sequence_mutual_information(sample_logprobs: Seq[Seq[float]]) -> float:
