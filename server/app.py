@@ -30,6 +30,7 @@ from .generating import ChatServing, CompletionServing
 from .serving import ChoicesServing
 from .settings import Settings
 from .state import AppState
+from .tokenizer_api import TokenizerServing
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def ready(state: AppState, model: loader.ServedModel, scheduler) -> None:
     state.choices = ChoicesServing(model, scheduler, s, state.metrics, tokenizing)
     state.completions, state.chat = (cls(model, scheduler, s, state.metrics, tokenizing)
                                      for cls in (CompletionServing, ChatServing))
+    state.tokenizer = TokenizerServing(model, tokenizing)
     state.metrics.set_posterior(model.sigma, s.samples, {
         "base_model": loader.public_name(model.base_name, s.show_paths),
         "adapter": loader.public_name(model.adapter, s.show_paths) or "", "source": model.source,

@@ -312,3 +312,52 @@ class ChatCompletionChunk(BaseModel):
 
 AnyGenerationResponse = Union[CompletionResponse, ChatCompletionResponse]
 
+
+# --- vLLM's tokenizer endpoints (lm-eval's remote tokenizer, vLLM clients) ------------------------
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize``: a text (``prompt``) or chat turns (``messages``, rendered with the chat template)."""
+
+    model: Text | None = Field(None, description="the served model's id (optional)")
+    prompt: Text | None = None
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = Field(None, description="the tokenizer's special tokens (default: true "
+                                            "for a prompt, false for messages: the template has its own)")
+    add_generation_prompt: bool = Field(True, description="messages: end with the assistant's turn opening")
+    return_token_strs: bool = Field(False, description="also each token's text")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise FieldError("prompt", "give exactly one of 'prompt' (a text) or 'messages' (chat turns)")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: Text | None = Field(None, description="the served model's id (optional)")
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """``GET /tokenizer_info``: the tokenizer's configuration (as vLLM answers it)."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int

@@ -1,17 +1,28 @@
 """The clients users already run, against a real server on the tiny Llama (issue 24).
 
 Prompt scoring (``echo`` on /v1/completions) against tfb_core's own scoring, with the engine in
-the server's process and in its own; token-id prompts; the official ``openai`` client.
+the server's process and in its own; token-id prompts; the official ``openai`` client; vLLM's
+tokenizer endpoints; EleutherAI's lm-eval (``local-completions``) run as a user runs it.
+
+lm-eval, litellm, langchain-openai and guidellm pin packages tfb's own environment cannot take:
+they live in their own virtualenv, ``.venv-clients`` (``make clients-venv``, part of ``make
+test``), and run here as subprocesses of its Python. Where that venv is missing the tests that
+need it are skipped, unless ``TFB_CLIENTS_PYTHON`` names it (``make test`` does): then they fail.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from server_helpers import ServerThread, tiny_posterior
-from tfb_core import score_prompts, summarize
+from server_helpers import ROOT, ServerThread, tiny_posterior
+from tfb_core import Encoded, Mode, choice_scores, score_prompts, summarize
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
 
@@ -155,3 +166,128 @@ def test_bad_input_is_a_400_naming_the_field(srv, path, body, param, says):
     err = r.json()["error"]
     assert err["param"] == param and says in err["message"], err
     assert complete(srv, prompt="x", max_tokens=1).status_code == 200
+
+
+# --- vLLM's tokenizer endpoints --------------------------------------------------------------------------
+
+
+def test_tokenize_detokenize_and_tokenizer_info_answer_as_vllm_does(srv, core):
+    tok = core.tokenizer
+    r = httpx.post(f"{srv.url}/tokenize", json={"prompt": PROMPT, "return_token_strs": True}, timeout=30).json()
+    assert r == {"count": len(tok(PROMPT).input_ids), "max_model_len": 512, "tokens": tok(PROMPT).input_ids,
+                 "token_strs": tok.convert_ids_to_tokens(tok(PROMPT).input_ids)}
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(f"{srv.url}/tokenize", json={"model": "post", "messages": messages}, timeout=30).json()
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == tok(text, add_special_tokens=False).input_ids
+    back = httpx.post(f"{srv.url}/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()
+    assert back == {"prompt": PROMPT}
+    info = httpx.get(f"{srv.url}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == tok.eos_token and info["chat_template"] == tok.chat_template
+    assert info["model_max_length"] == 512 and info["vocab_size"] == len(tok)
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, "prompt"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/tokenize", {"prompt": "x", "add_bos": True}, 400, "add_bos"),
+    ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "12"}, 400, "tokens"),
+])
+def test_bad_tokenizer_requests(srv, path, body, status, param):
+    r = httpx.post(f"{srv.url}{path}", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_the_openai_client_retrieves_the_model(srv):
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+    card = client.models.retrieve("post")
+    assert card.id == "post" and card.object == "model"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
+
+
+# --- the clients' own virtualenv ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def clients_python() -> str:
+    """The Python of the clients' virtualenv (see the module's docstring)."""
+    given = os.environ.get("TFB_CLIENTS_PYTHON")
+    path = Path(given) if given else ROOT / ".venv-clients" / "bin" / "python"
+    if not path.exists():
+        if given:
+            pytest.fail(f"TFB_CLIENTS_PYTHON={given} does not exist: run make clients-venv")
+        pytest.skip("no .venv-clients: make clients-venv installs lm-eval, litellm, langchain-openai, guidellm")
+    return str(path)
+
+
+def run_client(python: str, *args: str, tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python ARGS`` in the clients' venv, offline, with its caches in ``tmp``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp / "hf"),
+               OPENAI_API_KEY="unused", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    done = subprocess.run([python, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args[:3]} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+# --- lm-eval: multiple-choice (log-likelihood) tasks ---------------------------------------------------------
+
+ITEMS = [
+    ("Question: Which gas do plants take in from the air?\nAnswer:", ["Oxygen", "Carbon dioxide", "Helium", "Nitrogen"], 1),
+    ("Question: What is frozen water called?\nAnswer:", ["Steam", "Ice", "Sand", "Glass"], 1),
+    ("Question: How many legs does a spider have?\nAnswer:", ["Six", "Eight", "Ten", "Four"], 1),
+    ("Question: Which planet is closest to the Sun?\nAnswer:", ["Mercury", "Venus", "Mars", "Jupiter"], 0),
+    ("Question: What do bees make?\nAnswer:", ["Milk", "Silk", "Honey", "Wax paper"], 2),
+]
+
+
+@pytest.fixture(scope="module")
+def deterministic(tmp_path_factory):
+    """A server at sigma 0 and K = 1 (the engine in its own process, the default) and its posterior."""
+    base, post = tiny_posterior(tmp_path_factory.mktemp("lm_eval"), sigma=0.0)
+    with ServerThread(model=str(base), adapter=post, samples=1, device="cpu", engine_process=True) as s:
+        yield s, base, Posterior.load(load_base_model(base, "cpu", "float32"), post)
+
+
+def local_task(root: Path) -> Path:
+    """A 5-question multiple-choice task of lm-eval's, read from a local JSONL file."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "items.jsonl"
+    data.write_text("".join(json.dumps({"query": q, "choices": c, "gold": g}) + "\n" for q, c, g in ITEMS))
+    (root / "tfb_mc.yaml").write_text(
+        "task: tfb_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    return root
+
+
+@pytest.mark.parametrize("tokenizer", ["remote", "huggingface"])
+def test_lm_eval_multiple_choice_acc_is_tfbs_own_scoring(deterministic, clients_python, tmp_path, tokenizer):
+    """lm-eval's loglikelihood requests (token-id prompts, echo, logprobs 1, max_tokens 1) give,
+    per choice, tfb's own log p(choice | question) and so the same acc. ``remote``: lm-eval's
+    default with only model and base_url (it finds /tokenizer_info and /tokenize); ``huggingface``:
+    a local tokenizer directory, as lm-eval's docs show for offline use."""
+    srv, base, post = deterministic
+    args = f"model=post,base_url={srv.url}/v1/completions"
+    if tokenizer == "huggingface":
+        args += f",tokenizer_backend=huggingface,tokenizer={base}"
+    run_client(clients_python, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+               "--tasks", "tfb_mc", "--include_path", str(local_task(tmp_path / "task")),
+               "--output_path", str(tmp_path / "out"), "--log_samples", tmp=tmp_path)
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["tfb_mc"]
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_tfb_mc_*.jsonl")).open()]
+    # tfb's own: sequence mode, log p(" " + choice | question) summed, one weight sample at sigma 0
+    tok = post.tokenizer
+    encoded = [Encoded([tok(q).input_ids + tok(" " + c).input_ids for c in cs], [tok(" " + c).input_ids for c in cs],
+                       Mode.SEQUENCE) for q, cs, _ in ITEMS]
+    ours = choice_scores(post, encoded, [(post.config.seed, 1)] * len(ITEMS))
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        theirs = [float(r[0]) for r in s["filtered_resps"]]
+        assert theirs == pytest.approx(ours[s["doc_id"]][0].tolist(), abs=1e-4), s["doc_id"]
+    acc = sum(int(ours[i][0].argmax()) == g for i, (_, _, g) in enumerate(ITEMS)) / len(ITEMS)
+    assert results["acc,none"] == pytest.approx(acc)
