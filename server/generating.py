@@ -146,6 +146,9 @@ class GenerationServing:
             raise BadRequest(f"'max_tokens' is {max_tokens}, but the prompt ({longest} tokens) plus "
                              f"max_tokens must fit the model's context of {self.context} tokens: allowed "
                              f"1 to {self.context - longest}", param="max_tokens", code="invalid_value")
+        if request.min_tokens > max_tokens:
+            raise BadRequest(f"'min_tokens' is {request.min_tokens}, more than max_tokens ({max_tokens}); allowed: "
+                             f"0 to {max_tokens}", param="min_tokens", code="invalid_value")
         deadline = time.monotonic() + self.settings.request_timeout
         events = asyncio.Queue() if request.stream else None  # one per request: (choice index, event)
         works = []
@@ -197,16 +200,27 @@ class GenerationServing:
             report(str(status))
             return event
 
+        options = request.stream_options
+        continuous = options is not None and options.continuous_usage_stats
+        prompt_tokens, generated = sum(len(x) for x in prompts) * request.n, 0
+
+        def with_usage(c):
+            """vLLM's continuous usage: the request's tokens so far on every chunk."""
+            if continuous:
+                c.usage = CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=generated,
+                                          total_tokens=prompt_tokens + generated)
+            return c
+
         def chunk(i: int, text: str, tokens: list[TokenInfo], reason, summary, offset: int = 0) -> str:
             unc = self._uncertainty(works[i].seq.params.num_samples, tokens, summary)
-            return _sse(self.chunk(request, rid, created, i, text, tokens, reason, unc, offset))
+            return _sse(with_usage(self.chunk(request, rid, created, i, text, tokens, reason, unc, offset)))
 
         # the request's deadline arrives as an event too: one timer per stream, not one per token
         timer = asyncio.get_running_loop().call_later(max(0.0, works[0].deadline - time.monotonic()),
                                                       events.put_nowait, (-1, None))
         try:
             for c in self.opening_chunks(rid, created, len(works)):
-                yield _sse(c)
+                yield _sse(with_usage(c))
             left = len(works)
             offsets = [0] * len(works)  # per choice: characters of its tokens sent (text_offset)
             while left:
@@ -225,6 +239,7 @@ class GenerationServing:
                         return
                     finished = event.finish_reason is not None
                     left -= finished
+                    generated += event.token is not None
                     if event.token is not None or event.text:
                         tokens = [event.token] if event.token is not None else []
                         out.append(chunk(i, event.text, tokens, None, None, offsets[i]))
@@ -234,7 +249,7 @@ class GenerationServing:
                         reason = event.finish_reason if event.finish_reason in ("stop", "length") else None
                         out.append(chunk(i, "", [], reason, event.summary))
                 yield "".join(out)
-            if request.stream_options is not None and request.stream_options.include_usage:
+            if options is not None and options.include_usage:
                 usage = self._usage(prompts, [w.seq for w in works], request.n)
                 yield _sse(self.usage_chunk(rid, created, usage))
             report("200")

@@ -3,7 +3,8 @@
 The shapes are OpenAI's; every choice carries an extra ``uncertainty`` object. Parameters:
 - supported: model, prompt / messages, max_tokens (max_completion_tokens for chat),
   temperature, top_p, n, stop, seed, logprobs / top_logprobs, stream, stream_options (with
-  stream only), user (accepted, not stored); tfb's own: num_samples, top_k.
+  stream only), user (accepted, not stored); tfb's own: num_samples, top_k; vLLM's: ignore_eos,
+  min_tokens, stream_options.continuous_usage_stats.
 - completions only: echo (the prompt scored token by token; max_tokens 0 scores it alone), and
   prompts given as token ids.
 - accepted only at their neutral value: presence_penalty = 0, frequency_penalty = 0,
@@ -28,6 +29,8 @@ NonEmpty = Annotated[str, StringConstraints(min_length=1), AfterValidator(valid_
 
 class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="a last chunk with no choices and the request's usage")
+    continuous_usage_stats: bool = Field(False, description="vLLM's: every chunk carries the request's usage "
+                                         "so far (benchmark clients count tokens with it)")
 
 
 class _Sampling(_Strict):
@@ -49,6 +52,10 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, description="only 0 is supported")
     frequency_penalty: float = Field(0.0, description="only 0 is supported")
     num_samples: int | None = Field(None, ge=1, description="tfb: K weight samples (default: the server's)")
+    ignore_eos: bool = Field(False, description="vLLM's: an end-of-sequence token does not end the text "
+                             "(benchmarks ask for exact lengths)")
+    min_tokens: int = Field(0, ge=0, description="vLLM's: no end-of-sequence token and no stop string before "
+                            "this many tokens (at most max_tokens)")
 
     @field_validator("stream_options")
     @classmethod
@@ -95,7 +102,8 @@ class _Sampling(_Strict):
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, stop=self.stop_list,
                               seed=None if self.seed is None else self.seed + choice, num_samples=num_samples,
-                              weight_seed=weight_seed, top_logprobs=self.top_alternatives)
+                              weight_seed=weight_seed, top_logprobs=self.top_alternatives,
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
 
 
 TokenIds = Annotated[list[int], Field(min_length=1)]

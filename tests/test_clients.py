@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import openai
 import pytest
 
 from server_helpers import ROOT, ServerThread, tiny_posterior
-from tfb_core import Encoded, Mode, choice_scores, score_prompts, summarize
+from tfb_core import Encoded, Mode, SamplingParams, choice_scores, generate, score_prompts, summarize
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
 
@@ -250,6 +251,7 @@ def deterministic(tmp_path_factory):
     """A server at sigma 0 and K = 1 (the engine in its own process, the default) and its posterior."""
     base, post = tiny_posterior(tmp_path_factory.mktemp("lm_eval"), sigma=0.0)
     with ServerThread(model=str(base), adapter=post, samples=1, device="cpu", engine_process=True) as s:
+        s.dirs = base, post
         yield s, base, Posterior.load(load_base_model(base, "cpu", "float32"), post)
 
 
@@ -291,3 +293,86 @@ def test_lm_eval_multiple_choice_acc_is_tfbs_own_scoring(deterministic, clients_
         assert theirs == pytest.approx(ours[s["doc_id"]][0].tolist(), abs=1e-4), s["doc_id"]
     acc = sum(int(ours[i][0].argmax()) == g for i, (_, _, g) in enumerate(ITEMS)) / len(ITEMS)
     assert results["acc,none"] == pytest.approx(acc)
+
+
+# --- benchmark clients: vLLM's extensions -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eos_first(deterministic, tmp_path_factory):
+    """A server whose end-of-sequence token is the one its model picks first after PROMPT (sigma 0,
+    K 1; the same weights, with generation_config.json naming that token): (server, that token)."""
+    srv, base, post = deterministic
+    ids = post.tokenizer(PROMPT).input_ids
+    first = generate(post, [ids], SamplingParams(max_tokens=1, num_samples=1, weight_seed=post.config.seed))[0]
+    eos = first.token_ids[0]
+    copy = shutil.copytree(base, tmp_path_factory.mktemp("eos") / "base")
+    config = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    with ServerThread(model=str(copy), adapter=srv.dirs[1], samples=1, device="cpu") as s:
+        yield s, post.tokenizer.decode([eos])
+
+
+def test_ignore_eos_and_min_tokens_are_honoured(eos_first):
+    srv, eos = eos_first
+    body = dict(prompt=PROMPT, max_tokens=5, temperature=0, logprobs=0)
+    ended = complete(srv, **body).json()
+    assert ended["usage"]["completion_tokens"] == 1 and ended["choices"][0]["finish_reason"] == "stop"
+    past = complete(srv, **body, ignore_eos=True).json()
+    assert past["usage"]["completion_tokens"] == 5 and past["choices"][0]["finish_reason"] == "length"
+    assert past["choices"][0]["logprobs"]["tokens"][0] == eos
+    kept = complete(srv, **body, min_tokens=3).json()
+    assert kept["usage"]["completion_tokens"] >= 3 and eos not in kept["choices"][0]["logprobs"]["tokens"][:3]
+    chat = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60, json={
+        "model": "post", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 4,
+        "ignore_eos": True, "min_tokens": 2}).json()
+    assert chat["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(srv, path):
+    body = {"model": "post", "max_tokens": 4, "n": 2, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"prompt": PROMPT} if "chat" not in path else {"messages": [{"role": "user", "content": "Hi"}]})
+    with httpx.stream("POST", f"{srv.url}{path}", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    usages = [e["usage"] for e in events]
+    assert all(u is not None for u in usages)  # every chunk
+    prompt = usages[0]["prompt_tokens"]
+    done = [u["completion_tokens"] for u in usages]
+    assert done == sorted(done) and done[-1] == 2 * 4 and all(u["prompt_tokens"] == prompt for u in usages)
+    assert all(u["total_tokens"] == prompt + u["completion_tokens"] for u in usages)
+    tokens = sum(len((e["choices"][0].get("uncertainty") or {}).get("tokens", [])) for e in events if e["choices"])
+    assert tokens == 8 and events[-1]["choices"] == []  # the include_usage chunk last
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "ignore_eoss": True}, "ignore_eoss"),  # a typo stays a 400 naming it
+    ({"prompt": "x", "stream": True, "stream_options": {"continuous_usage": True}}, "stream_options.continuous_usage"),
+    ({"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+    ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"prompt": "x", "ignore_eos": "yes"}, "ignore_eos"),
+])
+def test_unknown_or_bad_extension_fields_are_a_400_naming_them(srv, body, param):
+    r = complete(srv, **body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("request_format", ["/v1/chat/completions", "/v1/completions"])
+def test_guidellm_streams_unchanged_with_no_errors(deterministic, clients_python, tmp_path, request_format):
+    """guidellm's streaming benchmark as its README runs it (it asks for ignore_eos and
+    continuous usage stats): every request succeeds, each with its exact output tokens, and
+    time to first token and inter-token latency are reported."""
+    srv, base, _ = deterministic
+    out = tmp_path / "benchmarks.json"
+    run_client(clients_python, "-m", "guidellm", "run",
+               "--backend", f"kind=openai_http,target={srv.url},request_format={request_format}",
+               "--profile", "kind=synchronous", "--constraint", "kind=max_requests,count=4",
+               "--data", "kind=synthetic_text,prompt_tokens=16,output_tokens=8",
+               "--tokenizer", f"kind=huggingface_auto,model={base}", "--output", f"kind=json,path={out}",
+               "--disable-console-interactive", tmp=tmp_path)
+    metrics = json.loads(out.read_text())["benchmarks"][0]["metrics"]
+    assert metrics["request_totals"] == {"successful": 4, "errored": 0, "incomplete": 0, "total": 4}
+    assert metrics["output_token_count"]["successful"]["median"] == 8
+    assert metrics["time_to_first_token_ms"]["successful"]["count"] == 4
+    assert metrics["inter_token_latency_ms"]["successful"]["mean"] > 0

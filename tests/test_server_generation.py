@@ -367,6 +367,7 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_frees_its_work
 
     from server.engine import GenWork
     from server.generating import CompletionServing
+    from server.openai_protocol import CompletionRequest
     from tfb_core.generation import GenSequence
 
     async def main():
@@ -378,7 +379,8 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_frees_its_work
         serving = object.__new__(CompletionServing)  # the stream needs no model for this path
 
         async def collect():
-            return [c async for c in serving.stream(None, works, [[1, 2]], reported.append)]
+            request = CompletionRequest(model="post", prompt="x", stream=True)
+            return [c async for c in serving.stream(request, works, [[1, 2]], reported.append)]
 
         return await asyncio.wait_for(collect(), 30), reported, works
 

@@ -44,7 +44,8 @@ class SamplingParams:
     num_samples: int = 10  # K weight samples
     weight_seed: int = 0  # which weight samples: (weight_seed, 0..K-1)
     top_logprobs: int = 0  # alternatives to report per token
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # an end-of-sequence token does not end the sequence
+    min_tokens: int = 0  # no end-of-sequence token is chosen, and no stop string ends it, before this many
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -57,6 +58,8 @@ class SamplingParams:
             raise TFBError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.num_samples < 1:
             raise TFBError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise TFBError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
 
 
 @dataclass
@@ -377,7 +380,8 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     pe = entropy(p)
     # a sequence whose average is not a distribution (NaN or infinite logits) ends alone
     finite = torch.isfinite(p).all(-1) & (p.sum(-1) > 0)  # (S,)
-    tokens = torch.where(finite, p.argmax(-1), 0)  # greedy; sampled sequences are replaced below
+    pick = without_eos(post, seqs, p)  # the choice's distribution; the uncertainty stays p's
+    tokens = torch.where(finite, pick.argmax(-1), 0)  # greedy; sampled sequences are replaced below
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0 and not s.finished]
     if sampled:
         for i in sampled:
@@ -385,7 +389,7 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
             if s.params.seed is not None and (s.generator is None or s.generator.device != dev):
                 s.generator = torch.Generator(dev).manual_seed(s.params.seed)
         idx = torch.tensor(sampled, device=dev)
-        drawn = sample_tokens(p[idx], [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
+        drawn = sample_tokens(pick[idx], [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
         tokens[idx] = torch.where(finite[idx], drawn, tokens[idx])
     logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
     # the output's size given: the device need not be asked for it (a sync) in the middle of the step
@@ -420,11 +424,26 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     return rows_out
 
 
+def without_eos(post, seqs: Seq[GenSequence], p: torch.Tensor) -> torch.Tensor:
+    """``p`` (S, V) with the end-of-sequence tokens' probability set to 0 for each sequence
+    below its ``min_tokens`` (where some other token has probability left); ``p`` itself when
+    none is."""
+    rows = [i for i, s in enumerate(seqs) if len(s.tokens) < s.params.min_tokens and not s.finished]
+    if not rows:
+        return p
+    eos = torch.tensor(sorted(_eos_ids(post.tokenizer, post.model)), dtype=torch.long, device=p.device)
+    idx = torch.tensor(rows, device=p.device)
+    masked = p[idx].index_fill(1, eos, 0.0)
+    keep = masked.sum(-1, keepdim=True) > 0
+    return p.index_copy(0, idx, torch.where(keep, masked, p[idx]))
+
+
 def update_finish(decode: Callable[[list[int]], str], s: GenSequence, eos: set[int], limit: int | None) -> None:
     """Extend ``s.text`` by its newest token (``decode``: see :func:`text_decoder`) and, once it
     ends (an ``eos`` token, a stop string, max_tokens, the context of ``limit`` tokens), set its
     finish reason."""
-    if not s.params.ignore_eos and s.tokens[-1].token_id in eos:
+    may_stop = len(s.tokens) >= s.params.min_tokens
+    if not s.params.ignore_eos and may_stop and s.tokens[-1].token_id in eos:
         s.finish_reason = "stop"
     at_end = s.finish_reason is not None or len(s.tokens) >= s.params.max_tokens or \
         (limit is not None and len(s.prompt_ids) + len(s.tokens) >= limit)
@@ -432,7 +451,8 @@ def update_finish(decode: Callable[[list[int]], str], s: GenSequence, eos: set[i
     if new:
         start = max(0, len(s.text) - max((len(x) for x in s.params.stop), default=0))  # a stop may span steps
         s.text += new
-        hits = [at for at in (s.text.find(stop, start) for stop in s.params.stop if stop) if at >= 0]
+        hits = [at for at in (s.text.find(stop, start) for stop in s.params.stop if stop) if at >= 0] \
+            if may_stop else []
         if hits:  # the earliest stop string wins
             s.text = s.text[:min(hits)]
             s.finish_reason = "stop"
