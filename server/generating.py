@@ -390,11 +390,15 @@ class CompletionServing(GenerationServing):
         for piece in pieces:
             offsets.append(at)
             at += len(piece)
+        def column(name: str) -> list:
+            return [None for _ in head] + [getattr(t, name) for t in tokens]
+
         return CompletionLogprobs(
-            tokens=pieces, token_logprobs=[None for _ in head] + [t.logprob for t in tokens],
+            tokens=pieces, token_logprobs=column("logprob"),
             top_logprobs=[None for _ in head] + [{self._piece(i): lp for i, lp in t.top} for t in tokens]
             if top else None,
-            text_offset=offsets)
+            text_offset=offsets, predictive_entropy=column("predictive_entropy"),
+            expected_entropy=column("expected_entropy"), mutual_information=column("mutual_information"))
 
 
 class ChatServing(GenerationServing):
@@ -444,7 +448,10 @@ class ChatServing(GenerationServing):
             return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
         return ChatLogprobs(content=[ChatTokenLogprob(**entry(t.token_id, t.logprob),
-                                                      top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top])
+                                                      top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top],
+                                                      predictive_entropy=t.predictive_entropy,
+                                                      expected_entropy=t.expected_entropy,
+                                                      mutual_information=t.mutual_information)
                                      for t in tokens])
 
 

@@ -241,6 +241,10 @@ class CompletionLogprobs(BaseModel):
     token_logprobs: list[float | None] = Field(..., description="an echoed prompt's first token: null")
     top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
+    # tfb: each token's uncertainty, parallel to tokens (where clients that keep only logprobs look)
+    predictive_entropy: list[float | None]
+    expected_entropy: list[float | None]
+    mutual_information: list[float | None]
 
 
 class CompletionChoice(BaseModel):
@@ -268,6 +272,10 @@ class TopLogprob(BaseModel):
 
 class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
+    # tfb: the token's uncertainty (where clients that keep only logprobs look)
+    predictive_entropy: float
+    expected_entropy: float
+    mutual_information: float
 
 
 class ChatLogprobs(BaseModel):

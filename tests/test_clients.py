@@ -376,3 +376,81 @@ def test_guidellm_streams_unchanged_with_no_errors(deterministic, clients_python
     assert metrics["output_token_count"]["successful"]["median"] == 8
     assert metrics["time_to_first_token_ms"]["successful"]["count"] == 4
     assert metrics["inter_token_latency_ms"]["successful"]["mean"] > 0
+
+
+# --- uncertainty where clients look: in each token's logprobs ------------------------------------------------
+
+NAMES = ("predictive_entropy", "expected_entropy", "mutual_information")
+
+
+def test_each_logprobs_token_carries_its_uncertainty(srv):
+    """Chat: each logprobs.content entry; completions: lists parallel to logprobs.tokens (an
+    echoed prompt's first token null); both equal to the choice's own uncertainty.tokens."""
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model="post", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2).choices[0]
+    expected = chat.model_extra["uncertainty"]["tokens"]
+    for entry, exp in zip(chat.logprobs.content, expected, strict=True):
+        assert [getattr(entry, n) for n in NAMES] == pytest.approx([exp[n] for n in NAMES], abs=1e-9)
+        assert all(not (top.model_extra or {}) for top in entry.top_logprobs)  # alternatives: OpenAI's keys only
+    for echo in (False, True):
+        c = client.completions.create(model="post", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1,
+                                      echo=echo).choices[0]
+        lp, expected = c.logprobs, c.model_extra["uncertainty"]["tokens"]
+        for n in NAMES:
+            assert getattr(lp, n) == [t.get(n) for t in expected] and len(getattr(lp, n)) == len(lp.tokens)
+        assert (lp.mutual_information[0] is None) == echo
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", timeout=60, json={
+            "model": "post", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            "logprobs": True, "stream": True}) as r:
+        streamed = [e for line in r.iter_lines() if line.startswith("data: {")
+                    for ch in json.loads(line[6:])["choices"] for e in (ch.get("logprobs") or {}).get("content", [])]
+    assert [e["mutual_information"] for e in streamed] == pytest.approx(
+        [e.mutual_information for e in chat.logprobs.content], abs=1e-9)  # streamed: each token's chunk
+
+
+CLIENTS_SCRIPT = """
+import json, sys
+import litellm
+from langchain_openai import ChatOpenAI, OpenAI
+
+url, prompt = sys.argv[1], sys.argv[2]
+messages = [{"role": "user", "content": prompt}]
+out = {}
+# LangChain keeps each choice's logprobs as they are: response_metadata["logprobs"]
+chat = ChatOpenAI(model="post", base_url=url, api_key="unused", max_tokens=4, temperature=0).bind(logprobs=True)
+out["langchain_chat"] = [t["mutual_information"] for t in chat.invoke(prompt).response_metadata["logprobs"]["content"]]
+llm = OpenAI(model="post", base_url=url, api_key="unused", max_tokens=4, temperature=0, logprobs=1)
+out["langchain_completions"] = llm.generate([prompt]).generations[0][0].generation_info["logprobs"]["mutual_information"]
+# litellm: each token's entry of choices[0].logprobs
+r = litellm.completion(model="openai/post", api_base=url, api_key="unused", messages=messages, max_tokens=4,
+                       temperature=0, logprobs=True)
+out["litellm_chat"] = [t.mutual_information for t in r.choices[0].logprobs.content]
+chunks = litellm.completion(model="openai/post", api_base=url, api_key="unused", messages=messages, max_tokens=4,
+                            temperature=0, logprobs=True, stream=True)
+out["litellm_stream"] = [t.mutual_information for c in chunks if c.choices and c.choices[0].logprobs
+                         for t in c.choices[0].logprobs.content]
+t = litellm.text_completion(model="openai/post", api_base=url, api_key="unused", prompt=prompt, max_tokens=4,
+                            temperature=0, logprobs=1)
+out["litellm_completions"] = t.choices[0].logprobs.mutual_information
+print(json.dumps(out))
+"""
+
+
+def test_langchain_and_litellm_reach_each_tokens_uncertainty(srv, clients_python, tmp_path):
+    """langchain-openai 1.8 and litellm 1.110, unchanged, from the clients' venv: the documented
+    one-line paths to each token's mutual information give the server's numbers."""
+    done = run_client(clients_python, "-c", CLIENTS_SCRIPT, f"{srv.url}/v1", "Hi", tmp=tmp_path)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+
+    def mi(path: str, body: dict) -> list[float]:
+        r = httpx.post(f"{srv.url}{path}", timeout=60, json={"model": "post", "max_tokens": 4, "temperature": 0, **body})
+        return [t["mutual_information"] for t in r.json()["choices"][0]["uncertainty"]["tokens"]]
+
+    chat = mi("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+    completions = mi("/v1/completions", {"prompt": "Hi"})
+    assert len(chat) == len(completions) == 4
+    for name in ("langchain_chat", "litellm_chat", "litellm_stream"):
+        assert got[name] == pytest.approx(chat, abs=1e-9), name
+    for name in ("langchain_completions", "litellm_completions"):
+        assert got[name] == pytest.approx(completions, abs=1e-9), name
