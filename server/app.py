@@ -104,10 +104,14 @@ def start_loading(state: AppState, load, separate: bool) -> Callable[[], Awaitab
     """Start the engine: in a process of its own if ``separate`` (returns what stops it), else
     in this process, loading in a daemon thread (on success the scheduler starts on this event
     loop)."""
+    import torch
+
     if separate:
         from .engine_process import start_engine_process
 
+        torch.set_num_threads(1)  # this process tokenizes and streams; its engine process does the math
         return start_engine_process(state, ready, fail)
+    torch.set_num_threads(state.settings.torch_threads)
     loop = asyncio.get_running_loop()
 
     def set_status(status: str) -> None:

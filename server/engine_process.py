@@ -441,6 +441,8 @@ def engine_main(settings: Settings, path: str, log_level: int) -> None:
         signal.signal(sig, _ignore)
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(settings.torch_threads)
+    log.info("torch uses %d CPU threads (process %d)", torch.get_num_threads(), os.getpid())
     asyncio.run(_serve_engine(settings, path))
 
 

@@ -95,9 +95,12 @@ class ServerThread:
 
         self.port = free_port()
         overrides.setdefault("engine_process", False)
+        overrides.setdefault("threads", 1)  # the engine here runs in the test's process: the CPU is shared
         settings = settings or Settings(port=self.port, **overrides)
         if not settings.given("engine_process"):
             settings = settings.model_copy(update={"engine_process": False})
+        if not settings.given("threads"):
+            settings = settings.model_copy(update={"threads": 1})
         self.app = build_app(settings, load) if load else build_app(settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="on")
