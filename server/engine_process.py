@@ -190,9 +190,10 @@ class EventSink:
 
 
 def result_to_wire(result):
-    """A finished sequence without its random generator (on the device) and its step's exception
-    (a failed sequence is answered with its error instead); a scoring output as it is."""
-    return replace(result, generator=None, failure=None) if isinstance(result, GenSequence) else result
+    """A finished sequence without its random generator (on the device), its grammar's state and its
+    step's exception (a failed sequence is answered with its error instead); a scoring output as it is."""
+    return replace(result, generator=None, failure=None, constraint=None) if isinstance(result, GenSequence) \
+        else result
 
 
 class MetricsRelay:

@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from tfb_core import GenSequence, TFBError, TokenInfo, apply_chat, summarize
+from tfb_core import (GenSequence, TFBError, TokenInfo, apply_chat, field_uncertainty, json_grammar,
+                      summarize)
 
 from .engine import GenWork, ScoreWork
 from .errors import BadRequest, NotFound, RequestTimeout, sse_error
@@ -26,7 +27,7 @@ from .metrics import Metrics
 from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut,
                               ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                              CompletionResponse, CompletionUsage, GenerationUncertainty,
+                              CompletionResponse, CompletionUsage, FieldUncertainty, GenerationUncertainty,
                               SequenceUncertainty, TokenUncertainty, TopLogprob)
 from .scheduler import Scheduler
 from .settings import Settings
@@ -109,6 +110,10 @@ class GenerationServing:
         """Whether a stream's chunks carry text offsets (completions' logprobs)."""
         return False
 
+    def grammar(self, request) -> str | None:
+        """The grammar the output must match (None: free text)."""
+        return None
+
     # --- requests -> work ------------------------------------------------------------------
 
     def check(self, request) -> None:
@@ -149,12 +154,13 @@ class GenerationServing:
         if request.min_tokens > max_tokens:
             raise BadRequest(f"'min_tokens' is {request.min_tokens}, more than max_tokens ({max_tokens}); allowed: "
                              f"0 to {max_tokens}", param="min_tokens", code="invalid_value")
+        grammar = self.grammar(request)
         deadline = time.monotonic() + self.settings.request_timeout
         events = asyncio.Queue() if request.stream else None  # one per request: (choice index, event)
         works = []
         for p in prompts if max_tokens > 0 else []:  # 0: an echoed prompt is only scored
             for i in range(request.n):
-                params = request.to_sampling_params(max_tokens, K, self.model.config.seed, choice=i)
+                params = request.to_sampling_params(max_tokens, K, self.model.config.seed, choice=i, grammar=grammar)
                 seq = GenSequence(list(p), params)
                 works.append(GenWork(seq, self.endpoint, deadline, loop.create_future(), events, loop,
                                      index=len(works)))
@@ -421,9 +427,23 @@ class ChatServing(GenerationServing):
         return [self.tokenizer(text, add_special_tokens=False).input_ids]
 
     def choice(self, request: ChatCompletionRequest, index: int, seq: GenSequence) -> ChatChoice:
+        unc = self._uncertainty(seq.params.num_samples, seq.tokens, seq.summary())
+        if request.response_format is not None and request.response_format.is_json:
+            fields = field_uncertainty(seq.text, [self._piece(t.token_id) for t in seq.tokens], seq.tokens)
+            unc.fields = {k: FieldUncertainty(**v) for k, v in fields.items()} if fields is not None else None
         return ChatChoice(index=index, message=ChatMessageOut(content=seq.text), finish_reason=seq.finish_reason,
-                          logprobs=self._logprobs(seq.tokens) if request.logprobs else None,
-                          uncertainty=self._uncertainty(seq.params.num_samples, seq.tokens, seq.summary()))
+                          logprobs=self._logprobs(seq.tokens) if request.logprobs else None, uncertainty=unc)
+
+    def grammar(self, request: ChatCompletionRequest) -> str | None:
+        """A JSON response_format's grammar (compiled here, on the tokenizing thread; milliseconds)."""
+        fmt = request.response_format
+        if fmt is None or not fmt.is_json:
+            return None
+        try:
+            return json_grammar(fmt.target_schema)
+        except TFBError as e:
+            raise BadRequest(f"'response_format.json_schema.schema': {e}", param="response_format.json_schema.schema",
+                             code="invalid_value") from None
 
     def response_of(self, rid, created, choices, usage) -> ChatCompletionResponse:
         return ChatCompletionResponse(id=rid, created=created, model=self.model_id, choices=choices, usage=usage)

@@ -7,14 +7,15 @@ The shapes are OpenAI's; every choice carries an extra ``uncertainty`` object. P
   min_tokens, stream_options.continuous_usage_stats.
 - completions only: echo (the prompt scored token by token; max_tokens 0 scores it alone), and
   prompts given as token ids.
+- chat only: response_format text, json_object or json_schema (tfb_core.structured).
 - accepted only at their neutral value: presence_penalty = 0, frequency_penalty = 0,
-  best_of = n (completions), response_format {"type": "text"}.
+  best_of = n (completions).
 - anything else (logit_bias, suffix, tools, functions, ...) is a 400 naming the field.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Any, Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
@@ -94,16 +95,16 @@ class _Sampling(_Strict):
         return 0
 
     def to_sampling_params(self, max_tokens: int, num_samples: int, weight_seed: int,
-                           choice: int = 0):
+                           choice: int = 0, grammar: str | None = None):
         """The engine's :class:`tfb_core.SamplingParams` for choice ``choice`` of a prompt (its
-        token seed is ``seed + choice``)."""
+        token seed is ``seed + choice``); ``grammar``: the output's (response_format)."""
         from tfb_core import SamplingParams  # torch: imported when a request is served
 
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, stop=self.stop_list,
                               seed=None if self.seed is None else self.seed + choice, num_samples=num_samples,
                               weight_seed=weight_seed, top_logprobs=self.top_alternatives,
-                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, grammar=grammar)
 
 
 TokenIds = Annotated[list[int], Field(min_length=1)]
@@ -166,8 +167,35 @@ class ChatMessageIn(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class JSONSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``."""
+
+    name: Text = Field(..., description="the schema's name (OpenAI's; not used)")
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema", description="the JSON schema the output must match")
+    strict: bool | None = Field(None, description="accepted: the output always matches the schema")
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"] = Field(..., description="text, any JSON object, or "
+                                                                  "JSON matching json_schema.schema")
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise FieldError("json_schema", "'response_format.json_schema' is required with type 'json_schema' and "
+                             "allowed only with it")
+        return self
+
+    @property
+    def target_schema(self) -> dict | None:
+        """The JSON schema to enforce (None: any JSON object)."""
+        return self.json_schema.schema_ if self.json_schema is not None else None
+
+    @property
+    def is_json(self) -> bool:
+        return self.type != "text"
 
 
 class ChatCompletionRequest(_Sampling):
@@ -175,10 +203,16 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: the reply is "
+                                                   "valid JSON (matching the schema) by construction")
 
     @model_validator(mode="after")
     def _check(self):
+        if self.response_format is not None and self.response_format.is_json:
+            for name in ("ignore_eos", "min_tokens"):
+                if getattr(self, name):
+                    raise FieldError(name, f"'{name}' is not supported with a JSON 'response_format': the "
+                                     f"schema decides where the text ends")
         if not any(m.text.strip() for m in self.messages):
             raise ValueError("'messages' must hold some non-empty content")
         if self.top_logprobs and not self.logprobs:
@@ -221,11 +255,23 @@ class SequenceUncertainty(BaseModel):
                                                "in nats (0 at K = 1)")
 
 
+class FieldUncertainty(BaseModel):
+    """A top-level field of a JSON reply: the uncertainty of the tokens of its value."""
+
+    num_tokens: int
+    mean_mutual_information: float
+    max_mutual_information: float
+    mean_predictive_entropy: float
+    max_predictive_entropy: float
+
+
 class GenerationUncertainty(BaseModel):
     """tfb's addition to every choice: where the model is epistemically unsure, token by token."""
 
     tokens: list[TokenUncertainty]
     sequence: SequenceUncertainty | None = Field(None, description="the summary (in a stream: the last chunk)")
+    fields: dict[str, FieldUncertainty] | None = Field(None, description="a JSON response_format's reply (not "
+                                                       "streamed): per top-level field, its value's tokens")
     num_samples: int
     sigma: float
 

@@ -454,3 +454,93 @@ def test_langchain_and_litellm_reach_each_tokens_uncertainty(srv, clients_python
         assert got[name] == pytest.approx(chat, abs=1e-9), name
     for name in ("langchain_completions", "litellm_completions"):
         assert got[name] == pytest.approx(completions, abs=1e-9), name
+
+
+# --- structured output: response_format ----------------------------------------------------------------------
+
+SMALL = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 10}, "population": {"type": "integer", "minimum": 0, "maximum": 10**6},
+    "coastal": {"type": "boolean"}}, "required": ["city", "population", "coastal"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("where", ["here", "apart"])
+def test_response_format_json_schema_is_followed_and_each_field_gets_its_uncertainty(servers, where):
+    import jsonschema
+
+    client = openai.OpenAI(base_url=f"{servers[where].url}/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(
+        model="post", messages=[{"role": "user", "content": "A city, as JSON"}], max_tokens=80, temperature=0.8,
+        seed=3, n=2, response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SMALL,
+                                                                            "strict": True}})
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SMALL)
+        unc = choice.model_extra["uncertainty"]
+        fields, mis = unc["fields"], [t["mutual_information"] for t in unc["tokens"]]
+        assert set(fields) == set(SMALL["properties"])
+        for f in fields.values():
+            assert f["num_tokens"] >= 1 and f["max_mutual_information"] in mis
+            assert 0 <= f["mean_mutual_information"] <= f["max_mutual_information"]
+    assert r.choices[0].message.content != r.choices[1].message.content
+
+
+def test_the_openai_clients_parse_gets_a_pydantic_object(srv):
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        city: str = Field(max_length=10)
+        coastal: bool
+
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.parse(model="post", messages=[{"role": "user", "content": "A city"}], max_tokens=60,
+                                      response_format=City)
+    assert isinstance(r.choices[0].message.parsed, City)
+    plain = client.chat.completions.create(model="post", messages=[{"role": "user", "content": "JSON, please"}],
+                                           max_tokens=60, response_format={"type": "json_object"})
+    assert plain.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strange"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"d": {"type": "string", "format": "no-such-format"}}}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format.json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+])
+def test_bad_response_formats_are_a_400_naming_the_field(srv, extra, param):
+    r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=30,
+                   json={"model": "post", "messages": [{"role": "user", "content": "x"}], **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+STRUCTURED_SCRIPT = """
+import json, sys
+import litellm
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
+
+class City(BaseModel):
+    city: str = Field(max_length=10)
+    coastal: bool
+
+url = sys.argv[1]
+llm = ChatOpenAI(model="post", base_url=url, api_key="unused", max_tokens=60, temperature=0)
+city = llm.with_structured_output(City, method="json_schema").invoke("A city")
+r = litellm.completion(model="openai/post", api_base=url, api_key="unused", max_tokens=60, temperature=0,
+                       messages=[{"role": "user", "content": "A city"}], response_format=City)
+print(json.dumps({"langchain": city.model_dump(), "litellm": City.model_validate_json(r.choices[0].message.content).model_dump()}))
+"""
+
+
+def test_langchain_and_litellm_structured_output(srv, clients_python, tmp_path):
+    """langchain-openai's with_structured_output (json_schema) and litellm's response_format with a
+    pydantic model, unchanged: each gets a valid object, the same one (greedy)."""
+    done = run_client(clients_python, "-c", STRUCTURED_SCRIPT, f"{srv.url}/v1", tmp=tmp_path)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(got["langchain"]) == {"city", "coastal"} and got["langchain"] == got["litellm"]

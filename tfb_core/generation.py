@@ -46,6 +46,7 @@ class SamplingParams:
     top_logprobs: int = 0  # alternatives to report per token
     ignore_eos: bool = False  # an end-of-sequence token does not end the sequence
     min_tokens: int = 0  # no end-of-sequence token is chosen, and no stop string ends it, before this many
+    grammar: str | None = None  # the text must match it (tfb_core.structured.json_grammar); None: free text
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -88,6 +89,7 @@ class GenSequence:
     generator: torch.Generator | None = None  # made from params.seed on the logits' device at its first draw
     error: str | None = None  # why it ended with "error" (its distribution was not finite, or its step failed)
     failure: Exception | None = None  # the exception its own step raised (see DecodeBatch.step_each)
+    constraint: object = None  # its place in params.grammar (tfb_core.structured.Constraint), made at its first token
     # incremental detokenization (see decode_new): tokens before prefix_offset are text already;
     # tokens[prefix_offset:read_offset] are decoded again only as context for the new ones
     prefix_offset: int = 0
@@ -309,14 +311,20 @@ class DecodeBatch:
 
 
 def save_sequences(seqs: Seq[GenSequence]) -> list[tuple]:
-    """What a step changes in each sequence: its tokens, finish, text and sampling generator."""
+    """What a step changes in each sequence: its tokens (and its grammar's place), finish, text
+    and sampling generator."""
     return [(len(s.tokens), s.finish_reason, s.text, s.error, s.prefix_offset, s.read_offset,
-             s.generator.get_state() if s.generator is not None else None) for s in seqs]
+             s.generator.get_state() if s.generator is not None else None, s.constraint is not None)
+            for s in seqs]
 
 
 def restore_sequences(seqs: Seq[GenSequence], saved: list[tuple]) -> None:
     """Undo a failed step's changes to ``seqs`` (see :func:`save_sequences`)."""
-    for s, (n, reason, text, error, prefix_offset, read_offset, generator) in zip(seqs, saved):
+    for s, (n, reason, text, error, prefix_offset, read_offset, generator, constrained) in zip(seqs, saved):
+        if not constrained:  # made during the failed step: made again at the next
+            s.constraint = None
+        elif len(s.tokens) > n:
+            s.constraint.rollback(len(s.tokens) - n)
         del s.tokens[n:]
         s.finish_reason, s.text, s.error = reason, text, error
         s.prefix_offset, s.read_offset = prefix_offset, read_offset
@@ -380,7 +388,7 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     pe = entropy(p)
     # a sequence whose average is not a distribution (NaN or infinite logits) ends alone
     finite = torch.isfinite(p).all(-1) & (p.sum(-1) > 0)  # (S,)
-    pick = without_eos(post, seqs, p)  # the choice's distribution; the uncertainty stays p's
+    pick = constrained(post, seqs, without_eos(post, seqs, p))  # the choice's distribution; the uncertainty stays p's
     tokens = torch.where(finite, pick.argmax(-1), 0)  # greedy; sampled sequences are replaced below
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0 and not s.finished]
     if sampled:
@@ -420,7 +428,12 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
             if n else []
         s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top,
                                   tuple(per_row[starts[i]:starts[i + 1]])))
+        refused = s.constraint.consume(token_ids[i]) if s.constraint is not None else None
+        if refused is None and s.constraint is not None and s.constraint.stopped:
+            s.finish_reason = "stop"  # the grammar is complete: nothing may follow
         update_finish(decode, s, eos, limit)
+        if refused is not None:  # not expected: the token was chosen among those its grammar allowed
+            s.finish_reason, s.error = "error", f"the output grammar refused token {token_ids[i]}: {refused}"
     return rows_out
 
 
@@ -436,6 +449,26 @@ def without_eos(post, seqs: Seq[GenSequence], p: torch.Tensor) -> torch.Tensor:
     masked = p[idx].index_fill(1, eos, 0.0)
     keep = masked.sum(-1, keepdim=True) > 0
     return p.index_copy(0, idx, torch.where(keep, masked, p[idx]))
+
+
+def constrained(post, seqs: Seq[GenSequence], p: torch.Tensor) -> torch.Tensor:
+    """``p`` (S, V) with the tokens each sequence's grammar forbids set to 0 (uniform over the
+    allowed ones where the model left them no probability: the output stays valid); ``p`` itself
+    when no sequence has a grammar. Makes a sequence's :class:`~tfb_core.structured.Constraint`
+    at its first token."""
+    rows = [i for i, s in enumerate(seqs) if s.params.grammar is not None and not s.finished]
+    if not rows:
+        return p
+    from .structured import Constraint
+
+    for i in rows:
+        if seqs[i].constraint is None:
+            seqs[i].constraint = Constraint(post, seqs[i].params.grammar)
+    allowed = torch.stack([seqs[i].constraint.allowed() for i in rows]).to(p.device)  # (R, V)
+    idx = torch.tensor(rows, device=p.device)
+    masked = torch.where(allowed, p[idx], 0.0)
+    masked = torch.where(masked.sum(-1, keepdim=True) > 0, masked, allowed.to(p.dtype))
+    return p.index_copy(0, idx, masked)
 
 
 def update_finish(decode: Callable[[list[int]], str], s: GenSequence, eos: set[int], limit: int | None) -> None:
