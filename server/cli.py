@@ -92,6 +92,11 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # OpenMP threads that wait for work sleep instead of spinning: on a CPU shared with other busy
+    # processes a spinning thread takes the core the thread with work needs (docs/operations.md:
+    # a short completion on a loaded 2-core machine, 27.5 s spinning, 2.6 s passive). Set before torch
+    # loads (here, and in the engine process, which inherits it); a value of the user's stands.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from . import loader
     from .app import build_app, freeze_heap
     from .connections import raise_open_file_limit, uvicorn_config

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from tfb_core import (Decoder, Encoded, GenSequence, TokenInfo, choice_probs, decompose,
-                      make_decoder, make_prefill, resolve_engine, safe_text)
+                      make_decoder, make_prefill, resolve_engine, safe_text, score_prompts)
 
 from .errors import BadRequest, as_api_error
 from .loader import Loaded, load, resolve_settings, temperature
@@ -53,6 +54,28 @@ class ChoiceWork:
     @property
     def length(self) -> int:
         return max(len(s) for s in self.encoded.sequences)
+
+
+@dataclass(eq=False)
+class ScoreWork:
+    """One prompt to score token by token (``/v1/completions`` with ``echo``), waiting for its forward."""
+
+    prompt_ids: list[int]
+    seed: int
+    num_samples: int
+    top_logprobs: int
+    deadline: float
+    future: asyncio.Future  # resolved with the prompt's list[TokenInfo] (every token but the first)
+    arrived: float = field(default_factory=time.monotonic)
+    kind: str = "score"
+
+    @property
+    def rows(self) -> int:
+        return self.num_samples
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids)
 
 
 @dataclass
@@ -85,9 +108,29 @@ class ModelRunner:
     def step(self, batch: Batch) -> list:
         if batch.kind == "generate":
             return self.engine.admit(batch.items)
+        if batch.kind == "score":
+            return self.score_step(batch.items)
         if batch.kind != "choice":
             raise ValueError(f"no step for work of kind {batch.kind!r}")
         return self.choices_step(batch.items)
+
+    def score_step(self, items: list[ScoreWork]) -> list[list[TokenInfo] | Exception]:
+        """Prompts scored token by token in ONE forward over their K rows each."""
+        with Timer() as t:
+            scored = score_prompts(self.post, [w.prompt_ids for w in items], [(w.seed, w.num_samples) for w in items],
+                                   max(w.top_logprobs for w in items), engine=self.prefill)
+        self.metrics.observe_batch(len(items), sum(w.rows for w in items), t.seconds,
+                                   sum(len(w.prompt_ids) for w in items))
+        outputs = []
+        for w, tokens in zip(items, scored):
+            if not all(math.isfinite(x) for t in tokens for x in (t.logprob, t.predictive_entropy, t.expected_entropy)):
+                outputs.append(BadRequest("the model's next-token distributions for this prompt are not finite (NaN "
+                                          "or infinite logits); it was stopped alone", code="non_finite_distribution"))
+                continue
+            for t in tokens:  # each prompt its own number of alternatives
+                del t.top[w.top_logprobs:]
+            outputs.append(tokens)
+        return outputs
 
     def choices_step(self, items: list[ChoiceWork]) -> list[ChoiceOutput | Exception]:
         with Timer() as t:

@@ -45,7 +45,7 @@ import torch
 
 from tfb_core import GenSequence
 
-from .engine import ChoiceWork, GenWork
+from .engine import ChoiceWork, GenWork, ScoreWork
 from .errors import NotReady, portable
 from .metrics import Metrics
 from .scheduler import check_room, until_idle, wait
@@ -156,6 +156,9 @@ def to_wire(item_id: int, item) -> tuple:
     """(id, kind, fields): a work item without its future and event queue (they stay in the API process)."""
     if isinstance(item, ChoiceWork):
         return item_id, "choice", (item.encoded, item.seed, item.num_samples, item.deadline, item.arrived)
+    if isinstance(item, ScoreWork):
+        return item_id, "score", (item.prompt_ids, item.seed, item.num_samples, item.top_logprobs, item.deadline,
+                                  item.arrived)
     return item_id, "generate", (item.seq, item.endpoint, item.deadline, item.index, item.events is not None,
                                  item.arrived)
 
@@ -166,6 +169,9 @@ def from_wire(spec: tuple, loop: asyncio.AbstractEventLoop, put: Callable[[tuple
     if kind == "choice":
         encoded, seed, num_samples, deadline, arrived = fields
         return ChoiceWork(encoded, seed, num_samples, deadline, loop.create_future(), arrived)
+    if kind == "score":
+        prompt_ids, seed, num_samples, top, deadline, arrived = fields
+        return ScoreWork(prompt_ids, seed, num_samples, top, deadline, loop.create_future(), arrived)
     seq, endpoint, deadline, index, streamed, arrived = fields
     return GenWork(seq, endpoint, deadline, loop.create_future(), EventSink(item_id, put) if streamed else None,
                    loop, index, arrived)
@@ -185,9 +191,10 @@ class EventSink:
 
 
 def result_to_wire(result):
-    """A finished sequence without its random generator (on the device) and its step's exception
-    (a failed sequence is answered with its error instead); a scoring output as it is."""
-    return replace(result, generator=None, failure=None) if isinstance(result, GenSequence) else result
+    """A finished sequence without its random generator (on the device), its grammar's state and its
+    step's exception (a failed sequence is answered with its error instead); a scoring output as it is."""
+    return replace(result, generator=None, failure=None, constraint=None) if isinstance(result, GenSequence) \
+        else result
 
 
 class MetricsRelay:
@@ -450,6 +457,8 @@ def engine_main(settings: Settings, path: str, log_level: int) -> None:
         signal.signal(sig, _ignore)
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(settings.torch_threads)
+    log.info("torch uses %d CPU threads (process %d)", torch.get_num_threads(), os.getpid())
     asyncio.run(_serve_engine(settings, path))
 
 

@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tfb_core import TFBError
 
+from .protocol import FieldError
+
 log = logging.getLogger(__name__)
 
 
@@ -181,8 +183,11 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
         # the field path, without pydantic's names of union members (str, list[...], function-after[...])
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "single", "batch")
                and not _type_tag(p)]
-        # model-level checks of an item carry no field name: point at the item
+        # model-level checks of an item carry no field name: point at the item, or the field it blames
         param = ".".join(loc) or None
+        blamed = err.get("ctx", {}).get("error")
+        if isinstance(blamed, FieldError):
+            param = ".".join([*loc, blamed.param])
         first_param = first_param or param
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         if err.get("type") == "missing":
@@ -190,7 +195,7 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
         elif err.get("type") == "extra_forbidden":
             msg = "unknown field"
         where = f"'{param}'" if param else "the body"
-        parts.append(f"{where}: {msg}" + _got(err))
+        parts.append(msg if isinstance(blamed, FieldError) else f"{where}: {msg}" + _got(err))
     return "; ".join(parts), first_param
 
 

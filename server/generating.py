@@ -16,9 +16,10 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from tfb_core import GenSequence, TFBError, TokenInfo, apply_chat
+from tfb_core import (GenSequence, TFBError, TokenInfo, apply_chat, field_uncertainty, json_grammar,
+                      summarize)
 
-from .engine import GenWork
+from .engine import GenWork, ScoreWork
 from .errors import BadRequest, NotFound, RequestTimeout, sse_error
 from .limits import Tokenizing, check_chars, check_samples
 from .loader import ServedModel
@@ -26,7 +27,7 @@ from .metrics import Metrics
 from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut,
                               ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                              CompletionResponse, CompletionUsage, GenerationUncertainty,
+                              CompletionResponse, CompletionUsage, FieldUncertainty, GenerationUncertainty,
                               SequenceUncertainty, TokenUncertainty, TopLogprob)
 from .scheduler import Scheduler, check_room
 from .settings import Settings
@@ -109,6 +110,10 @@ class GenerationServing:
         """Whether a stream's chunks carry text offsets (completions' logprobs)."""
         return False
 
+    def grammar(self, request) -> str | None:
+        """The grammar the output must match (None: free text)."""
+        return None
+
     # --- requests -> work ------------------------------------------------------------------
 
     def check(self, request) -> None:
@@ -139,17 +144,23 @@ class GenerationServing:
         if longest >= self.context:
             raise BadRequest(f"the prompt is {longest} tokens long; the model's context is {self.context} "
                              f"tokens", param=self.param)
-        max_tokens = request.max_new_tokens or min(DEFAULT_MAX_TOKENS, self.context - longest)
+        max_tokens = request.max_new_tokens
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.context - longest)
         if longest + max_tokens > self.context:
             raise BadRequest(f"'max_tokens' is {max_tokens}, but the prompt ({longest} tokens) plus "
                              f"max_tokens must fit the model's context of {self.context} tokens: allowed "
                              f"1 to {self.context - longest}", param="max_tokens", code="invalid_value")
+        if request.min_tokens > max_tokens:
+            raise BadRequest(f"'min_tokens' is {request.min_tokens}, more than max_tokens ({max_tokens}); allowed: "
+                             f"0 to {max_tokens}", param="min_tokens", code="invalid_value")
+        grammar = self.grammar(request)
         deadline = time.monotonic() + self.settings.request_timeout
         events = asyncio.Queue() if request.stream else None  # one per request: (choice index, event)
         works = []
-        for p in prompts:
+        for p in prompts if max_tokens > 0 else []:  # 0: an echoed prompt is only scored
             for i in range(request.n):
-                params = request.to_sampling_params(max_tokens, K, self.model.config.seed, choice=i)
+                params = request.to_sampling_params(max_tokens, K, self.model.config.seed, choice=i, grammar=grammar)
                 seq = GenSequence(list(p), params)
                 works.append(GenWork(seq, self.endpoint, deadline, loop.create_future(), events, loop,
                                      index=len(works)))
@@ -196,16 +207,27 @@ class GenerationServing:
             report(str(status))
             return event
 
+        options = request.stream_options
+        continuous = options is not None and options.continuous_usage_stats
+        prompt_tokens, generated = sum(len(x) for x in prompts) * request.n, 0
+
+        def with_usage(c):
+            """vLLM's continuous usage: the request's tokens so far on every chunk."""
+            if continuous:
+                c.usage = CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=generated,
+                                          total_tokens=prompt_tokens + generated)
+            return c
+
         def chunk(i: int, text: str, tokens: list[TokenInfo], reason, summary, offset: int = 0) -> str:
-            unc = self._uncertainty(works[i].seq, tokens, summary)
-            return _sse(self.chunk(request, rid, created, i, text, tokens, reason, unc, offset))
+            unc = self._uncertainty(works[i].seq.params.num_samples, tokens, summary)
+            return _sse(with_usage(self.chunk(request, rid, created, i, text, tokens, reason, unc, offset)))
 
         # the request's deadline arrives as an event too: one timer per stream, not one per token
         timer = asyncio.get_running_loop().call_later(max(0.0, works[0].deadline - time.monotonic()),
                                                       events.put_nowait, (-1, None))
         try:
             for c in self.opening_chunks(rid, created, len(works)):
-                yield _sse(c)
+                yield _sse(with_usage(c))
             left = len(works)
             offsets = [0] * len(works)  # per choice: characters of its tokens sent (text_offset)
             while left:
@@ -224,6 +246,7 @@ class GenerationServing:
                         return
                     finished = event.finish_reason is not None
                     left -= finished
+                    generated += event.token is not None
                     if event.token is not None or event.text:
                         tokens = [event.token] if event.token is not None else []
                         out.append(chunk(i, event.text, tokens, None, None, offsets[i]))
@@ -233,7 +256,7 @@ class GenerationServing:
                         reason = event.finish_reason if event.finish_reason in ("stop", "length") else None
                         out.append(chunk(i, "", [], reason, event.summary))
                 yield "".join(out)
-            if request.stream_options is not None and request.stream_options.include_usage:
+            if options is not None and options.include_usage:
                 usage = self._usage(prompts, [w.seq for w in works], request.n)
                 yield _sse(self.usage_chunk(rid, created, usage))
             report("200")
@@ -250,15 +273,18 @@ class GenerationServing:
         c = sum(len(s.tokens) for s in seqs)
         return CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
-    def _uncertainty(self, seq: GenSequence, tokens: list[TokenInfo], summary: dict | None
-                     ) -> GenerationUncertainty:
+    def _uncertainty(self, num_samples: int, tokens: list[TokenInfo], summary: dict | None,
+                     first: int | None = None) -> GenerationUncertainty:
+        """``first``: an echoed prompt's first token (listed first, with no numbers)."""
+        head = [TokenUncertainty(token=self._piece(first), logprob=None, predictive_entropy=None,
+                                 expected_entropy=None, mutual_information=None)] if first is not None else []
         return GenerationUncertainty(
-            tokens=[TokenUncertainty(token=self._piece(t.token_id), logprob=t.logprob,
-                                     predictive_entropy=t.predictive_entropy,
-                                     expected_entropy=t.expected_entropy,
-                                     mutual_information=t.mutual_information) for t in tokens],
+            tokens=head + [TokenUncertainty(token=self._piece(t.token_id), logprob=t.logprob,
+                                            predictive_entropy=t.predictive_entropy,
+                                            expected_entropy=t.expected_entropy,
+                                            mutual_information=t.mutual_information) for t in tokens],
             sequence=SequenceUncertainty(**summary) if summary is not None else None,
-            num_samples=seq.params.num_samples, sigma=self.model.sigma)
+            num_samples=num_samples, sigma=self.model.sigma)
 
     def _piece(self, token_id: int) -> str:
         """A token's own text (for per-token uncertainty and logprobs), decoded once per token id."""
@@ -269,7 +295,9 @@ class GenerationServing:
 
 
 class CompletionServing(GenerationServing):
-    """``POST /v1/completions``: one or more prompts, tokenized as they are."""
+    """``POST /v1/completions``: one or more prompts (texts, tokenized as they are, or token ids);
+    with ``echo``, each prompt is also scored token by token (a :class:`~server.engine.ScoreWork`
+    beside its generation) and returned before the completion."""
 
     endpoint, id_prefix, param, items_param = COMPLETIONS_ENDPOINT, "cmpl", "prompt", "prompt"
 
@@ -277,16 +305,72 @@ class CompletionServing(GenerationServing):
         return len(request.prompts)
 
     def prompt_chars(self, request: CompletionRequest) -> int:
-        return max(len(t) for t in request.prompts)
+        return max((len(t) for t in request.prompts if isinstance(t, str)), default=0)
 
     def tokenize(self, request: CompletionRequest) -> list[list[int]]:
-        return [self.tokenizer(t).input_ids for t in request.prompts]
+        vocab = len(self.tokenizer)
+        for ids in request.prompts:
+            bad = next((i for i in ids if not 0 <= i < vocab), None) if not isinstance(ids, str) else None
+            if bad is not None:
+                raise BadRequest(f"'prompt' holds the token id {bad}, outside the model's vocabulary: allowed "
+                                 f"0 to {vocab - 1}", param="prompt", code="invalid_value")
+        return [self.tokenizer(t).input_ids if isinstance(t, str) else list(t) for t in request.prompts]
+
+    async def create(self, request: CompletionRequest, report: Callable[[str], None] = lambda status: None):
+        if not request.echo:
+            return await super().create(request, report)
+        self.check(request)
+        loop = asyncio.get_running_loop()
+        works, prompts = await self.tokenizing.run(self.prepare, request, loop)
+        deadline = works[0].deadline if works else time.monotonic() + self.settings.request_timeout
+        scores = [self.score_work(request, p, deadline, loop) for p in prompts]
+        self.scheduler.submit(scores + works)
+        self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)
+        try:
+            results = await self.scheduler.wait(scores + works, self.settings.request_timeout)
+        finally:
+            for w in scores + works:
+                w.future.cancel()
+        scored, seqs = results[:len(scores)], results[len(scores):]
+        choices = []
+        for i, prompt in enumerate(prompts):
+            for j in range(request.n):
+                seq = seqs[i * request.n + j] if seqs else None
+                choices.append(self.echo_choice(request, len(choices), prompt, request.prompts[i], scored[i], seq,
+                                                scores[i].num_samples))
+        p = sum(len(x) for x in prompts) * request.n
+        c = sum(len(s.tokens) for s in seqs)
+        usage = CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+        return self.response_of(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), choices, usage)
+
+    def score_work(self, request: CompletionRequest, prompt: list[int], deadline: float, loop) -> ScoreWork:
+        """The scoring of an echoed prompt; 400 if its forward would pad more tokens than an item may."""
+        K = request.num_samples or self.settings.samples
+        limit = self.settings.item_token_limit
+        if K * len(prompt) > limit:
+            raise BadRequest(f"scoring the echoed prompt needs {K} rows (num_samples) x {len(prompt)} tokens = "
+                             f"{K * len(prompt)} padded tokens; at most {limit} are allowed per item (the server's "
+                             f"--max-item-tokens): send a shorter prompt or fewer num_samples", param="prompt",
+                             code="item_too_large")
+        return ScoreWork(list(prompt), self.model.config.seed, K, request.logprobs or 0, deadline,
+                         loop.create_future())
+
+    def echo_choice(self, request: CompletionRequest, index: int, prompt: list[int], given: str | list[int],
+                    scored: list[TokenInfo], seq: GenSequence | None, K: int) -> CompletionChoice:
+        """The prompt (as given, or its ids decoded) and its scores, then the completion's (if any)."""
+        text = given if isinstance(given, str) else self.tokenizer.decode(prompt)
+        tokens = scored + (seq.tokens if seq is not None else [])
+        unc = self._uncertainty(K, tokens, summarize(tokens), first=prompt[0])
+        return CompletionChoice(index=index, text=text + (seq.text if seq is not None else ""),
+                                finish_reason=seq.finish_reason if seq is not None else "length",
+                                logprobs=self._logprobs(tokens, request.logprobs, first=prompt[0])
+                                if request.logprobs is not None else None, uncertainty=unc)
 
     def choice(self, request: CompletionRequest, index: int, seq: GenSequence) -> CompletionChoice:
         return CompletionChoice(index=index, text=seq.text, finish_reason=seq.finish_reason,
                                 logprobs=self._logprobs(seq.tokens, request.logprobs)
                                 if request.logprobs is not None else None,
-                                uncertainty=self._uncertainty(seq, seq.tokens, seq.summary()))
+                                uncertainty=self._uncertainty(seq.params.num_samples, seq.tokens, seq.summary()))
 
     def response_of(self, rid, created, choices, usage) -> CompletionResponse:
         return CompletionResponse(id=rid, created=created, model=self.model_id, choices=choices, usage=usage)
@@ -304,16 +388,24 @@ class CompletionServing(GenerationServing):
     def wants_offsets(self, request: CompletionRequest) -> bool:
         return request.logprobs is not None
 
-    def _logprobs(self, tokens: list[TokenInfo], top: int, offset: int = 0) -> CompletionLogprobs:
-        pieces = [self._piece(t.token_id) for t in tokens]
+    def _logprobs(self, tokens: list[TokenInfo], top: int, offset: int = 0,
+                  first: int | None = None) -> CompletionLogprobs:
+        """``first``: an echoed prompt's first token, listed first with null numbers."""
+        head = [first] if first is not None else []
+        pieces = [self._piece(i) for i in head] + [self._piece(t.token_id) for t in tokens]
         offsets, at = [], offset
         for piece in pieces:
             offsets.append(at)
             at += len(piece)
+        def column(name: str) -> list:
+            return [None for _ in head] + [getattr(t, name) for t in tokens]
+
         return CompletionLogprobs(
-            tokens=pieces, token_logprobs=[t.logprob for t in tokens],
-            top_logprobs=[{self._piece(i): lp for i, lp in t.top} for t in tokens] if top else None,
-            text_offset=offsets)
+            tokens=pieces, token_logprobs=column("logprob"),
+            top_logprobs=[None for _ in head] + [{self._piece(i): lp for i, lp in t.top} for t in tokens]
+            if top else None,
+            text_offset=offsets, predictive_entropy=column("predictive_entropy"),
+            expected_entropy=column("expected_entropy"), mutual_information=column("mutual_information"))
 
 
 class ChatServing(GenerationServing):
@@ -336,9 +428,23 @@ class ChatServing(GenerationServing):
         return [self.tokenizer(text, add_special_tokens=False).input_ids]
 
     def choice(self, request: ChatCompletionRequest, index: int, seq: GenSequence) -> ChatChoice:
+        unc = self._uncertainty(seq.params.num_samples, seq.tokens, seq.summary())
+        if request.response_format is not None and request.response_format.is_json:
+            fields = field_uncertainty(seq.text, [self._piece(t.token_id) for t in seq.tokens], seq.tokens)
+            unc.fields = {k: FieldUncertainty(**v) for k, v in fields.items()} if fields is not None else None
         return ChatChoice(index=index, message=ChatMessageOut(content=seq.text), finish_reason=seq.finish_reason,
-                          logprobs=self._logprobs(seq.tokens) if request.logprobs else None,
-                          uncertainty=self._uncertainty(seq, seq.tokens, seq.summary()))
+                          logprobs=self._logprobs(seq.tokens) if request.logprobs else None, uncertainty=unc)
+
+    def grammar(self, request: ChatCompletionRequest) -> str | None:
+        """A JSON response_format's grammar (compiled here, on the tokenizing thread; milliseconds)."""
+        fmt = request.response_format
+        if fmt is None or not fmt.is_json:
+            return None
+        try:
+            return json_grammar(fmt.target_schema)
+        except TFBError as e:
+            raise BadRequest(f"'response_format.json_schema.schema': {e}", param="response_format.json_schema.schema",
+                             code="invalid_value") from None
 
     def response_of(self, rid, created, choices, usage) -> ChatCompletionResponse:
         return ChatCompletionResponse(id=rid, created=created, model=self.model_id, choices=choices, usage=usage)
@@ -363,7 +469,10 @@ class ChatServing(GenerationServing):
             return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
         return ChatLogprobs(content=[ChatTokenLogprob(**entry(t.token_id, t.logprob),
-                                                      top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top])
+                                                      top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top],
+                                                      predictive_entropy=t.predictive_entropy,
+                                                      expected_entropy=t.expected_entropy,
+                                                      mutual_information=t.mutual_information)
                                      for t in tokens])
 
 

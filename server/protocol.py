@@ -25,6 +25,14 @@ def valid_unicode(text: str) -> str:
     return text
 
 
+class FieldError(ValueError):
+    """A check across fields that blames one of them: the 400 names ``param`` (server.errors)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 Text = Annotated[str, AfterValidator(valid_unicode)]
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1, max_length=100_000, pattern=r"\S"),
                         AfterValidator(valid_unicode)]

@@ -11,11 +11,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from .access_log import note_work
-from .errors import ClientClosed, NotReady, Unauthorized
+from .errors import ClientClosed, NotFound, NotReady, Unauthorized
 from .generating import EventStream
 from .metrics import CONTENT_TYPE
 from .openai_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                              CompletionResponse)
+                              CompletionResponse, DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
+                              TokenizeResponse, TokenizerInfo)
 from .protocol import (ChoiceResult, ChoicesBatchResponse, ChoicesRequest, ErrorResponse, Health,
                        ModelCard, ModelList, PosteriorInfo, SearchPointOut)
 from .loader import public_name
@@ -101,8 +102,7 @@ SSE = {"content": {"text/event-stream": {}}, "description": "with stream: true, 
           tags=["generation"], responses={200: SSE})
 async def create_completion(request: Request, body: CompletionRequest, state: AppState = Depends(require_ready)):
     """Text from the model average of K weight samples, with per-token uncertainty."""
-    prompts = len(body.prompt) if isinstance(body.prompt, list) else 1
-    note_work(request, prompts * body.n, body.num_samples or state.settings.samples)
+    note_work(request, len(body.prompts) * body.n, body.num_samples or state.settings.samples)
     return _answer(await unless_disconnected(request, state.completions.create(body, reporter(request))))
 
 
@@ -175,12 +175,42 @@ class EventStreamResponse(StreamingResponse):
 
 @api.get("/v1/models", response_model=ModelList, tags=["models"])
 async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[model_card(get_state(request))])
+
+
+@api.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["models"])
+async def get_model(request: Request, model_id: str) -> ModelCard:
+    """The served model's card (OpenAI's ``models.retrieve``); any other id is a 404."""
     state = get_state(request)
+    if model_id != state.model_id:
+        raise NotFound(f"model {model_id!r} does not exist; this server serves {state.model_id!r}",
+                       param="model", code="model_not_found")
+    return model_card(state)
+
+
+def model_card(state: AppState) -> ModelCard:
     show = state.settings.show_paths
-    card = ModelCard(id=state.model_id, created=int(state.started), root=public_name(state.base_name, show),
+    return ModelCard(id=state.model_id, created=int(state.started), root=public_name(state.base_name, show),
                      adapter=public_name(state.model.adapter, show) if state.model else None,
                      files_sha256=dict(state.model.config.files_sha256) if state.model else None)
-    return ModelList(data=[card])
+
+
+@api.post("/tokenize", response_model=TokenizeResponse, tags=["tokenizer"])
+async def tokenize(body: TokenizeRequest, state: AppState = Depends(require_ready)) -> TokenizeResponse:
+    """vLLM's: a text's (or chat turns') token ids."""
+    return await state.tokenizer.tokenize(body)
+
+
+@api.post("/detokenize", response_model=DetokenizeResponse, tags=["tokenizer"])
+async def detokenize(body: DetokenizeRequest, state: AppState = Depends(require_ready)) -> DetokenizeResponse:
+    """vLLM's: token ids' text."""
+    return await state.tokenizer.detokenize(body)
+
+
+@api.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
+async def tokenizer_info(state: AppState = Depends(require_ready)) -> TokenizerInfo:
+    """vLLM's: the tokenizer's configuration (special tokens, chat template, context)."""
+    return state.tokenizer.info()
 
 
 @api.get("/v1/posterior", response_model=PosteriorInfo, tags=["models"])

@@ -6,6 +6,7 @@ nothing reads the environment later. A command-line flag wins over its environme
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -131,6 +132,10 @@ class Settings(BaseSettings):
                                  "process. Ray Serve replicas always run their engine in-process")
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request fails (504) "
                                    "and its work is dropped")
+    threads: int | None = Field(None, ge=1, description="torch's CPU threads where the model runs (default: the "
+                                "cores this process may run on, os.sched_getaffinity; with --engine-process "
+                                "the API process keeps 1); docs/operations.md has timings on an idle and a "
+                                "loaded CPU")
 
     def given(self, name: str) -> bool:
         """Whether ``name`` was set (a flag, a ``TFB_*`` variable, an argument), not defaulted."""
@@ -183,6 +188,17 @@ class Settings(BaseSettings):
                             coverage=self.coverage or SearchConfig.default("coverage"),
                             max_risk=self.max_risk or SearchConfig.default("max_risk"),
                             abstain_on_set=self.abstain_on_set)
+
+    @property
+    def torch_threads(self) -> int:
+        """torch's intra-op threads for the process that runs the model: ``--threads``, else the cores
+        this process may run on (a container's or ``taskset``'s share, not the machine's count)."""
+        if self.threads is not None:
+            return self.threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # no affinity masks (macOS)
+            return max(1, os.cpu_count() or 1)
 
     @property
     def is_demo(self) -> bool:

@@ -28,6 +28,7 @@ class AppState:
     choices: object | None = None  # serving.ChoicesServing
     completions: object | None = None  # generating.CompletionServing
     chat: object | None = None  # generating.ChatServing
+    tokenizer: object | None = None  # tokenizer_api.TokenizerServing
     runner: object | None = None  # engine.ModelRunner, when the engine runs in this process
     engine: object | None = None  # engine_process.EngineClient, the engine in its own process (from its start)
     started: float = field(default_factory=time.time)

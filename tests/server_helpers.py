@@ -96,9 +96,12 @@ class ServerThread:
 
         self.port = free_port()
         overrides.setdefault("engine_process", False)
+        overrides.setdefault("threads", 1)  # the engine here runs in the test's process: the CPU is shared
         settings = settings or Settings(port=self.port, **overrides)
         if not settings.given("engine_process"):
             settings = settings.model_copy(update={"engine_process": False})
+        if not settings.given("threads"):
+            settings = settings.model_copy(update={"threads": 1})
         self.app = build_app(settings, load) if load else build_app(settings)
         settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning", lifespan="on"))

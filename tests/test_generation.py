@@ -129,6 +129,41 @@ def test_stop_strings_end_the_text_and_are_not_emitted(post):
     assert stop not in seq.text
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_min_tokens_keeps_the_end_token_out_and_ignore_eos_runs_past_it(post, monkeypatch, temperature):
+    """The model's first greedy token made its end-of-sequence token: it ends the text at once;
+    with ``ignore_eos`` the text goes on past it; with ``min_tokens`` it is never chosen before
+    that many tokens (sampled too), while each token's logprob stays the model average's own."""
+    tok = post.tokenizer
+    p = prompts(tok)[0]
+    eos = generate(post, [p], SamplingParams(max_tokens=1, num_samples=2, weight_seed=1))[0].token_ids[0]
+    monkeypatch.setattr(post.model.generation_config, "eos_token_id", eos)
+    params = dict(max_tokens=6, num_samples=2, weight_seed=1, temperature=temperature, seed=5)
+    ended = generate(post, [p], SamplingParams(**{**params, "temperature": 0.0}))[0]
+    assert ended.token_ids == [eos] and ended.finish_reason == "stop"
+    past = generate(post, [p], SamplingParams(**{**params, "temperature": 0.0}, ignore_eos=True))[0]
+    assert past.token_ids[0] == eos and len(past.tokens) == 6 and past.finish_reason == "length"
+    kept = generate(post, [p], SamplingParams(**params, min_tokens=4))[0]
+    assert eos not in kept.token_ids[:4] and len(kept.tokens) >= 4
+    first = kept.tokens[0]  # its uncertainty and logprob are the average's, the end token's mass included
+    assert first.predictive_entropy == pytest.approx(ended.tokens[0].predictive_entropy, abs=1e-5)
+    if temperature == 0.0:  # the second most probable token, and its probability under the unmasked average
+        top = generate(post, [p], SamplingParams(max_tokens=1, num_samples=2, weight_seed=1, top_logprobs=2))[0]
+        assert (first.token_id, first.logprob) == pytest.approx(top.tokens[0].top[1], abs=1e-5)
+
+
+def test_min_tokens_holds_back_a_stop_string(post):
+    tok = post.tokenizer
+    p = prompts(tok)[0]
+    free = generate(post, [p], SamplingParams(max_tokens=8, num_samples=1, ignore_eos=True))[0]
+    stop = tok.decode(free.token_ids[1:2])  # the second token's text
+    early = generate(post, [p], SamplingParams(max_tokens=8, num_samples=1, stop=[stop], ignore_eos=True))[0]
+    assert len(early.tokens) <= 2 and early.finish_reason == "stop"
+    late = generate(post, [p], SamplingParams(max_tokens=8, num_samples=1, stop=[stop], ignore_eos=True,
+                                              min_tokens=5))[0]
+    assert late.token_ids[:5] == free.token_ids[:5] and len(late.tokens) >= 5
+
+
 @pytest.mark.parametrize("text", ["Plain words, then more words.", "naïve café — 日本語 🌊🚢 mixed\nlines",
                                   "🙂🙂🙂 emoji only", "  spaces   and\ttabs  "])
 def test_incremental_text_equals_decoding_the_whole_sequence(tok, text):
@@ -222,6 +257,8 @@ def test_bad_sampling_params_are_rejected():
         SamplingParams(num_samples=0)
     with pytest.raises(TFBError, match="top_k"):
         SamplingParams(top_k=-1)
+    with pytest.raises(TFBError, match="min_tokens"):
+        SamplingParams(max_tokens=3, min_tokens=4)
 
 
 def expected_draw(p, T, top_k, top_p):

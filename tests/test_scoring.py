@@ -13,7 +13,7 @@ from conftest import explicit_model, fresh_base, mc_items, paper_prompt, peft_mo
 from tfb_core.data import MCItem
 from tfb_core.errors import TFBError
 from tfb_core.posterior import Posterior
-from tfb_core.scoring import choice_probs, encode_item, predict, score_items, target_log_probs
+from tfb_core.scoring import choice_probs, encode_item, predict, score_items, score_prompts, target_log_probs
 from tfb_core.uncertainty import decompose
 
 SIGMA = 0.05
@@ -252,3 +252,65 @@ def test_shared_prefix_equals_one_row_per_choice(post, tok, sigma):
     for a, b, (_, k) in zip(shared, full, samples):
         assert a.shape == b.shape == (k, a.shape[1])
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+# --- prompt scoring (teacher-forced, every token) -----------------------------------------------------
+
+
+def test_prompt_scores_equal_explicit_weights_token_by_token(post, explicit, tok):
+    """Each token after the first: log p under the mean of the K samples' softmax, PE, EE, MI
+    and the samples' own log-probs, against one unpadded forward per explicit-weight sample."""
+    ids = tok("The river runs north of the quiet stone city").input_ids
+    got = score_prompts(post, [ids], [(SEED, K)], top_logprobs=3, sigma=SIGMA)[0]
+    assert [t.token_id for t in got] == ids[1:]
+    ref = torch.stack([torch.log_softmax(m(torch.tensor([ids])).logits[0, :-1].double(), -1) for m in explicit])
+    p = ref.exp().mean(0)  # (L-1, V) the model average
+    pe = -(p * p.log()).sum(-1)
+    ee = -(ref.exp() * ref).sum(-1).mean(0)
+    for t, info in enumerate(got):
+        assert info.logprob == pytest.approx(p[t, ids[t + 1]].log().item(), abs=1e-5)
+        assert info.sample_logprobs == pytest.approx(ref[:, t, ids[t + 1]].tolist(), abs=1e-5)
+        assert info.predictive_entropy == pytest.approx(pe[t].item(), abs=1e-4)
+        assert info.expected_entropy == pytest.approx(ee[t].item(), abs=1e-4)
+        assert info.mutual_information == pytest.approx(max(pe[t].item() - ee[t].item(), 0), abs=1e-4)
+        assert [i for i, _ in info.top] == p[t].topk(3).indices.tolist()
+        assert [lp for _, lp in info.top] == pytest.approx(p[t].topk(3).values.log().tolist(), abs=1e-5)
+    assert max(t.mutual_information for t in got) > 1e-6  # the samples differ
+
+
+def test_prompt_scores_of_a_generated_text_are_what_generation_reported(llama_post, tok):
+    from tfb_core.generation import SamplingParams, generate
+
+    post = llama_post
+    post.sigma = SIGMA
+    prompt = tok("Seven red apples and").input_ids
+    seq = generate(post, [prompt], SamplingParams(max_tokens=5, num_samples=K, weight_seed=SEED, top_logprobs=2))[0]
+    scored = score_prompts(post, [prompt + seq.token_ids], [(SEED, K)], top_logprobs=2)[0][len(prompt) - 1:]
+    for gen, got in zip(seq.tokens, scored, strict=True):
+        assert got.token_id == gen.token_id
+        for name in ("logprob", "predictive_entropy", "expected_entropy", "mutual_information"):
+            assert getattr(got, name) == pytest.approx(getattr(gen, name), abs=1e-5), name
+        assert got.sample_logprobs == pytest.approx(gen.sample_logprobs, abs=1e-5)
+        assert [i for i, _ in got.top] == [i for i, _ in gen.top]
+    assert max(t.mutual_information for t in scored) > 1e-6  # the samples differ
+
+
+def test_prompt_scores_batched_with_mixed_seeds_and_lengths_equal_each_alone(post, tok):
+    prompts = [tok("word " * 30).input_ids, tok("Red?").input_ids, tok("a b c d").input_ids, [42]]
+    samples = [(1, 2), (5, 3), (1, 2), (SEED, 1)]
+    together = score_prompts(post, prompts, samples, top_logprobs=1, sigma=SIGMA)
+    assert together[3] == []  # one token: nothing predicts it
+    for prompt, sample, got in zip(prompts, samples, together):
+        alone = score_prompts(post, [prompt], [sample], top_logprobs=1, sigma=SIGMA)[0]
+        assert len(got) == len(alone) == len(prompt) - 1
+        for a, b in zip(got, alone):
+            assert a.token_id == b.token_id and a.top[0][0] == b.top[0][0]
+            assert a.sample_logprobs == pytest.approx(b.sample_logprobs, abs=1e-5)
+            assert a.mutual_information == pytest.approx(b.mutual_information, abs=1e-5)
+
+
+def test_prompt_scoring_bad_input(post):
+    with pytest.raises(TFBError, match="one .seed, K. per prompt"):
+        score_prompts(post, [[1, 2]], [])
+    with pytest.raises(TFBError, match="at least one token"):
+        score_prompts(post, [[]], [(0, 1)])

@@ -184,7 +184,7 @@ def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
     ("/v1/completions", {"prompt": "x", "n": 99}, 400, "n"),
     ("/v1/completions", {"prompt": ["hi"] * 40, "n": 8}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 2}}, 400, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, None),
+    ("/v1/completions", {"prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ("/v1/completions", {"prompt": ""}, 400, None),
     ("/v1/completions", {"prompt": "x", "num_samples": 10**6}, 400, "num_samples"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
@@ -374,6 +374,7 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_frees_its_work
 
     from server.engine import GenWork
     from server.generating import CompletionServing
+    from server.openai_protocol import CompletionRequest
     from tfb_core.generation import GenSequence
 
     async def main():
@@ -385,7 +386,8 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_frees_its_work
         serving = object.__new__(CompletionServing)  # the stream needs no model for this path
 
         async def collect():
-            return [c async for c in serving.stream(None, works, [[1, 2]], reported.append)]
+            request = CompletionRequest(model="post", prompt="x", stream=True)
+            return [c async for c in serving.stream(request, works, [[1, 2]], reported.append)]
 
         return await asyncio.wait_for(collect(), 30), reported, works
 

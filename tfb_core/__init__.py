@@ -39,8 +39,11 @@ _EXPORTS = {
     # scoring (multiple choice) and generation
     "score_items": "scoring", "predict": "scoring", "choice_probs": "scoring", "choice_scores": "scoring",
     "encode_item": "scoring", "Encoded": "scoring", "apply_chat": "scoring", "max_context": "models",
+    "score_prompts": "scoring",
+    # structured output: a JSON schema the generated text matches
+    "json_grammar": "structured", "field_uncertainty": "structured",
     "generate": "generation", "SamplingParams": "generation", "GenSequence": "generation",
-    "TokenInfo": "generation", "DecodeBatch": "generation", "safe_text": "generation",
+    "TokenInfo": "generation", "DecodeBatch": "generation", "safe_text": "generation", "summarize": "generation",
     # engines: one decoder protocol, the engine picked from the model and device
     "Decoder": "generation", "EagerDecoder": "generation", "make_decoder": "engines",
     "make_prefill": "engines", "resolve_engine": "engines", "ENGINES": "engines",

@@ -44,7 +44,9 @@ class SamplingParams:
     num_samples: int = 10  # K weight samples
     weight_seed: int = 0  # which weight samples: (weight_seed, 0..K-1)
     top_logprobs: int = 0  # alternatives to report per token
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # an end-of-sequence token does not end the sequence
+    min_tokens: int = 0  # no end-of-sequence token is chosen, and no stop string ends it, before this many
+    grammar: str | None = None  # the text must match it (tfb_core.structured.json_grammar); None: free text
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -57,6 +59,8 @@ class SamplingParams:
             raise TFBError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.num_samples < 1:
             raise TFBError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise TFBError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
 
 
 @dataclass
@@ -85,6 +89,7 @@ class GenSequence:
     generator: torch.Generator | None = None  # made from params.seed on the logits' device at its first draw
     error: str | None = None  # why it ended with "error" (its distribution was not finite, or its step failed)
     failure: Exception | None = None  # the exception its own step raised (see DecodeBatch.step_each)
+    constraint: object = None  # its place in params.grammar (tfb_core.structured.Constraint), made at its first token
     # incremental detokenization (see decode_new): tokens before prefix_offset are text already;
     # tokens[prefix_offset:read_offset] are decoded again only as context for the new ones
     prefix_offset: int = 0
@@ -99,17 +104,20 @@ class GenSequence:
         return [t.token_id for t in self.tokens]
 
     def summary(self) -> dict:
-        """Mean and max of each uncertainty over the generated tokens, the total logprob, and
-        the sequence's own mutual information (:func:`sequence_mutual_information`)."""
-        out = {"num_tokens": len(self.tokens),
-               "total_logprob": float(sum(t.logprob for t in self.tokens))}
-        for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
-            values = [getattr(t, name) for t in self.tokens]
-            out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
-            out[f"max_{name}"] = float(max(values)) if values else 0.0
-        out["sequence_mutual_information"] = sequence_mutual_information(
-            [t.sample_logprobs for t in self.tokens])
-        return out
+        """:func:`summarize` over the generated tokens."""
+        return summarize(self.tokens)
+
+
+def summarize(tokens: Seq[TokenInfo]) -> dict:
+    """Mean and max of each uncertainty over ``tokens``, their total logprob, and the sequence's
+    own mutual information (:func:`sequence_mutual_information`)."""
+    out = {"num_tokens": len(tokens), "total_logprob": float(sum(t.logprob for t in tokens))}
+    for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
+        values = [getattr(t, name) for t in tokens]
+        out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
+        out[f"max_{name}"] = float(max(values)) if values else 0.0
+    out["sequence_mutual_information"] = sequence_mutual_information([t.sample_logprobs for t in tokens])
+    return out
 
 
 def sequence_mutual_information(sample_logprobs: Seq[Seq[float]]) -> float:
@@ -303,14 +311,20 @@ class DecodeBatch:
 
 
 def save_sequences(seqs: Seq[GenSequence]) -> list[tuple]:
-    """What a step changes in each sequence: its tokens, finish, text and sampling generator."""
+    """What a step changes in each sequence: its tokens (and its grammar's place), finish, text
+    and sampling generator."""
     return [(len(s.tokens), s.finish_reason, s.text, s.error, s.prefix_offset, s.read_offset,
-             s.generator.get_state() if s.generator is not None else None) for s in seqs]
+             s.generator.get_state() if s.generator is not None else None, s.constraint is not None)
+            for s in seqs]
 
 
 def restore_sequences(seqs: Seq[GenSequence], saved: list[tuple]) -> None:
     """Undo a failed step's changes to ``seqs`` (see :func:`save_sequences`)."""
-    for s, (n, reason, text, error, prefix_offset, read_offset, generator) in zip(seqs, saved):
+    for s, (n, reason, text, error, prefix_offset, read_offset, generator, constrained) in zip(seqs, saved):
+        if not constrained:  # made during the failed step: made again at the next
+            s.constraint = None
+        elif len(s.tokens) > n:
+            s.constraint.rollback(len(s.tokens) - n)
         del s.tokens[n:]
         s.finish_reason, s.text, s.error = reason, text, error
         s.prefix_offset, s.read_offset = prefix_offset, read_offset
@@ -374,7 +388,8 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     pe = entropy(p)
     # a sequence whose average is not a distribution (NaN or infinite logits) ends alone
     finite = torch.isfinite(p).all(-1) & (p.sum(-1) > 0)  # (S,)
-    tokens = torch.where(finite, p.argmax(-1), 0)  # greedy; sampled sequences are replaced below
+    pick = constrained(post, seqs, without_eos(post, seqs, p))  # the choice's distribution; the uncertainty stays p's
+    tokens = torch.where(finite, pick.argmax(-1), 0)  # greedy; sampled sequences are replaced below
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0 and not s.finished]
     if sampled:
         for i in sampled:
@@ -382,7 +397,7 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
             if s.params.seed is not None and (s.generator is None or s.generator.device != dev):
                 s.generator = torch.Generator(dev).manual_seed(s.params.seed)
         idx = torch.tensor(sampled, device=dev)
-        drawn = sample_tokens(p[idx], [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
+        drawn = sample_tokens(pick[idx], [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
         tokens[idx] = torch.where(finite[idx], drawn, tokens[idx])
     logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
     # the output's size given: the device need not be asked for it (a sync) in the middle of the step
@@ -413,15 +428,55 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
             if n else []
         s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top,
                                   tuple(per_row[starts[i]:starts[i + 1]])))
+        refused = s.constraint.consume(token_ids[i]) if s.constraint is not None else None
+        if refused is None and s.constraint is not None and s.constraint.stopped:
+            s.finish_reason = "stop"  # the grammar is complete: nothing may follow
         update_finish(decode, s, eos, limit)
+        if refused is not None:  # not expected: the token was chosen among those its grammar allowed
+            s.finish_reason, s.error = "error", f"the output grammar refused token {token_ids[i]}: {refused}"
     return rows_out
+
+
+def without_eos(post, seqs: Seq[GenSequence], p: torch.Tensor) -> torch.Tensor:
+    """``p`` (S, V) with the end-of-sequence tokens' probability set to 0 for each sequence
+    below its ``min_tokens`` (where some other token has probability left); ``p`` itself when
+    none is."""
+    rows = [i for i, s in enumerate(seqs) if len(s.tokens) < s.params.min_tokens and not s.finished]
+    if not rows:
+        return p
+    eos = torch.tensor(sorted(_eos_ids(post.tokenizer, post.model)), dtype=torch.long, device=p.device)
+    idx = torch.tensor(rows, device=p.device)
+    masked = p[idx].index_fill(1, eos, 0.0)
+    keep = masked.sum(-1, keepdim=True) > 0
+    return p.index_copy(0, idx, torch.where(keep, masked, p[idx]))
+
+
+def constrained(post, seqs: Seq[GenSequence], p: torch.Tensor) -> torch.Tensor:
+    """``p`` (S, V) with the tokens each sequence's grammar forbids set to 0 (uniform over the
+    allowed ones where the model left them no probability: the output stays valid); ``p`` itself
+    when no sequence has a grammar. Makes a sequence's :class:`~tfb_core.structured.Constraint`
+    at its first token."""
+    rows = [i for i, s in enumerate(seqs) if s.params.grammar is not None and not s.finished]
+    if not rows:
+        return p
+    from .structured import Constraint
+
+    for i in rows:
+        if seqs[i].constraint is None:
+            seqs[i].constraint = Constraint(post, seqs[i].params.grammar)
+    allowed = torch.stack([seqs[i].constraint.allowed() for i in rows]).to(p.device)  # (R, V)
+    idx = torch.tensor(rows, device=p.device)
+    masked = torch.where(allowed, p[idx], 0.0)
+    masked = torch.where(masked.sum(-1, keepdim=True) > 0, masked, allowed.to(p.dtype))
+    return p.index_copy(0, idx, masked)
 
 
 def update_finish(decode: Callable[[list[int]], str], s: GenSequence, eos: set[int], limit: int | None) -> None:
     """Extend ``s.text`` by its newest token (``decode``: see :func:`text_decoder`) and, once it
     ends (an ``eos`` token, a stop string, max_tokens, the context of ``limit`` tokens), set its
     finish reason."""
-    if not s.params.ignore_eos and s.tokens[-1].token_id in eos:
+    may_stop = len(s.tokens) >= s.params.min_tokens
+    if not s.params.ignore_eos and may_stop and s.tokens[-1].token_id in eos:
         s.finish_reason = "stop"
     at_end = s.finish_reason is not None or len(s.tokens) >= s.params.max_tokens or \
         (limit is not None and len(s.prompt_ids) + len(s.tokens) >= limit)
@@ -429,7 +484,8 @@ def update_finish(decode: Callable[[list[int]], str], s: GenSequence, eos: set[i
     if new:
         start = max(0, len(s.text) - max((len(x) for x in s.params.stop), default=0))  # a stop may span steps
         s.text += new
-        hits = [at for at in (s.text.find(stop, start) for stop in s.params.stop if stop) if at >= 0]
+        hits = [at for at in (s.text.find(stop, start) for stop in s.params.stop if stop) if at >= 0] \
+            if may_stop else []
         if hits:  # the earliest stop string wins
             s.text = s.text[:min(hits)]
             s.finish_reason = "stop"

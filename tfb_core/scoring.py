@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from .data import LABELS, MCItem, letter_prompt, sequence_prompt
 from .errors import TFBError
+from .generation import TokenInfo
 from .models import cache_kwarg, max_context, output_cache  # noqa: F401 (max_context: re-exported)
 from .options import Mode, parse_mode
 from .rows import pad, positions, sample_map
-from .uncertainty import Uncertainty, decompose
+from .uncertainty import Uncertainty, decompose, entropy
 
 
 @dataclass
@@ -58,13 +59,13 @@ def render_prompt(tokenizer, item: MCItem, mode: Mode, chat: bool = False) -> st
     return text
 
 
-def apply_chat(tokenizer, messages: list[dict]) -> str:
+def apply_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise TFBError("this model's tokenizer has no chat template; send a plain prompt")
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
         raise TFBError(f"the model's chat template rejected the messages: {e}") from None
 
@@ -181,6 +182,89 @@ def choice_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int,
         else:
             scores[i][k, j] = lp.sum() / len(lp) if enc.length_normalize else lp.sum()
     return scores
+
+
+@torch.no_grad()
+def score_prompts(post, prompts: Sequence[list[int]], samples: Sequence[tuple[int, int]], top_logprobs: int = 0,
+                  sigma: float | None = None, engine=None) -> list[list[TokenInfo]]:
+    """How the posterior scores given texts, token by token: prompt scoring (teacher-forced).
+
+    ONE forward over ``sum_i K_i`` rows (each prompt once per weight sample, left-padded, as
+    :func:`choice_scores` runs its rows); every position's K next-token distributions are
+    averaged as generation averages them (:func:`tfb_core.generation.choose_tokens`), and the
+    prompt's own next token is scored under the average and under each sample.
+
+    Parameters
+    ----------
+    prompts : sequence of list of int
+        Token ids, each at least one token long.
+    samples : sequence of (seed, K), one per prompt
+        Prompt i runs weight samples (seed_i, 0..K_i-1).
+    top_logprobs : int, default=0
+        The most probable tokens under the average to report at each position.
+    sigma : float, default=None
+        Another sigma than the posterior's; runs the eager forward.
+    engine : tfb_core.cuda_prefill.PrefillEngine, default=None
+        Run the forward through it instead of HF's eager forward.
+
+    Returns, per prompt, a :class:`~tfb_core.generation.TokenInfo` for each token but the first
+    (nothing predicts the first): its log-probability under the model average, PE, EE, MI of
+    the distribution it was read from, its top alternatives and its K samples' log-probabilities.
+    """
+    if not prompts or len(prompts) != len(samples):
+        raise TFBError(f"score_prompts needs one (seed, K) per prompt: {len(prompts)} prompts, "
+                       f"{len(samples)} samples")
+    if any(not p for p in prompts) or any(K < 1 for _, K in samples):
+        raise TFBError("every prompt needs at least one token, and num_samples must be >= 1")
+    rows = [list(p) for p, (_, K) in zip(prompts, samples) for _ in range(K)]
+    keys, slot_ids = sample_map(samples)
+    keep = max(len(p) for p in prompts)
+    if engine is not None and sigma is None:
+        logits = engine.logits(rows, keep, keys, slot_ids)
+    elif len(set(samples)) == 1:  # row b*K + k -> sample k
+        with post.samples(num_samples=samples[0][1], seed=samples[0][0], sigma=sigma):
+            logits = _forward(post.model, rows, keep)
+    else:
+        with post.mixed_samples(keys, torch.tensor(slot_ids, dtype=torch.long), sigma=sigma):
+            logits = _forward(post.model, rows, keep)
+    # logits: (rows, keep, V), left-padded: prompt i's position t predicts its token t + 1
+    out, row = [], 0
+    for prompt, (_, K) in zip(prompts, samples):
+        L = len(prompt)
+        out.append(token_infos(logits[row:row + K, keep - L:keep - 1], prompt[1:], top_logprobs))
+        row += K
+    return out
+
+
+def token_infos(logits: torch.Tensor, targets: Sequence[int], top_logprobs: int = 0,
+                chunk_elements: int = 1 << 24) -> list[TokenInfo]:
+    """``targets[t]`` scored under the K distributions ``logits[:, t]`` (K, T, V) and their average.
+
+    The softmax is taken ``chunk_elements`` logits at a time (no (K, T, V) float32 copy);
+    float32 as in generation, so a text scored here gets the numbers generating it gave.
+    """
+    K, T, V = logits.shape
+    step = max(1, chunk_elements // (K * V))
+    infos = []
+    for start in range(0, T, step):
+        probs = torch.softmax(logits[:, start:start + step].float(), -1)  # (K, c, V)
+        c = probs.shape[1]
+        tgt = torch.tensor(targets[start:start + c], device=probs.device)
+        p = probs.mean(0)  # (c, V) the model average
+        pe, ee = entropy(p), entropy(probs).mean(0)  # (c,)
+        at = torch.arange(c, device=probs.device)
+        lp = torch.log(p[at, tgt].clamp_min(1e-45))
+        sample_lp = torch.log(probs[:, at, tgt].clamp_min(1e-45)).T  # (c, K)
+        top_v, top_i = p.topk(top_logprobs) if top_logprobs else (p[:, :0], tgt[:, None][:, :0])
+        stats = torch.stack([pe, ee, lp]).double().cpu().tolist()
+        per_sample = sample_lp.double().cpu().tolist()
+        top_lp = torch.log(top_v.clamp_min(1e-45)).double().cpu().tolist()
+        top_ids = top_i.cpu().tolist()
+        for j in range(c):
+            pe_j, ee_j, lp_j = stats[0][j], stats[1][j], stats[2][j]
+            infos.append(TokenInfo(int(targets[start + j]), lp_j, pe_j, ee_j, max(pe_j - ee_j, 0.0),
+                                   list(zip(top_ids[j], top_lp[j])), tuple(per_sample[j])))
+    return infos
 
 
 def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tuple[int, int]],
