@@ -10,7 +10,7 @@ from __future__ import annotations
 from tfb_core import TFBError, apply_chat
 
 from .errors import BadRequest, NotFound
-from .limits import Tokenizing, check_chars, max_prompt_chars
+from .limits import Tokenizing, check_chars
 from .loader import ServedModel
 from .openai_protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenizerInfo
 
@@ -24,7 +24,7 @@ class TokenizerServing:
         self.tokenizing = tokenizing
         self.context = model.context or 2048
         self.vocab = len(self.tokenizer)
-        self.max_chars = max_prompt_chars(self.tokenizer, self.context)
+        self.bound = model.token_bound
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_id:
@@ -34,7 +34,7 @@ class TokenizerServing:
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self.check_model(request.model)
         chars = len(request.prompt) if request.prompt is not None else sum(len(m.text) for m in request.messages)
-        check_chars(chars, self.max_chars, "prompt" if request.prompt is not None else "messages", self.context)
+        check_chars(chars, self.bound, "prompt" if request.prompt is not None else "messages", self.context)
         return await self.tokenizing.run(self._tokenize, request)
 
     def _tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
