@@ -40,7 +40,7 @@ def dirs(tmp_path_factory):
 def servers(dirs):
     """{"here": the engine in the server's process, "apart": in its own}, same posterior and settings."""
     base, post = dirs
-    settings = dict(model=str(base), adapter=post, samples=K, device="cpu", max_wait_ms=5)
+    settings = dict(model=str(base), adapter=post, samples=K, device="cpu", max_wait_ms=5, served_model_name="post")
     with ServerThread(**settings) as here, ServerThread(engine_process=True, **settings) as apart:
         yield {"here": here, "apart": apart}
 
@@ -250,7 +250,8 @@ ITEMS = [
 def deterministic(tmp_path_factory):
     """A server at sigma 0 and K = 1 (the engine in its own process, the default) and its posterior."""
     base, post = tiny_posterior(tmp_path_factory.mktemp("lm_eval"), sigma=0.0)
-    with ServerThread(model=str(base), adapter=post, samples=1, device="cpu", engine_process=True) as s:
+    with ServerThread(model=str(base), adapter=post, samples=1, device="cpu", engine_process=True,
+                      served_model_name="post") as s:
         s.dirs = base, post
         yield s, base, Posterior.load(load_base_model(base, "cpu", "float32"), post)
 
@@ -309,7 +310,7 @@ def eos_first(deterministic, tmp_path_factory):
     copy = shutil.copytree(base, tmp_path_factory.mktemp("eos") / "base")
     config = json.loads((copy / "generation_config.json").read_text())
     (copy / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
-    with ServerThread(model=str(copy), adapter=srv.dirs[1], samples=1, device="cpu") as s:
+    with ServerThread(model=str(copy), adapter=srv.dirs[1], samples=1, device="cpu", served_model_name="post") as s:
         yield s, post.tokenizer.decode([eos])
 
 
