@@ -234,21 +234,15 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def _run_eval(args) -> int:
     from . import benchmarks
     from .artifacts import check_output_file
-    from .demo import DEMO_MODEL, DEMO_POSTERIOR
     from .evaluate import evaluate, format_table, per_item, plot, write_json
-    from .models import check_model, load_base_model
+    from .models import load_base_model
     from .posterior import load_posterior
 
     if args.per_item and not args.json:
         raise TFBError("--per-item needs --json FILE")
     if args.generate:
         return _run_eval_generate(args)
-    if args.model is None and args.adapter is None:
-        args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
-    elif args.adapter is None:
-        raise TFBError("--adapter is required with --model")
-    args.model = args.model or DEFAULT_MODEL
-    check_model(args.model)
+    _eval_model(args)
     inputs = [("--model", args.model), ("--adapter", args.adapter), ("--data", args.data), ("--ood", args.ood)]
     outputs = {flag: check_output_file(path, inputs=inputs, flag=flag)
                for flag, path in (("--json", args.json), ("--plot", args.plot)) if path}
@@ -289,11 +283,23 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _eval_model(args) -> None:
+    """``tfb eval``'s model and adapter: the demo's when neither is given; the model checked at once."""
+    from .demo import DEMO_MODEL, DEMO_POSTERIOR
+    from .models import check_model
+
+    if args.model is None and args.adapter is None:
+        args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
+    elif args.adapter is None:
+        raise TFBError("--adapter is required with --model")
+    args.model = args.model or DEFAULT_MODEL
+    check_model(args.model)
+
+
 def _run_eval_generate(args) -> int:
     from .artifacts import check_output_file
-    from .demo import DEMO_MODEL, DEMO_POSTERIOR
     from .evaluate import write_json
-    from .models import check_model, load_base_model
+    from .models import load_base_model
     from .posterior import load_posterior
     from .qa import evaluate_generation, format_generation, load_qa
 
@@ -305,12 +311,7 @@ def _run_eval_generate(args) -> int:
         raise TFBError(f"--generate scores free-text answers; {', '.join(unused)} apply to multiple choice only")
     if args.max_tokens < 1:
         raise TFBError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.model is None and args.adapter is None:
-        args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
-    elif args.adapter is None:
-        raise TFBError("--adapter is required with --model")
-    args.model = args.model or DEFAULT_MODEL
-    check_model(args.model)
+    _eval_model(args)
     inputs = [("--model", args.model), ("--adapter", args.adapter), ("--data", args.data)]
     if args.json:
         check_output_file(args.json, inputs=inputs, flag="--json")
