@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gpu_scores import K, SEED, score_set  # noqa: E402
+from gpu_scores import K, SEED, run_setup, score_set  # noqa: E402
 from tfb_core.data import read_jsonl  # noqa: E402
 from tfb_core.demo import DEMO_ADAPTER, DEMO_MODEL  # noqa: E402
 from tfb_core.finetune import FinetuneConfig, finetune  # noqa: E402
@@ -51,11 +51,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="the first N items of each set (a dry run)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    out = Path(os.environ.get("OUT", "/tmp/tfb_demo_out"))
-    out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out, device = run_setup("/tmp/tfb_demo_out")
     data = {n: read_jsonl(Path(args.data) / f"{n}.jsonl")[:args.limit] for n in SETS}
     adapter = Path(os.environ.get("ADAPTER", DEMO_ADAPTER))
     if args.train:

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).parent))
 
+from gpu_scores import K, SEED, run_setup  # noqa: E402
 from tfb_core.demo import DEMO_ADAPTER, DEMO_MODEL  # noqa: E402
 from tfb_core.engines import make_decoder  # noqa: E402
 from tfb_core.models import load_base_model  # noqa: E402
 from tfb_core.posterior import Posterior  # noqa: E402
 from tfb_core.qa import format_generation, load_qa, evaluate_generation  # noqa: E402
-
-K, SEED = 10, 0
 
 
 def main() -> None:
@@ -39,11 +39,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    out = Path(os.environ.get("OUT", "/tmp/tfb_generate_out"))
-    out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out, device = run_setup("/tmp/tfb_generate_out")
     sets = {p.stem.removeprefix("qa_"): load_qa(str(p), args.limit) for p in sorted(Path(args.data).glob("qa_*.jsonl"))}
     post = Posterior.from_adapter(load_base_model(DEMO_MODEL, device=device, dtype="float32"),
                                   Path(os.environ.get("ADAPTER", DEMO_ADAPTER)), seed=SEED)

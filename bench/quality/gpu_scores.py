@@ -50,6 +50,15 @@ def score_set(post, items, sigma: float, batch_size: int) -> tuple[torch.Tensor,
     return sums, counts
 
 
+def run_setup(default_out: str) -> tuple[Path, str]:
+    """Every quality run's start: ``$OUT`` (made), float32 without TF32, the device."""
+    out = Path(os.environ.get("OUT", default_out))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return out, "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
@@ -58,11 +67,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    out = Path(os.environ.get("OUT", "/tmp/tfb_scores"))
-    out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out, device = run_setup("/tmp/tfb_scores")
     data = {n: read_jsonl(Path(args.data) / f"{n}.jsonl") for n in SETS}
     post = Posterior.from_adapter(load_base_model(DEMO_MODEL, device=device, dtype="float32"), DEMO_ADAPTER)
     sigmas = [float(s) for s in args.sigmas.split(",")]
