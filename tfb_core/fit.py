@@ -128,7 +128,11 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     else:
         result = given_sigma(post, sigma, cfg)
     post.config.length_normalize = cfg.length_normalize
-    fit_probs = score_items(post, fit_items, desc="fitting items", **common) if labelled else None
+    fit_probs = None
+    if labelled:  # the search's own scores at the chosen sigma when it has them
+        fit_probs = result.scored.get(post.sigma)
+        if fit_probs is None or (post.sigma > 0 and fit_probs.shape[1] != cfg.num_samples):
+            fit_probs = score_items(post, fit_items, desc="fitting items", **common)
     fit_labels = torch.tensor([it.answer for it in fit_items]) if labelled else None
     if result.temperature is None:
         post.config.temperature = 1.0
@@ -277,7 +281,9 @@ def chance_of(items: Sequence[MCItem]) -> dict:
 
 
 def sigma0_probs(result: SearchResult, post, items, common: dict) -> torch.Tensor:
-    """The fitting items' model average at sigma 0 (K = 1): (N, C)."""
+    """The fitting items' model average at sigma 0 (K = 1): (N, C); the search's when it scored it."""
+    if 0.0 in result.scored:
+        return result.scored[0.0][:, 0].double()
     return score_items(post, items, **{**common, "num_samples": 1}, sigma=0.0, desc="sigma=0")[:, 0].double()
 
 

@@ -63,6 +63,9 @@ class SearchResult:
     trace: list[SearchPoint] = field(default_factory=list)
     baseline_nll: float = float("nan")
     temperature: float | None = None  # cv-nll: fitted together with sigma
+    # sigma -> the searched items' per-sample probabilities (N, K, C) it scored (sigma 0, and every
+    # cv-nll grid point), so that fitting after the search does not score them again
+    scored: dict = field(default_factory=dict, repr=False, compare=False)
     report: object | None = None  # tfb_core.report.FitReport, when fit_posterior ran the search
 
 
@@ -170,15 +173,18 @@ def search_sigma(post, items: Sequence[MCItem], criterion: Criterion | str = Cri
                            f"calibration item; item {missing} has none")
     score = dict(mode=mode, batch_size=batch_size, chat=chat, length_normalize=length_normalize)
 
-    p0 = score_items(post, items, num_samples=1, seed=seed, sigma=0.0, desc="sigma=0", **score)[:, 0]
+    s0 = score_items(post, items, num_samples=1, seed=seed, sigma=0.0, desc="sigma=0", **score)
+    p0 = s0[:, 0]
     targets = torch.tensor([it.answer for it in items]) if gold_labels else p0.argmax(-1)
     base_nll = nll(p0, targets)
     base_acc = accuracy(p0, targets)
     result = dict(criterion=criterion.value, eps=eps, num_samples=num_samples, seed=seed,
                   mode=mode.value, gold_labels=gold_labels, baseline_nll=base_nll)
     if criterion is Criterion.CV_NLL:
-        return _search_cv_nll(post, items, p0, targets, sigma_grid or CV_GRID, max_acc_drop, folds,
-                              result, num_samples, seed, score, progress)
+        found = _search_cv_nll(post, items, p0, targets, sigma_grid or CV_GRID, max_acc_drop, folds,
+                               result, num_samples, seed, score, progress)
+        found.scored.setdefault(0.0, s0)
+        return found
     if criterion in (Criterion.NLL, Criterion.REFERENCE) and base_nll <= 0:
         raise TFBError("the NLL at sigma = 0 is 0: the relative criterion is undefined; use 'accuracy'")
     tolerance = eps * len(items) if criterion is Criterion.REFERENCE else eps
@@ -236,12 +242,13 @@ def _search_cv_nll(post, items, p0, labels, grid, max_acc_drop, folds, result, n
         raise TFBError(f"max_acc_drop must be in [0, 1), got {max_acc_drop}")
     if any(not s >= 0 for s in grid):
         raise TFBError(f"every sigma of the grid must be >= 0, got {list(grid)}")
-    probs = {0.0: p0.double()}
+    probs, scored = {0.0: p0.double()}, {}
     for sigma in tqdm(sorted(set(grid) - {0.0}), desc="TFB cv-nll grid", unit="sigma", disable=not progress):
-        probs[sigma] = score_items(post, items, num_samples=num_samples, seed=seed, sigma=sigma,
-                                   desc=f"sigma={sigma:.3g}", **score).mean(1).double()
+        scored[sigma] = score_items(post, items, num_samples=num_samples, seed=seed, sigma=sigma,
+                                    desc=f"sigma={sigma:.3g}", **score)
+        probs[sigma] = scored[sigma].mean(1).double()
         log.info("sigma=%.6g accuracy=%.4f", sigma, accuracy(probs[sigma], labels))
     sigma, temperature, trace = select_sigma_temperature(probs, labels, max_acc_drop, folds, seed)
     log.info("cv-nll: sigma=%.6g T=%.4g (cross-fitted NLL %.4f)", sigma, temperature,
              next(p.value for p in trace if p.sigma == sigma))
-    return SearchResult(sigma=sigma, trace=trace, temperature=temperature, **result)
+    return SearchResult(sigma=sigma, trace=trace, temperature=temperature, scored=scored, **result)
