@@ -13,6 +13,10 @@ Variants (per row of the table):
   c      the deterministic adapter through peft, one pass (no uncertainty)
   d      the floor: every weight matmul of one decode step in one CUDA graph
 
+``--attention dense`` runs the decode step with the attention that reads every column of the
+static cache (``attend_decode_dense``) instead of the default kernel that reads each row's live
+columns; ``--step`` times and profiles the decode step with both, side by side.
+
 Models are random-weight Llama shapes built with ``from_config`` on the device (speed does
 not depend on weight values). Ceilings (bf16 matmul rate, device copy bandwidth) are
 measured in the same run; MFU and bandwidth use are against them.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+from contextlib import contextmanager
 import os
 import platform
 import sys
@@ -43,10 +48,29 @@ from timing import (  # noqa: E402
     LABEL_IDS, Clock, decode_bytes, decode_eager, decode_engine, floor_graph, free,
     measure_ceilings, model_counts, prefill_flops, prompts_for, score_tfb)
 
+import tfb_core.cuda_decode as cuda_decode  # noqa: E402
+from tfb_core.cuda_llama import attend_decode, attend_decode_dense  # noqa: E402
 from tfb_core.cuda_prefill import PrefillEngine  # noqa: E402
 from tfb_core.engines import make_decoder, make_prefill  # noqa: E402
 from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams  # noqa: E402
 from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
+
+ATTENTION = ("kernel", "dense")
+
+
+@contextmanager
+def attention(kind: str):
+    """The StaticDecoder's step attends with ``kind``: "kernel" (``attend_decode``: each row's
+    live columns) or "dense" (``attend_decode_dense``: every column of the cache)."""
+    if kind not in ATTENTION:
+        raise ValueError(f"attention {kind!r}: expected one of {', '.join(ATTENTION)}")
+    if kind == "dense":
+        cuda_decode.attend_decode = lambda q, kc, vc, bias, last, scaling: attend_decode_dense(q, kc, vc, bias, scaling)
+    try:
+        yield
+    finally:
+        cuda_decode.attend_decode = attend_decode
+
 
 # --- the run -------------------------------------------------------------------------------
 
@@ -63,7 +87,7 @@ def run(args) -> dict:
                     "device": torch.cuda.get_device_name() if clock.cuda else platform.processor(),
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "peft": peft.__version__, "dtype": str(dtype), "sigma": args.sigma,
-                    "rank": args.rank, "decode_warmup_steps": args.warm,
+                    "rank": args.rank, "attention": args.attention, "decode_warmup_steps": args.warm,
                     "decode_steps": args.steps, "ref_decode_steps": args.ref_steps,
                     "time": time.strftime("%Y-%m-%d %H:%M:%S")},
            "ceilings": measure_ceilings(clock, device), "models": {}, "scoring": [], "decode": [],
@@ -355,7 +379,7 @@ def kernel_breakdown(prof) -> dict:
         n = e.name.lower()
         if any(x in n for x in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk", "matmul")):
             c = "matmul"
-        elif any(x in n for x in ("flash", "fmha", "attention", "attn")):
+        elif any(x in n for x in ("flash", "fmha", "attention", "attn", "_decode_split", "_decode_merge")):
             c = "attention"
         else:
             c = "other"
@@ -364,6 +388,76 @@ def kernel_breakdown(prof) -> dict:
         names[e.name] = names.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e6
     top = sorted(names.items(), key=lambda kv: -kv[1])[:10]
     return {"seconds": cats, "kernels": counts, "top": [[n[:120], round(t * 1e3, 3)] for n, t in top]}
+
+
+def op_breakdown(prof, top: int = 15) -> list:
+    """The operators with the most device time (their own kernels), by input shapes: which
+    matmul is a weight, a noise term or the attention's."""
+    ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_device_time_total)
+    return [[e.key, str(e.input_shapes)[:160], e.count, round(e.self_device_time_total / 1e3, 3)]
+            for e in ops[:top] if e.self_device_time_total > 0]
+
+
+def step_run(args) -> dict:
+    """The decode step of ``--step-cells`` (B streams x K samples after a ``--ctx``-token
+    prompt), graphed, with each attention in turn (twice, alternating), then one eager step of
+    the largest cell profiled with each; the matmul floor (d) and the ceilings of the same run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tfb_core.cuda_decode import StaticDecoder
+
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device or "cuda")  # a CPU runs it too (no floor, no ceilings): a smoke test
+    clock = Clock(device)
+    res = {"ceilings": measure_ceilings(clock, device), "steps": [], "profile": {}}
+    print("ceilings:", json.dumps(res["ceilings"]), flush=True)
+    model = build_model(args.models[0], device, torch.bfloat16 if clock.cuda else torch.float32)
+    counts = res["counts"] = model_counts(model)
+    cells = [tuple(int(x) for x in c.split("x")) for c in args.step_cells]
+    res["floor"] = floor_graph(clock, model, sorted({B * K for B, K in cells}), device)
+    for rows, f in res["floor"].items():
+        rate = res["ceilings"]["matmul_flops"]
+        f["analytic_s"] = 2 * (counts["body_params"] + counts["lm_head_params"]) * rows / rate
+        print(f"floor (d) {rows} rows: {f['step_s'] * 1e3:.2f} ms measured, "
+              f"{f['analytic_s'] * 1e3:.2f} ms = 2 x params x rows / the matmul rate", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tfb-step-"))
+    model = make_adapter(model, TARGETS["qv"], args.rank, tmp).unload()
+    post = install_posterior(model, tmp, args.sigma)
+    for rnd in range(2):
+        for kind in ATTENTION[::-1] if rnd else ATTENTION:
+            with attention(kind):
+                for B, K in cells:
+                    r = decode_engine(clock, post, prompts_for(B, args.ctx, counts["vocab"], seed=7), K,
+                                      args.warm, args.steps)
+                    r.pop("tokens")
+                    res["steps"].append({"attention": kind, "round": rnd, "batch": B, "K": K, "ctx": args.ctx, **r})
+                    print(f"step {kind:6s} B={B:3d} K={K:2d} ({B * K:4d} rows, cache {r['cache_len']} columns): "
+                          f"{r['step_s'] * 1e3:7.2f} ms (graphed: {r['graph']})", flush=True)
+                    free(clock)
+    B, K = max(cells, key=lambda c: c[0] * c[1])
+    for kind in ATTENTION[::-1]:
+        with attention(kind):
+            seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=40, num_samples=K, ignore_eos=True))
+                    for p in prompts_for(B, args.ctx, counts["vocab"], seed=7)]
+            dec = StaticDecoder(post, graph=False).admit(seqs)
+            for _ in range(16):  # the context at mid-run of the timed steps
+                dec.step()
+            eager = clock.time(dec.step)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+                dec.step()
+                clock.sync()
+            bd = kernel_breakdown(prof)
+            bd["eager_wall_s"], bd["ops"] = eager, op_breakdown(prof)
+            res["profile"][f"{kind}_B{B}_K{K}"] = bd
+            print(f"profile {kind} B={B} K={K} (one eager step): kernels " + ", ".join(
+                f"{k} {v * 1e3:.2f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
+            for name, t in bd["top"]:
+                print(f"    {t:8.3f} ms  {name}", flush=True)
+            for key, shapes, n, ms in bd["ops"]:
+                print(f"    {ms:8.3f} ms  {n:4d} x {key} {shapes}", flush=True)
+            del dec
+            free(clock)
+    return res
 
 
 def profile_run(args) -> dict:
@@ -481,6 +575,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown instead of the table")
     p.add_argument("--check", action="store_true", help="float32 check of the graphed StaticDecoder")
+    p.add_argument("--step", action="store_true",
+                   help="the decode step with each attention, side by side: timed (graphed) and profiled")
+    p.add_argument("--step-cells", nargs="+", default=["1x10", "64x1", "64x10"],
+                   help="--step's cells, BxK (B streams of K samples)")
+    p.add_argument("--attention", default="kernel", choices=ATTENTION,
+                   help="the decode step's attention: kernel (each row's live columns) or dense (every column)")
     p.add_argument("--deadline-s", type=float, default=1e9,
                    help="skip the remaining configurations after this many seconds")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "gpu.json"))
@@ -491,15 +591,19 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.profile or args.check:
-        res = {"command": " ".join([Path(sys.executable).name] + sys.argv)}
-        if args.check:
-            res["check"] = check_run(args)
-            free(Clock(torch.device("cuda")))
-        if args.profile:
-            res["profile"] = profile_run(args)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-    else:
-        res = run(args)
-        print(table(res))
+    with attention(args.attention):
+        if args.profile or args.check or args.step:
+            res = {"command": " ".join([Path(sys.executable).name] + sys.argv), "torch": torch.__version__,
+                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+            if args.check:
+                res["check"] = check_run(args)
+                free(Clock(torch.device("cuda")))
+            if args.profile:
+                res["profile"] = profile_run(args)
+            if args.step:
+                res["step"] = step_run(args)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+        else:
+            res = run(args)
+            print(table(res))

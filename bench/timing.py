@@ -184,7 +184,8 @@ def decode_eager(clock, post, prompts, K, warm, steps):
 
 
 def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
-    """The server's CUDA path: prefill, join a StaticDecoder, step (one host sync per step)."""
+    """The server's CUDA path: a StaticDecoder admits the prompts (its own prefill forward into
+    its cache rows), then steps (one host sync per step)."""
     from tfb_core.cuda_decode import StaticDecoder
 
     seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
@@ -192,7 +193,7 @@ def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
     base = clock.mem_reset()
     holder = {}
     dec = StaticDecoder(post, compile=compile)
-    t_prefill = clock.time(lambda: holder.update(d=dec.join(DecodeBatch.prefill(post, seqs))))
+    t_prefill = clock.time(lambda: holder.update(d=dec.admit(seqs)))
     after = (torch.cuda.memory_allocated() - base) if clock.cuda else None
     t_first = clock.time(dec.step)  # the CUDA graph is captured here
     for _ in range(warm - 1):
@@ -202,7 +203,7 @@ def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
     peak = clock.mem_peak(base)
     out = {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
            "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill, "first_step_s": t_first,
-           "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": dec.graphed,
+           "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": bool(dec.graphs),
            "capture_error": dec.capture_error, "compile_error": dec.compile_error,
            "cache_len": dec.length, "rows_cap": dec.rows_cap,
            "tokens": [s.token_ids[:8] for s in seqs]}

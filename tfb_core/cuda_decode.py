@@ -35,7 +35,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_prompt, attention_shape, embed, head, layers,
+from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_prompt, attention_shape, embed, head, layers,
                          noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
 from .generation import (DecodeBatch, GenSequence, check_prompts, choose_tokens, pad_token, restore_sequences,
                          save_sequences, split_finished)
@@ -342,8 +342,8 @@ class StaticDecoder(Graphed):
 
         The model's own modules for every projection and the MLP; RMSNorm, RoPE and attention
         written with few kernels (each costs ~2 us inside a graph, whatever its size): one
-        fused ``rms_norm``, RoPE on q and k together with rotate-half as a +-1 matmul, and the
-        mask added with the score scaling in one op.
+        fused ``rms_norm``, RoPE on q and k together with rotate-half as a +-1 matmul, and
+        :func:`~tfb_core.cuda_llama.attend_decode` reading only each row's live columns.
         """
         model = self.post.model
         H, KVH, hd = self.heads, self.kv_heads, self.head_dim
@@ -351,19 +351,13 @@ class StaticDecoder(Graphed):
         tok, pos, col, bias = self.tok[r], self.pos[r], self.col[r], self.bias[r]
         bias.scatter_(1, col[:, None], 0.0)  # each row's new column is real
         at = col.view(rows, 1, 1, 1).expand(rows, KVH, 1, hd)
-        mask = bias[:, None, None, :]  # (rows, 1, 1, length)
         x, cos, sin = embed(model, tok[:, None], pos[:, None])  # (rows, 1, d), (rows, 1, 1, hd)
-        dtype = x.dtype
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc, vc = self.kc[i][r], self.vc[i][r]
             kc.scatter_(2, at, k.to(kc.dtype))
             vc.scatter_(2, at, v.to(vc.dtype))
-            # grouped-query attention over the static cache, one query per row
-            qg = q.reshape(rows, KVH, H // KVH, hd)
-            scores = torch.add(mask, torch.matmul(qg, kc.transpose(-1, -2)), alpha=self.scaling)  # float32
-            w = torch.softmax(scores, -1).to(vc.dtype)  # (rows, KVH, G, L)
-            return torch.matmul(w, vc).reshape(rows, 1, H * hd).to(dtype)
+            return attend_decode(q, kc, vc, bias, col, self.scaling)  # columns 0 .. col of each row
 
         logits = head(model, layers(model, x, cos, sin, attend)).float()[:, -1]
         pos.add_(1)

@@ -8,6 +8,8 @@
   engine) and :func:`head`; each engine passes its own attention (``attend``);
 - few kernels: one fused :func:`rms_norm`, RoPE on q and k together with rotate-half as a +-1
   matmul (:func:`rotate_half_matrix`);
+- the decode step's attention, :func:`attend_decode`: one query per row over a static KV cache,
+  reading only each row's live columns (a Triton kernel on CUDA, every column elsewhere);
 - each row's weight sample ``E_k`` read from fixed noise buffers through a row -> slot map
   (:func:`row_noise`), the buffers' slots given to (seed, k) pairs by :func:`assign_slots`;
 - :class:`GraphSet`: the CUDA graphs captured into one memory pool (warm-up on a side stream,
@@ -24,6 +26,12 @@ from typing import Callable, Hashable, Iterable, Iterator, Sequence as Seq
 import torch
 
 from .sampling import noise_stack
+
+try:  # the decode attention's kernel (attend_decode); without it, the dense attention
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch
+    triton = None
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -135,6 +143,150 @@ def attend_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     v = v[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5)
     return o.transpose(1, 2).reshape(R, T, H * hd)
+
+
+def attend_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, bias: torch.Tensor,
+                  last: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Grouped-query attention of one new token per row over a static KV cache.
+
+    Parameters
+    ----------
+    q : (R, H, 1, hd)
+        Each row's query after RoPE.
+    kc, vc : (R, KVH, L, hd)
+        The cache's keys and values, the new token's already written at column ``last``.
+    bias : (R, L) float32
+        0 for a column the row attends to, -inf for one it does not (left padding; every
+        column past ``last``).
+    last : (R,) int64
+        Each row's last live column: only columns ``0 .. last`` are read.
+    scaling : float
+        The score scale (``hd ** -0.5``).
+
+    Returns
+    -------
+    (R, 1, H * hd) in q's dtype, for ``o_proj``. On CUDA with Triton, :func:`_attend_kernel`
+    reads each row's live columns alone (float32 scores and softmax, the weights rounded to
+    the cache's dtype for the product with V, as the dense path); elsewhere
+    :func:`attend_decode_dense` reads every column. Neither syncs with the host, so a step
+    that calls it can be captured in a CUDA graph.
+    """
+    if triton is not None and q.is_cuda:
+        return _attend_kernel(q, kc, vc, bias, last, scaling)
+    return attend_decode_dense(q, kc, vc, bias, scaling)
+
+
+def attend_decode_dense(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, bias: torch.Tensor,
+                        scaling: float) -> torch.Tensor:
+    """:func:`attend_decode` with two matmuls over all ``L`` columns of the cache (the bias
+    masks what a row does not attend to): where the kernel cannot run."""
+    R, H, _, hd = q.shape
+    KVH = kc.shape[1]
+    qg = q.reshape(R, KVH, H // KVH, hd)
+    scores = torch.add(bias[:, None, None, :], torch.matmul(qg, kc.transpose(-1, -2)), alpha=scaling)  # float32
+    w = torch.softmax(scores, -1).to(vc.dtype)  # (R, KVH, G, L)
+    return torch.matmul(w, vc).reshape(R, 1, H * hd).to(q.dtype)
+
+
+DECODE_BLOCK = 64  # cache columns per iteration of the kernel
+WAVE = 264  # programs wanted per launch: two per multiprocessor of an H100 (132)
+MAX_SPLITS = 16  # the merge kernel unrolls its loop over the splits
+
+
+def _attend_kernel(q, kc, vc, bias, last, scaling):
+    """:func:`attend_decode` in Triton: one program per (row, KV head, split of the columns),
+    the KV head's G query heads together (one ``tl.dot`` of a block of 16 padded heads); with
+    few rows the columns are split (flash-decoding) so the launch fills the GPU, and a second
+    kernel merges the splits."""
+    R, H, _, hd = q.shape
+    KVH, L = kc.shape[1], kc.shape[2]
+    G = H // KVH
+    blocks = triton.cdiv(L, DECODE_BLOCK)
+    splits = min(blocks, triton.cdiv(WAVE, R * KVH), MAX_SPLITS)
+    chunk = DECODE_BLOCK * triton.cdiv(blocks, splits)  # columns per split
+    splits = triton.cdiv(L, chunk)
+    out = torch.empty(R, 1, H * hd, device=q.device, dtype=q.dtype)
+    BG, BD = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(hd))
+    if splits == 1:
+        acc = ml = out  # unused: the first kernel writes the output
+    else:
+        acc = torch.empty(R, KVH, splits, BG, BD, device=q.device, dtype=torch.float32)
+        ml = torch.empty(R, KVH, splits, 2, BG, device=q.device, dtype=torch.float32)
+    _decode_split[(R, KVH, splits)](
+        q, kc, vc, bias, last, out, acc, ml, scaling, G, hd, chunk,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), bias.stride(0),
+        BG=BG, BD=BD, BN=DECODE_BLOCK, SPLITS=splits, num_warps=4)
+    if splits > 1:
+        _decode_merge[(R, KVH)](acc, ml, out, G, hd, BG=BG, BD=BD, SPLITS=splits, num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_split(Q, K, V, Bias, Last, Out, Acc, ML, scaling, G, hd, chunk,
+                      sq_r, sq_h, sk_r, sk_h, sk_l, sv_r, sv_h, sv_l, sb_r,
+                      BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr):
+        r, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r64 = r.to(tl.int64)
+        g = tl.arange(0, BG)
+        d = tl.arange(0, BD)
+        gd = (g[:, None] < G) & (d[None, :] < hd)
+        q = tl.load(Q + r64 * sq_r + (h * G + g)[:, None] * sq_h + d[None, :], mask=gd, other=0.0)  # (BG, BD)
+        start = s * chunk
+        stop = tl.minimum(start + chunk, tl.load(Last + r).to(tl.int32) + 1)  # this split's live columns
+        m = tl.full([BG], float("-inf"), tl.float32)  # running max of each head's scores
+        l = tl.zeros([BG], tl.float32)  # running sum of exp(score - m)
+        acc = tl.zeros([BG, BD], tl.float32)
+        kp = K + r64 * sk_r + h * sk_h
+        vp = V + r64 * sv_r + h * sv_h
+        j = start
+        while j < stop:  # (a while loop: Triton's CPU interpreter cannot range over a loaded bound)
+            cols = j + tl.arange(0, BN)
+            live = cols < stop
+            kv_mask = live[:, None] & (d[None, :] < hd)
+            k = tl.load(kp + cols[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
+            b = tl.load(Bias + r64 * sb_r + cols, mask=live, other=float("-inf"))
+            x = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling + b[None, :]  # (BG, BN) float32
+            m_new = tl.maximum(m, tl.max(x, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of padding only
+            p = tl.exp(x - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            v = tl.load(vp + cols[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+            j += BN
+        if SPLITS == 1:
+            o = acc / l[:, None]
+            tl.store(Out + r64 * G * tl.num_programs(1) * hd + (h * G + g)[:, None] * hd + d[None, :],
+                     o.to(Out.dtype.element_ty), mask=gd)
+        else:
+            base = (r64 * tl.num_programs(1) + h) * SPLITS + s
+            tl.store(Acc + base * BG * BD + g[:, None] * BD + d[None, :], acc)
+            tl.store(ML + base * 2 * BG + g, m)
+            tl.store(ML + base * 2 * BG + BG + g, l)
+
+    @triton.jit
+    def _decode_merge(Acc, ML, Out, G, hd, BG: tl.constexpr, BD: tl.constexpr, SPLITS: tl.constexpr):
+        r, h = tl.program_id(0), tl.program_id(1)
+        r64 = r.to(tl.int64)
+        g = tl.arange(0, BG)
+        d = tl.arange(0, BD)
+        base = (r64 * tl.num_programs(1) + h) * SPLITS
+        m = tl.full([BG], float("-inf"), tl.float32)
+        for s in tl.static_range(SPLITS):
+            m = tl.maximum(m, tl.load(ML + (base + s) * 2 * BG + g))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.zeros([BG], tl.float32)
+        acc = tl.zeros([BG, BD], tl.float32)
+        for s in tl.static_range(SPLITS):
+            w = tl.exp(tl.load(ML + (base + s) * 2 * BG + g) - m_safe)  # a split with no live column: 0
+            l += w * tl.load(ML + (base + s) * 2 * BG + BG + g)
+            acc += w[:, None] * tl.load(Acc + (base + s) * BG * BD + g[:, None] * BD + d[None, :])
+        o = acc / l[:, None]
+        tl.store(Out + r64 * G * tl.num_programs(1) * hd + (h * G + g)[:, None] * hd + d[None, :],
+                 o.to(Out.dtype.element_ty), mask=(g[:, None] < G) & (d[None, :] < hd))
 
 
 def head(model, x: torch.Tensor) -> torch.Tensor:
