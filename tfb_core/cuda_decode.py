@@ -35,8 +35,8 @@ from typing import Sequence as Seq
 
 import torch
 
-from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_prompt, attention_shape, embed, head, layers,
-                         noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
+from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_prompt, attention_shape, embed, head,
+                         layers, noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
 from .generation import (DecodeBatch, GenSequence, check_prompts, choose_tokens, pad_token, restore_sequences,
                          save_sequences, split_finished)
 from .rows import pad, positions, sample_map
