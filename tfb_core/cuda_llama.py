@@ -145,16 +145,17 @@ def head(model, x: torch.Tensor) -> torch.Tensor:
 # --- weight samples: noise buffers and their slots ------------------------------------------------
 
 def noise_buffers(post, slots: int, device: torch.device) -> list[torch.Tensor]:
-    """Per TFB layer, zeroed room for ``slots`` weight samples: (slots, r, n), the layer's dtype."""
+    """Per noisy TFB layer (``post.noisy_layers``), zeroed room for ``slots`` weight samples:
+    (slots, r, n), the layer's dtype."""
     return [torch.zeros(slots, *layer.lora_A.shape, device=device, dtype=layer.lora_A.dtype)
-            for layer in post.layers]
+            for layer in post.noisy_layers]
 
 
 def sample_noise(post, buffers: Seq[torch.Tensor], slot: int, key: tuple[int, int], sigma: float) -> None:
     """Write ``E_k`` of weight sample ``key`` = (seed, k) into ``slot`` of every layer's buffer
     (the values the eager engine's noise stacks hold, in the layer's dtype)."""
     z = post.draws.get(*key)
-    for buf, layer, zi in zip(buffers, post.layers, z):
+    for buf, layer, zi in zip(buffers, post.noisy_layers, z):
         buf[slot] = noise_stack(layer, [zi], sigma)[0]
 
 
@@ -191,7 +192,7 @@ def row_noise(post, buffers: Seq[torch.Tensor], slots: torch.Tensor) -> Iterator
     """The TFB layers read each row's ``E_k`` from fixed buffers through ``slots`` (addresses
     that stay put, so a CUDA graph can capture them). No buffers: the mean adapter."""
     try:
-        for layer, noise in zip(post.layers, buffers):
+        for layer, noise in zip(post.noisy_layers, buffers):
             layer.noise, layer.slots = noise, slots
         yield
     finally:
