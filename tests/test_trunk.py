@@ -291,3 +291,48 @@ def test_the_graphed_engines_give_the_eager_answers_with_top_layers_only(tmp_pat
         for r, g in zip(ref, choice_probs(post, enc, samples, engine=engine), strict=True):
             torch.testing.assert_close(g, r, atol=2e-4, rtol=0)
     assert engine.graphs, f"no CUDA graph was captured ({engine.capture_error})"
+
+
+# --- the shared trunk -------------------------------------------------------------------------
+
+
+def rows_through(post, layer: int):
+    """A counter of the rows each forward sends through decoder layer ``layer``'s q projection."""
+    seen = []
+    module = post.model.model.layers[layer].self_attn.q_proj
+    return seen, module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_the_scoring_engine_shares_the_trunk_and_scores_as_row_by_row(dirs, L):
+    """PrefillEngine with the trunk shared (layers below N - L once per distinct row, then fanned out
+    to each weight sample's row) gives the logits of the same engine running every row through every
+    layer, for mixed K and weight seeds, letter and sequence items; and the trunk did run on fewer rows."""
+    from tfb_core.cuda_prefill import PrefillEngine
+    from tfb_core.data import MCItem
+    from tfb_core.scoring import choice_scores, encode_item
+
+    post = posterior(dirs, L)
+    items = [MCItem(["Paris", "Rome", "Berlin"], question="What is the capital of France?"),
+             MCItem(["4", "five", "22", "none of these"], question="2 + 2 ="),
+             MCItem(["blue", "green"], question="The sky on a clear day is")]
+    samples = [(0, 4), (3, 2), (0, 3)]  # mixed K and weight seeds
+    shared, alone = PrefillEngine(post), PrefillEngine(post, share_trunk=False)
+    for mode in ("letter", "sequence"):
+        enc = [encode_item(post.tokenizer, it, mode) for it in items]
+        seen, hook = rows_through(post, 0)
+        try:
+            got = choice_scores(post, enc, samples, engine=shared)
+            trunk_rows = seen.pop()
+            want = choice_scores(post, enc, samples, engine=alone)
+            all_rows = seen.pop()
+        finally:
+            hook.remove()
+        distinct = sum(len(e.sequences) for e in enc)  # one trunk row per (item, sequence)
+        assert (trunk_rows, all_rows) == (distinct, sum(len(e.sequences) * K for e, (_, K) in zip(enc, samples)))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+        assert max(float(s.std(0).max()) for s in want) > 1e-4  # the samples differ
+        # and both are the posterior's: the eager HF forward, every row through every layer
+        for g, e in zip(got, choice_scores(post, enc, samples), strict=True):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=0)

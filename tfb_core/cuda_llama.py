@@ -91,16 +91,26 @@ def embed(model, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, to
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+def layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+           fan_out: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The decoder layers over ``x`` (R, T, d): the residual stream after the last layer.
 
     ``attend(i, q, k, v)`` is layer ``i``'s attention: q (R, H, T, hd) and k (R, KVH, T, hd)
     after RoPE, v (R, KVH, T, hd); it returns (R, T, H * hd) for ``o_proj``.
+
+    ``fan_out = (s, index)``: the shared trunk. Layers below ``s`` run on the rows of ``x`` (one
+    per sequence: no weight noise there, so every sample of a sequence computes the same); at
+    layer ``s`` the stream, cos and sin become ``index``'s rows (R' = len(index), each weight
+    sample's row a copy of its sequence's), and ``attend`` sees R' rows from there up.
     """
     H, KVH, hd = attention_shape(model.config)
     R, T = x.shape[:2]
     rot = rotate_half_matrix(hd, x)
     for i, layer in enumerate(model.model.layers):
+        if fan_out is not None and i == fan_out[0]:
+            index = fan_out[1]
+            x, cos, sin = x[index], cos[index], sin[index]
+            R = x.shape[0]
         attn = layer.self_attn
         h = rms_norm(layer.input_layernorm, x)
         q = attn.q_proj(h).view(R, T, H, hd).transpose(1, 2)  # (R, H, T, hd)
