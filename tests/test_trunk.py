@@ -336,3 +336,34 @@ def test_the_scoring_engine_shares_the_trunk_and_scores_as_row_by_row(dirs, L):
         # and both are the posterior's: the eager HF forward, every row through every layer
         for g, e in zip(got, choice_scores(post, enc, samples), strict=True):
             torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+
+
+def test_generation_prefilled_through_the_shared_trunk_decodes_as_the_eager_engine(dirs):
+    """admit through the scoring engine: each prompt's trunk runs once (its keys and values copied
+    to its K rows), and every sequence decodes as the eager engine decodes it; mixed K and seeds."""
+    from test_cuda_decode import assert_same
+    from tiny import prompts
+
+    from tfb_core.cuda_decode import StaticDecoder
+    from tfb_core.cuda_prefill import PrefillEngine
+    from tfb_core.generation import GenSequence, SamplingParams, generate
+
+    post = posterior(dirs, 1)
+    ps = prompts(post.tokenizer)
+    params = [SamplingParams(max_tokens=8, num_samples=K, ignore_eos=True, weight_seed=seed)
+              for K, seed in ((4, 3), (2, 7), (3, 3))][:len(ps)]
+    alone = [generate(post, [p], sp)[0] for p, sp in zip(ps, params)]
+    seqs = [GenSequence(list(p), sp) for p, sp in zip(ps, params)]
+    dec = StaticDecoder(post, prefill=PrefillEngine(post))
+    seen, hook = rows_through(post, 0)
+    try:
+        dec.admit(seqs)
+    finally:
+        hook.remove()
+    assert seen == [len(ps)]  # one trunk row per prompt, not one per weight sample
+    while dec.seqs:
+        dec.filter()
+        if dec.seqs:
+            dec.step()
+    assert_same(alone, seqs)
+    assert max(t.mutual_information for s in seqs for t in s.tokens) > 1e-6

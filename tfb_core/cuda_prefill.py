@@ -90,7 +90,9 @@ class PrefillEngine(Graphed):
         """For generation: the last position's logits (R, V, float32), every layer's keys (after
         RoPE) and values (R, KVH, T, hd), and the padding mask (R, T; CPU) of the left-padded rows
         (T: the longest row, rounded up to ``bucket`` when graphs are on). Keys and values may be
-        a graph's outputs, overwritten by the next call: copy them before."""
+        a graph's outputs, overwritten by the next call: copy them before. With a shared trunk
+        the layers below N - L run once per prompt; their keys and values are copied to each of
+        its rows."""
         n, T = len(rows), self.padded_length(max(len(r) for r in rows))
         if self._graphs_on and self._fits(pow2(n), T, 1, kv=True):
             # rows rounded up to a power of two (copies of the first), so admissions of any
@@ -133,7 +135,7 @@ class PrefillEngine(Graphed):
         """(the distinct rows, row -> distinct row) when the trunk is shared, else (rows, None).
         Rows of equal tokens differ only in their weight sample, so below layer N - L they
         compute the same."""
-        if not self.share_trunk or kv or self.post.first_stochastic_layer == 0:
+        if not self.share_trunk or self.post.first_stochastic_layer == 0:
             return rows, None
         first: dict[tuple, int] = {}
         index = [first.setdefault(tuple(r), len(first)) for r in rows]
@@ -160,7 +162,9 @@ class PrefillEngine(Graphed):
         cache: list[torch.Tensor] = []
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if kv:  # k is a view of q and k together: keep k alone
+            if kv and i < split:  # a trunk row's keys and values, one copy per row that shares it
+                cache.extend([k[index], v[index]])
+            elif kv:  # k is a view of q and k together: keep k alone
                 cache.extend([k.contiguous(), v])
             return attend_prompt(q, k, v, trunk_mask if i < split else attn_mask)
 
