@@ -367,3 +367,34 @@ def test_generation_prefilled_through_the_shared_trunk_decodes_as_the_eager_engi
             dec.step()
     assert_same(alone, seqs)
     assert max(t.mutual_information for s in seqs for t in s.tokens) > 1e-6
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_the_eager_scorer_shares_the_trunk_and_scores_as_row_by_row(dirs, L):
+    """The prompt-sharing eager scorer (HF modules, one layer at a time) runs the trunk once per prompt
+    (and once per choice continuation), and scores as the HF forward that runs one row per
+    (item, choice, sample) through every layer: letter and sequence (length-normalised too), mixed K
+    and seeds, at the posterior's sigma and at another (the search's)."""
+    from tfb_core.data import MCItem
+    from tfb_core.scoring import choice_scores, encode_item
+
+    post = posterior(dirs, L)
+    items = [MCItem(["Paris", "Rome", "Berlin"], question="What is the capital of France?"),
+             MCItem(["4", "five", "22", "none of these at all"], question="2 + 2 ="),
+             MCItem(["blue", "green"], question="The sky on a clear day is")]
+    samples = [(0, 4), (3, 2), (0, 3)]
+    for mode, norm in (("letter", False), ("sequence", False), ("sequence", True)):
+        enc = [encode_item(post.tokenizer, it, mode, length_normalize=norm) for it in items]
+        for sigma in (None, 0.2):
+            seen, hook = rows_through(post, 0)
+            try:
+                got = choice_scores(post, enc, samples, sigma=sigma)
+            finally:
+                hook.remove()
+            assert seen[0] == len(items)  # the prompts' trunk: one row per item
+            if mode == "sequence":  # the continuations' trunk: one row per (item, choice of 2+ tokens)
+                assert seen[1] == sum(len(t) > 1 for e in enc for t in e.targets) > 0
+            want = choice_scores(post, enc, samples, sigma=sigma, share_prefix=False)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+            assert max(float(s.std(0).max()) for s in want) > 1e-4
