@@ -275,7 +275,10 @@ def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tup
        last logits give the letter scores and each choice's first token.
     2. Continuation pass (sequence items): one row per (item, choice, k), the choice's tokens
        but the last, right-padded, attending to the prefix row's cache (copied per choice).
-    Cost: K x prompt + C x K x choice tokens, instead of C x K x (prompt + choice).
+    Cost: K x prompt + C x K x choice tokens, instead of C x K x (prompt + choice). With the
+    noise in the last L layers only (:func:`trunk_split`), both passes run the layers below
+    N - L once per prompt (per (prompt, choice) for the continuations) and fan out to the K
+    samples' rows there (:func:`trunk_forward`).
     """
     prefix, first = [], {}  # first[(i, k)] = the item's prefix row
     for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
