@@ -14,7 +14,6 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tfb_core import Criterion, Mode, SearchConfig, TFBError
-from tfb_core.options import parse_stochastic_layers
 
 
 def _search(name: str, **constraints):
@@ -156,8 +155,8 @@ class Settings(BaseSettings):
     @field_validator("stochastic_layers")
     @classmethod
     def _layers(cls, v):
-        try:
-            return parse_stochastic_layers(v)
+        try:  # "all" or an int >= 1 ("4" from a flag or TFB_STOCHASTIC_LAYERS): SearchConfig's check
+            return SearchConfig(stochastic_layers=v).stochastic_layers
         except TFBError as e:
             raise ValueError(str(e)) from None
 
