@@ -312,7 +312,7 @@ def search_key(model_dir: Path, adapter: Path, calibration: Path, settings: Sett
     h.update(b"calibration\0" + _sha(calibration).encode())
     search = {k: getattr(settings, k) for k in ("criterion", "eps", "samples", "seed", "mode",
                                                  "gold_labels", "chat", "max_acc_drop", "length_normalize",
-                                                 "holdout")}
+                                                 "holdout", "stochastic_layers")}
     config = settings.search_config()
     search["calibration_defaults"] = [config.coverage, config.max_risk]
     search["dtype"] = SEARCH_DTYPE

@@ -273,6 +273,9 @@ class PosteriorInfo(BaseModel):
     chat: bool = Field(..., description="whether prompts are wrapped in the chat template by default")
     temperature: float = Field(1.0, description="the model average is served as softmax(log(mean_k p_k) / T)")
     length_normalize: bool = Field(False, description="sequence mode: choices scored by mean log-prob per token")
+    stochastic_layers: int | Literal["all"] = Field("all", description="L: only the LoRA modules of the last L "
+                                                    "decoder layers (and an adapted LM head) get the noise; the "
+                                                    "layers below are the mean adapter in every weight sample")
     calibration: CalibrationInfo | None = Field(None, description="prediction sets and abstention (null: "
                                                 "no held-out calibration)")
     confidence: dict = Field(..., description="the model behind each answer's 'confidence': 'model' "

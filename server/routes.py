@@ -224,7 +224,7 @@ async def get_posterior(state: AppState = Depends(require_ready)) -> PosteriorIn
         num_samples=state.settings.samples, max_samples=state.settings.max_samples,
         criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=state.choices.default_mode,
         chat=state.choices.default_chat, temperature=model.temperature,
-        length_normalize=bool(cfg.length_normalize), calibration=state.choices.calibration_info(),
+        length_normalize=bool(cfg.length_normalize), stochastic_layers=cfg.stochastic_layers, calibration=state.choices.calibration_info(),
         confidence=state.choices.confidence.to_dict(), fit_report=cfg.fit_report,
         search_trace=[SearchPointOut(**p) for p in cfg.search_trace],
         calibration_sha256=cfg.calibration_sha256, source=model.source)

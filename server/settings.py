@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tfb_core import Criterion, Mode, SearchConfig
+from tfb_core import Criterion, Mode, SearchConfig, TFBError
 
 
 def _search(name: str, **constraints):
@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     length_normalize: bool | None = _search("length_normalize")
     gold_labels: bool = _search("gold_labels")
     holdout: float | None = _search("holdout", ge=0, lt=1)
+    stochastic_layers: str | int = _search("stochastic_layers")
 
     # prediction sets and abstention (a posterior with a held-out calibration) ------------------
     coverage: float | None = Field(None, gt=0, lt=1, description="/v1/choices prediction sets' default "
@@ -151,6 +152,14 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v):
         return None if v == "" else v
 
+    @field_validator("stochastic_layers")
+    @classmethod
+    def _layers(cls, v):
+        try:  # "all" or an int >= 1 ("4" from a flag or TFB_STOCHASTIC_LAYERS): SearchConfig's check
+            return SearchConfig(stochastic_layers=v).stochastic_layers
+        except TFBError as e:
+            raise ValueError(str(e)) from None
+
     @model_validator(mode="before")
     @classmethod
     def _read_api_key_file(cls, data):
@@ -187,7 +196,7 @@ class Settings(BaseSettings):
                             chat=bool(self.chat), holdout=self.holdout,
                             coverage=self.coverage or SearchConfig.default("coverage"),
                             max_risk=self.max_risk or SearchConfig.default("max_risk"),
-                            abstain_on_set=self.abstain_on_set)
+                            abstain_on_set=self.abstain_on_set, stochastic_layers=self.stochastic_layers)
 
     @property
     def torch_threads(self) -> int:

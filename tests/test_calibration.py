@@ -140,7 +140,7 @@ def test_fit_posterior_records_a_held_out_calibration(fitted, labelled, llama_di
     loaded = Posterior.load(fresh_base(llama_dir), out)
     cfg, cal = loaded.config, loaded.config.conformal
     assert result.criterion == cfg.criterion == "cv-nll"  # auto: every item has an answer
-    assert cfg.format_version == 3 and cfg.temperature == result.temperature and cfg.temperature != 1.0
+    assert cfg.format_version == 4 and cfg.temperature == result.temperature and cfg.temperature != 1.0
     assert cal.n == N_HELD == round(N_ITEMS * HOLDOUT) and cal.score == "lac" and cal.max_risk == MAX_RISK
     fit_idx, held_idx = holdout_split(N_ITEMS, HOLDOUT, seed=0)
     assert sorted(fit_idx + held_idx) == list(range(N_ITEMS)) and len(held_idx) == N_HELD
@@ -560,5 +560,5 @@ def test_format_version_1_loads_with_a_warning(tempered_dirs, tmp_path, llama_di
     assert len(lines) == 1, caplog.text
     assert str(path) in lines[0] and "2.5" in lines[0]
     assert "model average, softmax(log(mean_k p_k) / T)" in lines[0] and "untempered" in lines[0]
-    assert loaded.config.temperature == T_HOT and loaded.config.format_version == 3
+    assert loaded.config.temperature == T_HOT and loaded.config.format_version == 4
     assert loaded.config.length_normalize is False and loaded.config.conformal is None

@@ -315,7 +315,9 @@ def test_sigma_must_be_nonnegative(post):
 
 
 @pytest.mark.parametrize("changes,problem", [
-    ({"format_version": 4}, "format_version 4 is not supported"),
+    ({"format_version": 5}, "format_version 5 is not supported"),
+    ({"stochastic_layers": 0}, "stochastic_layers must be 'all' or a number of decoder layers >= 1, got 0"),
+    ({"stochastic_layers": 3}, r"stochastic_layers must be 'all' or 1\.\.2 \(the model has 2 decoder layers\), got 3"),
     ({"sigma": -0.1}, "sigma must be a finite number >= 0"),
     ({"sigma": "0.1"}, "sigma must be a finite number >= 0"),
     ({"temperature": 0}, "temperature must be a finite number > 0"),

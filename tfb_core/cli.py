@@ -122,7 +122,8 @@ def _run_bayesianize(args) -> int:
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
     post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,
-                                  mode=config.mode, chat=config.chat, length_normalize=bool(config.length_normalize))
+                                  mode=config.mode, chat=config.chat, length_normalize=bool(config.length_normalize),
+                                  stochastic_layers=config.stochastic_layers)
     if items is None:
         post.sigma = args.sigma
     else:  # with --sigma too: the mode, T, the confidence and the held-out calibration are still fitted

@@ -99,16 +99,26 @@ def embed(model, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, to
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+def layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+           fan_out: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The decoder layers over ``x`` (R, T, d): the residual stream after the last layer.
 
     ``attend(i, q, k, v)`` is layer ``i``'s attention: q (R, H, T, hd) and k (R, KVH, T, hd)
     after RoPE, v (R, KVH, T, hd); it returns (R, T, H * hd) for ``o_proj``.
+
+    ``fan_out = (s, index)``: the shared trunk. Layers below ``s`` run on the rows of ``x`` (one
+    per sequence: no weight noise there, so every sample of a sequence computes the same); at
+    layer ``s`` the stream, cos and sin become ``index``'s rows (R' = len(index), each weight
+    sample's row a copy of its sequence's), and ``attend`` sees R' rows from there up.
     """
     H, KVH, hd = attention_shape(model.config)
     R, T = x.shape[:2]
     rot = rotate_half_matrix(hd, x)
     for i, layer in enumerate(model.model.layers):
+        if fan_out is not None and i == fan_out[0]:
+            index = fan_out[1]
+            x, cos, sin = x[index], cos[index], sin[index]
+            R = x.shape[0]
         attn = layer.self_attn
         h = rms_norm(layer.input_layernorm, x)
         q = attn.q_proj(h).view(R, T, H, hd).transpose(1, 2)  # (R, H, T, hd)
@@ -297,16 +307,17 @@ def head(model, x: torch.Tensor) -> torch.Tensor:
 # --- weight samples: noise buffers and their slots ------------------------------------------------
 
 def noise_buffers(post, slots: int, device: torch.device) -> list[torch.Tensor]:
-    """Per TFB layer, zeroed room for ``slots`` weight samples: (slots, r, n), the layer's dtype."""
+    """Per noisy TFB layer (``post.noisy_layers``), zeroed room for ``slots`` weight samples:
+    (slots, r, n), the layer's dtype."""
     return [torch.zeros(slots, *layer.lora_A.shape, device=device, dtype=layer.lora_A.dtype)
-            for layer in post.layers]
+            for layer in post.noisy_layers]
 
 
 def sample_noise(post, buffers: Seq[torch.Tensor], slot: int, key: tuple[int, int], sigma: float) -> None:
     """Write ``E_k`` of weight sample ``key`` = (seed, k) into ``slot`` of every layer's buffer
     (the values the eager engine's noise stacks hold, in the layer's dtype)."""
     z = post.draws.get(*key)
-    for buf, layer, zi in zip(buffers, post.layers, z):
+    for buf, layer, zi in zip(buffers, post.noisy_layers, z):
         buf[slot] = noise_stack(layer, [zi], sigma)[0]
 
 
@@ -343,7 +354,7 @@ def row_noise(post, buffers: Seq[torch.Tensor], slots: torch.Tensor) -> Iterator
     """The TFB layers read each row's ``E_k`` from fixed buffers through ``slots`` (addresses
     that stay put, so a CUDA graph can capture them). No buffers: the mean adapter."""
     try:
-        for layer, noise in zip(post.layers, buffers):
+        for layer, noise in zip(post.noisy_layers, buffers):
             layer.noise, layer.slots = noise, slots
         yield
     finally:

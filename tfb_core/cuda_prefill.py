@@ -48,10 +48,15 @@ class PrefillEngine(Graphed):
         recently used dropped first; a shape whose logits alone exceed 1/8 of it is not graphed).
     bucket : int
         Lengths are rounded up to a multiple of this for a graph (padding on the left).
+    share_trunk : bool, default=True
+        With a posterior whose noise is in the last L layers only (``stochastic_layers``), run
+        layers 0..N-L-1 once per distinct row (the weight samples of one sequence share them)
+        and fan out to every row at layer N - L (:func:`~tfb_core.cuda_llama.layers`). Same
+        logits up to rounding; False runs every row through every layer.
     """
 
     def __init__(self, post, graph: bool | None = None, graph_tokens: int = 8192, max_graphs: int = 32,
-                 graph_bytes: int = 2 << 30, bucket: int = 32):
+                 graph_bytes: int = 2 << 30, bucket: int = 32, share_trunk: bool = True):
         model = post.model
         require_supported(model)
         self.post = post
@@ -63,10 +68,11 @@ class PrefillEngine(Graphed):
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs} (graph=False turns graphs off)")
         self.graph_tokens, self.max_graphs, self.graph_bytes = graph_tokens, max_graphs, graph_bytes
         self.bucket = bucket
+        self.share_trunk = share_trunk
         size = next(model.parameters()).element_size()
         self.logit_bytes = model.config.vocab_size * size  # per row, position
         self.kv_bytes = 2 * model.config.num_hidden_layers * self.kv_heads * self.head_dim * size  # per row, token
-        self._graphs = GraphSet()  # (rows, T, keep, kv) -> (graph, inputs, outputs), LRU
+        self._graphs = GraphSet()  # (rows, T, keep, trunk rows, kv) -> (graph, inputs, outputs), LRU
         self.seen: OrderedDict[tuple, int] = OrderedDict()  # forwards per shape (bounded)
         self.noise: list[torch.Tensor] = []  # per TFB layer: (slots, r, n) = E_k
         self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (seed, k) -> slot, LRU
@@ -84,7 +90,9 @@ class PrefillEngine(Graphed):
         """For generation: the last position's logits (R, V, float32), every layer's keys (after
         RoPE) and values (R, KVH, T, hd), and the padding mask (R, T; CPU) of the left-padded rows
         (T: the longest row, rounded up to ``bucket`` when graphs are on). Keys and values may be
-        a graph's outputs, overwritten by the next call: copy them before."""
+        a graph's outputs, overwritten by the next call: copy them before. With a shared trunk
+        the layers below N - L run once per prompt; their keys and values are copied to each of
+        its rows."""
         n, T = len(rows), self.padded_length(max(len(r) for r in rows))
         if self._graphs_on and self._fits(pow2(n), T, 1, kv=True):
             # rows rounded up to a power of two (copies of the first), so admissions of any
@@ -105,11 +113,15 @@ class PrefillEngine(Graphed):
 
     def _run(self, rows, keep, samples, slot_ids, kv: bool) -> tuple:
         n, T = len(rows), self.padded_length(max(len(r) for r in rows))
-        graphed = self._graphs_on and self.wants_graph(n, T, keep, kv)
+        trunk, index = self._trunk(rows, kv)
+        graphed = self._graphs_on and self.wants_graph(n, T, keep, kv, len(trunk) if index is not None else 0)
         slot = self._slots(samples)
-        ids, mask, pos = left_pad(rows, T)
+        ids, mask, pos = left_pad(trunk, T)
         inputs = {"ids": ids, "mask": mask, "pos": pos,
                   "slots": torch.tensor([slot[samples[s]] for s in slot_ids], dtype=torch.long)}
+        if index is not None:
+            inputs["index"] = index
+            mask = mask[index]
         with on_device(self.device):
             if graphed:
                 out = self._replay(inputs, keep, kv)
@@ -119,30 +131,52 @@ class PrefillEngine(Graphed):
             with row_noise(self.post, self.noise, inputs["slots"]):
                 return self._forward(inputs, keep, kv), mask
 
+    def _trunk(self, rows, kv: bool) -> tuple[list, torch.Tensor | None]:
+        """(the distinct rows, row -> distinct row) when the trunk is shared, else (rows, None).
+        Rows of equal tokens differ only in their weight sample, so below layer N - L they
+        compute the same."""
+        if not self.share_trunk or self.post.first_stochastic_layer == 0:
+            return rows, None
+        first: dict[tuple, int] = {}
+        index = [first.setdefault(tuple(r), len(first)) for r in rows]
+        if len(first) == len(rows):
+            return rows, None
+        return [list(r) for r in first], torch.tensor(index, dtype=torch.long)
+
     # --- the forward -----------------------------------------------------------------------
 
     def _forward(self, inputs: dict, keep: int, kv: bool = False):
-        """Logits of the last ``keep`` positions; with ``kv`` (logits, [k_0, v_0, k_1, v_1, ...])."""
+        """Logits of the last ``keep`` positions; with ``kv`` (logits, [k_0, v_0, k_1, v_1, ...]).
+        With ``inputs["index"]`` the rows of ``ids`` are the trunk's (one per distinct row), fanned
+        out to every row at layer N - L."""
         model = self.post.model
         ids, mask, pos = inputs["ids"], inputs["mask"], inputs["pos"]
+        index = inputs.get("index")
         T = ids.shape[1]
-        x, cos, sin = embed(model, ids, pos)  # (R, T, d), (R, 1, T, hd)
-        attn_mask = prompt_mask(mask, x.dtype)
+        x, cos, sin = embed(model, ids, pos)  # (B, T, d), (B, 1, T, hd): B trunk rows
+        trunk_mask = prompt_mask(mask, x.dtype)  # (B, 1, T, T)
+        split, fan_out, attn_mask = 0, None, trunk_mask
+        if index is not None:
+            split = self.post.first_stochastic_layer
+            fan_out, attn_mask = (split, index), trunk_mask[index]  # (R, 1, T, T) from layer `split` up
         cache: list[torch.Tensor] = []
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if kv:  # k is a view of q and k together: keep k alone
+            if kv and i < split:  # a trunk row's keys and values, one copy per row that shares it
+                cache.extend([k[index], v[index]])
+            elif kv:  # k is a view of q and k together: keep k alone
                 cache.extend([k.contiguous(), v])
-            return attend_prompt(q, k, v, attn_mask)
+            return attend_prompt(q, k, v, trunk_mask if i < split else attn_mask)
 
-        logits = head(model, layers(model, x, cos, sin, attend)[:, T - keep:])
+        logits = head(model, layers(model, x, cos, sin, attend, fan_out)[:, T - keep:])
         return (logits, cache) if kv else logits
 
     # --- graphs ----------------------------------------------------------------------------
 
-    def wants_graph(self, rows: int, length: int, keep: int, kv: bool = False) -> bool:
-        """Whether this (padded) shape runs from a graph: small enough, and seen before."""
-        key = (rows, length, keep, kv)
+    def wants_graph(self, rows: int, length: int, keep: int, kv: bool = False, trunk: int = 0) -> bool:
+        """Whether this (padded) shape runs from a graph: small enough, and seen before. ``trunk``:
+        the rows of a shared trunk (0: none)."""
+        key = (rows, length, keep, trunk, kv)
         if key in self.graphs:
             return True
         if not self._fits(rows, length, keep, kv):
@@ -158,7 +192,9 @@ class PrefillEngine(Graphed):
                 and not (kv and rows * length * self.kv_bytes > self.graph_bytes // 2))
 
     def _replay(self, inputs: dict, keep: int, kv: bool):
-        key = (*inputs["ids"].shape, keep, kv)
+        index = inputs.get("index")
+        trunk, T = inputs["ids"].shape
+        key = (len(inputs["slots"]), T, keep, 0 if index is None else trunk, kv)
         if key not in self.graphs:
             self._capture(key, inputs, keep, kv)
             if key not in self.graphs:  # refused, out of memory, or over the byte budget

@@ -111,6 +111,7 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     if holdout > 0 and missing is not None:
         raise TFBError(f"prediction sets and abstention need an 'answer' on every calibration item; "
                        f"{where(items, missing)} has none")
+    post.stochastic_layers = cfg.stochastic_layers
     fit_idx, held_idx = holdout_split(len(items), holdout, cfg.seed) if holdout > 0 else (list(range(len(items))), [])
     fit_items = [items[i] for i in fit_idx]
     labelled = unlabelled(fit_items) is None

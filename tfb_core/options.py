@@ -26,6 +26,7 @@ COVERAGE = 0.9  # prediction sets' default coverage
 MAX_RISK = 0.1  # abstention: the error rate answered items may have
 DELTA = 0.05  # abstention: the risk is certified with confidence 1 - DELTA
 BATCH_SIZE = 8  # calibration items per forward
+ALL_LAYERS = "all"  # stochastic_layers: the noise in every decoder layer's LoRA modules (the paper's)
 
 
 # --- choices ----------------------------------------------------------------------------------
@@ -89,6 +90,20 @@ class Metric(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def parse_stochastic_layers(value) -> "int | str":
+    """``"all"``, or the number L >= 1 of top decoder layers whose LoRA modules get the noise (an
+    int, or its string: ``"4"`` from a flag or an environment variable)."""
+    if value == ALL_LAYERS:
+        return ALL_LAYERS
+    try:
+        layers = int(value)
+    except (TypeError, ValueError):
+        layers = None
+    if isinstance(value, (bool, float)) or layers is None or layers < 1:
+        raise TFBError(f"stochastic_layers must be 'all' or a number of decoder layers >= 1, got {value!r}")
+    return layers
 
 
 def parse_score(score) -> Score:
@@ -170,6 +185,10 @@ class SearchConfig:
                            "certified with confidence 0.95 on the held-out items", check=_open_fraction)
     abstain_on_set: bool = _opt(False, "also abstain when the default-coverage prediction set holds more "
                                 "than one choice")
+    stochastic_layers: str | int = _opt(ALL_LAYERS, "the LoRA modules of only the last L decoder layers (and an "
+                                        "adapted LM head) get the noise; the layers below use the mean adapter, "
+                                        "so every weight sample shares their computation: L from 1 to the "
+                                        "model's layers, or all")
     temperature: bool = _opt(True, "do not fit a temperature", flag="--no-temperature")
     batch_size: int = _opt(BATCH_SIZE, "items per forward", check=_at_least_one)
 
@@ -177,6 +196,7 @@ class SearchConfig:
         self.criterion = parse_criterion(self.criterion)
         self.mode = None if self.mode is None else parse_mode(self.mode)
         self.score, self.abstain_on = parse_score(self.score), parse_metric(self.abstain_on)
+        self.stochastic_layers = parse_stochastic_layers(self.stochastic_layers)
         if self.sigma_grid is not None:
             self.sigma_grid = tuple(float(x) for x in self.sigma_grid)
         for f in fields(self):

@@ -23,15 +23,17 @@ from .conformal import Calibration
 from .confidence import Confidence
 from .errors import TFBError
 from .models import BaseModel
-from .options import NUM_SAMPLES, SEED, Criterion, Mode, parse_criterion, parse_mode
+from .options import (ALL_LAYERS, NUM_SAMPLES, SEED, Criterion, Mode, parse_criterion, parse_mode,
+                      parse_stochastic_layers)
 from .sampling import DrawCache, TFBLoRALayer, row_std, weight_samples
 
 log = logging.getLogger(__name__)
 
 #: 2: the temperature divides the log of the model average (v1: every sample's logits);
 #: length_normalize and the held-out calibration (conformal sets, abstention) are recorded
-FORMAT_VERSION = 3  # 3: the learned confidence (a version-2 directory loads without it)
-READABLE_VERSIONS = (1, 2, 3)
+#: 3: the learned confidence (a version-2 directory loads without it)
+FORMAT_VERSION = 4  # 4: stochastic_layers (an older directory loads as "all")
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 def bayesianize_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,6 +62,7 @@ class TFBConfig:
     chat: bool = False  # prompts are wrapped in the tokenizer's chat template
     temperature: float = 1.0  # the model average is served as softmax(log(mean_k p_k) / T)
     length_normalize: bool = False  # sequence mode: a choice's score is its mean log-prob per token
+    stochastic_layers: int | str = ALL_LAYERS  # L: the noise in the last L decoder layers (and the head)
     search_trace: list[dict] = field(default_factory=list)
     calibration_sha256: str | None = None
     base_model: dict = field(default_factory=dict)
@@ -74,6 +77,7 @@ class TFBConfig:
     def __post_init__(self):
         self.criterion = None if self.criterion is None else parse_criterion(self.criterion)
         self.mode = None if self.mode is None else parse_mode(self.mode)
+        self.stochastic_layers = parse_stochastic_layers(self.stochastic_layers)
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise TFBError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -100,7 +104,10 @@ class Posterior:
 
     Build it with :meth:`from_adapter` (a plain peft LoRA directory) or :meth:`load` (a
     Bayesianized directory). ``sigma`` is the one global scale of the posterior; 0 is the
-    deterministic adapter.
+    deterministic adapter. ``stochastic_layers`` (L) puts the noise in the LoRA modules of the
+    last L decoder layers only (and in an adapted LM head, which is above them); the modules below
+    are the mean adapter in every weight sample. ``layers`` holds every TFB layer,
+    ``noisy_layers`` those that get the noise.
 
     >>> post = Posterior.from_adapter(load_base_model("smollm2-135m"), "my-lora/")
     >>> result = post.search(calibration_items, criterion="nll", eps=0.003)
@@ -124,7 +131,7 @@ class Posterior:
                                  module.scaling, index, module.name)
             setattr(parent, child, layer)
             self.layers.append(layer)
-        self.draws = DrawCache(self.layers)
+        self.stochastic_layers = self.config.stochastic_layers
 
     # construction -----------------------------------------------------------------------
 
@@ -152,7 +159,10 @@ class Posterior:
         missing = [m.name for m in adapter.modules if f"{m.name}.d" not in stored]
         if missing:
             raise TFBError(f"{directory / POSTERIOR_NAME} lacks the singular values of {missing[0]}")
-        return cls(base, adapter, [stored[f"{m.name}.d"] for m in adapter.modules], config)
+        try:
+            return cls(base, adapter, [stored[f"{m.name}.d"] for m in adapter.modules], config)
+        except TFBError as e:  # stochastic_layers does not fit this model
+            raise TFBError(f"{directory / TFB_CONFIG_NAME}: {e}") from None
 
     # the posterior --------------------------------------------------------------------------
 
@@ -174,10 +184,50 @@ class Posterior:
             raise TFBError(f"sigma must be >= 0, got {value}")
         self.config.sigma = float(value)
 
+    @property
+    def num_layers(self) -> int:
+        """N, the decoder layers of the base model."""
+        return len(_decoder_layers(self.model))
+
+    @property
+    def stochastic_layers(self) -> int | str:
+        """L, the top decoder layers whose LoRA modules get the noise, or ``"all"``."""
+        return self.config.stochastic_layers
+
+    @stochastic_layers.setter
+    def stochastic_layers(self, value: int | str) -> None:
+        value = parse_stochastic_layers(value)
+        n = None if value == ALL_LAYERS else self.num_layers
+        if n is not None and value > n:
+            raise TFBError(f"stochastic_layers must be 'all' or 1..{n} (the model has {n} decoder layers), "
+                           f"got {value}")
+        noisy = [layer for layer in self.layers if self._is_noisy(layer, value)]
+        if n is not None and not noisy:
+            raise TFBError(f"stochastic_layers {value}: no LoRA module of the adapter is in the last {value} "
+                           f"decoder layers (or the LM head); allowed: a larger L, up to {n}, or all")
+        self.config.stochastic_layers = value
+        self.noisy_layers: list[TFBLoRALayer] = noisy
+        self.draws = DrawCache(noisy)  # module indices seed the draws: E_k of a module is the same for any L
+
+    @property
+    def first_stochastic_layer(self) -> int:
+        """N - L: the decoder layer where the weight samples part (0 with "all")."""
+        L = self.stochastic_layers
+        return 0 if L == ALL_LAYERS else self.num_layers - L
+
+    def _is_noisy(self, layer: TFBLoRALayer, stochastic_layers: int | str) -> bool:
+        if stochastic_layers == ALL_LAYERS:
+            return True
+        index = decoder_layer_index(self.model, layer.name)
+        if index is None:  # outside the decoder stack: the LM head is above it, anything else is not
+            return layer is self.model.get_output_embeddings()
+        return index >= self.num_layers - stochastic_layers
+
     def row_stds(self, sigma: float | None = None) -> dict[str, torch.Tensor]:
         """``Omega_i = sigma / d_i`` per module (rank-deficient rows at 0)."""
         sigma = self.sigma if sigma is None else sigma
-        return {layer.name: row_std(layer.d, sigma) for layer in self.layers}
+        return {layer.name: row_std(layer.d, sigma if layer in self.noisy_layers else 0.0)
+                for layer in self.layers}
 
     @contextmanager
     def samples(self, num_samples: int, seed: int | None = None, sigma: float | None = None
@@ -186,7 +236,7 @@ class Posterior:
         ``b * K + k`` (``input_ids.repeat_interleave(K, 0)``)."""
         seed = self.config.seed if seed is None else seed
         sigma = self.sigma if sigma is None else sigma
-        with weight_samples(self.layers, self.draws, sigma, [(seed, k) for k in range(num_samples)]):
+        with weight_samples(self.noisy_layers, self.draws, sigma, [(seed, k) for k in range(num_samples)]):
             yield
 
     @contextmanager
@@ -194,7 +244,7 @@ class Posterior:
                       sigma: float | None = None) -> Iterator[None]:
         """Like :meth:`samples`, for any row -> (seed, k) map (requests with their own seeds)."""
         sigma = self.sigma if sigma is None else sigma
-        with weight_samples(self.layers, self.draws, sigma, samples, slots):
+        with weight_samples(self.noisy_layers, self.draws, sigma, samples, slots):
             yield
 
     def search(self, items, **kwargs):
@@ -255,6 +305,29 @@ class Posterior:
         self.config.files_sha256 = {name: sha256_file(directory / name)
                                     for name in (CONFIG_NAME, WEIGHTS_NAME, POSTERIOR_NAME)}
         (directory / TFB_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList of ``num_hidden_layers`` blocks."""
+    cfg = model.config
+    n = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise TFBError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def decoder_layer_index(model: nn.Module, name: str) -> int | None:
+    """The decoder layer that holds module ``name`` (``model.layers.3.self_attn.q_proj`` -> 3), or
+    None for a module outside the decoder stack (the LM head)."""
+    stack = _decoder_layers(model)
+    blocks = {id(block): i for i, block in enumerate(stack)}
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        index = blocks.get(id(model.get_submodule(".".join(parts[:end]))))
+        if index is not None:
+            return index
+    return None
 
 
 def load_posterior(base: BaseModel, adapter_dir: str | Path) -> Posterior:

@@ -275,7 +275,10 @@ def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tup
        last logits give the letter scores and each choice's first token.
     2. Continuation pass (sequence items): one row per (item, choice, k), the choice's tokens
        but the last, right-padded, attending to the prefix row's cache (copied per choice).
-    Cost: K x prompt + C x K x choice tokens, instead of C x K x (prompt + choice).
+    Cost: K x prompt + C x K x choice tokens, instead of C x K x (prompt + choice). With the
+    noise in the last L layers only (:func:`trunk_split`), both passes run the layers below
+    N - L once per prompt (per (prompt, choice) for the continuations) and fan out to the K
+    samples' rows there (:func:`trunk_forward`).
     """
     prefix, first = [], {}  # first[(i, k)] = the item's prefix row
     for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
@@ -286,11 +289,19 @@ def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tup
     samples_list, prefix_slots = sample_map(samples)
     keys = {key: slot for slot, key in enumerate(samples_list)}
     device = next(post.model.parameters()).device
-    ids, mask, position_ids = left_pad(prefix, max(len(r) for r in prefix))
+    split = trunk_split(post)
+    trunk, index = distinct_rows(prefix) if split else (prefix, None)
+    ids, mask, position_ids = left_pad(trunk, max(len(r) for r in prefix))
     with post.mixed_samples(samples_list, torch.tensor(prefix_slots), sigma=sigma):
-        out = post.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1)
-    last = out.logits[:, -1]  # (prefix rows, V)
+        if index is not None:  # layers below N - L once per prompt, then each sample's row
+            logits, cache = trunk_forward(post.model, ids.to(device), mask.to(device), split, index.to(device),
+                                          new_cache(post.model))
+            mask = mask[index]
+        else:
+            out = post.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1)
+            logits, cache = out.logits, output_cache(out)
+    last = logits[:, -1]  # (prefix rows, V)
     last_lse = last.float().logsumexp(-1)
     scores = [torch.empty(K, enc.num_choices, dtype=torch.float64) for enc, (_, K) in zip(encoded, samples)]
     conts, owners, cont_slots, parents = [], [], [], []  # continuation rows (i, j, k)
@@ -312,14 +323,25 @@ def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tup
         cont_ids, cont_mask = right_pad(conts)
         width = cont_ids.shape[1]
         parent = torch.tensor(parents)
-        cache = output_cache(out)
-        cache.batch_select_indices(parent.to(device))
         full_mask = torch.cat([mask[parent], cont_mask], 1)
         positions = mask[parent].sum(1, keepdim=True) + torch.arange(width)[None]
         with post.mixed_samples(samples_list, torch.tensor(cont_slots), sigma=sigma):
-            logits = post.model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
-                                position_ids=positions.to(device), use_cache=False,
-                                **{cache_kwarg(post.model): cache}).logits
+            if index is not None:  # one trunk row per (prompt, choice), its cache the prompt's trunk row's
+                groups, cont_index = distinct_rows([(int(index[p]), *c) for p, c in zip(parents, conts)])
+                cont_trunk = torch.tensor([g[0] for g in groups])
+                first = {}
+                for r, g in enumerate(cont_index.tolist()):
+                    first.setdefault(g, r)  # a row of each group
+                first = list(first.values())
+                for i, layer in enumerate(cache.layers):
+                    layer.batch_select_indices((cont_trunk if i < split else parent).to(device))
+                logits, _ = trunk_forward(post.model, cont_ids[first].to(device), full_mask[first].to(device),
+                                          split, cont_index.to(device), cache, keep=width)
+            else:
+                cache.batch_select_indices(parent.to(device))
+                logits = post.model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
+                                    position_ids=positions.to(device), use_cache=False,
+                                    **{cache_kwarg(post.model): cache}).logits
         wanted = [(list(range(len(c))), encoded[i].targets[j][1:]) for c, (i, j, _) in zip(conts, owners)]
         for (i, j, k), lp in zip(owners, target_log_probs(logits, wanted)):
             scores[i][k, j] += lp.sum()
@@ -327,6 +349,67 @@ def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tup
         if enc.mode is Mode.SEQUENCE and enc.length_normalize:
             s /= torch.tensor([len(t) for t in enc.targets], dtype=torch.float64)
     return scores
+
+
+def trunk_split(post) -> int:
+    """N - L, where the eager scorer fans out to the weight samples' rows; 0 when it runs every row
+    through every layer (every layer stochastic, or a model without the Llama family's layout of
+    HF modules: ``model.model`` with ``embed_tokens``, ``rotary_emb``, ``layers`` and ``norm``)."""
+    inner = getattr(post.model, "model", None)
+    layout = all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
+    return post.first_stochastic_layer if layout else 0
+
+
+def distinct_rows(rows: Sequence) -> tuple[list, torch.Tensor]:
+    """(the distinct rows in order of first appearance, row -> its index among them)."""
+    first: dict[tuple, int] = {}
+    index = [first.setdefault(tuple(r), len(first)) for r in rows]
+    return [list(r) for r in first], torch.tensor(index, dtype=torch.long)
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def trunk_forward(model, ids: torch.Tensor, key_mask: torch.Tensor, split: int, index: torch.Tensor, cache,
+                  keep: int = 1) -> tuple[torch.Tensor, object]:
+    """The model's HF modules one decoder layer at a time, with the trunk shared.
+
+    ``ids`` (B, T): the trunk's rows, one per distinct token row; ``key_mask`` (B, S): the real
+    columns of the cache's keys followed by those of ``ids`` (S = cached + T). Layers below
+    ``split`` run on the B rows; at ``split`` every row r of the result continues as row
+    ``index[r]``'s copy (the stream, RoPE's cos and sin, the mask), and the layers above run on
+    those R rows, each with its own weight sample. ``cache`` (a DynamicCache) gets each layer's
+    keys and values (B rows below ``split``, R above). Returns the logits of the last ``keep``
+    positions (R, keep, V) and the cache.
+    """
+    inner = model.model
+    B, T = ids.shape
+    S = key_mask.shape[1]
+    x = inner.embed_tokens(ids)  # (B, T, d)
+    pos = (key_mask.cumsum(-1) - 1).clamp_min(0)[:, S - T:]
+    cos, sin = inner.rotary_emb(x, pos)  # (B, T, hd)
+    attn = attention_mask(key_mask, T, x.dtype)  # (B, 1, T, S)
+    kw = cache_kwarg(inner.layers[0])
+    for i, layer in enumerate(inner.layers):
+        if i == split:
+            x, cos, sin, attn = x[index], cos[index], sin[index], attn[index]
+        out = layer(x, attention_mask=attn, position_embeddings=(cos, sin), use_cache=True, **{kw: cache})
+        x = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(inner.norm(x[:, T - keep:])), cache
+
+
+def attention_mask(key_mask: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (R, 1, T, S) mask: the T queries are the last T of the S columns; each sees the
+    real columns up to its own (a padding query sees itself only, never a row of -inf)."""
+    R, S = key_mask.shape
+    q = torch.arange(S - T, S, device=key_mask.device)[:, None]
+    k = torch.arange(S, device=key_mask.device)[None]
+    allowed = ((k <= q)[None] & key_mask[:, None, :].bool()) | (k == q)[None]  # (R, T, S)
+    out = torch.zeros(R, 1, T, S, dtype=dtype, device=key_mask.device)
+    return out.masked_fill_(~allowed[:, None], float("-inf"))
 
 
 def _kept(enc: Encoded) -> list[list[int]]:
