@@ -1,8 +1,7 @@
 """Start-up: what ``tfb serve`` loads, and the cache of start-up variance searches.
 
-- no ``--adapter``: the built-in demo (``tfb_core.demo``); until its posterior is shipped, a
-  placeholder: a deterministic random LoRA on the built-in base model, Bayesianized with a
-  fixed sigma, generated once into the cache directory.
+- no ``--adapter``: the built-in demo (``tfb_core.demo``: SmolLM2-135M-Instruct and the
+  posterior shipped with tfb).
 - a Bayesianized directory: loaded (checksums verified by tfb_core).
 - a plain LoRA directory plus ``--calibration``: the variance search runs in float32 whatever
   ``--dtype`` is (docs/method.md §4: in bf16 rounding alone moves the criterion); its result is saved
@@ -40,10 +39,6 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 10  # K of a start-up search when --samples is not given
-
-PLACEHOLDER_SEED = 1234
-PLACEHOLDER_SIGMA = 0.02
-PLACEHOLDER_VERSION = 1
 SEARCH_DTYPE = "float32"  # docs/method.md §4
 
 
@@ -54,7 +49,7 @@ class Loaded:
     post: object  # tfb_core.posterior.Posterior
     model_id: str
     adapter: str | None
-    source: str  # loaded | searched | cached search | demo | placeholder
+    source: str  # loaded | searched | cached search | demo
 
 
 @dataclass
@@ -352,51 +347,8 @@ def _ends(path: Path, n: int = 1 << 20) -> bytes:
 def _load_demo(settings: Settings) -> Loaded:
     from tfb_core import DEMO_POSTERIOR
     from tfb_core import load_base_model
-    from tfb_core import Posterior, is_bayesianized
-
-    base = load_base_model(DEMO_MODEL, device=settings.device, dtype=settings.dtype)
-    if is_bayesianized(DEMO_POSTERIOR):
-        log.info("serving the built-in demo: %s + %s", DEMO_MODEL, DEMO_POSTERIOR)
-        return Loaded(Posterior.load(base, DEMO_POSTERIOR), model_id(settings), str(DEMO_POSTERIOR), "demo")
-    directory = placeholder_posterior(base)
-    log.warning("PLACEHOLDER DEMO: the shipped demo posterior (%s) is not there yet; serving %s with a "
-                "random LoRA (seed %d, sigma %g) from %s. Its answers mean nothing.",
-                DEMO_POSTERIOR, DEMO_MODEL, PLACEHOLDER_SEED, PLACEHOLDER_SIGMA, directory)
-    return Loaded(Posterior.load(base, directory), model_id(settings), str(directory), "placeholder")
-
-
-def placeholder_posterior(base) -> Path:
-    """A deterministic random LoRA on ``base``, Bayesianized at a fixed sigma, cached."""
-    from tfb_core import cache_dir
-    from tfb_core import is_bayesianized
-
-    root = cache_dir() / "placeholder" / f"{base.name}-v{PLACEHOLDER_VERSION}"
-    posterior = root / "posterior"
-    if is_bayesianized(posterior):
-        return posterior
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from tfb_core import BaseModel
-    from tfb_core import Mode
     from tfb_core import Posterior
 
-    log.info("building the placeholder demo adapter in %s (once)", root)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
-    gen = torch.Generator().manual_seed(PLACEHOLDER_SEED)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / p.shape[-1] ** 0.5))
-    adapter = root / "adapter"
-    peft_model.save_pretrained(adapter)
-    del peft_model, model
-    fresh = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True).eval()
-    post = Posterior.from_adapter(BaseModel(fresh, base.tokenizer, base.name, base.path), adapter,
-                                  seed=0, mode=Mode.LETTER)
-    post.sigma = PLACEHOLDER_SIGMA
-    post.save(posterior, force=True)  # tfb's own cache
-    return posterior
+    base = load_base_model(DEMO_MODEL, device=settings.device, dtype=settings.dtype)
+    log.info("serving the built-in demo: %s + %s", DEMO_MODEL, DEMO_POSTERIOR)
+    return Loaded(Posterior.load(base, DEMO_POSTERIOR), model_id(settings), str(DEMO_POSTERIOR), "demo")

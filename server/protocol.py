@@ -286,7 +286,7 @@ class PosteriorInfo(BaseModel):
                                               "recorded")
     calibration_sha256: str | None
     source: str = Field(..., description="how the posterior was obtained: loaded, searched, "
-                        "cached search, demo or placeholder")
+                        "cached search or demo")
 
 
 class Health(BaseModel):

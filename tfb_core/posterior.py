@@ -174,11 +174,6 @@ class Posterior:
             raise TFBError(f"sigma must be >= 0, got {value}")
         self.config.sigma = float(value)
 
-    def row_stds(self, sigma: float | None = None) -> dict[str, torch.Tensor]:
-        """``Omega_i = sigma / d_i`` per module (rank-deficient rows at 0)."""
-        sigma = self.sigma if sigma is None else sigma
-        return {layer.name: row_std(layer.d, sigma) for layer in self.layers}
-
     @contextmanager
     def samples(self, num_samples: int, seed: int | None = None, sigma: float | None = None
                 ) -> Iterator[None]:
