@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams  # noqa: E402
+from tfb_core.generation import EagerDecoder, GenSequence, SamplingParams  # noqa: E402
 from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -164,19 +164,18 @@ def decode_eager(clock, post, prompts, K, warm, steps):
     seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
                                                      ignore_eos=True)) for p in prompts]
     base = clock.mem_reset()
-    holder = {}
-    t_prefill = clock.time(lambda: holder.update(b=DecodeBatch.prefill(post, seqs)))
-    batch = holder["b"]
+    batch = EagerDecoder(post)
+    t_prefill = clock.time(lambda: batch.admit(seqs))
     kv_measured = (torch.cuda.memory_allocated() - base) if clock.cuda else None
     for _ in range(warm):
         batch.step()
     times, walls = [], []
     for _ in range(steps):
         walls.append(0.0)
-        times.append(clock.time(lambda: walls.__setitem__(-1, batch.step())))
+        times.append(clock.time(lambda: walls.__setitem__(-1, batch.step().seconds)))
     peak = clock.mem_peak(base)
     ctx = len(prompts[0]) + warm + steps
-    del batch, holder
+    del batch
     return {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
             "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill,
             "peak_extra_bytes": peak, "after_prefill_bytes": kv_measured, "ctx_end": ctx,
@@ -184,29 +183,28 @@ def decode_eager(clock, post, prompts, K, warm, steps):
 
 
 def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
-    """The server's CUDA path: prefill, join a StaticDecoder, step (one host sync per step)."""
+    """The server's CUDA path: admit into a StaticDecoder, step (one host sync per step)."""
     from tfb_core.cuda_decode import StaticDecoder
 
     seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
                                                      ignore_eos=True)) for p in prompts]
     base = clock.mem_reset()
-    holder = {}
     dec = StaticDecoder(post, compile=compile)
-    t_prefill = clock.time(lambda: holder.update(d=dec.join(DecodeBatch.prefill(post, seqs))))
+    t_prefill = clock.time(lambda: dec.admit(seqs))
     after = (torch.cuda.memory_allocated() - base) if clock.cuda else None
     t_first = clock.time(dec.step)  # the CUDA graph is captured here
     for _ in range(warm - 1):
         dec.step()
     walls = []
-    times = [clock.time(lambda: walls.append(dec.step())) for _ in range(steps)]
+    times = [clock.time(lambda: walls.append(dec.step().seconds)) for _ in range(steps)]
     peak = clock.mem_peak(base)
     out = {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
            "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill, "first_step_s": t_first,
-           "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": dec.graphed,
+           "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": bool(dec.graphs),
            "capture_error": dec.capture_error, "compile_error": dec.compile_error,
            "cache_len": dec.length, "rows_cap": dec.rows_cap,
            "tokens": [s.token_ids[:8] for s in seqs]}
-    del dec, holder
+    del dec
     return out
 
 

@@ -274,11 +274,11 @@ class GenerationEngine:
         if not self.decoder.seqs:
             return
         try:
-            seconds = self.decoder.step()
+            seconds = self.decoder.step().seconds
         except Exception as e:  # rerun per sequence: only a sequence whose own step fails ends
             log.warning("a decode step of %d sequences failed (%s); stepping each alone", len(self.decoder.seqs),
                         type(e).__name__)
-            seconds = self.decoder.step_each()
+            seconds = self.decoder.step_each().seconds
         self.metrics.observe_decode(len(self.decoder.seqs), self.kv_rows, seconds)
         self._emit(self.decoder.seqs)
         self._retire()
