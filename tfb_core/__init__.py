@@ -29,7 +29,7 @@ _EXPORTS = {
     "Posterior": "posterior", "TFBConfig": "posterior", "load_posterior": "posterior",
     "is_bayesianized": "posterior",
     # where outputs are written: one rule for every output directory and report file
-    "check_output_dir": "artifacts", "write_output_dir": "artifacts", "SERVE_KEY_NAME": "artifacts",
+    "check_output_dir": "artifacts", "write_output_dir": "artifacts",
     # data
     "MCItem": "data", "read_jsonl": "data", "write_jsonl": "data", "LABELS": "data",
     # options: enums, defaults, the search's config
@@ -52,7 +52,8 @@ _EXPORTS = {
     "Uncertainty": "uncertainty", "decompose": "uncertainty", "temper": "uncertainty",
     "fit_temperature": "uncertainty",
     # fitting a posterior and its conformal calibration
-    "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit", "check_calibration": "fit",
+    "bayesianize": "fit", "check_bayesianize": "fit",
+    "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit",
     "Calibration": "conformal", "calibrate": "conformal", "decide": "conformal",
     "min_calibration_size": "conformal", "covers": "conformal", "max_coverage": "conformal",
     "FitReport": "report",

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import TFBError
@@ -102,34 +103,16 @@ def _add_bayesianize(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bayesianize(args) -> int:
-    from .artifacts import check_output_dir
-    from .data import read_jsonl
-    from .fit import check_calibration, fit_posterior
-    from .models import check_model, load_base_model
-    from .posterior import Posterior
+    from .fit import FIT_DTYPE, bayesianize
 
     config = search_config(args)  # bad values fail before the model loads
-    if args.sigma is None and not args.calibration:
-        raise TFBError("--calibration FILE is required unless --sigma is given")
-    if args.sigma is not None and args.sigma < 0:
-        raise TFBError(f"--sigma must be >= 0, got {args.sigma}")
-    check_model(args.model)
-    inputs = [("--adapter", args.adapter), ("--calibration", args.calibration), ("--model", args.model)]
-    check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
-    items = read_jsonl(args.calibration) if args.calibration else None
-    if items is not None:
-        check_calibration(items, args.calibration, config, sigma=args.sigma)
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
-    base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
-    post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,
-                                  mode=config.mode, chat=config.chat, length_normalize=bool(config.length_normalize))
-    if items is None:
-        post.sigma = args.sigma
-    else:  # with --sigma too: the mode, T, the confidence and the held-out calibration are still fitted
-        result = fit_posterior(post, items, config, sigma=args.sigma)
-        for point in result.trace:
-            logging.info("sigma=%.6g value=%.6g feasible=%s", point.sigma, point.value, point.feasible)
-    out = post.save(args.out, calibration_file=args.calibration, force=args.force, inputs=inputs, flag="--out")
+    dtype = args.dtype or FIT_DTYPE
+    post = bayesianize(args.model, args.adapter, args.calibration, config, sigma=args.sigma, out=args.out,
+                       force=args.force, device=args.device, dtype=dtype, fit_dtype=dtype)
+    for point in post.config.search_trace:
+        logging.info("sigma=%.6g value=%.6g feasible=%s", point["sigma"], point["value"], point["feasible"])
+    out = Path(args.out).expanduser().resolve()
     cal, report = post.config.conformal, post.config.fit_report
     print(json.dumps({"out": str(out), "sigma": post.sigma, "criterion": post.config.criterion,
                       "temperature": post.config.temperature, "eps": post.config.eps,
