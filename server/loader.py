@@ -27,6 +27,7 @@ from tfb_core import TFBError
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+ASSUMED_CONTEXT = 2048  # tokens, for a model whose config gives no context length
 
 
 @dataclass
@@ -72,6 +73,11 @@ class ServedModel:
     @property
     def temperature(self) -> float:
         return temperature(self.config)
+
+    @property
+    def context_limit(self) -> int:
+        """The context prompts are checked against: the model's, else :data:`ASSUMED_CONTEXT`."""
+        return self.context or ASSUMED_CONTEXT
 
     @functools.cached_property
     def token_bound(self):

@@ -349,6 +349,37 @@ def test_a_question_with_the_chat_flag_of_a_chat_calibration_matches_it(llama_di
     assert [a["prediction_set"]["matches_calibration"] for a in answers] == [True, True, False]
 
 
+def test_a_request_resolves_its_score_options_user_then_server_then_posterior():
+    """Each option an item gives wins, else the server's, else the posterior's; the item matches
+    the calibration exactly when every option equals the recorded one: a request that differs
+    in any single option, whichever, does not (a new option is compared without being listed)."""
+    import dataclasses
+
+    from server.protocol import ChoiceItem
+    from server.serving import ChoicesServing
+    from tfb_core.options import Mode, ScoreOptions
+    from tfb_core.posterior import TFBConfig
+
+    recorded = TFBConfig(num_samples=4, seed=3, mode="sequence", chat=True, length_normalize=True).score_options
+    assert recorded == ScoreOptions(mode=Mode.SEQUENCE, chat=True, length_normalize=True, num_samples=4, seed=3)
+    assert TFBConfig().score_options == ScoreOptions()  # nothing recorded: letter, no chat, K 10, seed 0
+    server = recorded.resolve(chat=None, num_samples=8)  # tfb serve --samples 8, no --chat
+    assert server == replace(recorded, num_samples=8)
+    assert ChoiceItem(question="q", choices=["a", "b"]).to_score_options(server) == server
+    asked = ChoiceItem(question="q", choices=["a", "b"], num_samples=4, chat=False, mode="letter")
+    assert asked.to_score_options(server) == replace(recorded, chat=False, mode=Mode.LETTER)
+
+    def matches(options):
+        return ChoicesServing.matches_calibration(serving, ChoiceItem(question="q", choices=["a", "b"]), options)
+
+    serving = type("Serving", (), {"calibrated": recorded})()
+    assert matches(recorded)
+    other = {"mode": Mode.LETTER, "chat": False, "length_normalize": False, "num_samples": 5, "seed": 4}
+    assert {f.name for f in dataclasses.fields(ScoreOptions)} == set(other)  # a new option needs a line here
+    for name, value in other.items():
+        assert not matches(replace(recorded, **{name: value})), name
+
+
 @pytest.mark.parametrize("coverage", [0, 1, 1.5, -0.2])
 def test_coverage_outside_0_1_is_400(cal_srv, coverage):
     body = {"question": "q?", "choices": ["a", "b"], "coverage": coverage}

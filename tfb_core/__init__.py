@@ -31,10 +31,10 @@ _EXPORTS = {
     # where outputs are written: one rule for every output directory and report file
     "check_output_dir": "artifacts", "write_output_dir": "artifacts",
     # data
-    "MCItem": "data", "read_jsonl": "data", "write_jsonl": "data", "LABELS": "data",
+    "MCItem": "data", "read_jsonl": "data", "write_jsonl": "data", "LABELS": "data", "letter_limit": "data",
     # options: enums, defaults, the search's config
     "Mode": "options", "Criterion": "options", "Score": "options", "Metric": "options",
-    "SearchConfig": "options", "NUM_SAMPLES": "options", "SEED": "options", "COVERAGE": "options",
+    "SearchConfig": "options", "ScoreOptions": "options", "NUM_SAMPLES": "options", "SEED": "options", "COVERAGE": "options",
     "MAX_RISK": "options",
     # scoring (multiple choice) and generation
     "score_items": "scoring", "predict": "scoring", "choice_probs": "scoring", "choice_scores": "scoring",

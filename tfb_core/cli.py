@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .demo import DEMO_MODEL
 from .errors import TFBError
 from .options import Mode
-
-DEFAULT_MODEL = "smollm2-135m"
 
 # name -> (add_arguments(parser), run(args) -> int); filled by register_command
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -27,8 +26,8 @@ def register_command(name: str, help: str, add_arguments: Callable, run: Callabl
 
 
 def add_model_arguments(p: argparse.ArgumentParser, adapter_required: bool = True) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a local Hugging Face model directory or a built-in name (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help=f"a local Hugging Face model directory or a built-in name (default: {DEMO_MODEL})")
     p.add_argument("--adapter", required=adapter_required, help="a peft LoRA adapter directory")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -131,8 +130,8 @@ register_command("bayesianize", "turn a LoRA adapter into a TFB posterior (varia
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a local Hugging Face model directory or a built-in name (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help=f"a local Hugging Face model directory or a built-in name (default: {DEMO_MODEL})")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--dtype", default="bfloat16",
                    help="base weights' dtype; the LoRA is float32 (default: bfloat16, ~3x faster on CPU)")
@@ -177,7 +176,7 @@ def _run_finetune(args) -> int:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=f"base model (default: the built-in demo, {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"base model (default: the built-in demo, {DEMO_MODEL})")
     p.add_argument("--adapter", default=None,
                    help="a Bayesianized directory or a plain LoRA (default: the built-in demo posterior)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
@@ -249,11 +248,11 @@ def _run_eval(args) -> int:
         if overrides:
             raise TFBError(f"--coverage uses the calibration recorded with the posterior's own settings; "
                            f"drop {', '.join(overrides)}")
-    report = evaluate(post, items, mode=args.mode or cfg.mode or Mode.LETTER,
-                      num_samples=args.samples or cfg.num_samples, seed=args.seed, sigma=args.sigma,
-                      chat=cfg.chat if args.chat is None else args.chat,
+    options = cfg.score_options.resolve(mode=args.mode, chat=args.chat, length_normalize=args.length_normalize,
+                                        num_samples=args.samples, seed=args.seed)
+    report = evaluate(post, items, mode=options.mode, num_samples=options.num_samples, seed=options.seed,
+                      sigma=args.sigma, chat=options.chat, length_normalize=options.length_normalize,
                       temperature=cfg.temperature if args.temperature is None else args.temperature,
-                      length_normalize=cfg.length_normalize if args.length_normalize is None else args.length_normalize,
                       ood_items=ood, batch_size=args.batch_size, calibration=calibration, max_risk=args.max_risk,
                       confidence=cfg.confidence_model if cfg.confidence is not None else None)
     print(format_table(report))
@@ -268,14 +267,14 @@ def _run_eval(args) -> int:
 
 def _eval_model(args) -> None:
     """``tfb eval``'s model and adapter: the demo's when neither is given; the model checked at once."""
-    from .demo import DEMO_MODEL, DEMO_POSTERIOR
+    from .demo import DEMO_POSTERIOR
     from .models import check_model
 
     if args.model is None and args.adapter is None:
         args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
     elif args.adapter is None:
         raise TFBError("--adapter is required with --model")
-    args.model = args.model or DEFAULT_MODEL
+    args.model = args.model or DEMO_MODEL
     check_model(args.model)
 
 

@@ -35,7 +35,7 @@ import torch
 
 from .confidence import fit_confidence
 from .conformal import Calibration, calibrate, holdout_split
-from .data import LABELS, MCItem
+from .data import LABELS, MCItem, letter_limit
 from .errors import TFBError
 from .options import DELTA, HOLDOUT, Mode, SearchConfig
 from .report import RISKS, FitReport, ModeScore, assess, held_out_needed, near_chance
@@ -365,8 +365,8 @@ def given_sigma(post, sigma: float, cfg: SearchConfig) -> SearchResult:
 
 # --- the scoring mode ------------------------------------------------------------------------------
 
-LETTER_RULE = ("letter mode needs the same number of choices (at most 26, labels A-Z) on every calibration "
-               "item; pass --mode sequence, or leave --mode out and tfb chooses the mode")
+LETTER_RULE = (f"letter mode needs the same number of choices (at most {len(LABELS)}, labels A-Z) on every "
+               f"calibration item; pass --mode sequence, or leave --mode out and tfb chooses the mode")
 
 
 def where(items: Sequence[MCItem], index: int) -> str:
@@ -379,7 +379,7 @@ def letter_problem(items: Sequence[MCItem]) -> str | None:
     """Why letter mode cannot score these items alike (choice counts differ, or over 26), or None."""
     first = len(items[0].choices)
     for i, it in enumerate(items):
-        if len(it.choices) > len(LABELS):
+        if letter_limit(len(it.choices)):
             return f"{where(items, i)} has {len(it.choices)} choices, more than the {len(LABELS)} labels A-Z"
         if len(it.choices) != first:
             return f"{where(items, i)} has {len(it.choices)} choices but {where(items, 0)} has {first}"

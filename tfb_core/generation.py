@@ -32,6 +32,7 @@ import torch
 
 from .errors import TFBError
 from .models import cache_kwarg, max_context
+from .options import NUM_SAMPLES
 from .rows import pad, positions, sample_map
 from .uncertainty import entropy
 
@@ -46,7 +47,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # token sampling; None = nondeterministic
-    num_samples: int = 10  # K weight samples
+    num_samples: int = NUM_SAMPLES  # K weight samples
     weight_seed: int = 0  # which weight samples: (weight_seed, 0..K-1)
     top_logprobs: int = 0  # alternatives to report per token
     ignore_eos: bool = False  # an end-of-sequence token does not end the sequence

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,7 +23,7 @@ from .conformal import Calibration
 from .confidence import Confidence
 from .errors import TFBError
 from .models import BaseModel
-from .options import NUM_SAMPLES, SEED, Criterion, Mode, parse_criterion, parse_mode
+from .options import NUM_SAMPLES, SEED, Criterion, Mode, ScoreOptions, parse_criterion, parse_mode
 from .sampling import DrawCache, TFBLoRALayer, row_std, weight_samples
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ class TFBConfig:
     def from_dict(cls, data: dict) -> "TFBConfig":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def score_options(self) -> ScoreOptions:
+        """How the calibration scored its items (and how requests are scored by default)."""
+        return ScoreOptions().resolve(**{f.name: getattr(self, f.name) for f in fields(ScoreOptions)})  # None: the default
 
     @property
     def conformal(self) -> Calibration | None:

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import LABELS, MCItem, letter_prompt, sequence_prompt
+from .data import LABELS, MCItem, letter_limit, letter_prompt, sequence_prompt
 from .errors import TFBError
 from .generation import TokenInfo
 from .models import cache_kwarg, max_context, output_cache  # noqa: F401 (max_context: re-exported)
@@ -75,8 +75,9 @@ def encode_item(tokenizer, item: MCItem, mode: Mode | str = Mode.LETTER, chat: b
                 prompt_text: str | None = None) -> Encoded:
     """Tokenize one item; ``prompt_text`` overrides the rendered prompt (e.g. chat messages)."""
     mode = parse_mode(mode)
-    if mode is Mode.LETTER and len(item.choices) > len(LABELS):  # before the prompt lists them
-        raise TFBError(f"letter mode supports at most {len(LABELS)} choices, got {len(item.choices)}")
+    problem = letter_limit(len(item.choices)) if mode is Mode.LETTER else None
+    if problem:  # before the prompt lists them
+        raise TFBError(problem)
     text = prompt_text if prompt_text is not None else render_prompt(tokenizer, item, mode, chat)
     special = not (chat or prompt_text is not None)  # a chat template carries its own specials
     prompt_ids = tokenizer(text, add_special_tokens=special).input_ids
