@@ -46,7 +46,9 @@ from timing import (  # noqa: E402
 from tfb_core.cuda_prefill import PrefillEngine  # noqa: E402
 from tfb_core.engines import make_decoder, make_prefill  # noqa: E402
 from tfb_core.generation import GenSequence, SamplingParams  # noqa: E402
-from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
+from tfb_core.encoding import Encoded  # noqa: E402
+from tfb_core.options import Mode  # noqa: E402
+from tfb_core.scoring import choice_probs  # noqa: E402
 
 # --- the run -------------------------------------------------------------------------------
 

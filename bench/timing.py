@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tfb_core.generation import EagerDecoder, GenSequence, SamplingParams  # noqa: E402
-from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
+from tfb_core.encoding import Encoded  # noqa: E402
+from tfb_core.options import Mode  # noqa: E402
+from tfb_core.scoring import choice_probs  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -27,7 +27,9 @@ from tfb_core.data import MCItem
 from tfb_core.generation import GenSequence, SamplingParams, generate
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
-from tfb_core.scoring import Mode, choice_probs, encode_item
+from tfb_core.encoding import encode_item
+from tfb_core.options import Mode
+from tfb_core.scoring import choice_probs
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -70,3 +70,12 @@ def test_the_command_line_parser_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_tokenizing_an_item_imports_no_torch():
+    """The API process tokenizes requests with tfb_core's encoding, which has no model code."""
+    code = ("import sys, tfb_core; tfb_core.encode_item, tfb_core.apply_chat, tfb_core.Encoded, "
+            "tfb_core.ScoreOptions, tfb_core.letter_limit; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -10,7 +10,7 @@ import pytest
 
 from tiny import prompts
 from tfb_core.errors import TFBError
-from tfb_core.generation import GenSequence, SamplingParams, TokenInfo, generate
+from tfb_core.generation import SamplingParams, TokenInfo, generate
 from tfb_core.scoring import score_prompts
 from tfb_core.structured import field_uncertainty, json_grammar, top_level_spans
 

@@ -38,7 +38,7 @@ _EXPORTS = {
     "MAX_RISK": "options",
     # scoring (multiple choice) and generation
     "score_items": "scoring", "predict": "scoring", "choice_probs": "scoring", "choice_scores": "scoring",
-    "encode_item": "scoring", "Encoded": "scoring", "apply_chat": "scoring", "max_context": "models",
+    "encode_item": "encoding", "Encoded": "encoding", "apply_chat": "encoding", "max_context": "models",
     "score_prompts": "scoring",
     # structured output: a JSON schema the generated text matches
     "json_grammar": "structured", "field_uncertainty": "structured",

@@ -24,7 +24,7 @@ from .confidence import Confidence
 from .errors import TFBError
 from .models import BaseModel
 from .options import NUM_SAMPLES, SEED, Criterion, Mode, ScoreOptions, parse_criterion, parse_mode
-from .sampling import DrawCache, TFBLoRALayer, row_std, weight_samples
+from .sampling import DrawCache, TFBLoRALayer, weight_samples
 
 log = logging.getLogger(__name__)
 
