@@ -420,7 +420,7 @@ def engine_phase(args, settings, grid, res) -> None:
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bench = EngineBench(settings, timing.Clock(device), args.engine_steps, Traffic(args.question, args.max_tokens))
     res["engine_meta"] = {"load_s": round(bench.load_s, 2), "static": bench.static,
-                          "prefill_engine": bench.runner.prefill is not None, "torch_threads": torch.get_num_threads(),
+                          "prefill_engine": bench.runner.model.prefill is not None, "torch_threads": torch.get_num_threads(),
                           "device": str(device), "dtype": str(next(bench.loaded.post.model.parameters()).dtype)}
     log(f"engine: loaded in {bench.load_s:.1f} s ({res['engine_meta']})")
     done = {}

@@ -61,13 +61,11 @@ class ServedModel:
     def of(cls, loaded: Loaded, copy_tokenizer: bool = True) -> "ServedModel":
         """``copy_tokenizer``: a copy of the posterior's (one fast tokenizer used from two threads at
         once fails, "Already borrowed"); False when this one is sent to another process anyway."""
-        from tfb_core import max_context
-
         post = loaded.post
         weight = next(post.model.parameters())
         tokenizer = copy.deepcopy(post.tokenizer) if copy_tokenizer else post.tokenizer
         return cls(loaded.model_id, loaded.adapter, loaded.source, tokenizer, post.config,
-                   post.sigma, max_context(post.model), post.base.name, str(weight.device),
+                   post.sigma, post.context, post.base.name, str(weight.device),
                    str(weight.dtype).removeprefix("torch."))
 
     @property
@@ -119,51 +117,28 @@ def public_name(value: str | None, show_paths: bool = False) -> str | None:
 def preflight(settings: Settings) -> None:
     """Cheap checks before binding the port: bad paths, an unknown model, a calibration file that
     the search settings cannot use fail at once with one clear line, before the engine starts."""
-    from tfb_core import cache_dir, check_adapter_dir, check_bayesianize, check_model, is_bayesianized
-
     if settings.adapter is None:
         return
-    if settings.model is not None:
-        try:
-            check_model(settings.model)
-        except TFBError as e:
-            raise TFBError(f"--model: {e}") from None
     adapter = Path(settings.adapter).expanduser()
     if not adapter.is_dir():
         raise TFBError(f"--adapter {adapter}: no such directory")
-    check_adapter_dir(adapter, "--adapter")
-    if is_bayesianized(adapter):
-        if settings.calibration is not None:
-            log.warning("%s is already Bayesianized: --calibration is ignored", adapter)
-        return
-    if settings.calibration is None:
-        raise TFBError(f"--adapter {adapter} is a plain LoRA adapter (no tfb_config.json): pass "
-                       f"--calibration FILE to run the variance search at start-up, or Bayesianize it "
-                       f"first with 'tfb bayesianize'")
-    check_bayesianize(settings.model or DEMO_MODEL, adapter, settings.calibration, settings.search_config(),
-                      out=settings.posterior_out, cache=cache_dir(), force=settings.force, device=settings.device,
-                      flag="--posterior-out")
+    _bayesianize(settings, adapter, check_only=True)
 
 
 def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None) -> Loaded:
     """Load (or search, then save) the posterior that ``settings`` describe."""
-    from tfb_core import Posterior, is_bayesianized, load_base_model
+    from tfb_core import Posterior, load_base_model
 
     preflight(settings)
     if settings.is_demo:
-        return _load_demo(settings)
+        post = Posterior.demo(device=settings.device, dtype=settings.dtype)
+        log.info("serving the built-in demo: %s + %s", post.base.name, post.adapter_path)
+        return Loaded(post, model_id(settings), str(post.adapter_path), "demo")
     adapter = Path(settings.adapter).expanduser()
-    if not is_bayesianized(adapter):
-        return _search_or_cached(settings, adapter, set_status)
-    log.info("loading the Bayesianized adapter %s", adapter)
-    base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
-    return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
-
-
-def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
-    """The start-up search (:func:`tfb_core.bayesianize`), or its result for these inputs."""
-    from tfb_core import bayesianize, cache_dir
-
+    if Posterior.is_bayesianized(adapter):
+        log.info("loading the Bayesianized adapter %s", adapter)
+        base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
+        return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
     searched = []
 
     def on_fit() -> None:
@@ -171,50 +146,33 @@ def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
         set_status("searching")
         log.info("start-up search: %s on %s", adapter, settings.calibration)
 
-    post = bayesianize(settings.model or DEMO_MODEL, adapter, Path(settings.calibration).expanduser(),
-                       settings.search_config(), out=settings.posterior_out, cache=cache_dir(), force=settings.force,
-                       device=settings.device, dtype=settings.dtype, progress=False, on_fit=on_fit,
-                       flag="--posterior-out")
-    if searched:
-        log_report(post.config.fit_report)
-    else:
-        log.info("start-up search: found its result for these inputs; not searching again")
+    post = _bayesianize(settings, adapter, on_fit=on_fit)
+    if searched and post.config.report is not None:
+        report = post.config.report
+        log.log(logging.WARNING if report.warnings else logging.INFO, "start-up search:\n%s", report.table())
     return Loaded(post, model_id(settings), str(adapter), "searched" if searched else "cached search")
 
 
-def log_report(report: dict | None) -> None:
-    """The fitting report's table in the log: a warning when it warns, else info."""
-    from tfb_core import FitReport
+def _bayesianize(settings: Settings, adapter: Path, **kwargs):
+    """:func:`tfb_core.bayesianize` with the server's settings: the start-up search, or its result
+    for these inputs from tfb's cache (or ``--posterior-out``)."""
+    from tfb_core import bayesianize, cache_dir
 
-    if report:
-        report = FitReport.from_dict(report)
-        log.log(logging.WARNING if report.warnings else logging.INFO, "start-up search:\n%s", report.table())
+    calibration = Path(settings.calibration).expanduser() if settings.calibration is not None else None
+    return bayesianize(settings.model, adapter, calibration, settings.search_config(), out=settings.posterior_out,
+                       cache=cache_dir(), force=settings.force, device=settings.device, dtype=settings.dtype,
+                       progress=False, flag="--posterior-out", **kwargs)
 
 
 def resolve_settings(settings: Settings, post) -> Settings:
     """``settings`` with what the loaded posterior decides filled in (K), checked against it."""
-    from tfb_core import covers, min_calibration_size
-
     samples = settings.samples or post.config.num_samples
     if samples > settings.max_samples:
         raise TFBError(f"the posterior's K ({samples}) is above --max-samples ({settings.max_samples}); "
                        f"pass --samples or a larger --max-samples")
     cal = post.config.conformal
-    if settings.coverage is not None and cal is not None and not covers(cal.n, settings.coverage):
+    if settings.coverage is not None and cal is not None and not cal.covers(settings.coverage):
         raise TFBError(f"--coverage {settings.coverage!r} needs at least "
-                       f"{min_calibration_size(settings.coverage)} held-out calibration items; the "
+                       f"{cal.min_size(settings.coverage)} held-out calibration items; the "
                        f"posterior has {cal.n}")
     return settings.model_copy(update={"samples": samples})
-
-
-# --- the built-in demo ------------------------------------------------------------------------
-
-
-def _load_demo(settings: Settings) -> Loaded:
-    from tfb_core import DEMO_POSTERIOR
-    from tfb_core import load_base_model
-    from tfb_core import Posterior
-
-    base = load_base_model(DEMO_MODEL, device=settings.device, dtype=settings.dtype)
-    log.info("serving the built-in demo: %s + %s", DEMO_MODEL, DEMO_POSTERIOR)
-    return Loaded(Posterior.load(base, DEMO_POSTERIOR), model_id(settings), str(DEMO_POSTERIOR), "demo")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag,
                       field_validator, model_validator)
 
-from tfb_core import LABELS, Mode, Score, ScoreOptions
+from tfb_core import Mode, Score, ScoreOptions, encoding
 
 
 def valid_unicode(text: str) -> str:
@@ -71,7 +71,7 @@ class ChoiceItem(_Strict):
     question: NonBlank | None = Field(None, description="a question; the server formats the prompt")
     messages: list[ChatMessage] | None = Field(None, min_length=1, fail_fast=True, description="chat turns")
     choices: list[NonEmptyStr] = Field(..., min_length=2, fail_fast=True, json_schema_extra={"uniqueItems": True},
-                                       description=f"two or more distinct answers (at most {len(LABELS)} in "
+                                       description=f"two or more distinct answers (at most {len(encoding.LABELS)} in "
                                        f"letter mode, the server's --max-choices in sequence mode)")
     num_samples: int | None = Field(None, ge=1, description="K weight samples (default: the server's)")
     return_samples: bool = Field(False, description="include the per-sample probabilities")

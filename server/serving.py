@@ -1,7 +1,7 @@
 """Serving ``/v1/choices``: a request becomes work for the worker, and its results an API response.
 
 :class:`ChoicesServing` (event-loop side) validates against the model (context length,
-``num_samples`` limit), tokenizes with ``tfb_core.encode_item`` (with the event loop's own
+``num_samples`` limit), tokenizes with ``tfb_core.encoding`` (with the event loop's own
 copy of the tokenizer: the worker decodes generated text with the posterior's), queues one
 :class:`~server.engine.ChoiceWork` per item, awaits, answers. The worker side
 (:class:`~server.engine.ModelRunner`, the only code that touches the model) is in
@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tfb_core import (COVERAGE, LABELS, MCItem, Metric, Mode, ScoreOptions, TFBError, apply_chat, covers, decide,
-                      encode_item, letter_limit, max_coverage, min_calibration_size)
+from tfb_core import MCItem, Metric, Mode, ScoreOptions, SearchConfig, TFBError, encoding
 
 from .engine import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
@@ -55,7 +54,8 @@ class ChoicesServing:
                                f"none: run tfb bayesianize with an 'answer' on every calibration item")
         self.risk = self.calibration.risk_threshold(settings.max_risk) if self.calibration else None
         self.abstain_on_set = settings.abstain_on_set or bool(self.calibration and self.calibration.abstain_on_set)
-        self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration else COVERAGE)
+        self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration
+                                                        else SearchConfig.default("coverage"))
 
     def calibration_info(self) -> CalibrationInfo | None:
         cal, risk = self.calibration, self.risk
@@ -72,10 +72,10 @@ class ChoicesServing:
     def check_coverage(self, coverage: float, param: str) -> None:
         """400 when the held-out calibration is too small for ``coverage`` (O(1), whatever the coverage)."""
         n = self.calibration.n
-        if not covers(n, coverage):
-            raise BadRequest(f"'{param}' {coverage!r} needs at least {min_calibration_size(coverage)} held-out "
+        if not self.calibration.covers(coverage):
+            raise BadRequest(f"'{param}' {coverage!r} needs at least {self.calibration.min_size(coverage)} held-out "
                              f"calibration items; this posterior has {n}: ask for a coverage of at most "
-                             f"{max_coverage(n)!r}", param=param, code="invalid_value")
+                             f"{self.calibration.max_coverage()!r}", param=param, code="invalid_value")
 
     async def create(self, request: ChoiceItem | ChoicesBatchRequest
                      ) -> ChoiceResult | ChoicesBatchResponse:
@@ -110,7 +110,7 @@ class ChoicesServing:
         if len(item.choices) > self.settings.max_choices:
             raise BadRequest(f"'{where}choices' has {len(item.choices)} entries; at most "
                              f"{self.settings.max_choices} are allowed per item", param=f"{where}choices")
-        problem = letter_limit(len(item.choices)) if options.mode is Mode.LETTER else None
+        problem = encoding.letter_limit(len(item.choices)) if options.mode is Mode.LETTER else None
         if problem:
             raise BadRequest(f"'{where}choices': {problem}; use mode 'sequence'", param=f"{where}choices")
         if item.coverage is not None:
@@ -148,9 +148,9 @@ class ChoicesServing:
         mc = MCItem(choices=list(item.choices), question=item.question,
                     prompt=item.prompt if item.prompt is not None else ("(messages)" if item.messages else None))
         try:
-            prompt_text = apply_chat(self.tokenizer, [m.model_dump() for m in item.messages]) \
+            prompt_text = encoding.apply_chat(self.tokenizer, [m.model_dump() for m in item.messages]) \
                 if item.messages else None
-            encoded = encode_item(self.tokenizer, mc, options.mode, chat=options.chat and prompt_text is None,
+            encoded = encoding.encode_item(self.tokenizer, mc, options.mode, chat=options.chat and prompt_text is None,
                                   length_normalize=options.length_normalize, max_length=self.context,
                                   prompt_text=prompt_text)
         except TFBError as e:
@@ -172,7 +172,7 @@ class ChoicesServing:
             return {}
         cal = self.calibration
         coverage = item.coverage or self.default_coverage
-        d = decide(cal, out.probs, {"mutual_information": out.mutual_information,
+        d = cal.decide(out.probs, {"mutual_information": out.mutual_information,
                                     "predictive_entropy": out.predictive_entropy, "confidence": confidence},
                    coverage, self.risk, self.abstain_on_set)
         self.metrics.observe_decision(len(d.indices), d.kinds)
@@ -181,7 +181,7 @@ class ChoicesServing:
                      f"calibration items (marginal, not per question; under a shift in the questions it "
                      f"can cover less)" if matches else
                      "none: this request's settings differ from the calibration's")
-        labels = [LABELS[i] if i < len(LABELS) else str(i) for i in d.indices]
+        labels = [encoding.label(i) for i in d.indices]
         return {"prediction_set": PredictionSet(indices=d.indices, labels=labels, coverage=coverage,
                                                 score=cal.score, calibration_size=cal.n,
                                                 matches_calibration=matches, guarantee=guarantee),
@@ -206,7 +206,7 @@ class ChoicesServing:
         tokens = work.encoded.prompt_tokens
         confidence = float(self.confidence.of(out.samples[None], self.model.config.temperature)[0])
         return ChoiceResult(
-            index=index, prediction=pred, label=LABELS[pred] if pred < len(LABELS) else str(pred),
+            index=index, prediction=pred, label=encoding.label(pred),
             choice=item.choices[pred], probs=out.probs.tolist(), temperature=self.model.config.temperature,
             tempered=["probs"] if self.model.config.temperature != 1.0 else [],
             uncertainty=UncertaintyOut(predictive_entropy=out.predictive_entropy,

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from tiny import prompts
 from tfb_core import generation
 from tfb_core.generation import (DecodeBatch, EagerDecoder, GenSequence, SamplingParams, StepResult, TokenInfo, apply,
-                                 choose_tokens, generate, safe_text, sample_tokens, sequence_mutual_information,
+                                 choose_tokens, generate, sample_tokens, sequence_mutual_information,
                                  text_decoder, update_finish)
 from tfb_core.sampling import row_std, standard_normal
 from tfb_core.uncertainty import entropy
@@ -233,9 +233,9 @@ def test_a_stop_string_across_tokens_ends_the_text_where_it_starts(tok):
 def test_safe_text_holds_back_a_possible_stop_prefix():
     s = GenSequence([1], SamplingParams(stop=["END"]))
     s.text = "hello EN"
-    assert safe_text(s) == "hello "
+    assert s.safe_text() == "hello "
     s.text = "hello E!"
-    assert safe_text(s) == "hello E!"
+    assert s.safe_text() == "hello E!"
 
 
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(post):

@@ -342,8 +342,8 @@ def test_missing_posterior_file(saved, tmp_path, llama_dir):
 
 
 def test_load_posterior_dispatches(saved, llama_dir, lora_dir):
-    from tfb_core.posterior import is_bayesianized, load_posterior
+    from tfb_core.posterior import load_posterior
 
-    assert is_bayesianized(saved[0]) and not is_bayesianized(lora_dir)
+    assert Posterior.is_bayesianized(saved[0]) and not Posterior.is_bayesianized(lora_dir)
     assert load_posterior(fresh_base(llama_dir), saved[0]).sigma == SIGMA
     assert load_posterior(fresh_base(llama_dir), lora_dir).sigma == 0.0

@@ -15,6 +15,13 @@ from .data import LABELS, MCItem, letter_limit, letter_prompt, sequence_prompt
 from .errors import TFBError
 from .options import Mode, parse_mode
 
+__all__ = ["LABELS", "Encoded", "apply_chat", "encode_item", "label", "letter_limit", "render_prompt"]
+
+
+def label(index: int) -> str:
+    """Choice ``index``'s label: A, B, ... Z, then its number."""
+    return LABELS[index] if index < len(LABELS) else str(index)
+
 
 @dataclass
 class Encoded:

@@ -93,7 +93,7 @@ def bayesianize(model: str | os.PathLike, adapter: str | os.PathLike,
                 sigma: float | None = None, out: str | os.PathLike | None = None,
                 cache: str | os.PathLike | None = None, force: bool = False, device=None, dtype=None,
                 fit_dtype: str = FIT_DTYPE, progress: bool = True, on_fit: Callable[[], None] | None = None,
-                flag: str = "--out"):
+                flag: str = "--out", check_only: bool = False):
     """Bayesianize a plain peft LoRA adapter: fit its posterior on a calibration file, save it, load it.
 
     Every input is checked before a model loads (:func:`check_bayesianize`). The posterior is
@@ -104,7 +104,7 @@ def bayesianize(model: str | os.PathLike, adapter: str | os.PathLike,
     Parameters
     ----------
     model : str or path
-        A built-in base model name or a local Hugging Face model directory.
+        A built-in base model name or a local Hugging Face model directory; None: the demo's base.
     adapter : path
         A plain peft LoRA adapter directory.
     calibration : path, default=None
@@ -130,19 +130,28 @@ def bayesianize(model: str | os.PathLike, adapter: str | os.PathLike,
         Called once a fit starts (not when a cached result is loaded).
     flag : str, default="--out"
         What error messages call ``out``.
+    check_only : bool, default=False
+        Only check the inputs (before a server binds its port) and return None; an adapter that
+        is already Bayesianized then needs no calibration (it is served as it is).
     """
     from .artifacts import file_lock, lock_for, stored_key, write_key, write_output_dir
     from .models import default_device, default_dtype, load_base_model, parse_dtype
-    from .posterior import Posterior, is_bayesianized
+    from .posterior import Posterior
 
-    config = config or SearchConfig()
+    from .demo import DEMO_MODEL
+
+    config, model = config or SearchConfig(), model or DEMO_MODEL
+    if check_only:
+        check_bayesianize(model, adapter, calibration, config, sigma=sigma, out=out, cache=cache, force=force,
+                          device=device, fit_dtype=fit_dtype, flag=flag, plain_only=True)
+        return None
     items, out, key = check_bayesianize(model, adapter, calibration, config, sigma=sigma, out=out, cache=cache,
                                         force=force, device=device, fit_dtype=fit_dtype, flag=flag)
     if out is None:
         return _fit(model, adapter, items, config, sigma, device, fit_dtype, progress)
     fitted = None
     with file_lock(lock_for(cache, out)) if cache is not None else nullcontext():
-        if key is not None and is_bayesianized(out) and stored_key(out) == key:
+        if key is not None and Posterior.is_bayesianized(out) and stored_key(out) == key:
             log.info("bayesianize: found the fit of these inputs in %s; not fitting again", out)
         else:
             if on_fit is not None:
@@ -168,19 +177,19 @@ def bayesianize(model: str | os.PathLike, adapter: str | os.PathLike,
 
 def check_bayesianize(model, adapter, calibration, config: SearchConfig, *, sigma: float | None = None,
                       out=None, cache=None, force: bool = False, device=None, fit_dtype: str = FIT_DTYPE,
-                      flag: str = "--out"):
+                      flag: str = "--out", plain_only: bool = False):
     """What :func:`bayesianize` checks before any model loads, each failure one line naming the
     flag: the base model, the adapter directory, the calibration file and its labels
-    (:func:`check_calibration`), the output directory. Returns the calibration items (None
+    (:func:`check_calibration`), the output directory (``plain_only``: of these, only the model
+    and the adapter when the adapter is already Bayesianized). Returns the calibration items (None
     without a file), the directory to write (None: nothing is written) and the fit's key (None
     without ``cache``)."""
     from .adapter import check_adapter_dir
     from .artifacts import check_output_dir, stored_key
     from .data import read_jsonl
     from .models import check_model
+    from .posterior import Posterior
 
-    if sigma is None and calibration is None:
-        raise TFBError("--calibration FILE is required unless --sigma is given")
     if sigma is not None and not sigma >= 0:
         raise TFBError(f"--sigma must be >= 0, got {sigma}")
     try:
@@ -188,6 +197,16 @@ def check_bayesianize(model, adapter, calibration, config: SearchConfig, *, sigm
     except TFBError as e:
         raise TFBError(f"--model: {e}") from None
     check_adapter_dir(adapter, "--adapter")
+    if plain_only and Posterior.is_bayesianized(adapter):
+        if calibration is not None:
+            log.warning("%s is already Bayesianized: --calibration is ignored", adapter)
+        return None, None, None
+    if sigma is None and calibration is None:
+        if plain_only:  # a server: no --sigma there
+            raise TFBError(f"--adapter {adapter} is a plain LoRA adapter (no tfb_config.json): pass --calibration "
+                           f"FILE to run the variance search at start-up, or Bayesianize it first with "
+                           f"'tfb bayesianize'")
+        raise TFBError("--calibration FILE is required unless --sigma is given")
     items = None
     if calibration is not None:
         if not Path(calibration).expanduser().is_file():

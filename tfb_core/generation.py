@@ -68,6 +68,14 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise TFBError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
 
+    @staticmethod
+    def json_grammar(schema: dict | None) -> str:
+        """The ``grammar`` that makes the text match the JSON schema ``schema`` (None: any JSON
+        object); a TFBError says why llguidance refuses a schema (:func:`tfb_core.structured.json_grammar`)."""
+        from .structured import json_grammar
+
+        return json_grammar(schema)
+
 
 @dataclass
 class TokenInfo:
@@ -80,6 +88,18 @@ class TokenInfo:
     mutual_information: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
     sample_logprobs: tuple[float, ...] = ()  # log p_k(token) under each of the K weight samples
+
+    @staticmethod
+    def summarize(tokens: Seq["TokenInfo"]) -> dict:
+        """Mean and max of each uncertainty over ``tokens``, their total logprob, and the sequence's
+        own mutual information (:func:`sequence_mutual_information`)."""
+        out = {"num_tokens": len(tokens), "total_logprob": float(sum(t.logprob for t in tokens))}
+        for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
+            values = [getattr(t, name) for t in tokens]
+            out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
+            out[f"max_{name}"] = float(max(values)) if values else 0.0
+        out["sequence_mutual_information"] = sequence_mutual_information([t.sample_logprobs for t in tokens])
+        return out
 
 
 @dataclass
@@ -110,20 +130,32 @@ class GenSequence:
         return [t.token_id for t in self.tokens]
 
     def summary(self) -> dict:
-        """:func:`summarize` over the generated tokens."""
-        return summarize(self.tokens)
+        """:meth:`TokenInfo.summarize` over the generated tokens."""
+        return TokenInfo.summarize(self.tokens)
 
+    def safe_text(self) -> str:
+        """The text that can be shown now: held back while it might be the start of a stop string
+        or ends inside a multi-byte character."""
+        if self.finished:
+            return self.text
+        text = self.text
+        if text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        hold = 0
+        for stop in self.params.stop:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        return text[:len(text) - hold]
 
-def summarize(tokens: Seq[TokenInfo]) -> dict:
-    """Mean and max of each uncertainty over ``tokens``, their total logprob, and the sequence's
-    own mutual information (:func:`sequence_mutual_information`)."""
-    out = {"num_tokens": len(tokens), "total_logprob": float(sum(t.logprob for t in tokens))}
-    for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
-        values = [getattr(t, name) for t in tokens]
-        out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
-        out[f"max_{name}"] = float(max(values)) if values else 0.0
-    out["sequence_mutual_information"] = sequence_mutual_information([t.sample_logprobs for t in tokens])
-    return out
+    def field_uncertainty(self, pieces: list[str]) -> dict[str, dict] | None:
+        """Per top-level field of the JSON object the text is, the uncertainty of the tokens that
+        wrote its value (:func:`tfb_core.structured.field_uncertainty`; ``pieces``: each token's
+        text); None when the text is not a JSON object."""
+        from .structured import field_uncertainty
+
+        return field_uncertainty(self.text, pieces, self.tokens)
 
 
 def sequence_mutual_information(sample_logprobs: Seq[Seq[float]]) -> float:
@@ -620,23 +652,6 @@ def sample_tokens(p: torch.Tensor, params: Seq[SamplingParams],
             race[i].exponential_(generator=g)
     drawn = torch.where(q > 0, q / race, -1.0).argmax(-1)  # a token of probability 0 never wins (0 / 0)
     return torch.where(T > 0, drawn, p.argmax(-1))
-
-
-def safe_text(s: GenSequence) -> str:
-    """The text that can be shown now: held back while it might be the start of a stop string
-    or ends inside a multi-byte character."""
-    if s.finished:
-        return s.text
-    text = s.text
-    if text.endswith("\ufffd"):
-        text = text.rstrip("\ufffd")
-    hold = 0
-    for stop in s.params.stop:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    return text[:len(text) - hold]
 
 
 def pad_token(tokenizer) -> int:

@@ -85,6 +85,13 @@ class TFBConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @property
+    def report(self):
+        """The fitting report (:class:`tfb_core.report.FitReport`: ``table()``, ``warnings``), or None."""
+        from .report import FitReport
+
+        return FitReport.from_dict(self.fit_report) if self.fit_report else None
+
+    @property
     def score_options(self) -> ScoreOptions:
         """How the calibration scored its items (and how requests are scored by default)."""
         return ScoreOptions().resolve(**{f.name: getattr(self, f.name) for f in fields(ScoreOptions)})  # None: the default
@@ -159,6 +166,19 @@ class Posterior:
             raise TFBError(f"{directory / POSTERIOR_NAME} lacks the singular values of {missing[0]}")
         return cls(base, adapter, [stored[f"{m.name}.d"] for m in adapter.modules], config)
 
+    @staticmethod
+    def is_bayesianized(directory: str | Path) -> bool:
+        """Whether ``directory`` holds a Bayesianized adapter (its ``tfb_config.json``), not a plain LoRA."""
+        return (Path(directory).expanduser() / TFB_CONFIG_NAME).is_file()
+
+    @classmethod
+    def demo(cls, device=None, dtype=None) -> "Posterior":
+        """The built-in demo: SmolLM2-135M-Instruct with the posterior shipped in ``tfb_core/demo``."""
+        from .demo import DEMO_MODEL, DEMO_POSTERIOR
+        from .models import load_base_model
+
+        return cls.load(load_base_model(DEMO_MODEL, device=device, dtype=dtype), DEMO_POSTERIOR)
+
     # the posterior --------------------------------------------------------------------------
 
     @property
@@ -168,6 +188,13 @@ class Posterior:
     @property
     def tokenizer(self):
         return self.base.tokenizer
+
+    @property
+    def context(self) -> int | None:
+        """The model's context length in tokens (None when its config does not say)."""
+        from .models import max_context
+
+        return max_context(self.model)
 
     @property
     def sigma(self) -> float:
@@ -259,13 +286,9 @@ class Posterior:
 
 def load_posterior(base: BaseModel, adapter_dir: str | Path) -> Posterior:
     """A Bayesianized directory is loaded; a plain LoRA directory is Bayesianized (sigma = 0)."""
-    if (Path(adapter_dir) / TFB_CONFIG_NAME).is_file():
+    if Posterior.is_bayesianized(adapter_dir):
         return Posterior.load(base, adapter_dir)
     return Posterior.from_adapter(base, adapter_dir)
-
-
-def is_bayesianized(adapter_dir: str | Path) -> bool:
-    return (Path(adapter_dir).expanduser() / TFB_CONFIG_NAME).is_file()
 
 
 def base_model_identity(base: BaseModel) -> dict:
