@@ -141,10 +141,10 @@ def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None)
         return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
     searched = []
 
-    def on_fit() -> None:
+    def on_fit(what: str) -> None:
         searched.append(True)
         set_status("searching")
-        log.info("start-up search: %s on %s", adapter, settings.calibration)
+        log.info("start-up search: %s", what)
 
     post = _bayesianize(settings, adapter, on_fit=on_fit)
     if searched and post.config.report is not None:

@@ -1,5 +1,5 @@
 """Issue 11 end to end on the tiny Llama: temperature placement over HTTP, the held-out
-calibration written by ``fit_posterior``, prediction sets and abstention served by
+calibration written by ``Posterior.fit``, prediction sets and abstention served by
 ``/v1/choices`` (with their metrics), ``tfb eval --coverage``, the cv-nll / reference / two-sided
 nll searches, and every new error.
 
@@ -33,7 +33,6 @@ from tfb_core.cli import main
 from tfb_core.conformal import holdout_split
 from tfb_core.data import write_jsonl
 from tfb_core.errors import TFBError
-from tfb_core.fit import fit_posterior
 from tfb_core.posterior import TFB_CONFIG_NAME, Posterior
 from tfb_core.scoring import score_items
 from tfb_core.search import search_sigma
@@ -106,7 +105,7 @@ def test_temperature_tempers_the_served_average_only(llama_dir, tempered_dirs):
         assert x1.get("prediction_set") is None and x1.get("abstain") is None
 
 
-# --- 6. fit_posterior: the held-out calibration --------------------------------------------------
+# --- 6. Posterior.fit: the held-out calibration --------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +119,9 @@ def labelled(post):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, llama_dir, lora_dir, labelled):
-    """fit_posterior (auto: cv-nll, every item labelled) on a fresh posterior, saved."""
+    """Posterior.fit (auto: cv-nll, every item labelled) on a fresh posterior, saved."""
     p = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-    result = fit_posterior(p, labelled, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID,
+    result = p.fit(labelled, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID,
                            max_risk=MAX_RISK, mode="letter", progress=False)
     out = p.save(tmp_path_factory.mktemp("fitted") / "post")
     return out, result
@@ -135,7 +134,7 @@ def served_probs(post, items, temperature):
     return np_tempered_average(samples, temperature), mi
 
 
-def test_fit_posterior_records_a_held_out_calibration(fitted, labelled, llama_dir):
+def test_fit_records_a_held_out_calibration(fitted, labelled, llama_dir):
     out, result = fitted
     loaded = Posterior.load(fresh_base(llama_dir), out)
     cfg, cal = loaded.config, loaded.config.conformal
@@ -176,7 +175,7 @@ def test_the_confidence_never_sees_the_held_out_half(llama_dir, lora_dir, labell
     flipped = [replace(it, answer=(it.answer + 1) % len(it.choices)) if i in held_idx else it
                for i, it in enumerate(labelled)]
     p = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-    fit_posterior(p, flipped, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID, max_risk=MAX_RISK,
+    p.fit(flipped, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID, max_risk=MAX_RISK,
                   mode="letter", progress=False)
     original = json.loads((fitted[0] / TFB_CONFIG_NAME).read_text())
     assert p.config.confidence == original["confidence"] and original["confidence"]["n"] == N_ITEMS - N_HELD

@@ -1,8 +1,8 @@
 """Everything ``tfb bayesianize`` (and a start-up search) fits on a calibration set.
 
 :func:`bayesianize` is the one verb that turns a plain LoRA adapter into a saved posterior (the
-checks, fitting in float32, the cache and its lock); :func:`fit_posterior` fits a posterior in
-memory:
+checks, fitting in float32, the cache and its lock); :meth:`Posterior.fit
+<tfb_core.posterior.Posterior.fit>` (:func:`fit_posterior` here) fits a posterior in memory:
 
 1. With labels on every item, a seeded ``holdout`` fraction is set aside; the rest fits.
 2. sigma by the criterion (docs/method.md §4) on the fitting items; ``auto`` is ``cv-nll`` (sigma and
@@ -92,7 +92,7 @@ def bayesianize(model: str | os.PathLike, adapter: str | os.PathLike,
                 calibration: str | os.PathLike | None = None, config: SearchConfig | None = None, *,
                 sigma: float | None = None, out: str | os.PathLike | None = None,
                 cache: str | os.PathLike | None = None, force: bool = False, device=None, dtype=None,
-                fit_dtype: str = FIT_DTYPE, progress: bool = True, on_fit: Callable[[], None] | None = None,
+                fit_dtype: str = FIT_DTYPE, progress: bool = True, on_fit: Callable[[str], None] | None = None,
                 flag: str = "--out", check_only: bool = False):
     """Bayesianize a plain peft LoRA adapter: fit its posterior on a calibration file, save it, load it.
 
@@ -127,7 +127,8 @@ def bayesianize(model: str | os.PathLike, adapter: str | os.PathLike,
         Where the returned posterior runs and its dtype (:func:`tfb_core.models.load_base_model`'s
         defaults: CUDA when present, bf16 on CUDA, float32 on CPU).
     on_fit : callable, default=None
-        Called once a fit starts (not when a cached result is loaded).
+        Called with a line saying what is fitted (the items, the criterion, K, the dtype) once a
+        fit starts; not when a cached result is loaded.
     flag : str, default="--out"
         What error messages call ``out``.
     check_only : bool, default=False
@@ -147,15 +148,18 @@ def bayesianize(model: str | os.PathLike, adapter: str | os.PathLike,
         return None
     items, out, key = check_bayesianize(model, adapter, calibration, config, sigma=sigma, out=out, cache=cache,
                                         force=force, device=device, fit_dtype=fit_dtype, flag=flag)
+    what = describe(items, calibration, config, sigma, fit_dtype) + (f" (key {key[:12]})" if key else "")
     if out is None:
+        log.info("bayesianize: %s", what)
         return _fit(model, adapter, items, config, sigma, device, fit_dtype, progress)
     fitted = None
     with file_lock(lock_for(cache, out)) if cache is not None else nullcontext():
         if key is not None and Posterior.is_bayesianized(out) and stored_key(out) == key:
             log.info("bayesianize: found the fit of these inputs in %s; not fitting again", out)
         else:
+            log.info("bayesianize: %s", what)
             if on_fit is not None:
-                on_fit()
+                on_fit(what)
             fitted = _fit(model, adapter, items, config, sigma, device, fit_dtype, progress)
 
             def write(tmp: Path) -> None:  # the key with the result, in one rename
@@ -229,21 +233,28 @@ def _inputs(model, adapter, calibration) -> list[tuple[str, object]]:
     return [("--adapter", adapter), ("--calibration", calibration), ("--model", model)]
 
 
+def describe(items, calibration, config: SearchConfig, sigma, fit_dtype: str) -> str:
+    """One line on what a fit fits: the items and their file, the criterion (its tolerance when it
+    has one) or the given sigma, K and the dtype."""
+    if items is None:
+        return f"sigma {sigma:g} as given, no calibration items, in {fit_dtype}"
+    crit = resolve_criterion(config.criterion, items)
+    how = f"sigma {sigma:g} as given" if sigma is not None else f"criterion {crit.value}" + (
+        f" <= {config.eps:g}" if crit in (Criterion.NLL, Criterion.ACCURACY) else "")
+    return f"{len(items)} calibration items from {calibration}, {how}, K={config.num_samples}, in {fit_dtype}"
+
+
 def _fit(model, adapter, items, config: SearchConfig, sigma, device, fit_dtype: str, progress: bool):
     from .models import load_base_model
     from .posterior import Posterior
 
-    if items is not None:
-        crit = resolve_criterion(config.criterion, items)
-        log.info("bayesianize: %d calibration items, criterion %s, K=%d, in %s", len(items),
-                 GIVEN if sigma is not None else crit.value, config.num_samples, fit_dtype)
     base = load_base_model(model, device=device, dtype=fit_dtype)
     post = Posterior.from_adapter(base, adapter, num_samples=config.num_samples, seed=config.seed, mode=config.mode,
                                   chat=config.chat, length_normalize=bool(config.length_normalize))
     if items is None:
         post.sigma = sigma
     else:  # with a given sigma too: the mode, T, the confidence and the held-out calibration are fitted
-        result = fit_posterior(post, items, config, sigma=sigma, progress=progress)
+        result = post.fit(items, config, sigma=sigma, progress=progress)
         log.info("bayesianize: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
     return post
 
@@ -321,7 +332,7 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     log.info("calibration: %d items fit sigma%s, %d are held out for prediction sets and abstention",
              len(fit_items), " and T" if missing is None and cfg.temperature else "", len(held_idx))
     if sigma is None:
-        result = post.search(fit_items, criterion=crit, progress=progress, **common, **search)
+        result = post._search(fit_items, criterion=crit, progress=progress, **common, **search)
     else:
         result = given_sigma(post, sigma, cfg)
     post.config.length_normalize = cfg.length_normalize

@@ -115,7 +115,7 @@ class Posterior:
     deterministic adapter.
 
     >>> post = Posterior.from_adapter(load_base_model("smollm2-135m"), "my-lora/")
-    >>> result = post.search(calibration_items, criterion="nll", eps=0.003)
+    >>> result = post.fit(calibration_items, SearchConfig(num_samples=10))
     >>> with post.samples(num_samples=10, seed=0):
     ...     logits = post.model(input_ids.repeat_interleave(10, 0)).logits
     """
@@ -224,7 +224,34 @@ class Posterior:
         with weight_samples(self.layers, self.draws, sigma, samples, slots):
             yield
 
-    def search(self, items, **kwargs):
+    def fit(self, items, config=None, *, sigma: float | None = None, **options):
+        """Fit the posterior on calibration items and record it in ``config``: sigma by the
+        criterion (or ``sigma`` as given), the scoring mode, the temperature, the learned
+        confidence, the held-out calibration and the fitting report (docs/method.md §4).
+
+        Parameters
+        ----------
+        items : sequence of MCItem
+        config : SearchConfig, default=None
+            What to fit and how (its defaults when None).
+        sigma : float, default=None
+            Use this sigma instead of searching one; the rest is fitted as usual.
+        **options
+            Fields of :class:`~tfb_core.options.SearchConfig` overriding ``config``
+            (``criterion="nll"``, ``num_samples=4``, ...), the keyword arguments of
+            :func:`tfb_core.search.search_sigma` (``rtol``, ``folds``, ...), ``delta`` and
+            ``progress``.
+
+        Returns
+        -------
+        SearchResult
+            The search (its trace, and the fitting report as ``report``).
+        """
+        from .fit import fit_posterior
+
+        return fit_posterior(self, items, config, sigma=sigma, **options)
+
+    def _search(self, items, **kwargs):
         """Run the variance search (docs/method.md §4) and set ``sigma``; see :func:`tfb_core.search.search_sigma`."""
         from .search import search_sigma
 
