@@ -337,7 +337,7 @@ class EngineBench:
         from server.protocol import ChoiceItem
 
         item = ChoiceItem(**self.traffic.body(w, K, 0))
-        work = self.choices.prepare(item, "", self.loop, math.inf)
+        work = self.choices.prepare(item, item.to_score_options(self.choices.defaults), "", self.loop, math.inf)
         b = items_per_batch(conc, work.rows, work.length, self.settings)
         fn = lambda: self.runner.choices_step([work] * b)  # noqa: E731
         if self.clock.cuda:

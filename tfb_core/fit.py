@@ -211,20 +211,20 @@ def check_bayesianize(model, adapter, calibration, config: SearchConfig, *, sigm
                            f"FILE to run the variance search at start-up, or Bayesianize it first with "
                            f"'tfb bayesianize'")
         raise TFBError("--calibration FILE is required unless --sigma is given")
-    items = None
-    if calibration is not None:
-        if not Path(calibration).expanduser().is_file():
-            raise TFBError(f"--calibration {calibration}: no such file")
-        items = read_jsonl(Path(calibration).expanduser())
-        check_calibration(items, calibration, config, sigma=sigma)
+    if calibration is not None and not Path(calibration).expanduser().is_file():
+        raise TFBError(f"--calibration {calibration}: no such file")
     key = None if cache is None else fit_key(model, adapter, calibration, config, sigma=sigma, device=device,
                                              fit_dtype=fit_dtype)
     if out is None and cache is not None:
-        return items, Path(cache).expanduser() / "posteriors" / key[:32], key  # tfb's own: replaced at will
-    if out is not None:
+        out = Path(cache).expanduser() / "posteriors" / key[:32]  # tfb's own: replaced at will
+    elif out is not None:
         out = Path(out).expanduser()
         if key is None or not (out.is_dir() and stored_key(out) == key):  # a result for these inputs is loaded
             check_output_dir(out, force=force, inputs=_inputs(model, adapter, calibration), flag=flag)
+    items = None
+    if calibration is not None:
+        items = read_jsonl(Path(calibration).expanduser())
+        check_calibration(items, calibration, config, sigma=sigma)
     return items, out, key
 
 
