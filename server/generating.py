@@ -72,7 +72,7 @@ class GenerationServing:
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
-        self.context = model.context or 2048
+        self.context = model.context_limit
         self.bound = model.token_bound
         self._pieces: dict[int, str] = {}  # token id -> its text (at most the vocabulary)
 

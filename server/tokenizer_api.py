@@ -22,7 +22,7 @@ class TokenizerServing:
         self.model_id = model.model_id
         self.tokenizer = model.tokenizer
         self.tokenizing = tokenizing
-        self.context = model.context or 2048
+        self.context = model.context_limit
         self.vocab = len(self.tokenizer)
         self.bound = model.token_bound
 

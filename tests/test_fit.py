@@ -240,7 +240,7 @@ def test_the_fit_key_covers_every_search_setting(llama_dir, lora_dir, tmp_path, 
     the same key."""
     import dataclasses
 
-    from tfb_core.fit import fit_key
+    from tfb_core.posterior import fit_key
     from tfb_core.options import SearchConfig
 
     cal = tmp_path / "cal.jsonl"
@@ -259,7 +259,7 @@ def test_bayesianize_fits_once_per_inputs_and_checks_labels_before_loading(llama
     """With a cache, the same inputs are fitted once and then loaded (the same posterior); other
     settings fit again. A labelled criterion on an unlabelled file fails before any model loads,
     naming the flag, the file and the line."""
-    from tfb_core.fit import bayesianize
+    from tfb_core.posterior import bayesianize
     from tfb_core.options import SearchConfig
 
     cal = tmp_path / "cal.jsonl"

@@ -90,3 +90,24 @@ def test_tokenizing_an_item_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_tfb_core_s_import_graph_has_no_cycle():
+    """Drawn from every import, lazy ones included (tfb_core._imports)."""
+    from tfb_core._imports import graph
+
+    g, state, cycles = graph(), {}, []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in g.get(module, []):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [module, dep])
+            elif dep not in state:
+                visit(dep, path + [module])
+        state[module] = "done"
+
+    for module in g:
+        if module not in state:
+            visit(module, [])
+    assert not cycles, cycles

@@ -215,7 +215,7 @@ def test_startup_search_runs_in_float32_and_serves_the_dtype_asked(llama_dir, lo
     from server.loader import load
     from server.settings import Settings
     from tfb_core.data import MCItem
-    from tfb_core.fit import fit_key
+    from tfb_core.posterior import fit_key
     from tfb_core.encoding import encode_item
     from tfb_core.scoring import choice_probs
 

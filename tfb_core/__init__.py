@@ -25,7 +25,7 @@ import importlib
 # name -> the module that defines it (a module of its own: None)
 _EXPORTS = {
     # the posterior, the verb that fits and caches it, where models come from
-    "Posterior": "posterior", "bayesianize": "fit", "load_base_model": "models", "cache_dir": "models",
+    "Posterior": "posterior", "bayesianize": "posterior", "load_base_model": "models", "cache_dir": "models",
     "DEMO_MODEL": "demo",
     # running it: the engine (scoring, prompt scoring, decoders) and generation
     "Engine": "engines", "Decoder": "generation", "generate": "generation", "SamplingParams": "generation",

@@ -102,7 +102,7 @@ def _add_bayesianize(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bayesianize(args) -> int:
-    from .fit import FIT_DTYPE, bayesianize
+    from .posterior import FIT_DTYPE, bayesianize
 
     config = search_config(args)  # bad values fail before the model loads
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
