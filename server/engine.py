@@ -27,7 +27,7 @@ import torch
 from tfb_core import Decoder, Engine, GenSequence, TokenInfo, encoding
 
 from .errors import BadRequest, as_api_error
-from .loader import Loaded, load, resolve_settings, temperature
+from .loader import Loaded, load, resolve_settings
 from .metrics import Metrics, Timer
 from .scheduler import PENDING, Batch
 
@@ -101,7 +101,6 @@ class ModelRunner:
         self.kind = self.model.kind  # "static" or "eager"
         # the continuous decode loop's state; on CUDA new prompts run through the scoring engine's graphs
         self.engine = GenerationEngine(self.post, metrics, self.model)
-        self.temperature = temperature(self.post.config)
 
     def step(self, batch: Batch) -> list:
         if batch.kind == "generate":
