@@ -139,7 +139,8 @@ def sequence_question(post, clock, K: int) -> dict:
     from tfb_core import benchmarks
     from tfb_core.data import MCItem
     from tfb_core.errors import TFBError
-    from tfb_core.scoring import choice_probs, encode_item
+    from tfb_core.encoding import encode_item
+    from tfb_core.scoring import choice_probs
 
     try:
         item = next(it for it in benchmarks.load("arc_easy:cal") if len(it.choices) == 4)

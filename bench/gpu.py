@@ -52,8 +52,10 @@ import tfb_core.cuda_decode as cuda_decode  # noqa: E402
 from tfb_core.cuda_llama import attend_decode, attend_decode_dense  # noqa: E402
 from tfb_core.cuda_prefill import PrefillEngine  # noqa: E402
 from tfb_core.engines import make_decoder, make_prefill  # noqa: E402
-from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams  # noqa: E402
-from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
+from tfb_core.generation import GenSequence, SamplingParams  # noqa: E402
+from tfb_core.encoding import Encoded  # noqa: E402
+from tfb_core.options import Mode  # noqa: E402
+from tfb_core.scoring import choice_probs  # noqa: E402
 
 ATTENTION = ("kernel", "dense")
 
@@ -495,7 +497,8 @@ def profile_run(args) -> dict:
     for B, T, K in ((1, 512, 1), (1, 512, 10), (64, 128, 1), (64, 128, 10)):
         seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=40, num_samples=K, ignore_eos=True))
                 for p in prompts_for(B, T, counts["vocab"], seed=7)]
-        dec = StaticDecoder(post, graph=False).admit(seqs)
+        dec = StaticDecoder(post, graph=False)
+        dec.admit(seqs)
         for _ in range(2):
             dec.step()
         eager = clock.time(dec.step)

@@ -337,7 +337,7 @@ class EngineBench:
         from server.protocol import ChoiceItem
 
         item = ChoiceItem(**self.traffic.body(w, K, 0))
-        work = self.choices.prepare(item, "", self.loop, math.inf)
+        work = self.choices.prepare(item, item.to_score_options(self.choices.defaults), "", self.loop, math.inf)
         b = items_per_batch(conc, work.rows, work.length, self.settings)
         fn = lambda: self.runner.choices_step([work] * b)  # noqa: E731
         if self.clock.cuda:
@@ -420,7 +420,7 @@ def engine_phase(args, settings, grid, res) -> None:
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bench = EngineBench(settings, timing.Clock(device), args.engine_steps, Traffic(args.question, args.max_tokens))
     res["engine_meta"] = {"load_s": round(bench.load_s, 2), "static": bench.static,
-                          "prefill_engine": bench.runner.prefill is not None, "torch_threads": torch.get_num_threads(),
+                          "prefill_engine": bench.runner.model.prefill is not None, "torch_threads": torch.get_num_threads(),
                           "device": str(device), "dtype": str(next(bench.loaded.post.model.parameters()).dtype)}
     log(f"engine: loaded in {bench.load_s:.1f} s ({res['engine_meta']})")
     done = {}

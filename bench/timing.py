@@ -20,8 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams  # noqa: E402
-from tfb_core.scoring import Encoded, Mode, choice_probs  # noqa: E402
+from tfb_core.generation import EagerDecoder, GenSequence, SamplingParams  # noqa: E402
+from tfb_core.encoding import Encoded  # noqa: E402
+from tfb_core.options import Mode  # noqa: E402
+from tfb_core.scoring import choice_probs  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -164,19 +166,18 @@ def decode_eager(clock, post, prompts, K, warm, steps):
     seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
                                                      ignore_eos=True)) for p in prompts]
     base = clock.mem_reset()
-    holder = {}
-    t_prefill = clock.time(lambda: holder.update(b=DecodeBatch.prefill(post, seqs)))
-    batch = holder["b"]
+    batch = EagerDecoder(post)
+    t_prefill = clock.time(lambda: batch.admit(seqs))
     kv_measured = (torch.cuda.memory_allocated() - base) if clock.cuda else None
     for _ in range(warm):
         batch.step()
     times, walls = [], []
     for _ in range(steps):
         walls.append(0.0)
-        times.append(clock.time(lambda: walls.__setitem__(-1, batch.step())))
+        times.append(clock.time(lambda: walls.__setitem__(-1, batch.step().seconds)))
     peak = clock.mem_peak(base)
     ctx = len(prompts[0]) + warm + steps
-    del batch, holder
+    del batch
     return {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
             "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill,
             "peak_extra_bytes": peak, "after_prefill_bytes": kv_measured, "ctx_end": ctx,
@@ -191,15 +192,14 @@ def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
     seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=warm + steps + 2, num_samples=K,
                                                      ignore_eos=True)) for p in prompts]
     base = clock.mem_reset()
-    holder = {}
     dec = StaticDecoder(post, compile=compile)
-    t_prefill = clock.time(lambda: holder.update(d=dec.admit(seqs)))
+    t_prefill = clock.time(lambda: dec.admit(seqs))
     after = (torch.cuda.memory_allocated() - base) if clock.cuda else None
     t_first = clock.time(dec.step)  # the CUDA graph is captured here
     for _ in range(warm - 1):
         dec.step()
     walls = []
-    times = [clock.time(lambda: walls.append(dec.step())) for _ in range(steps)]
+    times = [clock.time(lambda: walls.append(dec.step().seconds)) for _ in range(steps)]
     peak = clock.mem_peak(base)
     out = {"step_s": median(times), "step_min_s": min(times), "step_wall_s": median(walls),
            "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill, "first_step_s": t_first,
@@ -207,7 +207,7 @@ def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
            "capture_error": dec.capture_error, "compile_error": dec.compile_error,
            "cache_len": dec.length, "rows_cap": dec.rows_cap,
            "tokens": [s.token_ids[:8] for s in seqs]}
-    del dec, holder
+    del dec
     return out
 
 

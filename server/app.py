@@ -18,6 +18,8 @@ from typing import Awaitable, Callable
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tfb_core import DEMO_MODEL
+
 from . import loader
 from .access_log import AccessLogMiddleware, observed
 from .errors import APIError, error_body, install_error_handlers, public_error
@@ -42,7 +44,7 @@ def build_app(settings: Settings | None = None,
     separate = in_engine_process(settings, load)
     model_id = loader.model_id(settings)
     state = AppState(settings=settings, metrics=Metrics(model_id), model_id=model_id,
-                     base_name=settings.model or "smollm2-135m")
+                     base_name=settings.model or DEMO_MODEL)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

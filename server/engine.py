@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tfb_core import (Decoder, Encoded, GenSequence, TokenInfo, choice_probs, decompose,
-                      make_decoder, make_prefill, resolve_engine, safe_text, score_prompts)
+from tfb_core import Decoder, Engine, GenSequence, TokenInfo, encoding
 
 from .errors import BadRequest, as_api_error
-from .loader import Loaded, load, resolve_settings, temperature
+from .loader import Loaded, load, resolve_settings
 from .metrics import Metrics, Timer
 from .scheduler import PENDING, Batch
 
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 class ChoiceWork:
     """One multiple-choice item, tokenized, waiting for its forward."""
 
-    encoded: Encoded
+    encoded: encoding.Encoded
     seed: int
     num_samples: int
     deadline: float
@@ -96,14 +95,12 @@ class ModelRunner:
         self.post = loaded.post
         self.metrics = metrics
         try:
-            self.kind = resolve_engine(self.post, engine)  # "static" or "eager"
+            self.model = Engine(self.post, engine)  # its forwards: static kernels on CUDA, else eager
         except ValueError as e:
             raise ValueError(f"--engine {engine}: {e}; use auto or eager") from None
-        # scoring forwards: fused kernels, CUDA graphs on CUDA (None: HF's eager forward)
-        self.prefill = make_prefill(self.post, self.kind)
+        self.kind = self.model.kind  # "static" or "eager"
         # the continuous decode loop's state; on CUDA new prompts run through the scoring engine's graphs
-        self.engine = GenerationEngine(self.post, metrics, self.kind, prefill=self.prefill)
-        self.temperature = temperature(self.post.config)
+        self.engine = GenerationEngine(self.post, metrics, self.model)
 
     def step(self, batch: Batch) -> list:
         if batch.kind == "generate":
@@ -117,8 +114,8 @@ class ModelRunner:
     def score_step(self, items: list[ScoreWork]) -> list[list[TokenInfo] | Exception]:
         """Prompts scored token by token in ONE forward over their K rows each."""
         with Timer() as t:
-            scored = score_prompts(self.post, [w.prompt_ids for w in items], [(w.seed, w.num_samples) for w in items],
-                                   max(w.top_logprobs for w in items), engine=self.prefill)
+            scored = self.model.score_prompts([w.prompt_ids for w in items], [(w.seed, w.num_samples) for w in items],
+                                              max(w.top_logprobs for w in items))
         self.metrics.observe_batch(len(items), sum(w.rows for w in items), t.seconds,
                                    sum(len(w.prompt_ids) for w in items))
         outputs = []
@@ -134,9 +131,8 @@ class ModelRunner:
 
     def choices_step(self, items: list[ChoiceWork]) -> list[ChoiceOutput | Exception]:
         with Timer() as t:
-            per_item = choice_probs(self.post, [w.encoded for w in items],
-                                    [(w.seed, w.num_samples) for w in items],
-                                    engine=self.prefill)  # [(K_i, C_i)]
+            per_item = self.model.score([w.encoded for w in items],
+                                        [(w.seed, w.num_samples) for w in items])  # [(K_i, C_i)]
         self.metrics.observe_batch(len(items), sum(w.rows for w in items), t.seconds,
                                    sum(w.encoded.prompt_tokens for w in items))
         outputs = []
@@ -146,7 +142,7 @@ class ModelRunner:
                                           "or infinite logits); it was stopped alone",
                                           code="non_finite_distribution"))
                 continue
-            u = decompose(sample_probs[None].double(), self.temperature)  # (1, K, C)
+            u = self.model.uncertainty(sample_probs)  # (1, C), (1,)
             outputs.append(ChoiceOutput(sample_probs, u.probs[0], u.predictive_entropy.item(),
                                         u.expected_entropy.item(), u.mutual_information.item()))
         return outputs
@@ -212,11 +208,10 @@ class GenWork:
 class GenerationEngine:
     """The running decode batch; every method runs on the scheduler's worker thread."""
 
-    def __init__(self, post, metrics: Metrics, engine: str = "auto", prefill=None):
+    def __init__(self, post, metrics: Metrics, engine: Engine):
         self.post = post
         self.metrics = metrics
-        self.engine = engine  # for make_decoder: "static" (static KV cache, CUDA graphs) or "eager"
-        self.prefill = prefill  # the static decoder's prompt forward (a PrefillEngine), or None
+        self.engine = engine  # makes the decoder: static (static KV cache, CUDA graphs) or eager
         self.decoder: Decoder | None = None  # made at the first admit, then kept (buffers, graphs)
         self.works: dict[int, GenWork] = {}  # id(seq) -> work
 
@@ -274,11 +269,11 @@ class GenerationEngine:
         if not self.decoder.seqs:
             return
         try:
-            seconds = self.decoder.step()
+            seconds = self.decoder.step().seconds
         except Exception as e:  # rerun per sequence: only a sequence whose own step fails ends
             log.warning("a decode step of %d sequences failed (%s); stepping each alone", len(self.decoder.seqs),
                         type(e).__name__)
-            seconds = self.decoder.step_each()
+            seconds = self.decoder.step_each().seconds
         self.metrics.observe_decode(len(self.decoder.seqs), self.kv_rows, seconds)
         self._emit(self.decoder.seqs)
         self._retire()
@@ -299,7 +294,7 @@ class GenerationEngine:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self.decoder = make_decoder(self.post, self.engine, prefill=self.prefill)
+            self.decoder = self.engine.decoder()
         return self.decoder
 
     def _emit(self, seqs: list[GenSequence]) -> None:
@@ -320,7 +315,7 @@ class GenerationEngine:
             tokens.append((w.endpoint, token))
             if w.events is None:
                 continue
-            text = safe_text(s)
+            text = s.safe_text()
             delta, w.sent = text[w.sent:], max(w.sent, len(text))
             event = GenEvent(token, delta, s.finish_reason, s.summary() if s.finished else None)
             events.setdefault(w.loop, []).append((w, event))

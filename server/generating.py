@@ -16,8 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from tfb_core import (GenSequence, TFBError, TokenInfo, apply_chat, field_uncertainty, json_grammar,
-                      summarize)
+from tfb_core import GenSequence, SamplingParams, TFBError, TokenInfo, encoding
 
 from .engine import GenWork, ScoreWork
 from .errors import BadRequest, NotFound, RequestTimeout, sse_error
@@ -73,7 +72,7 @@ class GenerationServing:
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
-        self.context = model.context or 2048
+        self.context = model.context_limit
         self.bound = model.token_bound
         self._pieces: dict[int, str] = {}  # token id -> its text (at most the vocabulary)
 
@@ -360,7 +359,7 @@ class CompletionServing(GenerationServing):
         """The prompt (as given, or its ids decoded) and its scores, then the completion's (if any)."""
         text = given if isinstance(given, str) else self.tokenizer.decode(prompt)
         tokens = scored + (seq.tokens if seq is not None else [])
-        unc = self._uncertainty(K, tokens, summarize(tokens), first=prompt[0])
+        unc = self._uncertainty(K, tokens, TokenInfo.summarize(tokens), first=prompt[0])
         return CompletionChoice(index=index, text=text + (seq.text if seq is not None else ""),
                                 finish_reason=seq.finish_reason if seq is not None else "length",
                                 logprobs=self._logprobs(tokens, request.logprobs, first=prompt[0])
@@ -421,7 +420,7 @@ class ChatServing(GenerationServing):
 
     def tokenize(self, request: ChatCompletionRequest) -> list[list[int]]:
         try:
-            text = apply_chat(self.tokenizer, [{"role": "system" if m.role == "developer" else m.role,
+            text = encoding.apply_chat(self.tokenizer, [{"role": "system" if m.role == "developer" else m.role,
                                                 "content": m.text} for m in request.messages])
         except TFBError as e:
             raise BadRequest(f"'messages': {e}", param="messages") from None
@@ -430,7 +429,7 @@ class ChatServing(GenerationServing):
     def choice(self, request: ChatCompletionRequest, index: int, seq: GenSequence) -> ChatChoice:
         unc = self._uncertainty(seq.params.num_samples, seq.tokens, seq.summary())
         if request.response_format is not None and request.response_format.is_json:
-            fields = field_uncertainty(seq.text, [self._piece(t.token_id) for t in seq.tokens], seq.tokens)
+            fields = seq.field_uncertainty([self._piece(t.token_id) for t in seq.tokens])
             unc.fields = {k: FieldUncertainty(**v) for k, v in fields.items()} if fields is not None else None
         return ChatChoice(index=index, message=ChatMessageOut(content=seq.text), finish_reason=seq.finish_reason,
                           logprobs=self._logprobs(seq.tokens) if request.logprobs else None, uncertainty=unc)
@@ -441,7 +440,7 @@ class ChatServing(GenerationServing):
         if fmt is None or not fmt.is_json:
             return None
         try:
-            return json_grammar(fmt.target_schema)
+            return SamplingParams.json_grammar(fmt.target_schema)
         except TFBError as e:
             raise BadRequest(f"'response_format.json_schema.schema': {e}", param="response_format.json_schema.schema",
                              code="invalid_value") from None

@@ -1,50 +1,33 @@
-"""Start-up: what ``tfb serve`` loads, and the cache of start-up variance searches.
+"""Start-up: what ``tfb serve`` loads.
 
-- no ``--adapter``: the built-in demo (``tfb_core.demo``); until its posterior is shipped, a
-  placeholder: a deterministic random LoRA on the built-in base model, Bayesianized with a
-  fixed sigma, generated once into the cache directory.
+- no ``--adapter``: the built-in demo (``tfb_core.demo``: SmolLM2-135M-Instruct and the
+  posterior shipped with tfb).
 - a Bayesianized directory: loaded (checksums verified by tfb_core).
-- a plain LoRA directory plus ``--calibration``: the variance search runs in float32 whatever
-  ``--dtype`` is (docs/method.md §4: in bf16 rounding alone moves the criterion); its result is saved
-  to ``--posterior-out`` or ``<cache>/posteriors/<key>``, where the key hashes the base model,
-  the adapter, the calibration file, the search settings and where the search ran (float32, the
-  device type); a restart with the same inputs loads it instead of searching again. Either way
-  the result is then loaded in the serving dtype, so a search and a restart serve the same
-  model. The serving dtype is not in the key: the saved posterior is the same for every dtype.
-  ``--posterior-out`` follows the rule of every tfb output directory (``tfb_core.artifacts``):
-  new or empty, or holding a previous tfb output with ``--force``; never an input or the current
-  directory; a directory holding this search's result for the same inputs is loaded. Servers
-  that share the cache directory (Ray Serve replicas, Kubernetes pods on one volume) search one
-  at a time under a file lock in ``<cache>/locks``: the first searches, the
-  others wait and then load its result.
+- a plain LoRA directory plus ``--calibration``: :func:`tfb_core.bayesianize` with the
+  server's search settings and tfb's cache directory: it fits in float32 whatever ``--dtype``
+  is (docs/method.md §4), saves the result to ``--posterior-out`` or into the cache, keyed by
+  every input the fit depends on, and loads it in the serving dtype; a restart with the same
+  inputs loads it instead of fitting again, and servers sharing the cache directory (Ray Serve
+  replicas, Kubernetes pods on one volume) fit one at a time under its file lock.
+  ``--posterior-out`` follows the rule of every tfb output directory (``tfb_core.artifacts``).
 """
 
 from __future__ import annotations
 
 import copy
-import fcntl
 import functools
-import hashlib
-import json
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from tfb_core import DEMO_MODEL
-from tfb_core import SERVE_KEY_NAME
 from tfb_core import TFBError
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-DEFAULT_SAMPLES = 10  # K of a start-up search when --samples is not given
-
-PLACEHOLDER_SEED = 1234
-PLACEHOLDER_SIGMA = 0.02
-PLACEHOLDER_VERSION = 1
-SEARCH_DTYPE = "float32"  # docs/method.md §4
+ASSUMED_CONTEXT = 2048  # tokens, for a model whose config gives no context length
 
 
 @dataclass
@@ -54,7 +37,7 @@ class Loaded:
     post: object  # tfb_core.posterior.Posterior
     model_id: str
     adapter: str | None
-    source: str  # loaded | searched | cached search | demo | placeholder
+    source: str  # loaded | searched | cached search | demo
 
 
 @dataclass
@@ -78,18 +61,21 @@ class ServedModel:
     def of(cls, loaded: Loaded, copy_tokenizer: bool = True) -> "ServedModel":
         """``copy_tokenizer``: a copy of the posterior's (one fast tokenizer used from two threads at
         once fails, "Already borrowed"); False when this one is sent to another process anyway."""
-        from tfb_core import max_context
-
         post = loaded.post
         weight = next(post.model.parameters())
         tokenizer = copy.deepcopy(post.tokenizer) if copy_tokenizer else post.tokenizer
         return cls(loaded.model_id, loaded.adapter, loaded.source, tokenizer, post.config,
-                   post.sigma, max_context(post.model), post.base.name, str(weight.device),
+                   post.sigma, post.context, post.base.name, str(weight.device),
                    str(weight.dtype).removeprefix("torch."))
 
     @property
     def temperature(self) -> float:
         return temperature(self.config)
+
+    @property
+    def context_limit(self) -> int:
+        """The context prompts are checked against: the model's, else :data:`ASSUMED_CONTEXT`."""
+        return self.context or ASSUMED_CONTEXT
 
     @functools.cached_property
     def token_bound(self):
@@ -129,274 +115,64 @@ def public_name(value: str | None, show_paths: bool = False) -> str | None:
 
 
 def preflight(settings: Settings) -> None:
-    """Cheap checks before binding the port: bad paths and an unknown model fail at once with one
-    clear line, before the engine starts."""
-    from tfb_core import check_adapter_dir
-    from tfb_core import check_model
-    from tfb_core import is_bayesianized
-
+    """Cheap checks before binding the port: bad paths, an unknown model, a calibration file that
+    the search settings cannot use fail at once with one clear line, before the engine starts."""
     if settings.adapter is None:
         return
-    if settings.model is not None:
-        try:
-            check_model(settings.model)
-        except TFBError as e:
-            raise TFBError(f"--model: {e}") from None
     adapter = Path(settings.adapter).expanduser()
     if not adapter.is_dir():
         raise TFBError(f"--adapter {adapter}: no such directory")
-    check_adapter_dir(adapter, "--adapter")
-    if is_bayesianized(adapter):
-        if settings.calibration is not None:
-            log.warning("%s is already Bayesianized: --calibration is ignored", adapter)
-        return
-    if settings.calibration is None:
-        raise TFBError(f"--adapter {adapter} is a plain LoRA adapter (no tfb_config.json): pass "
-                       f"--calibration FILE to run the variance search at start-up, or Bayesianize it "
-                       f"first with 'tfb bayesianize'")
-    if not Path(settings.calibration).expanduser().is_file():
-        raise TFBError(f"--calibration {settings.calibration}: no such file")
-    if settings.posterior_out is not None:
-        _check_posterior_out(settings, adapter)
-
-
-def _check_posterior_out(settings: Settings, adapter: Path) -> None:
-    """``--posterior-out`` holds the result for these very inputs (it is loaded), or the start-up
-    search may write it (``tfb_core.artifacts``' rule)."""
-    from tfb_core import check_output_dir
-
-    out = Path(settings.posterior_out).expanduser()
-    stored = _stored_key(out) if out.is_dir() else None
-    if stored is not None and stored == _key(settings, adapter):
-        return
-    check_output_dir(out, force=settings.force, inputs=_inputs(settings), flag="--posterior-out")
-
-
-def _inputs(settings: Settings) -> list[tuple[str, Path | str | None]]:
-    """What ``tfb serve`` reads, never written over."""
-    return [("--adapter", settings.adapter), ("--calibration", settings.calibration), ("--model", settings.model)]
+    _bayesianize(settings, adapter, check_only=True)
 
 
 def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None) -> Loaded:
     """Load (or search, then save) the posterior that ``settings`` describe."""
-    from tfb_core import load_base_model
+    from tfb_core import Posterior, load_base_model
 
     preflight(settings)
     if settings.is_demo:
-        return _load_demo(settings)
-    from tfb_core import Posterior, is_bayesianized
-
+        post = Posterior.demo(device=settings.device, dtype=settings.dtype)
+        log.info("serving the built-in demo: %s + %s", post.base.name, post.adapter_path)
+        return Loaded(post, model_id(settings), str(post.adapter_path), "demo")
     adapter = Path(settings.adapter).expanduser()
-    if not is_bayesianized(adapter):
-        return _search_or_cached(settings, adapter, set_status)
-    log.info("loading the Bayesianized adapter %s", adapter)
-    base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
-    return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
+    if Posterior.is_bayesianized(adapter):
+        log.info("loading the Bayesianized adapter %s", adapter)
+        base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
+        return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
+    searched = []
 
+    def on_fit(what: str) -> None:
+        searched.append(True)
+        set_status("searching")
+        log.info("start-up search: %s", what)
 
-def _search_or_cached(settings: Settings, adapter: Path, set_status) -> Loaded:
-    from tfb_core import cache_dir, load_base_model
-    from tfb_core import Posterior, is_bayesianized
-
-    key = _key(settings, adapter)
-    out = Path(settings.posterior_out).expanduser() if settings.posterior_out else \
-        cache_dir() / "posteriors" / key[:32]
-    # tfb's own cache may be replaced (a result without its key: a search that died half-way)
-    force, flag = (settings.force, "--posterior-out") if settings.posterior_out else \
-        (True, "the start-up search's cache directory")
-    # servers sharing the cache directory (Ray replicas, Kubernetes pods) search one at a time:
-    # the first searches and saves, the next find its result here
-    with _lock(cache_dir() / "locks" / (hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:32] + ".lock")):
-        if is_bayesianized(out) and _stored_key(out) == key:
-            log.info("start-up search: found its result for these inputs in %s; not searching again", out)
-            source = "cached search"
-        else:
-            set_status("searching")
-            _search(settings, adapter, out, key, force, flag)
-            source = "searched"
-    # served exactly as a restart serves it: a float32 model cast with .to() would also cast
-    # buffers that loading in the serving dtype keeps in float32 (e.g. the rotary inv_freq)
-    base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
-    return Loaded(Posterior.load(base, out), model_id(settings), str(adapter), source)
-
-
-@contextmanager
-def _lock(path: Path):
-    """An exclusive file lock (flock), released on exit or when the process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _search(settings: Settings, adapter: Path, out: Path, key: str, force: bool, flag: str) -> None:
-    """Run the variance search in float32 (docs/method.md §4) and save its result to ``out``."""
-    from tfb_core import Criterion, Posterior, check_calibration, fit_posterior, load_base_model, read_jsonl
-    from tfb_core import resolve_criterion, write_output_dir
-
-    calibration = Path(settings.calibration).expanduser()
-    items = read_jsonl(calibration)
-    check_calibration(items, calibration, settings.search_config())
-    criterion = resolve_criterion(settings.criterion, items)
-    tolerance = f" <= {settings.eps:g}" if criterion in (Criterion.NLL, Criterion.ACCURACY) else ""
-    log.info("start-up search: %d calibration items from %s, criterion %s%s, K=%d, in %s (key %s)",
-             len(items), calibration, criterion.value, tolerance, settings.samples or DEFAULT_SAMPLES,
-             SEARCH_DTYPE, key[:12])
-    base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=SEARCH_DTYPE)
-    post = Posterior.from_adapter(base, adapter, num_samples=settings.samples or DEFAULT_SAMPLES, seed=settings.seed,
-                                  mode=settings.mode, length_normalize=bool(settings.length_normalize))
-    result = fit_posterior(post, items, settings.search_config(), progress=False)
-    post.config.chat = bool(settings.chat)
-    log.info("start-up search: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
-    log_report(post.config.fit_report)
-
-    def write(tmp: Path) -> None:  # the key with the result, in one rename
-        post.write_files(tmp, calibration_file=calibration)
-        (tmp / SERVE_KEY_NAME).write_text(json.dumps({"key": key}))
-
-    write_output_dir(out, write, force=force, inputs=_inputs(settings), flag=flag)
-    log.info("start-up search: saved to %s (a restart with the same inputs loads it)", out)
-
-
-def log_report(report: dict | None) -> None:
-    """The fitting report's table in the log: a warning when it warns, else info."""
-    from tfb_core import FitReport
-
-    if report:
-        report = FitReport.from_dict(report)
+    post = _bayesianize(settings, adapter, on_fit=on_fit)
+    if searched and post.config.report is not None:
+        report = post.config.report
         log.log(logging.WARNING if report.warnings else logging.INFO, "start-up search:\n%s", report.table())
+    return Loaded(post, model_id(settings), str(adapter), "searched" if searched else "cached search")
+
+
+def _bayesianize(settings: Settings, adapter: Path, **kwargs):
+    """:func:`tfb_core.bayesianize` with the server's settings: the start-up search, or its result
+    for these inputs from tfb's cache (or ``--posterior-out``)."""
+    from tfb_core import bayesianize, cache_dir
+
+    calibration = Path(settings.calibration).expanduser() if settings.calibration is not None else None
+    return bayesianize(settings.model, adapter, calibration, settings.search_config(), out=settings.posterior_out,
+                       cache=cache_dir(), force=settings.force, device=settings.device, dtype=settings.dtype,
+                       progress=False, flag="--posterior-out", **kwargs)
 
 
 def resolve_settings(settings: Settings, post) -> Settings:
     """``settings`` with what the loaded posterior decides filled in (K), checked against it."""
-    from tfb_core import covers, min_calibration_size
-
     samples = settings.samples or post.config.num_samples
     if samples > settings.max_samples:
         raise TFBError(f"the posterior's K ({samples}) is above --max-samples ({settings.max_samples}); "
                        f"pass --samples or a larger --max-samples")
     cal = post.config.conformal
-    if settings.coverage is not None and cal is not None and not covers(cal.n, settings.coverage):
+    if settings.coverage is not None and cal is not None and not cal.covers(settings.coverage):
         raise TFBError(f"--coverage {settings.coverage!r} needs at least "
-                       f"{min_calibration_size(settings.coverage)} held-out calibration items; the "
+                       f"{cal.min_size(settings.coverage)} held-out calibration items; the "
                        f"posterior has {cal.n}")
     return settings.model_copy(update={"samples": samples})
-
-
-def _key(settings: Settings, adapter: Path) -> str:
-    from tfb_core import resolve_model_dir
-
-    return search_key(resolve_model_dir(settings.model or DEMO_MODEL), adapter,
-                      Path(settings.calibration).expanduser(), settings)
-
-
-def search_key(model_dir: Path, adapter: Path, calibration: Path, settings: Settings) -> str:
-    """sha256 over the base model, the adapter files, the calibration file, the search settings
-    and where the search runs (float32 on the device type).
-
-    The base model is hashed by its config and, per weight file, its name, size and the sha256 of
-    its first and last MiB (a full hash of a multi-GB model would slow every start-up). The
-    serving dtype is left out: the search runs in float32 whatever it is.
-    """
-    import torch
-
-    from tfb_core import default_device
-
-    h = hashlib.sha256()
-    model_dir = Path(model_dir)
-    h.update(b"model\0" + _read(model_dir / "config.json"))
-    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        h.update(f"{f.name}\0{f.stat().st_size}\0".encode() + _ends(f))
-    for f in sorted(p for p in adapter.iterdir() if p.is_file() and p.name.startswith("adapter_")):
-        h.update(f"adapter\0{f.name}\0".encode() + _sha(f).encode())
-    h.update(b"calibration\0" + _sha(calibration).encode())
-    search = {k: getattr(settings, k) for k in ("criterion", "eps", "samples", "seed", "mode",
-                                                 "gold_labels", "chat", "max_acc_drop", "length_normalize",
-                                                 "holdout", "stochastic_layers")}
-    config = settings.search_config()
-    search["calibration_defaults"] = [config.coverage, config.max_risk]
-    search["dtype"] = SEARCH_DTYPE
-    search["device"] = torch.device(settings.device).type if settings.device else default_device().type
-    h.update(json.dumps(search, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _stored_key(directory: Path) -> str | None:
-    try:
-        return json.loads((directory / SERVE_KEY_NAME).read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _read(path: Path) -> bytes:
-    return path.read_bytes() if path.is_file() else b""
-
-
-def _sha(path: Path) -> str:
-    from tfb_core import sha256_file
-
-    return sha256_file(path)
-
-
-def _ends(path: Path, n: int = 1 << 20) -> bytes:
-    with open(path, "rb") as f:
-        head = f.read(n)
-        f.seek(max(0, path.stat().st_size - n))
-        tail = f.read(n)
-    return hashlib.sha256(head + tail).digest()
-
-
-# --- the built-in demo ------------------------------------------------------------------------
-
-
-def _load_demo(settings: Settings) -> Loaded:
-    from tfb_core import DEMO_POSTERIOR
-    from tfb_core import load_base_model
-    from tfb_core import Posterior, is_bayesianized
-
-    base = load_base_model(DEMO_MODEL, device=settings.device, dtype=settings.dtype)
-    if is_bayesianized(DEMO_POSTERIOR):
-        log.info("serving the built-in demo: %s + %s", DEMO_MODEL, DEMO_POSTERIOR)
-        return Loaded(Posterior.load(base, DEMO_POSTERIOR), model_id(settings), str(DEMO_POSTERIOR), "demo")
-    directory = placeholder_posterior(base)
-    log.warning("PLACEHOLDER DEMO: the shipped demo posterior (%s) is not there yet; serving %s with a "
-                "random LoRA (seed %d, sigma %g) from %s. Its answers mean nothing.",
-                DEMO_POSTERIOR, DEMO_MODEL, PLACEHOLDER_SEED, PLACEHOLDER_SIGMA, directory)
-    return Loaded(Posterior.load(base, directory), model_id(settings), str(directory), "placeholder")
-
-
-def placeholder_posterior(base) -> Path:
-    """A deterministic random LoRA on ``base``, Bayesianized at a fixed sigma, cached."""
-    from tfb_core import cache_dir
-    from tfb_core import is_bayesianized
-
-    root = cache_dir() / "placeholder" / f"{base.name}-v{PLACEHOLDER_VERSION}"
-    posterior = root / "posterior"
-    if is_bayesianized(posterior):
-        return posterior
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from tfb_core import BaseModel
-    from tfb_core import Mode
-    from tfb_core import Posterior
-
-    log.info("building the placeholder demo adapter in %s (once)", root)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
-    gen = torch.Generator().manual_seed(PLACEHOLDER_SEED)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / p.shape[-1] ** 0.5))
-    adapter = root / "adapter"
-    peft_model.save_pretrained(adapter)
-    del peft_model, model
-    fresh = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True).eval()
-    post = Posterior.from_adapter(BaseModel(fresh, base.tokenizer, base.name, base.path), adapter,
-                                  seed=0, mode=Mode.LETTER)
-    post.sigma = PLACEHOLDER_SIGMA
-    post.save(posterior, force=True)  # tfb's own cache
-    return posterior

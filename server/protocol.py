@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag,
-                      ValidationInfo, field_validator, model_validator)
+                      field_validator, model_validator)
 
-from tfb_core import LABELS, Mode, Score
+from tfb_core import Mode, Score, ScoreOptions, encoding
 
 
 def valid_unicode(text: str) -> str:
@@ -71,8 +71,8 @@ class ChoiceItem(_Strict):
     question: NonBlank | None = Field(None, description="a question; the server formats the prompt")
     messages: list[ChatMessage] | None = Field(None, min_length=1, fail_fast=True, description="chat turns")
     choices: list[NonEmptyStr] = Field(..., min_length=2, fail_fast=True, json_schema_extra={"uniqueItems": True},
-                                       description="two or more distinct answers (at most 26 in letter "
-                                       "mode, the server's --max-choices in sequence mode)")
+                                       description=f"two or more distinct answers (at most {len(encoding.LABELS)} in "
+                                       f"letter mode, the server's --max-choices in sequence mode)")
     num_samples: int | None = Field(None, ge=1, description="K weight samples (default: the server's)")
     return_samples: bool = Field(False, description="include the per-sample probabilities")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="the draws' seed (default: the posterior's)")
@@ -100,16 +100,13 @@ class ChoiceItem(_Strict):
 
     @field_validator("choices")
     @classmethod
-    def _distinct(cls, v: list[str], info: ValidationInfo) -> list[str]:
+    def _distinct(cls, v: list[str]) -> list[str]:
         if any(not c.strip() for c in v):
             raise ValueError("every choice must be a non-empty string")
         seen: set[str] = set()  # linear in the number of choices
         dup = next((c for c in v if c in seen or seen.add(c)), None)
         if dup is not None:
             raise ValueError(f"choices must be distinct; {dup!r:.80} appears twice")
-        if info.data.get("mode") is Mode.LETTER and len(v) > len(LABELS):
-            raise ValueError(f"letter mode allows at most {len(LABELS)} choices (labels A-Z), got "
-                             f"{len(v)}; use mode 'sequence'")
         return v
 
     @model_validator(mode="after")
@@ -119,6 +116,12 @@ class ChoiceItem(_Strict):
             raise ValueError("give exactly one of 'prompt', 'question' or 'messages'"
                              + (f"; got {', '.join(given)}" if given else ""))
         return self
+
+    def to_score_options(self, defaults: ScoreOptions) -> ScoreOptions:
+        """How this item is scored: each option it gives, else ``defaults`` (the server's, which
+        fall back to the posterior's: ``server.serving.ChoicesServing``)."""
+        return defaults.resolve(mode=self.mode, chat=self.chat, length_normalize=self.length_normalize,
+                                num_samples=self.num_samples, seed=self.seed)
 
 
 class ChoicesBatchRequest(_Strict):
@@ -289,7 +292,7 @@ class PosteriorInfo(BaseModel):
                                               "recorded")
     calibration_sha256: str | None
     source: str = Field(..., description="how the posterior was obtained: loaded, searched, "
-                        "cached search, demo or placeholder")
+                        "cached search or demo")
 
 
 class Health(BaseModel):

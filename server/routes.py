@@ -222,9 +222,10 @@ async def get_posterior(state: AppState = Depends(require_ready)) -> PosteriorIn
         model=state.model_id, base_model=base_model, adapter=public_name(model.adapter, show),
         files_sha256=dict(cfg.files_sha256), sigma=model.sigma,
         num_samples=state.settings.samples, max_samples=state.settings.max_samples,
-        criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=state.choices.default_mode,
-        chat=state.choices.default_chat, temperature=model.temperature,
-        length_normalize=bool(cfg.length_normalize), stochastic_layers=cfg.stochastic_layers, calibration=state.choices.calibration_info(),
+        criterion=cfg.criterion, eps=cfg.eps, seed=cfg.seed, mode=state.choices.defaults.mode,
+        chat=state.choices.defaults.chat, temperature=model.temperature,
+        length_normalize=bool(cfg.length_normalize), stochastic_layers=cfg.stochastic_layers,
+        calibration=state.choices.calibration_info(),
         confidence=state.choices.confidence.to_dict(), fit_report=cfg.fit_report,
         search_trace=[SearchPointOut(**p) for p in cfg.search_trace],
         calibration_sha256=cfg.calibration_sha256, source=model.source)

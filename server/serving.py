@@ -1,7 +1,7 @@
 """Serving ``/v1/choices``: a request becomes work for the worker, and its results an API response.
 
 :class:`ChoicesServing` (event-loop side) validates against the model (context length,
-``num_samples`` limit), tokenizes with ``tfb_core.encode_item`` (with the event loop's own
+``num_samples`` limit), tokenizes with ``tfb_core.encoding`` (with the event loop's own
 copy of the tokenizer: the worker decodes generated text with the posterior's), queues one
 :class:`~server.engine.ChoiceWork` per item, awaits, answers. The worker side
 (:class:`~server.engine.ModelRunner`, the only code that touches the model) is in
@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tfb_core import (COVERAGE, LABELS, MCItem, Metric, Mode, TFBError, apply_chat, covers, decide,
-                      encode_item, max_coverage, min_calibration_size)
+from tfb_core import MCItem, Metric, Mode, ScoreOptions, SearchConfig, TFBError, encoding
 
 from .engine import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
@@ -44,8 +43,8 @@ class ChoicesServing:
         self.context = model.context
         self.bound = model.token_bound
         cfg = model.config
-        self.default_chat = settings.chat if settings.chat is not None else bool(getattr(cfg, "chat", False))
-        self.default_mode = cfg.mode or Mode.LETTER
+        self.calibrated = cfg.score_options  # how the calibration scored its items
+        self.defaults = self.calibrated.resolve(chat=settings.chat, num_samples=settings.samples)  # the server's
         self.calibration = cfg.conformal  # prediction sets and abstention, when the posterior holds one
         self.confidence = cfg.confidence_model  # the learned P(right), or the tempered max p
         for flag, given in (("--max-risk", settings.max_risk is not None), ("--abstain-on-set", settings.abstain_on_set),
@@ -55,7 +54,8 @@ class ChoicesServing:
                                f"none: run tfb bayesianize with an 'answer' on every calibration item")
         self.risk = self.calibration.risk_threshold(settings.max_risk) if self.calibration else None
         self.abstain_on_set = settings.abstain_on_set or bool(self.calibration and self.calibration.abstain_on_set)
-        self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration else COVERAGE)
+        self.default_coverage = settings.coverage or (self.calibration.coverage if self.calibration
+                                                        else SearchConfig.default("coverage"))
 
     def calibration_info(self) -> CalibrationInfo | None:
         cal, risk = self.calibration, self.risk
@@ -72,10 +72,10 @@ class ChoicesServing:
     def check_coverage(self, coverage: float, param: str) -> None:
         """400 when the held-out calibration is too small for ``coverage`` (O(1), whatever the coverage)."""
         n = self.calibration.n
-        if not covers(n, coverage):
-            raise BadRequest(f"'{param}' {coverage!r} needs at least {min_calibration_size(coverage)} held-out "
+        if not self.calibration.covers(coverage):
+            raise BadRequest(f"'{param}' {coverage!r} needs at least {self.calibration.min_size(coverage)} held-out "
                              f"calibration items; this posterior has {n}: ask for a coverage of at most "
-                             f"{max_coverage(n)!r}", param=param, code="invalid_value")
+                             f"{self.calibration.max_coverage()!r}", param=param, code="invalid_value")
 
     async def create(self, request: ChoiceItem | ChoicesBatchRequest
                      ) -> ChoiceResult | ChoicesBatchResponse:
@@ -84,55 +84,57 @@ class ChoicesServing:
         if len(items) > self.settings.max_items:
             raise BadRequest(f"'items' has {len(items)} entries; at most {self.settings.max_items} "
                              f"are allowed in one request", param="items")
-        for i, item in enumerate(items):
-            self.check(item, f"items.{i}." if batch else "")
+        options = [item.to_score_options(self.defaults) for item in items]
+        for i, (item, opts) in enumerate(zip(items, options)):
+            self.check(item, opts, f"items.{i}." if batch else "")
         # before tokenizing (submit checks again)
         check_room(True, self.scheduler.depth, len(items), self.settings.max_queue)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout
-        work = await self.tokenizing.run(lambda: [self.prepare(item, f"items.{i}." if batch else "", loop, deadline)
-                                                  for i, item in enumerate(items)])
+        work = await self.tokenizing.run(lambda: [self.prepare(item, opts, f"items.{i}." if batch else "", loop,
+                                                               deadline)
+                                                  for i, (item, opts) in enumerate(zip(items, options))])
         self.scheduler.submit(work)
         outputs = await self.scheduler.wait(work, self.settings.request_timeout)
-        results = [self.result(i, item, w, out) for i, (item, w, out) in enumerate(zip(items, work, outputs))]
+        results = [self.result(i, item, opts, w, out)
+                   for i, (item, opts, w, out) in enumerate(zip(items, options, work, outputs))]
         if not batch:
             return results[0]
         usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in results),
                       total_tokens=sum(r.usage.total_tokens for r in results))
         return ChoicesBatchResponse(items=results, model=self.model_id, usage=usage)
 
-    def check(self, item: ChoiceItem, where: str) -> None:
+    def check(self, item: ChoiceItem, options: ScoreOptions, where: str) -> None:
         """Counts and sizes, before any tokenizing: K, choices, characters."""
-        check_samples(item.num_samples or self.settings.samples, self.settings.max_samples, f"{where}num_samples")
+        check_samples(options.num_samples, self.settings.max_samples, f"{where}num_samples")
         if len(item.choices) > self.settings.max_choices:
             raise BadRequest(f"'{where}choices' has {len(item.choices)} entries; at most "
                              f"{self.settings.max_choices} are allowed per item", param=f"{where}choices")
-        mode = item.mode or self.default_mode
-        if mode is Mode.LETTER and len(item.choices) > len(LABELS):
-            raise BadRequest(f"'{where}choices': letter mode allows at most {len(LABELS)} choices, got "
-                             f"{len(item.choices)}; use mode 'sequence'", param=f"{where}choices")
+        problem = encoding.letter_limit(len(item.choices)) if options.mode is Mode.LETTER else None
+        if problem:
+            raise BadRequest(f"'{where}choices': {problem}; use mode 'sequence'", param=f"{where}choices")
         if item.coverage is not None:
             if self.calibration is None:
                 raise BadRequest(f"'{where}coverage': this posterior has no held-out calibration, so it "
                                  f"gives no prediction sets; make one with tfb bayesianize on labelled "
                                  f"calibration items", param=f"{where}coverage", code="invalid_value")
             self.check_coverage(item.coverage, f"{where}coverage")
-        self.check_chars(item, where, mode)
+        self.check_chars(item, where, options)
 
-    def check_chars(self, item: ChoiceItem, where: str, mode: Mode) -> None:
+    def check_chars(self, item: ChoiceItem, where: str, options: ScoreOptions) -> None:
         """The item's size from its characters, before tokenizing (linear in its text): its longest
         row (the prompt, which in letter mode lists every choice of a question; in sequence mode
         the prompt and a choice) must fit the context, and its rows x that row the item's budget."""
         field = next(f for f in ("prompt", "question", "messages") if getattr(item, f) is not None)
         chars = len(item.prompt or item.question or "") + sum(len(m.content) for m in item.messages or [])
         sequences = 1
-        if mode is Mode.SEQUENCE:  # a row per choice: the prompt, then the choice (tokenized apart)
+        if options.mode is Mode.SEQUENCE:  # a row per choice: the prompt, then the choice (tokenized apart)
             chars, sequences = chars + max(len(c) for c in item.choices), len(item.choices)
         elif item.question is not None:  # one row, listing every choice
             chars += sum(len(c) for c in item.choices)
-        what = " with its choices" if mode is Mode.SEQUENCE or item.question is not None else ""
-        check_chars(chars, self.bound, f"{where}{field}", self.context or 2048, what)
-        K = item.num_samples or self.settings.samples
+        what = " with its choices" if options.mode is Mode.SEQUENCE or item.question is not None else ""
+        check_chars(chars, self.bound, f"{where}{field}", self.model.context_limit, what)
+        K = options.num_samples
         tokens, limit = self.bound.min_tokens(chars), self.settings.item_token_limit
         if sequences * K * tokens > limit:
             what = f"'{where[:-1]}'" if where else "the item"
@@ -141,58 +143,45 @@ class ChoicesServing:
                              f"padded tokens; at most {limit} are allowed per item: use fewer choices or "
                              f"samples, or a shorter prompt", param=where[:-1] or None, code="item_too_large")
 
-    def prepare(self, item: ChoiceItem, where: str, loop, deadline: float) -> ChoiceWork:
+    def prepare(self, item: ChoiceItem, options: ScoreOptions, where: str, loop, deadline: float) -> ChoiceWork:
         """Tokenize the item (on the tokenizing thread, after :meth:`check`) and check its size."""
-        K = item.num_samples or self.settings.samples
-        chat = item.chat if item.chat is not None else self.default_chat
-        mode = item.mode or self.default_mode
         mc = MCItem(choices=list(item.choices), question=item.question,
                     prompt=item.prompt if item.prompt is not None else ("(messages)" if item.messages else None))
         try:
-            prompt_text = apply_chat(self.tokenizer, [m.model_dump() for m in item.messages]) \
+            prompt_text = encoding.apply_chat(self.tokenizer, [m.model_dump() for m in item.messages]) \
                 if item.messages else None
-            encoded = encode_item(self.tokenizer, mc, mode, chat=chat and prompt_text is None,
-                                  length_normalize=self.length_normalize(item), max_length=self.context,
+            encoded = encoding.encode_item(self.tokenizer, mc, options.mode, chat=options.chat and prompt_text is None,
+                                  length_normalize=options.length_normalize, max_length=self.context,
                                   prompt_text=prompt_text)
         except TFBError as e:
             field = next((f for f in ("prompt", "question", "messages") if getattr(item, f) is not None), "prompt")
             raise BadRequest(f"'{where}{field}': {e}", param=f"{where}{field}", code="invalid_value") from None
-        seed = self.model.config.seed if item.seed is None else item.seed
-        work = ChoiceWork(encoded, seed, K, deadline, loop.create_future())
+        work = ChoiceWork(encoded, options.seed, options.num_samples, deadline, loop.create_future())
         self.check_size(work, where)
         return work
 
-    def length_normalize(self, item: ChoiceItem) -> bool:
-        if item.length_normalize is not None:
-            return item.length_normalize
-        return bool(self.model.config.length_normalize)
-
-    def matches_calibration(self, item: ChoiceItem, work: ChoiceWork) -> bool:
+    def matches_calibration(self, item: ChoiceItem, options: ScoreOptions) -> bool:
         """The request is scored as the held-out calibration was (else its guarantee does not
         apply): a question (rendered with the calibration's template; a raw prompt or chat
-        messages are not), with the same K, seed, mode, normalization and chat flag."""
-        cfg = self.model.config
-        chat = item.chat if item.chat is not None else self.default_chat
-        return (item.question is not None and work.num_samples == cfg.num_samples and work.seed == cfg.seed
-                and (item.mode or self.default_mode) is (cfg.mode or Mode.LETTER)
-                and self.length_normalize(item) == bool(cfg.length_normalize) and chat == bool(cfg.chat))
+        messages are not), with the calibration's score options, every one of them."""
+        return item.question is not None and options == self.calibrated
 
-    def decision(self, item: ChoiceItem, work: ChoiceWork, out: ChoiceOutput, confidence: float) -> dict:
+    def decision(self, item: ChoiceItem, options: ScoreOptions, out: ChoiceOutput, confidence: float) -> dict:
         """``prediction_set``, ``abstain`` and ``abstain_reasons`` of an answer (calibrated posteriors)."""
         if self.calibration is None:
             return {}
         cal = self.calibration
         coverage = item.coverage or self.default_coverage
-        d = decide(cal, out.probs, {"mutual_information": out.mutual_information,
+        d = cal.decide(out.probs, {"mutual_information": out.mutual_information,
                                     "predictive_entropy": out.predictive_entropy, "confidence": confidence},
                    coverage, self.risk, self.abstain_on_set)
         self.metrics.observe_decision(len(d.indices), d.kinds)
-        matches = self.matches_calibration(item, work)
+        matches = self.matches_calibration(item, options)
         guarantee = (f"P(answer in set) >= {coverage!r} over items exchangeable with the {cal.n} held-out "
                      f"calibration items (marginal, not per question; under a shift in the questions it "
                      f"can cover less)" if matches else
                      "none: this request's settings differ from the calibration's")
-        labels = [LABELS[i] if i < len(LABELS) else str(i) for i in d.indices]
+        labels = [encoding.label(i) for i in d.indices]
         return {"prediction_set": PredictionSet(indices=d.indices, labels=labels, coverage=coverage,
                                                 score=cal.score, calibration_size=cal.n,
                                                 matches_calibration=matches, guarantee=guarantee),
@@ -209,14 +198,15 @@ class ChoicesServing:
                          f"at most {limit} are allowed per item: use fewer choices or samples, or a "
                          f"shorter prompt", param=where[:-1] or None, code="item_too_large")
 
-    def result(self, index: int, item: ChoiceItem, work: ChoiceWork, out: ChoiceOutput) -> ChoiceResult:
+    def result(self, index: int, item: ChoiceItem, options: ScoreOptions, work: ChoiceWork,
+               out: ChoiceOutput) -> ChoiceResult:
         self.metrics.observe_uncertainty(CHOICES_ENDPOINT, out.predictive_entropy,
                                          out.expected_entropy, out.mutual_information)
         pred = int(out.probs.argmax())
         tokens = work.encoded.prompt_tokens
         confidence = float(self.confidence.of(out.samples[None], self.model.config.temperature)[0])
         return ChoiceResult(
-            index=index, prediction=pred, label=LABELS[pred] if pred < len(LABELS) else str(pred),
+            index=index, prediction=pred, label=encoding.label(pred),
             choice=item.choices[pred], probs=out.probs.tolist(), temperature=self.model.config.temperature,
             tempered=["probs"] if self.model.config.temperature != 1.0 else [],
             uncertainty=UncertaintyOut(predictive_entropy=out.predictive_entropy,
@@ -226,4 +216,4 @@ class ChoicesServing:
             samples=out.samples.tolist() if item.return_samples else None,
             num_samples=work.num_samples, seed=work.seed, sigma=self.model.sigma, model=self.model_id,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens * work.num_samples),
-            **self.decision(item, work, out, confidence))
+            **self.decision(item, options, out, confidence))

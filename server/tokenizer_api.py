@@ -7,7 +7,7 @@ Tokenizing runs on the serving layer's tokenizing thread (server/limits.py).
 
 from __future__ import annotations
 
-from tfb_core import TFBError, apply_chat
+from tfb_core import TFBError, encoding
 
 from .errors import BadRequest, NotFound
 from .limits import Tokenizing, check_chars
@@ -22,7 +22,7 @@ class TokenizerServing:
         self.model_id = model.model_id
         self.tokenizer = model.tokenizer
         self.tokenizing = tokenizing
-        self.context = model.context or 2048
+        self.context = model.context_limit
         self.vocab = len(self.tokenizer)
         self.bound = model.token_bound
 
@@ -41,7 +41,7 @@ class TokenizerServing:
         text, special = request.prompt, request.add_special_tokens
         if request.messages is not None:
             try:
-                text = apply_chat(self.tokenizer, [{"role": "system" if m.role == "developer" else m.role,
+                text = encoding.apply_chat(self.tokenizer, [{"role": "system" if m.role == "developer" else m.role,
                                                     "content": m.text} for m in request.messages],
                                   add_generation_prompt=request.add_generation_prompt)
             except TFBError as e:

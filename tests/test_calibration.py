@@ -1,5 +1,5 @@
 """Issue 11 end to end on the tiny Llama: temperature placement over HTTP, the held-out
-calibration written by ``fit_posterior``, prediction sets and abstention served by
+calibration written by ``Posterior.fit``, prediction sets and abstention served by
 ``/v1/choices`` (with their metrics), ``tfb eval --coverage``, the cv-nll / reference / two-sided
 nll searches, and every new error.
 
@@ -33,7 +33,6 @@ from tfb_core.cli import main
 from tfb_core.conformal import holdout_split
 from tfb_core.data import write_jsonl
 from tfb_core.errors import TFBError
-from tfb_core.fit import fit_posterior
 from tfb_core.posterior import TFB_CONFIG_NAME, Posterior
 from tfb_core.scoring import score_items
 from tfb_core.search import search_sigma
@@ -106,7 +105,7 @@ def test_temperature_tempers_the_served_average_only(llama_dir, tempered_dirs):
         assert x1.get("prediction_set") is None and x1.get("abstain") is None
 
 
-# --- 6. fit_posterior: the held-out calibration --------------------------------------------------
+# --- 6. Posterior.fit: the held-out calibration --------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +119,9 @@ def labelled(post):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, llama_dir, lora_dir, labelled):
-    """fit_posterior (auto: cv-nll, every item labelled) on a fresh posterior, saved."""
+    """Posterior.fit (auto: cv-nll, every item labelled) on a fresh posterior, saved."""
     p = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-    result = fit_posterior(p, labelled, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID,
+    result = p.fit(labelled, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID,
                            max_risk=MAX_RISK, mode="letter", progress=False)
     out = p.save(tmp_path_factory.mktemp("fitted") / "post")
     return out, result
@@ -135,7 +134,7 @@ def served_probs(post, items, temperature):
     return np_tempered_average(samples, temperature), mi
 
 
-def test_fit_posterior_records_a_held_out_calibration(fitted, labelled, llama_dir):
+def test_fit_records_a_held_out_calibration(fitted, labelled, llama_dir):
     out, result = fitted
     loaded = Posterior.load(fresh_base(llama_dir), out)
     cfg, cal = loaded.config, loaded.config.conformal
@@ -176,7 +175,7 @@ def test_the_confidence_never_sees_the_held_out_half(llama_dir, lora_dir, labell
     flipped = [replace(it, answer=(it.answer + 1) % len(it.choices)) if i in held_idx else it
                for i, it in enumerate(labelled)]
     p = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-    fit_posterior(p, flipped, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID, max_risk=MAX_RISK,
+    p.fit(flipped, holdout=HOLDOUT, num_samples=K, seed=0, sigma_grid=GRID, max_risk=MAX_RISK,
                   mode="letter", progress=False)
     original = json.loads((fitted[0] / TFB_CONFIG_NAME).read_text())
     assert p.config.confidence == original["confidence"] and original["confidence"]["n"] == N_ITEMS - N_HELD
@@ -347,6 +346,37 @@ def test_a_question_with_the_chat_flag_of_a_chat_calibration_matches_it(llama_di
         answers = [httpx.post(s.url + "/v1/choices", json={**body, **extra}, timeout=60).json()
                    for extra in ({}, {"chat": True}, {"chat": False})]
     assert [a["prediction_set"]["matches_calibration"] for a in answers] == [True, True, False]
+
+
+def test_a_request_resolves_its_score_options_user_then_server_then_posterior():
+    """Each option an item gives wins, else the server's, else the posterior's; the item matches
+    the calibration exactly when every option equals the recorded one: a request that differs
+    in any single option, whichever, does not (a new option is compared without being listed)."""
+    import dataclasses
+
+    from server.protocol import ChoiceItem
+    from server.serving import ChoicesServing
+    from tfb_core.options import Mode, ScoreOptions
+    from tfb_core.posterior import TFBConfig
+
+    recorded = TFBConfig(num_samples=4, seed=3, mode="sequence", chat=True, length_normalize=True).score_options
+    assert recorded == ScoreOptions(mode=Mode.SEQUENCE, chat=True, length_normalize=True, num_samples=4, seed=3)
+    assert TFBConfig().score_options == ScoreOptions()  # nothing recorded: letter, no chat, K 10, seed 0
+    server = recorded.resolve(chat=None, num_samples=8)  # tfb serve --samples 8, no --chat
+    assert server == replace(recorded, num_samples=8)
+    assert ChoiceItem(question="q", choices=["a", "b"]).to_score_options(server) == server
+    asked = ChoiceItem(question="q", choices=["a", "b"], num_samples=4, chat=False, mode="letter")
+    assert asked.to_score_options(server) == replace(recorded, chat=False, mode=Mode.LETTER)
+
+    def matches(options):
+        return ChoicesServing.matches_calibration(serving, ChoiceItem(question="q", choices=["a", "b"]), options)
+
+    serving = type("Serving", (), {"calibrated": recorded})()
+    assert matches(recorded)
+    other = {"mode": Mode.LETTER, "chat": False, "length_normalize": False, "num_samples": 5, "seed": 4}
+    assert {f.name for f in dataclasses.fields(ScoreOptions)} == set(other)  # a new option needs a line here
+    for name, value in other.items():
+        assert not matches(replace(recorded, **{name: value})), name
 
 
 @pytest.mark.parametrize("coverage", [0, 1, 1.5, -0.2])

@@ -23,6 +23,7 @@ from tfb_core.cli import main
 from tfb_core.data import write_jsonl
 from tfb_core.errors import TFBError
 from tfb_core.posterior import POSTERIOR_NAME, TFB_CONFIG_NAME, Posterior
+from tfb_core.sampling import row_std
 
 REPO = Path(__file__).resolve().parents[1]
 K = 4
@@ -72,7 +73,7 @@ def test_written_factors_keep_ba_and_stds_are_sigma_over_d(run, llama_dir, lora_
     _, written = read_lora(out)
     stored_d = load_file(out / POSTERIOR_NAME)
     post = Posterior.load(fresh_base(llama_dir), out)
-    stds = post.row_stds()
+    stds = {layer.name: row_std(layer.d, post.sigma) for layer in post.layers}
     assert sorted(written) == sorted(original) == sorted(stds)
     for name, (A, B) in original.items():
         A1, B1 = written[name]

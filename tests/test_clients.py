@@ -23,7 +23,9 @@ import openai
 import pytest
 
 from server_helpers import ROOT, ServerThread, tiny_posterior
-from tfb_core import Encoded, Mode, SamplingParams, choice_scores, generate, score_prompts, summarize
+from tfb_core import Mode, SamplingParams, TokenInfo, generate
+from tfb_core.encoding import Encoded
+from tfb_core.scoring import choice_scores, score_prompts
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
 
@@ -86,7 +88,7 @@ def test_echo_scores_the_prompt_as_tfb_core_does(servers, core, where):
             assert got[name] == pytest.approx(getattr(t, name), abs=1e-5), name
     assert max(t.mutual_information for t in ref) > 1e-4  # the samples disagree: MI is not trivially 0
     # the summary covers the scored prompt tokens: how surprised the posterior is by this text
-    assert unc["sequence"] == pytest.approx(summarize(ref), abs=1e-5)
+    assert unc["sequence"] == pytest.approx(TokenInfo.summarize(ref), abs=1e-5)
     assert unc["sequence"]["num_tokens"] == len(ids) - 1 and unc["sequence"]["sequence_mutual_information"] > 0
 
 

@@ -1,7 +1,7 @@
 """tfb_core.cuda_decode: the static-cache decoder gives the eager engine's tokens and uncertainty.
 
 On this CPU the step runs eagerly (no CUDA graph); it is the code a CUDA graph captures on a
-GPU, so tokens, per-token uncertainty, continuous batching (joins mid-flight, rows packed when
+GPU, so tokens, per-token uncertainty, continuous batching (admits mid-flight, rows packed when
 sequences leave, buffers growing) and the row -> weight-sample map are all checked here
 against :func:`tfb_core.generation.generate` (the eager ``DecodeBatch``).
 """
@@ -16,7 +16,7 @@ from tfb_core.cuda_decode import StaticDecoder
 from tfb_core.cuda_llama import is_supported
 from tfb_core.errors import TFBError
 from tfb_core.engines import make_decoder, resolve_engine
-from tfb_core.generation import DecodeBatch, EagerDecoder, GenSequence, SamplingParams, generate
+from tfb_core.generation import DecodeBatch, EagerDecoder, GenSequence, SamplingParams, apply, generate
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
 
@@ -24,6 +24,13 @@ from tfb_core.posterior import Posterior
 @pytest.fixture()
 def post(llama_post):
     return llama_post
+
+
+def admitted(post, seqs: list[GenSequence], **kwargs) -> StaticDecoder:
+    """A new decoder with ``seqs`` admitted."""
+    dec = StaticDecoder(post, **kwargs)
+    dec.admit(seqs)
+    return dec
 
 
 
@@ -81,13 +88,12 @@ def test_joins_mid_flight_and_growth_match_each_sequence_alone(post):
                                                          ignore_eos=True))
             for i, (t, n) in enumerate(zip(texts, lengths))]
     alone = [generate(post, [s.prompt_ids], s.params)[0] for s in seqs]
-    dec = StaticDecoder(post, bucket=16)
-    dec.join(DecodeBatch.prefill(post, seqs[:1]))  # prefilled by the eager engine, copied in
+    dec = admitted(post, seqs[:1], bucket=16)
     first = (dec.rows_cap, dec.length, dec.samples_cap)
     joins = {2: seqs[1:3], 4: seqs[3:]}
     for step in range(60):
         if step in joins:
-            dec.admit(joins[step])  # prefilled by the decoder's own forward into its rows
+            dec.admit(joins[step])
         dec.filter()
         if not dec.seqs and step > max(joins):
             break
@@ -103,7 +109,7 @@ def test_noise_slots_are_reused_after_sequences_leave(post):
     ids = post.tokenizer("Hi there").input_ids
     for seed in range(5):  # one sequence at a time, each with its own weight seed
         s = GenSequence(ids, SamplingParams(max_tokens=2, num_samples=4, weight_seed=seed, ignore_eos=True))
-        dec.join(DecodeBatch.prefill(post, [s]))
+        dec.admit([s])
         dec.step()
         assert dec.filter() == [s]
         ref = generate(post, [ids], s.params)[0]
@@ -118,7 +124,7 @@ def test_rows_past_the_active_ones_do_not_disturb_them(post):
     ps = prompts(post.tokenizer)
     seqs = [GenSequence(ps[0], SamplingParams(max_tokens=20, num_samples=3, ignore_eos=True)),
             GenSequence(ps[1], SamplingParams(max_tokens=2, num_samples=2, ignore_eos=True))]
-    dec = StaticDecoder(post).join(DecodeBatch.prefill(post, seqs))
+    dec = admitted(post, seqs)
     assert dec.rows_cap == 5  # exactly the K KV caches asked for
     for _ in range(18):
         dec.step()
@@ -143,16 +149,16 @@ def test_other_model_types_fall_back_to_the_eager_engine(gpt2_dir, gpt2_lora_dir
         [s.token_ids for s in generate(post, ids, params)]
 
 
-def test_sequences_finished_at_prefill_take_no_rows(post):
-    """max_tokens=1 with K=16: the first token ends it; the decoder holds no rows for it and the
-    next filter hands it back."""
+def test_sequences_finished_at_prefill_are_handed_back_by_the_next_filter(post):
+    """max_tokens=1 with K=16: the first token ends it; the next filter hands it back and frees
+    its rows, the other sequence decodes on as alone."""
     post.sigma = 0.5
     ps = prompts(post.tokenizer)
     done = GenSequence(ps[0], SamplingParams(max_tokens=1, num_samples=16, ignore_eos=True))
     live = GenSequence(ps[1], SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True))
-    dec = StaticDecoder(post).join(DecodeBatch.prefill(post, [done, live]))
-    assert dec.rows_cap == 2 and dec.kv_rows == 2 and dec.seqs == [live]
-    assert dec.filter() == [done] and dec.seqs == [live]
+    dec = admitted(post, [done, live])
+    assert done.finish_reason == "length" and dec.kv_rows == 18
+    assert dec.filter() == [done] and dec.seqs == [live] and dec.kv_rows == 2
     while dec.seqs:
         dec.step()
         dec.filter()
@@ -160,17 +166,17 @@ def test_sequences_finished_at_prefill_take_no_rows(post):
 
 
 def test_an_idle_decoder_gives_back_what_a_long_request_grew(post):
-    """After a long (and wide) request has left, the next small join does not inherit its
+    """After a long (and wide) request has left, the next small admit does not inherit its
     buffers: rows, columns and so the attention width shrink back."""
     post.sigma = 0.5
     ps = prompts(post.tokenizer)
     long = GenSequence(ps[0], SamplingParams(max_tokens=300, num_samples=8, ignore_eos=True))
-    dec = StaticDecoder(post).join(DecodeBatch.prefill(post, [long]))
+    dec = admitted(post, [long])
     assert dec.length >= 300 and dec.rows_cap == 8
     long.finish_reason = "cancelled"
     dec.filter()
     short = GenSequence(ps[1], SamplingParams(max_tokens=5, num_samples=2, ignore_eos=True))
-    dec.join(DecodeBatch.prefill(post, [short]))
+    dec.admit([short])
     assert dec.length == 64 and dec.rows_cap == 2
     while dec.seqs:
         dec.step()
@@ -178,15 +184,15 @@ def test_an_idle_decoder_gives_back_what_a_long_request_grew(post):
     assert_same(generate(post, ps[1:2], short.params), [short])
 
 
-def test_similar_sizes_keep_the_buffers_and_a_failed_join_changes_nothing(post, monkeypatch):
-    """Requests of K=4 and K=1 in turn reuse one allocation (no shrink below 4x); a join that
+def test_similar_sizes_keep_the_buffers_and_a_failed_admit_changes_nothing(post, monkeypatch):
+    """Requests of K=4 and K=1 in turn reuse one allocation (no shrink below 4x); an admit that
     runs out of memory while growing leaves the decoder as it was, with nothing to hand back."""
     post.sigma = 0.5
     ps = prompts(post.tokenizer)
     dec = StaticDecoder(post)
     for K in (4, 1, 4, 1):
         s = GenSequence(ps[0], SamplingParams(max_tokens=3, num_samples=K, ignore_eos=True))
-        dec.join(DecodeBatch.prefill(post, [s]))
+        dec.admit([s])
         buffers = dec.kc[0]
         while dec.seqs:
             dec.step()
@@ -200,15 +206,15 @@ def test_similar_sizes_keep_the_buffers_and_a_failed_join_changes_nothing(post, 
     done = GenSequence(ps[1], SamplingParams(max_tokens=1, num_samples=2))
     big = GenSequence(ps[2], SamplingParams(max_tokens=5, num_samples=16))
     with pytest.raises(torch.OutOfMemoryError):
-        dec.join(DecodeBatch.prefill(post, [done, big]))
-    assert dec.filter() == [] and dec.kv_rows == 0 and not dec.seqs
+        dec.admit([done, big])
+    assert dec.filter() == [] and dec.kv_rows == 0 and not dec.seqs and not done.tokens and not big.tokens
 
 
 @pytest.mark.parametrize("through", ["own forward", "prefill engine"])
 def test_admit_prefills_into_the_cache_as_the_eager_prefill_does(post, through):
     """The decoder's prefill (its own forward, or the scoring engine's with keys and values
     copied in) writes the same keys and values (at every real column), the same next positions
-    and first tokens as the eager prefill copied in by join."""
+    and first tokens as the eager prefill (its ``DynamicCache``, mask, positions and tokens)."""
     from tfb_core.cuda_prefill import PrefillEngine
 
     post.sigma = 0.5
@@ -216,15 +222,17 @@ def test_admit_prefills_into_the_cache_as_the_eager_prefill_does(post, through):
     params = [SamplingParams(max_tokens=6, num_samples=3, weight_seed=2, ignore_eos=True),
               SamplingParams(max_tokens=4, num_samples=2, weight_seed=5, ignore_eos=True)]
     engine = PrefillEngine(post) if through == "prefill engine" else None
-    a = StaticDecoder(post, prefill=engine).admit([GenSequence(list(p), sp) for p, sp in zip(ps, params)])
-    b = StaticDecoder(post).join(DecodeBatch.prefill(post, [GenSequence(list(p), sp) for p, sp in zip(ps, params)]))
-    real = b.bias[:b.n] == 0
-    assert torch.equal(a.bias[:a.n] == 0, real)
-    for i in range(len(a.kc)):
-        assert torch.allclose(a.kc[i][:a.n].transpose(1, 2)[real], b.kc[i][:b.n].transpose(1, 2)[real], atol=1e-5)
-        assert torch.allclose(a.vc[i][:a.n].transpose(1, 2)[real], b.vc[i][:b.n].transpose(1, 2)[real], atol=1e-5)
-    for name in ("col", "pos", "tok", "slots"):
-        assert torch.equal(getattr(a, name)[:a.n], getattr(b, name)[:b.n]), name
+    a = admitted(post, [GenSequence(list(p), sp) for p, sp in zip(ps, params)], prefill=engine)
+    b, first = DecodeBatch.prefill(post, [GenSequence(list(p), sp) for p, sp in zip(ps, params)])
+    apply(post, first)
+    T = b.mask.shape[1]
+    real = b.mask.bool()  # (rows, T)
+    assert a.n == len(real) and torch.equal(a.bias[:a.n, :T] == 0, real) and not (a.bias[:a.n, T:] == 0).any()
+    for i, layer in enumerate(b.cache.layers):
+        assert torch.allclose(a.kc[i][:a.n, :, :T].transpose(1, 2)[real], layer.keys.transpose(1, 2)[real], atol=1e-5)
+        assert torch.allclose(a.vc[i][:a.n, :, :T].transpose(1, 2)[real], layer.values.transpose(1, 2)[real], atol=1e-5)
+    assert (a.col[:a.n] == T).all()
+    assert torch.equal(a.pos[:a.n], b.positions) and torch.equal(a.tok[:a.n], b.last)
     assert_same(b.seqs, a.seqs)
 
 
@@ -234,7 +242,7 @@ def test_a_failed_admit_leaves_the_running_sequences_as_they_were(post):
     post.sigma = 0.5
     ps = prompts(post.tokenizer)
     live = GenSequence(ps[0], SamplingParams(max_tokens=6, num_samples=2, ignore_eos=True))
-    dec = StaticDecoder(post).admit([live])
+    dec = admitted(post, [live])
     dec.step()
     bad = [GenSequence(ps[1], SamplingParams(max_tokens=3, num_samples=4)), GenSequence([], SamplingParams())]
     with pytest.raises(TFBError, match="empty"):
@@ -338,9 +346,8 @@ def test_an_idle_decoder_gives_back_a_burst_of_weight_seeds_noise_slots(post):
     assert_same([generate(post, [s.prompt_ids], s.params)[0] for s in burst[:3] + [one]], burst[:3] + [one])
 
 
-@pytest.mark.parametrize("through", ["admit", "join"])
 @pytest.mark.parametrize("when", ["prefill", "decode"])
-def test_a_sequence_whose_cache_went_nan_leaves_no_nan_for_the_next_in_its_rows(post, through, when):
+def test_a_sequence_whose_cache_went_nan_leaves_no_nan_for_the_next_in_its_rows(post, when):
     """A sequence whose forward made NaN (its keys and values too: at prefill, or at a decode
     step) ends with an error while another runs on; the next sequence prefilled into its rows
     with a shorter prompt never reads the NaN columns past its own (0 x NaN is NaN in the
@@ -357,14 +364,12 @@ def test_a_sequence_whose_cache_went_nan_leaves_no_nan_for_the_next_in_its_rows(
     short = GenSequence(tok("Hi").input_ids, SamplingParams(max_tokens=6, num_samples=2, ignore_eos=True))
     try:
         alone = [generate(post, [s.prompt_ids], s.params)[0] for s in (other, short)]
-        dec = StaticDecoder(post)
-        enter = dec.admit if through == "admit" else (lambda seqs: dec.join(DecodeBatch.prefill(post, seqs)))
-        enter([other, long])
+        dec = admitted(post, [other, long])
         if when == "decode":
             dec.tok[2:4] = nan_id  # its rows are fed the poisoned token: its next keys and values are NaN
             dec.step()
         assert dec.filter() == [long] and long.finish_reason == "error"
-        enter([short])  # into the rows the NaN sequence held
+        dec.admit([short])  # into the rows the NaN sequence held
         while dec.seqs:
             dec.step()
             dec.filter()

@@ -24,10 +24,12 @@ import torch
 
 import tiny
 from tfb_core.data import MCItem
-from tfb_core.generation import DecodeBatch, GenSequence, SamplingParams, generate
+from tfb_core.generation import GenSequence, SamplingParams, generate
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
-from tfb_core.scoring import Mode, choice_probs, encode_item
+from tfb_core.encoding import encode_item
+from tfb_core.options import Mode
+from tfb_core.scoring import choice_probs
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -85,7 +87,8 @@ def test_graphed_decode_matches_the_eager_engine(post):
               SamplingParams(max_tokens=30, num_samples=8, ignore_eos=True, weight_seed=1, top_k=20, seed=5)]
     alone = [generate(post, [p], sp)[0] for p, sp in zip(ps, params)]
     seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(ps, params))]
-    dec = StaticDecoder(post).join(DecodeBatch.prefill(post, seqs[:1]))
+    dec = StaticDecoder(post)
+    dec.admit(seqs[:1])
     for step in range(80):  # the others join mid-flight, growing rows and noise slots
         if step == 3:  # prefilled by the decoder's own forward (the first by the eager engine)
             dec.admit(seqs[1:])
@@ -93,7 +96,7 @@ def test_graphed_decode_matches_the_eager_engine(post):
         if not dec.seqs and step > 3:
             break
         dec.step()
-    assert dec.graphed, f"no CUDA graph was captured ({dec.capture_error})"
+    assert dec.graphs, f"no CUDA graph was captured ({dec.capture_error})"
     assert dec.kv_rows == 0
     assert_same_generation(alone, seqs, dtype)  # each as the eager engine decodes it alone
     assert max(t.mutual_information for s in seqs for t in s.tokens) > 1e-6  # the samples differ
@@ -162,7 +165,8 @@ def test_a_nan_sequence_s_graphed_rows_leave_no_nan_for_the_next_in_them(post):
     hook = post.model.get_input_embeddings().register_forward_hook(
         lambda m, args, out: out.masked_fill((args[0] == nan_id)[..., None], float("nan")))
     try:
-        dec = StaticDecoder(post, prefill=PrefillEngine(post)).admit([other, long])
+        dec = StaticDecoder(post, prefill=PrefillEngine(post))
+        dec.admit([other, long])
         dec.step()  # captures the graph for 4 rows
         dec.tok[2:4] = nan_id  # the long sequence's rows are fed the poisoned token
         dec.step()
@@ -173,6 +177,6 @@ def test_a_nan_sequence_s_graphed_rows_leave_no_nan_for_the_next_in_them(post):
             dec.filter()
     finally:
         hook.remove()
-    assert dec.graphed, f"no CUDA graph was captured ({dec.capture_error})"
+    assert dec.graphs, f"no CUDA graph was captured ({dec.capture_error})"
     assert [s.finish_reason for s in (other, short)] == ["length", "length"], (other.error, short.error)
     assert_same_generation(alone, [other, short], dtype)

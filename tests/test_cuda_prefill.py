@@ -14,7 +14,9 @@ from tfb_core.cuda_prefill import PrefillEngine
 from tfb_core.data import MCItem
 from tfb_core.models import load_base_model
 from tfb_core.posterior import Posterior
-from tfb_core.scoring import Mode, choice_probs, encode_item
+from tfb_core.encoding import encode_item
+from tfb_core.options import Mode
+from tfb_core.scoring import choice_probs
 
 
 @pytest.fixture()

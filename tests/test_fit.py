@@ -19,7 +19,6 @@ from tfb_core.cli import main
 from tfb_core.conformal import holdout_split
 from tfb_core.data import MCItem, write_jsonl
 from tfb_core.errors import TFBError
-from tfb_core.fit import fit_posterior
 from tfb_core.posterior import TFB_CONFIG_NAME, Posterior
 from tfb_core.report import chance_margin
 from tfb_core.scoring import score_items
@@ -60,7 +59,7 @@ def test_the_mode_is_chosen_by_accuracy_then_nll_on_the_fitting_half(post, items
     fit_idx, _ = holdout_split(N, 0.5, seed=0)
     want, numbers = expected_mode(p0, labels, fit_idx)
     assert numbers[truth][0] == 1.0  # the labels are this candidate's own answers
-    result = fit_posterior(post, data, **FAST)
+    result = post.fit(data, **FAST)
     report = result.report
     assert (report.mode, report.length_normalize, report.mode_choice) == (*want, "measured")
     assert (post.config.mode.value, post.config.length_normalize) == want
@@ -81,7 +80,7 @@ def test_each_candidate_wins_when_the_answers_are_its_own(items, p0):
 
 def test_a_given_mode_is_kept_and_at_chance_the_report_names_the_better_one(post, items, p0):
     data = labelled_by(items, p0[("sequence", False)])
-    result = fit_posterior(post, data, mode="letter", **FAST)
+    result = post.fit(data, mode="letter", **FAST)
     report = result.report
     assert (report.mode, report.mode_choice) == ("letter", "given")
     fit_idx, _ = holdout_split(N, 0.5, seed=0)
@@ -94,16 +93,16 @@ def test_a_given_mode_is_kept_and_at_chance_the_report_names_the_better_one(post
 
 def test_without_answers_letter_and_with_uneven_choices_sequence(post, items):
     unlabelled = [replace(it, answer=None) for it in items[:12]]
-    assert fit_posterior(post, unlabelled, **FAST).report.mode == "letter"
+    assert post.fit(unlabelled, **FAST).report.mode == "letter"
     uneven = unlabelled[:6] + [MCItem(choices=["a", "b", "c"], question="three?")] + unlabelled[6:]
-    report = fit_posterior(post, uneven, **FAST).report
+    report = post.fit(uneven, **FAST).report
     assert report.mode == "sequence" and "item 7 has 3 choices but item 1 has 4" in report.mode_choice
 
 
 def test_uneven_choices_leave_letter_out_of_the_measured_candidates(post, items, p0):
     data = labelled_by(items, p0[("letter", False)])
     data[3] = replace(data[3], choices=data[3].choices[:3], answer=0)
-    report = fit_posterior(post, data, **FAST).report
+    report = post.fit(data, **FAST).report
     assert {(m.mode, m.length_normalize) for m in report.modes} == {("sequence", False), ("sequence", True)}
     assert report.mode == "sequence"
     assert report.mode_note == "letter not a candidate: item 4 has 3 choices but item 1 has 4"
@@ -214,3 +213,72 @@ def test_a_given_sigma_of_0_with_labels_warns(labelled_file, llama_dir, lora_dir
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["warnings"][0].startswith("sigma = 0: the posterior adds no uncertainty")
     assert "--sigma" in printed["warnings"][0] and printed["verdict"].startswith("NOT READY")
+
+
+# --- bayesianize: the one verb that fits, saves and caches ------------------------------------------
+
+
+def changed(f):
+    """A valid value of SearchConfig field ``f`` other than its default."""
+    import enum
+
+    from tfb_core.options import Mode
+
+    default = f.default
+    if isinstance(default, enum.Enum):
+        return next(m for m in type(default) if m is not default)
+    if isinstance(default, bool):
+        return not default
+    if default is None:
+        return {"sigma_grid": (0.0, 0.01), "mode": Mode.SEQUENCE, "length_normalize": True, "holdout": 0.3}[f.name]
+    return default + 1 if isinstance(default, int) else default / 2
+
+
+def test_the_fit_key_covers_every_search_setting(llama_dir, lora_dir, tmp_path, items):
+    """The key hashes ``asdict(config)``: every SearchConfig field, this one included when a new
+    one is added, changes it; so do a given sigma and the calibration file; the same inputs give
+    the same key."""
+    import dataclasses
+
+    from tfb_core.posterior import fit_key
+    from tfb_core.options import SearchConfig
+
+    cal = tmp_path / "cal.jsonl"
+    write_jsonl(items, cal)
+    key = fit_key(llama_dir, lora_dir, cal, SearchConfig(), device="cpu")
+    assert key == fit_key(llama_dir, lora_dir, cal, SearchConfig(), device="cpu")
+    keys = {f.name: fit_key(llama_dir, lora_dir, cal, replace(SearchConfig(), **{f.name: changed(f)}), device="cpu")
+            for f in dataclasses.fields(SearchConfig)}
+    assert [name for name, k in keys.items() if k == key] == []
+    assert fit_key(llama_dir, lora_dir, cal, SearchConfig(), sigma=0.01, device="cpu") != key
+    write_jsonl(items[1:], cal)
+    assert fit_key(llama_dir, lora_dir, cal, SearchConfig(), device="cpu") != key
+
+
+def test_bayesianize_fits_once_per_inputs_and_checks_labels_before_loading(llama_dir, lora_dir, tmp_path, items):
+    """With a cache, the same inputs are fitted once and then loaded (the same posterior); other
+    settings fit again. A labelled criterion on an unlabelled file fails before any model loads,
+    naming the flag, the file and the line."""
+    from tfb_core.posterior import bayesianize
+    from tfb_core.options import SearchConfig
+
+    cal = tmp_path / "cal.jsonl"
+    write_jsonl(items[:12], cal)
+    config = SearchConfig(num_samples=2, sigma_grid=(0.0, 0.01), mode="letter", holdout=0.0)
+    fits = []
+
+    def fit(cfg):
+        return bayesianize(llama_dir, lora_dir, cal, cfg, cache=tmp_path / "cache", device="cpu", progress=False,
+                           on_fit=lambda what: fits.append(cfg))
+
+    first, again = fit(config), fit(config)
+    assert fits == [config]
+    assert again.sigma == first.sigma and again.config.fit_report == first.config.fit_report
+    fit(replace(config, seed=1))
+    assert len(fits) == 2 and len(list((tmp_path / "cache" / "posteriors").iterdir())) == 2
+
+    write_jsonl([replace(it, answer=None) if i == 2 else it for i, it in enumerate(items[:12])], cal)
+    with pytest.raises(TFBError, match=f"--criterion cv-nll needs an 'answer' on every calibration item; {cal}, "
+                                       f"line 3 has no 'answer'"):
+        fit(replace(config, criterion="cv-nll"))
+    assert len(fits) == 2

@@ -11,8 +11,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tiny import prompts
-from tfb_core.generation import (DecodeBatch, GenSequence, SamplingParams, TokenInfo, generate, safe_text,
-                                 sequence_mutual_information, text_decoder, update_finish)
+from tfb_core import generation
+from tfb_core.generation import (DecodeBatch, EagerDecoder, GenSequence, SamplingParams, StepResult, TokenInfo, apply,
+                                 choose_tokens, generate, sample_tokens, sequence_mutual_information,
+                                 text_decoder, update_finish)
 from tfb_core.sampling import row_std, standard_normal
 from tfb_core.uncertainty import entropy
 
@@ -106,9 +108,12 @@ def test_joining_between_steps_gives_each_sequence_its_own_tokens(post):
     alone = [generate(post, [p], sp)[0].token_ids for p, sp in zip(ps, params)]
 
     seqs = [GenSequence(list(p), sp, id=i) for i, (p, sp) in enumerate(zip(ps, params))]
-    batch = DecodeBatch.prefill(post, seqs[:1])
+    batch, first = DecodeBatch.prefill(post, seqs[:1])
+    apply(post, first)
     batch.step()
-    batch = DecodeBatch.concatenate([batch, DecodeBatch.prefill(post, seqs[1:])])
+    joining, first = DecodeBatch.prefill(post, seqs[1:])
+    apply(post, first)
+    batch = DecodeBatch.concatenate([batch, joining])
     while batch.seqs:
         batch.step()
         batch.filter()
@@ -195,12 +200,10 @@ def test_tokens_that_show_nothing_do_not_grow_the_decoding_window(tok):
 
 
 def test_a_failed_admit_of_the_eager_engine_changes_no_sequence(post, monkeypatch):
-    from tfb_core.generation import EagerDecoder
-
     post.sigma = SIGMA
     ps = prompts(post.tokenizer)
-    dec = EagerDecoder(post).admit([GenSequence(ps[0], SamplingParams(max_tokens=4, num_samples=2, seed=3,
-                                                                      temperature=1.0))])
+    dec = EagerDecoder(post)
+    dec.admit([GenSequence(ps[0], SamplingParams(max_tokens=4, num_samples=2, seed=3, temperature=1.0))])
     new = GenSequence(ps[1], SamplingParams(max_tokens=4, num_samples=2, seed=5, temperature=1.0))
 
     def boom(batches):
@@ -230,9 +233,9 @@ def test_a_stop_string_across_tokens_ends_the_text_where_it_starts(tok):
 def test_safe_text_holds_back_a_possible_stop_prefix():
     s = GenSequence([1], SamplingParams(stop=["END"]))
     s.text = "hello EN"
-    assert safe_text(s) == "hello "
+    assert s.safe_text() == "hello "
     s.text = "hello E!"
-    assert safe_text(s) == "hello E!"
+    assert s.safe_text() == "hello E!"
 
 
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(post):
@@ -316,13 +319,11 @@ def test_seeded_rows_are_reproducible_and_independent_of_their_batch():
 def test_sampling_at_a_tiny_temperature_is_the_argmax_not_nan(post, tok):
     """Sampling is in log space (``log p / T``): at T = 0.001 every ``p ** (1 / T)`` underflows
     to 0 and the old sampler divided 0 by 0; now it is the greedy token."""
-    from tfb_core.generation import pick_token
-
-    p = torch.softmax(torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    p = torch.softmax(torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3, -1)[None]
     for T in (1e-3, 1e-6):
         params = SamplingParams(temperature=T)
-        assert pick_token(p, params, torch.Generator().manual_seed(1)) == int(p.argmax())
-        assert pick_token(p, SamplingParams(temperature=T, top_k=3, top_p=0.5), None) == int(p.argmax())
+        assert int(sample_tokens(p, [params], [torch.Generator().manual_seed(1)])[0]) == int(p.argmax())
+        assert int(sample_tokens(p, [SamplingParams(temperature=T, top_k=3, top_p=0.5)], [None])[0]) == int(p.argmax())
     post.sigma = SIGMA
     greedy = generate(post, prompts(tok), SamplingParams(max_tokens=5, temperature=0, num_samples=3))
     tiny_t = generate(post, prompts(tok), SamplingParams(max_tokens=5, temperature=1e-3, seed=7, num_samples=3))
@@ -332,8 +333,6 @@ def test_sampling_at_a_tiny_temperature_is_the_argmax_not_nan(post, tok):
 def test_a_sequence_with_a_non_finite_distribution_ends_alone(post, tok):
     """One sequence's rows give NaN logits: it finishes with "error"; the others in the same
     step get exactly the tokens they get without it."""
-    from tfb_core.generation import choose_tokens
-
     post.sigma = SIGMA
     seqs = [GenSequence(tok("a b").input_ids, SamplingParams(num_samples=2, temperature=t, seed=3))
             for t in (0, 0.8, 0.8)]
@@ -341,8 +340,8 @@ def test_a_sequence_with_a_non_finite_distribution_ends_alone(post, tok):
     poisoned = logits.clone()
     poisoned[2:4] = float("nan")  # the second sequence's two rows
     clean = copy.deepcopy(seqs)
-    choose_tokens(post, clean, logits)
-    choose_tokens(post, seqs, poisoned)
+    apply(post, StepResult(clean, choose_tokens(post, clean, logits)[1]))
+    apply(post, StepResult(seqs, choose_tokens(post, seqs, poisoned)[1]))
     assert seqs[1].finish_reason == "error" and "not finite" in seqs[1].error and seqs[1].tokens == []
     for i in (0, 2):
         assert seqs[i].finish_reason == clean[i].finish_reason
@@ -366,9 +365,8 @@ def test_a_failed_step_changes_nothing_and_each_sequence_is_rerun_alone(post, to
 
     def run():
         seqs = [GenSequence(list(p), sp) for p, sp in zip(ps, params)]
-        batch = DecodeBatch.prefill(post, seqs)
-        if engine == "static":
-            batch = StaticDecoder(post, graph=False).join(batch)
+        batch = StaticDecoder(post, graph=False) if engine == "static" else EagerDecoder(post)
+        batch.admit(seqs)
         batch.filter()
         while batch.seqs:
             try:
@@ -404,3 +402,58 @@ def test_a_failed_step_changes_nothing_and_each_sequence_is_rerun_alone(post, to
         assert faults[1] == params[1].num_samples  # rerun alone, it failed again
         assert got[1].finish_reason == "error" and isinstance(got[1].failure, RuntimeError)
         assert got[1].token_ids == want[1].token_ids[:3]  # the prefill's token and two steps'
+
+
+def snapshot(s: GenSequence) -> tuple:
+    """Everything a step may commit to ``s``, by value."""
+    state = s.generator.get_state() if s.generator is not None else None
+    allowed = s.constraint.allowed() if s.constraint is not None else None
+    return (copy.deepcopy(s.tokens), s.text, s.finish_reason, s.error, s.failure, s.prefix_offset, s.read_offset,
+            None if state is None else state.tolist(), s.constraint, None if allowed is None else allowed.tolist())
+
+
+@pytest.mark.parametrize("at", ["admit", "step"])
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_step_whose_token_choice_raises_changes_no_sequence(post, tok, engine, at, monkeypatch):
+    """The forward and the token choice run before anything is committed: when the choice
+    raises late (after the draw, while it records the tokens), every sequence's tokens, text,
+    detokenizer offsets, finish, sampling generator and grammar are exactly as before (at an
+    admit: no generator and no grammar state made, no sequence admitted), and the next try gives
+    the tokens of a run that never failed."""
+    from tfb_core.cuda_decode import StaticDecoder
+    from tfb_core.structured import json_grammar
+
+    post.sigma = SIGMA
+    ps = prompts(tok)
+    params = [SamplingParams(max_tokens=6, temperature=0.9, seed=3, num_samples=2, ignore_eos=True),
+              SamplingParams(max_tokens=6, num_samples=3, grammar=json_grammar(None)),
+              SamplingParams(max_tokens=6, temperature=0.7, seed=8, num_samples=1, stop=["zz"], ignore_eos=True)]
+
+    def boom(*args):
+        raise RuntimeError("recording the token failed")
+
+    def failing(dec, call, seqs):
+        before = [snapshot(s) for s in seqs]
+        with monkeypatch.context() as m:
+            m.setattr(generation, "TokenInfo", boom)
+            with pytest.raises(RuntimeError, match="recording"):
+                call()
+        assert [snapshot(s) for s in seqs] == before
+
+    def run(fail: bool) -> list[GenSequence]:
+        seqs = [GenSequence(list(p), sp) for p, sp in zip(ps, params)]
+        dec = StaticDecoder(post, graph=False) if engine == "static" else EagerDecoder(post)
+        if fail and at == "admit":
+            failing(dec, lambda: dec.admit(seqs), seqs)
+            assert not dec.seqs and dec.kv_rows == 0
+        dec.admit(seqs)
+        for step in range(4):
+            if fail and at == "step" and step == 2:
+                failing(dec, dec.step, seqs)
+            dec.step()
+        return seqs
+
+    want, got = run(False), run(True)
+    assert all(s.generator is not None for s in (want[0], want[2]))  # the failure met sampling generators
+    assert want[1].constraint is not None and len(want[1].tokens) > 2  # and a grammar under way
+    assert [snapshot(s)[:4] for s in got] == [snapshot(s)[:4] for s in want]

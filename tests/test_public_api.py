@@ -1,6 +1,7 @@
 """tfb_core's public face: what ``tfb_core`` exports, who imports what.
 
 The server needs a handful of names from ``tfb_core`` (the package), never a module's internals;
+the face is pinned name by name;
 ``tfb_core`` never imports ``server``; building the command line imports no torch.
 """
 
@@ -29,6 +30,16 @@ def imports(path: Path) -> list[tuple[str, list[str], int]]:
         elif isinstance(node, ast.Import):
             out.extend((a.name, [], node.lineno) for a in node.names)
     return out
+
+
+#: the whole face: what the server and the library's users need, nothing internal
+FACE = ["Criterion", "DEMO_MODEL", "Decoder", "Engine", "GenSequence", "MCItem", "Metric", "Mode", "Posterior",
+        "SamplingParams", "Score", "ScoreOptions", "SearchConfig", "TFBError", "TokenInfo", "bayesianize",
+        "cache_dir", "encoding", "generate", "load_base_model"]
+
+
+def test_the_face_is_these_twenty_names():
+    assert tfb_core.__all__ == FACE and len(FACE) <= 20
 
 
 @pytest.mark.parametrize("name", tfb_core.__all__)
@@ -70,3 +81,33 @@ def test_the_command_line_parser_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_tokenizing_an_item_imports_no_torch():
+    """The API process tokenizes requests with tfb_core's encoding, which has no model code."""
+    code = ("import sys, tfb_core; e = tfb_core.encoding; e.encode_item, e.apply_chat, e.Encoded, e.letter_limit, "
+            "tfb_core.ScoreOptions, tfb_core.MCItem, tfb_core.Mode; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_tfb_core_s_import_graph_has_no_cycle():
+    """Drawn from every import, lazy ones included (tfb_core._imports)."""
+    from tfb_core._imports import graph
+
+    g, state, cycles = graph(), {}, []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in g.get(module, []):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [module, dep])
+            elif dep not in state:
+                visit(dep, path + [module])
+        state[module] = "done"
+
+    for module in g:
+        if module not in state:
+            visit(module, [])
+    assert not cycles, cycles

@@ -20,7 +20,6 @@ from tfb_core.cli import main
 from tfb_core.conformal import binomial_upper, holdout_split, risk_threshold
 from tfb_core.data import write_jsonl
 from tfb_core.errors import TFBError
-from tfb_core.fit import fit_posterior
 from tfb_core.posterior import TFB_CONFIG_NAME, Posterior
 from tfb_core.report import RECOMMENDED_ITEMS, FitReport, ModeScore, assess, chance_margin, held_out_needed
 from tfb_core.scoring import score_items
@@ -144,7 +143,7 @@ def labelled(llama_dir, lora_dir):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, llama_dir, lora_dir, labelled):
     p = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-    result = fit_posterior(p, labelled, num_samples=K, sigma_grid=GRID, max_risk=0.3, mode="letter",
+    result = p.fit(labelled, num_samples=K, sigma_grid=GRID, max_risk=0.3, mode="letter",
                            progress=False)
     return p.save(tmp_path_factory.mktemp("fitted") / "post"), result
 

@@ -13,7 +13,8 @@ from conftest import explicit_model, fresh_base, mc_items, paper_prompt, peft_mo
 from tfb_core.data import MCItem
 from tfb_core.errors import TFBError
 from tfb_core.posterior import Posterior
-from tfb_core.scoring import choice_probs, encode_item, predict, score_items, score_prompts, target_log_probs
+from tfb_core.encoding import encode_item
+from tfb_core.scoring import choice_probs, predict, score_items, score_prompts, target_log_probs
 from tfb_core.uncertainty import decompose
 
 SIGMA = 0.05

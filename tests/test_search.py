@@ -134,10 +134,10 @@ def test_sequence_mode_search(post, items):
     assert r.sigma == max([p.sigma for p in r.trace if p.feasible], default=0.0)
 
 
-def test_posterior_search_records_the_result(llama_dir, lora_dir, items):
+def test_posterior_fit_records_the_search(llama_dir, lora_dir, items):
     post = Posterior.from_adapter(fresh_base(llama_dir), lora_dir)
-    r = post.search(items, criterion="accuracy", eps=0.2, num_samples=K, seed=SEED, sigma_init=SIGMA_INIT,
-                    progress=False)
+    r = post.fit(items, criterion="accuracy", eps=0.2, num_samples=K, seed=SEED, sigma_init=SIGMA_INIT, mode="letter",
+                 holdout=0.0, progress=False)
     assert post.sigma == r.sigma > 0
     cfg = post.config
     assert (cfg.criterion, cfg.eps, cfg.num_samples, cfg.seed, cfg.mode) == ("accuracy", 0.2, K, SEED, "letter")

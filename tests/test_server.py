@@ -74,7 +74,8 @@ def check_answer(a: dict, n_choices: int) -> None:
 
 def test_answer_properties_and_equal_to_tfb_core(client, core_post):
     from tfb_core.data import MCItem
-    from tfb_core.scoring import choice_probs, encode_item, max_context
+    from tfb_core.encoding import encode_item
+    from tfb_core.scoring import choice_probs, max_context
     from tfb_core.uncertainty import decompose
 
     for i in (0, 1, 3):
@@ -330,7 +331,8 @@ def test_posterior_chat_and_temperature_are_honoured(llama_dir, lora_dir, tmp_pa
     temperature tempers the model average, never the samples."""
     from tfb_core.data import MCItem
     from tfb_core.evaluate import temper
-    from tfb_core.scoring import choice_probs, encode_item
+    from tfb_core.encoding import encode_item
+    from tfb_core.scoring import choice_probs
 
     post = bayesianized(llama_dir, lora_dir, tmp_path / "post", sigma=0.05)
     cfg = json.loads((post / "tfb_config.json").read_text())

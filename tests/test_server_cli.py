@@ -212,10 +212,12 @@ def test_startup_search_runs_in_float32_and_serves_the_dtype_asked(llama_dir, lo
     import torch
 
     import tfb_core.search as search
-    from server.loader import load, search_key
+    from server.loader import load
     from server.settings import Settings
     from tfb_core.data import MCItem
-    from tfb_core.scoring import choice_probs, encode_item
+    from tfb_core.posterior import fit_key
+    from tfb_core.encoding import encode_item
+    from tfb_core.scoring import choice_probs
 
     searched_in = []
     real = search.search_sigma
@@ -232,7 +234,8 @@ def test_startup_search_runs_in_float32_and_serves_the_dtype_asked(llama_dir, lo
     assert searched_in == [{torch.float32}] * 2
     assert bf16.source == fp32.source == "searched"
     assert bf16.post.sigma == fp32.post.sigma > 0
-    key = [search_key(llama_dir, lora_dir, calibration, Settings(**common, dtype=d)) for d in ("bfloat16", "float32")]
+    key = [fit_key(llama_dir, lora_dir, calibration, Settings(**common, dtype=d).search_config(), device="cpu")
+           for d in ("bfloat16", "float32")]
     assert key[0] == key[1]  # the search does not depend on the serving dtype
 
     post = bf16.post

@@ -403,9 +403,10 @@ def engine_and_scheduler(post):
     from server.engine import GenerationEngine
     from server.metrics import Metrics
     from server.scheduler import Scheduler
+    from tfb_core import Engine
 
     metrics = Metrics("m")
-    engine = GenerationEngine(post, metrics, "eager")
+    engine = GenerationEngine(post, metrics, Engine(post, "eager"))
     return engine, Scheduler(lambda batch: engine.admit(batch.items), metrics, max_batch_size=8, max_wait_ms=50,
                              decoder=engine)
 

@@ -64,14 +64,14 @@ def test_static_engine_serves_what_the_eager_engine_serves(dirs):
     base, post = dirs
     common = dict(model=str(base), adapter=post, samples=3, max_wait_ms=20)
     with ServerThread(engine="eager", **common) as s:
-        assert s.state.runner.engine.decoder is None and s.state.runner.prefill is None
+        assert s.state.runner.engine.decoder is None and s.state.runner.model.prefill is None
         eager = run_all(s.url)
         eager_choices = httpx.post(f"{s.url}/v1/choices", json=CHOICES, timeout=60).json()["items"]
     with ServerThread(engine="static", **common) as s:
         engine = s.state.runner.engine
         static = run_all(s.url)
         static_choices = httpx.post(f"{s.url}/v1/choices", json=CHOICES, timeout=60).json()["items"]
-        assert s.state.runner.prefill.slot_of  # the scoring went through the prefill engine
+        assert s.state.runner.model.prefill.slot_of  # the scoring went through the prefill engine
         assert engine.decoder is not None and engine.decoder.rows_cap >= 4  # several sequences at once
         assert engine.kv_rows == 0  # every row released
         metrics = httpx.get(f"{s.url}/metrics").text

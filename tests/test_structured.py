@@ -10,9 +10,9 @@ import pytest
 
 from tiny import prompts
 from tfb_core.errors import TFBError
-from tfb_core.generation import GenSequence, SamplingParams, TokenInfo, generate, restore_sequences, save_sequences
+from tfb_core.generation import SamplingParams, TokenInfo, generate
 from tfb_core.scoring import score_prompts
-from tfb_core.structured import Constraint, field_uncertainty, json_grammar, top_level_spans
+from tfb_core.structured import field_uncertainty, json_grammar, top_level_spans
 
 SIGMA = 0.5
 # nested: an object in an object, an array of enums, bounded strings and integers (a random
@@ -69,24 +69,6 @@ def test_the_tokens_uncertainty_is_the_unconstrained_average(post):
         for name in ("logprob", "predictive_entropy", "mutual_information"):
             assert getattr(got, name) == pytest.approx(getattr(want, name), abs=1e-5), name
     assert seq.tokens[0].logprob < -1  # "{" was forced: the model alone would hardly pick it
-
-
-def test_a_rolled_back_step_puts_the_grammar_back(post):
-    grammar = json_grammar(PERSON)
-    s = GenSequence([1, 2], SamplingParams(grammar=grammar))
-    s.constraint = Constraint(post, grammar)
-    brace = post.tokenizer('{"', add_special_tokens=False).input_ids
-    for t in brace:
-        assert s.constraint.consume(t) is None
-        s.tokens.append(TokenInfo(t, 0.0, 0.0, 0.0, 0.0))
-    before = s.constraint.allowed()
-    saved = save_sequences([s])
-    step = post.tokenizer("name", add_special_tokens=False).input_ids[0]  # what a failed step consumed
-    assert s.constraint.consume(step) is None
-    s.tokens.append(TokenInfo(step, 0.0, 0.0, 0.0, 0.0))
-    assert not (s.constraint.allowed() == before).all()
-    restore_sequences([s], saved)
-    assert len(s.tokens) == len(brace) and (s.constraint.allowed() == before).all()
 
 
 @pytest.mark.parametrize("schema,says", [

@@ -112,14 +112,15 @@ def test_the_layers_below_are_the_mean_adapter_in_every_sample(dirs, L):
             assert (refs[1] - refs[0]).abs().max().item() > 1e-3
 
 
-def test_row_stds_are_zero_below_the_stochastic_layers(dirs):
+def test_only_the_top_layers_get_noise(dirs):
     post = posterior(dirs, 1)
-    stds = post.row_stds(0.1)
     noisy = {l.name for l in post.noisy_layers}
     assert noisy == {"model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj",
                      "model.layers.3.mlp.down_proj", "lm_head"}
-    for name, std in stds.items():
-        assert (std.abs().max().item() > 0) == (name in noisy), name
+    noise = dict(zip([l.name for l in post.draws.layers], post.draws.noise(0.1, [(0, 0), (0, 1)])))
+    assert set(noise) == noisy  # the draws (and so the search's samples) cover the noisy set only
+    for name, E in noise.items():
+        assert E.abs().max().item() > 0, name
 
 
 def test_a_bad_number_of_layers_names_the_range(dirs):

@@ -1,61 +1,38 @@
 """tfb_core: a LoRA adapter as a Bayesian posterior (Training-Free Bayesianization).
 
-The public face: the server, the benchmarks and user code need these names only::
+The public face: one object for the posterior, one verb that makes it, one engine that runs
+it, and the types their calls take::
 
-    from tfb_core import load_base_model, load_posterior, fit_posterior, score_items, generate
+    from tfb_core import Engine, Posterior, SamplingParams, bayesianize, generate
 
-    base = load_base_model("smollm2-135m")              # a base model and its tokenizer
-    post = load_posterior(base, "my-lora/")             # Bayesianized, or a plain LoRA at sigma 0
-    fit_posterior(post, read_jsonl("cal.jsonl"))        # sigma, temperature, held-out calibration
-    probs = score_items(post, items, num_samples=10)    # (N, K, C) per-sample choice probabilities
-    seqs = generate(post, prompts, params, make_decoder(post))  # the engine picked from model, device
-    u = decompose(probs, post.config.temperature)       # probs, PE, EE, MI per item
+    post = bayesianize("smollm2-135m", "my-lora/", "cal.jsonl", out="post/")   # fit, save, load
+    post = Posterior.load(load_base_model("smollm2-135m"), "post/")           # later
+    engine = Engine(post)                                # static kernels on CUDA, else eager
+    probs = engine.score([encoding.encode_item(post.tokenizer, item)], [(0, 10)])[0]  # (K, C)
+    u = engine.uncertainty(probs)                        # tempered average, PE, EE, MI
+    seqs = generate(post, prompts, SamplingParams(num_samples=10), engine.decoder())
 
+Everything else lives in its module (``tfb_core.scoring``, ``tfb_core.conformal``, ...).
 Names are imported on first use (PEP 562), so ``import tfb_core`` and the command line stay
-quick; every module below stays importable on its own.
+quick; every module below stays importable on its own, and ``tfb_core.encoding`` (tokenizing)
+imports no torch.
 """
 
 from __future__ import annotations
 
 import importlib
 
-# name -> the module that defines it
+# name -> the module that defines it (a module of its own: None)
 _EXPORTS = {
-    # models and the posterior, where they come from and are cached
-    "BaseModel": "models", "load_base_model": "models", "resolve_model_dir": "models", "cache_dir": "models",
-    "check_model": "models",
-    "default_device": "models", "check_adapter_dir": "adapter", "sha256_file": "posterior",
-    "DEMO_MODEL": "demo", "DEMO_POSTERIOR": "demo", "DEMO_ADAPTER": "demo",
-    "Posterior": "posterior", "TFBConfig": "posterior", "load_posterior": "posterior",
-    "is_bayesianized": "posterior",
-    # where outputs are written: one rule for every output directory and report file
-    "check_output_dir": "artifacts", "write_output_dir": "artifacts", "SERVE_KEY_NAME": "artifacts",
-    # data
-    "MCItem": "data", "read_jsonl": "data", "write_jsonl": "data", "LABELS": "data",
-    # options: enums, defaults, the search's config
+    # the posterior, the verb that fits and caches it, where models come from
+    "Posterior": "posterior", "bayesianize": "posterior", "load_base_model": "models", "cache_dir": "models",
+    "DEMO_MODEL": "demo",
+    # running it: the engine (scoring, prompt scoring, decoders) and generation
+    "Engine": "engines", "Decoder": "generation", "generate": "generation", "SamplingParams": "generation",
+    "GenSequence": "generation", "TokenInfo": "generation",
+    # items, their tokens (encoding: Encoded, encode_item, apply_chat, labels; no torch) and options
+    "MCItem": "data", "encoding": None, "ScoreOptions": "options", "SearchConfig": "options",
     "Mode": "options", "Criterion": "options", "Score": "options", "Metric": "options",
-    "SearchConfig": "options", "NUM_SAMPLES": "options", "SEED": "options", "COVERAGE": "options",
-    "MAX_RISK": "options",
-    # scoring (multiple choice) and generation
-    "score_items": "scoring", "predict": "scoring", "choice_probs": "scoring", "choice_scores": "scoring",
-    "encode_item": "scoring", "Encoded": "scoring", "apply_chat": "scoring", "max_context": "models",
-    "score_prompts": "scoring",
-    # structured output: a JSON schema the generated text matches
-    "json_grammar": "structured", "field_uncertainty": "structured",
-    "generate": "generation", "SamplingParams": "generation", "GenSequence": "generation",
-    "TokenInfo": "generation", "DecodeBatch": "generation", "safe_text": "generation", "summarize": "generation",
-    # engines: one decoder protocol, the engine picked from the model and device
-    "Decoder": "generation", "EagerDecoder": "generation", "make_decoder": "engines",
-    "make_prefill": "engines", "resolve_engine": "engines", "ENGINES": "engines",
-    "StaticDecoder": "cuda_decode", "require_supported": "cuda_llama", "PrefillEngine": "cuda_prefill",
-    # uncertainty
-    "Uncertainty": "uncertainty", "decompose": "uncertainty", "temper": "uncertainty",
-    "fit_temperature": "uncertainty",
-    # fitting a posterior and its conformal calibration
-    "fit_posterior": "fit", "resolve_criterion": "fit", "unlabelled": "fit", "check_calibration": "fit",
-    "Calibration": "conformal", "calibrate": "conformal", "decide": "conformal",
-    "min_calibration_size": "conformal", "covers": "conformal", "max_coverage": "conformal",
-    "FitReport": "report",
     "TFBError": "errors",
 }
 
@@ -63,10 +40,12 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _EXPORTS:
         raise AttributeError(f"module 'tfb_core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    module = _EXPORTS[name]
+    value = importlib.import_module(f".{module or name}", __name__)
+    if module is not None:
+        value = getattr(value, name)
     globals()[name] = value  # the next access skips this function
     return value
 

@@ -18,18 +18,22 @@ renamed; a previous report is replaced; an input, or a file inside an input dire
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
+import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME
 from .errors import TFBError
 
 TFB_CONFIG_NAME = "tfb_config.json"
 POSTERIOR_NAME = "tfb_posterior.safetensors"
-SERVE_KEY_NAME = "tfb_serve_key.json"  # tfb serve: the inputs of the start-up search it holds
+SERVE_KEY_NAME = "tfb_serve_key.json"  # a cached fit (tfb serve's start-up search): the key of its inputs
 FINETUNE_LOG_NAME = "finetune.json"
 
 #: what each tfb command writes: the file that marks its output, and every file that output may hold
@@ -194,3 +198,41 @@ def _umask() -> int:
     mask = os.umask(0o22)
     os.umask(mask)
     return mask
+
+
+# --- a cached fit's key, and the lock that makes processes fit one at a time ------------------------
+
+
+def stored_key(directory: Path) -> str | None:
+    """The key a cached fit in ``directory`` was made for (see :func:`tfb_core.fit.fit_key`), or None."""
+    try:
+        return json.loads((Path(directory) / SERVE_KEY_NAME).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_key(directory: Path, key: str) -> None:
+    (Path(directory) / SERVE_KEY_NAME).write_text(json.dumps({"key": key}))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive file lock (flock) on ``path``, released on exit or when the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def lock_for(cache: Path, out: Path) -> Path:
+    """The lock file in ``cache`` that guards the output directory ``out``."""
+    return Path(cache) / "locks" / (hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:32] + ".lock")
+
+
+def sha256_head_tail(path: Path, n: int = 1 << 20) -> bytes:
+    """sha256 of a file's first and last ``n`` bytes (a multi-GB weight file is not read whole)."""
+    with open(path, "rb") as f:
+        head = f.read(n)
+        f.seek(max(0, path.stat().st_size - n))
+        tail = f.read(n)
+    return hashlib.sha256(head + tail).digest()

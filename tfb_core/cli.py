@@ -10,12 +10,12 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
+from .demo import DEMO_MODEL
 from .errors import TFBError
 from .options import Mode
-
-DEFAULT_MODEL = "smollm2-135m"
 
 # name -> (add_arguments(parser), run(args) -> int); filled by register_command
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -26,8 +26,8 @@ def register_command(name: str, help: str, add_arguments: Callable, run: Callabl
 
 
 def add_model_arguments(p: argparse.ArgumentParser, adapter_required: bool = True) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a local Hugging Face model directory or a built-in name (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help=f"a local Hugging Face model directory or a built-in name (default: {DEMO_MODEL})")
     p.add_argument("--adapter", required=adapter_required, help="a peft LoRA adapter directory")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -102,35 +102,16 @@ def _add_bayesianize(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bayesianize(args) -> int:
-    from .artifacts import check_output_dir
-    from .data import read_jsonl
-    from .fit import check_calibration, fit_posterior
-    from .models import check_model, load_base_model
-    from .posterior import Posterior
+    from .posterior import FIT_DTYPE, bayesianize
 
     config = search_config(args)  # bad values fail before the model loads
-    if args.sigma is None and not args.calibration:
-        raise TFBError("--calibration FILE is required unless --sigma is given")
-    if args.sigma is not None and args.sigma < 0:
-        raise TFBError(f"--sigma must be >= 0, got {args.sigma}")
-    check_model(args.model)
-    inputs = [("--adapter", args.adapter), ("--calibration", args.calibration), ("--model", args.model)]
-    check_output_dir(args.out, force=args.force, inputs=inputs, flag="--out")
-    items = read_jsonl(args.calibration) if args.calibration else None
-    if items is not None:
-        check_calibration(items, args.calibration, config, sigma=args.sigma)
     # float32 unless asked: in bf16 any perturbation moves the NLL by ~1% (docs/method.md §4)
-    base = load_base_model(args.model, device=args.device, dtype=args.dtype or "float32")
-    post = Posterior.from_adapter(base, args.adapter, num_samples=config.num_samples, seed=config.seed,
-                                  mode=config.mode, chat=config.chat, length_normalize=bool(config.length_normalize),
-                                  stochastic_layers=config.stochastic_layers)
-    if items is None:
-        post.sigma = args.sigma
-    else:  # with --sigma too: the mode, T, the confidence and the held-out calibration are still fitted
-        result = fit_posterior(post, items, config, sigma=args.sigma)
-        for point in result.trace:
-            logging.info("sigma=%.6g value=%.6g feasible=%s", point.sigma, point.value, point.feasible)
-    out = post.save(args.out, calibration_file=args.calibration, force=args.force, inputs=inputs, flag="--out")
+    dtype = args.dtype or FIT_DTYPE
+    post = bayesianize(args.model, args.adapter, args.calibration, config, sigma=args.sigma, out=args.out,
+                       force=args.force, device=args.device, dtype=dtype, fit_dtype=dtype)
+    for point in post.config.search_trace:
+        logging.info("sigma=%.6g value=%.6g feasible=%s", point["sigma"], point["value"], point["feasible"])
+    out = Path(args.out).expanduser().resolve()
     cal, report = post.config.conformal, post.config.fit_report
     print(json.dumps({"out": str(out), "sigma": post.sigma, "criterion": post.config.criterion,
                       "temperature": post.config.temperature, "eps": post.config.eps,
@@ -149,8 +130,8 @@ register_command("bayesianize", "turn a LoRA adapter into a TFB posterior (varia
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a local Hugging Face model directory or a built-in name (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help=f"a local Hugging Face model directory or a built-in name (default: {DEMO_MODEL})")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--dtype", default="bfloat16",
                    help="base weights' dtype; the LoRA is float32 (default: bfloat16, ~3x faster on CPU)")
@@ -195,7 +176,7 @@ def _run_finetune(args) -> int:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=f"base model (default: the built-in demo, {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"base model (default: the built-in demo, {DEMO_MODEL})")
     p.add_argument("--adapter", default=None,
                    help="a Bayesianized directory or a plain LoRA (default: the built-in demo posterior)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
@@ -267,11 +248,11 @@ def _run_eval(args) -> int:
         if overrides:
             raise TFBError(f"--coverage uses the calibration recorded with the posterior's own settings; "
                            f"drop {', '.join(overrides)}")
-    report = evaluate(post, items, mode=args.mode or cfg.mode or Mode.LETTER,
-                      num_samples=args.samples or cfg.num_samples, seed=args.seed, sigma=args.sigma,
-                      chat=cfg.chat if args.chat is None else args.chat,
+    options = cfg.score_options.resolve(mode=args.mode, chat=args.chat, length_normalize=args.length_normalize,
+                                        num_samples=args.samples, seed=args.seed)
+    report = evaluate(post, items, mode=options.mode, num_samples=options.num_samples, seed=options.seed,
+                      sigma=args.sigma, chat=options.chat, length_normalize=options.length_normalize,
                       temperature=cfg.temperature if args.temperature is None else args.temperature,
-                      length_normalize=cfg.length_normalize if args.length_normalize is None else args.length_normalize,
                       ood_items=ood, batch_size=args.batch_size, calibration=calibration, max_risk=args.max_risk,
                       confidence=cfg.confidence_model if cfg.confidence is not None else None)
     print(format_table(report))
@@ -286,14 +267,14 @@ def _run_eval(args) -> int:
 
 def _eval_model(args) -> None:
     """``tfb eval``'s model and adapter: the demo's when neither is given; the model checked at once."""
-    from .demo import DEMO_MODEL, DEMO_POSTERIOR
+    from .demo import DEMO_POSTERIOR
     from .models import check_model
 
     if args.model is None and args.adapter is None:
         args.model, args.adapter = DEMO_MODEL, str(DEMO_POSTERIOR)
     elif args.adapter is None:
         raise TFBError("--adapter is required with --model")
-    args.model = args.model or DEFAULT_MODEL
+    args.model = args.model or DEMO_MODEL
     check_model(args.model)
 
 

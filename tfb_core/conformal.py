@@ -271,6 +271,24 @@ class Calibration:
                               self.max_risk if max_risk is None else max_risk,
                               self.delta if delta is None else delta)
 
+    def covers(self, coverage: float) -> bool:
+        """Whether these items are enough for a prediction set of ``coverage`` (:func:`covers`)."""
+        return covers(self.n, coverage)
+
+    def max_coverage(self) -> float:
+        """The highest coverage these items support (:func:`max_coverage`)."""
+        return max_coverage(self.n)
+
+    @staticmethod
+    def min_size(coverage: float) -> int:
+        """The fewest held-out items a prediction set of ``coverage`` needs (:func:`min_calibration_size`)."""
+        return min_calibration_size(coverage)
+
+    def decide(self, probs: torch.Tensor, uncertainty: dict[str, float], coverage: float | None = None,
+               risk: RiskThreshold | None = None, abstain_on_set: bool | None = None) -> "Decision":
+        """One answer's prediction set and abstention (:func:`decide`)."""
+        return decide(self, probs, uncertainty, coverage, risk, abstain_on_set)
+
 
 def calibrate(sample_probs: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
               score: Score | str = Score.LAC, confidence=None, **settings) -> Calibration:

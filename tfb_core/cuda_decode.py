@@ -2,8 +2,8 @@
 
 :class:`~tfb_core.generation.DecodeBatch` runs HF transformers eagerly with a growing
 ``DynamicCache``: on a GPU each step costs tens of milliseconds of kernel launches, whatever
-K is. :class:`StaticDecoder` is the same continuous batch (``join`` prefilled sequences,
-``step``, ``filter`` out the finished ones) with
+K is. :class:`StaticDecoder` is the same continuous batch (``admit`` new sequences, ``step``,
+``filter`` out the finished ones) with
 
 - a static KV cache: one row per (sequence, weight sample), the active rows packed at the
   front, every row writing its next K/V at its own column (sequences join at any time);
@@ -15,15 +15,15 @@ K is. :class:`StaticDecoder` is the same continuous batch (``join`` prefilled se
 - on CUDA that forward captured once per row bucket (1, 2, 4, ... rows) in a CUDA graph and
   replayed: one launch per step instead of thousands; on CPU (or when capture is refused) the
   same forward runs eagerly;
-- the model average, token choice and per-token PE / EE / MI done by the engine's own
-  :func:`~tfb_core.generation.choose_tokens` (one host sync per step), so sampling, stops and
-  ``top_logprobs`` behave exactly as in the eager engine.
+- the model average, token choice and per-token PE / EE / MI done by the eager engine's
+  :func:`~tfb_core.generation.choose_tokens` (one host sync per step) and committed by its
+  :func:`~tfb_core.generation.apply`, so sampling, stops and ``top_logprobs`` behave exactly as
+  in the eager engine.
 
 New sequences are prefilled by the same hand-written forward straight into their cache rows
-(:meth:`StaticDecoder.admit`: one forward of whole prompts, no copy); a batch prefilled by the
-eager engine (:meth:`DecodeBatch.prefill`) can also be taken over, its KV rows copied in by
-:meth:`StaticDecoder.join`. The noise buffers are filled with the posterior's ``sigma`` when a
-weight sample first joins; create a new decoder after changing ``sigma``.
+(:meth:`StaticDecoder.admit`: one forward of whole prompts, no copy). The noise buffers are
+filled with the posterior's ``sigma`` when a weight sample first joins; create a new decoder
+after changing ``sigma``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 
 from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_prompt, attention_shape, embed, head,
                          layers, noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
-from .generation import (DecodeBatch, GenSequence, check_prompts, choose_tokens, pad_token, restore_sequences,
-                         save_sequences, split_finished)
+from .generation import (Choice, GenSequence, StepResult, apply, check_prompts, choose_tokens, pad_token,
+                         split_finished)
 from .rows import pad, positions, sample_map
 from .errors import TFBError
 from .models import max_context
@@ -55,9 +55,10 @@ class StaticDecoder(Graphed):
     :class:`~tfb_core.generation.Decoder` (:func:`tfb_core.engines.make_decoder` picks it).
 
     Rows ``[0, kv_rows)`` are the active sequences' rows, ``[seq 0: K_0 rows][seq 1: K_1
-    rows]...`` as in :class:`DecodeBatch`. Buffers grow (and graphs are captured again) when
-    a join needs more rows, columns or weight samples than they hold, and are kept for later
-    joins; an idle decoder drops them only when they exceed 4x what the next join needs.
+    rows]...`` as in :class:`~tfb_core.generation.DecodeBatch`. Buffers grow (and graphs are
+    captured again) when an admit needs more rows, columns or weight samples than they hold, and
+    are kept for later admits; an idle decoder drops them only when they exceed 4x what the
+    next admit needs.
 
     Parameters
     ----------
@@ -88,7 +89,6 @@ class StaticDecoder(Graphed):
         self.limit = max_context(model)
         self.use_graph = (self.device.type == "cuda") if graph is None else graph
         self.seqs: list[GenSequence] = []
-        self.left: list[GenSequence] = []  # finished at prefill: returned by the next filter
         self.ends: list[int] = []  # per sequence: the cache columns its rows need
         self.n = 0  # active rows
         self.rows_cap = self.length = self.samples_cap = 0
@@ -101,54 +101,16 @@ class StaticDecoder(Graphed):
     def kv_rows(self) -> int:
         return self.n
 
-    @property
-    def graphed(self) -> bool:
-        return bool(self.graphs)
-
     # --- membership ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def join(self, batch: DecodeBatch) -> "StaticDecoder":
-        """Take over a prefilled batch: copy its unfinished sequences' KV rows in after the
-        active rows (a sequence that finished at its first token takes none: the next
-        :meth:`filter` returns it)."""
-        T = batch.mask.shape[1]
-        seqs, finished, rows = split_finished(batch.seqs)
-        batch_cache, batch.cache = batch.cache, None
-        if not seqs:
-            self.left += finished
-            return self
-        m = len(rows)
-        ends = self._make_room(seqs, m, T)
-        every = m == len(batch.mask)
-        src = torch.tensor(rows, device=self.device)
-
-        def take(t: torch.Tensor) -> torch.Tensor:  # the unfinished sequences' rows
-            t = t.to(self.device)
-            return t if every else t.index_select(0, src)
-
-        r = slice(self.n, self.n + m)
-        try:
-            self._set_slots(r, seqs)
-            for i, layer in enumerate(batch_cache.layers):
-                self.kc[i][r, :, :T] = take(layer.keys)
-                self.vc[i][r, :, :T] = take(layer.values)
-            self._set_rows(r, take(batch.mask), take(batch.positions), take(batch.last))
-        except BaseException:  # the rows past the active ones stay harmless
-            self._clear_cache(r.start, r.stop)
-            self._reset_rows(self.n, self.rows_cap)
-            raise
-        self._add(seqs, ends)
-        self.left += finished  # only once the join has succeeded
-        return self
-
-    @torch.no_grad()
-    def admit(self, seqs: list[GenSequence]) -> "StaticDecoder":
+    def admit(self, seqs: list[GenSequence]) -> StepResult:
         """Prefill new sequences straight into the static cache and join them: their prompts (K
         rows each) in one forward of the hand-written Llama code, each row's keys and values
-        written into its own cache row, every sequence's first token chosen. A sequence that
-        finished at its first token holds its rows until the next :meth:`filter` returns it.
-        All or nothing: if it raises, the active rows and ``seqs`` are as they were."""
+        written into its own cache row, every sequence's first token chosen and committed. A
+        sequence that finished at its first token holds its rows until the next :meth:`filter`
+        returns it. All or nothing: if it raises, the active rows and ``seqs`` are as they were."""
+        t0 = time.perf_counter()
         if self.post.sigma != self.sigma:  # its noise buffers hold the old sigma's draws
             raise TFBError(f"the posterior's sigma changed from {self.sigma:g} to {self.post.sigma:g} since this "
                            f"decoder was made; make a new one (tfb_core.make_decoder)")
@@ -159,20 +121,19 @@ class StaticDecoder(Graphed):
             T = self.prefill.padded_length(T)
         ends = self._make_room(seqs, m, T)
         r = slice(self.n, self.n + m)
-        saved = save_sequences(seqs)
         try:
             self._set_slots(r, seqs)
             with on_device(self.device):
                 logits, mask = self._prefill(r, rows, seqs)
             mask = mask.to(self.device)
-            self._set_rows(r, mask, mask.sum(-1), choose_tokens(self.post, seqs, logits))
+            tokens, choices = choose_tokens(self.post, seqs, logits)
+            self._set_rows(r, mask, mask.sum(-1), tokens)
         except BaseException:  # the rows past the active ones stay harmless
             self._clear_cache(r.start, r.stop)
             self._reset_rows(self.n, self.rows_cap)
-            restore_sequences(seqs, saved)
             raise
         self._add(seqs, ends)
-        return self
+        return self._commit(StepResult(list(seqs), choices), t0)
 
     def _make_room(self, seqs: list[GenSequence], m: int, T: int) -> list[int]:
         """Buffers and noise slots for ``m`` new rows of ``seqs`` with prompts of ``T`` columns
@@ -234,7 +195,6 @@ class StaticDecoder(Graphed):
         """Drop finished sequences and pack the remaining rows at the front; returns the dropped."""
         kept, done, keep = split_finished(self.seqs)
         ends = [end for s, end in zip(self.seqs, self.ends) if not s.finished]
-        done, self.left = self.left + done, []
         if len(kept) == len(self.seqs):
             return done
         first = next((j for j, r in enumerate(keep) if r != j), len(keep))  # rows before it stay
@@ -259,50 +219,57 @@ class StaticDecoder(Graphed):
     # --- one step --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self) -> float:
-        """Feed every row's last token, choose the next token of every sequence.
+    def step(self) -> StepResult:
+        """Feed every row's last token, choose the next token of every sequence, and commit the
+        choice (:func:`~tfb_core.generation.apply`).
 
-        All or nothing: if it raises, the rows and sequences are as they were before, ready for
-        :meth:`step_each`. Returns the step's duration in seconds (forward + choice,
-        synchronised by the choice).
+        All or nothing: if it raises, the rows are as they were before and no sequence was
+        touched, ready for :meth:`step_each`.
         """
         t0 = time.perf_counter()
+        choices = []
         if self.n:
             rows = min(pow2(self.n), self.rows_cap)
-            saved = self._save_rows(0, rows), save_sequences(self.seqs)
+            saved = self._save_rows(0, rows)
             try:
                 with on_device(self.device):  # graphs replay on the current device's stream
                     logits = self._run(rows)[:self.n]
-                self.tok[:self.n] = choose_tokens(self.post, self.seqs, logits)
+                tokens, choices = choose_tokens(self.post, self.seqs, logits)
+                self.tok[:self.n] = tokens
             except BaseException:
-                self._restore_rows(0, saved[0])
-                restore_sequences(self.seqs, saved[1])
+                self._restore_rows(0, saved)
                 raise
-        return time.perf_counter() - t0
+        return self._commit(StepResult(list(self.seqs), choices), t0)
 
     @torch.no_grad()
-    def step_each(self) -> float:
+    def step_each(self) -> StepResult:
         """:meth:`step`, one sequence at a time (eagerly, on its own rows): after a failed step,
         so only a sequence whose own step fails ends (``finish_reason`` "error", its exception in
-        ``failure``); the others get the token they get alone. Returns the duration in seconds."""
+        ``failure``); the others get the token they get alone."""
         t0 = time.perf_counter()
-        row = 0
+        choices, row = [], 0
         for s in self.seqs:
             K, start = s.params.num_samples, row
             row += K
             if s.finished:
+                choices.append(Choice())
                 continue
-            saved = self._save_rows(start, K), save_sequences([s])
+            saved = self._save_rows(start, K)
             try:
                 with on_device(self.device), row_noise(self.post, self.noise, self.slots[start:start + K]):
                     logits = self._forward(K, start)
-                self.tok[start:start + K] = choose_tokens(self.post, [s], logits)
+                tokens, mine = choose_tokens(self.post, [s], logits)
+                self.tok[start:start + K] = tokens
+                choices += mine
             except Exception as e:  # this sequence alone; its rows are dropped at the next filter
-                self._restore_rows(start, saved[0])
-                restore_sequences([s], saved[1])
-                s.finish_reason, s.failure = "error", e
-                s.error = f"the decode step failed for this sequence ({type(e).__name__})"
-        return time.perf_counter() - t0
+                self._restore_rows(start, saved)
+                choices.append(Choice(failure=e))
+        return self._commit(StepResult(list(self.seqs), choices), t0)
+
+    def _commit(self, result: StepResult, t0: float) -> StepResult:
+        apply(self.post, result)
+        result.seconds = time.perf_counter() - t0
+        return result
 
     def _save_rows(self, start: int, rows: int) -> tuple:
         """What a step changes in rows ``start .. start + rows`` (besides K/V at columns no row

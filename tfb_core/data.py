@@ -29,6 +29,13 @@ from .errors import TFBError
 log = logging.getLogger(__name__)
 
 LABELS = string.ascii_uppercase
+
+
+def letter_limit(choices: int) -> str | None:
+    """Why letter mode cannot label ``choices`` choices (more than the labels A-Z), or None."""
+    if choices > len(LABELS):
+        return f"letter mode allows at most {len(LABELS)} choices (labels A-Z), got {choices}"
+    return None
 FIELDS = ("question", "prompt", "choices", "answer", "id")
 LETTER_INSTRUCTION = "Return the label of the correct answer for the question below."
 

@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 from .artifacts import FINETUNE_LOG_NAME, Inputs, check_output_dir, write_output_dir
 from .data import MCItem
 from .errors import TFBError
-from .scoring import Encoded, Mode, encode_item, max_context, parse_mode, right_pad
+from .encoding import Encoded, encode_item
+from .models import max_context
+from .options import Mode, parse_mode
+from .scoring import right_pad
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,8 @@
 """Everything ``tfb bayesianize`` (and a start-up search) fits on a calibration set.
 
+:meth:`Posterior.fit <tfb_core.posterior.Posterior.fit>` (:func:`fit_posterior` here) fits a
+posterior in memory (:func:`tfb_core.posterior.bayesianize` also saves and caches it):
+
 1. With labels on every item, a seeded ``holdout`` fraction is set aside; the rest fits.
 2. sigma by the criterion (docs/method.md §4) on the fitting items; ``auto`` is ``cv-nll`` (sigma and
    the temperature together) when every item has an answer, else the paper's ``nll``.
@@ -26,7 +29,7 @@ import torch
 
 from .confidence import fit_confidence
 from .conformal import Calibration, calibrate, holdout_split
-from .data import LABELS, MCItem
+from .data import LABELS, MCItem, letter_limit
 from .errors import TFBError
 from .options import DELTA, HOLDOUT, Mode, SearchConfig
 from .report import RISKS, FitReport, ModeScore, assess, held_out_needed, near_chance
@@ -61,17 +64,21 @@ def check_calibration(items: Sequence[MCItem], path, config: SearchConfig, sigma
     ``sigma``) or a held-out fraction needs an answer on every item; ``--mode letter`` needs
     every item to have the same number of choices (:func:`letter_problem`).
     """
+    if not items:
+        raise TFBError(f"{path or 'the calibration set'}: no calibration items")
     missing = unlabelled(items)
     if missing is not None:
-        at = f"{path}, {where(items, missing)} has no 'answer'"
-        if sigma is None and resolve_criterion(config.criterion, items) is Criterion.CV_NLL:
-            raise TFBError(f"--criterion cv-nll needs an 'answer' on every calibration item; {at}")
+        at = f"{path or 'the calibration set'}, {where(items, missing)} has no 'answer'"
+        crit = resolve_criterion(config.criterion, items)
+        if sigma is None and crit in LABELLED:
+            raise TFBError(f"--criterion {crit.value} needs an 'answer' on every calibration item; {at}")
         if config.holdout:
             raise TFBError(f"--holdout {config.holdout:g} (prediction sets, abstention) needs an 'answer' on "
                            f"every calibration item; {at}")
     problem = letter_problem(items) if config.mode is Mode.LETTER else None
     if problem:
-        raise TFBError(f"{path}, {problem}: --mode letter {LETTER_RULE.removeprefix('letter mode ')}")
+        raise TFBError(f"{path or 'the calibration set'}, {problem}: --mode letter "
+                       f"{LETTER_RULE.removeprefix('letter mode ')}")
 
 
 def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = None, *,
@@ -96,21 +103,12 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     search = {k: v for k, v in options.items() if k not in names}
     search.update(eps=cfg.eps, max_acc_drop=cfg.max_acc_drop, gold_labels=cfg.gold_labels,
                   sigma_grid=cfg.sigma_grid)
-    if not items:
-        raise TFBError("the calibration set is empty")
     if sigma is not None and not sigma >= 0:
         raise TFBError(f"sigma must be >= 0, got {sigma}")
+    check_calibration(items, None, cfg, sigma=sigma)
     crit = resolve_criterion(cfg.criterion, items)
     missing = unlabelled(items)
-    if sigma is None and crit in LABELLED and missing is not None:
-        raise TFBError(f"criterion {crit.value!r} needs an 'answer' on every calibration item; "
-                       f"{where(items, missing)} has none")
-    if cfg.mode is Mode.LETTER and letter_problem(items):
-        raise TFBError(f"{letter_problem(items)}: {LETTER_RULE}")
     holdout = (HOLDOUT if missing is None else 0.0) if cfg.holdout is None else cfg.holdout
-    if holdout > 0 and missing is not None:
-        raise TFBError(f"prediction sets and abstention need an 'answer' on every calibration item; "
-                       f"{where(items, missing)} has none")
     post.stochastic_layers = cfg.stochastic_layers
     fit_idx, held_idx = holdout_split(len(items), holdout, cfg.seed) if holdout > 0 else (list(range(len(items))), [])
     fit_items = [items[i] for i in fit_idx]
@@ -125,7 +123,7 @@ def fit_posterior(post, items: Sequence[MCItem], config: SearchConfig | None = N
     log.info("calibration: %d items fit sigma%s, %d are held out for prediction sets and abstention",
              len(fit_items), " and T" if missing is None and cfg.temperature else "", len(held_idx))
     if sigma is None:
-        result = post.search(fit_items, criterion=crit, progress=progress, **common, **search)
+        result = post._search(fit_items, criterion=crit, progress=progress, **common, **search)
     else:
         result = given_sigma(post, sigma, cfg)
     post.config.length_normalize = cfg.length_normalize
@@ -188,8 +186,8 @@ def given_sigma(post, sigma: float, cfg: SearchConfig) -> SearchResult:
 
 # --- the scoring mode ------------------------------------------------------------------------------
 
-LETTER_RULE = ("letter mode needs the same number of choices (at most 26, labels A-Z) on every calibration "
-               "item; pass --mode sequence, or leave --mode out and tfb chooses the mode")
+LETTER_RULE = (f"letter mode needs the same number of choices (at most {len(LABELS)}, labels A-Z) on every "
+               f"calibration item; pass --mode sequence, or leave --mode out and tfb chooses the mode")
 
 
 def where(items: Sequence[MCItem], index: int) -> str:
@@ -202,7 +200,7 @@ def letter_problem(items: Sequence[MCItem]) -> str | None:
     """Why letter mode cannot score these items alike (choice counts differ, or over 26), or None."""
     first = len(items[0].choices)
     for i, it in enumerate(items):
-        if len(it.choices) > len(LABELS):
+        if letter_limit(len(it.choices)):
             return f"{where(items, i)} has {len(it.choices)} choices, more than the {len(LABELS)} labels A-Z"
         if len(it.choices) != first:
             return f"{where(items, i)} has {len(it.choices)} choices but {where(items, 0)} has {first}"

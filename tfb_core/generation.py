@@ -7,12 +7,17 @@ K rows, and the token's predictive entropy, expected entropy and mutual informat
 
 A :class:`DecodeBatch` is the unit of continuous batching: ``prefill`` new sequences,
 ``concatenate`` them into the running batch between steps, ``step`` once, ``filter`` out what
-finished or was cancelled. Rows are left-padded; positions follow the attention mask.
+finished. Rows are left-padded; positions follow the attention mask.
 
-A :class:`Decoder` is what every engine does with prefilled batches (``join``, ``step``,
-``step_each``, ``filter``): :class:`EagerDecoder` here, the static-cache
-:class:`~tfb_core.cuda_decode.StaticDecoder` for CUDA; :func:`tfb_core.engines.make_decoder`
-picks one. :func:`generate` is the one decode loop over it.
+A step does not edit the sequences while it runs: the forward and :func:`choose_tokens` compute a
+:class:`StepResult` (per sequence its :class:`TokenInfo`, or why it has none), and only once both
+succeeded :func:`apply` commits it (tokens, text, stop strings, finish reasons, sampling
+generators). A step that raises leaves every sequence as it was, with no undo to write.
+
+A :class:`Decoder` is what every engine does (``admit``, ``step``, ``step_each``, ``filter``):
+:class:`EagerDecoder` here, the static-cache :class:`~tfb_core.cuda_decode.StaticDecoder` for
+CUDA; :func:`tfb_core.engines.make_decoder` picks one. :func:`generate` is the one decode loop
+over it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from .errors import TFBError
 from .models import cache_kwarg, max_context
+from .options import NUM_SAMPLES
 from .rows import pad, positions, sample_map
 from .uncertainty import entropy
 
@@ -41,7 +47,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # token sampling; None = nondeterministic
-    num_samples: int = 10  # K weight samples
+    num_samples: int = NUM_SAMPLES  # K weight samples
     weight_seed: int = 0  # which weight samples: (weight_seed, 0..K-1)
     top_logprobs: int = 0  # alternatives to report per token
     ignore_eos: bool = False  # an end-of-sequence token does not end the sequence
@@ -62,6 +68,14 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise TFBError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
 
+    @staticmethod
+    def json_grammar(schema: dict | None) -> str:
+        """The ``grammar`` that makes the text match the JSON schema ``schema`` (None: any JSON
+        object); a TFBError says why llguidance refuses a schema (:func:`tfb_core.structured.json_grammar`)."""
+        from .structured import json_grammar
+
+        return json_grammar(schema)
+
 
 @dataclass
 class TokenInfo:
@@ -74,6 +88,18 @@ class TokenInfo:
     mutual_information: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
     sample_logprobs: tuple[float, ...] = ()  # log p_k(token) under each of the K weight samples
+
+    @staticmethod
+    def summarize(tokens: Seq["TokenInfo"]) -> dict:
+        """Mean and max of each uncertainty over ``tokens``, their total logprob, and the sequence's
+        own mutual information (:func:`sequence_mutual_information`)."""
+        out = {"num_tokens": len(tokens), "total_logprob": float(sum(t.logprob for t in tokens))}
+        for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
+            values = [getattr(t, name) for t in tokens]
+            out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
+            out[f"max_{name}"] = float(max(values)) if values else 0.0
+        out["sequence_mutual_information"] = sequence_mutual_information([t.sample_logprobs for t in tokens])
+        return out
 
 
 @dataclass
@@ -88,7 +114,7 @@ class GenSequence:
     text: str = ""  # the generated text, without a matched stop string
     generator: torch.Generator | None = None  # made from params.seed on the logits' device at its first draw
     error: str | None = None  # why it ended with "error" (its distribution was not finite, or its step failed)
-    failure: Exception | None = None  # the exception its own step raised (see DecodeBatch.step_each)
+    failure: Exception | None = None  # the exception its own step raised (see Decoder.step_each)
     constraint: object = None  # its place in params.grammar (tfb_core.structured.Constraint), made at its first token
     # incremental detokenization (see decode_new): tokens before prefix_offset are text already;
     # tokens[prefix_offset:read_offset] are decoded again only as context for the new ones
@@ -104,20 +130,32 @@ class GenSequence:
         return [t.token_id for t in self.tokens]
 
     def summary(self) -> dict:
-        """:func:`summarize` over the generated tokens."""
-        return summarize(self.tokens)
+        """:meth:`TokenInfo.summarize` over the generated tokens."""
+        return TokenInfo.summarize(self.tokens)
 
+    def safe_text(self) -> str:
+        """The text that can be shown now: held back while it might be the start of a stop string
+        or ends inside a multi-byte character."""
+        if self.finished:
+            return self.text
+        text = self.text
+        if text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        hold = 0
+        for stop in self.params.stop:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        return text[:len(text) - hold]
 
-def summarize(tokens: Seq[TokenInfo]) -> dict:
-    """Mean and max of each uncertainty over ``tokens``, their total logprob, and the sequence's
-    own mutual information (:func:`sequence_mutual_information`)."""
-    out = {"num_tokens": len(tokens), "total_logprob": float(sum(t.logprob for t in tokens))}
-    for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
-        values = [getattr(t, name) for t in tokens]
-        out[f"mean_{name}"] = float(sum(values) / len(values)) if values else 0.0
-        out[f"max_{name}"] = float(max(values)) if values else 0.0
-    out["sequence_mutual_information"] = sequence_mutual_information([t.sample_logprobs for t in tokens])
-    return out
+    def field_uncertainty(self, pieces: list[str]) -> dict[str, dict] | None:
+        """Per top-level field of the JSON object the text is, the uncertainty of the tokens that
+        wrote its value (:func:`tfb_core.structured.field_uncertainty`; ``pieces``: each token's
+        text); None when the text is not a JSON object."""
+        from .structured import field_uncertainty
+
+        return field_uncertainty(self.text, pieces, self.tokens)
 
 
 def sequence_mutual_information(sample_logprobs: Seq[Seq[float]]) -> float:
@@ -132,6 +170,61 @@ def sequence_mutual_information(sample_logprobs: Seq[Seq[float]]) -> float:
         return 0.0
     L = torch.tensor(rows, dtype=torch.float64).sum(0)  # (K,)
     return max(float(torch.logsumexp(L, 0) - math.log(len(L)) - L.mean()), 0.0)
+
+
+@dataclass
+class Choice:
+    """What one step chose for one sequence, not yet committed (see :func:`apply`)."""
+
+    token: TokenInfo | None = None  # None: finished before the step, not finite, or its step failed
+    finite: bool = True  # its averaged next-token distribution was a distribution
+    generator: torch.Generator | None = None  # its sampling generator after the draw (a copy)
+    constraint: object = None  # its grammar's place before the token (made at its first token)
+    failure: Exception | None = None  # the exception its own step raised (step_each)
+
+
+@dataclass
+class StepResult:
+    """One model step's outcome: per sequence of ``seqs`` (in row order) its :class:`Choice`,
+    and the step's duration (forward, token choice and commit, synchronised by the choice)."""
+
+    seqs: list[GenSequence] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def apply(post, result: StepResult) -> None:
+    """Commit ``result`` to its sequences: append each chosen token, advance its grammar and
+    sampling generator, extend its text (stop strings), set the finish reason of those that
+    ended (end of sequence, a stop string, max_tokens, the context, a non-finite distribution,
+    a failed step). Called once the forward and the token choice have succeeded."""
+    eos, limit, decode = _eos_ids(post.tokenizer, post.model), max_context(post.model), text_decoder(post.tokenizer)
+    for s, c in zip(result.seqs, result.choices):
+        if s.finished:
+            continue
+        if c.failure is not None:
+            s.finish_reason, s.failure = "error", c.failure
+            s.error = f"the decode step failed for this sequence ({type(c.failure).__name__})"
+        elif not c.finite:
+            s.finish_reason = "error"
+            s.error = (f"the model's next-token distribution for this sequence is not finite (NaN or "
+                       f"infinite logits) at generated token {len(s.tokens)}; it was stopped alone")
+        elif c.token is not None:
+            _commit_token(decode, s, c, eos, limit)
+
+
+def _commit_token(decode, s: GenSequence, c: Choice, eos: set[int], limit: int | None) -> None:
+    if c.generator is not None:
+        s.generator = c.generator
+    if c.constraint is not None:
+        s.constraint = c.constraint
+    s.tokens.append(c.token)
+    refused = s.constraint.consume(c.token.token_id) if s.constraint is not None else None
+    if refused is None and s.constraint is not None and s.constraint.stopped:
+        s.finish_reason = "stop"  # the grammar is complete: nothing may follow
+    update_finish(decode, s, eos, limit)
+    if refused is not None:  # not expected: the token was chosen among those its grammar allowed
+        s.finish_reason, s.error = "error", f"the output grammar refused token {c.token.token_id}: {refused}"
 
 
 class DecodeBatch:
@@ -154,17 +247,19 @@ class DecodeBatch:
 
     @classmethod
     @torch.no_grad()
-    def prefill(cls, post, seqs: list[GenSequence]) -> "DecodeBatch":
-        """Run the prompts (x K each) in one forward and choose every sequence's first token."""
+    def prefill(cls, post, seqs: list[GenSequence]) -> tuple["DecodeBatch", StepResult]:
+        """Run the prompts (x K each) in one forward and choose every sequence's first token:
+        the batch, and the choice, not yet committed to ``seqs`` (:func:`apply`)."""
         from transformers import DynamicCache
 
+        t0 = time.perf_counter()
         ids, mask = prompt_rows(post, seqs)
         dev = next(post.model.parameters()).device
         ids, mask = ids.to(dev), mask.to(dev)
         batch = cls(post, seqs, DynamicCache(), mask, mask.sum(-1), ids[:, -1])
         logits = batch._forward(ids, positions(mask))
-        batch.last = choose_tokens(post, seqs, logits)
-        return batch
+        batch.last, choices = choose_tokens(post, seqs, logits)
+        return batch, StepResult(list(seqs), choices, time.perf_counter() - t0)
 
     @classmethod
     def concatenate(cls, batches: Seq["DecodeBatch"]) -> "DecodeBatch":
@@ -195,51 +290,63 @@ class DecodeBatch:
     # --- one step ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self) -> float:
-        """Feed every row's last token, choose the next token of every unfinished sequence.
+    def step(self) -> StepResult:
+        """Feed every row's last token, choose the next token of every unfinished sequence, and
+        commit the choice (:func:`apply`).
 
-        All or nothing: if it raises, the batch (KV cache, sequences, their generators) is as it
-        was before, ready for :meth:`step_each`. Returns the forward's duration in seconds.
+        All or nothing: if it raises, the batch (KV cache, rows) is as it was before and no
+        sequence was touched, ready for :meth:`step_each`.
         """
         t0 = time.perf_counter()
-        # every field is replaced, not written in place (DynamicLayer.update concatenates):
-        # keeping the old objects is the checkpoint
-        saved = (self.mask, self.positions, self.last, [(l.keys, l.values) for l in self.cache.layers],
-                 save_sequences(self.seqs))
-        try:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], 1)
-            logits = self._forward(self.last[:, None], self.positions[:, None])
-            self.positions = self.positions + 1
-            self.last = choose_tokens(self.post, self.seqs, logits)
-        except BaseException:
-            self.mask, self.positions, self.last, layers, seqs = saved
-            for layer, (k, v) in zip(self.cache.layers, layers):
-                layer.keys, layer.values = k, v
-            restore_sequences(self.seqs, seqs)
-            raise
-        return time.perf_counter() - t0
+        choices = self._advance()
+        result = StepResult(list(self.seqs), choices)
+        apply(self.post, result)
+        result.seconds = time.perf_counter() - t0
+        return result
 
     @torch.no_grad()
-    def step_each(self) -> float:
+    def step_each(self) -> StepResult:
         """:meth:`step`, one sequence at a time: after a failed step, so only a sequence whose own
         step fails ends (``finish_reason`` "error", its exception in ``failure``); the others get
-        the token they get alone. Returns the duration in seconds."""
+        the token they get alone."""
         t0 = time.perf_counter()
-        parts, row = [], 0
+        parts, choices, row = [], [], 0
         for s in self.seqs:
             part = self._rows(s, row)
             row += s.params.num_samples
-            if not s.finished:
+            if s.finished:
+                choices.append(Choice())
+            else:
                 try:
-                    part.step()
+                    choices += part._advance()
                 except Exception as e:  # this sequence alone; its rows are dropped at the next filter
-                    s.finish_reason, s.failure = "error", e
-                    s.error = f"the decode step failed for this sequence ({type(e).__name__})"
+                    choices.append(Choice(failure=e))
             parts.append(part)
         merged = DecodeBatch.concatenate(parts)  # a part not stepped is one column shorter: left-padded
         self.seqs, self.cache, self.mask = merged.seqs, merged.cache, merged.mask
         self.positions, self.last = merged.positions, merged.last
-        return time.perf_counter() - t0
+        result = StepResult(list(self.seqs), choices)
+        apply(self.post, result)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _advance(self) -> list[Choice]:
+        """The forward of one step and its token choice, the rows moved on; the sequences are
+        not touched. If it raises, the rows and KV cache are as they were."""
+        # every field is replaced, not written in place (DynamicLayer.update concatenates):
+        # keeping the old objects is the checkpoint
+        saved = self.mask, self.positions, self.last, [(l.keys, l.values) for l in self.cache.layers]
+        try:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], 1)
+            logits = self._forward(self.last[:, None], self.positions[:, None])
+            self.positions = self.positions + 1
+            self.last, choices = choose_tokens(self.post, self.seqs, logits)
+        except BaseException:
+            self.mask, self.positions, self.last, layers = saved
+            for layer, (k, v) in zip(self.cache.layers, layers):
+                layer.keys, layer.values = k, v
+            raise
+        return choices
 
     def filter(self) -> list[GenSequence]:
         """Drop finished sequences (and their KV rows); returns the ones dropped."""
@@ -254,11 +361,6 @@ class DecodeBatch:
             else:
                 self.cache = None
         return done
-
-    def cancel(self, seq_id) -> None:
-        for s in self.seqs:
-            if s.id == seq_id and not s.finished:
-                s.finish_reason = "cancelled"
 
     # --- internals -----------------------------------------------------------------------
 
@@ -310,30 +412,6 @@ class DecodeBatch:
                 layer.values = layer.values[..., start:, :]
 
 
-def save_sequences(seqs: Seq[GenSequence]) -> list[tuple]:
-    """What a step changes in each sequence: its tokens (and its grammar's place), finish, text
-    and sampling generator."""
-    return [(len(s.tokens), s.finish_reason, s.text, s.error, s.prefix_offset, s.read_offset,
-             s.generator.get_state() if s.generator is not None else None, s.constraint is not None)
-            for s in seqs]
-
-
-def restore_sequences(seqs: Seq[GenSequence], saved: list[tuple]) -> None:
-    """Undo a failed step's changes to ``seqs`` (see :func:`save_sequences`)."""
-    for s, (n, reason, text, error, prefix_offset, read_offset, generator, constrained) in zip(seqs, saved):
-        if not constrained:  # made during the failed step: made again at the next
-            s.constraint = None
-        elif len(s.tokens) > n:
-            s.constraint.rollback(len(s.tokens) - n)
-        del s.tokens[n:]
-        s.finish_reason, s.text, s.error = reason, text, error
-        s.prefix_offset, s.read_offset = prefix_offset, read_offset
-        if generator is not None:
-            s.generator.set_state(generator)
-        else:  # made during the failed step: made again, from the seed, at the next draw
-            s.generator = None
-
-
 def check_prompts(post, seqs: Seq[GenSequence]) -> None:
     """A TFBError for an empty prompt, or one that leaves no room in the model's context."""
     limit = max_context(post.model)
@@ -365,12 +443,13 @@ def split_finished(seqs: Seq[GenSequence]) -> tuple[list[GenSequence], list[GenS
     return kept, done, rows
 
 
-def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.Tensor:
-    """Average each sequence's K distributions, pick its token, record its uncertainty.
+def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> tuple[torch.Tensor, list[Choice]]:
+    """Average each sequence's K distributions, pick its token, measure its uncertainty.
 
     ``logits``: (rows, V), the rows of ``seqs`` in order (K_i rows each). All sequences at
     once on the model's device; one transfer to the host per step (plus one per sequence that
-    samples with a temperature). Returns the token to feed next, per row.
+    samples with a temperature). Returns the token to feed next, per row, and each sequence's
+    :class:`Choice`; ``seqs`` are not changed (a draw advances a copy of the generator).
     """
     probs = torch.softmax(logits, -1)  # (rows, V)
     Ks = [s.params.num_samples for s in seqs]
@@ -388,16 +467,16 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     pe = entropy(p)
     # a sequence whose average is not a distribution (NaN or infinite logits) ends alone
     finite = torch.isfinite(p).all(-1) & (p.sum(-1) > 0)  # (S,)
-    pick = constrained(post, seqs, without_eos(post, seqs, p))  # the choice's distribution; the uncertainty stays p's
+    grammar = constraints(post, seqs)
+    pick = constrained(seqs, grammar, without_eos(post, seqs, p))  # the choice's distribution; the uncertainty stays p's
     tokens = torch.where(finite, pick.argmax(-1), 0)  # greedy; sampled sequences are replaced below
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0 and not s.finished]
+    generators: list[torch.Generator | None] = [None] * S
     if sampled:
         for i in sampled:
-            s = seqs[i]
-            if s.params.seed is not None and (s.generator is None or s.generator.device != dev):
-                s.generator = torch.Generator(dev).manual_seed(s.params.seed)
+            generators[i] = next_generator(seqs[i], dev)
         idx = torch.tensor(sampled, device=dev)
-        drawn = sample_tokens(pick[idx], [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
+        drawn = sample_tokens(pick[idx], [seqs[i].params for i in sampled], [generators[i] for i in sampled])
         tokens[idx] = torch.where(finite[idx], drawn, tokens[idx])
     logp = torch.log(p.gather(1, tokens[:, None]).squeeze(1).clamp_min(1e-45))
     # the output's size given: the device need not be asked for it (a sync) in the middle of the step
@@ -407,34 +486,39 @@ def choose_tokens(post, seqs: Seq[GenSequence], logits: torch.Tensor) -> torch.T
     top_v, top_i = p.topk(n_top) if n_top else (p[:, :0], tokens[:, None][:, :0])
     host = torch.cat([torch.stack([pe, ee, logp, finite.to(pe.dtype)]).flatten(),
                       sample_lp.to(pe.dtype)]).double().cpu()  # the one sync of the step
-    stats, per_row = host[:4 * S].view(4, S), host[4 * S:].tolist()
+    stats, per_row = host[:4 * S].view(4, S).tolist(), host[4 * S:].tolist()
     token_ids, top_v, top_i = tokens.cpu().tolist(), top_v.double().cpu(), top_i.cpu()
-    eos, limit, decode = _eos_ids(post.tokenizer, post.model), max_context(post.model), text_decoder(post.tokenizer)
-    rows = stats.tolist()
     starts = [0]
     for k in Ks:
         starts.append(starts[-1] + k)
+    choices = []
     for i, s in enumerate(seqs):
-        if s.finished:
+        if s.finished or not stats[3][i]:
+            choices.append(Choice(finite=s.finished or bool(stats[3][i])))
             continue
-        if not rows[3][i]:
-            s.finish_reason = "error"
-            s.error = (f"the model's next-token distribution for this sequence is not finite (NaN or "
-                       f"infinite logits) at generated token {len(s.tokens)}; it was stopped alone")
-            continue
-        pe_i, ee_i, lp_i = rows[0][i], rows[1][i], rows[2][i]
+        pe_i, ee_i, lp_i = stats[0][i], stats[1][i], stats[2][i]
         n = s.params.top_logprobs
         top = [(int(t), math.log(max(v, 1e-45))) for v, t in zip(top_v[i, :n].tolist(), top_i[i, :n].tolist())] \
             if n else []
-        s.tokens.append(TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top,
-                                  tuple(per_row[starts[i]:starts[i + 1]])))
-        refused = s.constraint.consume(token_ids[i]) if s.constraint is not None else None
-        if refused is None and s.constraint is not None and s.constraint.stopped:
-            s.finish_reason = "stop"  # the grammar is complete: nothing may follow
-        update_finish(decode, s, eos, limit)
-        if refused is not None:  # not expected: the token was chosen among those its grammar allowed
-            s.finish_reason, s.error = "error", f"the output grammar refused token {token_ids[i]}: {refused}"
-    return rows_out
+        token = TokenInfo(token_ids[i], lp_i, pe_i, ee_i, max(pe_i - ee_i, 0.0), top,
+                          tuple(per_row[starts[i]:starts[i + 1]]))
+        made = grammar[i] if grammar[i] is not s.constraint else None
+        choices.append(Choice(token, True, generators[i], made))
+    return rows_out, choices
+
+
+def next_generator(s: GenSequence, device: torch.device) -> torch.Generator | None:
+    """The generator ``s``'s next draw uses, as a copy (the draw advances the copy; :func:`apply`
+    keeps it): its own, made from ``params.seed`` on ``device`` at its first draw; None (the
+    device's default generator) without a seed."""
+    if s.params.seed is None:
+        return None
+    g = torch.Generator(device)
+    if s.generator is not None and s.generator.device == device:
+        g.set_state(s.generator.get_state())
+    else:
+        g.manual_seed(s.params.seed)
+    return g
 
 
 def without_eos(post, seqs: Seq[GenSequence], p: torch.Tensor) -> torch.Tensor:
@@ -451,20 +535,23 @@ def without_eos(post, seqs: Seq[GenSequence], p: torch.Tensor) -> torch.Tensor:
     return p.index_copy(0, idx, torch.where(keep, masked, p[idx]))
 
 
-def constrained(post, seqs: Seq[GenSequence], p: torch.Tensor) -> torch.Tensor:
-    """``p`` (S, V) with the tokens each sequence's grammar forbids set to 0 (uniform over the
-    allowed ones where the model left them no probability: the output stays valid); ``p`` itself
-    when no sequence has a grammar. Makes a sequence's :class:`~tfb_core.structured.Constraint`
-    at its first token."""
-    rows = [i for i, s in enumerate(seqs) if s.params.grammar is not None and not s.finished]
-    if not rows:
-        return p
+def constraints(post, seqs: Seq[GenSequence]) -> list:
+    """Each sequence's place in its grammar (:class:`~tfb_core.structured.Constraint`): its own,
+    or a new one at its first token (kept by :func:`apply`); None without a grammar."""
     from .structured import Constraint
 
-    for i in rows:
-        if seqs[i].constraint is None:
-            seqs[i].constraint = Constraint(post, seqs[i].params.grammar)
-    allowed = torch.stack([seqs[i].constraint.allowed() for i in rows]).to(p.device)  # (R, V)
+    return [None if s.params.grammar is None or s.finished else
+            s.constraint if s.constraint is not None else Constraint(post, s.params.grammar) for s in seqs]
+
+
+def constrained(seqs: Seq[GenSequence], grammar: list, p: torch.Tensor) -> torch.Tensor:
+    """``p`` (S, V) with the tokens each sequence's grammar (``grammar``: see
+    :func:`constraints`) forbids set to 0 (uniform over the allowed ones where the model left
+    them no probability: the output stays valid); ``p`` itself when no sequence has a grammar."""
+    rows = [i for i, g in enumerate(grammar) if g is not None]
+    if not rows:
+        return p
+    allowed = torch.stack([grammar[i].allowed() for i in rows]).to(p.device)  # (R, V)
     idx = torch.tensor(rows, device=p.device)
     masked = torch.where(allowed, p[idx], 0.0)
     masked = torch.where(masked.sum(-1, keepdim=True) > 0, masked, allowed.to(p.dtype))
@@ -567,28 +654,6 @@ def sample_tokens(p: torch.Tensor, params: Seq[SamplingParams],
     return torch.where(T > 0, drawn, p.argmax(-1))
 
 
-def pick_token(p: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """:func:`sample_tokens` for one distribution ``p`` (V,)."""
-    return int(sample_tokens(p[None], [params], [generator])[0])
-
-
-def safe_text(s: GenSequence) -> str:
-    """The text that can be shown now: held back while it might be the start of a stop string
-    or ends inside a multi-byte character."""
-    if s.finished:
-        return s.text
-    text = s.text
-    if text.endswith("\ufffd"):
-        text = text.rstrip("\ufffd")
-    hold = 0
-    for stop in s.params.stop:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    return text[:len(text) - hold]
-
-
 def pad_token(tokenizer) -> int:
     """The id that pads rows: the tokenizer's pad token, else its EOS, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -608,12 +673,11 @@ def _eos_ids(tokenizer, model) -> set[int]:
 class Decoder(Protocol):
     """A running decode batch, whatever the engine: the one lifecycle the server drives.
 
-    ``admit`` new sequences (prefilled by the engine's own forward) or ``join`` a batch the eager
-    engine prefilled, between steps; ``step`` every active sequence
-    once (all or nothing: on an exception the batch is as it was); after a failed step,
-    ``step_each`` (one sequence at a time, so only a sequence whose own step fails ends);
-    ``filter`` out the finished sequences, freeing their KV rows. ``step`` and ``step_each``
-    return their duration in seconds.
+    ``admit`` new sequences between steps (prefilled by the engine's own forward, their first
+    token chosen); ``step`` every active sequence once; after a failed step, ``step_each`` (one
+    sequence at a time, so only a sequence whose own step fails ends); ``filter`` out the
+    finished sequences, freeing their KV rows. ``admit``, ``step`` and ``step_each`` return the
+    :class:`StepResult` they committed; one that raises has changed no sequence and no active row.
     """
 
     @property
@@ -624,14 +688,12 @@ class Decoder(Protocol):
     def kv_rows(self) -> int:
         """KV cache rows held by the active sequences (sum of their K)."""
 
-    def admit(self, seqs: list[GenSequence]) -> "Decoder":
+    def admit(self, seqs: list[GenSequence]) -> StepResult:
         """Prefill new sequences (K rows each), choose their first token, join them."""
 
-    def join(self, batch: DecodeBatch) -> "Decoder": ...
+    def step(self) -> StepResult: ...
 
-    def step(self) -> float: ...
-
-    def step_each(self) -> float: ...
+    def step_each(self) -> StepResult: ...
 
     def filter(self) -> list[GenSequence]: ...
 
@@ -653,25 +715,21 @@ class EagerDecoder:
     def kv_rows(self) -> int:
         return self.batch.kv_rows if self.batch is not None else 0
 
-    def admit(self, seqs: list[GenSequence]) -> "EagerDecoder":
+    def admit(self, seqs: list[GenSequence]) -> StepResult:
         """All or nothing: if it raises, ``seqs`` (their first token, text, generator) and the
         running batch are as they were."""
-        saved = save_sequences(seqs)
-        try:
-            return self.join(DecodeBatch.prefill(self.post, seqs))
-        except BaseException:
-            restore_sequences(seqs, saved)
-            raise
-
-    def join(self, batch: DecodeBatch) -> "EagerDecoder":
+        t0 = time.perf_counter()
+        batch, result = DecodeBatch.prefill(self.post, seqs)
         self.batch = batch if self.batch is None else DecodeBatch.concatenate([self.batch, batch])
-        return self
+        apply(self.post, result)
+        result.seconds = time.perf_counter() - t0
+        return result
 
-    def step(self) -> float:
-        return self.batch.step() if self.batch is not None else 0.0
+    def step(self) -> StepResult:
+        return self.batch.step() if self.batch is not None else StepResult()
 
-    def step_each(self) -> float:
-        return self.batch.step_each() if self.batch is not None else 0.0
+    def step_each(self) -> StepResult:
+        return self.batch.step_each() if self.batch is not None else StepResult()
 
     def filter(self) -> list[GenSequence]:
         if self.batch is None:

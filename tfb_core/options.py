@@ -1,5 +1,5 @@
-"""The library's options, each defined once: the enums of its choices, its defaults and
-:class:`SearchConfig`.
+"""The library's options, each defined once: the enums of its choices, its defaults,
+:class:`ScoreOptions` and :class:`SearchConfig`.
 
 The ``tfb bayesianize`` flags (generated from :class:`SearchConfig`), the ``tfb serve``
 settings, :class:`tfb_core.posterior.TFBConfig`, the protocol's fields and the functions'
@@ -10,7 +10,7 @@ This module imports no torch, so the command line can build its parser quickly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 
 from .errors import TFBError
@@ -112,6 +112,38 @@ def parse_score(score) -> Score:
 
 def parse_metric(metric) -> Metric:
     return _parse(Metric, metric, "abstention metric")
+
+
+# --- how an item is scored -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """Every option that changes a multiple-choice item's score.
+
+    A posterior records its calibration's (:attr:`tfb_core.posterior.TFBConfig.score_options`);
+    a request resolves its own against the server's defaults with :meth:`resolve`
+    (``server.protocol.ChoiceItem.to_score_options``), as ``tfb eval`` does against its flags. An
+    item is scored as the calibration was exactly when the two are equal, so an option added here
+    takes part in that comparison without anyone listing it.
+    """
+
+    mode: Mode = Mode.LETTER  # letter: the label's next-token probability; sequence: each choice's text
+    chat: bool = False  # the prompt is wrapped in the tokenizer's chat template
+    length_normalize: bool = False  # sequence mode: a choice's mean log-probability per token
+    num_samples: int = NUM_SAMPLES  # K weight samples
+    seed: int = SEED  # which weight samples: (seed, 0..K-1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", parse_mode(self.mode))
+
+    def resolve(self, **given) -> "ScoreOptions":
+        """These options with each given value that is not None in place of the field of its name
+        (user, then server, then posterior: ``posterior.resolve(**server).resolve(**user)``)."""
+        unknown = set(given) - {f.name for f in fields(self)}
+        if unknown:
+            raise TFBError(f"unknown score options {sorted(unknown)}; known: {[f.name for f in fields(self)]}")
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
 # --- the search ---------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -23,9 +24,9 @@ from .conformal import Calibration
 from .confidence import Confidence
 from .errors import TFBError
 from .models import BaseModel
-from .options import (ALL_LAYERS, NUM_SAMPLES, SEED, Criterion, Mode, parse_criterion, parse_mode,
-                      parse_stochastic_layers)
-from .sampling import DrawCache, TFBLoRALayer, row_std, weight_samples
+from .options import (ALL_LAYERS, NUM_SAMPLES, SEED, Criterion, Mode, ScoreOptions, SearchConfig, parse_criterion,
+                      parse_mode, parse_stochastic_layers)
+from .sampling import DrawCache, TFBLoRALayer, weight_samples
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,18 @@ class TFBConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @property
+    def report(self):
+        """The fitting report (:class:`tfb_core.report.FitReport`: ``table()``, ``warnings``), or None."""
+        from .report import FitReport
+
+        return FitReport.from_dict(self.fit_report) if self.fit_report else None
+
+    @property
+    def score_options(self) -> ScoreOptions:
+        """How the calibration scored its items (and how requests are scored by default)."""
+        return ScoreOptions().resolve(**{f.name: getattr(self, f.name) for f in fields(ScoreOptions)})  # None: the default
+
+    @property
     def conformal(self) -> Calibration | None:
         """The held-out calibration (prediction sets, abstention), or None."""
         return Calibration.from_dict(self.calibration) if self.calibration is not None else None
@@ -110,7 +123,7 @@ class Posterior:
     ``noisy_layers`` those that get the noise.
 
     >>> post = Posterior.from_adapter(load_base_model("smollm2-135m"), "my-lora/")
-    >>> result = post.search(calibration_items, criterion="nll", eps=0.003)
+    >>> result = post.fit(calibration_items, SearchConfig(num_samples=10))
     >>> with post.samples(num_samples=10, seed=0):
     ...     logits = post.model(input_ids.repeat_interleave(10, 0)).logits
     """
@@ -164,6 +177,19 @@ class Posterior:
         except TFBError as e:  # stochastic_layers does not fit this model
             raise TFBError(f"{directory / TFB_CONFIG_NAME}: {e}") from None
 
+    @staticmethod
+    def is_bayesianized(directory: str | Path) -> bool:
+        """Whether ``directory`` holds a Bayesianized adapter (its ``tfb_config.json``), not a plain LoRA."""
+        return (Path(directory).expanduser() / TFB_CONFIG_NAME).is_file()
+
+    @classmethod
+    def demo(cls, device=None, dtype=None) -> "Posterior":
+        """The built-in demo: SmolLM2-135M-Instruct with the posterior shipped in ``tfb_core/demo``."""
+        from .demo import DEMO_MODEL, DEMO_POSTERIOR
+        from .models import load_base_model
+
+        return cls.load(load_base_model(DEMO_MODEL, device=device, dtype=dtype), DEMO_POSTERIOR)
+
     # the posterior --------------------------------------------------------------------------
 
     @property
@@ -173,6 +199,13 @@ class Posterior:
     @property
     def tokenizer(self):
         return self.base.tokenizer
+
+    @property
+    def context(self) -> int | None:
+        """The model's context length in tokens (None when its config does not say)."""
+        from .models import max_context
+
+        return max_context(self.model)
 
     @property
     def sigma(self) -> float:
@@ -223,12 +256,6 @@ class Posterior:
             return layer is self.model.get_output_embeddings()
         return index >= self.num_layers - stochastic_layers
 
-    def row_stds(self, sigma: float | None = None) -> dict[str, torch.Tensor]:
-        """``Omega_i = sigma / d_i`` per module (rank-deficient rows at 0)."""
-        sigma = self.sigma if sigma is None else sigma
-        return {layer.name: row_std(layer.d, sigma if layer in self.noisy_layers else 0.0)
-                for layer in self.layers}
-
     @contextmanager
     def samples(self, num_samples: int, seed: int | None = None, sigma: float | None = None
                 ) -> Iterator[None]:
@@ -247,7 +274,34 @@ class Posterior:
         with weight_samples(self.noisy_layers, self.draws, sigma, samples, slots):
             yield
 
-    def search(self, items, **kwargs):
+    def fit(self, items, config=None, *, sigma: float | None = None, **options):
+        """Fit the posterior on calibration items and record it in ``config``: sigma by the
+        criterion (or ``sigma`` as given), the scoring mode, the temperature, the learned
+        confidence, the held-out calibration and the fitting report (docs/method.md §4).
+
+        Parameters
+        ----------
+        items : sequence of MCItem
+        config : SearchConfig, default=None
+            What to fit and how (its defaults when None).
+        sigma : float, default=None
+            Use this sigma instead of searching one; the rest is fitted as usual.
+        **options
+            Fields of :class:`~tfb_core.options.SearchConfig` overriding ``config``
+            (``criterion="nll"``, ``num_samples=4``, ...), the keyword arguments of
+            :func:`tfb_core.search.search_sigma` (``rtol``, ``folds``, ...), ``delta`` and
+            ``progress``.
+
+        Returns
+        -------
+        SearchResult
+            The search (its trace, and the fitting report as ``report``).
+        """
+        from .fit import fit_posterior
+
+        return fit_posterior(self, items, config, sigma=sigma, **options)
+
+    def _search(self, items, **kwargs):
         """Run the variance search (docs/method.md §4) and set ``sigma``; see :func:`tfb_core.search.search_sigma`."""
         from .search import search_sigma
 
@@ -332,13 +386,9 @@ def decoder_layer_index(model: nn.Module, name: str) -> int | None:
 
 def load_posterior(base: BaseModel, adapter_dir: str | Path) -> Posterior:
     """A Bayesianized directory is loaded; a plain LoRA directory is Bayesianized (sigma = 0)."""
-    if (Path(adapter_dir) / TFB_CONFIG_NAME).is_file():
+    if Posterior.is_bayesianized(adapter_dir):
         return Posterior.load(base, adapter_dir)
     return Posterior.from_adapter(base, adapter_dir)
-
-
-def is_bayesianized(adapter_dir: str | Path) -> bool:
-    return (Path(adapter_dir).expanduser() / TFB_CONFIG_NAME).is_file()
 
 
 def base_model_identity(base: BaseModel) -> dict:
@@ -432,4 +482,210 @@ def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+# --- bayesianize: fit, save, cache ------------------------------------------------------------------
+
+FIT_DTYPE = "float32"  # docs/method.md §4: in bf16 rounding alone moves the criterion
+
+
+def bayesianize(model: str | os.PathLike, adapter: str | os.PathLike,
+                calibration: str | os.PathLike | None = None, config: SearchConfig | None = None, *,
+                sigma: float | None = None, out: str | os.PathLike | None = None,
+                cache: str | os.PathLike | None = None, force: bool = False, device=None, dtype=None,
+                fit_dtype: str = FIT_DTYPE, progress: bool = True, on_fit: Callable[[str], None] | None = None,
+                flag: str = "--out", check_only: bool = False):
+    """Bayesianize a plain peft LoRA adapter: fit its posterior on a calibration file, save it, load it.
+
+    Every input is checked before a model loads (:func:`check_bayesianize`). The posterior is
+    fitted in ``fit_dtype`` (float32: in bf16 rounding alone moves the criterion,
+    docs/method.md §4), saved, and returned in ``dtype`` (loaded again from what was saved when
+    that differs, so a fit and a later load serve the same model).
+
+    Parameters
+    ----------
+    model : str or path
+        A built-in base model name or a local Hugging Face model directory; None: the demo's base.
+    adapter : path
+        A plain peft LoRA adapter directory.
+    calibration : path, default=None
+        Calibration JSONL; None only with ``sigma`` (then nothing is fitted but sigma).
+    config : SearchConfig, default=None
+        What to fit and how (:class:`SearchConfig`'s defaults when None).
+    sigma : float, default=None
+        Use this sigma instead of searching one (T, the confidence and the held-out calibration
+        are still fitted on a labelled ``calibration``).
+    out : path, default=None
+        The directory to write (the rule of :mod:`tfb_core.artifacts`; ``force`` replaces a
+        previous tfb output). None and no ``cache``: nothing is written.
+    cache : path, default=None
+        A directory that keeps fits by the key of their inputs (:func:`fit_key`): in
+        ``<cache>/posteriors/<key>`` unless ``out`` is given; a fit whose result is there (or in
+        ``out``, for the same key) is loaded, not fitted again. Processes sharing ``cache`` fit
+        one at a time under a file lock in ``<cache>/locks``: the first fits, the others wait
+        and load its result.
+    device, dtype : default=None
+        Where the returned posterior runs and its dtype (:func:`tfb_core.models.load_base_model`'s
+        defaults: CUDA when present, bf16 on CUDA, float32 on CPU).
+    on_fit : callable, default=None
+        Called with a line saying what is fitted (the items, the criterion, K, the dtype) once a
+        fit starts; not when a cached result is loaded.
+    flag : str, default="--out"
+        What error messages call ``out``.
+    check_only : bool, default=False
+        Only check the inputs (before a server binds its port) and return None; an adapter that
+        is already Bayesianized then needs no calibration (it is served as it is).
+    """
+    from .artifacts import file_lock, lock_for, stored_key, write_key, write_output_dir
+    from .models import default_device, default_dtype, load_base_model, parse_dtype
+
+    from .demo import DEMO_MODEL
+
+    config, model = config or SearchConfig(), model or DEMO_MODEL
+    if check_only:
+        check_bayesianize(model, adapter, calibration, config, sigma=sigma, out=out, cache=cache, force=force,
+                          device=device, fit_dtype=fit_dtype, flag=flag, plain_only=True)
+        return None
+    items, out, key = check_bayesianize(model, adapter, calibration, config, sigma=sigma, out=out, cache=cache,
+                                        force=force, device=device, fit_dtype=fit_dtype, flag=flag)
+    what = describe(items, calibration, config, sigma, fit_dtype) + (f" (key {key[:12]})" if key else "")
+    if out is None:
+        log.info("bayesianize: %s", what)
+        return _fit(model, adapter, items, config, sigma, device, fit_dtype, progress)
+    fitted = None
+    with file_lock(lock_for(cache, out)) if cache is not None else nullcontext():
+        if key is not None and Posterior.is_bayesianized(out) and stored_key(out) == key:
+            log.info("bayesianize: found the fit of these inputs in %s; not fitting again", out)
+        else:
+            log.info("bayesianize: %s", what)
+            if on_fit is not None:
+                on_fit(what)
+            fitted = _fit(model, adapter, items, config, sigma, device, fit_dtype, progress)
+
+            def write(tmp: Path) -> None:  # the key with the result, in one rename
+                fitted.write_files(tmp, calibration_file=calibration)
+                if key is not None:
+                    write_key(tmp, key)
+
+            in_cache = cache is not None and out == Path(cache).expanduser() / "posteriors" / key[:32]
+            write_output_dir(out, write, force=force or in_cache, inputs=_inputs(model, adapter, calibration),
+                             flag="the fit cache directory" if in_cache else flag)
+            log.info("bayesianize: saved to %s", out)
+    dev = default_device() if device is None else torch.device(device)
+    if fitted is not None and (parse_dtype(dtype) or default_dtype(dev)) == parse_dtype(fit_dtype):
+        return fitted
+    del fitted  # loaded as a later start loads it: a float32 model cast with .to() would also cast
+    # buffers that loading in the serving dtype keeps in float32 (e.g. the rotary inv_freq)
+    return Posterior.load(load_base_model(model, device=device, dtype=dtype), out)
+
+
+def check_bayesianize(model, adapter, calibration, config: SearchConfig, *, sigma: float | None = None,
+                      out=None, cache=None, force: bool = False, device=None, fit_dtype: str = FIT_DTYPE,
+                      flag: str = "--out", plain_only: bool = False):
+    """What :func:`bayesianize` checks before any model loads, each failure one line naming the
+    flag: the base model, the adapter directory, the calibration file and its labels
+    (:func:`check_calibration`), the output directory (``plain_only``: of these, only the model
+    and the adapter when the adapter is already Bayesianized). Returns the calibration items (None
+    without a file), the directory to write (None: nothing is written) and the fit's key (None
+    without ``cache``)."""
+    from .adapter import check_adapter_dir
+    from .artifacts import check_output_dir, stored_key
+    from .data import read_jsonl
+    from .fit import check_calibration
+    from .models import check_model
+
+    if sigma is not None and not sigma >= 0:
+        raise TFBError(f"--sigma must be >= 0, got {sigma}")
+    try:
+        check_model(model)
+    except TFBError as e:
+        raise TFBError(f"--model: {e}") from None
+    check_adapter_dir(adapter, "--adapter")
+    if plain_only and Posterior.is_bayesianized(adapter):
+        if calibration is not None:
+            log.warning("%s is already Bayesianized: --calibration is ignored", adapter)
+        return None, None, None
+    if sigma is None and calibration is None:
+        if plain_only:  # a server: no --sigma there
+            raise TFBError(f"--adapter {adapter} is a plain LoRA adapter (no tfb_config.json): pass --calibration "
+                           f"FILE to run the variance search at start-up, or Bayesianize it first with "
+                           f"'tfb bayesianize'")
+        raise TFBError("--calibration FILE is required unless --sigma is given")
+    if calibration is not None and not Path(calibration).expanduser().is_file():
+        raise TFBError(f"--calibration {calibration}: no such file")
+    key = None if cache is None else fit_key(model, adapter, calibration, config, sigma=sigma, device=device,
+                                             fit_dtype=fit_dtype)
+    if out is None and cache is not None:
+        out = Path(cache).expanduser() / "posteriors" / key[:32]  # tfb's own: replaced at will
+    elif out is not None:
+        out = Path(out).expanduser()
+        if key is None or not (out.is_dir() and stored_key(out) == key):  # a result for these inputs is loaded
+            check_output_dir(out, force=force, inputs=_inputs(model, adapter, calibration), flag=flag)
+    items = None
+    if calibration is not None:
+        items = read_jsonl(Path(calibration).expanduser())
+        check_calibration(items, calibration, config, sigma=sigma)
+    return items, out, key
+
+
+def _inputs(model, adapter, calibration) -> list[tuple[str, object]]:
+    """What bayesianize reads, never written over."""
+    return [("--adapter", adapter), ("--calibration", calibration), ("--model", model)]
+
+
+def describe(items, calibration, config: SearchConfig, sigma, fit_dtype: str) -> str:
+    """One line on what a fit fits: the items and their file, the criterion (its tolerance when it
+    has one) or the given sigma, K and the dtype."""
+    from .fit import resolve_criterion
+
+    if items is None:
+        return f"sigma {sigma:g} as given, no calibration items, in {fit_dtype}"
+    crit = resolve_criterion(config.criterion, items)
+    how = f"sigma {sigma:g} as given" if sigma is not None else f"criterion {crit.value}" + (
+        f" <= {config.eps:g}" if crit in (Criterion.NLL, Criterion.ACCURACY) else "")
+    return f"{len(items)} calibration items from {calibration}, {how}, K={config.num_samples}, in {fit_dtype}"
+
+
+def _fit(model, adapter, items, config: SearchConfig, sigma, device, fit_dtype: str, progress: bool):
+    from .models import load_base_model
+
+    base = load_base_model(model, device=device, dtype=fit_dtype)
+    post = Posterior.from_adapter(base, adapter, num_samples=config.num_samples, seed=config.seed, mode=config.mode,
+                                  chat=config.chat, length_normalize=bool(config.length_normalize),
+                                  stochastic_layers=config.stochastic_layers)
+    if items is None:
+        post.sigma = sigma
+    else:  # with a given sigma too: the mode, T, the confidence and the held-out calibration are fitted
+        result = post.fit(items, config, sigma=sigma, progress=progress)
+        log.info("bayesianize: sigma = %.6g after %d evaluations", result.sigma, len(result.trace))
+    return post
+
+
+def fit_key(model, adapter, calibration, config: SearchConfig, *, sigma: float | None = None, device=None,
+            fit_dtype: str = FIT_DTYPE) -> str:
+    """sha256 over everything a fit's result depends on: the base model, the adapter files, the
+    calibration file, every :class:`SearchConfig` field (``asdict``: a new field is in the key
+    without anyone listing it), a given sigma, and where the fit runs (``fit_dtype``, the device
+    type). The dtype the result is served in is not in it.
+
+    The base model is hashed by its config and, per weight file, its name, size and the sha256 of
+    its first and last MiB (a full hash of a multi-GB model would slow every start-up).
+    """
+    from .artifacts import sha256_head_tail
+    from .models import default_device, resolve_model_dir
+
+    model_dir, adapter = resolve_model_dir(model), Path(adapter).expanduser()
+    h = hashlib.sha256()
+    config_file = model_dir / "config.json"
+    h.update(b"model\0" + (config_file.read_bytes() if config_file.is_file() else b""))
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode() + sha256_head_tail(f))
+    for f in sorted(p for p in adapter.iterdir() if p.is_file() and p.name.startswith("adapter_")):
+        h.update(f"adapter\0{f.name}\0".encode() + sha256_file(f).encode())
+    if calibration is not None:
+        h.update(b"calibration\0" + sha256_file(Path(calibration).expanduser()).encode())
+    where_ = torch.device(device).type if device is not None else default_device().type
+    fit = {"config": asdict(config), "sigma": sigma, "dtype": str(fit_dtype), "device": where_}
+    h.update(json.dumps(fit, sort_keys=True, default=str).encode())
     return h.hexdigest()

@@ -203,7 +203,7 @@ def evaluate_generation(post, items: Sequence[QAItem], num_samples: int = 10, ma
     "items": [...]}`` (per item: the answer, whether it matched, and every score).
     """
     from .engines import make_decoder
-    from .scoring import apply_chat
+    from .encoding import apply_chat
 
     if not items:
         raise TFBError("no items to answer")

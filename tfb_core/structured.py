@@ -78,9 +78,6 @@ class Constraint:
         """Advance past ``token``; the error when the grammar refuses it (never for a token it allowed)."""
         return None if self.matcher.consume_token(token) else self.matcher.get_error() or "token refused"
 
-    def rollback(self, tokens: int) -> None:
-        self.matcher.rollback(tokens)
-
     @property
     def stopped(self) -> bool:
         """No token can follow (the text is complete)."""

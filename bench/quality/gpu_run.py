@@ -36,6 +36,7 @@ from tfb_core.evaluate import score_mixed  # noqa: E402
 from tfb_core.finetune import FinetuneConfig, finetune  # noqa: E402
 from tfb_core.models import load_base_model  # noqa: E402
 from tfb_core.posterior import Posterior  # noqa: E402
+from tfb_core.search import search_sigma  # noqa: E402
 
 K, SEED = 10, 0
 EVAL_SETS = ("arc_easy_heldout", "arc_challenge", "openbookqa", "piqa", "hellaswag", "cal", "train_pseudo")
@@ -129,8 +130,8 @@ def main() -> None:
             print(f"skipping search {name}: {left():.0f}s left", flush=True)
             continue
         t = time.perf_counter()
-        r = post.search(items, criterion=criterion, eps=eps, num_samples=K, seed=SEED, mode=cfg.mode,
-                        gold_labels=gold, chat=cfg.chat, batch_size=32, progress=False)
+        r = search_sigma(post, items, criterion=criterion, eps=eps, num_samples=K, seed=SEED, mode=cfg.mode,
+                         gold_labels=gold, chat=cfg.chat, batch_size=32, progress=False)
         results["searches"][name] = {"sigma": r.sigma, "criterion": criterion, "eps": eps, "gold": gold,
                                      "n": len(items), "trace": [asdict(p) for p in r.trace],
                                      "seconds": round(time.perf_counter() - t, 1)}

@@ -27,7 +27,8 @@ from tfb_core.data import read_jsonl  # noqa: E402
 from tfb_core.demo import DEMO_ADAPTER, DEMO_MODEL  # noqa: E402
 from tfb_core.models import load_base_model  # noqa: E402
 from tfb_core.posterior import Posterior  # noqa: E402
-from tfb_core.scoring import choice_scores, encode_item, max_context  # noqa: E402
+from tfb_core.encoding import encode_item  # noqa: E402
+from tfb_core.scoring import choice_scores, max_context  # noqa: E402
 
 SETS = ("cal", "arc_easy_heldout", "arc_challenge", "openbookqa", "piqa", "hellaswag")
 K, SEED = 10, 0
