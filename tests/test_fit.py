@@ -231,6 +231,8 @@ def changed(f):
         return not default
     if default is None:
         return {"sigma_grid": (0.0, 0.01), "mode": Mode.SEQUENCE, "length_normalize": True, "holdout": 0.3}[f.name]
+    if f.name == "stochastic_layers":  # "all" by default
+        return 2
     return default + 1 if isinstance(default, int) else default / 2
 
 

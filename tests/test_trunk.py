@@ -187,7 +187,8 @@ def test_serve_takes_the_setting_searches_with_it_and_shows_it(dirs, tmp_path, m
     from server_helpers import ServerThread
 
     from server.cli import settings_from_args
-    from server.loader import load, search_key
+    from server.loader import load
+    from tfb_core.posterior import fit_key
     from server.settings import Settings
 
     assert Settings().stochastic_layers == "all" and Settings(stochastic_layers="2").stochastic_layers == 2
@@ -207,7 +208,7 @@ def test_serve_takes_the_setting_searches_with_it_and_shows_it(dirs, tmp_path, m
                            for it in mc_items(6)))
     monkeypatch.setenv("TFB_CACHE_DIR", str(tmp_path / "cache"))
     common = dict(model=str(base), adapter=lora, calibration=cal, device="cpu", samples=2, eps=0.05)
-    keys = {search_key(base, lora, cal, Settings(**common, stochastic_layers=L)) for L in ("all", 1, 2)}
+    keys = {fit_key(base, lora, cal, Settings(**common, stochastic_layers=L).search_config()) for L in ("all", 1, 2)}
     assert len(keys) == 3
     with pytest.raises(TFBError, match=r"stochastic_layers must be 'all' or 1\.\.4 \(the model has 4 "
                                        r"decoder layers\), got 7"):
