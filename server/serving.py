@@ -3,9 +3,9 @@
 :class:`ChoicesServing` (event-loop side) validates against the model (context length,
 ``num_samples`` limit), tokenizes with ``tfb_core.encode_item`` (with the event loop's own
 copy of the tokenizer: the worker decodes generated text with the posterior's), queues one
-:class:`~server.engine.ChoiceWork` per item, awaits, answers. The worker side
-(:class:`~server.engine.ModelRunner`, the only code that touches the model) is in
-server/engine.py.
+:class:`~server.engine.protocol.ChoiceWork` per item, awaits, answers. The engine side
+(:class:`~server.engine.core.ModelRunner`, the only code that touches the model) is in
+server/engine/core.py.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import time
 from tfb_core import (COVERAGE, LABELS, MCItem, Metric, Mode, TFBError, apply_chat, covers, decide,
                       encode_item, max_coverage, min_calibration_size)
 
-from .engine import ChoiceOutput, ChoiceWork
+from .engine.client import EngineClient, check_room
+from .engine.protocol import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
 from .limits import Tokenizing, check_chars, check_samples
 from .loader import ServedModel
 from .metrics import Metrics
 from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
                        CalibrationInfo, PredictionSet, UncertaintyOut, Usage)
-from .scheduler import Scheduler, check_room
 from .settings import Settings
 
 CHOICES_ENDPOINT = "/v1/choices"
@@ -32,13 +32,13 @@ CHOICES_ENDPOINT = "/v1/choices"
 class ChoicesServing:
     """``POST /v1/choices``: validate, tokenize, queue, await, answer."""
 
-    def __init__(self, model: ServedModel, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+    def __init__(self, model: ServedModel, engine: EngineClient, settings: Settings, metrics: Metrics,
                  tokenizing: Tokenizing | None = None):
         self.model = model
         self.model_id = model.model_id
         self.tokenizer = model.tokenizer
         self.tokenizing = tokenizing or Tokenizing()  # the one thread that uses it
-        self.scheduler = scheduler
+        self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.context = model.context
@@ -87,13 +87,12 @@ class ChoicesServing:
         for i, item in enumerate(items):
             self.check(item, f"items.{i}." if batch else "")
         # before tokenizing (submit checks again)
-        check_room(True, self.scheduler.depth, len(items), self.settings.max_queue)
+        check_room(True, self.engine.depth, len(items), self.settings.max_queue)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout
         work = await self.tokenizing.run(lambda: [self.prepare(item, f"items.{i}." if batch else "", loop, deadline)
                                                   for i, item in enumerate(items)])
-        self.scheduler.submit(work)
-        outputs = await self.scheduler.wait(work, self.settings.request_timeout)
+        outputs = await self.engine.wait(self.engine.submit(work), self.settings.request_timeout)
         results = [self.result(i, item, w, out) for i, (item, w, out) in enumerate(zip(items, work, outputs))]
         if not batch:
             return results[0]
@@ -158,7 +157,7 @@ class ChoicesServing:
             field = next((f for f in ("prompt", "question", "messages") if getattr(item, f) is not None), "prompt")
             raise BadRequest(f"'{where}{field}': {e}", param=f"{where}{field}", code="invalid_value") from None
         seed = self.model.config.seed if item.seed is None else item.seed
-        work = ChoiceWork(encoded, seed, K, deadline, loop.create_future())
+        work = ChoiceWork(encoded, seed, K, deadline)
         self.check_size(work, where)
         return work
 

@@ -6,14 +6,15 @@ nothing reads the environment later. A command-line flag wins over its environme
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tfb_core import Criterion, Mode, SearchConfig
+from tfb_core import Criterion, Mode, SearchConfig, TFBError
 
 
 def _search(name: str, **constraints):
@@ -208,3 +209,17 @@ class Settings(BaseSettings):
     def item_token_limit(self) -> int:
         """The most padded tokens (rows x longest row) one /v1/choices item may need."""
         return self.max_item_tokens or self.max_batch_tokens
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the flags given (``tfb serve``'s), then ``TFB_*`` variables, then defaults; read once."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and k != "log_level"}
+    if hasattr(args, "serve_log_level"):
+        given["log_level"] = args.serve_log_level
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        where = f"--{field.replace('_', '-')} / TFB_{field.upper()}: " if field else ""
+        raise TFBError(where + err["msg"].removeprefix("Value error, ")) from None

@@ -171,7 +171,7 @@ def test_failed_load_exits_1_with_the_reason(llama_dir, lora_dir, tmp_path, layo
 
 
 def test_served_model_name_is_the_model_id_everywhere(llama_dir, lora_dir, tmp_path):
-    from server.cli import settings_from_args
+    from server.settings import settings_from_args
     from tfb_core import TFBError
     from tfb_core.cli import build_parser
 
@@ -195,7 +195,7 @@ def test_served_model_name_is_the_model_id_everywhere(llama_dir, lora_dir, tmp_p
 
 
 def test_choice_limits_from_flags_and_env(monkeypatch):
-    from server.cli import settings_from_args
+    from server.settings import settings_from_args
     from server.settings import Settings
     from tfb_core.cli import build_parser
 
