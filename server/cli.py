@@ -33,10 +33,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from .settings import Settings
 
     for name, info in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        public = Settings.public_name(name)
+        flag = "--" + public.replace("_", "-")
         dest = "serve_log_level" if name == "log_level" else name  # tfb's own --log-level is global
         kind = _flag_kind(info.annotation)
-        help = f"{info.description or ''} [env TFB_{name.upper()}; default {info.get_default(call_default_factory=True)}]"
+        help = f"{info.description or ''} [env TFB_{public.upper()}; default {info.get_default(call_default_factory=True)}]"
         kw: dict = dict(dest=dest, default=argparse.SUPPRESS, help=help.strip())
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

@@ -117,7 +117,7 @@ def load_engine(settings, metrics: Metrics, load=load, set_status=lambda status:
     runner with ``runner(loaded, metrics, engine kind)``: (loaded, the settings, the runner)."""
     loaded = load(settings, set_status)
     settings = resolve_settings(settings, loaded.post)
-    return loaded, settings, runner(loaded, metrics, settings.engine)
+    return loaded, settings, runner(loaded, metrics, settings.engine_kind)
 
 
 @dataclass(eq=False)
@@ -350,13 +350,11 @@ def _result(s: _Sequence) -> Output:
 
 class EngineLoop:
     """Runs an :class:`EngineCore` on a thread of its own. :meth:`put` takes inputs from any
-    thread; after each turn ``publish`` gets an :class:`EngineOutputs` (the turn's outputs and
-    the engine's stats), on this thread. ``metrics`` drains the relayed metric calls (the engine
-    process's)."""
+    thread; after each half of a turn that produced outputs or changed the queue, ``publish``
+    gets an :class:`EngineOutputs` (the outputs and the engine's stats), on this thread."""
 
-    def __init__(self, core: EngineCore, publish: Callable[[EngineOutputs], None],
-                 metrics: Callable[[], list] = list):
-        self.core, self.publish, self.metrics = core, publish, metrics
+    def __init__(self, core: EngineCore, publish: Callable[[EngineOutputs], None]):
+        self.core, self.publish = core, publish
         self.seen = 0  # the last AddRequest taken
         self.paused = False
         self._inbox: list[EngineInput] = []
@@ -389,9 +387,9 @@ class EngineLoop:
             self._publish(self._guarded(self.core.decode))
 
     def _publish(self, outputs: list[Output]) -> None:
-        """Outputs, or the stats when the queue changed (the API side's depth) or metric calls wait."""
+        """Outputs, or the stats when the queue changed (the API side's depth)."""
         stats = self.stats()
-        if outputs or stats.metrics or (stats.depth, stats.seen) != self._published:
+        if outputs or (stats.depth, stats.seen) != self._published:
             self._published = (stats.depth, stats.seen)
             self.publish(EngineOutputs(outputs, stats))
 
@@ -405,7 +403,7 @@ class EngineLoop:
             return [Failed(w.id, error) for w in waiting] + self.core.fail(error)
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.core.depth, self.seen, self.core.kv_rows, self.metrics())
+        return EngineStats(self.core.depth, self.seen, self.core.kv_rows)
 
     def _next(self) -> list[EngineInput]:
         """The inputs put since the last turn, once there is something to do."""

@@ -20,14 +20,15 @@ import logging
 import os
 import signal
 import tempfile
-import threading
 import time
+from dataclasses import replace
+from typing import Callable
 import torch
 
 from ..errors import portable
 from ..lifecycle import failure_reason, freeze_heap
 from ..settings import Settings
-from .protocol import (EngineOutputs, Failed, Finished, MetricCall, Outbox, Ready, StartFailed,
+from .protocol import (EngineOutputs, EngineStats, Failed, Finished, MetricCall, Outbox, Ready, StartFailed,
                        Status, Stop, TokenDelta, receive)
 
 log = logging.getLogger(__name__)
@@ -51,41 +52,40 @@ def socket_dir() -> str:
 
 class MetricsRelay:
     """The engine process's :class:`~server.metrics.Metrics`: each recording call (``observe_*``,
-    ``set_*``) is kept as a :class:`MetricCall` until the next outputs carry it to the API process."""
+    ``set_*``) is put in the outbox as a :class:`MetricCall` at once (a forward's ``running``
+    gauge is seen while it runs), and goes out with the loop turn's outputs."""
 
-    def __init__(self, model: str):
-        self.model = model
-        self._calls: list[MetricCall] = []
-        self._lock = threading.Lock()
+    def __init__(self, model: str, put: Callable[[MetricCall], None]):
+        self.model, self._put = model, put
 
     def __getattr__(self, name: str):
         if not name.startswith(("observe_", "set_")):
             raise AttributeError(name)
-
-        def record(*args, **kwargs) -> None:
-            with self._lock:
-                self._calls.append(MetricCall(name, args, kwargs))
-        return record
-
-    def drain(self) -> list[MetricCall]:
-        with self._lock:
-            calls, self._calls = self._calls, []
-        return calls
+        return lambda *args, **kwargs: self._put(MetricCall(name, args, kwargs))
 
 
-def merge(messages: list) -> list:
-    """The messages of one turn, their outputs merged into one :class:`EngineOutputs` (the last stats,
-    every metric call)."""
-    outputs, stats, others = [], None, []
-    for m in messages:
-        if isinstance(m, EngineOutputs):
-            outputs += m.outputs
-            calls = (stats.metrics if stats is not None else []) + m.stats.metrics
-            stats = m.stats
-            stats.metrics = calls
-        else:
-            others.append(m)
-    return others + ([EngineOutputs(outputs, stats)] if stats is not None else [])
+class Merge:
+    """One loop turn's messages as the API process gets them: the outputs and metric calls in one
+    :class:`EngineOutputs` with the latest stats; the other messages as they are."""
+
+    def __init__(self):
+        self.stats = EngineStats()  # the latest the engine published
+
+    def __call__(self, messages: list) -> list:
+        outputs, calls, others, stats = [], [], [], None
+        for m in messages:
+            match m:
+                case EngineOutputs():
+                    outputs += m.outputs
+                    stats = m.stats
+                case MetricCall():
+                    calls.append(m)
+                case _:
+                    others.append(m)
+        if stats is None and not outputs and not calls:
+            return others
+        self.stats = stats or self.stats
+        return others + [EngineOutputs(outputs, replace(self.stats, metrics=calls))]
 
 
 def unpicklable(message, error: Exception):
@@ -146,8 +146,8 @@ async def _serve_engine(settings: Settings, path: str) -> None:
             inbox.put_nowait(None)
 
     reading = loop.create_task(read(), name="tfb-engine-read")  # noqa: F841 (held: tasks are weakly kept)
-    out = Outbox(loop, writer, merge, unpicklable)
-    metrics = MetricsRelay(loader.model_id(settings))
+    out = Outbox(loop, writer, Merge(), unpicklable)
+    metrics = MetricsRelay(loader.model_id(settings), out.put)
     t0 = time.perf_counter()
     loading = loop.run_in_executor(None, load_engine, settings, metrics, loader.load,
                                    lambda status: out.put(Status(status)))
@@ -166,7 +166,7 @@ async def _serve_engine(settings: Settings, path: str) -> None:
         await out.close()
         return
     log.info("engine loaded in %.1f s", time.perf_counter() - t0)
-    engine = EngineLoop(EngineCore(runner, metrics, PlanConfig.of_settings(resolved)), out.put, metrics.drain)
+    engine = EngineLoop(EngineCore(runner, metrics, PlanConfig.of_settings(resolved)), out.put)
     out.put(Ready(model, resolved))
     freeze_heap()  # one model for this process's life
     engine.start()
