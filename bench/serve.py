@@ -6,8 +6,8 @@
    the grid, the worker-side calls the server makes are timed on the shapes that cell produces:
    ``ModelRunner.choices_step`` (``tfb_core.scoring.choice_probs`` through the server's
    ``PrefillEngine`` on CUDA, the eager forward elsewhere) on the batch the scheduler would form,
-   and ``GenerationEngine.admit`` / ``.step`` (prefill, join, one decode step of every stream with
-   the server's per-token host work) plus the decoder's bare ``step()``. Requests are
+   and ``EngineCore.run_planned`` / ``.decode`` (prefill and join in the plan's groups, one decode
+   step of every stream with the server's per-token host work) plus the decoder's bare ``step()``. Requests are
    tokenized by the server's serving classes (``ChoicesServing.prepare``,
    ``CompletionServing.prepare``, ``ChatServing.prepare``), so the engine sees the server's token ids.
 2. The server: ``tfb serve`` in a subprocess (or a running one with ``--url``), driven by

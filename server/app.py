@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Awaitable, Callable
+from typing import Callable
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send

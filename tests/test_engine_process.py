@@ -331,3 +331,39 @@ def test_the_sockets_directory_is_private_and_short_enough(tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     with pytest.raises(OSError, match="set TMPDIR to a writable directory, or serve with --no-engine-process"):
         socket_dir()
+
+
+def test_an_output_that_does_not_pickle_fails_its_own_item_only():
+    """The engine process's outbox: a turn's outputs and metric calls go as one EngineOutputs; an
+    output that does not pickle becomes its item's error, and the rest of the turn still goes."""
+    import asyncio
+    import pickle
+
+    from server.engine.proc import Merge, unpicklable
+    from server.engine.protocol import HEADER, EngineOutputs, EngineStats, Failed, Finished, MetricCall, Outbox
+
+    class Writer:
+        def __init__(self):
+            self.data = b""
+
+        def is_closing(self):
+            return False
+
+        def write(self, data):
+            self.data += data
+
+    async def main():
+        writer = Writer()
+        out = Outbox(asyncio.get_running_loop(), writer, Merge(), unpicklable)
+        out.put(EngineOutputs([Finished(1, "fine")], EngineStats(depth=3, seen=2)))
+        out.put(MetricCall("set_work", (), {"running": 1}))
+        out.put(EngineOutputs([Finished(2, lambda: None)], EngineStats(depth=2, seen=2)))  # a lambda: no pickle
+        out.flush()
+        return writer.data
+
+    data = asyncio.run(main())
+    [message] = pickle.loads(data[HEADER.size:])
+    assert message.stats.depth == 2 and message.stats.metrics == [MetricCall("set_work", (), {"running": 1})]
+    good, bad = message.outputs
+    assert good == Finished(1, "fine")
+    assert isinstance(bad, Failed) and bad.id == 2 and bad.error.status == 500

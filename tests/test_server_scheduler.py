@@ -225,7 +225,7 @@ def test_a_full_queue_raises_all_or_none_from_the_depth_reported_plus_what_was_s
         assert e.value.status == 429 and e.value.headers["Retry-After"]
         client.submit([Item(9)])
         assert client.depth == 3 and [type(m) for m in client.sent] == [AddRequest, AddRequest]
-        client._apply(EngineOutputs([], EngineStats(depth=1, seen=2)))  # the engine took both, ran two
+        client.apply(EngineOutputs([], EngineStats(depth=1, seen=2)))  # the engine took both, ran two
         assert client.depth == 1
 
     asyncio.run(main())
@@ -241,10 +241,10 @@ def test_a_future_given_up_aborts_its_work_and_drain_waits_for_every_answer():
         await asyncio.sleep(0)  # the future's callbacks run on the next turn of the loop
         assert client.sent[-1] == Abort([works[0].id])
         draining = asyncio.create_task(client.drain())
-        client._apply(EngineOutputs([Finished(works[1].id, 4)], EngineStats()))
+        client.apply(EngineOutputs([Finished(works[1].id, 4)], EngineStats()))
         await asyncio.sleep(0)
         assert not draining.done()  # one left
-        client._apply(EngineOutputs([Failed(works[2].id, RuntimeError("x"))], EngineStats()))
+        client.apply(EngineOutputs([Failed(works[2].id, RuntimeError("x"))], EngineStats()))
         await asyncio.wait_for(draining, 30)
         assert futures[1].result() == 4 and isinstance(futures[2].exception(), RuntimeError)
         with pytest.raises(Exception) as e:

@@ -93,12 +93,6 @@ class Requests:
         self._idle.clear()
         return futures
 
-    def close(self, works: list[Work]) -> None:
-        """Forget works that were never sent (their submit failed)."""
-        for w in works:
-            self._open.pop(w.id, None)
-        self._check_idle()
-
     def apply(self, outputs: EngineOutputs) -> None:
         for out in outputs.outputs:
             match out:
@@ -227,7 +221,7 @@ class EngineClient(ABC):
     def _abort(self, item_id: int) -> None:
         self.send(Abort([item_id]))
 
-    def _apply(self, outputs: EngineOutputs) -> None:
+    def apply(self, outputs: EngineOutputs) -> None:
         """The engine's outputs and stats (on the event loop)."""
         stats = outputs.stats
         self._depth = stats.depth
@@ -273,7 +267,7 @@ class InprocClient(EngineClient):
 
         def serve(core, loaded, model, settings) -> None:
             self.loaded, self.settings = loaded, settings
-            self.loop_thread = EngineLoop(core, lambda outputs: loop.call_soon_threadsafe(self._apply, outputs))
+            self.loop_thread = EngineLoop(core, lambda outputs: loop.call_soon_threadsafe(self.apply, outputs))
             self.loop_thread.start()
             self.accepting = True
             on_ready(model, settings)
@@ -299,7 +293,7 @@ class ProcClient(EngineClient):
     def __init__(self, settings: Settings, metrics: Metrics):
         super().__init__(settings, metrics)
         self.process: multiprocessing.Process | None = None
-        self.outbox: Outbox | None = None  # to the engine process, once it connected
+        self._outbox: Outbox | None = None  # to the engine process, once it connected
         self._stopping = False
         self._dir: str | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -328,10 +322,10 @@ class ProcClient(EngineClient):
         asyncio.get_running_loop().create_task(self._watch(), name="tfb-engine-watch")
 
     async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.outbox is not None:  # only the engine process connects, once
+        if self._outbox is not None:  # only the engine process connects, once
             writer.close()
             return
-        self.outbox = Outbox(asyncio.get_running_loop(), writer)
+        self._outbox = Outbox(asyncio.get_running_loop(), writer)
         self._server.close()  # the one connection is made: the socket's file is not needed
         self._remove_dir()
         try:
@@ -349,7 +343,7 @@ class ProcClient(EngineClient):
     def _handle(self, message) -> None:
         match message:
             case EngineOutputs():
-                self._apply(message)
+                self.apply(message)
             case Status(status=status):
                 self._on_status(status)
             case Ready(model=model, settings=settings) if not self._stopping:
@@ -374,9 +368,9 @@ class ProcClient(EngineClient):
 
     async def _watch(self) -> None:
         """An engine process that exits before it connects (it failed to start) is gone too."""
-        while self.process.is_alive() and self.outbox is None:
+        while self.process.is_alive() and self._outbox is None:
             await asyncio.sleep(0.05)
-        if self.outbox is None:
+        if self._outbox is None:
             await self._gone()
 
     async def _gone(self) -> None:
@@ -394,8 +388,8 @@ class ProcClient(EngineClient):
         self._on_failed(f"{reason}; {failed} open items failed")
 
     def send(self, message: EngineInput) -> None:
-        if self.outbox is not None:
-            self.outbox.put(message)
+        if self._outbox is not None:
+            self._outbox.put(message)
 
     @property
     def alive(self) -> bool:
@@ -409,8 +403,8 @@ class ProcClient(EngineClient):
         self._stopping, self.accepting = True, False
         process = self.process
         if process is not None and process.is_alive():
-            if self.outbox is not None:
-                self.outbox.put(Stop())
+            if self._outbox is not None:
+                self._outbox.put(Stop())
                 await asyncio.to_thread(process.join, timeout)
             if process.is_alive():  # not connected yet, or not stopping: it ignores SIGTERM and SIGINT
                 process.kill()

@@ -346,12 +346,13 @@ class Outbox:
         self.writer.write(HEADER.pack(len(data)) + data)
 
     def _pickled(self, message):
+        """``message`` if it pickles; else what stands for it (an EngineOutputs: each output that does not)."""
         try:
             dumps(message)
             return message
         except Exception as e:
-            if isinstance(message, EngineOutputs):  # per output: only the one that fails is replaced
-                outputs = [o if self._pickled(o) is o else self.unpicklable(o, e) for o in message.outputs]
+            if isinstance(message, EngineOutputs):
+                outputs = [self._pickled(o) for o in message.outputs]
                 return EngineOutputs([o for o in outputs if o is not None], message.stats)
             log.exception("a %s message does not pickle", type(message).__name__)
             return self.unpicklable(message, e)
