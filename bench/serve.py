@@ -6,8 +6,8 @@
    the grid, the worker-side calls the server makes are timed on the shapes that cell produces:
    ``ModelRunner.choices_step`` (``tfb_core.scoring.choice_probs`` through the server's
    ``PrefillEngine`` on CUDA, the eager forward elsewhere) on the batch the scheduler would form,
-   and ``GenerationEngine.admit`` / ``.step`` (prefill, join, one decode step of every stream with
-   the server's per-token host work) plus the decoder's bare ``step()``. Requests are
+   and ``EngineCore.run_planned`` / ``.decode`` (prefill and join in the plan's groups, one decode
+   step of every stream with the server's per-token host work) plus the decoder's bare ``step()``. Requests are
    tokenized by the server's serving classes (``ChoicesServing.prepare``,
    ``CompletionServing.prepare``, ``ChatServing.prepare``), so the engine sees the server's token ids.
 2. The server: ``tfb serve`` in a subprocess (or a running one with ``--url``), driven by
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import math
 import os
@@ -298,7 +299,7 @@ def summarize(cell: Cell, start: float, end: float, client_cpu_s: float) -> dict
 
 def items_per_batch(conc: int, rows: int, length: int, settings) -> int:
     """How many equal items the scheduler puts in one forward when ``conc`` are waiting
-    (``server.scheduler.Batch.fits``: max_batch_size items, rows x longest <= max_batch_tokens)."""
+    (``server.engine.plan``: max_batch_size items, rows x longest <= max_batch_tokens)."""
     b = 1
     while b < min(conc, settings.max_batch_size) and (b + 1) * rows * length <= settings.max_batch_tokens:
         b += 1
@@ -306,10 +307,13 @@ def items_per_batch(conc: int, rows: int, length: int, settings) -> int:
 
 
 class EngineBench:
-    """The server's worker side, in this process: its loader, ModelRunner and serving classes."""
+    """The server's engine side, in this process: its loader, ModelRunner, EngineCore and serving classes."""
 
     def __init__(self, settings, clock, steps: int, traffic: Traffic):
-        from server.engine import load_engine
+        from dataclasses import replace
+
+        from server.engine.core import EngineCore, load_engine
+        from server.engine.plan import PlanConfig
         from server.generating import ChatServing, CompletionServing
         from server.loader import ServedModel, model_id
         from server.metrics import Metrics
@@ -319,8 +323,11 @@ class EngineBench:
         self.clock, self.steps = clock, steps
         self.loaded, settings, self.runner = load_engine(settings, Metrics(model_id(settings)))
         self.settings = settings
+        # stepped by the bench: admissions coalesce as the server's plan says, without waiting for more
+        self.core = EngineCore(self.runner, self.runner.metrics, replace(PlanConfig.of_settings(settings), max_wait=0.0))
+        self.ids = itertools.count()
         self.traffic = Traffic(traffic.question, traffic.max_tokens, self.loaded.model_id)
-        model = ServedModel.of(self.loaded)  # as server.app.ready_here does
+        model = ServedModel.of(self.loaded)  # as the in-process engine client does
         self.choices = ChoicesServing(model, None, settings, self.runner.metrics)
         self.completions, self.chat = (cls(model, None, settings, self.runner.metrics)
                                        for cls in (CompletionServing, ChatServing))
@@ -337,7 +344,7 @@ class EngineBench:
         from server.protocol import ChoiceItem
 
         item = ChoiceItem(**self.traffic.body(w, K, 0))
-        work = self.choices.prepare(item, item.to_score_options(self.choices.defaults), "", self.loop, math.inf)
+        work = self.choices.prepare(item, item.to_score_options(self.choices.defaults), "", math.inf)
         b = items_per_batch(conc, work.rows, work.length, self.settings)
         fn = lambda: self.runner.choices_step([work] * b)  # noqa: E731
         if self.clock.cuda:
@@ -355,7 +362,7 @@ class EngineBench:
     def generation_cell(self, w: Workload, K: int, conc: int) -> dict:
         """Prefill + join of one stream (the time to its first token), then ``conc`` streams
         admitted as the scheduler would, and decode steps of all of them."""
-        eng = self.runner.engine
+        core = self.core
         warm, steps, new_tokens = 3, self.steps, self.traffic.max_tokens
         # no stream may finish while timed
         traffic = Traffic(self.traffic.question, max(new_tokens, 2 + warm + 2 * steps), self.traffic.model)
@@ -368,35 +375,40 @@ class EngineBench:
                 body = traffic.body(w, K, v)
                 body.pop("stream")
                 req = (ChatCompletionRequest if w.chat else CompletionRequest)(**body)
-                ws, _ = (self.chat if w.chat else self.completions).prepare(req, self.loop)
+                ws, _ = (self.chat if w.chat else self.completions).prepare(req)
                 for x in ws:
-                    x.seq.params.ignore_eos = True  # fixed lengths: the server's own requests may stop at EOS
+                    x.params.ignore_eos = True  # fixed lengths: the server's own requests may stop at EOS
+                    x.id = next(self.ids)
                 out += ws
             return out
 
         def clear(ws) -> None:  # as a client going away: retired at the next step
-            for x in ws:
-                x.future.cancel()
-            eng.step()
-            assert eng.active == 0, "the engine kept a stream after all were cancelled"
+            core.abort([x.id for x in ws])
+            core.decode()
+            assert core.active == 0, "the engine kept a stream after all were cancelled"
+
+        def admit(ws) -> None:  # every group the plan makes, each one forward
+            core.add(ws)
+            while core.depth:
+                core.run_planned()
 
         first = []
         for _ in range(3 if steps >= 4 else 1):
             one = works(1)
-            first.append(self.clock.time(lambda: eng.admit(one)))
+            first.append(self.clock.time(lambda: admit(one)))
             clear(one)
         many = works(conc)
-        per = items_per_batch(conc, K, len(many[0].seq.prompt_ids), self.settings)
-        admit_s = self.clock.time(lambda: [eng.admit(many[i:i + per]) for i in range(0, conc, per)])
+        per = items_per_batch(conc, K, len(many[0].prompt_ids), self.settings)
+        admit_s = self.clock.time(lambda: admit(many))
         for _ in range(warm):  # a new row count is captured (CUDA graph) at its first step
-            eng.step()
-        worker = [self.clock.time(eng.step) for _ in range(steps)]
-        bare = [self.clock.time(eng.decoder.step) for _ in range(steps)]  # no per-token host work
+            core.decode()
+        worker = [self.clock.time(core.decode) for _ in range(steps)]
+        bare = [self.clock.time(core.decoder.step) for _ in range(steps)]  # no per-token host work
         clear(many)
         step = _median(worker)
         # the engine serving the cell's requests in lock-step: all admitted, then decoded to the end
         per_round = admit_s + (new_tokens - 1) * step
-        return {"prompt_tokens": len(many[0].seq.prompt_ids), "rows": conc * K,
+        return {"prompt_tokens": len(many[0].prompt_ids), "rows": conc * K,
                 "first_token_ms": ms(_median(first)), "admit_all_ms": ms(admit_s), "admit_batch": per,
                 "step_ms": ms(step), "step_min_ms": ms(min(worker)), "bare_step_ms": ms(_median(bare)),
                 "steps": steps, "decode_tok_s": round(conc / step, 2),
@@ -823,7 +835,8 @@ def main(argv=None) -> dict:
     res["meta"]["serve_args"] = serve_args
     grid = make_grid(args)
     if not args.no_engine:
-        from server.cli import add_serve_arguments, settings_from_args
+        from server.cli import add_serve_arguments
+        from server.settings import settings_from_args
 
         p = argparse.ArgumentParser()
         add_serve_arguments(p)

@@ -1,5 +1,5 @@
 """The engine process's messages, pickled: torch's own pickling against the server's
-(``server.engine_process.dumps``, tensors as numpy arrays), side by side in one run.
+(``server.engine.protocol.dumps``, tensors as numpy arrays), side by side in one run.
 
     python bench/wire.py
 
@@ -16,8 +16,7 @@ import timeit
 
 import torch
 
-from server.engine import ChoiceOutput, GenEvent
-from server.engine_process import dumps
+from server.engine.protocol import ChoiceOutput, EngineOutputs, EngineStats, Finished, TokenDelta, dumps
 from tfb_core import TokenInfo
 from tfb_core.uncertainty import decompose
 
@@ -25,8 +24,9 @@ from tfb_core.uncertainty import decompose
 def messages() -> dict[str, list]:
     probs = torch.softmax(torch.randn(40, 4), -1).split(10)[1]  # one item's rows of a batch of 4
     u = decompose(probs[None].double(), 1.0)
-    answer = [("done", 7, ChoiceOutput(probs, u.probs[0], 0.1, 0.2, 0.3))]
-    events = [("event", i, GenEvent(TokenInfo(1234, -0.5, 0.7, 0.6, 0.1, []), " word")) for i in range(64)]
+    answer = [EngineOutputs([Finished(7, ChoiceOutput(probs, u.probs[0], 0.1, 0.2, 0.3))], EngineStats())]
+    events = [EngineOutputs([TokenDelta(i, TokenInfo(1234, -0.5, 0.7, 0.6, 0.1, []), " word") for i in range(64)],
+                            EngineStats())]
     return {"a /v1/choices answer (K = 10, 4 choices)": answer, "one step's events, 64 streams": events}
 
 

@@ -1,19 +1,16 @@
 """The app factory: ``build_app(settings)``.
 
-The model loads (or the start-up search runs) in a background thread, so ``/health`` answers
-503 meanwhile; then the scheduler starts and ``/health`` answers 200.
+The model loads (or the start-up search runs) in the engine process, or in a background thread,
+so ``/health`` answers 503 meanwhile; then the engine serves and ``/health`` answers 200.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import os
-import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Awaitable, Callable
+from typing import Callable
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,8 +23,7 @@ from .errors import APIError, error_body, install_error_handlers, public_error
 from .limits import Tokenizing
 from .metrics import Metrics
 from .routes import api, check_api_key, health
-from .scheduler import Scheduler
-from .engine import ModelRunner, load_engine
+from .engine.client import EngineClient, make_client
 from .generating import ChatServing, CompletionServing
 from .serving import ChoicesServing
 from .settings import Settings
@@ -38,23 +34,27 @@ log = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings | None = None,
-              load: Callable[[Settings, Callable[[str], None]], loader.Loaded] = loader.load) -> FastAPI:
-    """The FastAPI app serving ``settings`` (default: read from ``TFB_*`` now)."""
+              load: Callable[[Settings, Callable[[str], None]], loader.Loaded] = loader.load,
+              runner: Callable | None = None) -> FastAPI:
+    """The FastAPI app serving ``settings`` (default: read from ``TFB_*`` now).
+
+    ``load`` loads the posterior (each Ray Serve replica passes its own); ``runner(loaded, metrics,
+    engine kind)`` makes the engine's :class:`~server.engine.core.ModelRunner`: the seam through
+    which tests inject faults into the model's forwards and decode steps (tests/server_helpers.py,
+    ``FaultyRunner``). Either runs the engine in this process."""
     settings = settings or Settings()
-    separate = in_engine_process(settings, load)
+    separate = in_engine_process(settings, load, runner)
     model_id = loader.model_id(settings)
     state = AppState(settings=settings, metrics=Metrics(model_id), model_id=model_id,
                      base_name=settings.model or DEMO_MODEL)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        stop = start_loading(state, load, separate)
+        start_loading(state, load, separate, runner)
         yield
-        if state.scheduler is not None:
-            await state.scheduler.stop()
+        await state.engine.stop()
+        if state.model is not None:
             log.info("drained: %s", drained_gauges(state.metrics))
-        elif stop is not None:  # the engine process, still loading
-            await stop()
 
     app = FastAPI(title="tfb", version="0.1.0", lifespan=lifespan,
                   description="LLM answers with honest uncertainty: a LoRA adapter Bayesianized "
@@ -90,11 +90,11 @@ def drained_gauges(metrics: Metrics) -> str:
             f"{value('tfb_kv_cache_rows')} KV rows")
 
 
-def in_engine_process(settings: Settings, load) -> bool:
+def in_engine_process(settings: Settings, load, runner=None) -> bool:
     """Whether the engine runs in a process of its own: ``settings.engine_process`` (the
     default), unless the caller loads the model itself (``build_app(settings, load)``, as each
-    Ray Serve replica does), which only this process can run."""
-    if load is loader.load:
+    Ray Serve replica does) or makes its runner, which only this process can run."""
+    if load is loader.load and runner is None:
         return settings.engine_process
     if settings.engine_process and settings.given("engine_process"):
         raise ValueError("engine_process: the engine process loads the model with server.loader.load; "
@@ -102,61 +102,35 @@ def in_engine_process(settings: Settings, load) -> bool:
     return False
 
 
-def start_loading(state: AppState, load, separate: bool) -> Callable[[], Awaitable] | None:
-    """Start the engine: in a process of its own if ``separate`` (returns what stops it), else
-    in this process, loading in a daemon thread (on success the scheduler starts on this event
-    loop)."""
+def start_loading(state: AppState, load, separate: bool, runner=None) -> None:
+    """Start the engine: in a process of its own if ``separate``, else in this process, loading in
+    a daemon thread; once it serves, the API serves its model (:func:`ready`)."""
     import torch
 
-    if separate:
-        from .engine_process import start_engine_process
+    # this process tokenizes and streams; its engine process does the math
+    torch.set_num_threads(1 if separate else state.settings.torch_threads)
+    client = state.engine = make_client(state.settings, state.metrics, load, separate, runner)
 
-        torch.set_num_threads(1)  # this process tokenizes and streams; its engine process does the math
-        return start_engine_process(state, ready, fail)
-    torch.set_num_threads(state.settings.torch_threads)
-    loop = asyncio.get_running_loop()
+    def on_ready(model, settings) -> None:
+        state.settings = settings
+        ready(state, model, client)
 
-    def set_status(status: str) -> None:
-        loop.call_soon_threadsafe(setattr, state, "status", status)
+    def on_failed(reason: str) -> None:
+        fail(state, reason, "start-up" if state.status in ("loading", "searching") else "serving")
 
-    def work() -> None:
-        t0 = time.perf_counter()
-        try:
-            loaded, state.settings, runner = load_engine(state.settings, state.metrics, load, set_status)
-            model = loader.ServedModel.of(loaded)
-        except BaseException as e:  # any failure: one line, then the CLI exits non-zero
-            log.debug("start-up failed", exc_info=True)
-            loop.call_soon_threadsafe(fail, state, failure_reason(e))
-            return
-        log.info("loaded in %.1f s", time.perf_counter() - t0)
-        loop.call_soon_threadsafe(ready_here, state, loaded, runner, model)
+    def on_status(status: str) -> None:
+        state.status = status
 
-    threading.Thread(target=work, name="tfb-load", daemon=True).start()
-    return None
+    asyncio.get_running_loop().create_task(client.start(on_ready, on_failed, on_status), name="tfb-engine-start")
 
 
-def failure_reason(e: BaseException) -> str:
-    """A start-up failure in one line."""
-    reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
-    return " ".join(reason.split())
-
-
-def ready_here(state: AppState, loaded: loader.Loaded, runner: ModelRunner, model: loader.ServedModel) -> None:
-    """The engine loaded in this process: its scheduler starts on this event loop."""
-    scheduler = Scheduler.of_settings(runner.step, state.metrics, state.settings, runner.engine)
-    scheduler.start()
-    state.runner, state.loaded = runner, loaded
-    ready(state, model, scheduler)
-
-
-def ready(state: AppState, model: loader.ServedModel, scheduler) -> None:
-    """Serve ``model`` through ``scheduler`` (a :class:`Scheduler`, or the engine process's
-    client, which takes the same calls)."""
+def ready(state: AppState, model: loader.ServedModel, engine: EngineClient) -> None:
+    """Serve ``model`` through ``engine``."""
     s = state.settings
-    state.scheduler, state.model = scheduler, model
+    state.model = model
     tokenizing = Tokenizing()  # the one thread that uses the event loop's tokenizer
-    state.choices = ChoicesServing(model, scheduler, s, state.metrics, tokenizing)
-    state.completions, state.chat = (cls(model, scheduler, s, state.metrics, tokenizing)
+    state.choices = ChoicesServing(model, engine, s, state.metrics, tokenizing)
+    state.completions, state.chat = (cls(model, engine, s, state.metrics, tokenizing)
                                      for cls in (CompletionServing, ChatServing))
     state.tokenizer = TokenizerServing(model, tokenizing)
     state.metrics.set_posterior(model.sigma, s.samples, {
@@ -170,19 +144,6 @@ def ready(state: AppState, model: loader.ServedModel, scheduler) -> None:
              model.source, s.host, s.port)
     if state.on_ready is not None:
         state.on_ready()
-
-
-def freeze_heap() -> None:
-    """Put every object alive after start-up (the model, torch, transformers: hundreds of
-    thousands) out of the cyclic garbage collector's reach, as vLLM does. Each full collection
-    otherwise scans them all, holding the GIL for tens of milliseconds (every stream stalls),
-    and the objects each generated token makes trigger one every few seconds under load. For
-    a process that serves one model for its life (the CLI, a Ray replica), not for one that
-    builds many apps (the tests): frozen objects are never collected."""
-    gc.collect()
-    gc.freeze()
-    log.info("%d start-up objects frozen out of the garbage collector's scans (process %d)", gc.get_freeze_count(),
-             os.getpid())
 
 
 def fail(state: AppState, reason: str, when: str = "start-up") -> None:

@@ -33,10 +33,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from .settings import Settings
 
     for name, info in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        public = Settings.public_name(name)
+        flag = "--" + public.replace("_", "-")
         dest = "serve_log_level" if name == "log_level" else name  # tfb's own --log-level is global
         kind = _flag_kind(info.annotation)
-        help = f"{info.description or ''} [env TFB_{name.upper()}; default {info.get_default(call_default_factory=True)}]"
+        help = f"{info.description or ''} [env TFB_{public.upper()}; default {info.get_default(call_default_factory=True)}]"
         kw: dict = dict(dest=dest, default=argparse.SUPPRESS, help=help.strip())
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -73,24 +74,6 @@ def _flag_kind(annotation):
     return {int: int, float: float, Path: str}.get(annotation, str)
 
 
-def settings_from_args(args: argparse.Namespace):
-    """Settings from the flags given, then ``TFB_*`` variables, then defaults; read once."""
-    from pydantic import ValidationError
-
-    from .settings import Settings
-
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and k != "log_level"}
-    if hasattr(args, "serve_log_level"):
-        given["log_level"] = args.serve_log_level
-    try:
-        return Settings(**given)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        where = f"--{field.replace('_', '-')} / TFB_{field.upper()}: " if field else ""
-        raise TFBError(where + err["msg"].removeprefix("Value error, ")) from None
-
-
 def run_serve(args: argparse.Namespace) -> int:
     # OpenMP threads that wait for work sleep instead of spinning: on a CPU shared with other busy
     # processes a spinning thread takes the core the thread with work needs (docs/operations.md:
@@ -98,8 +81,10 @@ def run_serve(args: argparse.Namespace) -> int:
     # loads (here, and in the engine process, which inherits it); a value of the user's stands.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from . import loader
-    from .app import build_app, freeze_heap
+    from .app import build_app
     from .connections import raise_open_file_limit, uvicorn_config
+    from .lifecycle import freeze_heap
+    from .settings import settings_from_args
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
@@ -198,7 +183,7 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._drain, name="tfb-drain", daemon=True).start()
 
     def _drain(self) -> None:
-        while self.state.scheduler is not None and not self.state.scheduler.idle:
+        while self.state.engine is not None and not self.state.engine.idle:
             time.sleep(0.02)
         self.should_exit = True  # uvicorn then waits for open responses to be sent
 

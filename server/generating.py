@@ -1,9 +1,10 @@
 """Serving text generation: OpenAI completions and chat, decoded from the model average of K samples.
 
-Event-loop side only (the worker's :class:`~server.engine.GenerationEngine` is in
-server/engine.py): validate, tokenize, queue one :class:`~server.engine.GenWork` per choice
-(``n`` per prompt), then either collect the events into one response or stream them as
-server-sent events in OpenAI's chunk format. :class:`CompletionServing` and
+API side only (the engine, server/engine/core.py, decodes): validate, tokenize, submit one
+:class:`~server.engine.protocol.GenWork` per choice (``n`` per prompt) to the engine's client,
+then either collect the results (:class:`~server.engine.protocol.Generated`) into one response or
+stream the :class:`~server.engine.protocol.TokenDelta` as server-sent events in OpenAI's chunk
+format. :class:`CompletionServing` and
 :class:`ChatServing` each say what differs (how a request becomes prompts, how a choice and a
 chunk look) over the shared :class:`GenerationServing`.
 """
@@ -16,9 +17,10 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from tfb_core import GenSequence, SamplingParams, TFBError, TokenInfo, encoding
+from tfb_core import SamplingParams, TFBError, TokenInfo, encoding
 
-from .engine import GenWork, ScoreWork
+from .engine.client import EngineClient, check_room
+from .engine.protocol import Failed, GenWork, Generated, ScoreWork
 from .errors import BadRequest, NotFound, RequestTimeout, sse_error
 from .limits import Tokenizing, check_chars, check_samples
 from .loader import ServedModel
@@ -28,7 +30,6 @@ from .openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, 
                               ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest,
                               CompletionResponse, CompletionUsage, FieldUncertainty, GenerationUncertainty,
                               SequenceUncertainty, TokenUncertainty, TopLogprob)
-from .scheduler import Scheduler, check_room
 from .settings import Settings
 
 COMPLETIONS_ENDPOINT = "/v1/completions"
@@ -38,18 +39,18 @@ DEFAULT_MAX_TOKENS = 16
 
 @dataclass(eq=False)
 class EventStream:
-    """A streamed response's server-sent events and its work: :meth:`close` drops the work,
-    for a response that ends before its events are read (the client left before the first)."""
+    """A streamed response's server-sent events and its work's futures: :meth:`close` drops the
+    work, for a response that ends before its events are read (the client left before the first)."""
 
     events: AsyncIterator[str]
-    works: list[GenWork]
+    futures: list[asyncio.Future]
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self.events
 
     def close(self) -> None:
-        for w in self.works:
-            w.future.cancel()
+        for f in self.futures:
+            f.cancel()
 
 
 
@@ -63,13 +64,13 @@ class GenerationServing:
     param: str  # the request field holding the text
     items_param: str  # the field to name when a request has too many sequences
 
-    def __init__(self, model: ServedModel, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+    def __init__(self, model: ServedModel, engine: EngineClient, settings: Settings, metrics: Metrics,
                  tokenizing: Tokenizing | None = None):
         self.model = model
         self.tokenizer = model.tokenizer
         self.tokenizing = tokenizing or Tokenizing()  # the one thread that uses it
         self.model_id = model.model_id
-        self.scheduler = scheduler
+        self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.context = model.context_limit
@@ -88,7 +89,7 @@ class GenerationServing:
     def tokenize(self, request) -> list[list[int]]:
         raise NotImplementedError
 
-    def choice(self, request, index: int, seq: GenSequence):
+    def choice(self, request, index: int, gen: Generated):
         raise NotImplementedError
 
     def response_of(self, rid: str, created: int, choices: list, usage: CompletionUsage):
@@ -135,7 +136,7 @@ class GenerationServing:
                              param="num_samples", code="too_many_kv_rows")
         check_chars(self.prompt_chars(request), self.bound, self.param, self.context)
 
-    def prepare(self, request, loop: asyncio.AbstractEventLoop) -> tuple[list[GenWork], list[list[int]]]:
+    def prepare(self, request) -> tuple[list[GenWork], list[list[int]]]:
         """Tokenize and make one work per sequence (on the tokenizing thread, after :meth:`check`)."""
         K = request.num_samples or self.settings.samples
         prompts = self.tokenize(request)
@@ -155,14 +156,12 @@ class GenerationServing:
                              f"0 to {max_tokens}", param="min_tokens", code="invalid_value")
         grammar = self.grammar(request)
         deadline = time.monotonic() + self.settings.request_timeout
-        events = asyncio.Queue() if request.stream else None  # one per request: (choice index, event)
         works = []
         for p in prompts if max_tokens > 0 else []:  # 0: an echoed prompt is only scored
             for i in range(request.n):
                 params = request.to_sampling_params(max_tokens, K, self.model.config.seed, choice=i, grammar=grammar)
-                seq = GenSequence(list(p), params)
-                works.append(GenWork(seq, self.endpoint, deadline, loop.create_future(), events, loop,
-                                     index=len(works)))
+                works.append(GenWork(list(p), params, self.endpoint, deadline, index=len(works),
+                                     streamed=bool(request.stream)))
         return works, prompts
 
     # --- responses -------------------------------------------------------------------------
@@ -171,34 +170,34 @@ class GenerationServing:
         """The response, or with ``stream`` its server-sent events; ``report(status)`` tells the
         metrics how a stream ended ("200", an error's status, or "client_closed")."""
         self.check(request)
-        check_room(True, self.scheduler.depth, self.prompt_count(request) * request.n, self.settings.max_queue)
-        works, prompts = await self.tokenizing.run(self.prepare, request, asyncio.get_running_loop())
-        self.scheduler.submit(works)  # all or none: a 429 or 503 counts no prompt tokens
+        check_room(True, self.engine.depth, self.prompt_count(request) * request.n, self.settings.max_queue)
+        works, prompts = await self.tokenizing.run(self.prepare, request)
+        events = asyncio.Queue() if request.stream else None  # one per request: (choice index, delta)
+        futures = self.engine.submit(works, events)  # all or none: a 429 or 503 counts no prompt tokens
         self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)
         if request.stream:
             report("client_closed")  # until the stream ends otherwise: its body may never start
-            return EventStream(self.stream(request, works, prompts, report), works)
+            return EventStream(self.stream(request, works, futures, events, prompts, report), futures)
         try:
-            seqs = await self.scheduler.wait(works, self.settings.request_timeout)
+            gens = await self.engine.wait(futures, self.settings.request_timeout)
         finally:  # answered, failed, or the client went away: free the slots at the next step
-            for w in works:
-                w.future.cancel()
-        return self.response(request, seqs, prompts)
+            for f in futures:
+                f.cancel()
+        return self.response(request, gens, prompts)
 
-    def response(self, request, seqs: list[GenSequence], prompts):
-        created, usage = int(time.time()), self._usage(prompts, seqs, request.n)
-        choices = [self.choice(request, i, s) for i, s in enumerate(seqs)]
+    def response(self, request, gens: list[Generated], prompts):
+        created, usage = int(time.time()), self._usage(prompts, gens, request.n)
+        choices = [self.choice(request, i, g) for i, g in enumerate(gens)]
         return self.response_of(f"{self.id_prefix}-{uuid.uuid4().hex}", created, choices, usage)
 
-    async def stream(self, request, works: list[GenWork], prompts,
-                     report: Callable[[str], None] = lambda status: None) -> AsyncIterator[str]:
+    async def stream(self, request, works: list[GenWork], futures: list[asyncio.Future], events: asyncio.Queue,
+                     prompts, report: Callable[[str], None] = lambda status: None) -> AsyncIterator[str]:
         """Server-sent events: a chunk per token per choice, per choice a last chunk with its
         finish reason and summary, a usage chunk if ``stream_options.include_usage``, then
         ``data: [DONE]``. A failed or dropped work ends the stream with an error event at once;
         a client that goes away cancels its sequences."""
         rid = f"{self.id_prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
-        events = works[0].events  # every choice's (index, event), in the order they were made
         report("client_closed")  # until it ends otherwise
 
         def failed(error: BaseException) -> str:
@@ -218,7 +217,7 @@ class GenerationServing:
             return c
 
         def chunk(i: int, text: str, tokens: list[TokenInfo], reason, summary, offset: int = 0) -> str:
-            unc = self._uncertainty(works[i].seq.params.num_samples, tokens, summary)
+            unc = self._uncertainty(works[i].params.num_samples, tokens, summary)
             return _sse(with_usage(self.chunk(request, rid, created, i, text, tokens, reason, unc, offset)))
 
         # the request's deadline arrives as an event too: one timer per stream, not one per token
@@ -240,36 +239,34 @@ class GenerationServing:
                             "the request took longer than the server's timeout; its work was dropped",
                             code="timeout"))
                         return
-                    if event.finish_reason == "error":
-                        yield "".join(out) + failed(works[i].future.exception())
+                    if isinstance(event, Failed):
+                        yield "".join(out) + failed(event.error)
                         return
                     finished = event.finish_reason is not None
                     left -= finished
-                    generated += event.token is not None
-                    if event.token is not None or event.text:
-                        tokens = [event.token] if event.token is not None else []
-                        out.append(chunk(i, event.text, tokens, None, None, offsets[i]))
-                        if self.wants_offsets(request):
-                            offsets[i] += sum(len(self._piece(t.token_id)) for t in tokens)
+                    generated += 1
+                    out.append(chunk(i, event.text, [event.token], None, None, offsets[i]))
+                    if self.wants_offsets(request):
+                        offsets[i] += len(self._piece(event.token.token_id))
                     if finished:  # the choice's last chunk: reason and summary
                         reason = event.finish_reason if event.finish_reason in ("stop", "length") else None
                         out.append(chunk(i, "", [], reason, event.summary))
                 yield "".join(out)
             if options is not None and options.include_usage:
-                usage = self._usage(prompts, [w.seq for w in works], request.n)
-                yield _sse(self.usage_chunk(rid, created, usage))
+                yield _sse(self.usage_chunk(rid, created, CompletionUsage(
+                    prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)))
             report("200")
             yield "data: [DONE]\n\n"
         finally:  # finished, or the client went away: free the slots at the next step
             timer.cancel()
-            for w in works:
-                w.future.cancel()
+            for f in futures:
+                f.cancel()
 
     # --- shared pieces ---------------------------------------------------------------------
 
-    def _usage(self, prompts, seqs, n) -> CompletionUsage:
+    def _usage(self, prompts, gens: list[Generated], n) -> CompletionUsage:
         p = sum(len(x) for x in prompts) * n
-        c = sum(len(s.tokens) for s in seqs)
+        c = sum(len(g.tokens) for g in gens)
         return CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
     def _uncertainty(self, num_samples: int, tokens: list[TokenInfo], summary: dict | None,
@@ -295,7 +292,7 @@ class GenerationServing:
 
 class CompletionServing(GenerationServing):
     """``POST /v1/completions``: one or more prompts (texts, tokenized as they are, or token ids);
-    with ``echo``, each prompt is also scored token by token (a :class:`~server.engine.ScoreWork`
+    with ``echo``, each prompt is also scored token by token (a :class:`~server.engine.protocol.ScoreWork`
     beside its generation) and returned before the completion."""
 
     endpoint, id_prefix, param, items_param = COMPLETIONS_ENDPOINT, "cmpl", "prompt", "prompt"
@@ -319,30 +316,29 @@ class CompletionServing(GenerationServing):
         if not request.echo:
             return await super().create(request, report)
         self.check(request)
-        loop = asyncio.get_running_loop()
-        works, prompts = await self.tokenizing.run(self.prepare, request, loop)
+        works, prompts = await self.tokenizing.run(self.prepare, request)
         deadline = works[0].deadline if works else time.monotonic() + self.settings.request_timeout
-        scores = [self.score_work(request, p, deadline, loop) for p in prompts]
-        self.scheduler.submit(scores + works)
+        scores = [self.score_work(request, p, deadline) for p in prompts]
+        futures = self.engine.submit(scores + works)
         self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(p) for p in prompts) * request.n)
         try:
-            results = await self.scheduler.wait(scores + works, self.settings.request_timeout)
+            results = await self.engine.wait(futures, self.settings.request_timeout)
         finally:
-            for w in scores + works:
-                w.future.cancel()
-        scored, seqs = results[:len(scores)], results[len(scores):]
+            for f in futures:
+                f.cancel()
+        scored, gens = results[:len(scores)], results[len(scores):]
         choices = []
         for i, prompt in enumerate(prompts):
             for j in range(request.n):
-                seq = seqs[i * request.n + j] if seqs else None
-                choices.append(self.echo_choice(request, len(choices), prompt, request.prompts[i], scored[i], seq,
+                gen = gens[i * request.n + j] if gens else None
+                choices.append(self.echo_choice(request, len(choices), prompt, request.prompts[i], scored[i], gen,
                                                 scores[i].num_samples))
         p = sum(len(x) for x in prompts) * request.n
-        c = sum(len(s.tokens) for s in seqs)
+        c = sum(len(g.tokens) for g in gens)
         usage = CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
         return self.response_of(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), choices, usage)
 
-    def score_work(self, request: CompletionRequest, prompt: list[int], deadline: float, loop) -> ScoreWork:
+    def score_work(self, request: CompletionRequest, prompt: list[int], deadline: float) -> ScoreWork:
         """The scoring of an echoed prompt; 400 if its forward would pad more tokens than an item may."""
         K = request.num_samples or self.settings.samples
         limit = self.settings.item_token_limit
@@ -351,25 +347,24 @@ class CompletionServing(GenerationServing):
                              f"{K * len(prompt)} padded tokens; at most {limit} are allowed per item (the server's "
                              f"--max-item-tokens): send a shorter prompt or fewer num_samples", param="prompt",
                              code="item_too_large")
-        return ScoreWork(list(prompt), self.model.config.seed, K, request.logprobs or 0, deadline,
-                         loop.create_future())
+        return ScoreWork(list(prompt), self.model.config.seed, K, request.logprobs or 0, deadline)
 
     def echo_choice(self, request: CompletionRequest, index: int, prompt: list[int], given: str | list[int],
-                    scored: list[TokenInfo], seq: GenSequence | None, K: int) -> CompletionChoice:
+                    scored: list[TokenInfo], gen: Generated | None, K: int) -> CompletionChoice:
         """The prompt (as given, or its ids decoded) and its scores, then the completion's (if any)."""
         text = given if isinstance(given, str) else self.tokenizer.decode(prompt)
-        tokens = scored + (seq.tokens if seq is not None else [])
+        tokens = scored + (gen.tokens if gen is not None else [])
         unc = self._uncertainty(K, tokens, TokenInfo.summarize(tokens), first=prompt[0])
-        return CompletionChoice(index=index, text=text + (seq.text if seq is not None else ""),
-                                finish_reason=seq.finish_reason if seq is not None else "length",
+        return CompletionChoice(index=index, text=text + (gen.text if gen is not None else ""),
+                                finish_reason=gen.finish_reason if gen is not None else "length",
                                 logprobs=self._logprobs(tokens, request.logprobs, first=prompt[0])
                                 if request.logprobs is not None else None, uncertainty=unc)
 
-    def choice(self, request: CompletionRequest, index: int, seq: GenSequence) -> CompletionChoice:
-        return CompletionChoice(index=index, text=seq.text, finish_reason=seq.finish_reason,
-                                logprobs=self._logprobs(seq.tokens, request.logprobs)
+    def choice(self, request: CompletionRequest, index: int, gen: Generated) -> CompletionChoice:
+        return CompletionChoice(index=index, text=gen.text, finish_reason=gen.finish_reason,
+                                logprobs=self._logprobs(gen.tokens, request.logprobs)
                                 if request.logprobs is not None else None,
-                                uncertainty=self._uncertainty(seq.params.num_samples, seq.tokens, seq.summary()))
+                                uncertainty=self._uncertainty(gen.num_samples, gen.tokens, gen.summary))
 
     def response_of(self, rid, created, choices, usage) -> CompletionResponse:
         return CompletionResponse(id=rid, created=created, model=self.model_id, choices=choices, usage=usage)
@@ -426,13 +421,13 @@ class ChatServing(GenerationServing):
             raise BadRequest(f"'messages': {e}", param="messages") from None
         return [self.tokenizer(text, add_special_tokens=False).input_ids]
 
-    def choice(self, request: ChatCompletionRequest, index: int, seq: GenSequence) -> ChatChoice:
-        unc = self._uncertainty(seq.params.num_samples, seq.tokens, seq.summary())
+    def choice(self, request: ChatCompletionRequest, index: int, gen: Generated) -> ChatChoice:
+        unc = self._uncertainty(gen.num_samples, gen.tokens, gen.summary)
         if request.response_format is not None and request.response_format.is_json:
-            fields = seq.field_uncertainty([self._piece(t.token_id) for t in seq.tokens])
+            fields = TokenInfo.field_uncertainty(gen.text, [self._piece(t.token_id) for t in gen.tokens], gen.tokens)
             unc.fields = {k: FieldUncertainty(**v) for k, v in fields.items()} if fields is not None else None
-        return ChatChoice(index=index, message=ChatMessageOut(content=seq.text), finish_reason=seq.finish_reason,
-                          logprobs=self._logprobs(seq.tokens) if request.logprobs else None, uncertainty=unc)
+        return ChatChoice(index=index, message=ChatMessageOut(content=gen.text), finish_reason=gen.finish_reason,
+                          logprobs=self._logprobs(gen.tokens) if request.logprobs else None, uncertainty=unc)
 
     def grammar(self, request: ChatCompletionRequest) -> str | None:
         """A JSON response_format's grammar (compiled here, on the tokenizing thread; milliseconds)."""

@@ -71,6 +71,8 @@ class Metrics:
                                            namespace=ns, registry=r, buckets=BATCH_BUCKETS)
         self.kv_rows = Gauge("kv_cache_rows", "KV cache rows held by active sequences (sequences x K)",
                              ["model"], namespace=ns, registry=r)
+        self.kv_rows_max = Gauge("kv_cache_rows_max", "the most KV cache rows held at once since the server "
+                                 "started (bounded by --max-kv-rows)", ["model"], namespace=ns, registry=r)
         self.sigma = Gauge("posterior_sigma", "the posterior's sigma", ["model"], namespace=ns, registry=r)
         self.weight_samples = Gauge("weight_samples", "the default K", ["model"], namespace=ns, registry=r)
         self.info = Info("model", "the served model", ["model"], namespace=ns, registry=r)
@@ -79,6 +81,8 @@ class Metrics:
         self.queue_depth.labels(model).set(0)
         self.running.labels(model).set(0)
         self.kv_rows.labels(model).set(0)
+        self.kv_rows_max.labels(model).set(0)
+        self._kv_rows_max = 0
         self.generation_tokens.labels(model)
         self.answers.labels(model)
         self.prediction_set_size.labels(model)
@@ -150,6 +154,9 @@ class Metrics:
         for gauge, value in ((self.queue_depth, queued), (self.running, running), (self.kv_rows, kv_rows)):
             if value is not None:
                 gauge.labels(self.model).set(value)
+        if kv_rows is not None and kv_rows > self._kv_rows_max:
+            self._kv_rows_max = kv_rows
+            self.kv_rows_max.labels(self.model).set(kv_rows)
 
     def set_posterior(self, sigma: float, num_samples: int, info: dict[str, str]) -> None:
         self.sigma.labels(self.model).set(sigma)

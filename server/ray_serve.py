@@ -16,7 +16,7 @@ How tfb's semantics map onto Ray's:
 - health: Ray's replica health check (``check_health``) is tfb's readiness (status ready).
 - shutdown: Ray stops routing to the replica and waits for its ongoing requests (streams
   included) up to ``graceful_shutdown_timeout_s`` (tfb's request timeout + 30 s); then the
-  app's lifespan drains tfb's scheduler (status draining, in-flight work finished) and stops.
+  app's lifespan drains tfb's engine (status draining, in-flight work finished) and stops.
 - autoscaling on ongoing requests per replica: ``target_ongoing_requests`` is tfb's
   ``max_batch_size`` (one full batch per replica is where batching pays off) and
   ``max_ongoing_requests`` is twice that (one batch in the forward, one forming); requests
@@ -66,10 +66,11 @@ FORWARDED_ENV = ("TFB_", "HF_", "TRANSFORMERS_")
 
 @serve.ingress()  # the FastAPI app is built in the replica (__serve_build_asgi_app__)
 class TFBReplica:
-    """One tfb server (model, scheduler, metrics) in one Ray Serve replica."""
+    """One tfb server (model, engine, metrics) in one Ray Serve replica."""
 
     async def __init__(self, settings: Settings, metrics_port: int = 0):
-        from .app import build_app, freeze_heap
+        from .app import build_app
+        from .lifecycle import freeze_heap
 
         logging.getLogger().setLevel(settings.log_level.upper())
         ctx = serve.get_replica_context()
@@ -132,10 +133,10 @@ def _ready_and_drain(inner, state):
 
 
 async def drain(state, timeout: float) -> None:
-    """tfb's drain: new requests get 503, the scheduler finishes what it holds (or times out)."""
+    """tfb's drain: new requests get 503, the engine finishes what it holds (or times out)."""
     state.status = "draining"
     deadline = time.monotonic() + timeout
-    while state.scheduler is not None and not state.scheduler.idle and time.monotonic() < deadline:
+    while state.engine is not None and not state.engine.idle and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 
@@ -303,7 +304,7 @@ def app(args: dict | None = None):
         raise TFBError(f"unknown arguments {sorted(set(args) - known)}; known: {sorted(known)}")
     from argparse import Namespace
 
-    from .cli import settings_from_args
+    from .settings import settings_from_args
 
     if not ray.is_initialized():  # serve run builds the app before it connects; connect as it would
         ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")

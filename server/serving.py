@@ -3,26 +3,25 @@
 :class:`ChoicesServing` (event-loop side) validates against the model (context length,
 ``num_samples`` limit), tokenizes with ``tfb_core.encoding`` (with the event loop's own
 copy of the tokenizer: the worker decodes generated text with the posterior's), queues one
-:class:`~server.engine.ChoiceWork` per item, awaits, answers. The worker side
-(:class:`~server.engine.ModelRunner`, the only code that touches the model) is in
-server/engine.py.
+:class:`~server.engine.protocol.ChoiceWork` per item, awaits, answers. The engine side
+(:class:`~server.engine.core.ModelRunner`, the only code that touches the model) is in
+server/engine/core.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from tfb_core import MCItem, Metric, Mode, ScoreOptions, SearchConfig, TFBError, encoding
 
-from .engine import ChoiceOutput, ChoiceWork
+from .engine.client import EngineClient, check_room
+from .engine.protocol import ChoiceOutput, ChoiceWork
 from .errors import BadRequest
 from .limits import Tokenizing, check_chars, check_samples
 from .loader import ServedModel
 from .metrics import Metrics
 from .protocol import (ChoiceItem, ChoiceResult, ChoicesBatchRequest, ChoicesBatchResponse,
                        CalibrationInfo, PredictionSet, UncertaintyOut, Usage)
-from .scheduler import Scheduler, check_room
 from .settings import Settings
 
 CHOICES_ENDPOINT = "/v1/choices"
@@ -31,13 +30,13 @@ CHOICES_ENDPOINT = "/v1/choices"
 class ChoicesServing:
     """``POST /v1/choices``: validate, tokenize, queue, await, answer."""
 
-    def __init__(self, model: ServedModel, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+    def __init__(self, model: ServedModel, engine: EngineClient, settings: Settings, metrics: Metrics,
                  tokenizing: Tokenizing | None = None):
         self.model = model
         self.model_id = model.model_id
         self.tokenizer = model.tokenizer
         self.tokenizing = tokenizing or Tokenizing()  # the one thread that uses it
-        self.scheduler = scheduler
+        self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.context = model.context
@@ -88,14 +87,11 @@ class ChoicesServing:
         for i, (item, opts) in enumerate(zip(items, options)):
             self.check(item, opts, f"items.{i}." if batch else "")
         # before tokenizing (submit checks again)
-        check_room(True, self.scheduler.depth, len(items), self.settings.max_queue)
-        loop = asyncio.get_running_loop()
+        check_room(True, self.engine.depth, len(items), self.settings.max_queue)
         deadline = time.monotonic() + self.settings.request_timeout
-        work = await self.tokenizing.run(lambda: [self.prepare(item, opts, f"items.{i}." if batch else "", loop,
-                                                               deadline)
+        work = await self.tokenizing.run(lambda: [self.prepare(item, opts, f"items.{i}." if batch else "", deadline)
                                                   for i, (item, opts) in enumerate(zip(items, options))])
-        self.scheduler.submit(work)
-        outputs = await self.scheduler.wait(work, self.settings.request_timeout)
+        outputs = await self.engine.wait(self.engine.submit(work), self.settings.request_timeout)
         results = [self.result(i, item, opts, w, out)
                    for i, (item, opts, w, out) in enumerate(zip(items, options, work, outputs))]
         if not batch:
@@ -143,7 +139,7 @@ class ChoicesServing:
                              f"padded tokens; at most {limit} are allowed per item: use fewer choices or "
                              f"samples, or a shorter prompt", param=where[:-1] or None, code="item_too_large")
 
-    def prepare(self, item: ChoiceItem, options: ScoreOptions, where: str, loop, deadline: float) -> ChoiceWork:
+    def prepare(self, item: ChoiceItem, options: ScoreOptions, where: str, deadline: float) -> ChoiceWork:
         """Tokenize the item (on the tokenizing thread, after :meth:`check`) and check its size."""
         mc = MCItem(choices=list(item.choices), question=item.question,
                     prompt=item.prompt if item.prompt is not None else ("(messages)" if item.messages else None))
@@ -156,7 +152,7 @@ class ChoicesServing:
         except TFBError as e:
             field = next((f for f in ("prompt", "question", "messages") if getattr(item, f) is not None), "prompt")
             raise BadRequest(f"'{where}{field}': {e}", param=f"{where}{field}", code="invalid_value") from None
-        work = ChoiceWork(encoded, options.seed, options.num_samples, deadline, loop.create_future())
+        work = ChoiceWork(encoded, options.seed, options.num_samples, deadline)
         self.check_size(work, where)
         return work
 

@@ -6,11 +6,12 @@ nothing reads the environment later. A command-line flag wins over its environme
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tfb_core import Criterion, Mode, SearchConfig, TFBError
@@ -25,7 +26,8 @@ def _search(name: str, **constraints):
 class Settings(BaseSettings):
     """What the server loads and how it batches, limits and protects requests."""
 
-    model_config = SettingsConfigDict(env_prefix="TFB_", extra="ignore", frozen=True)
+    # populate_by_name: a field with a public name (its flag and variable) is also set by its own name
+    model_config = SettingsConfigDict(env_prefix="TFB_", extra="ignore", frozen=True, populate_by_name=True)
 
     # what to serve ---------------------------------------------------------------------------
     model: str | None = Field(None, description="base model: a Hugging Face directory or a built-in "
@@ -52,11 +54,12 @@ class Settings(BaseSettings):
     max_samples: int = Field(64, ge=1, description="the largest num_samples a request may ask for")
     device: str | None = Field(None, description="cuda, cuda:1, cpu (default: cuda when present)")
     dtype: str | None = Field(None, description="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
-    engine: Literal["auto", "static", "eager"] = Field("auto", description="how forwards run: static (Llama "
-                                                       "family: fused kernels and CUDA graphs on CUDA for "
-                                                       "scoring; a static KV cache for generation), eager "
-                                                       "(HF transformers as is), auto (static on CUDA when the "
-                                                       "model supports it, else eager)")
+    # the kind of kernels; users name it --engine and TFB_ENGINE (an alias's variable takes no
+    # prefix: "tfb_engine"); "engine" in the code is server/engine/
+    engine_kind: Literal["auto", "static", "eager"] = Field(
+        "auto", validation_alias=AliasChoices("engine", "tfb_engine"), description="how forwards run: static (Llama family: fused kernels "
+        "and CUDA graphs on CUDA for scoring; a static KV cache for generation), eager (HF transformers as is), "
+        "auto (static on CUDA when the model supports it, else eager)")
     chat: bool | None = Field(None, description="wrap 'question'/'prompt' in the chat template (default: "
                               "what the posterior records; requests may override)")
 
@@ -138,6 +141,13 @@ class Settings(BaseSettings):
                                 "the API process keeps 1); docs/operations.md has timings on an idle and a "
                                 "loaded CPU")
 
+    @classmethod
+    def public_name(cls, name: str) -> str:
+        """The name users type for field ``name``: its flag is ``--`` and this with dashes, its
+        variable ``TFB_`` and this in capitals."""
+        alias = cls.model_fields[name].validation_alias
+        return alias.choices[0] if isinstance(alias, AliasChoices) else name
+
     def given(self, name: str) -> bool:
         """Whether ``name`` was set (a flag, a ``TFB_*`` variable, an argument), not defaulted."""
         return name in self.model_fields_set
@@ -217,3 +227,17 @@ class Settings(BaseSettings):
     def item_token_limit(self) -> int:
         """The most padded tokens (rows x longest row) one /v1/choices item may need."""
         return self.max_item_tokens or self.max_batch_tokens
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the flags given (``tfb serve``'s), then ``TFB_*`` variables, then defaults; read once."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and k != "log_level"}
+    if hasattr(args, "serve_log_level"):
+        given["log_level"] = args.serve_log_level
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        where = f"--{field.replace('_', '-')} / TFB_{field.upper()}: " if field else ""
+        raise TFBError(where + err["msg"].removeprefix("Value error, ")) from None

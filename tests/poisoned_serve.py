@@ -55,8 +55,10 @@ if __name__ in ("__main__", "__mp_main__"):  # (imported by the test for its con
     # loads the model with loader.load: the poisoned model is the one served
     loader.load = poisoned_load  # before server.app binds it as build_app's default
 if __name__ == "__main__":
+    import inspect
+
     import server.app
     from server.cli import main
 
-    assert server.app.build_app.__defaults__[-1] is poisoned_load
+    assert inspect.signature(server.app.build_app).parameters["load"].default is poisoned_load
     sys.exit(main(sys.argv[1:]))

@@ -82,12 +82,107 @@ def wait_ready(url: str, timeout: float = 120, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
+class Faults:
+    """What a :class:`FaultyRunner` does wrong, switched on and off by a test while its server runs:
+    each field, when set, is raised by that part of the model's work (``admit``: a prefill;
+    ``step``: a decode step and its per-sequence rerun; ``score``: a scoring forward)."""
+
+    def __init__(self):
+        self.admit: BaseException | None = None
+        self.step: BaseException | None = None
+        self.score: BaseException | None = None
+        self.gate: threading.Event | None = None  # set: each scoring forward waits for it
+        self.steps: threading.Semaphore | None = None  # set: each decode step takes one (the test releases them)
+        self.entered = threading.Event()  # a scoring forward has started (and waits at the gate)
+
+    def clear(self) -> None:
+        self.admit = self.step = self.score = self.gate = None
+        if self.steps is not None:  # let a held decode step go
+            self.steps.release(1_000_000)
+            self.steps = None
+        self.entered.clear()
+
+    def hold(self) -> threading.Event:
+        """Make every scoring forward wait until the returned event is set."""
+        self.entered.clear()
+        self.gate = threading.Event()
+        return self.gate
+
+
+def faulty_runner(faults: Faults):
+    """``build_app(..., runner=faulty_runner(faults))``: the server's own ModelRunner, whose
+    forwards and decoder raise what ``faults`` holds at the time."""
+    from server.engine.core import ModelRunner
+
+    class FaultyDecoder:
+        def __init__(self, decoder):
+            self._decoder = decoder
+
+        def __getattr__(self, name):
+            return getattr(self._decoder, name)
+
+        def admit(self, seqs):
+            if faults.admit is not None:
+                raise faults.admit
+            return self._decoder.admit(seqs)
+
+        def step(self):
+            steps = faults.steps
+            if steps is not None:
+                assert steps.acquire(timeout=60), "the test never let the decode step go"
+            if faults.step is not None:
+                raise faults.step
+            return self._decoder.step()
+
+        def step_each(self):
+            if faults.step is not None:
+                raise faults.step
+            return self._decoder.step_each()
+
+    class FaultyRunner(ModelRunner):
+        def score(self, kind, items):
+            gate = faults.gate
+            if gate is not None:
+                faults.entered.set()
+                assert gate.wait(60), "the test never let the forward go"
+            if faults.score is not None:
+                raise faults.score
+            return super().score(kind, items)
+
+        def decoder(self):
+            return FaultyDecoder(super().decoder())
+
+    return FaultyRunner
+
+
+class RunnerLog:
+    """``build_app(..., runner=log.runner)``: the server's own ModelRunner, recorded with every decoder
+    it makes (``runners``, ``decoders``), for tests that check which engine served."""
+
+    def __init__(self):
+        self.runners: list = []
+        self.decoders: list = []
+
+    def runner(self, loaded, metrics, kind):
+        from server.engine.core import ModelRunner
+
+        log = self
+
+        class Recorded(ModelRunner):
+            def decoder(self):
+                log.decoders.append(super().decoder())
+                return log.decoders[-1]
+
+        self.runners.append(Recorded(loaded, metrics, kind))
+        return self.runners[-1]
+
+
 class ServerThread:
     """``build_app(settings)`` under a real uvicorn.Server in a thread. Its engine runs in this
-    process (so a test can reach its scheduler and runner) unless ``engine_process=True``;
+    process (on a thread; the test's CPU is shared) unless ``engine_process=True``;
     tests/test_engine_process.py checks that the two layouts answer the same."""
 
-    def __init__(self, settings=None, load=None, **overrides):
+    def __init__(self, settings=None, load=None, runner=None, **overrides):
         import uvicorn
 
         from server.app import build_app
@@ -102,7 +197,8 @@ class ServerThread:
             settings = settings.model_copy(update={"engine_process": False})
         if not settings.given("threads"):
             settings = settings.model_copy(update={"threads": 1})
-        self.app = build_app(settings, load) if load else build_app(settings)
+        kwargs = {k: v for k, v in (("load", load), ("runner", runner)) if v is not None}
+        self.app = build_app(settings, **kwargs)
         settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning", lifespan="on"))
         self.url = f"http://127.0.0.1:{self.port}"
@@ -111,6 +207,11 @@ class ServerThread:
     @property
     def state(self):
         return self.app.state.tfb
+
+    @property
+    def loop(self):
+        """The server's event loop (once started)."""
+        return self.server.servers[0].get_loop()
 
     def start(self, wait: bool = True) -> "ServerThread":
         self.thread.start()
@@ -162,6 +263,20 @@ def tiny_posterior(root: Path, sigma: float = 0.5) -> tuple[Path, Path]:
 
     base = tiny.make_llama(root / "base")
     return base, bayesianized(base, tiny.make_lora(base, root / "lora"), root / "post", sigma=sigma)
+
+
+def post_and_leave(url: str, body: dict, until) -> None:
+    """POST ``body`` as JSON to ``url`` on a socket of its own, and close that socket (the client
+    goes away before its answer) once ``until()`` holds (waited for with :func:`wait_for`)."""
+    import json
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    data = json.dumps(body).encode()
+    with socket.create_connection((where.hostname, where.port)) as sock:
+        sock.sendall(f"POST {where.path} HTTP/1.1\r\nHost: {where.hostname}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        wait_for(until, what="the request at the point where its client leaves")
 
 
 def leave_stream(url: str, body: dict, events: int = 3) -> None:

@@ -56,7 +56,9 @@ def gone(pid: int) -> bool:
 
 def test_scoring_and_the_model_description_are_the_same(servers):
     here, apart = servers
-    assert apart.state.runner is None and apart.state.loaded is None  # no model in the API process
+    from server.engine.client import InprocClient, ProcClient
+
+    assert isinstance(apart.state.engine, ProcClient) and isinstance(here.state.engine, InprocClient)
     assert httpx.get(apart.url + "/v1/posterior").json() == httpx.get(here.url + "/v1/posterior").json()
     card, expected = (httpx.get(x.url + "/v1/models").json()["data"][0] for x in (apart, here))
     assert {**card, "created": 0} == {**expected, "created": 0}
@@ -124,7 +126,7 @@ def test_a_client_that_leaves_frees_its_rows_in_the_engine_process(servers):
     leave_stream(f"{apart.url}/v1/completions", body)  # the client goes away after 3 events
     wait_for(lambda: metric(apart, "tfb_kv_cache_rows") == 0 and metric(apart, "tfb_requests_running") == 0,
              timeout=20, what="the abandoned stream's rows freed in the engine process")
-    assert apart.state.scheduler.idle
+    assert apart.state.engine.idle
     assert metric(apart, "tfb_generation_tokens_total") < 400 + 100  # it stopped, not ran to 400
     r = httpx.post(f"{apart.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
@@ -157,7 +159,7 @@ def test_concurrent_streams_each_get_their_own_tokens(servers):
 def test_the_engine_process_exiting_fails_open_requests_and_the_server(dirs):
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True) as s:
-        engine = s.state.scheduler.process
+        engine = s.state.engine.process
         results = {}
         body = {"model": MODEL, "prompt": "A very long story begins", "max_tokens": 500, "n": 4}
 
@@ -221,7 +223,7 @@ def test_a_signal_to_the_engine_process_alone_does_not_cut_its_requests(dirs):
     acts on it (it drains, then stops the engine process)."""
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True) as s:
-        engine = s.state.scheduler.process
+        engine = s.state.engine.process
         for sig in (signal.SIGTERM, signal.SIGINT):
             os.kill(engine.pid, sig)
         r = httpx.post(s.url + "/v1/choices", json=QUESTION, timeout=60)
@@ -229,15 +231,19 @@ def test_a_signal_to_the_engine_process_alone_does_not_cut_its_requests(dirs):
     assert not engine.is_alive()  # stopped with the server
 
 
-def test_stopping_while_the_engine_process_loads_stops_it(dirs):
+def test_stopping_while_the_engine_process_loads_stops_it(dirs, tmp_path, monkeypatch):
+    import tempfile
+
     base, post = dirs
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the socket's directory is made
     s = ServerThread(model=str(base), adapter=post, samples=K, device="cpu", engine_process=True).start(wait=False)
-    engine = wait_for(lambda: s.state.engine is not None and s.state.engine._outbox is not None and s.state.engine,
-                      what="the engine process connected")
+    # the socket's directory is removed once the engine process has connected
+    engine = wait_for(lambda: s.state.engine is not None and s.state.engine.process is not None
+                      and not any(tmp_path.iterdir()) and s.state.engine, what="the engine process connected")
     s.stop()  # while it loads (or just after): it stops itself, it is not killed
     assert not s.thread.is_alive()
     assert engine.process.exitcode == 0
-    assert not Path(engine._dir).exists()  # the socket's directory is gone
+    assert not any(tmp_path.iterdir())  # no socket directory left behind
 
 
 def test_a_full_queue_is_a_429_from_the_api_process(dirs):
@@ -251,27 +257,27 @@ def test_a_full_queue_is_a_429_from_the_api_process(dirs):
         done = []
 
         def post_short():
-            done.append(httpx.post(f"{s.url}/v1/completions", json=short, timeout=120).status_code)
+            done.append(httpx.post(f"{s.url}/v1/completions", json=short, timeout=600).status_code)
 
-        s.state.scheduler.pause()  # sent before the requests: the engine takes none of them
+        s.state.engine.pause()  # sent before the requests: the engine takes none of them
         threads = [threading.Thread(target=post_short) for _ in range(2)]
         try:
             for t in threads:
                 t.start()
             # queued in the engine process (its gauge), not only counted as sent by the API process
             wait_for(lambda: metric(s, "tfb_queue_depth") == 2, what="two requests queued in the engine")
-            assert s.state.scheduler.depth == 2
+            assert s.state.engine.depth == 2
             # streamed: the 429 comes before the stream starts (the API process checks), not as an event
             r = httpx.post(f"{s.url}/v1/completions", json={**short, "stream": True}, timeout=60)
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
             assert r.headers["retry-after"] == "1"
             assert done == []  # held: nothing ran
         finally:
-            s.state.scheduler.resume()
+            s.state.engine.resume()
             for t in threads:
-                t.join(120)
+                t.join(600)  # the queued requests are all that runs: a safety net, not a margin
         assert done == [200, 200]  # the queued ones ran once resumed
-        wait_for(lambda: s.state.scheduler.depth == 0, what="the queue empty again")
+        wait_for(lambda: s.state.engine.depth == 0, what="the queue empty again")
 
 
 def test_a_load_function_of_the_callers_runs_in_process_and_an_explicit_engine_process_is_refused(monkeypatch):
@@ -295,13 +301,13 @@ def test_messages_carry_tensors_exactly():
 
     import torch
 
-    from server.engine_process import dumps
+    from server.engine.protocol import Finished, dumps
 
     whole = torch.randn(64, 4, dtype=torch.float64)
     tensors = [whole[3:5], torch.rand(10, 4), torch.arange(6).reshape(2, 3).t(), torch.randn(3).bfloat16(),
                torch.randn(4)._neg_view(), torch.tensor(2.5), torch.zeros(0, 4), torch.ones(3, requires_grad=True)]
-    back = pickle.loads(dumps([("done", i, t) for i, t in enumerate(tensors)]))
-    for (_, _, b), t in zip(back, tensors):
+    back = pickle.loads(dumps([Finished(i, t) for i, t in enumerate(tensors)]))
+    for b, t in zip((f.result for f in back), tensors):
         assert b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t.detach()) and not b.requires_grad
     assert len(dumps(whole[3:5])) < len(dumps(whole)) < len(pickle.dumps(whole[3:5]))  # torch: all its storage
 
@@ -311,7 +317,7 @@ def test_the_sockets_directory_is_private_and_short_enough(tmp_path, monkeypatch
     there is none to be had, a message that says what to do."""
     import tempfile
 
-    from server.engine_process import MAX_SOCKET_PATH, SOCKET, socket_dir
+    from server.engine.proc import MAX_SOCKET_PATH, SOCKET, socket_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     here = socket_dir()
@@ -325,3 +331,39 @@ def test_the_sockets_directory_is_private_and_short_enough(tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     with pytest.raises(OSError, match="set TMPDIR to a writable directory, or serve with --no-engine-process"):
         socket_dir()
+
+
+def test_an_output_that_does_not_pickle_fails_its_own_item_only():
+    """The engine process's outbox: a turn's outputs and metric calls go as one EngineOutputs; an
+    output that does not pickle becomes its item's error, and the rest of the turn still goes."""
+    import asyncio
+    import pickle
+
+    from server.engine.proc import Merge, unpicklable
+    from server.engine.protocol import HEADER, EngineOutputs, EngineStats, Failed, Finished, MetricCall, Outbox
+
+    class Writer:
+        def __init__(self):
+            self.data = b""
+
+        def is_closing(self):
+            return False
+
+        def write(self, data):
+            self.data += data
+
+    async def main():
+        writer = Writer()
+        out = Outbox(asyncio.get_running_loop(), writer, Merge(), unpicklable)
+        out.put(EngineOutputs([Finished(1, "fine")], EngineStats(depth=3, seen=2)))
+        out.put(MetricCall("set_work", (), {"running": 1}))
+        out.put(EngineOutputs([Finished(2, lambda: None)], EngineStats(depth=2, seen=2)))  # a lambda: no pickle
+        out.flush()
+        return writer.data
+
+    data = asyncio.run(main())
+    [message] = pickle.loads(data[HEADER.size:])
+    assert message.stats.depth == 2 and message.stats.metrics == [MetricCall("set_work", (), {"running": 1})]
+    good, bad = message.outputs
+    assert good == Finished(1, "fine")
+    assert isinstance(bad, Failed) and bad.id == 2 and bad.error.status == 500

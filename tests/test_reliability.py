@@ -15,7 +15,10 @@ import torch
 from poisoned_serve import NAN_WORD, RAISE_WORD, poison_decode, poison_embeddings  # prompts holding these poison the forward
 from server import loader
 from server.limits import TokenBound
-from server_helpers import ServerThread, metric, start_cli, tiny_posterior, wait_for, wait_ready
+from server_helpers import (Faults, ServerThread, faulty_runner, metric, post_and_leave, start_cli, tiny_posterior,
+                            wait_for, wait_ready)
+
+FAULTS = Faults()  # what the srv fixture's model does wrong (nothing, unless a test says)
 
 K = 3
 
@@ -29,7 +32,7 @@ def dirs(tmp_path_factory):
 def srv(dirs):
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=K, max_wait_ms=5, max_queue=16,
-                      max_kv_rows=12) as s:
+                      max_kv_rows=12, runner=faulty_runner(FAULTS)) as s:
         yield s
 
 
@@ -162,7 +165,7 @@ def test_a_failing_decode_step_fails_only_the_request_whose_rows_fail(dirs, engi
                         port=free_port())
     with ServerThread(settings=settings, load=poisoned_decode_load) as s:
         model = model_of(s)
-        tok = s.state.loaded.post.tokenizer
+        tok = s.state.model.tokenizer
         words = " ".join(["go"] * 60)
         ids = tok(words).input_ids[:POISON_POSITION - 3]  # its 4th decode step feeds position 40
         poison_prompt = tok.decode(ids)
@@ -388,25 +391,20 @@ def test_generation_kv_rows_are_bounded_per_request_and_overall(srv):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "too_many_kv_rows" and "18 KV cache rows" in err["message"] and "12" in err["message"]
-    peak = []
     body = {"model": model, "prompt": "Hello there", "n": 4, "max_tokens": 30, "temperature": 0}
     results = []
-
-    def watch():
-        while len(results) < 2:
-            peak.append(srv.state.runner.engine.kv_rows)
-            time.sleep(0.002)
 
     def one():
         results.append(httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60))
 
-    threads = [threading.Thread(target=f) for f in (watch, one, one)]
+    threads = [threading.Thread(target=one) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert [r.status_code for r in results] == [200, 200]
-    assert max(peak) <= 12
+    # every change of the rows held is recorded; the most at once since the server started
+    assert 8 <= metric(srv, "tfb_kv_cache_rows_max") <= 12
 
 
 def test_more_items_than_the_queue_holds_is_a_400_not_a_429(srv):
@@ -449,25 +447,25 @@ def test_a_lone_surrogate_is_a_400_on_every_endpoint_and_the_connection_stays(sr
 
 
 def test_a_non_stream_client_that_leaves_ends_its_work(srv):
-    """A chat request dropped after 0.3 s stops generating at once and is counted as
-    client_closed, not 200."""
+    """A chat request whose client goes away while it generates stops generating at once and is
+    counted as client_closed, not 200; so does a queued one whose client leaves."""
     body = {"model": model_of(srv), "max_tokens": 400, "n": 4, "temperature": 0,
             "messages": [{"role": "user", "content": "Tell me everything."}]}
     before = metric(srv, "tfb_generation_tokens_total")
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=0.3)
+    post_and_leave(f"{srv.url}/v1/chat/completions", body,
+                   until=lambda: metric(srv, "tfb_generation_tokens_total") > before)  # it generates
     wait_for(lambda: metric(srv, "tfb_requests_total", endpoint="/v1/chat/completions",
                             status="client_closed") == 1)
     wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 0 and metric(srv, "tfb_requests_running") == 0)
     assert metric(srv, "tfb_generation_tokens_total") - before < 4 * 400
     items = [{"question": f"q{i}", "choices": ["a", "b", "c"], "num_samples": 8} for i in range(16)]
-    srv.state.scheduler.pause()  # the request is queued, not answered, when its client leaves
+    srv.state.engine.pause()  # the request is queued, not answered, when its client leaves
     try:
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{srv.url}/v1/choices", json={"items": items}, timeout=3.0)
+        post_and_leave(f"{srv.url}/v1/choices", {"items": items}, until=lambda: metric(srv, "tfb_queue_depth") == 16)
         wait_for(lambda: metric(srv, "tfb_requests_total", endpoint="/v1/choices", status="client_closed") == 1)
     finally:
-        srv.state.scheduler.resume()
+        srv.state.engine.resume()
+    wait_for(lambda: metric(srv, "tfb_queue_depth") == 0, what="the abandoned items dropped")
 
 
 # --- access and leaks (G, H) ----------------------------------------------------------------------
@@ -581,7 +579,7 @@ def test_a_stream_whose_client_leaves_before_its_body_starts_is_client_closed_an
              "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json"),
                                                               (b"content-length", str(len(body)).encode())],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", srv.port)}
-    loop = srv.state.scheduler._task.get_loop()
+    loop = srv.loop
     try:
         asyncio.run_coroutine_threadsafe(srv.app(scope, receive, send), loop).result(60)
     except (OSError, ClientDisconnect):  # 2.4: raised out of the app, as a server expects
@@ -595,25 +593,38 @@ def test_a_stream_whose_client_leaves_before_its_body_starts_is_client_closed_an
 
 def test_scoring_goes_past_generation_waiting_for_kv_rows(srv):
     """While generation waits for KV rows (--max-kv-rows 12: one request holds 12, the next
-    needs 3), /v1/choices is answered at once, not after the running generation ends; the
-    waiting generation runs when the rows free up."""
+    needs 3), /v1/choices is answered in the engine's next turn, not after the running generation
+    ends; the waiting generation runs when the rows free up. The test lets the engine's decode
+    steps go one at a time: the first generation cannot end while the question is answered."""
     model = model_of(srv)
     results: dict = {}
 
+    def post(name, path, body):
+        results[name] = httpx.post(f"{srv.url}{path}", json=body, timeout=120)
+
     def gen(name, n, max_tokens):
         body = {"model": model, "prompt": f"{name}: tell me", "n": n, "max_tokens": max_tokens, "temperature": 0}
-        results[name] = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
+        return threading.Thread(target=post, args=(name, "/v1/completions", body))
 
-    first = threading.Thread(target=gen, args=("first", 4, 400))
-    first.start()
-    wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 12)
-    second = threading.Thread(target=gen, args=("second", 1, 4))
-    second.start()
-    wait_for(lambda: metric(srv, "tfb_queue_depth") == 1)  # it waits for rows
-    r = httpx.post(f"{srv.url}/v1/choices", json={"question": "Quick?", "choices": ["yes", "no"]}, timeout=120)
-    assert r.status_code == 200, r.text
-    assert "first" not in results, "scoring waited for the running generation to end"
-    assert metric(srv, "tfb_queue_depth") == 1
+    FAULTS.steps = threading.Semaphore(0)  # each decode step waits for the test
+    try:
+        first = gen("first", 4, 400)
+        first.start()
+        wait_for(lambda: metric(srv, "tfb_kv_cache_rows") == 12, what="the first admitted")  # its first step waits
+        second = gen("second", 1, 4)
+        question = threading.Thread(target=post, args=("question", "/v1/choices",
+                                                       {"question": "Quick?", "choices": ["yes", "no"]}))
+        second.start()
+        wait_for(lambda: srv.state.engine.depth == 1, what="the second sent")
+        question.start()
+        wait_for(lambda: srv.state.engine.depth == 2, what="the question sent")
+        FAULTS.steps.release()  # one decode step: the engine's next turn takes both, runs the question
+        question.join(120)
+        assert results["question"].status_code == 200, results["question"].text
+        assert "first" not in results  # it has run at most two of its 400 steps
+        assert metric(srv, "tfb_queue_depth") == 1  # the second waits for rows
+    finally:
+        FAULTS.clear()  # every step goes
     first.join(120)
     second.join(120)
     assert results["first"].status_code == 200 and results["second"].status_code == 200

@@ -374,7 +374,7 @@ def test_freeze_heap_puts_the_objects_alive_now_out_of_the_collectors_scans():
     import gc
     import weakref
 
-    from server.app import freeze_heap
+    from server.lifecycle import freeze_heap
 
     class Node:
         pass

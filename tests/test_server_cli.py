@@ -171,7 +171,8 @@ def test_failed_load_exits_1_with_the_reason(llama_dir, lora_dir, tmp_path, layo
 
 
 def test_served_model_name_is_the_model_id_everywhere(llama_dir, lora_dir, tmp_path):
-    from server.cli import settings_from_args
+    import server.cli  # noqa: F401 (registers `tfb serve`)
+    from server.settings import settings_from_args
     from tfb_core import TFBError
     from tfb_core.cli import build_parser
 
@@ -195,8 +196,8 @@ def test_served_model_name_is_the_model_id_everywhere(llama_dir, lora_dir, tmp_p
 
 
 def test_choice_limits_from_flags_and_env(monkeypatch):
-    from server.cli import settings_from_args
-    from server.settings import Settings
+    import server.cli  # noqa: F401 (registers `tfb serve`)
+    from server.settings import Settings, settings_from_args
     from tfb_core.cli import build_parser
 
     assert Settings().max_choices == 64 and Settings().item_token_limit == Settings().max_batch_tokens
@@ -373,3 +374,22 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path):
     assert err.strip().splitlines() == [
         f"tfb serve: error: 127.0.0.1:{port} is already in use (another server?): stop it, or choose another "
         f"--port / TFB_PORT"]
+
+
+def test_the_kind_of_kernels_is_set_by_engine_and_tfb_engine(monkeypatch):
+    """Settings.engine_kind is what users name --engine and TFB_ENGINE; a bad value names the flag."""
+    import server.cli  # noqa: F401 (registers `tfb serve`)
+    from server.settings import Settings, settings_from_args
+    from tfb_core import TFBError
+    from tfb_core.cli import build_parser
+
+    parse = build_parser().parse_args
+    monkeypatch.delenv("TFB_ENGINE", raising=False)
+    assert Settings().engine_kind == "auto" and Settings(engine="eager").engine_kind == "eager"
+    assert settings_from_args(parse(["serve", "--engine", "static"])).engine_kind == "static"
+    monkeypatch.setenv("TFB_ENGINE", "eager")
+    assert settings_from_args(parse(["serve"])).engine_kind == "eager"
+    assert settings_from_args(parse(["serve", "--engine", "static"])).engine_kind == "static"  # the flag wins
+    monkeypatch.setenv("TFB_ENGINE", "fast")
+    with pytest.raises(TFBError, match="^--engine / TFB_ENGINE: Input should be 'auto', 'static' or 'eager'"):
+        settings_from_args(parse(["serve"]))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny
-from server_helpers import ServerThread, bayesianized, leave_stream, metric, wait_for
+from server_helpers import Faults, ServerThread, bayesianized, faulty_runner, leave_stream, metric, wait_for
 from tfb_core.errors import TFBError
 from tfb_core.generation import SamplingParams, generate
 from tfb_core.models import load_base_model
@@ -152,13 +152,13 @@ def test_eight_concurrent_streams_are_batched_and_get_their_own_tokens(srv, clie
         results[i] = (text, chunks[-1].usage.completion_tokens)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    srv.state.scheduler.pause()  # all eight queue, then start together (not one by one as they come)
+    srv.state.engine.pause()  # all eight queue, then start together (not one by one as they come)
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: srv.state.scheduler.depth == 8, what="the eight streams queued")
+        wait_for(lambda: srv.state.engine.depth == 8, what="the eight streams queued")
     finally:
-        srv.state.scheduler.resume()
+        srv.state.engine.resume()
     for t in threads:
         t.join(120)
     assert [results[i][0] for i in range(8)] == expected
@@ -172,7 +172,6 @@ def test_disconnect_mid_stream_frees_the_slot(srv, model_id):
     leave_stream(f"{srv.url}/v1/completions", body)  # the client goes away after 3 events
     wait_for(lambda: metric(srv, "tfb_requests_running") == 0 and metric(srv, "tfb_kv_cache_rows") == 0,
              timeout=20, what="the abandoned stream's slot freed")
-    assert srv.state.runner.engine.decoder.batch is None  # no KV cache held (an idle EagerDecoder)
     # the server still answers
     r = httpx.post(f"{srv.url}/v1/completions", json={"model": model_id, "prompt": "x", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
@@ -224,13 +223,23 @@ def test_generation_metrics_move(srv, client, model_id):
 REQUEST_TIMEOUT = 120.0
 
 
+FAULTS = Faults()  # what the small server's model does wrong (nothing, unless a test says)
+
+
 @pytest.fixture(scope="module")
 def small(dirs):
-    """A server with a queue of two items and a request timeout of REQUEST_TIMEOUT."""
+    """A server with a queue of two items and a request timeout of REQUEST_TIMEOUT, whose runner
+    raises what FAULTS holds."""
     base, post = dirs
     with ServerThread(model=str(base), adapter=post, samples=K, max_wait_ms=20, max_queue=2,
-                      request_timeout=REQUEST_TIMEOUT) as s:
+                      request_timeout=REQUEST_TIMEOUT, runner=faulty_runner(FAULTS)) as s:
         yield s
+
+
+@pytest.fixture
+def faults():
+    yield FAULTS
+    FAULTS.clear()
 
 
 def sse(url: str, body: dict) -> tuple[list[str], float]:
@@ -250,11 +259,8 @@ def sse(url: str, body: dict) -> tuple[list[str], float]:
     ("/v1/completions", {"prompt": "Hello"}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}]}),
 ])
-def test_failed_prefill_ends_the_stream_at_once(small, monkeypatch, error, status, type_, path, extra):
-    def admit(works):
-        raise error
-
-    monkeypatch.setattr(small.state.runner.engine, "admit", admit)
+def test_failed_prefill_ends_the_stream_at_once(small, faults, error, status, type_, path, extra):
+    faults.admit = error
     model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
     body = {"model": model, "max_tokens": 4, **extra}
     data, seconds = sse(f"{small.url}{path}", {**body, "stream": True})
@@ -267,15 +273,12 @@ def test_failed_prefill_ends_the_stream_at_once(small, monkeypatch, error, statu
     r = httpx.post(f"{small.url}{path}", json=body, timeout=REQUEST_TIMEOUT + 30)
     assert r.status_code == status, r.text
     assert r.json()["error"]["type"] == type_
-    monkeypatch.undo()
+    faults.clear()
     assert httpx.post(f"{small.url}{path}", json=body, timeout=60).status_code == 200
 
 
-def test_failed_decode_step_ends_the_stream_with_its_error(small, monkeypatch):
-    def step():
-        raise RuntimeError("decode step exploded")
-
-    monkeypatch.setattr(small.state.runner.engine, "step", step)
+def test_failed_decode_step_ends_the_stream_with_its_error(small, faults):
+    faults.step = RuntimeError("decode step exploded")
     model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
     data, seconds = sse(f"{small.url}/v1/completions",
                         {"model": model, "prompt": "Hello", "max_tokens": 4, "stream": True})
@@ -283,7 +286,7 @@ def test_failed_decode_step_ends_the_stream_with_its_error(small, monkeypatch):
     assert json.loads(data[0])["choices"][0]["text"] is not None  # the prefill's token was sent
     err = json.loads(data[-1])["error"]
     assert err["message"] == "internal error: RuntimeError" and err["type"] == "server_error"
-    monkeypatch.undo()
+    faults.clear()
     r = httpx.post(f"{small.url}/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
 
@@ -334,24 +337,21 @@ def test_event_loop_and_worker_do_not_share_a_tokenizer(srv):
     """HF fast tokenizers can fail with 'Already borrowed' when two threads use one object: the
     event loop encodes with its own copy, the worker decodes generated text with the posterior's."""
     state = srv.state
-    worker = state.runner.post.tokenizer
+    worker = state.engine.loaded.post.tokenizer  # the posterior the in-process engine loaded
     assert state.completions.tokenizer is not worker and state.choices.tokenizer is not worker
     assert state.completions.tokenizer is state.choices.tokenizer
     text = "The capital of France is"
     assert state.completions.tokenizer(text).input_ids == worker(text).input_ids
 
 
-def test_out_of_accelerator_memory_is_a_503_and_the_server_goes_on(small, monkeypatch):
+def test_out_of_accelerator_memory_is_a_503_and_the_server_goes_on(small, faults):
     """A forward that runs out of GPU memory (the KV cache, activations) answers 503 with
     Retry-After, for scoring, generation and streams; the next request is served."""
-    def oom(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     model = httpx.get(f"{small.url}/v1/models").json()["data"][0]["id"]
     body = {"model": model, "max_tokens": 4, "prompt": "Hello"}
     choice = {"question": "2 + 2 =", "choices": ["4", "5"]}
-    monkeypatch.setattr(small.state.runner.engine, "admit", oom)
-    monkeypatch.setattr(small.state.runner, "choices_step", oom)
+    faults.admit = faults.score = oom
     for r in (httpx.post(f"{small.url}/v1/completions", json=body, timeout=60),
               httpx.post(f"{small.url}/v1/choices", json=choice, timeout=60)):
         assert r.status_code == 503, r.text
@@ -361,7 +361,7 @@ def test_out_of_accelerator_memory_is_a_503_and_the_server_goes_on(small, monkey
         assert "out of accelerator memory" in err["message"]
     data, _ = sse(f"{small.url}/v1/completions", {**body, "stream": True})
     assert json.loads(data[-1])["error"]["code"] == "out_of_memory"
-    monkeypatch.undo()
+    faults.clear()
     assert httpx.post(f"{small.url}/v1/completions", json=body, timeout=60).status_code == 200
     assert httpx.post(f"{small.url}/v1/choices", json=choice, timeout=60).status_code == 200
 
@@ -372,128 +372,143 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_frees_its_work
     next step)."""
     import asyncio
 
-    from server.engine import GenWork
+    from server.engine.protocol import GenWork
     from server.generating import CompletionServing
     from server.openai_protocol import CompletionRequest
-    from tfb_core.generation import GenSequence
 
     async def main():
         loop = asyncio.get_running_loop()
         events, reported = asyncio.Queue(), []
         deadline = time.monotonic() + 0.3
-        works = [GenWork(GenSequence([1, 2], SamplingParams()), "/v1/completions", deadline, loop.create_future(),
-                         events, loop, index=i) for i in range(2)]
+        works = [GenWork([1, 2], SamplingParams(), "/v1/completions", deadline, index=i, streamed=True)
+                 for i in range(2)]
+        futures = [loop.create_future() for _ in works]
         serving = object.__new__(CompletionServing)  # the stream needs no model for this path
 
         async def collect():
             request = CompletionRequest(model="post", prompt="x", stream=True)
-            return [c async for c in serving.stream(request, works, [[1, 2]], reported.append)]
+            return [c async for c in serving.stream(request, works, futures, events, [[1, 2]], reported.append)]
 
-        return await asyncio.wait_for(collect(), 30), reported, works
+        return await asyncio.wait_for(collect(), 30), reported, futures
 
-    chunks, reported, works = asyncio.run(main())
+    chunks, reported, futures = asyncio.run(main())
     [event] = chunks
     body = json.loads(event.removeprefix("data: "))
     assert body["error"]["code"] == "timeout" and reported[-1] == "504"
-    assert all(w.future.cancelled() for w in works)
+    assert all(f.cancelled() for f in futures)
 
 
-def engine_and_scheduler(post):
-    """The server's real generation engine (eager) behind its real scheduler, no HTTP."""
-    from server.engine import GenerationEngine
+class ScriptedDecoder:
+    """An eager decoder whose ``admit`` and ``filter`` a test scripts (``on_admit(seqs)`` runs first
+    and may raise; ``fail_filter`` makes the next ``filter`` raise once)."""
+
+    def __init__(self, decoder, on_admit=lambda seqs: None):
+        self._decoder, self.on_admit = decoder, on_admit
+        self.admitted: list = []
+        self.fail_filter = False
+
+    def __getattr__(self, name):
+        return getattr(self._decoder, name)
+
+    def admit(self, seqs):
+        self.on_admit(seqs)
+        self.admitted.extend(seqs)
+        return self._decoder.admit(seqs)
+
+    def filter(self):
+        if self.fail_filter:
+            self.fail_filter = False
+            raise RuntimeError("out of memory while packing the rows")
+        return self._decoder.filter()
+
+
+def engine_core(post, decoder: ScriptedDecoder):
+    """The server's engine core (eager) over ``post`` with a scripted decoder; stepped by the test."""
+    from server.engine.core import EngineCore, ModelRunner
+    from server.engine.plan import PlanConfig
+    from server.loader import Loaded
     from server.metrics import Metrics
-    from server.scheduler import Scheduler
-    from tfb_core import Engine
+
+    class Runner(ModelRunner):
+        def decoder(self):
+            decoder._decoder = super().decoder()
+            return decoder
 
     metrics = Metrics("m")
-    engine = GenerationEngine(post, metrics, Engine(post, "eager"))
-    return engine, Scheduler(lambda batch: engine.admit(batch.items), metrics, max_batch_size=8, max_wait_ms=50,
-                             decoder=engine)
+    runner = Runner(Loaded(post, "m", None, "loaded"), metrics, "eager")
+    return EngineCore(runner, metrics, PlanConfig(8, 16384, 0.0, None, 0.0, 0.0))
 
 
-def gen_works(post, loop, texts: list[str], params: SamplingParams) -> list:
-    from server.engine import GenWork
-    from tfb_core.generation import GenSequence
+def gen_works(post, texts: list[str], params: SamplingParams, first_id: int = 0) -> list:
+    from server.engine.protocol import GenWork
 
-    return [GenWork(GenSequence(post.tokenizer(t).input_ids, params), "/v1/completions", time.monotonic() + 60,
-                    loop.create_future(), None, loop) for t in texts]
+    return [GenWork(post.tokenizer(t).input_ids, params, "/v1/completions", time.monotonic() + 60, id=first_id + i)
+            for i, t in enumerate(texts)]
 
 
-def test_a_request_cancelled_while_its_failed_batch_is_rerun_leaves_the_others_their_own_outcomes(core):
-    """Three requests' joint prefill fails, and the first one's client leaves meanwhile; rerun
-    one by one, the second decodes its own tokens and the third gets its own error (every item
-    has its own result, a cancelled one included: none takes its neighbour's)."""
-    import asyncio
+def run_until_answered(core, ids: set[int], steps: int = 50) -> dict:
+    """Step the core until every id in ``ids`` has its Finished or Failed; id -> that output."""
+    from server.engine.protocol import Failed, Finished
+
+    answers = {}
+    for _ in range(steps):
+        for out in core.step():
+            if isinstance(out, (Finished, Failed)):
+                assert out.id not in answers, f"work {out.id} answered twice"
+                answers[out.id] = out
+        if ids <= answers.keys():
+            return answers
+    raise AssertionError(f"not answered after {steps} steps: {ids - answers.keys()}")
+
+
+def test_a_request_aborted_after_its_failed_batch_was_rerun_leaves_the_others_their_own_outcomes(core):
+    """Three requests' joint prefill fails; rerun one by one, the first is aborted (its client
+    left), the second decodes its own tokens and the third gets its own error: every work has its
+    own outcome, none takes its neighbour's, and the aborted one is not answered."""
+    from server.engine.protocol import Failed, Finished
 
     params = SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True)
     texts = ["Once upon a time", "The capital of France is", "1 2 3"]
     alone = generate(core, [core.tokenizer(texts[1]).input_ids], params)[0]
-    engine, sched = engine_and_scheduler(core)
-    decoder = engine._decoder()
-    real_admit = decoder.admit
+    a, b, c = works = gen_works(core, texts, params)
+    third = c.prompt_ids
 
-    async def main():
-        loop = asyncio.get_running_loop()
-        a, b, c = works = gen_works(core, loop, texts, params)
+    def on_admit(seqs):
+        if len(seqs) > 1:
+            raise RuntimeError("the joint prefill failed")
+        if seqs[0].prompt_ids == third:
+            raise ValueError("this request's own failure")
 
-        def admit(seqs):  # on the worker thread
-            if len(seqs) > 1:
-                loop.call_soon_threadsafe(a.future.cancel)  # the client left during the failed forward
-                raise RuntimeError("the joint prefill failed")
-            if seqs[0] is c.seq:
-                raise ValueError("this request's own failure")
-            return real_admit(seqs)
-
-        decoder.admit = admit
-        sched.start()
-        sched.submit(works)
-        out = await asyncio.wait_for(asyncio.gather(b.future, c.future, return_exceptions=True), 30)
-        await sched.stop()
-        return out
-
-    got_b, got_c = asyncio.run(main())
-    assert not isinstance(got_b, Exception), got_b
-    assert got_b.token_ids == alone.token_ids
-    assert isinstance(got_c, ValueError) and str(got_c) == "this request's own failure"
+    engine = engine_core(core, ScriptedDecoder(None, on_admit))
+    engine.add(works)
+    first = engine.step()  # the joint prefill fails; each alone: a and b join, c fails, one decode step
+    engine.abort([a.id])
+    answers = {o.id: o for o in first if isinstance(o, (Finished, Failed))}
+    answers.update(run_until_answered(engine, {b.id, c.id} - answers.keys()))
+    assert a.id not in answers
+    assert isinstance(answers[b.id], Finished) and [t.token_id for t in answers[b.id].result.tokens] == \
+        alone.token_ids
+    assert isinstance(answers[c.id], Failed) and isinstance(answers[c.id].error, ValueError)
+    assert str(answers[c.id].error) == "this request's own failure"
+    assert engine.active == 0 and engine.kv_rows == 0
 
 
 def test_bookkeeping_that_fails_after_a_join_fails_the_running_requests_once_and_the_engine_goes_on(core):
     """When dropping finished sequences raises right after new ones joined, the joined ones are
-    not admitted again (the scheduler's item-by-item rerun is for a failed prefill): every running
-    request gets the error once, the engine starts afresh, and the next request decodes as alone."""
-    import asyncio
-
+    not admitted again (the item-by-item rerun is for a failed prefill): every running request
+    gets the error once, the engine starts afresh, and the next request decodes as alone."""
     params = SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True)
     texts = ["Once upon a time", "The capital of France is"]
     alone = generate(core, [core.tokenizer(texts[0]).input_ids], params)[0]
-    engine, sched = engine_and_scheduler(core)
-    decoder = engine._decoder()
-    admitted = []
-    real_admit = decoder.admit
-
-    def admit(seqs):
-        admitted.extend(seqs)
-        return real_admit(seqs)
-
-    def filter_fails():
-        del decoder.filter  # once
-        raise RuntimeError("out of memory while packing the rows")
-
-    decoder.admit, decoder.filter = admit, filter_fails
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        sched.start()
-        works = gen_works(core, loop, texts, params)
-        sched.submit(works)
-        first = await asyncio.wait_for(asyncio.gather(*(w.future for w in works), return_exceptions=True), 30)
-        [again] = gen_works(core, loop, texts[:1], params)
-        sched.submit([again])
-        second = await asyncio.wait_for(again.future, 30)
-        await sched.stop()
-        return works, first, second
-
-    works, first, second = asyncio.run(main())
-    assert len(admitted) == 2 and {id(s) for s in admitted} == {id(w.seq) for w in works}  # each joined once
-    assert all(isinstance(r, RuntimeError) and str(r) == "out of memory while packing the rows" for r in first), first
-    assert second.token_ids == alone.token_ids
+    decoder = ScriptedDecoder(None)
+    decoder.fail_filter = True
+    engine = engine_core(core, decoder)
+    works = gen_works(core, texts, params)
+    engine.add(works)
+    first = run_until_answered(engine, {w.id for w in works})
+    assert len(decoder.admitted) == 2  # each joined once
+    assert all(str(first[w.id].error) == "out of memory while packing the rows" for w in works), first
+    [again] = gen_works(core, texts[:1], params, first_id=10)
+    engine.add([again])
+    second = run_until_answered(engine, {again.id})[again.id]
+    assert [t.token_id for t in second.result.tokens] == alone.token_ids

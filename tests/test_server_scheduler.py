@@ -1,185 +1,257 @@
-"""The scheduler with a fake model step (no model): coalescing, budgets, queue limit, timeouts,
-failures, draining; then 429 / 504 / 503-while-loading through a real server."""
+"""The engine's core and its client with a fake model (no model): batches, failures, timeouts,
+aborts, interleaving with decoding, pause, the queue limit and draining; then 429 / 504 /
+503-while-loading through a real server. The scheduling policy itself is tested in
+tests/test_engine_plan.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import queue
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 import pytest
 
+from server.engine.client import EngineClient, Requests
+from server.engine.core import EngineCore, EngineLoop
+from server.engine.plan import PlanConfig
+from server.engine.protocol import (Abort, AddRequest, EngineOutputs, EngineStats, Failed, Finished, GenWork, Pause,
+                                    Resume, Stop, WorkKind)
 from server.errors import QueueFull, RequestTimeout
 from server.metrics import Metrics
-from server.scheduler import Batch, Scheduler
-from server_helpers import ServerThread, bayesianized, metric, wait_for
+from server.settings import Settings
+from server_helpers import Faults, ServerThread, bayesianized, faulty_runner, metric, wait_for
+from tfb_core import SamplingParams
 
 
 @dataclass(eq=False)
-class Work:
+class Item:
+    """A scoring work item of the fake model: its result is 2 x value."""
+
     value: int
-    future: asyncio.Future
+    id: int = 0
     rows: int = 1
     length: int = 10
     deadline: float = float("inf")
-    arrived: float = field(default_factory=time.monotonic)
-    kind: str = "choice"
+    arrived: float = 0.0
+    kind = WorkKind.CHOICE
 
 
-class FakeStep:
-    """Records each batch's values; doubles them; optionally fails, or holds each forward until
-    ``release`` is set (``entered`` tells the test a forward is running)."""
+class FakeDecoder:
+    """Sequences that never finish on their own (aborted ones leave); counts its steps."""
 
-    def __init__(self, fail_on: int | None = None, hold: bool = False):
+    def __init__(self):
+        self.seqs, self.steps = [], 0
+
+    @property
+    def kv_rows(self):
+        return sum(s.params.num_samples for s in self.seqs)
+
+    def admit(self, seqs):
+        self.seqs += seqs
+        return 0.0
+
+    def step(self):
+        self.steps += 1
+        return 0.0
+
+    def step_each(self):
+        return self.step()
+
+    def filter(self):
+        done = [s for s in self.seqs if s.finished]
+        self.seqs = [s for s in self.seqs if not s.finished]
+        return done
+
+
+class FakeRunner:
+    """Scores by doubling each item's value (failing a batch that holds ``fail_on``); records each batch."""
+
+    def __init__(self, fail_on: int | None = None):
         self.batches: list[list[int]] = []
         self.fail_on = fail_on
-        self.entered, self.release = threading.Event(), threading.Event()
-        if not hold:
-            self.release.set()
+        self.made: list[FakeDecoder] = []
 
-    def __call__(self, batch: Batch) -> list:
-        values = [w.value for w in batch.items]
+    def score(self, kind, items):
+        values = [w.value for w in items]
         self.batches.append(values)
-        self.entered.set()
-        assert self.release.wait(30), "the test never released the forward"
         if self.fail_on in values:
             raise RuntimeError("boom")
         return [2 * v for v in values]
 
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def submit_all(sched, values, **kw):
-    loop = asyncio.get_running_loop()
-    works = [Work(v, loop.create_future(), **kw) for v in values]
-    sched.submit(works)
-    return works
+    def decoder(self):
+        self.made.append(FakeDecoder())
+        return self.made[-1]
 
 
-def test_coalesces_up_to_batch_size():
-    async def main():
-        step = FakeStep()
-        sched = Scheduler(step, Metrics("m"), max_batch_size=4, max_wait_ms=20)
-        sched.start()
-        works = await submit_all(sched, range(10))
-        out = await sched.wait(works, 10)
-        await sched.stop()
-        return step.batches, out
-
-    batches, out = run(main())
-    assert out == [2 * v for v in range(10)]
-    assert [len(b) for b in batches] == [4, 4, 2]
-    assert sum(batches, []) == list(range(10))  # FIFO
+def make_core(runner=None, **config) -> EngineCore:
+    base = dict(max_batch_size=32, max_batch_tokens=16384, max_wait=0.0, max_kv_rows=None, admit_ratio=0.0,
+                admit_wait=0.0)
+    return EngineCore(runner or FakeRunner(), Metrics("m"), PlanConfig(**{**base, **config}))
 
 
-def test_token_budget_and_a_big_item_alone():
-    async def main():
-        step = FakeStep()
-        sched = Scheduler(step, Metrics("m"), max_batch_size=32, max_batch_tokens=100, max_wait_ms=20)
-        sched.start()
-        loop = asyncio.get_running_loop()
-        works = [Work(0, loop.create_future(), rows=4, length=10),  # 40
-                 Work(1, loop.create_future(), rows=4, length=12),  # (8 x 12) = 96 fits
-                 Work(2, loop.create_future(), rows=1, length=10),  # 9 x 12 = 108: next batch
-                 Work(3, loop.create_future(), rows=50, length=50)]  # 2500 alone
-        sched.submit(works)
-        await sched.wait(works, 10)
-        await sched.stop()
-        return step.batches
-
-    assert run(main()) == [[0, 1], [2], [3]]
+def answers(outputs) -> dict:
+    return {o.id: (o.result if isinstance(o, Finished) else o.error) for o in outputs}
 
 
-def test_queue_full_raises_and_keeps_the_queue():
-    async def main():
-        sched = Scheduler(FakeStep(), Metrics("m"), max_queue=3)  # not started: nothing drains
-        sched._arrived = asyncio.Event()
-        sched._accepting = True
-        await submit_all(sched, range(2))
-        with pytest.raises(QueueFull) as e:
-            await submit_all(sched, range(2))  # all or none
-        assert e.value.status == 429 and e.value.headers["Retry-After"]
-        await submit_all(sched, [9])
-        return sched.depth
-
-    assert run(main()) == 3
+def generation(id: int, K: int = 2) -> GenWork:
+    return GenWork([1, 2, 3], SamplingParams(num_samples=K), "/v1/completions", float("inf"), arrived=0.0, id=id)
 
 
-def test_timed_out_work_is_dropped_before_the_forward():
-    async def main():
-        step = FakeStep(hold=True)
-        sched = Scheduler(step, Metrics("m"), max_batch_size=1, max_wait_ms=0)
-        sched.start()
-        first = await submit_all(sched, [1])
-        assert await asyncio.to_thread(step.entered.wait, 30)  # 1 is in the forward
-        late = await submit_all(sched, [2])
-        with pytest.raises(RequestTimeout):
-            await sched.wait(late, 0.1)
-        step.release.set()
-        assert await sched.wait(first, 5) == [2]
-        after = await submit_all(sched, [3])
-        assert await sched.wait(after, 5) == [6]
-        await sched.stop()
-        return step.batches
-
-    assert run(main()) == [[1], [3]]  # 2 never ran
+# --- the core, stepped by the test ------------------------------------------------------------------
 
 
-def test_a_failed_step_fails_its_batch_only():
-    async def main():
-        sched = Scheduler(FakeStep(fail_on=1), Metrics("m"), max_batch_size=1, max_wait_ms=0)
-        sched.start()
-        bad = await submit_all(sched, [1])
-        with pytest.raises(RuntimeError):
-            await sched.wait(bad, 5)
-        good = await submit_all(sched, [2])
-        out = await sched.wait(good, 5)
-        await sched.stop()
-        return out
-
-    assert run(main()) == [4]
+def test_a_step_runs_one_coalesced_batch_and_answers_each_item():
+    core = make_core(max_batch_size=4)
+    core.add([Item(v, id=v) for v in range(6)])
+    assert answers(core.step(now=1.0)) == {v: 2 * v for v in range(4)}
+    assert core.depth == 2
+    assert answers(core.step(now=1.0)) == {4: 8, 5: 10}
+    assert core.runner.batches == [[0, 1, 2, 3], [4, 5]]  # FIFO
 
 
 def test_a_failed_batch_is_rerun_item_by_item_so_one_bad_item_fails_alone():
+    core = make_core(FakeRunner(fail_on=2))
+    core.add([Item(v, id=v) for v in (1, 2, 3)])
+    out = answers(core.step(now=1.0))
+    assert core.runner.batches == [[1, 2, 3], [1], [2], [3]]
+    assert out[1] == 2 and out[3] == 6 and isinstance(out[2], RuntimeError)
+
+
+def test_work_past_its_deadline_is_dropped_with_a_timeout_and_not_run():
+    core = make_core()
+    core.add([Item(1, id=1, deadline=5.0), Item(2, id=2, deadline=50.0)])
+    out = core.step(now=10.0)
+    assert core.runner.batches == [[2]]
+    [late] = [o for o in out if o.id == 1]
+    assert isinstance(late, Failed) and isinstance(late.error, RequestTimeout) and late.error.status == 504
+
+
+def test_aborted_waiting_work_is_dropped_and_never_answered():
+    core = make_core()
+    core.add([Item(1, id=1), Item(2, id=2)])
+    core.abort([1])
+    assert answers(core.step(now=1.0)) == {2: 4} and core.runner.batches == [[2]]
+
+
+def test_scoring_runs_between_two_decode_steps_and_decoding_goes_on():
+    core = make_core()
+    core.add([generation(1)])
+    assert core.step(now=1.0) == [] and core.active == 1  # admitted, then one decode step
+    decoder = core.runner.made[0]
+    steps = decoder.steps
+    core.add([Item(21, id=2)])
+    assert answers(core.step(now=1.0)) == {2: 42}
+    assert core.active == 1 and decoder.steps == steps + 1  # the same turn stepped the sequences too
+    core.abort([1])
+    assert core.step(now=1.0) == [] and core.active == 0 and core.kv_rows == 0  # aborted: it left, unanswered
+
+
+def test_generation_waits_for_kv_rows_while_scoring_goes_past_it():
+    core = make_core(max_kv_rows=4)
+    core.add([generation(1, K=3)])
+    core.step(now=1.0)
+    core.add([generation(2, K=2), Item(5, id=3)])
+    assert answers(core.step(now=1.0)) == {3: 10}
+    assert core.active == 1 and core.depth == 1  # 3 + 2 rows > 4: it waits
+    core.abort([1])
+    core.step(now=1.0)  # the first leaves, its rows free up
+    core.step(now=1.0)
+    assert core.active == 1 and core.depth == 0  # the second joined
+
+
+# --- the engine's thread and the client --------------------------------------------------------------
+
+
+class Published:
+    """What an EngineLoop publishes, for a test to wait on (no sleeps)."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+
+    def __call__(self, outputs: EngineOutputs) -> None:
+        self.q.put(outputs)
+
+    def until(self, condition, timeout: float = 30.0) -> EngineOutputs:
+        while True:
+            outputs = self.q.get(timeout=timeout)
+            if condition(outputs):
+                return outputs
+
+
+def test_paused_the_engine_takes_work_into_its_queue_but_runs_nothing_until_resumed():
+    runner, published = FakeRunner(), Published()
+    engine = EngineLoop(make_core(runner), published)
+    engine.start()
+    try:
+        engine.put(Pause())
+        engine.put(AddRequest(1, [Item(1, id=1), Item(2, id=2)]))
+        stats = published.until(lambda o: o.stats.seen == 1).stats
+        assert stats.depth == 2 and runner.batches == []
+        engine.put(Resume())
+        done = published.until(lambda o: any(isinstance(x, Finished) for x in o.outputs))
+        assert answers(done.outputs) == {1: 2, 2: 4}
+    finally:
+        engine.put(Stop())
+        engine.join(30)
+
+
+class RecordingClient(EngineClient):
+    """An EngineClient whose engine is the test: it records what is sent."""
+
+    def __init__(self, max_queue: int):
+        super().__init__(Settings(max_queue=max_queue), Metrics("m"))
+        self.sent: list = []
+
+    async def start(self, on_ready=None, on_failed=None, on_status=None) -> None:
+        self.requests, self.accepting = Requests(self._abort), True
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    async def stop(self) -> None:
+        await self.drain()
+
+
+def test_a_full_queue_raises_all_or_none_from_the_depth_reported_plus_what_was_sent_since():
     async def main():
-        step = FakeStep(fail_on=2)
-        sched = Scheduler(step, Metrics("m"), max_batch_size=8, max_wait_ms=20)
-        sched.start()
-        works = await submit_all(sched, [1, 2, 3])
-        results = await asyncio.gather(*(w.future for w in works), return_exceptions=True)
-        await sched.stop()
-        return step.batches, results
+        client = RecordingClient(max_queue=3)
+        await client.start()
+        client.submit([Item(0), Item(1)])
+        with pytest.raises(QueueFull) as e:
+            client.submit([Item(2), Item(3)])  # all or none
+        assert e.value.status == 429 and e.value.headers["Retry-After"]
+        client.submit([Item(9)])
+        assert client.depth == 3 and [type(m) for m in client.sent] == [AddRequest, AddRequest]
+        client.apply(EngineOutputs([], EngineStats(depth=1, seen=2)))  # the engine took both, ran two
+        assert client.depth == 1
 
-    batches, results = run(main())
-    assert batches == [[1, 2, 3], [1], [2], [3]]
-    assert results[0] == 2 and results[2] == 6 and isinstance(results[1], RuntimeError)
+    asyncio.run(main())
 
 
-def test_drain_finishes_outstanding_then_refuses():
+def test_a_future_given_up_aborts_its_work_and_drain_waits_for_every_answer():
     async def main():
-        step = FakeStep(hold=True)
-        sched = Scheduler(step, Metrics("m"), max_batch_size=2, max_wait_ms=0)
-        sched.start()
-        works = await submit_all(sched, range(5))
-        assert await asyncio.to_thread(step.entered.wait, 30)
-        draining = asyncio.create_task(sched.drain())
+        client = RecordingClient(max_queue=8)
+        await client.start()
+        works = [Item(1), Item(2), Item(3)]
+        futures = client.submit(works)
+        futures[0].cancel()  # its client left
+        await asyncio.sleep(0)  # the future's callbacks run on the next turn of the loop
+        assert client.sent[-1] == Abort([works[0].id])
+        draining = asyncio.create_task(client.drain())
+        client.apply(EngineOutputs([Finished(works[1].id, 4)], EngineStats()))
         await asyncio.sleep(0)
-        assert not draining.done() and not all(w.future.done() for w in works)
-        step.release.set()
-        await draining
-        assert all(w.future.done() for w in works)
+        assert not draining.done()  # one left
+        client.apply(EngineOutputs([Failed(works[2].id, RuntimeError("x"))], EngineStats()))
+        await asyncio.wait_for(draining, 30)
+        assert futures[1].result() == 4 and isinstance(futures[2].exception(), RuntimeError)
         with pytest.raises(Exception) as e:
-            await submit_all(sched, [7])
+            client.submit([Item(7)])
         assert e.value.status == 503
-        await sched.stop()
 
-    run(main())
+    asyncio.run(main())
 
 
 # --- through a real server ------------------------------------------------------------------------
@@ -192,22 +264,11 @@ def post_dir(tmp_path_factory, llama_dir, lora_dir):
     return bayesianized(llama_dir, lora_dir, tmp_path_factory.mktemp("sched") / "post")
 
 
-def hold_forwards(srv: ServerThread) -> tuple[threading.Event, object]:
-    """Make every forward wait for the returned event; returns (release, the original step)."""
-    step, release = srv.state.scheduler.step, threading.Event()
-
-    def held(batch):
-        assert release.wait(30), "the test never released the forward"
-        return step(batch)
-
-    srv.state.scheduler.step = held
-    return release, step
-
-
 def test_queue_full_is_429_with_retry_after(llama_dir, post_dir):
+    faults = Faults()
     with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", max_queue=2,
-                      max_batch_size=1, max_wait_ms=0) as srv:
-        release, _ = hold_forwards(srv)
+                      max_batch_size=1, max_wait_ms=0, runner=faulty_runner(faults)) as srv:
+        release = faults.hold()
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(httpx.post, srv.url + "/v1/choices", json=OK, timeout=30) for _ in range(8)]
             # one in the held forward, two queued: the other five are refused at once
@@ -222,16 +283,17 @@ def test_queue_full_is_429_with_retry_after(llama_dir, post_dir):
 
 
 def test_request_past_timeout_is_504_and_server_keeps_serving(llama_dir, post_dir):
+    faults = Faults()
     with ServerThread(model=str(llama_dir), adapter=post_dir, device="cpu", request_timeout=0.3,
-                      max_batch_size=1, max_wait_ms=0) as srv:
-        release, fast = hold_forwards(srv)
+                      max_batch_size=1, max_wait_ms=0, runner=faulty_runner(faults)) as srv:
+        release = faults.hold()
         with ThreadPoolExecutor(3) as pool:  # one held in the forward, two queued past their deadline
             rs = list(pool.map(lambda _: httpx.post(srv.url + "/v1/choices", json=OK, timeout=30), range(3)))
         assert all(r.status_code == 504 for r in rs), [r.text for r in rs]
         assert rs[0].json()["error"]["type"] == "timeout_error"
-        srv.state.scheduler.step = fast
+        faults.gate = None
         release.set()
-        wait_for(lambda: srv.state.scheduler.idle, what="the held forward finished")
+        wait_for(lambda: srv.state.engine.idle, what="the held forward finished")
         # it goes on serving (under a 0.3 s timeout a loaded machine may still answer 504 at first)
         wait_for(lambda: httpx.post(srv.url + "/v1/choices", json=OK, timeout=30).status_code == 200,
                  what="a 200 after the timeouts")
@@ -262,181 +324,25 @@ def test_health_503_while_loading_then_200(llama_dir, post_dir):
         srv.stop()
 
 
-class SpinningDecoder:
-    """A decoder that stays active until ``stop`` is set; each step takes ~1 ms of 'compute'."""
+def test_health_503_while_loading_then_200(llama_dir, post_dir):
+    from server import loader
 
-    kv_rows = 1
+    release = threading.Event()
 
-    def __init__(self):
-        self.steps = 0
-        self.stop = threading.Event()
-        self.fifty = threading.Event()
+    def slow_load(settings, set_status):
+        release.wait(30)
+        return loader.load(settings, set_status)
 
-    @property
-    def active(self) -> int:
-        return 0 if self.stop.is_set() else 1
-
-    def step(self) -> None:
-        self.steps += 1
-        if self.steps >= 50:
-            self.fifty.set()
-        time.sleep(0.001)  # stands in for the GPU's step, not for synchronisation
-
-    def fail(self, error) -> None:
-        raise AssertionError(f"no step fails here: {error}")
-
-
-def test_decode_steps_run_back_to_back_without_the_event_loop_and_new_work_cuts_in():
-    """With sequences active, the worker steps on while the event loop is blocked (the loop is
-    not between one step and the next); work submitted meanwhile is run between two steps."""
-    async def main():
-        dec = SpinningDecoder()
-        step = FakeStep()
-        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec)
-        sched.start()
-        try:
-            while dec.steps == 0:  # the decode turn has started on the worker
-                await asyncio.sleep(0.001)
-            assert dec.fifty.wait(30), f"only {dec.steps} steps ran while the event loop was blocked"
-            [got] = await sched.wait(await submit_all(sched, [21]), 30)
-            assert got == 42 and step.batches == [[21]] and dec.active == 1  # decoding went on
-            before = dec.steps
-            while dec.steps == before:  # and steps resume after the scoring batch
-                await asyncio.sleep(0.001)
-        finally:
-            dec.stop.set()
-            await sched.stop()
-
-    run(main())
-
-
-def test_work_left_waiting_or_submitted_during_a_forward_is_not_held_behind_decoding():
-    """While sequences decode: a scoring item submitted during another item's forward, and one
-    queued behind a generation item (another kind, so another batch), are answered without
-    waiting for the decoding to end."""
-    async def main():
-        dec = SpinningDecoder()
-        step = FakeStep(hold=True)
-        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec)
-        sched.start()
-        try:
-            first = await submit_all(sched, [1])
-            assert await asyncio.to_thread(step.entered.wait, 30)  # the first forward runs
-            second = await submit_all(sched, [2])  # submitted during it
-            step.release.set()
-            assert await sched.wait(first + second, 30) == [2, 4]
-            loop = asyncio.get_running_loop()
-            gen = Work(3, loop.create_future(), kind="generate")
-            score = Work(4, loop.create_future())
-            sched.submit([gen, score])  # one tick: two batches of two kinds
-            assert await sched.wait([gen, score], 30) == [6, 8]
-            assert dec.active == 1  # decoding never stopped
-        finally:
-            dec.stop.set()
-            await sched.stop()
-
-    run(main())
-
-
-class PausingDecoder(SpinningDecoder):
-    """A :class:`SpinningDecoder` that pauses its scheduler from the worker thread at step 10."""
-
-    def __init__(self):
-        super().__init__()
-        self.scheduler = None
-        self.paused = threading.Event()
-
-    def step(self) -> None:
-        super().step()
-        if self.steps == 10:
-            self.scheduler.pause()
-            self.paused.set()
-
-
-def test_pause_holds_new_work_and_decode_steps_until_resume():
-    """Paused (here from the worker thread, mid-decoding): no step after the one running, work
-    submitted meanwhile stays queued; resumed, the work runs and decoding goes on."""
-    async def main():
-        dec, step = PausingDecoder(), FakeStep()
-        sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec)
-        dec.scheduler = sched
-        sched.start()
-        try:
-            assert await asyncio.to_thread(dec.paused.wait, 30)
-            works = await submit_all(sched, [1, 2])
-            for _ in range(20):  # turns of the event loop, where the scheduler would take them
-                await asyncio.sleep(0)
-            assert step.batches == [] and sched.depth == 2
-            assert dec.steps == 10  # no step after the one that paused
-            sched.resume()
-            assert await sched.wait(works, 30) == [2, 4]
-            while dec.steps == 10:  # and decoding goes on
-                await asyncio.sleep(0.001)
-        finally:
-            sched.resume()  # a paused scheduler never drains
-            dec.stop.set()
-            await sched.stop()
-
-    run(main())
-
-
-class BusyDecoder(SpinningDecoder):
-    """A :class:`SpinningDecoder` with ``n`` active sequences."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-
-    @property
-    def active(self) -> int:
-        return 0 if self.stop.is_set() else self.n
-
-
-@contextlib.asynccontextmanager
-async def busy_scheduler(admit_wait_ms: float):
-    """A scheduler (admit_ratio 0.3) over 10 sequences decoding: (decoder, step, scheduler)."""
-    dec, step = BusyDecoder(10), FakeStep()
-    sched = Scheduler(step, Metrics("m"), max_wait_ms=0, decoder=dec, admit_ratio=0.3, admit_wait_ms=admit_wait_ms)
-    sched.start()
+    srv = ServerThread(load=slow_load, settings=None, model=str(llama_dir), adapter=post_dir, device="cpu")
+    srv.start(wait=False)
     try:
-        while dec.steps == 0:  # the decode turn has started on the worker
-            await asyncio.sleep(0.001)
-        yield dec, step, sched
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(srv.url + "/v1/choices", json=OK)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        release.set()
+        wait_for(lambda: httpx.get(srv.url + "/health").status_code == 200, what="/health 200 after loading")
+        assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=60).status_code == 200
     finally:
-        dec.stop.set()
-        await sched.stop()
-
-
-def test_generation_joins_running_sequences_in_groups_and_scoring_goes_past():
-    """With 10 sequences decoding and admit_ratio 0.3, generation work waits until 3 wait, then
-    joins in one batch; a scoring item submitted meanwhile is answered at once."""
-    async def main():
-        async with busy_scheduler(admit_wait_ms=60_000) as (dec, step, sched):
-            loop = asyncio.get_running_loop()
-            gens = [Work(v, loop.create_future(), kind="generate") for v in (1, 2, 3)]
-            for g in gens[:2]:
-                sched.submit([g])
-                before = dec.steps
-                while dec.steps < before + 20:  # decoding goes on, the work waits
-                    await asyncio.sleep(0.001)
-            assert step.batches == [] and sched.depth == 2
-            assert await sched.wait(await submit_all(sched, [9]), 30) == [18]  # scoring is not held
-            sched.submit([gens[2]])
-            assert await sched.wait(gens, 30) == [2, 4, 6]
-            assert step.batches == [[9], [1, 2, 3]]  # the three joined in one batch
-
-    run(main())
-
-
-def test_held_generation_joins_once_the_oldest_waited_admit_wait_ms():
-    """A lone generation request behind busy decoding joins by itself after admit_wait_ms, with
-    no other event to wake the scheduler; not before."""
-    async def main():
-        async with busy_scheduler(admit_wait_ms=80) as (dec, step, sched):
-            gen = Work(5, asyncio.get_running_loop().create_future(), kind="generate")
-            sched.submit([gen])
-            assert await sched.wait([gen], 30) == [10]
-            waited = time.monotonic() - gen.arrived
-            assert waited >= 0.08 and step.batches == [[5]] and dec.active == 10
-
-    run(main())
+        release.set()
+        srv.stop()

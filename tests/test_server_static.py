@@ -13,7 +13,7 @@ import openai
 import pytest
 
 import tiny
-from server_helpers import ServerThread, bayesianized
+from server_helpers import RunnerLog, ServerThread, bayesianized, metric, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +63,21 @@ CHOICES = {"items": [{"question": "What is the capital of France?", "choices": [
 def test_static_engine_serves_what_the_eager_engine_serves(dirs):
     base, post = dirs
     common = dict(model=str(base), adapter=post, samples=3, max_wait_ms=20)
-    with ServerThread(engine="eager", **common) as s:
-        assert s.state.runner.engine.decoder is None and s.state.runner.model.prefill is None
+    log = RunnerLog()
+    with ServerThread(engine="eager", runner=log.runner, **common) as s:
+        [runner] = log.runners
+        assert runner.kind == "eager" and runner.model.prefill is None  # HF's forward
         eager = run_all(s.url)
         eager_choices = httpx.post(f"{s.url}/v1/choices", json=CHOICES, timeout=60).json()["items"]
-    with ServerThread(engine="static", **common) as s:
-        engine = s.state.runner.engine
+    log = RunnerLog()
+    with ServerThread(engine="static", runner=log.runner, **common) as s:
         static = run_all(s.url)
         static_choices = httpx.post(f"{s.url}/v1/choices", json=CHOICES, timeout=60).json()["items"]
-        assert s.state.runner.model.prefill.slot_of  # the scoring went through the prefill engine
-        assert engine.decoder is not None and engine.decoder.rows_cap >= 4  # several sequences at once
-        assert engine.kv_rows == 0  # every row released
+        [runner] = log.runners
+        assert runner.kind == "static" and runner.model.prefill.slot_of  # the scoring went through the prefill engine
+        [decoder] = log.decoders  # one, kept
+        assert decoder.rows_cap >= 4  # several sequences at once
+        wait_for(lambda: metric(s, "tfb_kv_cache_rows") == 0, what="every row released")
         metrics = httpx.get(f"{s.url}/metrics").text
     for e, g in zip(eager, static, strict=True):
         assert g["text"] == e["text"]
@@ -115,8 +119,9 @@ def test_static_engine_recovers_from_a_failed_step_with_a_fresh_decoder(dirs, mo
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
     base, post = dirs
-    with ServerThread(model=str(base), adapter=post, samples=3, max_wait_ms=20, engine="static") as s:
-        engine = s.state.runner.engine
+    log = RunnerLog()
+    with ServerThread(model=str(base), adapter=post, samples=3, max_wait_ms=20, engine="static",
+                      runner=log.runner) as s:
         body = {"model": httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"], "prompt": "Once upon",
                 "max_tokens": 6, "temperature": 0}
 
@@ -125,7 +130,7 @@ def test_static_engine_recovers_from_a_failed_step_with_a_fresh_decoder(dirs, mo
             return r.json()["choices"][0]["text"] if r.status_code == 200 else (r.status_code, r.json())
 
         before = text()
-        first = engine.decoder
+        [first] = log.decoders
         with monkeypatch.context() as m:  # the shared step fails, each sequence alone fits
             m.setattr(StaticDecoder, "step", oom)
             assert text() == before
@@ -133,13 +138,13 @@ def test_static_engine_recovers_from_a_failed_step_with_a_fresh_decoder(dirs, mo
             m.setattr(StaticDecoder, "_forward", oom)
             status, err = text()
             assert status == 503 and err["error"]["code"] == "out_of_memory"
-            assert engine.works == {} and engine.decoder is first
+            assert s.state.engine.idle and metric(s, "tfb_kv_cache_rows") == 0 and log.decoders == [first]
         assert text() == before
         with monkeypatch.context() as m:  # the rerun itself fails: the decoder is dropped
             m.setattr(StaticDecoder, "step", oom)
             m.setattr(StaticDecoder, "step_each", oom)
             status, err = text()
             assert status == 503 and err["error"]["code"] == "out_of_memory"
-            assert engine.decoder is None and engine.works == {}
+            assert s.state.engine.idle and metric(s, "tfb_kv_cache_rows") == 0
         assert text() == before
-        assert engine.decoder is not None and engine.decoder is not first
+        assert len(log.decoders) == 2 and log.decoders[1] is not first  # the failed one dropped, a fresh one made

@@ -29,7 +29,7 @@ import pytest
 
 import tiny
 from poisoned_serve import NAN_WORD, POISON_POSITION, RAISE_WORD
-from server_helpers import ROOT, bayesianized, metric, scrape, start_cli, wait_for, wait_ready
+from server_helpers import ROOT, bayesianized, metric, post_and_leave, scrape, start_cli, wait_for, wait_ready
 
 K = 3
 CLIENTS = 16  # well-behaved
@@ -237,14 +237,14 @@ def hostile(load: Load, model: str, greedy: dict, stats: dict) -> None:
                         if status == 200:
                             next(line for line in r.iter_lines() if line.startswith("data: "))
                             stats["left_streams"] += 1
-                elif case == "answer":  # give up while it is being generated
+                elif case == "answer":  # give up once the server generates (this answer or another's)
                     body = {"model": model, "messages": [{"role": "user", "content": "Everything."}],
                             "max_tokens": 200, "n": 2}
-                    try:
-                        status = httpx.post(load.url + "/v1/chat/completions", json=body, timeout=0.2).status_code
-                    except httpx.TimeoutException:
-                        status = "left"
-                        stats["left_answers"] += 1
+                    tokens = metric(load.url, "tfb_generation_tokens_total")
+                    post_and_leave(load.url + "/v1/chat/completions", body,
+                                   until=lambda: metric(load.url, "tfb_generation_tokens_total") > tokens)
+                    status = "left"
+                    stats["left_answers"] += 1
                 else:
                     path, body, expected = case
                     if isinstance(body, (bytes, str)):

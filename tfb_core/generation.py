@@ -90,6 +90,15 @@ class TokenInfo:
     sample_logprobs: tuple[float, ...] = ()  # log p_k(token) under each of the K weight samples
 
     @staticmethod
+    def field_uncertainty(text: str, pieces: list[str], tokens: Seq["TokenInfo"]) -> dict[str, dict] | None:
+        """Per top-level field of the JSON object ``text`` is, the uncertainty of the tokens that
+        wrote its value (:func:`tfb_core.structured.field_uncertainty`; ``pieces``: each token's
+        text); None when the text is not a JSON object."""
+        from .structured import field_uncertainty
+
+        return field_uncertainty(text, pieces, list(tokens))
+
+    @staticmethod
     def summarize(tokens: Seq["TokenInfo"]) -> dict:
         """Mean and max of each uncertainty over ``tokens``, their total logprob, and the sequence's
         own mutual information (:func:`sequence_mutual_information`)."""
@@ -149,13 +158,6 @@ class GenSequence:
                     break
         return text[:len(text) - hold]
 
-    def field_uncertainty(self, pieces: list[str]) -> dict[str, dict] | None:
-        """Per top-level field of the JSON object the text is, the uncertainty of the tokens that
-        wrote its value (:func:`tfb_core.structured.field_uncertainty`; ``pieces``: each token's
-        text); None when the text is not a JSON object."""
-        from .structured import field_uncertainty
-
-        return field_uncertainty(self.text, pieces, self.tokens)
 
 
 def sequence_mutual_information(sample_logprobs: Seq[Seq[float]]) -> float:
