@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-
-import torch
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -70,10 +69,6 @@ class NotFound(APIError):
     status, type = 404, "not_found_error"
 
 
-class PayloadTooLarge(APIError):
-    status, type = 413, "invalid_request_error"
-
-
 class QueueFull(APIError):
     status, type = 429, "rate_limit_error"
 
@@ -108,7 +103,8 @@ class OutOfMemory(APIError):
 
 def as_api_error(error: Exception) -> Exception:
     """A failed forward's exception as the client should see it: out of memory is a 503."""
-    return OutOfMemory(error) if isinstance(error, torch.OutOfMemoryError) else error
+    torch = sys.modules.get("torch")  # not imported here: a process that never loaded torch has no torch error
+    return OutOfMemory(error) if torch is not None and isinstance(error, torch.OutOfMemoryError) else error
 
 
 def error_body(status: int, message: str, type: str, param: str | None = None,

@@ -15,7 +15,7 @@ The shapes are OpenAI's; every choice carries an extra ``uncertainty`` object. P
 
 from __future__ import annotations
 
-from typing import Any, Annotated, Literal, Union
+from typing import Any, Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
@@ -376,8 +376,6 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: CompletionUsage | None = None
 
-
-AnyGenerationResponse = Union[CompletionResponse, ChatCompletionResponse]
 
 
 # --- vLLM's tokenizer endpoints (lm-eval's remote tokenizer, vLLM clients) ------------------------

@@ -176,7 +176,7 @@ def test_draws_survive_cache_eviction_and_errors(post):
         first = [layer.noise.clone() for layer in post.layers]
     with post.samples(num_samples=100, seed=SEED + 1, sigma=SIGMA):  # evicts (SEED, 0..2)
         pass
-    assert (SEED, 0) not in post.draws._cache
+    assert (SEED, 0) not in post.draws
     with post.samples(num_samples=3, seed=SEED, sigma=SIGMA):
         again = [layer.noise.clone() for layer in post.layers]
     assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -139,6 +139,10 @@ class DrawCache:
         # per (sigma, samples): the scaled noise of every layer, reused by every decode step
         self._stacks: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
 
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        """Whether the draws of (seed, k) are cached."""
+        return (int(key[0]), int(key[1])) in self._cache
+
     def noise(self, sigma: float, samples: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """Per layer, ``E`` stacked over ``samples``: (S, r, n) in the layer's dtype (LRU)."""
         key = (float(sigma), tuple((int(a), int(b)) for a, b in samples))
