@@ -465,10 +465,14 @@ def cell_key(w: Workload, K: int, conc: int) -> str:
 def build_random_model(args, work: Path) -> tuple[Path, Path]:
     """A random-weight Llama of ``args.shape`` with SmolLM2's tokenizer, a random LoRA r 8 on
     q,v, Bayesianized by ``tfb bayesianize --sigma``; reused when ``work`` already holds them."""
-    model_dir, lora_dir, post_dir = work / "model", work / "lora", work / f"post-{args.shape}"  # served id
+    layers = "" if args.stochastic_layers == "all" else f"-L{args.stochastic_layers}"
+    model_dir, lora_dir, post_dir = work / "model", work / "lora", work / f"post-{args.shape}{layers}"  # served id
     if (post_dir / "tfb_config.json").is_file() and (model_dir / "config.json").is_file():
         log(f"reusing {model_dir} and {post_dir}")
         return model_dir, post_dir
+    if (model_dir / "config.json").is_file() and (lora_dir / "adapter_config.json").is_file():
+        log(f"reusing {model_dir}; Bayesianizing for stochastic layers {args.stochastic_layers}")
+        return model_dir, bayesianize(args, model_dir, lora_dir, post_dir)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -502,15 +506,21 @@ def build_random_model(args, work: Path) -> tuple[Path, Path]:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log(f"built {args.shape} (vocab {len(tok)}) in {time.perf_counter() - t0:.1f} s")
+    return model_dir, bayesianize(args, model_dir, lora_dir, post_dir)
+
+
+def bayesianize(args, model_dir: Path, lora_dir: Path, post_dir: Path) -> Path:
+    """``tfb bayesianize --sigma`` of the random LoRA, noise in the last ``--stochastic-layers``."""
     t0 = time.perf_counter()
     r = subprocess.run(tfb_command("bayesianize", "--model", str(model_dir), "--adapter", str(lora_dir),
-                                   "--sigma", str(args.sigma), "--out", str(post_dir),
-                                   *(["--device", args.device] if args.device else [])),
+                                   "--sigma", str(args.sigma), "--stochastic-layers", str(args.stochastic_layers),
+                                   "--out", str(post_dir), *(["--device", args.device] if args.device else [])),
                        env=child_env(), cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"tfb bayesianize failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    log(f"bayesianized (sigma {args.sigma}) in {time.perf_counter() - t0:.1f} s")
-    return model_dir, post_dir
+    log(f"bayesianized (sigma {args.sigma}, stochastic layers {args.stochastic_layers}) "
+        f"in {time.perf_counter() - t0:.1f} s")
+    return post_dir
 
 
 def tfb_command(*argv: str) -> list[str]:
@@ -760,6 +770,9 @@ def parse_args(argv=None):
                    "(default: env TFB_TOKENIZER)")
     p.add_argument("--shape", default="8b", choices=["8b", "1b", "tiny"], help="gpu preset: the Llama shape")
     p.add_argument("--sigma", type=float, default=0.01, help="gpu preset: tfb bayesianize --sigma")
+    p.add_argument("--stochastic-layers", default="all", help="gpu preset: tfb bayesianize --stochastic-layers "
+                   "(the noise in the last L decoder layers only; all: every layer); the posterior of each L "
+                   "is built once beside the model in --workdir")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--workdir", default=None, help="gpu preset: where the model is built (kept and reused; "
                    "default: $TMPDIR/tfb-serve-bench-SHAPE)")
@@ -814,6 +827,7 @@ def main(argv=None) -> dict:
 
     res = {"meta": {"command": " ".join(["python"] + [Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                     "preset": args.preset, "smoke": args.smoke, "shape": args.shape if args.preset == "gpu" else None,
+                    "stochastic_layers": args.stochastic_layers if args.preset == "gpu" else None,
                     "python": platform.python_version(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu"
                     else f"{platform.machine()} CPU, {os.cpu_count()} cores",

@@ -24,6 +24,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server_helpers import Faults, ServerThread, bayesianized, faulty_runner, metric, wait_for
 from tfb_core import SamplingParams
+from tfb_core.generation import StepResult
 
 
 @dataclass(eq=False)
@@ -51,11 +52,11 @@ class FakeDecoder:
 
     def admit(self, seqs):
         self.seqs += seqs
-        return 0.0
+        return StepResult(list(seqs))
 
     def step(self):
         self.steps += 1
-        return 0.0
+        return StepResult(list(self.seqs))
 
     def step_each(self):
         return self.step()

@@ -186,7 +186,8 @@ def test_serve_takes_the_setting_searches_with_it_and_shows_it(dirs, tmp_path, m
     from conftest import mc_items
     from server_helpers import ServerThread
 
-    from server.cli import settings_from_args
+    import server.cli  # noqa: F401 (registers `tfb serve`)
+    from server.settings import settings_from_args
     from server.loader import load
     from tfb_core.posterior import fit_key
     from server.settings import Settings
