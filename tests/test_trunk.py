@@ -488,3 +488,29 @@ def test_the_static_decoder_s_step_runs_the_trunk_once_per_sequence(dirs):
     finally:
         h0.remove(), h1.remove()
     assert (dec.trunk_cap, dec.rows_cap) == (3, 12) and (bottom, top) == ([3], [12])
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_the_eager_decoder_shares_the_trunk_and_decodes_as_without(dirs, L):
+    """EagerDecoder (HF modules one layer at a time over a DynamicCache whose layers below N - L
+    hold one row per sequence) decodes the schedule as the same decoder keeping K rows in every
+    layer (the HF forward of the whole model): prefill, joins, mixed K and seeds, a step one
+    sequence at a time, sequences retired; and its trunk ran on one row per sequence."""
+    from tfb_core.generation import EagerDecoder
+
+    post = posterior(dirs, L)
+    want = decode_schedule(EagerDecoder(post, share_trunk=False), schedule(post.tokenizer))
+    dec, caches = EagerDecoder(post), []
+    seen, hook = rows_through(post, 0)
+    try:
+        got = decode_schedule(dec, schedule(post.tokenizer),
+                              lambda d: caches.append((len(d.seqs), d.kv_rows,
+                                                       [layer.keys.shape[0] for layer in d.batch.cache.layers])))
+    finally:
+        hook.remove()
+    assert_close_generation(want, got)
+    assert max(t.mutual_information for s in got for t in s.tokens) > 1e-6
+    split = LAYERS - L
+    assert all(rows == [m] * split + [n] * L for m, n, rows in caches) and any(m < n for m, n, _ in caches)
+    # the trunk's forwards: one row per sequence (of an admit, a step, a step of one), never one per sample
+    assert max(seen) == max(m for m, _, _ in caches) < max(n for _, n, _ in caches)
