@@ -514,3 +514,31 @@ def test_the_eager_decoder_shares_the_trunk_and_decodes_as_without(dirs, L):
     assert all(rows == [m] * split + [n] * L for m, n, rows in caches) and any(m < n for m, n, _ in caches)
     # the trunk's forwards: one row per sequence (of an admit, a step, a step of one), never one per sample
     assert max(seen) == max(m for m, _, _ in caches) < max(n for _, n, _ in caches)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("through", ["own forward", "prefill engine"])
+def test_the_graphed_decoder_shares_the_trunk_and_decodes_as_without(tmp_path, through):
+    """On a GPU, steps replayed from CUDA graphs keyed by (rows, trunk rows), float32: the decoder
+    sharing the trunk decodes the schedule (joins, mixed K, a step one sequence at a time,
+    retirements) as the one keeping K rows in every layer."""
+    from tfb_core.cuda_decode import StaticDecoder
+    from tfb_core.cuda_prefill import PrefillEngine
+
+    base = tiny.make_llama(tmp_path / "base", layers=LAYERS, hidden=128)
+    lora = tiny.make_lora(base, tmp_path / "lora", targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                            "gate_proj", "up_proj", "down_proj"))
+    post = Posterior.from_adapter(load_base_model(base, device="cuda", dtype="float32"), lora, stochastic_layers=1)
+    post.sigma = SIGMA
+
+    def make(share):
+        engine = PrefillEngine(post, share_trunk=share) if through == "prefill engine" else None
+        return StaticDecoder(post, prefill=engine, share_trunk=share, bucket=16)
+
+    want = decode_schedule(make(False), schedule(post.tokenizer))
+    dec = make(True)
+    got = decode_schedule(dec, schedule(post.tokenizer))
+    assert dec.graphs and all(trunks < rows for rows, trunks in dec.graphs), (list(dec.graphs), dec.capture_error)
+    assert_close_generation(want, got, atol=2e-4)
+    assert max(t.mutual_information for s in got for t in s.tokens) > 1e-6
