@@ -542,3 +542,40 @@ def test_the_graphed_decoder_shares_the_trunk_and_decodes_as_without(tmp_path, t
     assert dec.graphs and all(trunks < rows for rows, trunks in dec.graphs), (list(dec.graphs), dec.capture_error)
     assert_close_generation(want, got, atol=2e-4)
     assert max(t.mutual_information for s in got for t in s.tokens) > 1e-6
+
+
+def test_a_nan_sequence_s_trunk_rows_leave_no_nan_for_the_next(dirs):
+    """A sequence whose trunk went NaN at a decode step ends with an error while another runs on;
+    the next sequence prefilled into its trunk row (and its sample rows) with a shorter prompt
+    never reads the NaN columns past its own: both decode as the decoder without a trunk does."""
+    from tfb_core.cuda_decode import StaticDecoder
+
+    post = posterior(dirs, 1)
+    tok = post.tokenizer
+    nan_id = tok(" quokka", add_special_tokens=False).input_ids[-1]
+
+    def seqs():
+        params = SamplingParams(max_tokens=8, num_samples=2, ignore_eos=True)
+        return [GenSequence(tok(t).input_ids, params) for t in
+                ("The capital of France is", "one two three four five six seven eight nine ten", "Hi")]
+
+    def run(share):
+        other, long, short = seqs()
+        dec = StaticDecoder(post, share_trunk=share)
+        dec.admit([other, long])
+        hook = post.model.get_input_embeddings().register_forward_hook(
+            lambda m, args, out: out.masked_fill((args[0] == nan_id)[..., None], float("nan")))
+        try:
+            dec.tok[2:4] = nan_id  # its rows are fed the poisoned token: its trunk's next keys are NaN
+            dec.step()
+        finally:
+            hook.remove()
+        assert dec.filter() == [long] and long.finish_reason == "error"
+        dec.admit([short])  # into the trunk row and the rows the NaN sequence held
+        while dec.seqs:
+            dec.step()
+            dec.filter()
+        assert [s.finish_reason for s in (other, short)] == ["length", "length"], (other.error, short.error)
+        return [other, short]
+
+    assert_close_generation(run(False), run(True))
