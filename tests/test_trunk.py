@@ -505,15 +505,17 @@ def test_the_eager_decoder_shares_the_trunk_and_decodes_as_without(dirs, L):
     try:
         got = decode_schedule(dec, schedule(post.tokenizer),
                               lambda d: caches.append((len(d.seqs), d.kv_rows,
-                                                       [layer.keys.shape[0] for layer in d.batch.cache.layers])))
+                                                       [layer.keys.shape[0] for layer in d.batch.cache.layers],
+                                                       d.kv_layer_rows)))
     finally:
         hook.remove()
     assert_close_generation(want, got)
     assert max(t.mutual_information for s in got for t in s.tokens) > 1e-6
     split = LAYERS - L
-    assert all(rows == [m] * split + [n] * L for m, n, rows in caches) and any(m < n for m, n, _ in caches)
+    assert all(rows == [m] * split + [n] * L and kv == sum(rows) for m, n, rows, kv in caches)
+    assert any(m < n for m, n, _, _ in caches)
     # the trunk's forwards: one row per sequence (of an admit, a step, a step of one), never one per sample
-    assert max(seen) == max(m for m, _, _ in caches) < max(n for _, n, _ in caches)
+    assert max(seen) == max(m for m, *_ in caches) < max(n for _, n, *_ in caches)
 
 
 @pytest.mark.cuda

@@ -251,6 +251,12 @@ class DecodeBatch:
     def kv_rows(self) -> int:
         return len(self.mask)
 
+    @property
+    def kv_layer_rows(self) -> int:
+        """KV cache rows summed over the layers: one per sequence in each of the trunk's layers,
+        ``kv_rows`` in each layer above."""
+        return self.split * len(self.seqs) + (len(self.cache.layers) - self.split) * self.kv_rows
+
     # --- construction -------------------------------------------------------------------
 
     @classmethod
@@ -796,6 +802,11 @@ class EagerDecoder:
     @property
     def kv_rows(self) -> int:
         return self.batch.kv_rows if self.batch is not None else 0
+
+    @property
+    def kv_layer_rows(self) -> int:
+        """See :attr:`DecodeBatch.kv_layer_rows`."""
+        return self.batch.kv_layer_rows if self.batch is not None else 0
 
     def admit(self, seqs: list[GenSequence]) -> StepResult:
         """All or nothing: if it raises, ``seqs`` (their first token, text, generator) and the
