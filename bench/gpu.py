@@ -15,7 +15,9 @@ Variants (per row of the table):
 
 ``--attention dense`` runs the decode step with the attention that reads every column of the
 static cache (``attend_decode_dense``) instead of the default kernel that reads each row's live
-columns; ``--step`` times and profiles the decode step with both, side by side.
+columns; ``--step`` times and profiles the decode step with both, side by side, and with
+``--stochastic-layers`` for posteriors whose noise is in the last L layers only (the decoder
+shares the layers below N - L across a sequence's K samples).
 
 Models are random-weight Llama shapes built with ``from_config`` on the device (speed does
 not depend on weight values). Ceilings (bf16 matmul rate, device copy bandwidth) are
@@ -402,12 +404,9 @@ def op_breakdown(prof, top: int = 15) -> list:
 
 def step_run(args) -> dict:
     """The decode step of ``--step-cells`` (B streams x K samples after a ``--ctx``-token
-    prompt), graphed, with each attention in turn (twice, alternating), then one eager step of
-    the largest cell profiled with each; the matmul floor (d) and the ceilings of the same run."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from tfb_core.cuda_decode import StaticDecoder
-
+    prompt), graphed, for each ``--stochastic-layers`` L and each of ``--attentions`` in turn
+    (twice, the second round in reverse order), then one eager step of the largest cell profiled
+    with each; the matmul floor (d) and the ceilings of the same run."""
     torch.set_grad_enabled(False)
     device = torch.device(args.device or "cuda")  # a CPU runs it too (no floor, no ceilings): a smoke test
     clock = Clock(device)
@@ -424,24 +423,49 @@ def step_run(args) -> dict:
               f"{f['analytic_s'] * 1e3:.2f} ms = 2 x params x rows / the matmul rate", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="tfb-step-"))
     model = make_adapter(model, TARGETS["qv"], args.rank, tmp).unload()
-    post = install_posterior(model, tmp, args.sigma)
-    for rnd in range(2):
-        for kind in ATTENTION[::-1] if rnd else ATTENTION:
-            with attention(kind):
-                for B, K in cells:
-                    r = decode_engine(clock, post, prompts_for(B, args.ctx, counts["vocab"], seed=7), K,
-                                      args.warm, args.steps)
-                    r.pop("tokens")
-                    res["steps"].append({"attention": kind, "round": rnd, "batch": B, "K": K, "ctx": args.ctx, **r})
-                    print(f"step {kind:6s} B={B:3d} K={K:2d} ({B * K:4d} rows, cache {r['cache_len']} columns): "
-                          f"{r['step_s'] * 1e3:7.2f} ms (graphed: {r['graph']})", flush=True)
-                    free(clock)
+    N = counts["layers"]
+    layer_sets = [L if L == "all" else int(L) for L in args.stochastic_layers]
+    posts = {}
+    for L in layer_sets:  # one posterior at a time on the model: its TFB layers wrap the base layers
+        post = posts[L] = install_posterior(model, tmp, args.sigma, stochastic_layers=L)
+        for rnd in range(2):
+            for kind in args.attentions[::-1] if rnd else args.attentions:
+                with attention(kind):
+                    for B, K in cells[::-1] if rnd else cells:
+                        r = decode_engine(clock, post, prompts_for(B, args.ctx, counts["vocab"], seed=7), K,
+                                          args.warm, args.steps)
+                        r.pop("tokens")
+                        top = N if L == "all" else L  # layers with K rows per sequence
+                        rate = res["ceilings"]["matmul_flops"] or float("nan")  # None on a CPU
+                        r["analytic_s"] = 2 * (counts["body_params"] * (B * (N - top) + B * K * top) / N
+                                               + counts["lm_head_params"] * B * K) / rate
+                        res["steps"].append({"stochastic_layers": L, "attention": kind, "round": rnd, "batch": B,
+                                             "K": K, "ctx": args.ctx, **r})
+                        print(f"step L={L} {kind:6s} B={B:3d} K={K:2d} ({B * K:4d} rows, cache {r['cache_len']} "
+                              f"columns, {r['kv_layer_rows']} KV layer-rows): {r['step_s'] * 1e3:7.2f} ms "
+                              f"(graphed: {r['graph']}; 2 x params x layer-rows / rate {r['analytic_s'] * 1e3:.2f} ms)",
+                              flush=True)
+                        free(clock)
+        if not args.no_profile:
+            step_profile(clock, post, cells, counts, args, res["profile"], "" if L == "all" else f"L{L}_")
+        uninstall_posterior(post)
+        free(clock)
+    return res
+
+
+def step_profile(clock, post, cells, counts, args, out: dict, prefix: str) -> None:
+    """One eager step of the largest cell under torch.profiler, with each attention."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tfb_core.cuda_decode import StaticDecoder
+
     B, K = max(cells, key=lambda c: c[0] * c[1])
-    for kind in ATTENTION[::-1]:
+    for kind in args.attentions[::-1]:
         with attention(kind):
             seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=40, num_samples=K, ignore_eos=True))
                     for p in prompts_for(B, args.ctx, counts["vocab"], seed=7)]
-            dec = StaticDecoder(post, graph=False).admit(seqs)
+            dec = StaticDecoder(post, graph=False)
+            dec.admit(seqs)
             for _ in range(16):  # the context at mid-run of the timed steps
                 dec.step()
             eager = clock.time(dec.step)
@@ -450,8 +474,8 @@ def step_run(args) -> dict:
                 clock.sync()
             bd = kernel_breakdown(prof)
             bd["eager_wall_s"], bd["ops"] = eager, op_breakdown(prof)
-            res["profile"][f"{kind}_B{B}_K{K}"] = bd
-            print(f"profile {kind} B={B} K={K} (one eager step): kernels " + ", ".join(
+            out[f"{prefix}{kind}_B{B}_K{K}"] = bd
+            print(f"profile {prefix}{kind} B={B} K={K} (one eager step): kernels " + ", ".join(
                 f"{k} {v * 1e3:.2f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
             for name, t in bd["top"]:
                 print(f"    {t:8.3f} ms  {name}", flush=True)
@@ -459,7 +483,6 @@ def step_run(args) -> dict:
                 print(f"    {ms:8.3f} ms  {n:4d} x {key} {shapes}", flush=True)
             del dec
             free(clock)
-    return res
 
 
 def profile_run(args) -> dict:
@@ -582,6 +605,11 @@ def parse_args(argv=None):
                    help="the decode step with each attention, side by side: timed (graphed) and profiled")
     p.add_argument("--step-cells", nargs="+", default=["1x10", "64x1", "64x10"],
                    help="--step's cells, BxK (B streams of K samples)")
+    p.add_argument("--attentions", nargs="+", default=list(ATTENTION), choices=ATTENTION,
+                   help="--step's attentions, each in turn")
+    p.add_argument("--stochastic-layers", nargs="+", default=["all"],
+                   help="--step's posteriors: 'all' or L, the noise in the last L decoder layers only")
+    p.add_argument("--no-profile", action="store_true", help="--step without its profiled eager steps")
     p.add_argument("--attention", default="kernel", choices=ATTENTION,
                    help="the decode step's attention: kernel (each row's live columns) or dense (every column)")
     p.add_argument("--deadline-s", type=float, default=1e9,

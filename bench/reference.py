@@ -108,9 +108,9 @@ class Reference:
                 m.lora_A["default"].weight.copy_(mean if k is None else s[k])
 
 
-def install_posterior(model, adapter_dir, sigma) -> Posterior:
+def install_posterior(model, adapter_dir, sigma, stochastic_layers="all") -> Posterior:
     base = BaseModel(model=model, tokenizer=StubTokenizer(), name="random", path=Path(adapter_dir))
-    post = Posterior.from_adapter(base, adapter_dir)
+    post = Posterior.from_adapter(base, adapter_dir, stochastic_layers=stochastic_layers)
     post.sigma = sigma
     return post
 

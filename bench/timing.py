@@ -205,7 +205,8 @@ def decode_engine(clock, post, prompts, K, warm, steps, compile=False):
            "steps": steps, "warmup_steps": warm, "prefill_s": t_prefill, "first_step_s": t_first,
            "peak_extra_bytes": peak, "after_prefill_bytes": after, "graph": bool(dec.graphs),
            "capture_error": dec.capture_error, "compile_error": dec.compile_error,
-           "cache_len": dec.length, "rows_cap": dec.rows_cap,
+           "cache_len": dec.length, "rows_cap": dec.rows_cap, "trunk_cap": dec.trunk_cap,
+           "kv_layer_rows": dec.kv_layer_rows,
            "tokens": [s.token_ids[:8] for s in seqs]}
     del dec
     return out

@@ -17,6 +17,7 @@ from conftest import left_pad, module_order
 import tiny
 from tfb_core.cli import main
 from tfb_core.errors import TFBError
+from tfb_core.generation import GenSequence, SamplingParams
 from tfb_core.models import load_base_model
 from tfb_core.posterior import TFB_CONFIG_NAME, Posterior
 from tfb_core.sampling import standard_normal
@@ -280,7 +281,7 @@ def test_the_graphed_engines_give_the_eager_answers_with_top_layers_only(tmp_pat
             dec.filter()
             if dec.seqs:
                 dec.step()
-    assert dec.graphed, f"no CUDA graph was captured ({dec.capture_error})"
+    assert dec.graphs, f"no CUDA graph was captured ({dec.capture_error})"
     alone = [generate(post, [p], params)[0] for p in ps]
     for seqs in rounds:
         assert_same_generation(alone, seqs, torch.float32)
@@ -401,3 +402,183 @@ def test_the_eager_scorer_shares_the_trunk_and_scores_as_row_by_row(dirs, L):
             for g, w in zip(got, want, strict=True):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
             assert max(float(s.std(0).max()) for s in want) > 1e-4
+
+
+# --- decoding with the trunk shared ---------------------------------------------------------------
+
+
+def schedule(tok):
+    """Sequences for :func:`decode_schedule`: mixed K, weight seeds, lengths and sampling."""
+    texts = ["The capital of France is", "Hello", "1 2 3 4 5 6 7 8 9 10 11 12", "Once upon a time", "A"]
+    params = [SamplingParams(max_tokens=9, num_samples=4, weight_seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=3, num_samples=2, weight_seed=7, ignore_eos=True, top_logprobs=2),
+              SamplingParams(max_tokens=12, num_samples=3, weight_seed=3, temperature=0.8, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=5, num_samples=1, weight_seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=7, num_samples=5, weight_seed=2, ignore_eos=True)]
+    return [GenSequence(tok(t).input_ids, sp, id=i) for i, (t, sp) in enumerate(zip(texts, params))]
+
+
+def decode_schedule(dec, seqs, on_step=None):
+    """Two sequences admitted, three more joining at steps 2 and 4, one step done one sequence at
+    a time (``step_each``), finished sequences filtered out (their rows packed) after every step."""
+    joins = {0: seqs[:2], 2: seqs[2:4], 4: seqs[4:]}
+    for step in range(40):
+        if step in joins:
+            dec.admit(joins[step])
+        dec.filter()
+        if not dec.seqs and step > max(joins):
+            return seqs
+        if on_step is not None:
+            on_step(dec)
+        dec.step_each() if step == 3 else dec.step()
+    raise AssertionError("the schedule did not finish")
+
+
+def assert_close_generation(want, got, atol=1e-5):
+    """The same tokens and finish reasons; logprobs, uncertainty and each sample's logprob within ``atol``."""
+    for w, g in zip(want, got, strict=True):
+        assert (g.token_ids, g.finish_reason, g.text) == (w.token_ids, w.finish_reason, w.text)
+        for a, b in zip(w.tokens, g.tokens, strict=True):
+            got_ = [b.logprob, b.predictive_entropy, b.expected_entropy, b.mutual_information, *b.sample_logprobs]
+            want_ = [a.logprob, a.predictive_entropy, a.expected_entropy, a.mutual_information, *a.sample_logprobs]
+            assert got_ == pytest.approx(want_, abs=atol)
+            assert [t for t, _ in b.top] == [t for t, _ in a.top]
+
+
+@pytest.mark.parametrize("L,through", [(1, "own forward"), (3, "own forward"), (1, "prefill engine")])
+def test_the_static_decoder_shares_the_trunk_and_decodes_as_without(dirs, L, through):
+    """StaticDecoder with the trunk shared (one KV cache row per sequence below layer N - L, fanned
+    out to its K rows there) decodes as the same decoder keeping K rows in every layer: prefill,
+    joins into a running batch, mixed K and seeds, a step one sequence at a time, sequences
+    retired and rows packed. The cache holds N - L rows per sequence and L per weight sample."""
+    from tfb_core.cuda_decode import StaticDecoder
+    from tfb_core.cuda_prefill import PrefillEngine
+
+    post = posterior(dirs, L)
+    split = LAYERS - L
+
+    def make(share):
+        engine = PrefillEngine(post, share_trunk=share) if through == "prefill engine" else None
+        return StaticDecoder(post, prefill=engine, share_trunk=share, bucket=16)
+
+    want = decode_schedule(make(False), schedule(post.tokenizer))
+    shared, seen = make(True), []
+    got = decode_schedule(shared, schedule(post.tokenizer),
+                          lambda dec: seen.append((len(dec.seqs), dec.n, dec.kv_layer_rows)))
+    assert_close_generation(want, got)
+    assert max(t.mutual_information for s in got for t in s.tokens) > 1e-6  # the samples differ
+    assert {len(s.tokens) for s in got} == {9, 3, 12, 5, 7}
+    assert shared.split == split and shared.kc[0].shape[0] == shared.trunk_cap < shared.rows_cap
+    assert shared.kc[split].shape[0] == shared.rows_cap
+    assert all(kv == split * m + L * n for m, n, kv in seen) and any(m < n for m, n, _ in seen)
+    assert shared.kv_rows == 0 and shared.kv_layer_rows == 0
+
+
+def test_the_static_decoder_s_step_runs_the_trunk_once_per_sequence(dirs):
+    """One step of 3 sequences x K = 4: 3 rows through the layers below N - L, 12 through those
+    above (the buckets' powers of two are capped at the buffers, made exactly this size)."""
+    from tfb_core.cuda_decode import StaticDecoder
+
+    post = posterior(dirs, 1)
+    params = SamplingParams(max_tokens=4, num_samples=4, ignore_eos=True)
+    dec = StaticDecoder(post)
+    dec.admit([GenSequence(post.tokenizer(t).input_ids, params) for t in TEXTS])
+    (bottom, h0), (top, h1) = rows_through(post, 0), rows_through(post, LAYERS - 1)
+    try:
+        dec.step()
+    finally:
+        h0.remove(), h1.remove()
+    assert (dec.trunk_cap, dec.rows_cap) == (3, 12) and (bottom, top) == ([3], [12])
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_the_eager_decoder_shares_the_trunk_and_decodes_as_without(dirs, L):
+    """EagerDecoder (HF modules one layer at a time over a DynamicCache whose layers below N - L
+    hold one row per sequence) decodes the schedule as the same decoder keeping K rows in every
+    layer (the HF forward of the whole model): prefill, joins, mixed K and seeds, a step one
+    sequence at a time, sequences retired; and its trunk ran on one row per sequence."""
+    from tfb_core.generation import EagerDecoder
+
+    post = posterior(dirs, L)
+    want = decode_schedule(EagerDecoder(post, share_trunk=False), schedule(post.tokenizer))
+    dec, caches = EagerDecoder(post), []
+    seen, hook = rows_through(post, 0)
+    try:
+        got = decode_schedule(dec, schedule(post.tokenizer),
+                              lambda d: caches.append((len(d.seqs), d.kv_rows,
+                                                       [layer.keys.shape[0] for layer in d.batch.cache.layers],
+                                                       d.kv_layer_rows)))
+    finally:
+        hook.remove()
+    assert_close_generation(want, got)
+    assert max(t.mutual_information for s in got for t in s.tokens) > 1e-6
+    split = LAYERS - L
+    assert all(rows == [m] * split + [n] * L and kv == sum(rows) for m, n, rows, kv in caches)
+    assert any(m < n for m, n, _, _ in caches)
+    # the trunk's forwards: one row per sequence (of an admit, a step, a step of one), never one per sample
+    assert max(seen) == max(m for m, *_ in caches) < max(n for _, n, *_ in caches)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("through", ["own forward", "prefill engine"])
+def test_the_graphed_decoder_shares_the_trunk_and_decodes_as_without(tmp_path, through):
+    """On a GPU, steps replayed from CUDA graphs keyed by (rows, trunk rows), float32: the decoder
+    sharing the trunk decodes the schedule (joins, mixed K, a step one sequence at a time,
+    retirements) as the one keeping K rows in every layer."""
+    from tfb_core.cuda_decode import StaticDecoder
+    from tfb_core.cuda_prefill import PrefillEngine
+
+    base = tiny.make_llama(tmp_path / "base", layers=LAYERS, hidden=128)
+    lora = tiny.make_lora(base, tmp_path / "lora", targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                            "gate_proj", "up_proj", "down_proj"))
+    post = Posterior.from_adapter(load_base_model(base, device="cuda", dtype="float32"), lora, stochastic_layers=1)
+    post.sigma = SIGMA
+
+    def make(share):
+        engine = PrefillEngine(post, share_trunk=share) if through == "prefill engine" else None
+        return StaticDecoder(post, prefill=engine, share_trunk=share, bucket=16)
+
+    want = decode_schedule(make(False), schedule(post.tokenizer))
+    dec = make(True)
+    got = decode_schedule(dec, schedule(post.tokenizer))
+    assert dec.graphs and all(trunks < rows for rows, trunks in dec.graphs), (list(dec.graphs), dec.capture_error)
+    assert_close_generation(want, got, atol=2e-4)
+    assert max(t.mutual_information for s in got for t in s.tokens) > 1e-6
+
+
+def test_a_nan_sequence_s_trunk_rows_leave_no_nan_for_the_next(dirs):
+    """A sequence whose trunk went NaN at a decode step ends with an error while another runs on;
+    the next sequence prefilled into its trunk row (and its sample rows) with a shorter prompt
+    never reads the NaN columns past its own: both decode as the decoder without a trunk does."""
+    from tfb_core.cuda_decode import StaticDecoder
+
+    post = posterior(dirs, 1)
+    tok = post.tokenizer
+    nan_id = tok(" quokka", add_special_tokens=False).input_ids[-1]
+
+    def seqs():
+        params = SamplingParams(max_tokens=8, num_samples=2, ignore_eos=True)
+        return [GenSequence(tok(t).input_ids, params) for t in
+                ("The capital of France is", "one two three four five six seven eight nine ten", "Hi")]
+
+    def run(share):
+        other, long, short = seqs()
+        dec = StaticDecoder(post, share_trunk=share)
+        dec.admit([other, long])
+        hook = post.model.get_input_embeddings().register_forward_hook(
+            lambda m, args, out: out.masked_fill((args[0] == nan_id)[..., None], float("nan")))
+        try:
+            dec.tok[2:4] = nan_id  # its rows are fed the poisoned token: its trunk's next keys are NaN
+            dec.step()
+        finally:
+            hook.remove()
+        assert dec.filter() == [long] and long.finish_reason == "error"
+        dec.admit([short])  # into the trunk row and the rows the NaN sequence held
+        while dec.seqs:
+            dec.step()
+            dec.filter()
+        assert [s.finish_reason for s in (other, short)] == ["length", "length"], (other.error, short.error)
+        return [other, short]
+
+    assert_close_generation(run(False), run(True))

@@ -86,21 +86,22 @@ class PrefillEngine(Graphed):
 
     @torch.no_grad()
     def prompts(self, rows: Sequence[list[int]], samples: Sequence[tuple[int, int]], slot_ids: Sequence[int]
-                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """For generation: the last position's logits (R, V, float32), every layer's keys (after
-        RoPE) and values (R, KVH, T, hd), and the padding mask (R, T; CPU) of the left-padded rows
-        (T: the longest row, rounded up to ``bucket`` when graphs are on). Keys and values may be
-        a graph's outputs, overwritten by the next call: copy them before. With a shared trunk
-        the layers below N - L run once per prompt; their keys and values are copied to each of
-        its rows."""
+        RoPE) and values (R, KVH, T, hd), the padding mask (R, T; CPU) of the left-padded rows
+        (T: the longest row, rounded up to ``bucket`` when graphs are on), and the trunk's index
+        (R,; CPU) or None. Keys and values may be a graph's outputs, overwritten by the next
+        call: copy them before. With a shared trunk (an index) the layers below N - L ran once
+        per distinct row: their keys and values are (B, KVH, T, hd), row i's at ``index[i]``."""
         n, T = len(rows), self.padded_length(max(len(r) for r in rows))
         if self._graphs_on and self._fits(pow2(n), T, 1, kv=True):
             # rows rounded up to a power of two (copies of the first), so admissions of any
             # size share a few graphed shapes
             rows = list(rows) + [rows[0]] * (pow2(n) - n)
             slot_ids = list(slot_ids) + [slot_ids[0]] * (pow2(n) - n)
-        (logits, kv), mask = self._run(rows, 1, samples, slot_ids, kv=True)
-        return logits[:n, -1].float(), [t[:n] for t in kv[0::2]], [t[:n] for t in kv[1::2]], mask[:n]
+        (logits, kv), mask, index = self._run(rows, 1, samples, slot_ids, kv=True)
+        return (logits[:n, -1].float(), [t[:n] for t in kv[0::2]], [t[:n] for t in kv[1::2]], mask[:n],
+                None if index is None else index[:n])
 
     def padded_length(self, length: int) -> int:
         """The length rows of ``length`` tokens are padded to: rounded up to ``bucket`` while
@@ -112,6 +113,7 @@ class PrefillEngine(Graphed):
         return self.use_graph and self.capture_error is None
 
     def _run(self, rows, keep, samples, slot_ids, kv: bool) -> tuple:
+        """(the forward's output, the rows' mask, the trunk's index or None)."""
         n, T = len(rows), self.padded_length(max(len(r) for r in rows))
         trunk, index = self._trunk(rows, kv)
         graphed = self._graphs_on and self.wants_graph(n, T, keep, kv, len(trunk) if index is not None else 0)
@@ -126,10 +128,10 @@ class PrefillEngine(Graphed):
             if graphed:
                 out = self._replay(inputs, keep, kv)
                 if out is not None:
-                    return out, mask
+                    return out, mask, index
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with row_noise(self.post, self.noise, inputs["slots"]):
-                return self._forward(inputs, keep, kv), mask
+                return self._forward(inputs, keep, kv), mask, index
 
     def _trunk(self, rows, kv: bool) -> tuple[list, torch.Tensor | None]:
         """(the distinct rows, row -> distinct row) when the trunk is shared, else (rows, None).
@@ -148,7 +150,7 @@ class PrefillEngine(Graphed):
     def _forward(self, inputs: dict, keep: int, kv: bool = False):
         """Logits of the last ``keep`` positions; with ``kv`` (logits, [k_0, v_0, k_1, v_1, ...]).
         With ``inputs["index"]`` the rows of ``ids`` are the trunk's (one per distinct row), fanned
-        out to every row at layer N - L."""
+        out to every row at layer N - L (the keys and values below it are the trunk rows')."""
         model = self.post.model
         ids, mask, pos = inputs["ids"], inputs["mask"], inputs["pos"]
         index = inputs.get("index")
@@ -162,9 +164,7 @@ class PrefillEngine(Graphed):
         cache: list[torch.Tensor] = []
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if kv and i < split:  # a trunk row's keys and values, one copy per row that shares it
-                cache.extend([k[index], v[index]])
-            elif kv:  # k is a view of q and k together: keep k alone
+            if kv:  # k is a view of q and k together: keep k alone
                 cache.extend([k.contiguous(), v])
             return attend_prompt(q, k, v, trunk_mask if i < split else attn_mask)
 

@@ -7,7 +7,9 @@ K rows, and the token's predictive entropy, expected entropy and mutual informat
 
 A :class:`DecodeBatch` is the unit of continuous batching: ``prefill`` new sequences,
 ``concatenate`` them into the running batch between steps, ``step`` once, ``filter`` out what
-finished. Rows are left-padded; positions follow the attention mask.
+finished. Rows are left-padded; positions follow the attention mask. With the noise in the last
+L layers only (``stochastic_layers``), the layers below N - L run once per sequence, over one
+KV cache row per sequence, and fan out to its K rows at layer N - L (:func:`trunk_forward`).
 
 A step does not edit the sequences while it runs: the forward and :func:`choose_tokens` compute a
 :class:`StepResult` (per sequence its :class:`TokenInfo`, or why it has none), and only once both
@@ -230,49 +232,63 @@ def _commit_token(decode, s: GenSequence, c: Choice, eos: set[int], limit: int |
 
 
 class DecodeBatch:
-    """Sequences decoding together: rows ``[seq 0: K_0 rows][seq 1: K_1 rows]...``."""
+    """Sequences decoding together: rows ``[seq 0: K_0 rows][seq 1: K_1 rows]...``.
+
+    ``split``: the layers below it keep one KV cache row per sequence (the trunk the weight
+    samples share, :func:`trunk_split`); 0 keeps one row per (sequence, weight sample) in every
+    layer.
+    """
 
     def __init__(self, post, seqs: list[GenSequence], cache, mask: torch.Tensor,
-                 positions: torch.Tensor, last: torch.Tensor):
+                 positions: torch.Tensor, last: torch.Tensor, split: int = 0):
         self.post = post
         self.seqs = seqs
-        self.cache = cache  # KV cache, one row per (sequence, weight sample)
+        self.cache = cache  # KV cache: one row per sequence below ``split``, per (sequence, sample) from it
         self.mask = mask  # (rows, T) 1 for real tokens, 0 for left padding
         self.positions = positions  # (rows,) position of the next token
         self.last = last  # (rows,) the token to feed next
+        self.split = split
 
     @property
     def kv_rows(self) -> int:
         return len(self.mask)
 
+    @property
+    def kv_layer_rows(self) -> int:
+        """KV cache rows summed over the layers: one per sequence in each of the trunk's layers,
+        ``kv_rows`` in each layer above."""
+        return self.split * len(self.seqs) + (len(self.cache.layers) - self.split) * self.kv_rows
+
     # --- construction -------------------------------------------------------------------
 
     @classmethod
     @torch.no_grad()
-    def prefill(cls, post, seqs: list[GenSequence]) -> tuple["DecodeBatch", StepResult]:
+    def prefill(cls, post, seqs: list[GenSequence], share_trunk: bool = True) -> tuple["DecodeBatch", StepResult]:
         """Run the prompts (x K each) in one forward and choose every sequence's first token:
-        the batch, and the choice, not yet committed to ``seqs`` (:func:`apply`)."""
-        from transformers import DynamicCache
-
+        the batch, and the choice, not yet committed to ``seqs`` (:func:`apply`). ``share_trunk``:
+        the layers below N - L once per sequence (:func:`trunk_split`; nothing changes with every
+        layer stochastic)."""
         t0 = time.perf_counter()
         ids, mask = prompt_rows(post, seqs)
         dev = next(post.model.parameters()).device
         ids, mask = ids.to(dev), mask.to(dev)
-        batch = cls(post, seqs, DynamicCache(), mask, mask.sum(-1), ids[:, -1])
+        split = trunk_split(post) if share_trunk else 0
+        batch = cls(post, seqs, new_cache(post.model), mask, mask.sum(-1), ids[:, -1], split)
         logits = batch._forward(ids, positions(mask))
         batch.last, choices = choose_tokens(post, seqs, logits)
         return batch, StepResult(list(seqs), choices, time.perf_counter() - t0)
 
     @classmethod
     def concatenate(cls, batches: Seq["DecodeBatch"]) -> "DecodeBatch":
-        """One batch from several (a new request joining the running batch between steps)."""
-        from transformers import DynamicCache
-
+        """One batch from several (a new request joining the running batch between steps), all of
+        one ``split``: every layer's rows in batch order (a trunk layer's one per sequence)."""
         batches = [b for b in batches if b.seqs]
         if len(batches) == 1:
             return batches[0]
+        if len({b.split for b in batches}) > 1:
+            raise ValueError(f"batches of different trunks ({sorted({b.split for b in batches})}) cannot be joined")
         T = max(b.mask.shape[1] for b in batches)
-        cache = DynamicCache()
+        cache = new_cache(batches[0].post.model)
         keys, values = [], []
         for i in range(len(batches[0].cache.layers)):
             ks, vs = [], []
@@ -287,7 +303,7 @@ class DecodeBatch:
             cache.update(k, v, i)
         mask = torch.cat([torch.nn.functional.pad(b.mask, (T - b.mask.shape[1], 0)) for b in batches])
         return cls(batches[0].post, [s for b in batches for s in b.seqs], cache, mask,
-                   torch.cat([b.positions for b in batches]), torch.cat([b.last for b in batches]))
+                   torch.cat([b.positions for b in batches]), torch.cat([b.last for b in batches]), batches[0].split)
 
     # --- one step ------------------------------------------------------------------------
 
@@ -313,8 +329,8 @@ class DecodeBatch:
         the token they get alone."""
         t0 = time.perf_counter()
         parts, choices, row = [], [], 0
-        for s in self.seqs:
-            part = self._rows(s, row)
+        for j, s in enumerate(self.seqs):
+            part = self._rows(s, j, row)
             row += s.params.num_samples
             if s.finished:
                 choices.append(Choice())
@@ -355,10 +371,12 @@ class DecodeBatch:
         kept, done, keep_rows = split_finished(self.seqs)
         if done:
             idx = torch.tensor(keep_rows, dtype=torch.long, device=self.mask.device)
+            trunks = torch.tensor([j for j, s in enumerate(self.seqs) if not s.finished], device=idx.device)
             self.seqs = kept
             self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]
             if kept:
-                self.cache.batch_select_indices(idx)
+                for i, layer in enumerate(self.cache.layers):
+                    layer.batch_select_indices(trunks if i < self.split else idx)
                 self._trim()
             else:
                 self.cache = None
@@ -366,24 +384,35 @@ class DecodeBatch:
 
     # --- internals -----------------------------------------------------------------------
 
-    def _rows(self, s: GenSequence, row: int) -> "DecodeBatch":
-        """Sequence ``s`` (rows ``row .. row + K``) as a batch of its own."""
-        from transformers import DynamicCache
-
+    def _rows(self, s: GenSequence, j: int, row: int) -> "DecodeBatch":
+        """Sequence ``s`` (the ``j``-th; rows ``row .. row + K``) as a batch of its own."""
         idx = torch.arange(row, row + s.params.num_samples, device=self.mask.device)
-        cache = DynamicCache()
+        cache = new_cache(self.post.model)
         for i, layer in enumerate(self.cache.layers):
-            cache.update(layer.keys[idx], layer.values[idx], i)
-        return DecodeBatch(self.post, [s], cache, self.mask[idx], self.positions[idx], self.last[idx])
+            pick = idx if i >= self.split else idx[:1] - row + j  # a trunk layer: the sequence's one row
+            cache.update(layer.keys[pick], layer.values[pick], i)
+        return DecodeBatch(self.post, [s], cache, self.mask[idx], self.positions[idx], self.last[idx], self.split)
 
     @property
     def _device(self) -> torch.device:
         return next(self.post.model.parameters()).device
 
     def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """One forward over all rows under their weight samples: last-position logits (rows, V)."""
+        """One forward over all rows under their weight samples: last-position logits (rows, V).
+        With a trunk, the rows of ``ids`` are read at each sequence's first row."""
         dev = self._device
         samples, slots = self._sample_map()
+        if self.split:
+            Ks = torch.tensor([s.params.num_samples for s in self.seqs])
+            first = Ks.cumsum(0) - Ks  # each sequence's first row
+            index = torch.arange(len(Ks)).repeat_interleave(Ks)  # row -> its sequence
+            if slots is None:
+                slots = torch.tensor(sample_map([(s.params.weight_seed, s.params.num_samples) for s in self.seqs])[1])
+            with self.post.mixed_samples(samples, slots):
+                logits, _ = trunk_forward(self.post.model, ids[first.to(ids.device)].to(dev),
+                                          self.mask[first.to(self.mask.device)].to(dev), self.split, index.to(dev),
+                                          self.cache)
+            return logits[:, -1].float()
         kwargs = dict(input_ids=ids.to(dev), attention_mask=self.mask.to(dev),
                       position_ids=position_ids.to(dev), use_cache=True, logits_to_keep=1)
         kwargs[cache_kwarg(self.post.model)] = self.cache
@@ -412,6 +441,64 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys = layer.keys[..., start:, :]
                 layer.values = layer.values[..., start:, :]
+
+
+# --- the trunk the weight samples share (HF modules) --------------------------------------
+
+def trunk_split(post) -> int:
+    """N - L, where the eager engines (the prompt-sharing scorer, :class:`DecodeBatch`) fan out to
+    the weight samples' rows; 0 when they run every row
+    through every layer (every layer stochastic, or a model without the Llama family's layout of
+    HF modules: ``model.model`` with ``embed_tokens``, ``rotary_emb``, ``layers`` and ``norm``)."""
+    inner = getattr(post.model, "model", None)
+    layout = all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
+    return post.first_stochastic_layer if layout else 0
+
+
+def new_cache(model):
+    """An empty DynamicCache for ``model`` (one layer per decoder layer)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def trunk_forward(model, ids: torch.Tensor, key_mask: torch.Tensor, split: int, index: torch.Tensor, cache,
+                  keep: int = 1) -> tuple[torch.Tensor, object]:
+    """The model's HF modules one decoder layer at a time, with the trunk shared.
+
+    ``ids`` (B, T): the trunk's rows, one per distinct token row; ``key_mask`` (B, S): the real
+    columns of the cache's keys followed by those of ``ids`` (S = cached + T). Layers below
+    ``split`` run on the B rows; at ``split`` every row r of the result continues as row
+    ``index[r]``'s copy (the stream, RoPE's cos and sin, the mask), and the layers above run on
+    those R rows, each with its own weight sample. ``cache`` (a DynamicCache) gets each layer's
+    keys and values (B rows below ``split``, R above). Returns the logits of the last ``keep``
+    positions (R, keep, V) and the cache.
+    """
+    inner = model.model
+    B, T = ids.shape
+    S = key_mask.shape[1]
+    x = inner.embed_tokens(ids)  # (B, T, d)
+    pos = (key_mask.cumsum(-1) - 1).clamp_min(0)[:, S - T:]
+    cos, sin = inner.rotary_emb(x, pos)  # (B, T, hd)
+    attn = attention_mask(key_mask, T, x.dtype)  # (B, 1, T, S)
+    kw = cache_kwarg(inner.layers[0])
+    for i, layer in enumerate(inner.layers):
+        if i == split:
+            x, cos, sin, attn = x[index], cos[index], sin[index], attn[index]
+        out = layer(x, attention_mask=attn, position_embeddings=(cos, sin), use_cache=True, **{kw: cache})
+        x = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(inner.norm(x[:, T - keep:])), cache
+
+
+def attention_mask(key_mask: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (R, 1, T, S) mask: the T queries are the last T of the S columns; each sees the
+    real columns up to its own (a padding query sees itself only, never a row of -inf)."""
+    R, S = key_mask.shape
+    q = torch.arange(S - T, S, device=key_mask.device)[:, None]
+    k = torch.arange(S, device=key_mask.device)[None]
+    allowed = ((k <= q)[None] & key_mask[:, None, :].bool()) | (k == q)[None]  # (R, T, S)
+    out = torch.zeros(R, 1, T, S, dtype=dtype, device=key_mask.device)
+    return out.masked_fill_(~allowed[:, None], float("-inf"))
 
 
 def check_prompts(post, seqs: Seq[GenSequence]) -> None:
@@ -705,8 +792,9 @@ class EagerDecoder:
     its ``DynamicCache``) that joining batches are concatenated into; none is held while no
     sequence is active, so an idle decoder holds no KV cache."""
 
-    def __init__(self, post):
+    def __init__(self, post, share_trunk: bool = True):
         self.post = post
+        self.share_trunk = share_trunk  # see DecodeBatch.prefill
         self.batch: DecodeBatch | None = None
 
     @property
@@ -717,11 +805,16 @@ class EagerDecoder:
     def kv_rows(self) -> int:
         return self.batch.kv_rows if self.batch is not None else 0
 
+    @property
+    def kv_layer_rows(self) -> int:
+        """See :attr:`DecodeBatch.kv_layer_rows`."""
+        return self.batch.kv_layer_rows if self.batch is not None else 0
+
     def admit(self, seqs: list[GenSequence]) -> StepResult:
         """All or nothing: if it raises, ``seqs`` (their first token, text, generator) and the
         running batch are as they were."""
         t0 = time.perf_counter()
-        batch, result = DecodeBatch.prefill(self.post, seqs)
+        batch, result = DecodeBatch.prefill(self.post, seqs, self.share_trunk)
         self.batch = batch if self.batch is None else DecodeBatch.concatenate([self.batch, batch])
         apply(self.post, result)
         result.seconds = time.perf_counter() - t0
