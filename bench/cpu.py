@@ -41,6 +41,9 @@ def main(argv=None):
     p.add_argument("--sigma", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: two threads on 2 shared cores stall each other)")
+    p.add_argument("--stochastic-layers", nargs="+", default=[],
+                   help="also time scoring and decoding at K with the noise in the last L layers only, for "
+                   "each L given (e.g. all 4 1): the shared trunk against every layer, side by side")
     p.add_argument("--out", default=str(timing.ROOT / "bench" / "results" / "cpu.json"))
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -84,6 +87,8 @@ def main(argv=None):
         res["decode"][f"static_K{k}"] = r
         print(f"decode static K={k}: {r['step_s'] * 1e3:.0f} ms/step (eager)", flush=True)
     res["sequence_question"] = sequence_question(post, clock, K)
+    res["layers"] = layers(post, clock, score_prompts, dec_prompts, K, args)
+    post.stochastic_layers = "all"
     reference.uninstall_posterior(post)
     # peft: b (K looped) and c (deterministic)
     from peft import PeftModel
@@ -129,7 +134,28 @@ def main(argv=None):
           f"{q['full']['median_s'] * 1e3:7.0f} ms | shared prompt {q['shared']['median_s'] * 1e3:7.0f} ms | "
           f"max |dp| {q['max_abs_dp']:.1e}")
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    for L, r in res["layers"].items():
+        print(f"stochastic layers {L}: scoring a K={K} {r['score_ms']:7.0f} ms | decode a K={K} "
+              f"{r['decode_a_ms']:7.1f} ms/step | static K={K} {r['decode_static_ms']:7.1f} ms/step")
     print(f"static tokens == engine tokens (K={K}): {res['static_tokens_equal_a']}; wall {res['meta']['wall_s']:.0f} s")
+
+
+def layers(post, clock, score_prompts, dec_prompts, K: int, args) -> dict:
+    """Scoring and decoding at K for each ``--stochastic-layers`` L, alternating the L values
+    twice (the faster round of each kept): the shared trunk's cost against every layer's."""
+    times: dict[str, dict[str, list[float]]] = {}
+    for _ in range(2 if args.stochastic_layers else 0):
+        for L in args.stochastic_layers:
+            post.stochastic_layers = L if L == "all" else int(L)
+            t = times.setdefault(str(L), {"score": [], "a": [], "static": []})
+            t["score"].append(clock.bench(timing.score_tfb(post, score_prompts, K), min_reps=3, max_reps=5,
+                                          budget_s=2, heavy_s=10)["median_s"])
+            t["a"].append(timing.decode_eager(clock, post, dec_prompts, K, 2, args.steps)["step_s"])
+            t["static"].append(timing.decode_engine(clock, post, dec_prompts, K, 2, args.steps)["step_s"])
+            print(f"stochastic layers {L}: score {t['score'][-1] * 1e3:.0f} ms, decode a {t['a'][-1] * 1e3:.1f} "
+                  f"static {t['static'][-1] * 1e3:.1f} ms/step", flush=True)
+    return {L: {"score_ms": 1e3 * sorted(t["score"])[0], "decode_a_ms": 1e3 * sorted(t["a"])[0],
+                "decode_static_ms": 1e3 * sorted(t["static"])[0], "rounds": t} for L, t in times.items()}
 
 
 def sequence_question(post, clock, K: int) -> dict:
