@@ -133,12 +133,15 @@ def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None)
     if settings.is_demo:
         post = Posterior.demo(device=settings.device, dtype=settings.dtype)
         log.info("serving the built-in demo: %s + %s", post.base.name, post.adapter_path)
+        check_fitted_setting(settings, post, "the built-in demo")
         return Loaded(post, model_id(settings), str(post.adapter_path), "demo")
     adapter = Path(settings.adapter).expanduser()
     if Posterior.is_bayesianized(adapter):
         log.info("loading the Bayesianized adapter %s", adapter)
         base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
-        return Loaded(Posterior.load(base, adapter), model_id(settings), str(adapter), "loaded")
+        post = Posterior.load(base, adapter)
+        check_fitted_setting(settings, post, f"--adapter {adapter}")
+        return Loaded(post, model_id(settings), str(adapter), "loaded")
     searched = []
 
     def on_fit(what: str) -> None:
@@ -151,6 +154,17 @@ def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None)
         report = post.config.report
         log.log(logging.WARNING if report.warnings else logging.INFO, "start-up search:\n%s", report.table())
     return Loaded(post, model_id(settings), str(adapter), "searched" if searched else "cached search")
+
+
+def check_fitted_setting(settings: Settings, post, what: str) -> None:
+    """``--stochastic-layers`` given for a posterior already Bayesianized with another L: its sigma
+    was searched for its own noisy set, so the flag cannot change it at serving time."""
+    if "stochastic_layers" not in settings.model_fields_set or settings.stochastic_layers == post.stochastic_layers:
+        return
+    raise TFBError(f"--stochastic-layers {settings.stochastic_layers}: {what} was Bayesianized with "
+                   f"stochastic_layers {post.stochastic_layers} (its sigma was searched for those layers); serve it "
+                   f"without the flag, or Bayesianize the plain LoRA again with tfb bayesianize --stochastic-layers "
+                   f"{settings.stochastic_layers}")
 
 
 def _bayesianize(settings: Settings, adapter: Path, **kwargs):

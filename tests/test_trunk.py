@@ -220,6 +220,13 @@ def test_serve_takes_the_setting_searches_with_it_and_shows_it(dirs, tmp_path, m
     assert info["source"] == "searched" and info["stochastic_layers"] == 1 and info["sigma"] > 0
     saved = next((tmp_path / "cache" / "posteriors").iterdir())
     assert json.loads((saved / TFB_CONFIG_NAME).read_text())["stochastic_layers"] == 1
+    # a Bayesianized posterior keeps its own L: the flag may repeat it, not change it
+    served = dict(model=str(base), adapter=saved, device="cpu", samples=2)
+    assert load(Settings(**served)).post.stochastic_layers == 1
+    assert load(Settings(**served, stochastic_layers=1)).post.stochastic_layers == 1
+    with pytest.raises(TFBError, match=r"--stochastic-layers 2: --adapter .* was Bayesianized with "
+                                       r"stochastic_layers 1 .*tfb bayesianize --stochastic-layers 2"):
+        load(Settings(**served, stochastic_layers=2))
 
 
 # --- the engines with the noise in the top layers only ------------------------------------------
