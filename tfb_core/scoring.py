@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .data import MCItem
 from .encoding import Encoded, encode_item
 from .errors import TFBError
-from .generation import TokenInfo, new_cache, trunk_forward, trunk_split
+from .generation import TokenInfo
+from .trunk import new_cache, trunk_forward, trunk_split
 from .models import cache_kwarg, max_context, output_cache  # noqa: F401 (max_context: re-exported)
 from .options import Mode, parse_mode
 from .rows import pad, positions, sample_map
@@ -189,9 +190,9 @@ def shared_prefix_scores(post, encoded: Sequence[Encoded], samples: Sequence[tup
     2. Continuation pass (sequence items): one row per (item, choice, k), the choice's tokens
        but the last, right-padded, attending to the prefix row's cache (copied per choice).
     Cost: K x prompt + C x K x choice tokens, instead of C x K x (prompt + choice). With the
-    noise in the last L layers only (:func:`~tfb_core.generation.trunk_split`), both passes run the layers below
+    noise in the last L layers only (:func:`~tfb_core.trunk.trunk_split`), both passes run the layers below
     N - L once per prompt (per (prompt, choice) for the continuations) and fan out to the K
-    samples' rows there (:func:`~tfb_core.generation.trunk_forward`).
+    samples' rows there (:func:`~tfb_core.trunk.trunk_forward`).
     """
     prefix, first = [], {}  # first[(i, k)] = the item's prefix row
     for i, (enc, (seed, K)) in enumerate(zip(encoded, samples)):
