@@ -119,24 +119,29 @@ def preflight(settings: Settings) -> None:
     the search settings cannot use fail at once with one clear line, before the engine starts."""
     if settings.adapter is None:
         return
+    _bayesianize(settings, adapter_dir(settings), check_only=True)
+
+
+def adapter_dir(settings: Settings) -> Path:
+    """``--adapter`` as a path; a TFBError when it is not a directory."""
     adapter = Path(settings.adapter).expanduser()
     if not adapter.is_dir():
         raise TFBError(f"--adapter {adapter}: no such directory")
-    _bayesianize(settings, adapter, check_only=True)
+    return adapter
 
 
 def load(settings: Settings, set_status: Callable[[str], None] = lambda s: None) -> Loaded:
     """Load (or search, then save) the posterior that ``settings`` describe."""
     from tfb_core import Posterior, load_base_model
 
-    preflight(settings)
     if settings.is_demo:
         post = Posterior.demo(device=settings.device, dtype=settings.dtype)
         log.info("serving the built-in demo: %s + %s", post.base.name, post.adapter_path)
         check_fitted_setting(settings, post, "the built-in demo")
         return Loaded(post, model_id(settings), str(post.adapter_path), "demo")
-    adapter = Path(settings.adapter).expanduser()
+    adapter = adapter_dir(settings)
     if Posterior.is_bayesianized(adapter):
+        preflight(settings)  # the model and the adapter (a plain one's inputs are checked by its fit, once)
         log.info("loading the Bayesianized adapter %s", adapter)
         base = load_base_model(settings.model or DEMO_MODEL, device=settings.device, dtype=settings.dtype)
         post = Posterior.load(base, adapter)

@@ -330,7 +330,7 @@ def run(settings: Settings, replicas: int = 1, autoscale: tuple[int, int] | None
         try:
             serve.run(application, name=DEPLOYMENT, route_prefix="/")
         except RuntimeError as e:
-            raise TFBError(failure_reason(DEPLOYMENT) or one_line(str(e))) from None
+            raise TFBError(deployment_failure(DEPLOYMENT) or one_line(str(e))) from None
         log.info("ready: %s replicas behind http://%s:%d (Ray Serve)", autoscale or replicas, settings.host,
                  settings.port)
         stop = threading.Event()
@@ -345,7 +345,7 @@ def run(settings: Settings, replicas: int = 1, autoscale: tuple[int, int] | None
         ray.shutdown()
 
 
-def failure_reason(app_name: str) -> str | None:
+def deployment_failure(app_name: str) -> str | None:
     """tfb's one-line reason for a failed deployment, from Ray's status (``serve status``)."""
     status = serve.status().applications.get(app_name)
     for deployment in (status.deployments.values() if status else ()):

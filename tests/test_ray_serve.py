@@ -210,7 +210,7 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path, llama_dir, lora_dir)
 def test_a_failing_replica_is_reported_by_ray_with_tfbs_reason(cluster, llama_dir, lora_dir, tmp_path):
     from ray import serve
 
-    from server.ray_serve import build, failure_reason
+    from server.ray_serve import build, deployment_failure
     from server.settings import Settings
 
     broken = bayesianized(llama_dir, lora_dir, tmp_path / "post")
@@ -219,7 +219,7 @@ def test_a_failing_replica_is_reported_by_ray_with_tfbs_reason(cluster, llama_di
     app = build(Settings(model=str(llama_dir), adapter=broken, device="cpu"), replicas=1)
     with pytest.raises(RuntimeError):
         serve.run(app, name="broken", route_prefix="/broken")
-    reason = failure_reason("broken")  # from Ray's deployment status, as `serve status` shows it
+    reason = deployment_failure("broken")  # from Ray's deployment status, as `serve status` shows it
     assert reason == (f"tfb start-up failed: {weights}: checksum mismatch (sha256 differs from tfb_config.json); "
                       f"the directory was modified or is corrupt: Bayesianize again")
     serve.delete("broken")
