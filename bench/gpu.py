@@ -76,6 +76,19 @@ def attention(kind: str):
         cuda_decode.attend_decode = attend_decode
 
 
+@contextmanager
+def fusions(on: str):
+    """The CUDA engines' elementwise work fused into single Triton kernels ("on":
+    ``tfb_core.fused``) or run as plain torch ops ("off")."""
+    from tfb_core import fused
+
+    before, fused.FUSED = fused.FUSED, on == "on"
+    try:
+        yield
+    finally:
+        fused.FUSED = before
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -429,8 +442,9 @@ def step_run(args) -> dict:
     for L in layer_sets:  # one posterior at a time on the model: its TFB layers wrap the base layers
         post = posts[L] = install_posterior(model, tmp, args.sigma, stochastic_layers=L)
         for rnd in range(2):
-            for kind in args.attentions[::-1] if rnd else args.attentions:
-                with attention(kind):
+            variants = [(kind, fus) for kind in args.attentions for fus in args.fusions]
+            for kind, fus in variants[::-1] if rnd else variants:
+                with attention(kind), fusions(fus):
                     for B, K in cells[::-1] if rnd else cells:
                         r = decode_engine(clock, post, prompts_for(B, args.ctx, counts["vocab"], seed=7), K,
                                           args.warm, args.steps)
@@ -439,9 +453,9 @@ def step_run(args) -> dict:
                         rate = res["ceilings"]["matmul_flops"] or float("nan")  # None on a CPU
                         r["analytic_s"] = 2 * (counts["body_params"] * (B * (N - top) + B * K * top) / N
                                                + counts["lm_head_params"] * B * K) / rate
-                        res["steps"].append({"stochastic_layers": L, "attention": kind, "round": rnd, "batch": B,
-                                             "K": K, "ctx": args.ctx, **r})
-                        print(f"step L={L} {kind:6s} B={B:3d} K={K:2d} ({B * K:4d} rows, cache {r['cache_len']} "
+                        res["steps"].append({"stochastic_layers": L, "attention": kind, "fused": fus, "round": rnd,
+                                             "batch": B, "K": K, "ctx": args.ctx, **r})
+                        print(f"step L={L} {kind:6s} fused {fus:3s} B={B:3d} K={K:2d} ({B * K:4d} rows, cache {r['cache_len']} "
                               f"columns, {r['kv_layer_rows']} KV layer-rows): {r['step_s'] * 1e3:7.2f} ms "
                               f"(graphed: {r['graph']}; 2 x params x layer-rows / rate {r['analytic_s'] * 1e3:.2f} ms)",
                               flush=True)
@@ -460,8 +474,8 @@ def step_profile(clock, post, cells, counts, args, out: dict, prefix: str) -> No
     from tfb_core.cuda_decode import StaticDecoder
 
     B, K = max(cells, key=lambda c: c[0] * c[1])
-    for kind in args.attentions[::-1]:
-        with attention(kind):
+    for kind, fus in [(kind, fus) for kind in args.attentions for fus in args.fusions][::-1]:
+        with attention(kind), fusions(fus):
             seqs = [GenSequence(p.tolist(), SamplingParams(max_tokens=40, num_samples=K, ignore_eos=True))
                     for p in prompts_for(B, args.ctx, counts["vocab"], seed=7)]
             dec = StaticDecoder(post, graph=False)
@@ -474,8 +488,8 @@ def step_profile(clock, post, cells, counts, args, out: dict, prefix: str) -> No
                 clock.sync()
             bd = kernel_breakdown(prof)
             bd["eager_wall_s"], bd["ops"] = eager, op_breakdown(prof)
-            out[f"{prefix}{kind}_B{B}_K{K}"] = bd
-            print(f"profile {prefix}{kind} B={B} K={K} (one eager step): kernels " + ", ".join(
+            out[f"{prefix}{kind}_{'fused' if fus == 'on' else 'unfused'}_B{B}_K{K}"] = bd
+            print(f"profile {prefix}{kind} fused {fus} B={B} K={K} (one eager step): kernels " + ", ".join(
                 f"{k} {v * 1e3:.2f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
             for name, t in bd["top"]:
                 print(f"    {t:8.3f} ms  {name}", flush=True)
@@ -483,6 +497,79 @@ def step_profile(clock, post, cells, counts, args, out: dict, prefix: str) -> No
                 print(f"    {ms:8.3f} ms  {n:4d} x {key} {shapes}", flush=True)
             del dec
             free(clock)
+
+
+def admit_run(args) -> dict:
+    """A join into a running batch, as the server's engine makes it (``Engine(post).decoder()``:
+    the static decoder with the scoring engine's graphed prefill): ``--admit-base`` streams of
+    K samples decode; groups of G new streams (``--admit-groups``) of a ``--ctx``-token prompt
+    join, each group timed three times (its first join captures graphs) and dropped again
+    (one new token each); then one join of the largest group profiled: device time by kernel
+    kind against the join's wall time (the rest is host work), and the top operators by host
+    time and by device time. For each ``--stochastic-layers`` L and K of ``--admit-ks``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tfb_core.engines import Engine
+
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device or "cuda")
+    clock = Clock(device)
+    res = {"ceilings": measure_ceilings(clock, device), "admits": [], "profile": {}}
+    model = build_model(args.models[0], device, torch.bfloat16 if clock.cuda else torch.float32)
+    counts = res["counts"] = model_counts(model)
+    tmp = Path(tempfile.mkdtemp(prefix="tfb-admit-"))
+    model = make_adapter(model, TARGETS["qv"], args.rank, tmp).unload()
+    N = counts["layers"]
+
+    def streams(n, K, max_tokens, seed):
+        return [GenSequence(p.tolist(), SamplingParams(max_tokens=max_tokens, num_samples=K, ignore_eos=True))
+                for p in prompts_for(n, args.ctx, counts["vocab"], seed=seed)]
+
+    for L in [L if L == "all" else int(L) for L in args.stochastic_layers]:
+        post = install_posterior(model, tmp, args.sigma, stochastic_layers=L)
+        for K in args.admit_ks:
+            dec = Engine(post).decoder()
+            dec.admit(streams(args.admit_base, K, 64, seed=1))
+            for G in args.admit_groups:
+                walls = []
+                for rep in range(3):
+                    new = streams(G, K, 1, seed=10 + rep)
+                    walls.append(clock.time(lambda: dec.admit(new)))
+                    dec.filter()
+                top = N if L == "all" else L
+                tokens = G * args.ctx * (N - top + K * top) / N  # full-depth token rows
+                floor = 2 * counts["body_params"] * tokens / res["ceilings"]["matmul_flops"] if clock.cuda else None
+                row = {"stochastic_layers": L, "K": K, "base": args.admit_base, "group": G, "ctx": args.ctx,
+                       "first_s": walls[0], "join_s": min(walls[1:]), "matmul_floor_s": floor}
+                res["admits"].append(row)
+                print(f"join L={L} K={K:2d}: {G:3d} new streams into {args.admit_base}: first {walls[0] * 1e3:.1f} ms, "
+                      f"then {row['join_s'] * 1e3:.1f} ms ({row['join_s'] / G * 1e3:.2f} ms a stream; "
+                      f"body matmuls at the run's rate: {(floor or float('nan')) * 1e3:.1f} ms)", flush=True)
+            G = max(args.admit_groups)
+            new = streams(G, K, 1, seed=10)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
+            with profile(activities=acts, record_shapes=True) as prof:
+                t0 = time.perf_counter()
+                dec.admit(new)
+                clock.sync()
+                wall = time.perf_counter() - t0
+            dec.filter()
+            bd = kernel_breakdown(prof)
+            bd["wall_s"], bd["ops"] = wall, op_breakdown(prof)
+            host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+            bd["host_ops"] = [[e.key, e.count, round(e.self_cpu_time_total / 1e3, 3)] for e in host]
+            res["profile"][f"L{L}_K{K}_G{G}"] = bd
+            print(f"profile join L={L} K={K} G={G}: wall {wall * 1e3:.1f} ms (profiled); kernels " + ", ".join(
+                f"{k} {v * 1e3:.2f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
+            for key, shapes, n, ms in bd["ops"][:10]:
+                print(f"    device {ms:8.3f} ms  {n:4d} x {key} {shapes}", flush=True)
+            for key, n, ms in bd["host_ops"][:12]:
+                print(f"    host   {ms:8.3f} ms  {n:4d} x {key}", flush=True)
+            del dec
+            free(clock)
+        uninstall_posterior(post)
+        free(clock)
+    return res
 
 
 def profile_run(args) -> dict:
@@ -607,9 +694,16 @@ def parse_args(argv=None):
                    help="--step's cells, BxK (B streams of K samples)")
     p.add_argument("--attentions", nargs="+", default=list(ATTENTION), choices=ATTENTION,
                    help="--step's attentions, each in turn")
+    p.add_argument("--fusions", nargs="+", default=["on", "off"], choices=["on", "off"],
+                   help="--step's elementwise kernels: fused (tfb_core.fused) or plain torch, each in turn")
     p.add_argument("--stochastic-layers", nargs="+", default=["all"],
                    help="--step's posteriors: 'all' or L, the noise in the last L decoder layers only")
     p.add_argument("--no-profile", action="store_true", help="--step without its profiled eager steps")
+    p.add_argument("--admit", action="store_true",
+                   help="joins into a running batch as the server makes them: timed, and the largest profiled")
+    p.add_argument("--admit-base", type=int, default=48, help="--admit: streams decoding when a group joins")
+    p.add_argument("--admit-groups", nargs="+", type=int, default=[1, 4, 16], help="--admit: new streams per join")
+    p.add_argument("--admit-ks", nargs="+", type=int, default=[1, 10], help="--admit: samples per stream")
     p.add_argument("--attention", default="kernel", choices=ATTENTION,
                    help="the decode step's attention: kernel (each row's live columns) or dense (every column)")
     p.add_argument("--deadline-s", type=float, default=1e9,
@@ -623,7 +717,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     with attention(args.attention):
-        if args.profile or args.check or args.step:
+        if args.profile or args.check or args.step or args.admit:
             res = {"command": " ".join([Path(sys.executable).name] + sys.argv), "torch": torch.__version__,
                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
             if args.check:
@@ -633,6 +727,8 @@ if __name__ == "__main__":
                 res["profile"] = profile_run(args)
             if args.step:
                 res["step"] = step_run(args)
+            if args.admit:
+                res["admit"] = admit_run(args)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1, default=str))
         else:

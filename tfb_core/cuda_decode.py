@@ -43,6 +43,7 @@ import torch
 
 from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_prompt, attention_shape, embed, head,
                          layers, noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
+from .fused import write_kv
 from .generation import (Choice, GenSequence, StepResult, apply, check_prompts, choose_tokens, pad_token,
                          split_finished)
 from .rows import pad, positions, sample_map
@@ -370,13 +371,12 @@ class StaticDecoder(Graphed):
         trunks)`` (each reads its first row's token, position and mask) and their cache rows; at
         layer N - L each row takes its trunk row's hidden state (``trunk_of``).
 
-        The model's own modules for every projection and the MLP; RMSNorm, RoPE and attention
-        written with few kernels (each costs ~2 us inside a graph, whatever its size): one
-        fused ``rms_norm``, RoPE on q and k together with rotate-half as a +-1 matmul, and
+        The model's own modules for every projection and the MLP; the rest in few kernels (each
+        costs a few microseconds inside a graph, whatever its size): the norms, RoPE, the MLP's
+        product and the K/V write each one kernel (:mod:`tfb_core.fused`), and
         :func:`~tfb_core.cuda_llama.attend_decode` reading only each row's live columns.
         """
         model = self.post.model
-        KVH, hd = self.kv_heads, self.head_dim
         r = slice(start, start + rows)
         tok, pos, col, bias = self.tok[r], self.pos[r], self.col[r], self.bias[r]
         bias.scatter_(1, col[:, None], 0.0)  # each row's new column is real
@@ -387,15 +387,12 @@ class StaticDecoder(Graphed):
             first = self.first_of[t]  # (trunks,) rows: every row of a sequence has its token, position, mask
             in_tok, in_pos, tcol, tbias = self.tok[first], self.pos[first], self.col[first], self.bias[first]
             fan_out = (self.split, self.trunk_of[r] - trunk_start)  # (rows,) row -> its trunk row here
-        at = col.view(rows, 1, 1, 1).expand(rows, KVH, 1, hd)
-        tat = tcol.view(-1, 1, 1, 1).expand(-1, KVH, 1, hd)
         x, cos, sin = embed(model, in_tok[:, None], in_pos[:, None])  # (B, 1, d), (B, 1, 1, hd): B trunk rows
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             below = i < self.split
             kc, vc = self.kc[i][t if below else r], self.vc[i][t if below else r]
-            kc.scatter_(2, tat if below else at, k.to(kc.dtype))
-            vc.scatter_(2, tat if below else at, v.to(vc.dtype))
+            write_kv(k, v, kc, vc, tcol if below else col)
             # columns 0 .. col of each row
             return attend_decode(q, kc, vc, tbias if below else bias, tcol if below else col, self.scaling)
 

@@ -6,8 +6,8 @@
 - the forward: :func:`embed`, :func:`layers` (RMSNorm, q/k/v, RoPE, the gated MLP; the model's
   own modules for every projection and the MLP, so the TFB layers run exactly as in the eager
   engine) and :func:`head`; each engine passes its own attention (``attend``);
-- few kernels: one fused :func:`rms_norm`, RoPE on q and k together with rotate-half as a +-1
-  matmul (:func:`rotate_half_matrix`);
+- few kernels: the residual add and the next RMSNorm, RoPE of q and k, and the MLP's
+  ``silu(gate) * up`` each in one kernel on CUDA (:mod:`tfb_core.fused`);
 - the decode step's attention, :func:`attend_decode`: one query per row over a static KV cache,
   reading only each row's live columns (a Triton kernel on CUDA, every column elsewhere);
 - each row's weight sample ``E_k`` read from fixed noise buffers through a row -> slot map
@@ -25,6 +25,7 @@ from typing import Callable, Hashable, Iterable, Iterator, Sequence as Seq
 
 import torch
 
+from .fused import add_rms_norm, rope, silu_mul
 from .sampling import noise_stack
 
 try:  # the decode attention's kernel (attend_decode); without it, the dense attention
@@ -34,6 +35,7 @@ except ImportError:  # a CPU-only torch
     triton = None
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+SILU = ("SiLU", "SiLUActivation")  # the MLP activations :func:`mlp` fuses with the product
 
 
 def is_supported(model) -> bool:
@@ -114,22 +116,32 @@ def layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend:
     H, KVH, hd = attention_shape(model.config)
     R, T = x.shape[:2]
     rot = rotate_half_matrix(hd, x)
-    for i, layer in enumerate(model.model.layers):
+    stack = model.model.layers
+    h = rms_norm(stack[0].input_layernorm, x)
+    for i, layer in enumerate(stack):
         if fan_out is not None and i == fan_out[0]:
             index = fan_out[1]
-            x, cos, sin = x[index], cos[index], sin[index]
+            x, h, cos, sin = x[index], h[index], cos[index], sin[index]
             R = x.shape[0]
         attn = layer.self_attn
-        h = rms_norm(layer.input_layernorm, x)
         q = attn.q_proj(h).view(R, T, H, hd).transpose(1, 2)  # (R, H, T, hd)
         k = attn.k_proj(h).view(R, T, KVH, hd).transpose(1, 2)
         v = attn.v_proj(h).view(R, T, KVH, hd).transpose(1, 2)
-        qk = torch.cat([q, k], 1)
-        qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)  # RoPE
-        q, k = qk[:, :H], qk[:, H:]
-        x = x + attn.o_proj(attend(i, q, k, v))
-        x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+        q, k = rope(q, k, cos, sin, rot)
+        x, h = add_rms_norm(x, attn.o_proj(attend(i, q, k, v)), layer.post_attention_layernorm)
+        y = mlp(layer.mlp, h)
+        if i + 1 < len(stack):  # the residual add and the next layer's norm in one kernel
+            x, h = add_rms_norm(x, y, stack[i + 1].input_layernorm)
+        else:
+            x = x + y
     return x
+
+
+def mlp(module, h: torch.Tensor) -> torch.Tensor:
+    """A Llama MLP module's output: its own projections, ``silu(gate) * up`` in one kernel."""
+    if type(getattr(module, "act_fn", None)).__name__ not in SILU:
+        return module(h)
+    return module.down_proj(silu_mul(module.gate_proj(h), module.up_proj(h)))
 
 
 def prompt_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
