@@ -390,3 +390,9 @@ def test_a_decoder_made_before_sigma_changed_refuses_to_run(post):
             generate(post, [[1, 2, 3]], SamplingParams(max_tokens=2, num_samples=2), decoder)
     finally:
         post.sigma = old
+
+
+def test_graphed_row_counts_are_powers_of_two_then_multiples_of_64():
+    from tfb_core.cuda_llama import graph_rows
+
+    assert [graph_rows(n) for n in (0, 1, 3, 33, 64, 65, 130, 640, 641)] == [1, 1, 4, 64, 64, 128, 192, 640, 704]

@@ -41,8 +41,9 @@ from typing import Sequence as Seq
 
 import torch
 
-from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_prompt, attention_shape, embed, head,
-                         layers, noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
+from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_prompt, attention_shape, embed,
+                         graph_rows, head, layers, noise_buffers, on_device, pow2, prompt_mask, require_supported,
+                         row_noise)
 from .fused import write_kv
 from .generation import (Choice, GenSequence, StepResult, apply, check_prompts, choose_tokens, pad_token,
                          split_finished)
@@ -100,6 +101,8 @@ class StaticDecoder(Graphed):
         self.dtype = next(model.parameters()).dtype
         self.sigma = post.sigma
         self.limit = max_context(model)
+        head_layer = model.get_output_embeddings()  # an adapted LM head wraps the model's
+        self.vocab = getattr(head_layer, "base_layer", head_layer).weight.shape[0]
         self.use_graph = (self.device.type == "cuda") if graph is None else graph
         self.seqs: list[GenSequence] = []
         self.ends: list[int] = []  # per sequence: the cache columns its rows need
@@ -287,8 +290,8 @@ class StaticDecoder(Graphed):
         t0 = time.perf_counter()
         choices = []
         if self.n:
-            rows = min(pow2(self.n), self.rows_cap)
-            trunks = min(pow2(len(self.seqs)), self.trunk_cap) if self.split else 0
+            rows = min(graph_rows(self.n), self.rows_cap)
+            trunks = min(graph_rows(len(self.seqs)), self.trunk_cap) if self.split else 0
             saved = self._save_rows(0, rows)
             try:
                 with on_device(self.device):  # graphs replay on the current device's stream
@@ -396,7 +399,8 @@ class StaticDecoder(Graphed):
             # columns 0 .. col of each row
             return attend_decode(q, kc, vc, tbias if below else bias, tcol if below else col, self.scaling)
 
-        logits = head(model, layers(model, x, cos, sin, attend, fan_out)).float()[:, -1]
+        logits = self.logits[r]  # one float32 buffer for every graph's output (not one per graph)
+        logits.copy_(head(model, layers(model, x, cos, sin, attend, fan_out))[:, -1])
         pos.add_(1)
         col.add_(1).clamp_max_(self.length - 1)  # only rows past every sequence's end reach it
         return logits
@@ -451,6 +455,7 @@ class StaticDecoder(Graphed):
                "vc": [torch.zeros(shape, device=dev, dtype=self.dtype) for shape in shapes],
                "bias": torch.full((R, L), float("-inf"), device=dev),
                "noise": noise_buffers(self.post, S, dev) if self.sigma > 0 else [],
+               "logits": torch.empty(R, self.vocab, device=dev),  # a step's output, float32
                "first_of": torch.zeros(B, dtype=torch.long, device=dev)}
         new["bias"][:, 0] = 0.0  # rows past the active ones (see _reset_rows)
         for name in ("col", "pos", "tok", "slots", "trunk_of"):
@@ -484,6 +489,7 @@ class StaticDecoder(Graphed):
                 or self.samples_cap > max(4 * pow2(samples), KEPT_SLOTS):
             self._drop_graphs()
             self.kc = self.vc = self.noise = []
+            self.logits = None
             self.rows_cap = self.trunk_cap = self.length = self.samples_cap = 0
             self.slot_of = OrderedDict()
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_prompt, attention_shape, embed, head, layers,
+from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_prompt, attention_shape, embed, graph_rows, head, layers,
                          noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
 from .scoring import left_pad
 
@@ -94,11 +94,11 @@ class PrefillEngine(Graphed):
         call: copy them before. With a shared trunk (an index) the layers below N - L ran once
         per distinct row: their keys and values are (B, KVH, T, hd), row i's at ``index[i]``."""
         n, T = len(rows), self.padded_length(max(len(r) for r in rows))
-        if self._graphs_on and self._fits(pow2(n), T, 1, kv=True):
-            # rows rounded up to a power of two (copies of the first), so admissions of any
-            # size share a few graphed shapes
-            rows = list(rows) + [rows[0]] * (pow2(n) - n)
-            slot_ids = list(slot_ids) + [slot_ids[0]] * (pow2(n) - n)
+        if self._graphs_on and self._fits(graph_rows(n), T, 1, kv=True):
+            # rows rounded up (copies of the first: graph_rows), so admissions of any size
+            # share a few graphed shapes
+            rows = list(rows) + [rows[0]] * (graph_rows(n) - n)
+            slot_ids = list(slot_ids) + [slot_ids[0]] * (graph_rows(n) - n)
         (logits, kv), mask, index = self._run(rows, 1, samples, slot_ids, kv=True)
         return (logits[:n, -1].float(), [t[:n] for t in kv[0::2]], [t[:n] for t in kv[1::2]], mask[:n],
                 None if index is None else index[:n])
