@@ -209,7 +209,8 @@ class StaticDecoder(Graphed):
             samples, slot_ids = sample_map([(s.params.weight_seed, s.params.num_samples) for s in seqs])
             logits, keys, values, mask, index = self.prefill.prompts(rows, samples, slot_ids)
             T = mask.shape[1]
-            firsts = (self.first_of[t] - r.start).cpu()  # each sequence's first row among ``rows``
+            Ks = torch.tensor([s.params.num_samples for s in seqs])
+            firsts = Ks.cumsum(0) - Ks  # each sequence's first row among ``rows`` (on the host: no wait)
             for i, (k, v) in enumerate(zip(keys, values)):
                 dst = t if i < self.split else r
                 src = firsts if i < self.split else torch.arange(len(rows))
@@ -444,7 +445,7 @@ class StaticDecoder(Graphed):
                 and samples <= self.samples_cap:
             return
         # rows: exactly what is needed at first (K KV caches for one sequence, no more), then
-        # doubling; the step's graph buckets are powers of two capped at the capacity
+        # doubling; the step's graph buckets (graph_rows) are capped at the capacity
         R = self.rows_cap if rows <= self.rows_cap else max(rows, 2 * self.rows_cap)
         B = self.trunk_cap if trunks <= self.trunk_cap else max(trunks, 2 * self.trunk_cap)
         L, S = max(length, self.length), max(pow2(samples), self.samples_cap)
