@@ -327,7 +327,7 @@ class EngineBench:
         self.core = EngineCore(self.runner, self.runner.metrics, replace(PlanConfig.of_settings(settings), max_wait=0.0))
         self.ids = itertools.count()
         self.traffic = Traffic(traffic.question, traffic.max_tokens, self.loaded.model_id)
-        model = ServedModel.of(self.loaded)  # as the in-process engine client does
+        model = ServedModel.of(self.loaded, settings.max_samples)  # as the in-process engine client does
         self.choices = ChoicesServing(model, None, settings, self.runner.metrics)
         self.completions, self.chat = (cls(model, None, settings, self.runner.metrics)
                                        for cls in (CompletionServing, ChatServing))

@@ -128,10 +128,12 @@ class GenerationServing:
             raise BadRequest(f"{prompts} prompt(s) x n={request.n} is {prompts * request.n} sequences; "
                              f"at most {self.settings.max_items} are allowed in one request",
                              param=self.items_param)
-        rows = prompts * request.n * K
+        per = self.model.kv_rows(K)  # K, or fewer with the noise in the last layers only
+        rows = prompts * request.n * per
         if rows > self.settings.max_kv_rows:
+            each = f"num_samples={K}" if per == K else f"{per} for num_samples={K}"
             raise BadRequest(f"this request needs {rows} KV cache rows ({prompts} prompt(s) x n={request.n} x "
-                             f"num_samples={K}); at most {self.settings.max_kv_rows} are allowed (the "
+                             f"{each}); at most {self.settings.max_kv_rows} are allowed (the "
                              f"server's --max-kv-rows): ask for fewer prompts, n or num_samples",
                              param="num_samples", code="too_many_kv_rows")
         check_chars(self.prompt_chars(request), self.bound, self.param, self.context)
@@ -161,7 +163,7 @@ class GenerationServing:
             for i in range(request.n):
                 params = request.to_sampling_params(max_tokens, K, self.model.config.seed, choice=i, grammar=grammar)
                 works.append(GenWork(list(p), params, self.endpoint, deadline, index=len(works),
-                                     streamed=bool(request.stream)))
+                                     streamed=bool(request.stream), rows=self.model.kv_rows(K)))
         return works, prompts
 
     # --- responses -------------------------------------------------------------------------

@@ -56,17 +56,25 @@ class ServedModel:
     base_name: str
     device: str
     dtype: str
+    kv_rows_by_k: tuple[int, ...]  # [K - 1]: the KV cache rows a sequence of K samples holds
 
     @classmethod
-    def of(cls, loaded: Loaded, copy_tokenizer: bool = True) -> "ServedModel":
-        """``copy_tokenizer``: a copy of the posterior's (one fast tokenizer used from two threads at
-        once fails, "Already borrowed"); False when this one is sent to another process anyway."""
+    def of(cls, loaded: Loaded, max_samples: int, copy_tokenizer: bool = True) -> "ServedModel":
+        """``max_samples``: the largest K a request may ask for. ``copy_tokenizer``: a copy of the
+        posterior's (one fast tokenizer used from two threads at once fails, "Already
+        borrowed"); False when this one is sent to another process anyway."""
         post = loaded.post
         weight = next(post.model.parameters())
         tokenizer = copy.deepcopy(post.tokenizer) if copy_tokenizer else post.tokenizer
         return cls(loaded.model_id, loaded.adapter, loaded.source, tokenizer, post.config,
                    post.sigma, post.context, post.base.name, str(weight.device),
-                   str(weight.dtype).removeprefix("torch."))
+                   str(weight.dtype).removeprefix("torch."),
+                   tuple(post.kv_rows(K) for K in range(1, max_samples + 1)))
+
+    def kv_rows(self, num_samples: int) -> int:
+        """The KV cache rows one sequence of ``num_samples`` samples holds (``--max-kv-rows``'s
+        unit): K, or fewer with the noise in the last L layers only (``Posterior.kv_rows``)."""
+        return self.kv_rows_by_k[num_samples - 1]
 
     @property
     def temperature(self) -> float:

@@ -69,7 +69,8 @@ class Metrics:
                                          ["model"], namespace=ns, registry=r)
         self.decode_batch_size = Histogram("decode_batch_size", "sequences per decode step", ["model"],
                                            namespace=ns, registry=r, buckets=BATCH_BUCKETS)
-        self.kv_rows = Gauge("kv_cache_rows", "KV cache rows held by active sequences (sequences x K)",
+        self.kv_rows = Gauge("kv_cache_rows", "KV cache rows held by active sequences, in rows of every "
+                             "layer (sequences x K; fewer with --stochastic-layers)",
                              ["model"], namespace=ns, registry=r)
         self.kv_rows_max = Gauge("kv_cache_rows_max", "the most KV cache rows held at once since the server "
                                  "started (bounded by --max-kv-rows)", ["model"], namespace=ns, registry=r)

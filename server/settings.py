@@ -107,9 +107,10 @@ class Settings(BaseSettings):
                                         "mode) x its longest row; a larger item gets 400 (default: "
                                         "max_batch_tokens, so no forward exceeds that budget; set it "
                                         "higher to let bigger items run alone)")
-    max_kv_rows: int = Field(2048, ge=1, description="the most KV cache rows (sequences x K) generation "
-                             "holds at once; a request needing more gets 400, one that fits later waits "
-                             "in the queue")
+    max_kv_rows: int = Field(2048, ge=1, description="the most KV cache rows (sequences x K, in rows of every "
+                             "layer: with --stochastic-layers L of N a sequence counts (N - L + L x K) / N) "
+                             "generation holds at once; a request needing more gets 400, one that fits later "
+                             "waits in the queue")
     show_paths: bool = Field(False, description="show the adapter's and base model's local paths in "
                              "/v1/models, /v1/posterior and tfb_model_info (default: names and hashes only)")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")

@@ -229,6 +229,32 @@ def test_serve_takes_the_setting_searches_with_it_and_shows_it(dirs, tmp_path, m
         load(Settings(**served, stochastic_layers=2))
 
 
+def test_a_shared_trunk_counts_fewer_kv_rows_against_the_budget(dirs, tmp_path):
+    """--max-kv-rows counts rows of every layer: with the noise in the last L of N layers a
+    sequence of K samples holds (N - L + L K) / N of them (rounded up), so requests that K rows
+    a sequence would refuse are served, and the 400 names the rows per sequence."""
+    import httpx
+    from server_helpers import ServerThread, metric
+
+    from tfb_core.generation import full_depth_rows, kv_rows
+
+    assert [kv_rows(10, 32, 28), kv_rows(10, 32, 0), kv_rows(1, 32, 28), kv_rows(8, LAYERS, LAYERS - 1)] == [3, 10, 1, 3]
+    base, _ = dirs
+    post = posterior(dirs, 1).save(tmp_path / "post")
+    with ServerThread(model=str(base), adapter=post, device="cpu", samples=8, max_kv_rows=6) as srv:
+        model = httpx.get(f"{srv.url}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hello there", "max_tokens": 3, "temperature": 0}
+        ok = httpx.post(f"{srv.url}/v1/completions", json={**body, "n": 2}, timeout=120)  # 2 x 3 rows, not 2 x 8
+        assert ok.status_code == 200, ok.text
+        held = metric(srv, "tfb_kv_cache_rows_max")
+        bad = httpx.post(f"{srv.url}/v1/completions", json={**body, "n": 3}, timeout=60)
+    assert held == full_depth_rows(2 * (LAYERS - 1) + 2 * 8, LAYERS) == 6  # 2 x 3 trunk + 2 x 8 top layer-rows
+    assert bad.status_code == 400
+    err = bad.json()["error"]
+    assert err["code"] == "too_many_kv_rows" and "9 KV cache rows" in err["message"], err
+    assert "3 for num_samples=8" in err["message"] and "at most 6" in err["message"], err
+
+
 # --- the engines with the noise in the top layers only ------------------------------------------
 
 
@@ -496,6 +522,7 @@ def test_the_static_decoder_s_step_runs_the_trunk_once_per_sequence(dirs):
     finally:
         h0.remove(), h1.remove()
     assert (dec.trunk_cap, dec.rows_cap) == (3, 12) and (bottom, top) == ([3], [12])
+    assert dec.kv_layer_rows == 3 * (LAYERS - 1) + 12 and dec.kv_rows == 6  # rows of every layer, rounded up
 
 
 @pytest.mark.parametrize("L", [1, 3])
@@ -512,7 +539,7 @@ def test_the_eager_decoder_shares_the_trunk_and_decodes_as_without(dirs, L):
     seen, hook = rows_through(post, 0)
     try:
         got = decode_schedule(dec, schedule(post.tokenizer),
-                              lambda d: caches.append((len(d.seqs), d.kv_rows,
+                              lambda d: caches.append((len(d.seqs), d.batch.kv_rows,
                                                        [layer.keys.shape[0] for layer in d.batch.cache.layers],
                                                        d.kv_layer_rows)))
     finally:

@@ -45,8 +45,8 @@ from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_
                          graph_rows, head, layers, noise_buffers, on_device, pow2, prompt_mask, require_supported,
                          row_noise)
 from .fused import write_kv
-from .generation import (Choice, GenSequence, StepResult, apply, check_prompts, choose_tokens, pad_token,
-                         split_finished)
+from .generation import (Choice, GenSequence, StepResult, apply, check_prompts, choose_tokens, full_depth_rows,
+                         pad_token, split_finished)
 from .rows import pad, positions, sample_map
 from .errors import TFBError
 from .models import max_context
@@ -116,9 +116,9 @@ class StaticDecoder(Graphed):
 
     @property
     def kv_rows(self) -> int:
-        """The active sequences' rows, ``sum of K`` (the unit of the server's KV budget), whether
-        or not the trunk is shared (:attr:`kv_layer_rows` counts what the cache holds)."""
-        return self.n
+        """KV cache rows held, in rows of every layer (the server's KV budget): ``sum of K``, or
+        fewer with a shared trunk (:func:`~tfb_core.generation.kv_rows`)."""
+        return full_depth_rows(self.kv_layer_rows, len(self.post.model.model.layers))
 
     @property
     def kv_layer_rows(self) -> int:

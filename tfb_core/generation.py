@@ -444,6 +444,20 @@ class DecodeBatch:
                 layer.values = layer.values[..., start:, :]
 
 
+def kv_rows(num_samples: int, layers: int, shared: int = 0) -> int:
+    """The KV cache one sequence of ``num_samples`` weight samples holds, in rows of every one
+    of the model's ``layers`` layers (rounded up): the unit of a server's KV budget. K rows in
+    each layer; with a shared trunk (the noise in the layers from ``shared`` up) one row in each
+    of the ``shared`` layers below and K above: K = 10 with the noise in the last 4 of 32 layers
+    holds (28 + 4 x 10) / 32, 3 rows, not 10."""
+    return full_depth_rows(shared + (layers - shared) * num_samples, layers)
+
+
+def full_depth_rows(layer_rows: int, layers: int) -> int:
+    """KV cache rows summed over a model's ``layers`` layers, as rows of every layer (rounded up)."""
+    return -(-layer_rows // layers)
+
+
 def check_prompts(post, seqs: Seq[GenSequence]) -> None:
     """A TFBError for an empty prompt, or one that leaves no room in the model's context."""
     limit = max_context(post.model)
@@ -718,7 +732,12 @@ class Decoder(Protocol):
 
     @property
     def kv_rows(self) -> int:
-        """KV cache rows held by the active sequences (sum of their K)."""
+        """KV cache rows held by the active sequences, in rows of every layer (a server's KV
+        budget): the sum of their K, or fewer with a shared trunk (:func:`kv_rows`)."""
+
+    @property
+    def kv_layer_rows(self) -> int:
+        """KV cache rows held summed over the layers."""
 
     def admit(self, seqs: list[GenSequence]) -> StepResult:
         """Prefill new sequences (K rows each), choose their first token, join them."""
@@ -746,7 +765,8 @@ class EagerDecoder:
 
     @property
     def kv_rows(self) -> int:
-        return self.batch.kv_rows if self.batch is not None else 0
+        """See :attr:`Decoder.kv_rows`."""
+        return full_depth_rows(self.kv_layer_rows, self.post.num_layers)
 
     @property
     def kv_layer_rows(self) -> int:

@@ -23,6 +23,7 @@ from .artifacts import POSTERIOR_NAME, TFB_CONFIG_NAME, Inputs, write_output_dir
 from .conformal import Calibration
 from .confidence import Confidence
 from .errors import TFBError
+from .generation import kv_rows
 from .models import BaseModel
 from .options import (ALL_LAYERS, NUM_SAMPLES, SEED, Criterion, Mode, ScoreOptions, SearchConfig, parse_criterion,
                       parse_mode, parse_stochastic_layers)
@@ -247,6 +248,12 @@ class Posterior:
         """N - L: the decoder layer where the weight samples part (0 with "all")."""
         L = self.stochastic_layers
         return 0 if L == ALL_LAYERS else self.num_layers - L
+
+    def kv_rows(self, num_samples: int) -> int:
+        """The KV cache a sequence of ``num_samples`` weight samples holds when decoded, in rows
+        of every layer (a server's KV budget): K, or fewer with the trunk below the last L layers
+        shared (:func:`~tfb_core.generation.kv_rows`)."""
+        return kv_rows(num_samples, self.num_layers, self.first_stochastic_layer)
 
     def _is_noisy(self, layer: TFBLoRALayer, stochastic_layers: int | str) -> bool:
         if stochastic_layers == ALL_LAYERS:

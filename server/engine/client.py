@@ -256,7 +256,7 @@ class InprocClient(EngineClient):
                 loaded, settings, runner = load_engine(self.settings, self.metrics, self.load,
                                                        lambda status: loop.call_soon_threadsafe(on_status, status),
                                                        **({"runner": self.runner} if self.runner else {}))
-                model = ServedModel.of(loaded)
+                model = ServedModel.of(loaded, settings.max_samples)
             except BaseException as e:  # any failure: one line, then the CLI exits non-zero
                 log.debug("start-up failed", exc_info=True)
                 loop.call_soon_threadsafe(on_failed, failure_reason(e))

@@ -159,7 +159,7 @@ async def _serve_engine(settings: Settings, path: str) -> None:
     first.cancel()
     try:
         loaded, resolved, runner = loading.result()
-        model = loader.ServedModel.of(loaded, copy_tokenizer=False)
+        model = loader.ServedModel.of(loaded, resolved.max_samples, copy_tokenizer=False)
     except BaseException as e:
         log.debug("start-up failed", exc_info=True)
         out.put(StartFailed(failure_reason(e)))
