@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from reference import (  # noqa: E402  (timing, imported by reference, puts the root on sys.path)
     SHAPES, TARGETS, Reference, build_model, decode_peft, install_posterior, make_adapter,
@@ -51,6 +52,7 @@ from timing import (  # noqa: E402
     measure_ceilings, model_counts, prefill_flops, prompts_for, score_tfb)
 
 import tfb_core.cuda_decode as cuda_decode  # noqa: E402
+import tfb_core.cuda_llama as cuda_llama  # noqa: E402
 from tfb_core.cuda_llama import attend_decode, attend_decode_dense  # noqa: E402
 from tfb_core.cuda_prefill import PrefillEngine  # noqa: E402
 from tfb_core.engines import make_decoder, make_prefill  # noqa: E402
@@ -60,6 +62,9 @@ from tfb_core.options import Mode  # noqa: E402
 from tfb_core.scoring import choice_probs  # noqa: E402
 
 ATTENTION = ("kernel", "dense")
+PROMPT_ATTENTIONS = {"tfb": list(cuda_llama.PROMPT_ATTENTION),
+                     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                               SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
 
 
 @contextmanager
@@ -527,7 +532,8 @@ def admit_run(args) -> dict:
 
     for L in [L if L == "all" else int(L) for L in args.stochastic_layers]:
         post = install_posterior(model, tmp, args.sigma, stochastic_layers=L)
-        for K in args.admit_ks:
+        for K, backends in [(K, b) for K in args.admit_ks for b in args.prompt_attentions]:
+            cuda_llama.PROMPT_ATTENTION = PROMPT_ATTENTIONS[backends]
             dec = Engine(post).decoder()
             dec.admit(streams(args.admit_base, K, 64, seed=1))
             for G in args.admit_groups:
@@ -539,10 +545,11 @@ def admit_run(args) -> dict:
                 top = N if L == "all" else L
                 tokens = G * args.ctx * (N - top + K * top) / N  # full-depth token rows
                 floor = 2 * counts["body_params"] * tokens / res["ceilings"]["matmul_flops"] if clock.cuda else None
-                row = {"stochastic_layers": L, "K": K, "base": args.admit_base, "group": G, "ctx": args.ctx,
+                row = {"stochastic_layers": L, "K": K, "prompt_attention": backends, "base": args.admit_base,
+                       "group": G, "ctx": args.ctx,
                        "first_s": walls[0], "join_s": min(walls[1:]), "matmul_floor_s": floor}
                 res["admits"].append(row)
-                print(f"join L={L} K={K:2d}: {G:3d} new streams into {args.admit_base}: first {walls[0] * 1e3:.1f} ms, "
+                print(f"join L={L} K={K:2d} ({backends}): {G:3d} new streams into {args.admit_base}: first {walls[0] * 1e3:.1f} ms, "
                       f"then {row['join_s'] * 1e3:.1f} ms ({row['join_s'] / G * 1e3:.2f} ms a stream; "
                       f"body matmuls at the run's rate: {(floor or float('nan')) * 1e3:.1f} ms)", flush=True)
             G = max(args.admit_groups)
@@ -558,8 +565,8 @@ def admit_run(args) -> dict:
             bd["wall_s"], bd["ops"] = wall, op_breakdown(prof)
             host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
             bd["host_ops"] = [[e.key, e.count, round(e.self_cpu_time_total / 1e3, 3)] for e in host]
-            res["profile"][f"L{L}_K{K}_G{G}"] = bd
-            print(f"profile join L={L} K={K} G={G}: wall {wall * 1e3:.1f} ms (profiled); kernels " + ", ".join(
+            res["profile"][f"L{L}_K{K}_G{G}_{backends}"] = bd
+            print(f"profile join L={L} K={K} ({backends}) G={G}: wall {wall * 1e3:.1f} ms (profiled); kernels " + ", ".join(
                 f"{k} {v * 1e3:.2f} ms ({bd['kernels'][k]})" for k, v in bd["seconds"].items()), flush=True)
             for key, shapes, n, ms in bd["ops"][:10]:
                 print(f"    device {ms:8.3f} ms  {n:4d} x {key} {shapes}", flush=True)
@@ -704,6 +711,9 @@ def parse_args(argv=None):
     p.add_argument("--admit-base", type=int, default=48, help="--admit: streams decoding when a group joins")
     p.add_argument("--admit-groups", nargs="+", type=int, default=[1, 4, 16], help="--admit: new streams per join")
     p.add_argument("--admit-ks", nargs="+", type=int, default=[1, 10], help="--admit: samples per stream")
+    p.add_argument("--prompt-attentions", nargs="+", default=["tfb"], choices=list(PROMPT_ATTENTIONS),
+                   help="--admit: the prompt attention's SDPA backends, each in turn: tfb's (no cuDNN) or "
+                        "torch's default order (cuDNN first on Hopper)")
     p.add_argument("--attention", default="kernel", choices=ATTENTION,
                    help="the decode step's attention: kernel (each row's live columns) or dense (every column)")
     p.add_argument("--deadline-s", type=float, default=1e9,

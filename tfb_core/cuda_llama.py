@@ -24,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, Hashable, Iterable, Iterator, Sequence as Seq
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fused import add_rms_norm, rope, silu_mul
 from .sampling import noise_stack
@@ -166,6 +167,13 @@ def prompt_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.masked_fill_(~allowed[:, None], float("-inf"))
 
 
+# the prompt attention's SDPA backends: not cuDNN's, which torch prefers on Hopper with a mask
+# and which builds an execution plan for every new (rows, length), ~0.2 s each; the engines meet
+# a new shape with every join or scoring batch of a new size (a first join at 8B: 236 ms, the
+# same join again 26-67 ms; bench/README.md)
+PROMPT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attend_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Grouped-query attention of whole prompts: q (R, H, T, hd), k and v (R, KVH, T, hd), the
     additive ``mask`` of :func:`prompt_mask`; returns (R, T, H * hd) for ``o_proj``."""
@@ -173,7 +181,8 @@ def attend_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     KVH = k.shape[1]
     k = k[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
     v = v[:, :, None].expand(R, KVH, H // KVH, T, hd).reshape(R, H, T, hd)
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5)
+    with sdpa_kernel(PROMPT_ATTENTION):
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5)
     return o.transpose(1, 2).reshape(R, T, H * hd)
 
 
