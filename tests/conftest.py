@@ -8,9 +8,12 @@ into a plain copy of the base model (no TFB layer, no batching).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,18 @@ torch.set_num_threads(1)  # the CPU is shared; tiny models gain nothing from thr
 import tiny  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 
 LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj", "lm_head")
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
+
+
+def in_triton_interpreter(code: str) -> None:
+    """Run ``code`` in a Python whose Triton kernels run in Triton's CPU interpreter (chosen at
+    import, hence a subprocess); tests/ is importable. Fails with its output unless it exits 0."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # --- models and adapters (built once) ----------------------------------------------------------

@@ -8,18 +8,12 @@ in Triton's CPU interpreter (a subprocess, since the interpreter is chosen at im
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import in_triton_interpreter, needs_triton
 from tfb_core.cuda_llama import attend_decode, attend_decode_dense
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the reference's norm
 
 
@@ -87,12 +81,9 @@ assert worst < t.TOL[torch.float32], worst
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
+@needs_triton
 def test_the_kernel_in_triton_s_interpreter_matches_the_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+    in_triton_interpreter(KERNEL_CHECK)
 
 
 on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,20 +8,13 @@ installed, and on CUDA (the ``cuda`` tests) in float32 and bfloat16.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from conftest import in_triton_interpreter, needs_triton
 from tfb_core import fused
 from tfb_core.cuda_llama import rotate_half_matrix
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def norm_case(d: int, dtype=torch.float32, device="cpu", seed=0):
@@ -140,12 +133,9 @@ assert max(worst.values()) < 1e-5, worst
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
+@needs_triton
 def test_the_kernels_in_triton_s_interpreter_match_the_plain_path():
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+    in_triton_interpreter(INTERPRETED)
 
 
 @pytest.mark.cuda
