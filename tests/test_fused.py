@@ -86,6 +86,36 @@ def test_write_kv_writes_each_row_s_column_and_nothing_else():
     assert torch.equal(kc, before_k) and torch.equal(vc, before_v)  # no other column or row moved
 
 
+def test_a_kernel_that_fails_turns_the_kernels_off_and_the_plain_path_answers(monkeypatch, caplog):
+    """A GPU or Triton build the kernels cannot compile for: the op still answers (the plain
+    path), every kernel is off from then on (the decode attention too), with one warning."""
+    from tfb_core import cuda_llama
+
+    norm, x, y = norm_case(64)
+    want = fused.add_rms_norm(x, y, norm)
+    monkeypatch.setattr(fused, "INTERPRET", True)  # as if on a GPU: the kernel is launched, and fails here
+    monkeypatch.setattr(fused, "triton", fused.triton or object())
+    monkeypatch.setattr(fused, "FUSED", True)
+    monkeypatch.setattr(fused, "BROKEN", None)
+    with caplog.at_level("WARNING", logger="tfb_core.fused"):
+        got = fused.add_rms_norm(x, y, norm)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert fused.FUSED is False and fused.BROKEN.startswith("add_rms_norm: ")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "plain torch ops" in caplog.text
+    assert not fused.fused(x)  # the next op does not try
+    q = torch.randn(2, 4, 1, 16)
+    kc, vc = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    bias, last = torch.zeros(2, 8), torch.full((2,), 7)
+    launched = []
+    monkeypatch.setattr(cuda_llama, "triton", object())
+    monkeypatch.setattr(cuda_llama, "_attend_kernel", lambda *args: launched.append(args))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # the kernel's condition, on a CPU
+    out = cuda_llama.attend_decode(q, kc, vc, bias, last, 0.25)  # BROKEN: the dense attention, not the kernel
+    monkeypatch.undo()
+    assert launched == []
+    torch.testing.assert_close(out, cuda_llama.attend_decode_dense(q, kc, vc, bias, 0.25))
+
+
 def kernels_against_plain(dtype, device: str) -> dict:
     """Each op with ``FUSED`` on (the kernel) and off (plain torch): the largest differences."""
     worst = {}

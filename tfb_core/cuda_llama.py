@@ -26,6 +26,7 @@ from typing import Callable, Hashable, Iterable, Iterator, Sequence as Seq
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import fused
 from .fused import add_rms_norm, rope, silu_mul
 from .sampling import noise_stack
 
@@ -208,12 +209,13 @@ def attend_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, bias: tor
     -------
     (R, 1, H * hd) in q's dtype, for ``o_proj``. On CUDA with Triton, :func:`_attend_kernel`
     reads each row's live columns alone (float32 scores and softmax, the weights rounded to
-    the cache's dtype for the product with V, as the dense path); elsewhere
-    :func:`attend_decode_dense` reads every column. Neither syncs with the host, so a step
-    that calls it can be captured in a CUDA graph.
+    the cache's dtype for the product with V, as the dense path); elsewhere, or once a Triton
+    kernel failed (:func:`tfb_core.fused.guarded`), :func:`attend_decode_dense` reads every
+    column. Neither syncs with the host, so a step that calls it can be captured in a CUDA graph.
     """
-    if triton is not None and q.is_cuda:
-        return _attend_kernel(q, kc, vc, bias, last, scaling)
+    if triton is not None and q.is_cuda and fused.BROKEN is None:
+        return fused.guarded("attend_decode", lambda: _attend_kernel(q, kc, vc, bias, last, scaling),
+                             lambda: attend_decode_dense(q, kc, vc, bias, scaling))
     return attend_decode_dense(q, kc, vc, bias, scaling)
 
 

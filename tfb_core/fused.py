@@ -11,12 +11,15 @@ elsewhere (the CPU, or ``FUSED = False``), rounding where the plain path rounds:
 - :func:`silu_mul`: the gated MLP's ``silu(gate) * up`` (2 -> 1);
 - :func:`write_kv`: one new key and value per row into a static cache (2 scatters -> 1).
 
-None syncs with the host, so a step calling them can be captured in a CUDA graph.
+None syncs with the host, so a step calling them can be captured in a CUDA graph. A kernel
+that fails to build or launch turns them all off (:func:`guarded`): the plain path runs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +30,32 @@ try:
 except ImportError:  # a CPU-only torch
     triton = None
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 FUSED = True  # False: the plain torch path on CUDA too (bench/gpu.py --fusions measures both)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter runs the kernels on the CPU
+BROKEN: str | None = None  # why the kernels were turned off: the first launch that raised
 
 
 def fused(t: torch.Tensor) -> bool:
     """Whether ``t``'s op runs as a Triton kernel."""
     return FUSED and triton is not None and (t.is_cuda or INTERPRET)
+
+
+def guarded(name: str, kernel: Callable[[], T], plain: Callable[[], T]) -> T:
+    """``kernel()``; if it raises (a GPU or Triton build the kernels cannot compile for, e.g.
+    bfloat16 before Ampere), every kernel here is turned off with one warning and ``plain()``
+    runs, now and from then on: slower, never wrong. A kernel fails before it writes anything
+    (compiling is the first thing its launch does)."""
+    global FUSED, BROKEN
+    try:
+        return kernel()
+    except Exception as e:
+        FUSED, BROKEN = False, f"{name}: {type(e).__name__}: {e}"
+        log.warning("the fused %s kernel failed (%s: %s); the plain torch ops run from now on", name,
+                    type(e).__name__, e)
+        return plain()
 
 
 def _pow2(n: int) -> int:
@@ -45,15 +67,19 @@ def _pow2(n: int) -> int:
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + y`` (the residual stream, rounded to its dtype) and a Llama RMSNorm module's
     output of ``s`` (float32 inside): (s, norm(s)), both shaped as ``x``."""
-    if not fused(x):
+    def plain():
         s = x + y
         return s, F.rms_norm(s, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    d = x.shape[-1]
-    xs, ys = x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous()
-    s, h = torch.empty_like(xs), torch.empty_like(xs)
-    _add_rms_norm[(xs.shape[0],)](xs, ys, norm.weight, s, h, d, xs.stride(0), ys.stride(0),
-                                  float(norm.variance_epsilon), BD=_pow2(d), num_warps=8 if d > 2048 else 4)
-    return s.view(x.shape), h.view(x.shape)
+
+    def kernel():
+        d = x.shape[-1]
+        xs, ys = x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous()
+        s, h = torch.empty_like(xs), torch.empty_like(xs)
+        _add_rms_norm[(xs.shape[0],)](xs, ys, norm.weight, s, h, d, xs.stride(0), ys.stride(0),
+                                      float(norm.variance_epsilon), BD=_pow2(d), num_warps=8 if d > 2048 else 4)
+        return s.view(x.shape), h.view(x.shape)
+
+    return guarded("add_rms_norm", kernel, plain) if fused(x) else plain()
 
 
 # --- RoPE ------------------------------------------------------------------------------------------
@@ -63,33 +89,43 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     """q (R, H, T, hd) and k (R, KVH, T, hd) rotated by cos, sin (R, 1, T, hd):
     ``x * cos + rotate_half(x) * sin``. ``rot`` is rotate-half as a +-1 matrix (the plain path's
     matmul). Returns new tensors, contiguous on the fused path."""
-    H = q.shape[1]
-    if not fused(q):
+    R, H, T, hd = q.shape
+    KVH = k.shape[1]
+
+    def plain():
         qk = torch.cat([q, k], 1)
         qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)
         return qk[:, :H], qk[:, H:]
-    R, _, T, hd = q.shape
-    KVH = k.shape[1]
-    qo, ko = torch.empty(R, H, T, hd, device=q.device, dtype=q.dtype), torch.empty(R, KVH, T, hd, device=k.device,
-                                                                                   dtype=k.dtype)
-    cos, sin = cos.expand(R, 1, T, hd), sin.expand(R, 1, T, hd)
-    _rope[(R, T)](q, k, cos, sin, qo, ko, H, KVH, hd // 2,
-                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                  cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
-                  BQ=_pow2(H), BK=_pow2(KVH), BD=_pow2(hd // 2), num_warps=4)
-    return qo, ko
+
+    def kernel():
+        qo = torch.empty(R, H, T, hd, device=q.device, dtype=q.dtype)
+        ko = torch.empty(R, KVH, T, hd, device=k.device, dtype=k.dtype)
+        c, s = cos.expand(R, 1, T, hd), sin.expand(R, 1, T, hd)
+        _rope[(R, T)](q, k, c, s, qo, ko, H, KVH, hd // 2,
+                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                      c.stride(0), c.stride(2), s.stride(0), s.stride(2),
+                      BQ=_pow2(H), BK=_pow2(KVH), BD=_pow2(hd // 2), num_warps=4)
+        return qo, ko
+
+    return guarded("rope", kernel, plain) if fused(q) else plain()
 
 
 # --- SwiGLU ----------------------------------------------------------------------------------------
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``, each product rounded to the inputs' dtype as the plain path does."""
-    if not fused(gate) or not (gate.is_contiguous() and up.is_contiguous()):
+    def plain():
         return F.silu(gate) * up
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    _silu_mul[(triton.cdiv(n, 2048),)](gate, up, out, n, BLOCK=2048, num_warps=8)
-    return out
+
+    def kernel():
+        out = torch.empty_like(gate)
+        n = gate.numel()
+        _silu_mul[(triton.cdiv(n, 2048),)](gate, up, out, n, BLOCK=2048, num_warps=8)
+        return out
+
+    if fused(gate) and gate.is_contiguous() and up.is_contiguous():
+        return guarded("silu_mul", kernel, plain)
+    return plain()
 
 
 # --- the KV cache write ------------------------------------------------------------------------
@@ -97,16 +133,19 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def write_kv(k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, col: torch.Tensor) -> None:
     """Write each row's one new key and value, k and v (R, KVH, 1, hd), into the caches kc and
     vc (R, KVH, L, hd) at the row's column ``col`` (R,) int64."""
-    if not fused(k):
-        R, KVH, _, hd = k.shape
+    R, KVH, _, hd = k.shape
+
+    def plain():
         at = col.view(R, 1, 1, 1).expand(R, KVH, 1, hd)
         kc.scatter_(2, at, k.to(kc.dtype))
         vc.scatter_(2, at, v.to(vc.dtype))
-        return
-    R, KVH, _, hd = k.shape
-    _write_kv[(R,)](k, v, kc, vc, col, KVH, hd, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-                    BH=_pow2(KVH), BD=_pow2(hd), num_warps=4)
+
+    def kernel():
+        _write_kv[(R,)](k, v, kc, vc, col, KVH, hd, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+                        BH=_pow2(KVH), BD=_pow2(hd), num_warps=4)
+
+    guarded("write_kv", kernel, plain) if fused(k) else plain()
 
 
 if triton is not None:
