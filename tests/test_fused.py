@@ -116,6 +116,18 @@ def test_a_kernel_that_fails_turns_the_kernels_off_and_the_plain_path_answers(mo
     torch.testing.assert_close(out, cuda_llama.attend_decode_dense(q, kc, vc, bias, 0.25))
 
 
+def test_out_of_memory_in_a_kernel_s_launch_is_not_a_broken_kernel(monkeypatch):
+    monkeypatch.setattr(fused, "FUSED", True)
+    monkeypatch.setattr(fused, "BROKEN", None)
+
+    def kernel():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        fused.guarded("rope", kernel, lambda: None)
+    assert fused.FUSED is True and fused.BROKEN is None  # a later capture may fit
+
+
 def kernels_against_plain(dtype, device: str) -> dict:
     """Each op with ``FUSED`` on (the kernel) and off (plain torch): the largest differences."""
     worst = {}

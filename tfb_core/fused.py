@@ -51,6 +51,8 @@ def guarded(name: str, kernel: Callable[[], T], plain: Callable[[], T]) -> T:
     global FUSED, BROKEN
     try:
         return kernel()
+    except torch.OutOfMemoryError:  # the memory's fault, not the kernel's: the caller's to handle
+        raise
     except Exception as e:
         FUSED, BROKEN = False, f"{name}: {type(e).__name__}: {e}"
         log.warning("the fused %s kernel failed (%s: %s); the plain torch ops run from now on", name,
