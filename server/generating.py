@@ -163,7 +163,7 @@ class GenerationServing:
             for i in range(request.n):
                 params = request.to_sampling_params(max_tokens, K, self.model.config.seed, choice=i, grammar=grammar)
                 works.append(GenWork(list(p), params, self.endpoint, deadline, index=len(works),
-                                     streamed=bool(request.stream), rows=self.model.kv_rows(K)))
+                                     streamed=bool(request.stream), kv_rows=self.model.kv_rows(K)))
         return works, prompts
 
     # --- responses -------------------------------------------------------------------------

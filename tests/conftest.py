@@ -40,6 +40,17 @@ def in_triton_interpreter(code: str) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.fixture(autouse=True)
+def _kernels_stay_on():
+    """A Triton kernel that fails turns every kernel off for the process (tfb_core.fused.guarded):
+    no test may leave it so, or the kernel tests after it would compare the plain path with itself."""
+    from tfb_core import fused
+
+    yield
+    broken, fused.BROKEN, fused.FUSED = fused.BROKEN, None, True
+    assert broken is None, f"a Triton kernel failed, and every kernel was turned off: {broken}"
+
+
 # --- models and adapters (built once) ----------------------------------------------------------
 
 

@@ -11,11 +11,15 @@ from server.engine.protocol import WorkKind
 @dataclass(eq=False)
 class Item:
     kind: WorkKind
-    rows: int = 1
+    rows: int = 1  # prefill rows (K for generation): the token budget
     length: int = 10
     arrived: float = 0.0
     deadline: float = 100.0
     id: int = 0
+    kv_rows: int = 0  # generation: the KV rows it holds (0: its rows)
+
+    def __post_init__(self):
+        self.kv_rows = self.kv_rows or self.rows
 
 
 def config(**kw) -> PlanConfig:
@@ -90,6 +94,17 @@ def test_while_decoding_generation_that_does_not_fit_the_kv_rows_waits_and_scori
     p = plan(waiting, Running(sequences=2, kv_rows=60), config(max_kv_rows=64), now=1.0)
     # the first generation item needs 8 rows, 4 are left: it and every generation behind it wait
     assert p.kind is WorkKind.CHOICE and p.batch == [waiting[2]]
+
+
+def test_generation_holds_its_kv_rows_and_prefills_its_rows():
+    """A shared trunk: K = 10 rows in the prefill (the token budget) but 3 KV rows held (the KV
+    budget): three join a budget of 10 KV rows that K rows each would not; the token budget
+    still counts 10 rows each."""
+    waiting = [gen(rows=10, kv_rows=3) for _ in range(4)]
+    p = plan(waiting, Running(sequences=1, kv_rows=1), config(max_kv_rows=10), now=1.0)
+    assert p.batch == waiting[:3]  # 1 + 3 x 3 = 10; a fourth would need 13
+    p = plan(waiting, Running(sequences=1, kv_rows=1), config(max_kv_rows=100, max_batch_tokens=20 * 10), now=1.0)
+    assert p.batch == waiting[:2]  # 2 x 10 rows x 10 tokens fill the token budget
 
 
 def test_while_decoding_generation_joins_as_far_as_the_kv_rows_go():

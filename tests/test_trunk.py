@@ -236,7 +236,7 @@ def test_a_shared_trunk_counts_fewer_kv_rows_against_the_budget(dirs, tmp_path):
     import httpx
     from server_helpers import ServerThread, metric
 
-    from tfb_core.generation import full_depth_rows, kv_rows
+    from tfb_core.generation import kv_rows
 
     assert [kv_rows(10, 32, 28), kv_rows(10, 32, 0), kv_rows(1, 32, 28), kv_rows(8, LAYERS, LAYERS - 1)] == [3, 10, 1, 3]
     base, _ = dirs
@@ -248,7 +248,7 @@ def test_a_shared_trunk_counts_fewer_kv_rows_against_the_budget(dirs, tmp_path):
         assert ok.status_code == 200, ok.text
         held = metric(srv, "tfb_kv_cache_rows_max")
         bad = httpx.post(f"{srv.url}/v1/completions", json={**body, "n": 3}, timeout=60)
-    assert held == full_depth_rows(2 * (LAYERS - 1) + 2 * 8, LAYERS) == 6  # 2 x 3 trunk + 2 x 8 top layer-rows
+    assert held == 2 * kv_rows(8, LAYERS, LAYERS - 1) == 6  # each sequence (3 + 8) / 4 rows, rounded up
     assert bad.status_code == 400
     err = bad.json()["error"]
     assert err["code"] == "too_many_kv_rows" and "9 KV cache rows" in err["message"], err
@@ -522,7 +522,7 @@ def test_the_static_decoder_s_step_runs_the_trunk_once_per_sequence(dirs):
     finally:
         h0.remove(), h1.remove()
     assert (dec.trunk_cap, dec.rows_cap) == (3, 12) and (bottom, top) == ([3], [12])
-    assert dec.kv_layer_rows == 3 * (LAYERS - 1) + 12 and dec.kv_rows == 6  # rows of every layer, rounded up
+    assert dec.kv_layer_rows == 3 * (LAYERS - 1) + 12 and dec.kv_rows == 3 * 2  # each (3 + 4) / 4, rounded up
 
 
 @pytest.mark.parametrize("L", [1, 3])
@@ -539,7 +539,7 @@ def test_the_eager_decoder_shares_the_trunk_and_decodes_as_without(dirs, L):
     seen, hook = rows_through(post, 0)
     try:
         got = decode_schedule(dec, schedule(post.tokenizer),
-                              lambda d: caches.append((len(d.seqs), d.batch.kv_rows,
+                              lambda d: caches.append((len(d.seqs), d.batch.rows,
                                                        [layer.keys.shape[0] for layer in d.batch.cache.layers],
                                                        d.kv_layer_rows)))
     finally:

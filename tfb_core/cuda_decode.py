@@ -45,7 +45,7 @@ from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_decode, attend_
                          graph_rows, head, layers, noise_buffers, on_device, pow2, prompt_mask, require_supported,
                          row_noise)
 from .fused import write_kv
-from .generation import (Choice, GenSequence, StepResult, apply, check_prompts, choose_tokens, full_depth_rows,
+from .generation import (Choice, GenSequence, StepResult, apply, check_prompts, choose_tokens, kv_rows,
                          pad_token, split_finished)
 from .rows import pad, positions, sample_map
 from .errors import TFBError
@@ -62,7 +62,7 @@ class StaticDecoder(Graphed):
     """A continuous decode batch over a static KV cache, its step replayed from CUDA graphs: a
     :class:`~tfb_core.generation.Decoder` (:func:`tfb_core.engines.make_decoder` picks it).
 
-    Rows ``[0, kv_rows)`` are the active sequences' rows, ``[seq 0: K_0 rows][seq 1: K_1
+    Rows ``[0, n)`` are the active sequences' rows, ``[seq 0: K_0 rows][seq 1: K_1
     rows]...`` as in :class:`~tfb_core.generation.DecodeBatch`; with a shared trunk, trunk rows
     ``[0, len(seqs))`` are the sequences' rows in the layers below N - L, one each. Buffers grow (and graphs are
     captured again) when an admit needs more rows, columns or weight samples than they hold, and
@@ -116,14 +116,15 @@ class StaticDecoder(Graphed):
 
     @property
     def kv_rows(self) -> int:
-        """KV cache rows held, in rows of every layer (the server's KV budget): ``sum of K``, or
-        fewer with a shared trunk (:func:`~tfb_core.generation.kv_rows`)."""
-        return full_depth_rows(self.kv_layer_rows, len(self.post.model.model.layers))
+        """KV cache rows held, in rows of every layer (the server's KV budget): the sum of each
+        sequence's :func:`~tfb_core.generation.kv_rows`, its K or fewer with a shared trunk."""
+        N = len(self.post.model.model.layers)
+        return sum(kv_rows(s.params.num_samples, N, self.split) for s in self.seqs)
 
     @property
     def kv_layer_rows(self) -> int:
         """KV cache rows held summed over the layers: ``len(seqs)`` in each of the trunk's layers
-        plus ``kv_rows`` in each layer above (``kv_rows`` x N without a shared trunk)."""
+        plus ``n`` (the sum of K) in each layer above (``n`` x N without a shared trunk)."""
         return self.split * len(self.seqs) + (len(self.post.model.model.layers) - self.split) * self.n
 
     # --- membership ------------------------------------------------------------------------

@@ -164,7 +164,7 @@ class PrefillEngine(Graphed):
         cache: list[torch.Tensor] = []
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if kv:  # k is a view of q and k together: keep k alone
+            if kv:  # k may be a view of q and k together (RoPE's plain path): keep k alone
                 cache.extend([k.contiguous(), v])
             return attend_prompt(q, k, v, trunk_mask if i < split else attn_mask)
 

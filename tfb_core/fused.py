@@ -103,7 +103,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         qo = torch.empty(R, H, T, hd, device=q.device, dtype=q.dtype)
         ko = torch.empty(R, KVH, T, hd, device=k.device, dtype=k.dtype)
         c, s = cos.expand(R, 1, T, hd), sin.expand(R, 1, T, hd)
-        _rope[(R, T)](q, k, c, s, qo, ko, H, KVH, hd // 2,
+        _rope[(T, R)](q, k, c, s, qo, ko, H, KVH, hd // 2,  # T on the grid's first axis: up to 2^31 - 1
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       c.stride(0), c.stride(2), s.stride(0), s.stride(2),
                       BQ=_pow2(H), BK=_pow2(KVH), BD=_pow2(hd // 2), num_warps=4)
@@ -179,8 +179,8 @@ if triton is not None:
     @triton.jit
     def _rope(Q, K, Cos, Sin, QO, KO, H, KVH, half, sq_r, sq_h, sq_t, sk_r, sk_h, sk_t, sc_r, sc_t, ss_r, ss_t,
               BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
-        r, t = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        T = tl.num_programs(1)
+        t, r = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        T = tl.num_programs(0)
         d = tl.arange(0, BD)
         dm = d < half
         cb, sb = Cos + r * sc_r + t * sc_t, Sin + r * ss_r + t * ss_t

@@ -251,14 +251,15 @@ class DecodeBatch:
         self.split = split
 
     @property
-    def kv_rows(self) -> int:
+    def rows(self) -> int:
+        """Its rows: every sequence's K."""
         return len(self.mask)
 
     @property
     def kv_layer_rows(self) -> int:
         """KV cache rows summed over the layers: one per sequence in each of the trunk's layers,
-        ``kv_rows`` in each layer above."""
-        return self.split * len(self.seqs) + (len(self.cache.layers) - self.split) * self.kv_rows
+        :attr:`rows` in each layer above."""
+        return self.split * len(self.seqs) + (len(self.cache.layers) - self.split) * self.rows
 
     # --- construction -------------------------------------------------------------------
 
@@ -450,12 +451,7 @@ def kv_rows(num_samples: int, layers: int, shared: int = 0) -> int:
     each layer; with a shared trunk (the noise in the layers from ``shared`` up) one row in each
     of the ``shared`` layers below and K above: K = 10 with the noise in the last 4 of 32 layers
     holds (28 + 4 x 10) / 32, 3 rows, not 10."""
-    return full_depth_rows(shared + (layers - shared) * num_samples, layers)
-
-
-def full_depth_rows(layer_rows: int, layers: int) -> int:
-    """KV cache rows summed over a model's ``layers`` layers, as rows of every layer (rounded up)."""
-    return -(-layer_rows // layers)
+    return -(-(shared + (layers - shared) * num_samples) // layers)
 
 
 def check_prompts(post, seqs: Seq[GenSequence]) -> None:
@@ -733,7 +729,7 @@ class Decoder(Protocol):
     @property
     def kv_rows(self) -> int:
         """KV cache rows held by the active sequences, in rows of every layer (a server's KV
-        budget): the sum of their K, or fewer with a shared trunk (:func:`kv_rows`)."""
+        budget): the sum of each sequence's :func:`kv_rows`, its K or fewer with a shared trunk."""
 
     @property
     def kv_layer_rows(self) -> int:
@@ -766,7 +762,9 @@ class EagerDecoder:
     @property
     def kv_rows(self) -> int:
         """See :attr:`Decoder.kv_rows`."""
-        return full_depth_rows(self.kv_layer_rows, self.post.num_layers)
+        if self.batch is None:
+            return 0
+        return sum(kv_rows(s.params.num_samples, self.post.num_layers, self.batch.split) for s in self.seqs)
 
     @property
     def kv_layer_rows(self) -> int:

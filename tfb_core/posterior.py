@@ -24,6 +24,7 @@ from .conformal import Calibration
 from .confidence import Confidence
 from .errors import TFBError
 from .generation import kv_rows
+from .trunk import trunk_split
 from .models import BaseModel
 from .options import (ALL_LAYERS, NUM_SAMPLES, SEED, Criterion, Mode, ScoreOptions, SearchConfig, parse_criterion,
                       parse_mode, parse_stochastic_layers)
@@ -251,9 +252,9 @@ class Posterior:
 
     def kv_rows(self, num_samples: int) -> int:
         """The KV cache a sequence of ``num_samples`` weight samples holds when decoded, in rows
-        of every layer (a server's KV budget): K, or fewer with the trunk below the last L layers
-        shared (:func:`~tfb_core.generation.kv_rows`)."""
-        return kv_rows(num_samples, self.num_layers, self.first_stochastic_layer)
+        of every layer (a server's KV budget): K, or fewer where the engines share the trunk below
+        the last L layers (:func:`~tfb_core.generation.kv_rows`; the Llama family's layout)."""
+        return kv_rows(num_samples, self.num_layers, trunk_split(self))
 
     def _is_noisy(self, layer: TFBLoRALayer, stochastic_layers: int | str) -> bool:
         if stochastic_layers == ALL_LAYERS:

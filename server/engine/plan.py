@@ -14,9 +14,10 @@ The policy:
   if all of them joined and the batch is not full, it waits for more until ``max_wait`` after
   the oldest arrived.
 - While sequences decode, what is waiting joins between two steps without waiting.
-  Generation holds KV rows (sequences x K, at most ``max_kv_rows`` running and being
-  admitted): an item that does not fit waits, and every generation item behind it too (it is
-  admitted first once rows free up, so it is never starved); scoring goes past it.
+  Generation holds KV rows (each sequence its ``kv_rows``: K, fewer with a shared trunk; at
+  most ``max_kv_rows`` running and being admitted): an item that does not fit waits, and
+  every generation item behind it too (it is admitted first once rows free up, so it is never
+  starved); scoring goes past it.
 - With ``admit_ratio`` > 0, while sequences decode, waiting generation joins in groups (as
   TGI's ``waiting_served_ratio``): once ``admit_ratio`` x the running sequences wait (at most
   a full batch), or the oldest has waited ``admit_wait``. A prefill forward costs about one
@@ -73,6 +74,7 @@ class _Batch:
     items: list[Work] = field(default_factory=list)
     rows: int = 0
     length: int = 0
+    kv_rows: int = 0  # generation's
 
     def fits(self, item: Work, config: PlanConfig) -> bool:
         """Whether ``item`` may join; an empty batch takes any item."""
@@ -85,6 +87,8 @@ class _Batch:
         self.items.append(item)
         self.rows += item.rows
         self.length = max(self.length, item.length)
+        if item.kind is WorkKind.GENERATE:
+            self.kv_rows += item.kv_rows
 
 
 def plan(waiting: Sequence[Work], running: Running, config: PlanConfig, now: float) -> Plan:
@@ -132,8 +136,8 @@ def kv_fits(batch: _Batch | None, item: Work, running: Running, config: PlanConf
     """Whether generation work ``item`` fits the KV-row budget with ``batch`` and the running rows."""
     if item.kind is not WorkKind.GENERATE or config.max_kv_rows is None:
         return True
-    joining = batch.rows if batch is not None and batch.kind is WorkKind.GENERATE else 0
-    return running.kv_rows + joining + item.rows <= config.max_kv_rows
+    joining = batch.kv_rows if batch is not None else 0
+    return running.kv_rows + joining + item.kv_rows <= config.max_kv_rows
 
 
 def held_until(live: Sequence[Work], running: Running, config: PlanConfig, now: float) -> float | None:

@@ -101,13 +101,18 @@ class GenWork:
     deadline: float
     index: int = 0  # the choice's index in its request
     streamed: bool = False
-    rows: int = 0  # the KV cache rows it holds (ServedModel.kv_rows); 0: its K (every layer stochastic)
+    kv_rows: int = 0  # the KV cache rows it holds (ServedModel.kv_rows); 0: its K (every layer stochastic)
     arrived: float = field(default_factory=time.monotonic)
     id: int = -1
     kind = WorkKind.GENERATE
 
     def __post_init__(self):
-        self.rows = self.rows or self.params.num_samples
+        self.kv_rows = self.kv_rows or self.params.num_samples
+
+    @property
+    def rows(self) -> int:
+        """Its prompt's rows in a prefill forward (the token budget): K."""
+        return self.params.num_samples
 
     @property
     def length(self) -> int:
