@@ -93,8 +93,13 @@ def test_a_kernel_that_fails_turns_the_kernels_off_and_the_plain_path_answers(mo
 
     norm, x, y = norm_case(64)
     want = fused.add_rms_norm(x, y, norm)
-    monkeypatch.setattr(fused, "INTERPRET", True)  # as if on a GPU: the kernel is launched, and fails here
+    class Unbuildable:  # a kernel launch that fails, as on a GPU Triton cannot compile for
+        def __getitem__(self, grid):
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(fused, "INTERPRET", True)  # as if on a GPU: the kernel is launched
     monkeypatch.setattr(fused, "triton", fused.triton or object())
+    monkeypatch.setattr(fused, "_add_rms_norm", Unbuildable(), raising=False)
     monkeypatch.setattr(fused, "FUSED", True)
     monkeypatch.setattr(fused, "BROKEN", None)
     with caplog.at_level("WARNING", logger="tfb_core.fused"):
