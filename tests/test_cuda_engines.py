@@ -62,6 +62,25 @@ def prompts(tok):
             tok("1 2 3").input_ids]
 
 
+def decode_in_rounds(post, prompts_, params, rounds: int = 3):
+    """The same prompts admitted ``rounds`` times into one StaticDecoder whose prefill is a
+    PrefillEngine (the server's layout), each round decoded to the end: (decoder, engine, the
+    rounds' sequences)."""
+    from tfb_core.cuda_decode import StaticDecoder
+    from tfb_core.cuda_prefill import PrefillEngine
+
+    engine = PrefillEngine(post)
+    dec = StaticDecoder(post, prefill=engine)
+    done = [[GenSequence(list(p), params) for p in prompts_] for _ in range(rounds)]
+    for seqs in done:
+        dec.admit(seqs)
+        while dec.seqs:
+            dec.filter()
+            if dec.seqs:
+                dec.step()
+    return dec, engine, done
+
+
 def assert_same_generation(ref, got, dtype):
     atol = ATOL[dtype]
     for r, g in zip(ref, got, strict=True):
@@ -125,21 +144,10 @@ def test_graphed_scoring_matches_the_eager_forward(post):
 def test_admit_through_the_graphed_prefill_engine_matches_the_eager_engine(post):
     """New sequences prefilled by the scoring engine (graphed from a shape's second sight, keys
     and values copied into the decoder's rows) decode as the eager engine decodes them alone."""
-    from tfb_core.cuda_decode import StaticDecoder
-    from tfb_core.cuda_prefill import PrefillEngine
-
     dtype = next(post.model.parameters()).dtype
     ps = prompts(post.tokenizer)
     params = SamplingParams(max_tokens=12, num_samples=4, ignore_eos=True, weight_seed=3)
-    engine = PrefillEngine(post)
-    dec = StaticDecoder(post, prefill=engine)
-    rounds = [[GenSequence(list(p), params) for p in ps] for _ in range(3)]  # the same shapes thrice
-    for seqs in rounds:
-        dec.admit(seqs)
-        while dec.seqs:
-            dec.filter()
-            if dec.seqs:
-                dec.step()
+    dec, engine, rounds = decode_in_rounds(post, ps, params)  # the same shapes thrice
     assert any(key[-1] for key in engine.graphs), f"no prefill graph with keys and values ({engine.capture_error})"
     alone = [generate(post, [p], params)[0] for p in ps]
     for seqs in rounds:

@@ -323,27 +323,3 @@ def test_health_503_while_loading_then_200(llama_dir, post_dir):
     finally:
         release.set()
         srv.stop()
-
-
-def test_health_503_while_loading_then_200(llama_dir, post_dir):
-    from server import loader
-
-    release = threading.Event()
-
-    def slow_load(settings, set_status):
-        release.wait(30)
-        return loader.load(settings, set_status)
-
-    srv = ServerThread(load=slow_load, settings=None, model=str(llama_dir), adapter=post_dir, device="cpu")
-    srv.start(wait=False)
-    try:
-        r = httpx.get(srv.url + "/health")
-        assert r.status_code == 503 and r.json()["status"] == "loading"
-        r = httpx.post(srv.url + "/v1/choices", json=OK)
-        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
-        release.set()
-        wait_for(lambda: httpx.get(srv.url + "/health").status_code == 200, what="/health 200 after loading")
-        assert httpx.post(srv.url + "/v1/choices", json=OK, timeout=60).status_code == 200
-    finally:
-        release.set()
-        srv.stop()

@@ -289,13 +289,11 @@ def test_the_static_engines_give_the_eager_answers_with_top_layers_only(dirs):
 def test_the_graphed_engines_give_the_eager_answers_with_top_layers_only(tmp_path):
     """On a GPU, from captured CUDA graphs (float32): decode and scoring with L = 1 of 4 give the
     eager engine's tokens, uncertainty and choice probabilities."""
-    from test_cuda_engines import assert_same_generation
+    from test_cuda_engines import assert_same_generation, decode_in_rounds
     from tiny import prompts
 
-    from tfb_core.cuda_decode import StaticDecoder
-    from tfb_core.cuda_prefill import PrefillEngine
     from tfb_core.data import MCItem
-    from tfb_core.generation import GenSequence, SamplingParams, generate
+    from tfb_core.generation import SamplingParams, generate
     from tfb_core.scoring import choice_probs, encode_item
 
     base = tiny.make_llama(tmp_path / "base", layers=LAYERS, hidden=128)
@@ -305,15 +303,7 @@ def test_the_graphed_engines_give_the_eager_answers_with_top_layers_only(tmp_pat
     post.sigma = SIGMA
     ps = prompts(post.tokenizer)
     params = SamplingParams(max_tokens=12, num_samples=4, ignore_eos=True, weight_seed=3)
-    engine = PrefillEngine(post)
-    dec = StaticDecoder(post, prefill=engine)
-    rounds = [[GenSequence(list(p), params) for p in ps] for _ in range(3)]
-    for seqs in rounds:
-        dec.admit(seqs)
-        while dec.seqs:
-            dec.filter()
-            if dec.seqs:
-                dec.step()
+    dec, engine, rounds = decode_in_rounds(post, ps, params)
     assert dec.graphs, f"no CUDA graph was captured ({dec.capture_error})"
     alone = [generate(post, [p], params)[0] for p in ps]
     for seqs in rounds:
