@@ -107,6 +107,7 @@ class StaticDecoder(Graphed):
         self.seqs: list[GenSequence] = []
         self.ends: list[int] = []  # per sequence: the cache columns its rows need
         self.n = 0  # active rows
+        self._kv_rows = 0  # the KV rows the active sequences hold (kv_rows)
         self.split = post.first_stochastic_layer if share_trunk else 0  # layers below it: trunk rows
         self.rows_cap = self.trunk_cap = self.length = self.samples_cap = 0
         self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (weight seed, k) -> noise slot
@@ -118,8 +119,7 @@ class StaticDecoder(Graphed):
     def kv_rows(self) -> int:
         """KV cache rows held, in rows of every layer (the server's KV budget): the sum of each
         sequence's :func:`~tfb_core.generation.kv_rows`, its K or fewer with a shared trunk."""
-        N = len(self.post.model.model.layers)
-        return sum(kv_rows(s.params.num_samples, N, self.split) for s in self.seqs)
+        return self._kv_rows
 
     @property
     def kv_layer_rows(self) -> int:
@@ -200,6 +200,12 @@ class StaticDecoder(Graphed):
         self.seqs += seqs
         self.ends += ends
         self.n += sum(s.params.num_samples for s in seqs)
+        self._kv_rows += self._held(seqs)
+
+    def _held(self, seqs: Seq[GenSequence]) -> int:
+        """The KV rows ``seqs`` hold (:attr:`kv_rows`' unit); kept as a count, not summed per step."""
+        N = len(self.post.model.model.layers)
+        return sum(kv_rows(s.params.num_samples, N, self.split) for s in seqs)
 
     def _prefill(self, r: slice, t: slice, rows: list[list[int]],
                  seqs: list[GenSequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +268,7 @@ class StaticDecoder(Graphed):
         if kept:
             self._set_trunks(slice(0, len(keep)), slice(0, len(kept)), kept)
         self.seqs, self.ends, self.n = kept, ends, len(keep)
+        self._kv_rows = self._held(kept)
         return done
 
     def _pack(self, keep: list[int], buffers: list[torch.Tensor]) -> None:
