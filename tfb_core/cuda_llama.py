@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import fused
 from .fused import add_rms_norm, rope, silu_mul
 from .sampling import noise_stack
+from .trunk import attention_mask
 
 try:  # the decode attention's kernel (attend_decode); without it, the dense attention
     import triton
@@ -159,13 +160,8 @@ def mlp(module, h: torch.Tensor) -> torch.Tensor:
 def prompt_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive attention mask (R, 1, T, T) of left-padded prompts (``mask``: (R, T), 1 for
     real tokens): causal over the real keys; a padding query sees itself only (never a row of
-    -inf, whose softmax is NaN)."""
-    R, T = mask.shape
-    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
-    eye = torch.eye(T, dtype=torch.bool, device=mask.device)
-    allowed = (causal & mask[:, None, :].bool()) | eye
-    out = torch.zeros(R, 1, T, T, dtype=dtype, device=mask.device)
-    return out.masked_fill_(~allowed[:, None], float("-inf"))
+    -inf, whose softmax is NaN): :func:`~tfb_core.trunk.attention_mask` with every column a query."""
+    return attention_mask(mask, mask.shape[1], dtype)
 
 
 # the prompt attention's SDPA backends: not cuDNN's, which torch prefers on Hopper with a mask

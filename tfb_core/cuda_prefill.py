@@ -30,7 +30,7 @@ import torch
 
 from .cuda_llama import (Graphed, GraphSet, assign_slots, attend_prompt, attention_shape, embed, graph_rows, head, layers,
                          noise_buffers, on_device, pow2, prompt_mask, require_supported, row_noise)
-from .scoring import left_pad
+from .scoring import distinct_rows, left_pad
 
 
 class PrefillEngine(Graphed):
@@ -115,7 +115,7 @@ class PrefillEngine(Graphed):
     def _run(self, rows, keep, samples, slot_ids, kv: bool) -> tuple:
         """(the forward's output, the rows' mask, the trunk's index or None)."""
         n, T = len(rows), self.padded_length(max(len(r) for r in rows))
-        trunk, index = self._trunk(rows, kv)
+        trunk, index = self._trunk(rows)
         graphed = self._graphs_on and self.wants_graph(n, T, keep, kv, len(trunk) if index is not None else 0)
         slot = self._slots(samples)
         ids, mask, pos = left_pad(trunk, T)
@@ -133,17 +133,14 @@ class PrefillEngine(Graphed):
             with row_noise(self.post, self.noise, inputs["slots"]):
                 return self._forward(inputs, keep, kv), mask, index
 
-    def _trunk(self, rows, kv: bool) -> tuple[list, torch.Tensor | None]:
+    def _trunk(self, rows) -> tuple[list, torch.Tensor | None]:
         """(the distinct rows, row -> distinct row) when the trunk is shared, else (rows, None).
         Rows of equal tokens differ only in their weight sample, so below layer N - L they
         compute the same."""
         if not self.share_trunk or self.post.first_stochastic_layer == 0:
             return rows, None
-        first: dict[tuple, int] = {}
-        index = [first.setdefault(tuple(r), len(first)) for r in rows]
-        if len(first) == len(rows):
-            return rows, None
-        return [list(r) for r in first], torch.tensor(index, dtype=torch.long)
+        trunk, index = distinct_rows(rows)
+        return (rows, None) if len(trunk) == len(rows) else (trunk, index)
 
     # --- the forward -----------------------------------------------------------------------
 

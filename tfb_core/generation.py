@@ -764,7 +764,8 @@ class EagerDecoder:
         """See :attr:`Decoder.kv_rows`."""
         if self.batch is None:
             return 0
-        return sum(kv_rows(s.params.num_samples, self.post.num_layers, self.batch.split) for s in self.seqs)
+        N, split = self.post.num_layers, self.batch.split
+        return sum(kv_rows(s.params.num_samples, N, split) for s in self.seqs)
 
     @property
     def kv_layer_rows(self) -> int:

@@ -163,6 +163,8 @@ class EngineCore:
         for s in self.sequences.values():
             if s.work.id in gone:
                 s.aborted = True
+                if not s.seq.finished:  # it leaves at the next boundary (a join or a step)
+                    s.seq.finish_reason = "cancelled"
         self.metrics.set_work(queued=len(self.waiting))
 
     def next_turn_at(self) -> float | None:
@@ -273,9 +275,6 @@ class EngineCore:
         """One decode step for every running sequence (after dropping aborted ones). A failed step
         leaves the batch as it was and is rerun one sequence at a time: a sequence whose own step
         fails ends alone."""
-        for s in self.sequences.values():
-            if s.aborted and not s.seq.finished:
-                s.seq.finish_reason = "cancelled"
         outputs = self._retire()
         if not self.decoder.seqs:
             return outputs
@@ -340,6 +339,8 @@ def _result(s: _Sequence) -> Output:
     if seq.finish_reason == "error":  # its own distribution went non-finite: it alone fails
         return Failed(s.work.id, BadRequest(f"generation failed for this request: {seq.error}",
                                             code="non_finite_distribution"))
+    if s.work.streamed:  # every token went as a TokenDelta; the future only ends
+        return Finished(s.work.id, None)
     return Finished(s.work.id, Generated(seq.tokens, seq.text, seq.finish_reason, seq.summary(),
                                          seq.params.num_samples))
 

@@ -200,7 +200,8 @@ class TokenDelta:
 
 @dataclass
 class Finished:
-    """A work item's result: :class:`ChoiceOutput`, a scored prompt's list of TokenInfo, or :class:`Generated`."""
+    """A work item's result: :class:`ChoiceOutput`, a scored prompt's list of TokenInfo, or :class:`Generated`
+    (None for a streamed one: its tokens went as :class:`TokenDelta`\ s)."""
 
     id: int
     result: object
